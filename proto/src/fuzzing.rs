@@ -1,0 +1,83 @@
+//! Entry points shared by the fuzz targets in `proto/fuzz/` and the test that
+//! replays their seed corpora under `cargo test`. Each feeds arbitrary bytes
+//! to one parser and checks the invariants that must hold for any input.
+
+use bytes::BytesMut;
+
+use crate::client;
+use crate::cluster::{ClusterDecoder, ClusterMsg};
+use crate::ws::deflate::Inflater;
+use crate::ws::handshake::{self, HandshakeLimits};
+use crate::ws::{Decoder, DecoderConfig, Role};
+
+/// The upgrade parser: never panics; a success consumed no more than it had
+/// and the same request parses identically when fed in two pieces.
+pub fn handshake(data: &[u8]) {
+    let limits = HandshakeLimits::default();
+    let whole = handshake::parse_request(data, &limits);
+    if let Ok(Some((req, consumed))) = &whole {
+        assert!(*consumed <= data.len());
+        let again = handshake::parse_request(&data[..*consumed], &limits);
+        assert_eq!(again.ok().flatten().map(|(r, _)| r), Some(req.clone()));
+        let _ = handshake::switching_protocols(&req.key, None, req.negotiate_deflate().as_ref());
+    }
+    if let Err(e) = &whole {
+        assert!(matches!(e.status(), 400 | 405 | 426 | 431));
+    }
+}
+
+/// The frame decoder, as server and as client, in one piece and byte by
+/// byte: never panics, and both feedings agree on every message and error.
+pub fn frame_decoder(data: &[u8]) {
+    for role in [Role::Server, Role::Client] {
+        let cfg = DecoderConfig {
+            role,
+            max_frame: 4096,
+            max_message: 8192,
+            deflate: data.first().is_some_and(|b| b & 1 == 1),
+        };
+        let whole = run(cfg, data, data.len().max(1));
+        let bytewise = run(cfg, data, 1);
+        assert_eq!(whole, bytewise);
+    }
+}
+
+fn run(cfg: DecoderConfig, data: &[u8], chunk: usize) -> (Vec<crate::ws::Message>, Option<u16>) {
+    let mut d = Decoder::new(cfg);
+    let mut inflater = Inflater::new();
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for piece in data.chunks(chunk) {
+        buf.extend_from_slice(piece);
+        loop {
+            match d.decode_with(&mut buf, Some(&mut inflater)) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e.close_code())),
+            }
+        }
+    }
+    (out, None)
+}
+
+/// The client-protocol decoder: never panics on any frame.
+pub fn client_decoder(data: &[u8]) {
+    for cmd in client::decode_frame(data) {
+        let _ = cmd.map(|c| c.method.name());
+    }
+}
+
+/// The cluster decoder: never panics; what decodes re-encodes to the same bytes.
+pub fn cluster_decoder(data: &[u8]) {
+    let mut d = ClusterDecoder::new(1 << 20);
+    let mut buf = BytesMut::from(data);
+    let mut consumed = 0;
+    while let Ok(Some(msg)) = d.decode(&mut buf) {
+        let mut again = BytesMut::new();
+        msg.encode(&mut again);
+        let len = again.len();
+        assert_eq!(&again[..], &data[consumed..consumed + len], "{} did not round-trip", msg.name());
+        consumed += len;
+        let _ = ClusterMsg::decode_body(again.split_off(4).freeze());
+    }
+}

@@ -1,0 +1,143 @@
+//! [`SharedFrame`]: a server frame encoded once and written to many sockets.
+//!
+//! Server-to-client frames are never masked (RFC 6455 §5.1), so their bytes do
+//! not depend on the connection: the header and payload are laid out once,
+//! contiguously, in one [`Bytes`], and every recipient's write queue holds a
+//! clone of it. A clone is a reference-count increment, whatever the size of
+//! the frame (see the `shared_frame` benchmark: 1 vs 10,000 recipients).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::deflate::Deflater;
+use super::frame::{OpCode, header_len, write_header};
+
+/// One complete, unmasked server frame (header + payload), immutable and cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFrame(Bytes);
+
+impl SharedFrame {
+    fn build(opcode: OpCode, rsv1: bool, parts: &[&[u8]]) -> SharedFrame {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out = BytesMut::with_capacity(header_len(len, false) + len);
+        write_header(&mut out, true, rsv1, opcode, len, None);
+        for p in parts {
+            out.put_slice(p);
+        }
+        SharedFrame(out.freeze())
+    }
+
+    /// A text frame carrying `payload` (the caller guarantees UTF-8).
+    pub fn text(payload: &[u8]) -> SharedFrame {
+        Self::build(OpCode::Text, false, &[payload])
+    }
+
+    /// A text frame whose payload is `parts` joined by `\n`: how several
+    /// client-protocol replies and pushes travel in one frame.
+    pub fn text_lines<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> SharedFrame {
+        let parts: Vec<&[u8]> = parts.into_iter().collect();
+        let mut joined: Vec<&[u8]> = Vec::with_capacity(parts.len() * 2);
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                joined.push(b"\n");
+            }
+            joined.push(p);
+        }
+        Self::build(OpCode::Text, false, &joined)
+    }
+
+    /// A compressed text frame (permessage-deflate, RSV1 set), built once for
+    /// every recipient that negotiated compression.
+    pub fn text_deflated(payload: &[u8], deflater: &mut Deflater) -> SharedFrame {
+        let compressed = deflater.compress(payload);
+        Self::build(OpCode::Text, true, &[&compressed])
+    }
+
+    /// A binary frame.
+    pub fn binary(payload: &[u8]) -> SharedFrame {
+        Self::build(OpCode::Binary, false, &[payload])
+    }
+
+    /// A ping (payload truncated to the 125-byte control limit).
+    pub fn ping(payload: &[u8]) -> SharedFrame {
+        Self::build(OpCode::Ping, false, &[&payload[..payload.len().min(125)]])
+    }
+
+    /// A pong answering a ping's payload.
+    pub fn pong(payload: &[u8]) -> SharedFrame {
+        Self::build(OpCode::Pong, false, &[&payload[..payload.len().min(125)]])
+    }
+
+    /// A close frame; the reason is cut (on a character boundary) to the
+    /// 123 bytes a control frame leaves for it.
+    pub fn close(code: u16, reason: &str) -> SharedFrame {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self::build(OpCode::Close, false, &[&code.to_be_bytes(), &reason.as_bytes()[..end]])
+    }
+
+    /// A close frame with no status code (the echo of an empty close).
+    pub fn close_empty() -> SharedFrame {
+        Self::build(OpCode::Close, false, &[])
+    }
+
+    /// The wire bytes (header and payload).
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// The wire bytes, owned (a refcount, not a copy).
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// Wire length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Never true: every frame has a header.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::{Decoder, DecoderConfig, Message};
+
+    fn decode_one(frame: &SharedFrame) -> Message {
+        let mut d = Decoder::new(DecoderConfig::client());
+        let mut buf = BytesMut::from(&frame.bytes()[..]);
+        let m = d.decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        m
+    }
+
+    #[test]
+    fn clones_share_storage() {
+        let f = SharedFrame::text(&[b'x'; 4096]);
+        let g = f.clone();
+        assert_eq!(f.bytes().as_ptr(), g.bytes().as_ptr());
+    }
+
+    #[test]
+    fn frames_decode_as_client_sees_them() {
+        assert_eq!(decode_one(&SharedFrame::text(b"hi")), Message::Text(Bytes::from_static(b"hi")));
+        assert_eq!(
+            decode_one(&SharedFrame::text_lines([&b"{}"[..], &b"{\"id\":1}"[..]])),
+            Message::Text(Bytes::from_static(b"{}\n{\"id\":1}"))
+        );
+        assert_eq!(decode_one(&SharedFrame::ping(b"p")), Message::Ping(Bytes::from_static(b"p")));
+        let long = "é".repeat(100);
+        match decode_one(&SharedFrame::close(3001, &long)) {
+            Message::Close(Some(c)) => {
+                assert_eq!(c.code, 3001);
+                assert!(c.reason.len() <= 123);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
