@@ -14,6 +14,8 @@
 //! - [`client`]: the Centrifugo client protocol v2 (JSON) that unmodified
 //!   `centrifuge-js` and `centrifuge-python` speak: commands, replies, pushes,
 //!   codes, token claims, channel names.
+//! - [`namespace`]: per-deployment channel options (history, presence,
+//!   publish and subscribe policies) that gateway and router both apply.
 //! - [`cluster`]: the gateway ⇄ router protocol, versioned length-delimited
 //!   binary frames whose payload fields are zero-copy slices.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
@@ -40,6 +42,7 @@ pub mod client;
 pub mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod namespace;
 pub mod rendezvous;
 pub mod token_bucket;
 pub mod ws;

@@ -1,1 +1,17 @@
-//! placeholder during bring-up
+//! # Switchyard `router`: the channel-server tier
+//!
+//! Routers own channels (by rendezvous hash over the live routers). For each
+//! owned channel a router orders publications (offsets within an epoch),
+//! keeps a ring buffer for recovery and history, remembers idempotency keys,
+//! and knows which gateways have online subscribers, so a publication crosses
+//! the router→gateway link once per interested gateway, never per member.
+//!
+//! - [`channel`]: one channel's stream state and its rules (consecutive
+//!   offsets, all-or-nothing recovery, idempotency window), pure and tested.
+//!
+//! The QUIC link to gateways, the HTTP server API and presence are being
+//! built on top of this state (see the open Router issue).
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod channel;
