@@ -17,7 +17,7 @@
 //! Only fragmented messages, or frames that straddle reads, are assembled in a
 //! per-decoder buffer, which is released as soon as the message is complete.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 use super::deflate::Inflater;
 use super::frame::{OpCode, WsError, is_valid_close_code};
@@ -240,7 +240,7 @@ impl Decoder {
         let valid = if streamed && !compressed {
             validator.finish().is_ok()
         } else {
-            std::str::from_utf8(&payload).is_ok()
+            simdutf8::basic::from_utf8(&payload).is_ok()
         };
         if valid { Ok(Message::Text(payload)) } else { Err(WsError::InvalidUtf8) }
     }
@@ -329,7 +329,8 @@ impl Decoder {
             let at = 2 + ext;
             [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]
         });
-        let _ = buf.split_to(header);
+        // advance, not split_to: no reference-count traffic for the header.
+        buf.advance(header);
         if matches!(opcode, OpCode::Text | OpCode::Binary) {
             self.message_compressed = rsv1;
         }

@@ -6,7 +6,8 @@
 //! sequence as soon as the bytes seen so far cannot start a valid code point
 //! (the standard library's validator already reports "invalid" rather than
 //! "incomplete" as early as the bytes allow), which is what RFC 6455 §8.1 and
-//! Autobahn's fail-fast cases ask for.
+//! Autobahn's fail-fast cases ask for. Validation is SIMD (`simdutf8`), which
+//! reports the same `valid_up_to`/`error_len` as the standard library.
 
 /// State carried between pieces of one text message.
 #[derive(Debug, Default, Clone)]
@@ -44,7 +45,7 @@ impl Utf8Validator {
             self.carry[have..have + take].copy_from_slice(&chunk[..take]);
             let total = have + take;
             chunk = &chunk[take..];
-            match std::str::from_utf8(&self.carry[..total]) {
+            match simdutf8::compat::from_utf8(&self.carry[..total]) {
                 Ok(_) => self.carry_len = 0,
                 Err(e) if e.error_len().is_none() && total < need => {
                     self.carry_len = total as u8;
@@ -53,7 +54,9 @@ impl Utf8Validator {
                 Err(_) => return Err(InvalidUtf8),
             }
         }
-        match std::str::from_utf8(chunk) {
+        // SIMD validation (AVX2/SSE4.2/NEON, detected at run time): the
+        // validator runs over every text byte a client sends.
+        match simdutf8::compat::from_utf8(chunk) {
             Ok(_) => Ok(()),
             Err(e) => match e.error_len() {
                 Some(_) => Err(InvalidUtf8),

@@ -1,0 +1,237 @@
+//! Presence: who is online (per user, with a grace timer) and who is
+//! subscribed to a presence-enabled channel (per client).
+//!
+//! A user is online while any of their connections, on any gateway, is up.
+//! When the last one drops the user is not "away" at once: a grace period
+//! (default 15 s) starts, and a connection that comes back within it cancels
+//! the change, so a reconnect after a deploy or a gateway crash does not make
+//! the user flap offline and online for everyone who shows them. Pure state:
+//! time is an argument and [`UserPresence::expire`] is driven by a timer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+/// A change of a user's aggregate presence, to publish on their presence channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// The user's first connection came up (and no grace period was running).
+    Online(String),
+    /// The user's last connection went away and none came back within the grace period.
+    Away(String),
+}
+
+#[derive(Debug, Default)]
+struct UserState {
+    /// Connections per gateway link.
+    per_gateway: HashMap<u32, u32>,
+    /// When the grace period ends, if one is running.
+    grace_until: Option<Instant>,
+}
+
+impl UserState {
+    fn total(&self) -> u32 {
+        self.per_gateway.values().sum()
+    }
+}
+
+/// Aggregate presence of every user whose presence this router owns.
+#[derive(Debug)]
+pub struct UserPresence {
+    grace: Duration,
+    users: HashMap<String, UserState>,
+    /// Grace deadlines in time order (deadline, user); stale entries are skipped.
+    deadlines: BTreeMap<(Instant, u64), String>,
+    seq: u64,
+}
+
+impl UserPresence {
+    /// Presence with the given grace period.
+    pub fn new(grace: Duration) -> Self {
+        UserPresence { grace, users: HashMap::new(), deadlines: BTreeMap::new(), seq: 0 }
+    }
+
+    /// Users known (online or in grace).
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Whether no user is known.
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    /// Whether the user counts as online (connected, or within the grace period).
+    pub fn is_online(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// A connection of `user` came up on `gateway`.
+    pub fn connect(&mut self, user: &str, gateway: u32) -> Option<PresenceChange> {
+        let state = self.users.entry(user.to_owned()).or_default();
+        let was_known = state.total() > 0 || state.grace_until.is_some();
+        state.grace_until = None;
+        *state.per_gateway.entry(gateway).or_default() += 1;
+        (!was_known).then(|| PresenceChange::Online(user.to_owned()))
+    }
+
+    /// A connection of `user` on `gateway` went away.
+    pub fn disconnect(&mut self, user: &str, gateway: u32, now: Instant) {
+        let Some(state) = self.users.get_mut(user) else { return };
+        if let Some(n) = state.per_gateway.get_mut(&gateway) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                state.per_gateway.remove(&gateway);
+            }
+        }
+        if state.total() == 0 && state.grace_until.is_none() {
+            let until = now + self.grace;
+            state.grace_until = Some(until);
+            self.seq += 1;
+            self.deadlines.insert((until, self.seq), user.to_owned());
+        }
+    }
+
+    /// A gateway link was lost (evicted or drained): all its connections are
+    /// gone, and their users enter the grace period.
+    pub fn gateway_lost(&mut self, gateway: u32, now: Instant) {
+        let users: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, s)| s.per_gateway.contains_key(&gateway))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for user in users {
+            let n = self.users[&user].per_gateway[&gateway];
+            for _ in 0..n {
+                self.disconnect(&user, gateway, now);
+            }
+        }
+    }
+
+    /// Users whose grace period ended by `now` with no connection back.
+    pub fn expire(&mut self, now: Instant) -> Vec<PresenceChange> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.deadlines.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let ((deadline, _), user) = entry.remove_entry();
+            let expired =
+                self.users.get(&user).is_some_and(|s| s.total() == 0 && s.grace_until == Some(deadline));
+            if expired {
+                self.users.remove(&user);
+                out.push(PresenceChange::Away(user));
+            }
+        }
+        out
+    }
+
+    /// The next grace deadline, for the timer.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.keys().next().map(|(t, _)| *t)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    user: String,
+    info: Bytes,
+    gateway: u32,
+}
+
+/// Clients subscribed to one presence-enabled channel.
+#[derive(Debug, Default)]
+pub struct ChannelPresence {
+    members: HashMap<String, Member>,
+}
+
+impl ChannelPresence {
+    /// A client joined.
+    pub fn join(&mut self, client: &str, user: &str, info: Bytes, gateway: u32) {
+        self.members.insert(client.to_owned(), Member { user: user.to_owned(), info, gateway });
+    }
+
+    /// A client left; returns its `ClientInfo` for a leave push.
+    pub fn leave(&mut self, client: &str) -> Option<Bytes> {
+        self.members.remove(client).map(|m| m.info)
+    }
+
+    /// Removes every client of a lost gateway; returns their infos.
+    pub fn gateway_lost(&mut self, gateway: u32) -> Vec<Bytes> {
+        let gone: Vec<String> =
+            self.members.iter().filter(|(_, m)| m.gateway == gateway).map(|(c, _)| c.clone()).collect();
+        gone.into_iter().filter_map(|c| self.leave(&c)).collect()
+    }
+
+    /// (client id, `ClientInfo`) of every member.
+    pub fn entries(&self) -> Vec<(String, Bytes)> {
+        self.members.iter().map(|(c, m)| (c.clone(), m.info.clone())).collect()
+    }
+
+    /// Connections and distinct users (the anonymous user `""` counts as one).
+    pub fn stats(&self) -> (u32, u32) {
+        let mut users: Vec<&str> = self.members.values().map(|m| m.user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        (self.members.len() as u32, users.len() as u32)
+    }
+
+    /// Whether nobody is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(15);
+
+    #[test]
+    fn several_devices_are_one_user() {
+        let t = Instant::now();
+        let mut p = UserPresence::new(GRACE);
+        assert_eq!(p.connect("42", 1), Some(PresenceChange::Online("42".into())));
+        assert_eq!(p.connect("42", 2), None);
+        p.disconnect("42", 1, t);
+        assert!(p.expire(t + GRACE * 2).is_empty(), "still online on gateway 2");
+        p.disconnect("42", 2, t);
+        assert!(p.expire(t + GRACE - Duration::from_millis(1)).is_empty());
+        assert_eq!(p.expire(t + GRACE), vec![PresenceChange::Away("42".into())]);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn reconnect_within_grace_does_not_flap() {
+        let t = Instant::now();
+        let mut p = UserPresence::new(GRACE);
+        p.connect("7", 1);
+        p.gateway_lost(1, t);
+        assert!(p.is_online("7"));
+        // Comes back on another gateway 5 s later: no Online change, no Away later.
+        assert_eq!(p.connect("7", 2), None);
+        assert!(p.expire(t + GRACE * 3).is_empty());
+        // Leaves again: a fresh grace period from the new time.
+        let t2 = t + Duration::from_secs(100);
+        p.disconnect("7", 2, t2);
+        assert!(p.expire(t2 + Duration::from_secs(14)).is_empty());
+        assert_eq!(p.expire(t2 + GRACE), vec![PresenceChange::Away("7".into())]);
+        assert_eq!(p.next_deadline(), None);
+    }
+
+    #[test]
+    fn channel_presence_counts() {
+        let mut c = ChannelPresence::default();
+        c.join("c1", "", Bytes::from_static(b"{}"), 1);
+        c.join("c2", "", Bytes::from_static(b"{}"), 1);
+        c.join("c3", "42", Bytes::from_static(b"{}"), 2);
+        assert_eq!(c.stats(), (3, 2));
+        assert_eq!(c.gateway_lost(1).len(), 2);
+        assert_eq!(c.stats(), (1, 1));
+        assert!(c.leave("c3").is_some());
+        assert!(c.is_empty());
+    }
+}
