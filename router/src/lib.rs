@@ -11,12 +11,21 @@
 //! - [`presence`]: users online across gateways with a grace timer (no flap
 //!   on reconnect), and per-channel presence for `presence`/`presence_stats`.
 //! - [`certs`]: the development CA and link certificates (`router certs`).
+//! - [`config`]: the TOML configuration with development defaults.
+//! - [`shard`]: channel shards (one owner per channel, no lock on the publish
+//!   path) that order publications and send each once per interested gateway.
+//! - [`server`]: the QUIC endpoint (mutual TLS), hello/version check, one
+//!   control stream and K delivery streams per gateway, batched writes.
 //!
-//! The QUIC link to gateways, the HTTP server API and presence are being
-//! built on top of this state (see the open Router issue).
+//! Not yet here (see the open Router issue): the HTTP server API, user
+//! presence channels, heartbeat-based eviction beyond QUIC's idle timeout,
+//! clustering of several routers, SIGTERM drain.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod certs;
 pub mod channel;
+pub mod config;
 pub mod presence;
+pub mod server;
+pub mod shard;

@@ -272,6 +272,14 @@ pub enum DecodeError {
     MissingId,
 }
 
+impl DecodeError {
+    /// The answer to any undecodable command: close 3501 (bad request), as
+    /// Centrifuge does; the SDKs do not reconnect after it.
+    pub fn disconnect(&self) -> super::Disconnect {
+        super::Disconnect::BAD_REQUEST
+    }
+}
+
 /// Decodes one command line.
 pub fn decode_command(line: &[u8]) -> Result<Command, DecodeError> {
     let env: Envelope = serde_json::from_slice(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -367,6 +375,7 @@ mod tests {
         );
         assert_eq!(decode_command(br#"{"publish":{"channel":"a"}}"#).unwrap_err(), DecodeError::MissingId);
         assert!(matches!(decode_command(b"{not json").unwrap_err(), DecodeError::Malformed(_)));
+        assert_eq!(decode_command(b"{not json").unwrap_err().disconnect().code, 3501);
         assert!(matches!(decode_command(br#"{"id":-1}"#).unwrap_err(), DecodeError::Malformed(_)));
         assert!(matches!(decode_command(b"[]").unwrap_err(), DecodeError::Malformed(_)));
         // Python sends spaces; whitespace around lines is fine.

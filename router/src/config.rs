@@ -1,0 +1,115 @@
+//! The router's configuration: one TOML file, every key defaulted so that a
+//! router with no file at all starts on loopback with development settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::namespace::Namespaces;
+use serde::Deserialize;
+
+/// Paths of the link's mutual-TLS material (see [`crate::certs`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsFiles {
+    /// CA whose gateway certificates are accepted.
+    pub ca_cert: PathBuf,
+    /// This router's certificate chain.
+    pub cert: PathBuf,
+    /// This router's private key.
+    pub key: PathBuf,
+}
+
+impl Default for TlsFiles {
+    fn default() -> Self {
+        TlsFiles {
+            ca_cert: "certs/ca.pem".into(),
+            cert: "certs/router.pem".into(),
+            key: "certs/router.key".into(),
+        }
+    }
+}
+
+/// Everything a router needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RouterConfig {
+    /// Stable id; also its name in the rendezvous hash (default `router-1`).
+    pub id: String,
+    /// UDP address of the QUIC endpoint gateways connect to (default 127.0.0.1:7100).
+    pub quic_listen: SocketAddr,
+    /// Link TLS files.
+    pub tls: TlsFiles,
+    /// Channel-state shards (worker tasks, each owning the channels that hash
+    /// to it). Default: the number of cores.
+    pub shards: usize,
+    /// Ordered delivery streams per gateway (channel hash mod K), so a burst
+    /// on one channel never blocks the others (default 8).
+    pub delivery_streams: usize,
+    /// Messages queued toward one gateway before it is told to resync
+    /// (default 65,536; at ~200 B each about 13 MiB per gateway at most).
+    pub gateway_queue: usize,
+    /// Seconds between heartbeats on each link (default 5).
+    pub heartbeat_secs: u64,
+    /// Seconds of silence after which a gateway is evicted and its users
+    /// enter the presence grace period (default 15).
+    pub evict_secs: u64,
+    /// Presence grace period in seconds (default 15).
+    pub presence_grace_secs: u64,
+    /// Most publications one recovery returns (default 300, as Centrifugo).
+    pub max_recover: usize,
+    /// Channel namespaces.
+    pub namespaces: Namespaces,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            id: "router-1".into(),
+            quic_listen: "127.0.0.1:7100".parse().expect("static address"),
+            tls: TlsFiles::default(),
+            shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            delivery_streams: 8,
+            gateway_queue: 65_536,
+            heartbeat_secs: 5,
+            evict_secs: 15,
+            presence_grace_secs: 15,
+            max_recover: 300,
+            namespaces: Namespaces::default(),
+        }
+    }
+}
+
+impl RouterConfig {
+    /// Parses a TOML document; unknown keys are errors.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+
+    /// Eviction timeout.
+    pub fn evict_after(&self) -> Duration {
+        Duration::from_secs(self.evict_secs.max(2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_development_default() {
+        let c = RouterConfig::from_toml("").unwrap();
+        assert_eq!(c.quic_listen.to_string(), "127.0.0.1:7100");
+        assert_eq!(c.presence_grace_secs, 15);
+        let c =
+            RouterConfig::from_toml("id = \"r2\"\n[namespaces.namespaces.chat]\nhistory_size = 7\n").unwrap();
+        assert_eq!(c.id, "r2");
+        assert_eq!(c.namespaces.resolve_str("chat:x").unwrap().history_size, 7);
+        assert!(RouterConfig::from_toml("bogus = 1").is_err());
+    }
+}

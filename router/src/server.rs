@@ -1,0 +1,297 @@
+//! The QUIC endpoint and one task set per gateway link.
+//!
+//! A gateway opens one bidirectional control stream and sends `Hello`; the
+//! router answers `Welcome` (or `Refuse` for an unknown version and closes),
+//! then opens K unidirectional delivery streams. Deliveries of a channel
+//! always travel on stream `hash(channel) mod K`, so they stay ordered per
+//! channel while a burst on one channel never blocks the others. Every write
+//! batches what is queued (quinn collapses with one message per write).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use proto::rendezvous::stable_hash;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+
+use crate::config::RouterConfig;
+use crate::shard::{GatewayId, Metrics, Shard, ShardCmd};
+
+/// ALPN of the cluster protocol.
+pub const ALPN: &[u8] = b"switchyard-cluster/1";
+
+/// A running router: the shards and the endpoint.
+pub struct Router {
+    cfg: RouterConfig,
+    shards: Vec<mpsc::Sender<ShardCmd>>,
+    metrics: Arc<Metrics>,
+    next_gateway: AtomicU32,
+    instance: u64,
+}
+
+fn load_tls(cfg: &RouterConfig) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&cfg.tls.ca_cert).with_context(|| path_ctx(&cfg.tls.ca_cert))? {
+        roots.add(c?)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.tls.cert)
+        .with_context(|| path_ctx(&cfg.tls.cert))?
+        .collect::<Result<_, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(&cfg.tls.key).with_context(|| path_ctx(&cfg.tls.key))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+fn path_ctx(p: &Path) -> String {
+    format!("reading {} (create development files with `router certs`)", p.display())
+}
+
+impl Router {
+    /// Builds the shards (spawned on the current tokio runtime).
+    pub fn start(cfg: RouterConfig) -> Arc<Router> {
+        let metrics = Arc::new(Metrics::default());
+        let namespaces = Arc::new(cfg.namespaces.clone());
+        let shards = (0..cfg.shards.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(16_384);
+                tokio::spawn(Shard::new(namespaces.clone(), cfg.max_recover, metrics.clone()).run(rx));
+                tx
+            })
+            .collect();
+        Arc::new(Router { cfg, shards, metrics, next_gateway: AtomicU32::new(1), instance: rand::random() })
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    fn shard_of(&self, channel: &str) -> &mpsc::Sender<ShardCmd> {
+        &self.shards[(stable_hash(channel.as_bytes()) % self.shards.len() as u64) as usize]
+    }
+
+    /// Binds the QUIC endpoint and serves gateway links until the endpoint closes.
+    pub async fn serve_links(self: Arc<Self>) -> anyhow::Result<()> {
+        let tls = load_tls(&self.cfg)?;
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(self.cfg.evict_after().try_into()?));
+        transport.keep_alive_interval(Some(self.cfg.heartbeat()));
+        transport.max_concurrent_uni_streams(0u32.into());
+        server.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server, self.cfg.quic_listen)?;
+        tracing::info!(addr = %self.cfg.quic_listen, id = %self.cfg.id, "router listening for gateways");
+        while let Some(incoming) = endpoint.accept().await {
+            let router = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => {
+                        let remote = conn.remote_address();
+                        if let Err(e) = router.clone().link(conn).await {
+                            tracing::info!(%remote, error = %e, "gateway link ended");
+                        }
+                    }
+                    Err(e) => tracing::info!(error = %e, "gateway handshake failed"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn link(self: Arc<Self>, conn: quinn::Connection) -> anyhow::Result<()> {
+        let (mut ctl_send, mut ctl_recv) = conn.accept_bi().await?;
+        let mut decoder = ClusterDecoder::default();
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let hello =
+            tokio::time::timeout(Duration::from_secs(10), read_msg(&mut ctl_recv, &mut decoder, &mut buf))
+                .await
+                .context("no hello in time")??;
+        let gateway_id = match hello {
+            Some(ClusterMsg::Hello { version, gateway_id, .. }) if version == PROTOCOL_VERSION => gateway_id,
+            Some(ClusterMsg::Hello { version, .. }) => {
+                let mut out = BytesMut::new();
+                ClusterMsg::Refuse { reason: format!("unsupported protocol version {version}") }
+                    .encode(&mut out);
+                ctl_send.write_all(&out).await?;
+                ctl_send.finish()?;
+                conn.closed().await;
+                anyhow::bail!("refused gateway with protocol version {version}");
+            }
+            _ => {
+                conn.close(1u32.into(), b"expected hello");
+                anyhow::bail!("first message was not hello");
+            }
+        };
+        let gw: GatewayId = self.next_gateway.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(gateway = %gateway_id, link = gw, "gateway connected");
+
+        let (tx, mut rx) = mpsc::channel::<ClusterMsg>(self.cfg.gateway_queue.max(16));
+        for s in &self.shards {
+            s.send(ShardCmd::GatewayUp(gw, tx.clone())).await?;
+        }
+        let mut welcome = BytesMut::new();
+        ClusterMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            router_id: self.cfg.id.clone(),
+            instance: self.instance,
+        }
+        .encode(&mut welcome);
+        ctl_send.write_all(&welcome).await?;
+
+        // Writer: batches everything queued toward this gateway into as few
+        // stream writes as possible; deliveries go to their channel's stream.
+        let k = self.cfg.delivery_streams.max(1);
+        let mut delivery = Vec::with_capacity(k);
+        for _ in 0..k {
+            delivery.push(conn.open_uni().await?);
+        }
+        let writer = tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(1024);
+            let mut ctl_buf = BytesMut::with_capacity(64 * 1024);
+            let mut bufs: Vec<BytesMut> = (0..k).map(|_| BytesMut::with_capacity(64 * 1024)).collect();
+            while rx.recv_many(&mut batch, 1024).await > 0 {
+                for msg in batch.drain(..) {
+                    match &msg {
+                        ClusterMsg::Deliver { channel, .. } => {
+                            let i = (stable_hash(channel.as_bytes()) % k as u64) as usize;
+                            msg.encode(&mut bufs[i]);
+                        }
+                        _ => msg.encode(&mut ctl_buf),
+                    }
+                }
+                if !ctl_buf.is_empty() {
+                    ctl_send.write_all(&ctl_buf.split()).await?;
+                }
+                for (i, b) in bufs.iter_mut().enumerate() {
+                    if !b.is_empty() {
+                        delivery[i].write_all(&b.split()).await?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        });
+
+        let result = self.read_loop(gw, &tx, &mut ctl_recv, &mut decoder, &mut buf).await;
+        for s in &self.shards {
+            let _ = s.send(ShardCmd::GatewayDown(gw)).await;
+        }
+        writer.abort();
+        tracing::info!(gateway = %gateway_id, link = gw, "gateway disconnected");
+        result
+    }
+
+    async fn read_loop(
+        &self,
+        gw: GatewayId,
+        tx: &mpsc::Sender<ClusterMsg>,
+        recv: &mut quinn::RecvStream,
+        decoder: &mut ClusterDecoder,
+        buf: &mut BytesMut,
+    ) -> anyhow::Result<()> {
+        loop {
+            let msg = match read_msg(recv, decoder, buf).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            match msg {
+                ClusterMsg::Heartbeat { seq, reply: false } => {
+                    let _ = tx.try_send(ClusterMsg::Heartbeat { seq, reply: true });
+                }
+                ClusterMsg::Heartbeat { .. } => {}
+                ClusterMsg::Subscribe { channels } => self.interest(gw, channels, Vec::new(), false).await?,
+                ClusterMsg::Unsubscribe { channels } => {
+                    self.interest(gw, Vec::new(), channels, false).await?
+                }
+                ClusterMsg::Snapshot { channels } => self.interest(gw, channels, Vec::new(), true).await?,
+                ClusterMsg::Drain => tracing::info!(link = gw, "gateway is draining"),
+                m @ (ClusterMsg::Publish { .. }
+                | ClusterMsg::Recover { .. }
+                | ClusterMsg::History { .. }
+                | ClusterMsg::Presence { .. }
+                | ClusterMsg::PresenceStats { .. }
+                | ClusterMsg::Join { .. }
+                | ClusterMsg::Leave { .. }) => {
+                    let channel = match &m {
+                        ClusterMsg::Publish { channel, .. }
+                        | ClusterMsg::Recover { channel, .. }
+                        | ClusterMsg::History { channel, .. }
+                        | ClusterMsg::Presence { channel, .. }
+                        | ClusterMsg::PresenceStats { channel, .. }
+                        | ClusterMsg::Join { channel, .. }
+                        | ClusterMsg::Leave { channel, .. } => channel.clone(),
+                        _ => unreachable!("matched above"),
+                    };
+                    self.shard_of(&channel).send(ShardCmd::Request(gw, m)).await?;
+                }
+                ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {
+                    // User presence (grace timers, presence channels) is wired in
+                    // with the gateway's connect path; see presence.rs.
+                }
+                other => {
+                    self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
+                    anyhow::bail!("unexpected {} from a gateway", other.name());
+                }
+            }
+        }
+    }
+
+    async fn interest(
+        &self,
+        gw: GatewayId,
+        add: Vec<String>,
+        remove: Vec<String>,
+        snapshot: bool,
+    ) -> anyhow::Result<()> {
+        let n = self.shards.len();
+        let mut adds: Vec<Vec<String>> = vec![Vec::new(); n];
+        let mut removes: Vec<Vec<String>> = vec![Vec::new(); n];
+        for c in add {
+            adds[(stable_hash(c.as_bytes()) % n as u64) as usize].push(c);
+        }
+        for c in remove {
+            removes[(stable_hash(c.as_bytes()) % n as u64) as usize].push(c);
+        }
+        for (i, (a, r)) in adds.into_iter().zip(removes).enumerate() {
+            if snapshot || !a.is_empty() || !r.is_empty() {
+                self.shards[i].send(ShardCmd::Interest { gw, add: a, remove: r, snapshot }).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+    decoder: &mut ClusterDecoder,
+    buf: &mut BytesMut,
+) -> anyhow::Result<Option<ClusterMsg>> {
+    loop {
+        if let Some(m) = decoder.decode(buf)? {
+            return Ok(Some(m));
+        }
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None if buf.is_empty() => return Ok(None),
+            None => anyhow::bail!("link closed mid-frame"),
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Channel shards: each owns the channels whose stable hash maps to it, so
+//! no lock is taken on the publish path. A shard orders publications and
+//! sends each one exactly once to every gateway with online subscribers.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use bytes::Bytes;
+use proto::client::ReplyError;
+use proto::cluster::ClusterMsg;
+use proto::namespace::Namespaces;
+use rand::Rng;
+use tokio::sync::mpsc;
+
+use crate::channel::{ChannelState, PublishOutcome, StreamOptions};
+use crate::presence::ChannelPresence;
+
+/// Link index of a connected gateway.
+pub type GatewayId = u32;
+
+/// Router-wide counters (Prometheus text is rendered from these).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Publications ordered.
+    pub publications: AtomicU64,
+    /// Router → gateway deliveries sent (one per interested gateway per publication).
+    pub gateway_sends: AtomicU64,
+    /// Deliveries that found a gateway's queue full (the gateway is told to resync).
+    pub gateway_queue_full: AtomicU64,
+    /// Malformed link frames.
+    pub link_errors: AtomicU64,
+}
+
+/// Work for a shard.
+#[derive(Debug)]
+pub enum ShardCmd {
+    /// A gateway link is up; deliveries go to `tx`.
+    GatewayUp(GatewayId, mpsc::Sender<ClusterMsg>),
+    /// A gateway link is gone: drop its interest and presence.
+    GatewayDown(GatewayId),
+    /// Interest changes (`snapshot` replaces this gateway's set within the shard).
+    Interest {
+        /// Gateway.
+        gw: GatewayId,
+        /// Channels gaining a subscriber.
+        add: Vec<String>,
+        /// Channels losing their last subscriber.
+        remove: Vec<String>,
+        /// Whether `add` is the whole set.
+        snapshot: bool,
+    },
+    /// A request from a gateway (publish, recover, history, presence…), answered on its link.
+    Request(GatewayId, ClusterMsg),
+}
+
+/// One shard's state and loop.
+pub struct Shard {
+    namespaces: Arc<Namespaces>,
+    max_recover: usize,
+    channels: HashMap<String, ChannelState>,
+    presence: HashMap<String, ChannelPresence>,
+    gateways: HashMap<GatewayId, mpsc::Sender<ClusterMsg>>,
+    lagging: HashMap<GatewayId, HashSet<String>>,
+    metrics: Arc<Metrics>,
+}
+
+fn new_epoch() -> String {
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| {
+            char::from(
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[rng.random_range(0..62)],
+            )
+        })
+        .collect()
+}
+
+impl Shard {
+    /// An empty shard.
+    pub fn new(namespaces: Arc<Namespaces>, max_recover: usize, metrics: Arc<Metrics>) -> Self {
+        Shard {
+            namespaces,
+            max_recover,
+            channels: HashMap::new(),
+            presence: HashMap::new(),
+            gateways: HashMap::new(),
+            lagging: HashMap::new(),
+            metrics,
+        }
+    }
+
+    /// Runs until every sender is dropped.
+    pub async fn run(mut self, mut rx: mpsc::Receiver<ShardCmd>) {
+        let mut batch = Vec::with_capacity(256);
+        while rx.recv_many(&mut batch, 256).await > 0 {
+            let now = Instant::now();
+            for cmd in batch.drain(..) {
+                self.handle(cmd, now);
+            }
+            self.flush_lagging();
+        }
+    }
+
+    fn options(&self, channel: &str) -> Result<StreamOptions, ReplyError> {
+        let ns = self.namespaces.resolve_str(channel)?;
+        Ok(StreamOptions {
+            history_size: if ns.has_history() { ns.history_size } else { 0 },
+            history_ttl: ns.history_ttl(),
+            positioned: ns.positioned(),
+            max_recover: self.max_recover,
+        })
+    }
+
+    fn channel(&mut self, name: &str) -> &mut ChannelState {
+        self.channels.entry(name.to_owned()).or_insert_with(|| ChannelState::new(new_epoch()))
+    }
+
+    fn send(&mut self, gw: GatewayId, msg: ClusterMsg) {
+        if let Some(tx) = self.gateways.get(&gw)
+            && tx.try_send(msg).is_err()
+        {
+            self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, cmd: ShardCmd, now: Instant) {
+        match cmd {
+            ShardCmd::GatewayUp(gw, tx) => {
+                self.gateways.insert(gw, tx);
+            }
+            ShardCmd::GatewayDown(gw) => {
+                self.gateways.remove(&gw);
+                self.lagging.remove(&gw);
+                for ch in self.channels.values_mut() {
+                    ch.gateways.remove(&gw);
+                }
+                for p in self.presence.values_mut() {
+                    p.gateway_lost(gw);
+                }
+                self.presence.retain(|_, p| !p.is_empty());
+            }
+            ShardCmd::Interest { gw, add, remove, snapshot } => {
+                if snapshot {
+                    for ch in self.channels.values_mut() {
+                        ch.gateways.remove(&gw);
+                    }
+                }
+                for c in add {
+                    self.channel(&c).gateways.insert(gw);
+                }
+                for c in remove {
+                    if let Some(ch) = self.channels.get_mut(&c) {
+                        ch.gateways.remove(&gw);
+                    }
+                }
+            }
+            ShardCmd::Request(gw, msg) => self.request(gw, msg, now),
+        }
+    }
+
+    fn request(&mut self, gw: GatewayId, msg: ClusterMsg, now: Instant) {
+        let fail = |req: u64, e: ReplyError| ClusterMsg::RequestError {
+            req,
+            code: e.code,
+            message: e.message.into(),
+        };
+        match msg {
+            ClusterMsg::Publish { req, channel, data, info, idempotency_key } => {
+                let answer = match self.publish(&channel, data, info, None, &idempotency_key, now) {
+                    Ok((offset, epoch)) => ClusterMsg::PublishOk { req, offset, epoch },
+                    Err(e) => fail(req, e),
+                };
+                self.send(gw, answer);
+            }
+            ClusterMsg::Recover { req, channel, recover, epoch, offset } => {
+                let answer = match self.options(&channel) {
+                    Err(e) => fail(req, e),
+                    Ok(opts) => {
+                        let ch = self.channel(&channel);
+                        let replay = if recover {
+                            ch.recover(&epoch, offset, now, &opts)
+                        } else {
+                            ch.recover(ch.epoch().to_owned().as_str(), ch.top(), now, &opts)
+                        };
+                        ClusterMsg::Replay {
+                            req,
+                            epoch: replay.epoch,
+                            top: replay.top,
+                            recovered: replay.recovered,
+                            positioned: opts.positioned,
+                            publications: replay.publications,
+                        }
+                    }
+                };
+                self.send(gw, answer);
+            }
+            ClusterMsg::History { req, channel, limit, since, reverse } => {
+                let answer = match self.options(&channel) {
+                    Err(e) => fail(req, e),
+                    Ok(opts) => {
+                        let since = since.as_ref().map(|(o, e)| (*o, e.as_str()));
+                        match self.channel(&channel).history(limit, since, reverse, 300, now, &opts) {
+                            Ok((publications, epoch, top)) => {
+                                ClusterMsg::HistoryResult { req, epoch, top, publications }
+                            }
+                            Err(e) => fail(req, e),
+                        }
+                    }
+                };
+                self.send(gw, answer);
+            }
+            ClusterMsg::Join { channel, client, user, info } => {
+                self.presence.entry(channel).or_default().join(&client, &user, info, gw);
+            }
+            ClusterMsg::Leave { channel, client } => {
+                if let Some(p) = self.presence.get_mut(&channel) {
+                    p.leave(&client);
+                    if p.is_empty() {
+                        self.presence.remove(&channel);
+                    }
+                }
+            }
+            ClusterMsg::Presence { req, channel } => {
+                let answer = match self.namespaces.resolve_str(&channel) {
+                    Ok(ns) if ns.presence => ClusterMsg::PresenceResult {
+                        req,
+                        entries: self.presence.get(&channel).map(|p| p.entries()).unwrap_or_default(),
+                    },
+                    Ok(_) => fail(req, ReplyError::NOT_AVAILABLE),
+                    Err(e) => fail(req, e),
+                };
+                self.send(gw, answer);
+            }
+            ClusterMsg::PresenceStats { req, channel } => {
+                let answer = match self.namespaces.resolve_str(&channel) {
+                    Ok(ns) if ns.presence => {
+                        let (num_clients, num_users) =
+                            self.presence.get(&channel).map(|p| p.stats()).unwrap_or((0, 0));
+                        ClusterMsg::PresenceStatsResult { req, num_clients, num_users }
+                    }
+                    Ok(_) => fail(req, ReplyError::NOT_AVAILABLE),
+                    Err(e) => fail(req, e),
+                };
+                self.send(gw, answer);
+            }
+            other => {
+                tracing::warn!(gateway = gw, msg = other.name(), "unexpected request routed to a shard");
+            }
+        }
+    }
+
+    /// Orders one publication and sends it once to each interested gateway.
+    pub fn publish(
+        &mut self,
+        channel: &str,
+        data: Bytes,
+        info: Option<Bytes>,
+        tags: Option<Bytes>,
+        idempotency_key: &str,
+        now: Instant,
+    ) -> Result<(u64, String), ReplyError> {
+        let opts = self.options(channel)?;
+        let ch = self.channel(channel);
+        let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
+        match ch.publish(data, info, tags, key, now, &opts) {
+            PublishOutcome::Duplicate { offset } => Ok((offset, ch.epoch().to_owned())),
+            PublishOutcome::Published(publication) => {
+                let epoch = ch.epoch().to_owned();
+                let offset = publication.offset;
+                let targets: Vec<GatewayId> = ch.gateways.iter().copied().collect();
+                self.metrics.publications.fetch_add(1, Ordering::Relaxed);
+                for gw in targets {
+                    let msg = ClusterMsg::Deliver {
+                        channel: channel.to_owned(),
+                        epoch: epoch.clone(),
+                        publication: publication.clone(),
+                    };
+                    let sent = self.gateways.get(&gw).is_some_and(|tx| tx.try_send(msg).is_ok());
+                    if sent {
+                        self.metrics.gateway_sends.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        // The gateway fell behind: it must resync this channel
+                        // rather than slow everyone else down.
+                        self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
+                        self.lagging.entry(gw).or_default().insert(channel.to_owned());
+                    }
+                }
+                Ok((offset, epoch))
+            }
+        }
+    }
+
+    fn flush_lagging(&mut self) {
+        if self.lagging.is_empty() {
+            return;
+        }
+        let lagging = std::mem::take(&mut self.lagging);
+        for (gw, channels) in lagging {
+            let msg = ClusterMsg::Resync { channels: channels.iter().cloned().collect() };
+            match self.gateways.get(&gw) {
+                Some(tx) if tx.try_send(msg).is_err() => {
+                    self.lagging.insert(gw, channels);
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The real `router` binary on loopback, driven over real QUIC (mutual TLS)
+//! by test gateways speaking the cluster protocol.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+struct RouterProc {
+    child: Child,
+    addr: SocketAddr,
+    certs: PathBuf,
+}
+
+impl Drop for RouterProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_router(tag: &str) -> RouterProc {
+    let certs = std::env::temp_dir().join(format!("sy-router-{tag}-{}", std::process::id()));
+    let bin = env!("CARGO_BIN_EXE_router");
+    let st = Command::new(bin).args(["certs", "--out"]).arg(&certs).stdout(Stdio::null()).status().unwrap();
+    assert!(st.success());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let child = Command::new(bin)
+        .args(["run", "--quic-listen", &addr.to_string(), "--certs"])
+        .arg(&certs)
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    RouterProc { child, addr, certs }
+}
+
+struct Gw {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: ClusterDecoder,
+    buf: BytesMut,
+}
+
+fn client_config(certs: &Path) -> quinn::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(certs.join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("gateway.pem")).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(certs.join("gateway.key")).unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    tls.alpn_protocols = vec![router::server::ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()))
+}
+
+async fn connect(r: &RouterProc, version: u16) -> Gw {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client_config(&r.certs));
+    // The router process may still be starting: retry for a bounded time.
+    let mut last = None;
+    for _ in 0..100 {
+        match endpoint.connect(r.addr, "localhost").unwrap().await {
+            Ok(conn) => {
+                let (mut send, recv) = conn.open_bi().await.unwrap();
+                let mut out = BytesMut::new();
+                ClusterMsg::Hello { version, gateway_id: "gw-test".into(), instance: 1 }.encode(&mut out);
+                send.write_all(&out).await.unwrap();
+                return Gw {
+                    _endpoint: endpoint,
+                    conn,
+                    send,
+                    recv,
+                    dec: ClusterDecoder::default(),
+                    buf: BytesMut::new(),
+                };
+            }
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("router never accepted: {last:?}");
+}
+
+impl Gw {
+    async fn send(&mut self, m: ClusterMsg) {
+        let mut out = BytesMut::new();
+        m.encode(&mut out);
+        self.send.write_all(&out).await.unwrap();
+    }
+
+    async fn next_ctl(&mut self) -> Option<ClusterMsg> {
+        read(&mut self.recv, &mut self.dec, &mut self.buf).await
+    }
+}
+
+async fn read(
+    recv: &mut quinn::RecvStream,
+    dec: &mut ClusterDecoder,
+    buf: &mut BytesMut,
+) -> Option<ClusterMsg> {
+    loop {
+        if let Some(m) = dec.decode(buf).unwrap() {
+            return Some(m);
+        }
+        match tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(65536, true)).await {
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c.bytes),
+            _ => return None,
+        }
+    }
+}
+
+/// Collects `n` deliveries from whichever delivery streams carry them.
+async fn deliveries(conn: &quinn::Connection, n: usize) -> Vec<(String, u64)> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..8 {
+        let conn = conn.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut s) = conn.accept_uni().await else { return };
+            let mut dec = ClusterDecoder::default();
+            let mut buf = BytesMut::new();
+            while let Some(m) = read(&mut s, &mut dec, &mut buf).await {
+                if let ClusterMsg::Deliver { channel, publication, .. } = m {
+                    let _ = tx.send((channel, publication.offset));
+                }
+            }
+        });
+    }
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(d)) => got.push(d),
+            _ => break,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_send_per_gateway_in_order_and_recovery() {
+    let r = start_router("fanout");
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        let mut g = connect(&r, PROTOCOL_VERSION).await;
+        assert!(matches!(g.next_ctl().await, Some(ClusterMsg::Welcome { version: PROTOCOL_VERSION, .. })));
+        g.send(ClusterMsg::Subscribe { channels: vec!["chat:general".into()] }).await;
+        gws.push(g);
+    }
+    // Interest is registered once the router has answered a later request on the same link.
+    for g in gws.iter_mut() {
+        g.send(ClusterMsg::Recover {
+            req: 1,
+            channel: "chat:general".into(),
+            recover: false,
+            epoch: String::new(),
+            offset: 0,
+        })
+        .await;
+        assert!(matches!(g.next_ctl().await, Some(ClusterMsg::Replay { req: 1, recovered: true, .. })));
+    }
+    let collectors: Vec<_> = gws
+        .iter()
+        .map(|g| {
+            let conn = g.conn.clone();
+            tokio::spawn(async move { deliveries(&conn, 5).await })
+        })
+        .collect();
+    let mut epoch = String::new();
+    for i in 0..5u64 {
+        gws[0]
+            .send(ClusterMsg::Publish {
+                req: 10 + i,
+                channel: "chat:general".into(),
+                data: Bytes::from(format!("{{\"n\":{i}}}")),
+                info: None,
+                idempotency_key: String::new(),
+            })
+            .await;
+        match gws[0].next_ctl().await {
+            Some(ClusterMsg::PublishOk { req, offset, epoch: e }) => {
+                assert_eq!((req, offset), (10 + i, i + 1));
+                epoch = e;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // Each gateway got each publication exactly once, in order.
+    for c in collectors {
+        let got = c.await.unwrap();
+        assert_eq!(got, (1..=5).map(|o| ("chat:general".to_string(), o)).collect::<Vec<_>>());
+    }
+    // A subscriber that saw offset 2 recovers 3..=5; a stale epoch does not recover.
+    gws[1]
+        .send(ClusterMsg::Recover {
+            req: 20,
+            channel: "chat:general".into(),
+            recover: true,
+            epoch: epoch.clone(),
+            offset: 2,
+        })
+        .await;
+    match gws[1].next_ctl().await {
+        Some(ClusterMsg::Replay { req: 20, recovered: true, top: 5, publications, .. }) => {
+            assert_eq!(publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![3, 4, 5]);
+        }
+        other => panic!("{other:?}"),
+    }
+    gws[1]
+        .send(ClusterMsg::Recover {
+            req: 21,
+            channel: "chat:general".into(),
+            recover: true,
+            epoch: "stale".into(),
+            offset: 2,
+        })
+        .await;
+    assert!(
+        matches!(gws[1].next_ctl().await, Some(ClusterMsg::Replay { req: 21, recovered: false, top: 5, ref publications, .. }) if publications.is_empty())
+    );
+    // Unknown namespace: error 102, the link stays up.
+    gws[2].send(ClusterMsg::Presence { req: 30, channel: "nope:x".into() }).await;
+    assert!(matches!(gws[2].next_ctl().await, Some(ClusterMsg::RequestError { req: 30, code: 102, .. })));
+    gws[2].send(ClusterMsg::Heartbeat { seq: 9, reply: false }).await;
+    assert!(matches!(gws[2].next_ctl().await, Some(ClusterMsg::Heartbeat { seq: 9, reply: true })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_version_is_refused_and_garbage_closes_only_that_link() {
+    let r = start_router("refuse");
+    let mut old = connect(&r, PROTOCOL_VERSION + 7).await;
+    match old.next_ctl().await {
+        Some(ClusterMsg::Refuse { reason }) => assert!(reason.contains("version")),
+        other => panic!("{other:?}"),
+    }
+    let mut good = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(good.next_ctl().await, Some(ClusterMsg::Welcome { .. })));
+    let mut bad = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(bad.next_ctl().await, Some(ClusterMsg::Welcome { .. })));
+    bad.send.write_all(&[0, 0, 0, 3, 250, 1, 2]).await.unwrap();
+    assert_eq!(bad.next_ctl().await, None, "the router closes a link that sends garbage");
+    good.send(ClusterMsg::Heartbeat { seq: 1, reply: false }).await;
+    assert!(matches!(good.next_ctl().await, Some(ClusterMsg::Heartbeat { seq: 1, reply: true })));
+}
