@@ -1,1 +1,412 @@
-//! End-to-end harness.
+//! End-to-end harness: starts the real `router` and `gateway` binaries on
+//! loopback (free ports, fresh development certificates) and speaks real
+//! WebSocket to them with a small blocking client built on `proto`.
+//!
+//! Every wait is bounded; a test never loops without a deadline.
+
+#![warn(missing_docs, unreachable_pub)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use proto::ws::handshake::client::{self, ClientHandshakeError};
+use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
+use serde_json::Value;
+
+/// The HMAC secret the test gateways accept.
+pub const SECRET: &str = "e2e-secret";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Where the workspace's binaries are (`target/<profile>/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// A port that is free for both TCP and UDP on 127.0.0.1, from a block
+/// reserved for this test process (nextest runs tests as parallel processes;
+/// kernel-chosen ports could be handed to two of them, and gateways bind
+/// with SO_REUSEPORT, so two tests could silently share a listener). The
+/// blocks sit below the kernel's ephemeral range.
+pub fn free_port() -> u16 {
+    let base = 10_000 + (std::process::id() % 1_100) * 20;
+    for _ in 0..200 {
+        let n = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        // The process's own block first, then spread over the rest of the range.
+        let port = if n < 20 { base + n } else { 10_000 + (base + n * 7919) % 22_000 } as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() && UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    free_port()
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    free_port()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+}
+
+impl Proc {
+    /// Sends a signal (e.g. `libc::SIGTERM` = 15).
+    pub fn signal(&self, sig: i32) {
+        let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A router and gateways on loopback.
+pub struct Cluster {
+    /// Certificates directory.
+    pub certs: PathBuf,
+    /// Router processes.
+    pub routers: Vec<Proc>,
+    /// Router QUIC addresses.
+    pub router_addrs: Vec<SocketAddr>,
+    /// Gateway processes.
+    pub gateways: Vec<Proc>,
+    /// Gateway WebSocket addresses.
+    pub ws_addrs: Vec<SocketAddr>,
+    /// Gateway admin addresses.
+    pub admin_addrs: Vec<SocketAddr>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.gateways.clear();
+        self.routers.clear();
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+impl Cluster {
+    /// Starts `routers` routers and `gateways` gateways; `extra` are added to
+    /// every gateway's command line.
+    pub fn start(routers: usize, gateways: usize, extra: &[&str]) -> Cluster {
+        let certs = std::env::temp_dir().join(format!(
+            "sy-e2e-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let st = Command::new(bin("router"))
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut c = Cluster {
+            certs,
+            routers: Vec::new(),
+            router_addrs: Vec::new(),
+            gateways: Vec::new(),
+            ws_addrs: Vec::new(),
+            admin_addrs: Vec::new(),
+        };
+        for i in 0..routers {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let child = Command::new(bin("router"))
+                .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string(), "--certs"])
+                .arg(&c.certs)
+                .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
+                .spawn()
+                .unwrap();
+            c.routers.push(Proc { child });
+            c.router_addrs.push(addr);
+        }
+        for i in 0..gateways {
+            c.add_gateway(i, extra);
+        }
+        c
+    }
+
+    /// Starts one more gateway.
+    pub fn add_gateway(&mut self, i: usize, extra: &[&str]) {
+        let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut cmd = Command::new(bin("gateway"));
+        cmd.args([
+            "run",
+            "--id",
+            &format!("gw-{i}"),
+            "--listen",
+            &ws.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(["--cores", "2", "--no-pin", "--hmac-secret", SECRET, "--certs"])
+        .arg(&self.certs)
+        .args(extra)
+        .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
+        for r in &self.router_addrs {
+            cmd.args(["--router", &r.to_string()]);
+        }
+        self.gateways.push(Proc { child: cmd.spawn().unwrap() });
+        self.ws_addrs.push(ws);
+        self.admin_addrs.push(admin);
+        wait_tcp(ws);
+        wait_tcp(admin);
+    }
+
+    /// Connects a client to gateway `i` and sends `connect` with a token for `user`.
+    /// Retries while the gateway's uplink is not yet up (publishes need it).
+    pub fn client(&self, i: usize, user: &str) -> Ws {
+        let mut ws = Ws::connect(self.ws_addrs[i], "/connection/websocket").expect("upgrade");
+        let reply = ws.call(serde_json::json!({"connect": {"token": token(user), "name": "e2e"}}));
+        assert!(reply["connect"]["client"].is_string(), "{reply}");
+        ws
+    }
+
+    /// Fetches gateway `i`'s Prometheus metrics.
+    pub fn metrics(&self, i: usize) -> String {
+        http_get(self.admin_addrs[i], "/metrics")
+    }
+}
+
+/// A metric's value summed over its label sets.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b' ')
+                    || l.as_bytes().get(name.len()) == Some(&b'{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits (bounded) until something listens on `addr`.
+pub fn wait_tcp(addr: SocketAddr) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// A plain HTTP GET; returns the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+}
+
+/// An HS256 connection token for `user`.
+pub fn token(user: &str) -> String {
+    token_with(serde_json::json!({"sub": user}))
+}
+
+/// An HS256 token with these claims, signed with [`SECRET`].
+pub fn token_with(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// What a client saw.
+#[derive(Debug)]
+pub enum Event {
+    /// One JSON line of a text frame.
+    Json(Value),
+    /// A binary frame (never expected from the gateway).
+    Binary,
+    /// The server closed with this code.
+    Closed(Option<u16>, String),
+}
+
+/// A blocking WebSocket client (masked frames, text JSON lines).
+pub struct Ws {
+    stream: TcpStream,
+    decoder: Decoder,
+    buf: BytesMut,
+    queue: std::collections::VecDeque<Event>,
+    next_id: u32,
+    /// Frames received so far.
+    pub frames: usize,
+}
+
+impl Ws {
+    /// Upgrades a connection; `Err` carries a refusal (status, Retry-After).
+    pub fn connect(addr: SocketAddr, path: &str) -> Result<Ws, ClientHandshakeError> {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], false);
+        stream.write_all(&req).unwrap();
+        let mut buf = BytesMut::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some((_, n)) = hs.parse_response(&buf)? {
+                let _ = buf.split_to(n);
+                break;
+            }
+            let n = stream.read(&mut chunk).unwrap_or(0);
+            if n == 0 {
+                return Err(ClientHandshakeError::Invalid("connection closed during upgrade"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(Ws {
+            stream,
+            decoder: Decoder::new(DecoderConfig::client()),
+            buf,
+            queue: Default::default(),
+            next_id: 1,
+            frames: 0,
+        })
+    }
+
+    /// Sends raw bytes.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Sends one masked frame.
+    pub fn send_frame(&mut self, opcode: OpCode, payload: &[u8]) {
+        let mut out = Vec::new();
+        encode_frame(&mut out, true, opcode, payload, Some(rand::random()));
+        self.send_raw(&out);
+    }
+
+    /// Sends a JSON text frame.
+    pub fn send_json(&mut self, v: &Value) {
+        self.send_frame(OpCode::Text, v.to_string().as_bytes());
+    }
+
+    /// Sends a command with the next id and waits for its reply (pushes that
+    /// arrive meanwhile stay queued for [`next_event`](Self::next_event)).
+    pub fn call(&mut self, mut cmd: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        cmd["id"] = id.into();
+        self.send_json(&cmd);
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut stash = Vec::new();
+        let result = loop {
+            assert!(Instant::now() < end, "no reply to {cmd}");
+            match self.next_event() {
+                Some(Event::Json(v)) if v["id"] == id => break v,
+                Some(e) => stash.push(e),
+                None => panic!("connection ended before the reply to {cmd}"),
+            }
+        };
+        for e in stash.into_iter().rev() {
+            self.queue.push_front(e);
+        }
+        result
+    }
+
+    /// The next event (bounded by the read timeout); `None` on EOF or timeout.
+    pub fn next_event(&mut self) -> Option<Event> {
+        if let Some(e) = self.queue.pop_front() {
+            return Some(e);
+        }
+        self.read_event()
+    }
+
+    /// The next push of a channel's publication, skipping pings.
+    pub fn next_pub(&mut self) -> Option<Value> {
+        loop {
+            match self.next_event()? {
+                Event::Json(v) if v.get("push").is_some() => return Some(v),
+                Event::Json(_) => continue,
+                other => panic!("expected a push, got {other:?}"),
+            }
+        }
+    }
+
+    /// Waits for the close frame; returns its code.
+    pub fn expect_close(&mut self) -> Option<u16> {
+        loop {
+            match self.next_event() {
+                Some(Event::Closed(code, _)) => return code,
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    }
+
+    fn read_event(&mut self) -> Option<Event> {
+        let mut chunk = [0u8; 65536];
+        loop {
+            match self.decoder.decode(&mut self.buf) {
+                Ok(Some(Message::Text(t))) => {
+                    self.frames += 1;
+                    for line in t.split(|b| *b == b'\n') {
+                        let v: Value = serde_json::from_slice(line).expect("server sent invalid JSON");
+                        self.queue.push_back(Event::Json(v));
+                    }
+                    return self.queue.pop_front();
+                }
+                Ok(Some(Message::Binary(_))) => return Some(Event::Binary),
+                Ok(Some(Message::Close(c))) => {
+                    let (code, reason) = c.map(|c| (Some(c.code), c.reason)).unwrap_or((None, String::new()));
+                    return Some(Event::Closed(code, reason));
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => panic!("server broke the framing: {e}"),
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}

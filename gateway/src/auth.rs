@@ -1,0 +1,159 @@
+//! Token verification for `connect`, `refresh` and `subscribe`
+//! (client-protocol.md section 6): HS256/384/512 with a shared secret,
+//! RS256/384/512 and ES256 with public keys. An expired token is error 109;
+//! anything else wrong (bad signature, an algorithm with no key configured,
+//! malformed claims, wrong channel or user) closes the connection with 3500.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header, errors::ErrorKind};
+use proto::client::claims::{ConnectionClaims, SubscriptionClaims};
+use serde::de::DeserializeOwned;
+
+use crate::config::AuthConfig;
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// `exp` is in the past: reply error 109, the SDK fetches a new token.
+    #[error("token expired")]
+    Expired,
+    /// Anything else: close 3500 (invalid token).
+    #[error("invalid token")]
+    Invalid,
+}
+
+/// The keys a gateway verifies tokens with.
+pub struct Verifier {
+    hmac: Option<DecodingKey>,
+    rsa: Option<DecodingKey>,
+    ec: Option<DecodingKey>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("hmac", &self.hmac.is_some())
+            .field("rsa", &self.rsa.is_some())
+            .field("ec", &self.ec.is_some())
+            .finish()
+    }
+}
+
+impl Verifier {
+    /// Loads the configured keys.
+    pub fn new(cfg: &AuthConfig) -> anyhow::Result<Self> {
+        let hmac =
+            (!cfg.hmac_secret.is_empty()).then(|| DecodingKey::from_secret(cfg.hmac_secret.as_bytes()));
+        let rsa = match &cfg.rsa_public_key {
+            Some(p) => Some(DecodingKey::from_rsa_pem(&std::fs::read(p)?)?),
+            None => None,
+        };
+        let ec = match &cfg.ec_public_key {
+            Some(p) => Some(DecodingKey::from_ec_pem(&std::fs::read(p)?)?),
+            None => None,
+        };
+        Ok(Verifier { hmac, rsa, ec })
+    }
+
+    fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+        let header = decode_header(token).map_err(|_| TokenError::Invalid)?;
+        let key = match header.alg {
+            Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
+            Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512 => self.rsa.as_ref(),
+            Algorithm::ES256 => self.ec.as_ref(),
+            _ => None,
+        }
+        .ok_or(TokenError::Invalid)?;
+        let mut v = Validation::new(header.alg);
+        // Tokens without `exp` never expire; `aud`/`iss` are checked only when configured.
+        v.required_spec_claims.clear();
+        v.validate_aud = false;
+        v.leeway = 0;
+        match decode::<T>(token, key, &v) {
+            Ok(data) => Ok(data.claims),
+            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(TokenError::Expired),
+            Err(_) => Err(TokenError::Invalid),
+        }
+    }
+
+    /// Verifies a connection token.
+    pub fn connection(&self, token: &str) -> Result<ConnectionClaims, TokenError> {
+        self.verify(token)
+    }
+
+    /// Verifies a subscription token for `channel` held by `user` on `client`.
+    pub fn subscription(
+        &self,
+        token: &str,
+        channel: &str,
+        user: &str,
+        client: &str,
+    ) -> Result<SubscriptionClaims, TokenError> {
+        let claims: SubscriptionClaims = self.verify(token)?;
+        if claims.channel != channel || claims.sub != user {
+            return Err(TokenError::Invalid);
+        }
+        if claims.client.as_deref().is_some_and(|c| !c.is_empty() && c != client) {
+            return Err(TokenError::Invalid);
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use serde_json::json;
+
+    fn hs(claims: serde_json::Value, secret: &str, alg: Algorithm) -> String {
+        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(&AuthConfig { hmac_secret: "secret".into(), ..AuthConfig::default() }).unwrap()
+    }
+
+    #[test]
+    fn connection_tokens() {
+        let v = verifier();
+        let now = 2_000_000_000u64;
+        let c = v
+            .connection(&hs(json!({"sub":"42","exp":now,"info":{"name":"A"}}), "secret", Algorithm::HS256))
+            .unwrap();
+        assert_eq!(c.sub, "42");
+        assert_eq!(c.info.unwrap().get(), r#"{"name":"A"}"#);
+        // No exp, anonymous (the centrifuge-js suite's token).
+        assert_eq!(v.connection(&hs(json!({"iat":1}), "secret", Algorithm::HS512)).unwrap().sub, "");
+        assert_eq!(
+            v.connection(&hs(json!({"sub":"1","exp":1000}), "secret", Algorithm::HS256)).unwrap_err(),
+            TokenError::Expired
+        );
+        assert_eq!(
+            v.connection(&hs(json!({"sub":"1"}), "wrong", Algorithm::HS256)).unwrap_err(),
+            TokenError::Invalid
+        );
+        assert_eq!(v.connection("not.a.token").unwrap_err(), TokenError::Invalid);
+        // Claims of the wrong type.
+        assert_eq!(
+            v.connection(&hs(json!({"sub":5}), "secret", Algorithm::HS256)).unwrap_err(),
+            TokenError::Invalid
+        );
+        // An algorithm family with no key configured.
+        let none = Verifier::new(&AuthConfig::default()).unwrap();
+        assert_eq!(
+            none.connection(&hs(json!({"sub":"1"}), "secret", Algorithm::HS256)).unwrap_err(),
+            TokenError::Invalid
+        );
+    }
+
+    #[test]
+    fn subscription_tokens_are_bound() {
+        let v = verifier();
+        let t = hs(json!({"sub":"42","channel":"chat:x"}), "secret", Algorithm::HS256);
+        assert!(v.subscription(&t, "chat:x", "42", "c").is_ok());
+        assert_eq!(v.subscription(&t, "chat:y", "42", "c").unwrap_err(), TokenError::Invalid);
+        assert_eq!(v.subscription(&t, "chat:x", "43", "c").unwrap_err(), TokenError::Invalid);
+        let bound = hs(json!({"sub":"42","channel":"chat:x","client":"c1"}), "secret", Algorithm::HS256);
+        assert_eq!(v.subscription(&bound, "chat:x", "42", "c2").unwrap_err(), TokenError::Invalid);
+    }
+}

@@ -1,0 +1,87 @@
+//! Messages between the worker cores and the uplink thread.
+//!
+//! The cores run monoio (io_uring) and the uplink runs tokio (quinn needs a
+//! `Send` runtime), so they meet over bounded channels (flume: async on both
+//! sides, wakes a monoio core from the tokio thread). Nothing here is shared
+//! memory on the hot path: a publication crosses as one [`SharedFrame`]-backed
+//! `Bytes` per interested core, and each core hands clones of it to its sessions.
+//!
+//! [`SharedFrame`]: proto::ws::SharedFrame
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use proto::cluster::ClusterMsg;
+
+/// Index of a worker core.
+pub type CoreId = usize;
+
+/// Most cores a gateway runs (the uplink keeps a `u64` bitmask per channel).
+pub const MAX_CORES: usize = 64;
+
+/// Core → uplink.
+#[derive(Debug)]
+pub enum UpMsg {
+    /// The core's first subscriber of `channel` arrived (`on`) or its last left.
+    Interest {
+        /// Core.
+        core: CoreId,
+        /// Channel.
+        channel: String,
+        /// Gained (true) or lost (false) local interest.
+        on: bool,
+    },
+    /// A request whose answer comes back to the core; `req` carries the core
+    /// in its top byte (see [`request_id`]).
+    Request(ClusterMsg),
+    /// Fire-and-forget (join, leave, user online/offline).
+    Forward(ClusterMsg),
+}
+
+/// Uplink → core.
+#[derive(Debug, Clone)]
+pub enum DownMsg {
+    /// Publications of one channel, encoded once as one WebSocket frame
+    /// (several newline-separated pushes when they arrived together).
+    Deliver {
+        /// Channel.
+        channel: Arc<str>,
+        /// Offset of the first publication in the frame (0: unpositioned).
+        first: u64,
+        /// Offset of the last publication in the frame.
+        last: u64,
+        /// The frame's wire bytes, shared by every recipient.
+        frame: Bytes,
+    },
+    /// The answer to a [`UpMsg::Request`].
+    Response(ClusterMsg),
+    /// Subscribers of `channel` may have missed publications (link loss, a
+    /// gap, router back-pressure): they must resubscribe and recover.
+    Resync {
+        /// Channel.
+        channel: Arc<str>,
+    },
+}
+
+/// A request id that routes the answer back to `core`.
+pub fn request_id(core: CoreId, seq: u64) -> u64 {
+    ((core as u64) << 56) | (seq & ((1 << 56) - 1))
+}
+
+/// The core a request id belongs to.
+pub fn core_of(req: u64) -> CoreId {
+    (req >> 56) as CoreId
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_route_back() {
+        for core in [0, 1, 63] {
+            let id = request_id(core, u64::MAX);
+            assert_eq!(core_of(id), core);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The gateway's configuration: one TOML file, every key defaulted so a
+//! gateway with no file starts on loopback with development settings.
+//! Each field says its default and what it costs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use proto::namespace::Namespaces;
+use serde::Deserialize;
+
+/// Connection-token verification.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HMAC secret for HS256/384/512 tokens (empty: HMAC tokens refused).
+    pub hmac_secret: String,
+    /// PEM file with an RSA public key for RS256/384/512 tokens.
+    pub rsa_public_key: Option<PathBuf>,
+    /// PEM file with an EC (P-256) public key for ES256 tokens.
+    pub ec_public_key: Option<PathBuf>,
+    /// Accept connections without a token (user `""`). Tokens that are
+    /// presented are still verified.
+    pub allow_anonymous: bool,
+}
+
+/// Per-connection limits; each has a documented answer when exceeded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest incoming message (bytes, after reassembly and inflation;
+    /// default 65,536; above: close 1009).
+    pub max_message: usize,
+    /// Outbound bytes queued per connection (default 1 MiB; above: close 3008
+    /// "slow" without flushing; the client reconnects and recovers).
+    pub max_queue_bytes: usize,
+    /// Client-side subscriptions per connection (default 128; above: error 106).
+    pub max_subscriptions: usize,
+    /// Publishes per second per connection (default 50, burst 100; above: error 111).
+    pub publish_rate: f64,
+    /// Publish burst per connection.
+    pub publish_burst: u32,
+    /// Refused publishes tolerated before the connection is closed with 3013 (default 50).
+    pub max_refusals: u32,
+    /// Seconds to complete the HTTP upgrade (default 10; slowloris → connection closed after 408).
+    pub handshake_timeout_secs: u64,
+    /// Seconds after the upgrade to send `connect` (default 15; else close 3502 "stale").
+    pub connect_timeout_secs: u64,
+    /// Server ping interval advertised in the connect reply (default 25 s).
+    pub ping_secs: u32,
+    /// Seconds a pong may take after a ping (default 10; else close 3012).
+    pub pong_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message: 65_536,
+            max_queue_bytes: 1 << 20,
+            max_subscriptions: 128,
+            publish_rate: 50.0,
+            publish_burst: 100,
+            max_refusals: 50,
+            handshake_timeout_secs: 10,
+            connect_timeout_secs: 15,
+            ping_secs: 25,
+            pong_timeout_secs: 10,
+        }
+    }
+}
+
+/// Storm protection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Admission {
+    /// New connections accepted per second per core (default 20,000).
+    pub accept_rate: f64,
+    /// Burst of new connections per core (default 2,000).
+    pub accept_burst: u32,
+    /// Handshakes in progress per core (default 4,096); beyond: 503.
+    pub max_pending_handshakes: usize,
+    /// Range of the jittered `Retry-After` (seconds) sent with 503.
+    pub retry_after_min_secs: u32,
+    /// Upper end of the range.
+    pub retry_after_max_secs: u32,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Admission {
+            accept_rate: 20_000.0,
+            accept_burst: 2_000,
+            max_pending_handshakes: 4_096,
+            retry_after_min_secs: 1,
+            retry_after_max_secs: 5,
+        }
+    }
+}
+
+/// The link to the routers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Router QUIC addresses (default one router on 127.0.0.1:7100).
+    pub routers: Vec<SocketAddr>,
+    /// CA that signs router certificates.
+    pub ca_cert: PathBuf,
+    /// This gateway's client certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// Messages queued from the cores toward the uplink (default 65,536).
+    pub queue: usize,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            routers: vec!["127.0.0.1:7100".parse().expect("static address")],
+            ca_cert: "certs/ca.pem".into(),
+            cert: "certs/gateway.pem".into(),
+            key: "certs/gateway.key".into(),
+            queue: 65_536,
+        }
+    }
+}
+
+/// Everything a gateway needs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway id, unique per process (default `gw-<pid>`).
+    pub id: String,
+    /// WebSocket listener (default 127.0.0.1:8080); every core binds it with SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Admin HTTP listener for /metrics, /healthz, /readyz (default 127.0.0.1:9090).
+    pub admin_listen: SocketAddr,
+    /// Worker cores (default: one per core).
+    pub cores: usize,
+    /// Pin each worker to its core.
+    pub pin_cores: bool,
+    /// WebSocket path (default `/connection/websocket`; any path is accepted
+    /// when empty).
+    pub path: String,
+    /// Echo endpoint path for conformance tests (empty: off).
+    pub echo_path: String,
+    /// Accept permessage-deflate offers (default off).
+    pub deflate: bool,
+    /// Drain window in seconds (default 30).
+    pub drain_secs: u64,
+    /// Token verification.
+    pub auth: AuthConfig,
+    /// Per-connection limits.
+    pub limits: Limits,
+    /// Storm protection.
+    pub admission: Admission,
+    /// Routers.
+    pub uplink: UplinkConfig,
+    /// Channel namespaces (must match the routers').
+    pub namespaces: Namespaces,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            id: format!("gw-{}", std::process::id()),
+            listen: "127.0.0.1:8080".parse().expect("static address"),
+            admin_listen: "127.0.0.1:9090".parse().expect("static address"),
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            pin_cores: true,
+            path: "/connection/websocket".into(),
+            echo_path: String::new(),
+            deflate: false,
+            drain_secs: 30,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            admission: Admission::default(),
+            uplink: UplinkConfig::default(),
+            namespaces: Namespaces::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Parses TOML; unknown keys are errors.
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Drain window.
+    pub fn drain_window(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = GatewayConfig::from_toml("").unwrap();
+        assert_eq!(c.limits.max_subscriptions, 128);
+        assert_eq!(c.limits.max_queue_bytes, 1 << 20);
+        let c = GatewayConfig::from_toml("[limits]\nmax_subscriptions = 3\n[auth]\nallow_anonymous = true\n")
+            .unwrap();
+        assert_eq!(c.limits.max_subscriptions, 3);
+        assert!(c.auth.allow_anonymous);
+        assert!(GatewayConfig::from_toml("[limits]\nnope = 1\n").is_err());
+    }
+}

@@ -1,0 +1,869 @@
+//! One worker core: its listener, sessions, channel index, pending router
+//! requests and its coarse timer. Everything here is single-threaded
+//! (`Rc`/`RefCell`); cores share nothing and talk to the uplink by messages.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use monoio::net::{ListenerOpts, TcpListener};
+use proto::client::channel::ChannelName;
+use proto::client::command::{Command, FLAG_REJECT_UNRECOVERED};
+use proto::client::reply::{self, SubscribeResult, client_info, strip_newlines, unsubscribe_push};
+use proto::client::{Disconnect, Method, ReplyError};
+use proto::cluster::ClusterMsg;
+use proto::namespace::{PublishPolicy, SubscribePolicy};
+use proto::token_bucket::TokenBucket;
+use proto::ws::deflate::Inflater;
+use proto::ws::handshake;
+use rand::Rng;
+
+use crate::auth::{TokenError, Verifier};
+use crate::bridge::{CoreId, DownMsg, UpMsg, request_id};
+use crate::config::GatewayConfig;
+use crate::metrics::{CoreMetrics, Metrics};
+use crate::session::{self, Session, Sub};
+
+/// What a router request was for.
+#[derive(Debug)]
+enum Pending {
+    Publish {
+        session: u64,
+        id: u32,
+    },
+    Subscribe {
+        session: u64,
+        id: u32,
+        channel: Arc<str>,
+        recover: bool,
+        offset: u64,
+        flag: u64,
+        history: bool,
+    },
+    History {
+        session: u64,
+        id: u32,
+    },
+    Presence {
+        session: u64,
+        id: u32,
+    },
+    PresenceStats {
+        session: u64,
+        id: u32,
+    },
+}
+
+/// A worker core.
+pub struct Core {
+    /// This core's index.
+    pub id: CoreId,
+    /// Configuration.
+    pub cfg: Arc<GatewayConfig>,
+    verifier: Arc<Verifier>,
+    up: flume::Sender<UpMsg>,
+    metrics: Arc<Metrics>,
+    sessions: RefCell<HashMap<u64, Rc<Session>>>,
+    index: RefCell<HashMap<Arc<str>, HashSet<u64>>>,
+    pending: RefCell<HashMap<u64, Pending>>,
+    next_req: Cell<u64>,
+    next_session: Cell<u64>,
+    scratch: RefCell<Vec<BytesMut>>,
+    /// The core's pooled inflater (permessage-deflate resets it per message).
+    pub inflater: RefCell<Inflater>,
+    admission: RefCell<TokenBucket>,
+    handshakes: Cell<usize>,
+    draining: Cell<bool>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Core {
+    /// A core with no sessions.
+    pub fn new(
+        id: CoreId,
+        cfg: Arc<GatewayConfig>,
+        verifier: Arc<Verifier>,
+        up: flume::Sender<UpMsg>,
+        metrics: Arc<Metrics>,
+    ) -> Rc<Core> {
+        let adm = &cfg.admission;
+        let admission = TokenBucket::new(adm.accept_rate, adm.accept_burst, Instant::now());
+        Rc::new(Core {
+            id,
+            verifier,
+            up,
+            metrics,
+            sessions: RefCell::new(HashMap::new()),
+            index: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_req: Cell::new(1),
+            next_session: Cell::new(1),
+            scratch: RefCell::new(Vec::new()),
+            inflater: RefCell::new(Inflater::new()),
+            admission: RefCell::new(admission),
+            handshakes: Cell::new(0),
+            draining: Cell::new(false),
+            cfg,
+        })
+    }
+
+    /// This core's counters.
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.metrics.cores[self.id]
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        id
+    }
+
+    /// A read buffer for the duration of one read (pooled per core).
+    pub fn take_scratch(&self) -> BytesMut {
+        let mut b = self.scratch.borrow_mut().pop().unwrap_or_default();
+        b.reserve(self.cfg.limits.max_message + 64);
+        b
+    }
+
+    /// Returns a read buffer to the pool.
+    pub fn give_scratch(&self, mut b: BytesMut) {
+        b.clear();
+        let mut pool = self.scratch.borrow_mut();
+        if pool.len() < 64 {
+            pool.push(b);
+        }
+    }
+
+    /// An upgrade finished (either way).
+    pub fn handshake_done(&self) {
+        self.handshakes.set(self.handshakes.get().saturating_sub(1));
+    }
+
+    /// Tracks a new session.
+    pub fn register(&self, s: &Rc<Session>) {
+        self.sessions.borrow_mut().insert(s.id, s.clone());
+        self.metrics().connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Forgets a session: its subscriptions, presence and user.
+    pub fn unregister(&self, s: &Rc<Session>) {
+        self.sessions.borrow_mut().remove(&s.id);
+        self.metrics().connections.fetch_sub(1, Ordering::Relaxed);
+        let queued = s.queued_bytes();
+        if queued > 0 {
+            // The writer will not run again for a closed session.
+            self.metrics().queued_bytes.fetch_sub(queued as u64, Ordering::Relaxed);
+        }
+        let channels: Vec<Arc<str>> = s.subs.borrow_mut().drain().map(|(c, _)| c).collect();
+        for c in channels {
+            self.unindex(&c, s);
+        }
+        if s.connected.get() {
+            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::UserOffline {
+                user: s.user.borrow().clone(),
+                client: s.client.borrow().clone(),
+            }));
+        }
+    }
+
+    fn index_add(&self, channel: &Arc<str>, s: &Session) {
+        let mut idx = self.index.borrow_mut();
+        let set = idx.entry(channel.clone()).or_default();
+        set.insert(s.id);
+        if set.len() == 1 {
+            let _ =
+                self.up.try_send(UpMsg::Interest { core: self.id, channel: channel.to_string(), on: true });
+        }
+    }
+
+    fn unindex(&self, channel: &Arc<str>, s: &Session) {
+        let mut idx = self.index.borrow_mut();
+        if let Some(set) = idx.get_mut(channel) {
+            set.remove(&s.id);
+            if set.is_empty() {
+                idx.remove(channel);
+                let _ = self.up.try_send(UpMsg::Interest {
+                    core: self.id,
+                    channel: channel.to_string(),
+                    on: false,
+                });
+            }
+        }
+        if self.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence) && s.connected.get() {
+            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::Leave {
+                channel: channel.to_string(),
+                client: s.client.borrow().clone(),
+            }));
+        }
+    }
+
+    fn request(&self, msg_for: impl FnOnce(u64) -> ClusterMsg, pending: Pending) -> Result<(), ReplyError> {
+        let seq = self.next_req.get();
+        self.next_req.set(seq + 1);
+        let req = request_id(self.id, seq);
+        self.pending.borrow_mut().insert(req, pending);
+        if self.up.try_send(UpMsg::Request(msg_for(req))).is_err() {
+            self.pending.borrow_mut().remove(&req);
+            return Err(ReplyError::INTERNAL);
+        }
+        Ok(())
+    }
+
+    /// Handles one command; `Err` closes the connection with that code.
+    pub fn command(
+        self: &Rc<Self>,
+        s: &Rc<Session>,
+        cmd: Command,
+        replies: &mut Vec<Vec<u8>>,
+    ) -> Result<(), Disconnect> {
+        let id = cmd.id;
+        tracing::debug!(core = self.id, session = s.id, id, method = cmd.method.name(), "command");
+        match cmd.method {
+            Method::Connect(c) => {
+                if s.connected.get() {
+                    return Err(Disconnect::BAD_REQUEST);
+                }
+                let (user, info, expires) = if c.token.is_empty() {
+                    if !self.cfg.auth.allow_anonymous {
+                        return Err(Disconnect::BAD_REQUEST);
+                    }
+                    (String::new(), None, None)
+                } else {
+                    match self.verifier.connection(&c.token) {
+                        Ok(claims) => {
+                            let exp = claims.expires_at();
+                            (claims.sub.clone(), claims.info.map(|i| strip_newlines(i.get().as_bytes())), exp)
+                        }
+                        Err(TokenError::Expired) => {
+                            replies.push(session::error(id, ReplyError::TOKEN_EXPIRED));
+                            return Ok(());
+                        }
+                        Err(TokenError::Invalid) => return Err(Disconnect::INVALID_TOKEN),
+                    }
+                };
+                let ttl = match expires {
+                    Some(t) if t <= unix_now() => {
+                        replies.push(session::error(id, ReplyError::TOKEN_EXPIRED));
+                        return Ok(());
+                    }
+                    Some(t) => Some((t - unix_now()).min(u32::MAX as u64) as u32),
+                    None => None,
+                };
+                let client = session::new_client_id();
+                *s.client.borrow_mut() = client.clone();
+                *s.user.borrow_mut() = user.clone();
+                *s.conn_info.borrow_mut() = info;
+                s.connected.set(true);
+                s.connect_deadline.set(None);
+                let now = Instant::now();
+                let lim = &self.cfg.limits;
+                *s.publish_bucket.borrow_mut() =
+                    Some(TokenBucket::new(lim.publish_rate, lim.publish_burst, now));
+                // First ping after a random ½–1 interval, so pings of a storm's
+                // connections spread out.
+                let ping = Duration::from_secs(lim.ping_secs.max(1) as u64);
+                s.next_ping.set(now + ping.mul_f64(rand::rng().random_range(0.5..1.0)));
+                s.expires_at.set(ttl.map(|t| now + Duration::from_secs(t as u64 + 25)));
+                replies.push(session::connect_reply(id, &client, ttl, lim.ping_secs));
+                let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::UserOnline { user, client }));
+                Ok(())
+            }
+            Method::Subscribe(r) => {
+                match self.subscribe(s, id, r) {
+                    Ok(Some(line)) => replies.push(line),
+                    Ok(None) => {}
+                    Err(SubscribeRefusal::Reply(e)) => replies.push(session::error(id, e)),
+                    Err(SubscribeRefusal::Close(d)) => return Err(d),
+                }
+                Ok(())
+            }
+            Method::Unsubscribe(r) => {
+                let removed = s.subs.borrow_mut().remove_entry(r.channel.as_str());
+                if let Some((c, _)) = removed {
+                    self.unindex(&c, s);
+                }
+                replies.push(reply::raw_reply(id, "unsubscribe", b"{}"));
+                Ok(())
+            }
+            Method::Publish(r) => {
+                let result = self.publish(s, id, r);
+                if let Err(e) = result {
+                    if e == ReplyError::TOO_MANY_REQUESTS {
+                        s.refusals.set(s.refusals.get() + 1);
+                        if s.refusals.get() > self.cfg.limits.max_refusals {
+                            replies.push(session::error(id, e));
+                            return Err(Disconnect::TOO_MANY_REQUESTS);
+                        }
+                    }
+                    replies.push(session::error(id, e));
+                }
+                Ok(())
+            }
+            Method::Presence(r) | Method::PresenceStats(r) if self.presence_allowed(&r.channel).is_err() => {
+                replies.push(session::error(id, self.presence_allowed(&r.channel).unwrap_err()));
+                Ok(())
+            }
+            Method::Presence(r) => {
+                let channel = r.channel;
+                if let Err(e) = self.request(
+                    |req| ClusterMsg::Presence { req, channel },
+                    Pending::Presence { session: s.id, id },
+                ) {
+                    replies.push(session::error(id, e));
+                }
+                Ok(())
+            }
+            Method::PresenceStats(r) => {
+                let channel = r.channel;
+                if let Err(e) = self.request(
+                    |req| ClusterMsg::PresenceStats { req, channel },
+                    Pending::PresenceStats { session: s.id, id },
+                ) {
+                    replies.push(session::error(id, e));
+                }
+                Ok(())
+            }
+            Method::History(r) => {
+                let ns = match self.cfg.namespaces.resolve_str(&r.channel) {
+                    Ok(ns) => ns,
+                    Err(e) => {
+                        replies.push(session::error(id, e));
+                        return Ok(());
+                    }
+                };
+                if !ns.has_history() || !ns.history_for_clients {
+                    replies.push(session::error(id, ReplyError::NOT_AVAILABLE));
+                    return Ok(());
+                }
+                let since = r.since.map(|p| (p.offset, p.epoch));
+                let (channel, limit, reverse) = (r.channel, r.limit, r.reverse);
+                if let Err(e) = self.request(
+                    |req| ClusterMsg::History { req, channel, limit, since, reverse },
+                    Pending::History { session: s.id, id },
+                ) {
+                    replies.push(session::error(id, e));
+                }
+                Ok(())
+            }
+            Method::Ping => {
+                replies.push(reply::raw_reply(id, "ping", b"{}"));
+                Ok(())
+            }
+            Method::Pong => {
+                s.pong_due.set(None);
+                Ok(())
+            }
+            Method::Send(_) => Ok(()),
+            Method::Rpc(_) => {
+                replies.push(session::error(id, ReplyError::NOT_AVAILABLE));
+                Ok(())
+            }
+            Method::Refresh(r) => {
+                let claims = match self.verifier.connection(&r.token) {
+                    Ok(c) => c,
+                    Err(TokenError::Expired) => return Err(Disconnect::EXPIRED),
+                    Err(TokenError::Invalid) => return Err(Disconnect::INVALID_TOKEN),
+                };
+                if claims.sub != *s.user.borrow() {
+                    return Err(Disconnect::INVALID_TOKEN);
+                }
+                let ttl =
+                    claims.expires_at().map(|t| t.saturating_sub(unix_now()).min(u32::MAX as u64) as u32);
+                s.expires_at.set(ttl.map(|t| Instant::now() + Duration::from_secs(t as u64 + 25)));
+                replies.push(session::refresh_reply(id, &s.client.borrow(), ttl));
+                Ok(())
+            }
+            Method::SubRefresh(r) => {
+                if !s.subs.borrow().contains_key(r.channel.as_str()) {
+                    replies.push(session::error(id, ReplyError::UNKNOWN_CHANNEL));
+                    return Ok(());
+                }
+                let user = s.user.borrow().clone();
+                let ttl = match self.verifier.subscription(&r.token, &r.channel, &user, &s.client.borrow()) {
+                    Ok(c) => c.expires_at().map(|t| t.saturating_sub(unix_now()).min(u32::MAX as u64) as u32),
+                    Err(TokenError::Expired) => {
+                        replies.push(session::error(id, ReplyError::TOKEN_EXPIRED));
+                        return Ok(());
+                    }
+                    Err(TokenError::Invalid) => return Err(Disconnect::INVALID_TOKEN),
+                };
+                replies.push(session::sub_refresh_reply(id, ttl));
+                Ok(())
+            }
+            Method::Unknown => {
+                replies.push(session::error(id, ReplyError::METHOD_NOT_FOUND));
+                Ok(())
+            }
+        }
+    }
+
+    fn presence_allowed(&self, channel: &str) -> Result<(), ReplyError> {
+        let ns = self.cfg.namespaces.resolve_str(channel)?;
+        if ns.presence { Ok(()) } else { Err(ReplyError::NOT_AVAILABLE) }
+    }
+
+    fn publish(
+        &self,
+        s: &Rc<Session>,
+        id: u32,
+        r: proto::client::command::PublishRequest,
+    ) -> Result<(), ReplyError> {
+        let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
+        let data = r.data.ok_or(ReplyError::BAD_REQUEST)?;
+        match ns.publish {
+            PublishPolicy::Backend => return Err(ReplyError::PERMISSION_DENIED),
+            PublishPolicy::Subscribers if !s.subs.borrow().contains_key(r.channel.as_str()) => {
+                return Err(ReplyError::PERMISSION_DENIED);
+            }
+            _ => {}
+        }
+        let allowed = s.publish_bucket.borrow_mut().as_mut().is_none_or(|b| b.try_take(1, Instant::now()));
+        if !allowed {
+            return Err(ReplyError::TOO_MANY_REQUESTS);
+        }
+        let data = strip_newlines(data.get().as_bytes());
+        let info = client_info(&s.user.borrow(), &s.client.borrow(), s.conn_info.borrow().as_deref(), None);
+        let channel = r.channel;
+        self.request(
+            |req| ClusterMsg::Publish {
+                req,
+                channel,
+                data,
+                info: Some(info),
+                idempotency_key: String::new(),
+            },
+            Pending::Publish { session: s.id, id },
+        )
+    }
+
+    fn subscribe(
+        &self,
+        s: &Rc<Session>,
+        id: u32,
+        r: proto::client::command::SubscribeRequest,
+    ) -> Result<Option<Vec<u8>>, SubscribeRefusal> {
+        use SubscribeRefusal::Reply;
+        let name = ChannelName::parse(&r.channel).map_err(|_| Reply(ReplyError::BAD_REQUEST))?;
+        let ns = self.cfg.namespaces.resolve(&name).map_err(Reply)?.clone();
+        if r.kind != 0 {
+            return Err(Reply(ReplyError::NOT_AVAILABLE));
+        }
+        if s.subs.borrow().contains_key(r.channel.as_str()) {
+            return Err(Reply(ReplyError::ALREADY_SUBSCRIBED));
+        }
+        if s.subs.borrow().len() >= self.cfg.limits.max_subscriptions {
+            return Err(Reply(ReplyError::LIMIT_EXCEEDED));
+        }
+        let user = s.user.borrow().clone();
+        let mut chan_info = None;
+        if !r.token.is_empty() {
+            match self.verifier.subscription(&r.token, &r.channel, &user, &s.client.borrow()) {
+                Ok(c) => chan_info = c.info.map(|i| strip_newlines(i.get().as_bytes())),
+                Err(TokenError::Expired) => return Err(Reply(ReplyError::TOKEN_EXPIRED)),
+                Err(TokenError::Invalid) => return Err(SubscribeRefusal::Close(Disconnect::INVALID_TOKEN)),
+            }
+        }
+        match ns.subscribe {
+            SubscribePolicy::Anyone => {}
+            SubscribePolicy::Token if r.token.is_empty() => return Err(Reply(ReplyError::PERMISSION_DENIED)),
+            SubscribePolicy::Token => {}
+            SubscribePolicy::Personal if !name.allows_user(&user) => {
+                return Err(Reply(ReplyError::PERMISSION_DENIED));
+            }
+            SubscribePolicy::Personal => {}
+        }
+        let channel: Arc<str> = Arc::from(r.channel.as_str());
+        if !ns.positioned() {
+            s.subs.borrow_mut().insert(channel.clone(), Sub::Live);
+            self.index_add(&channel, s);
+            self.join(s, &channel, ns.presence, chan_info);
+            return Ok(Some(SubscribeResult::default().reply(id)));
+        }
+        s.subs.borrow_mut().insert(channel.clone(), Sub::Pending { held: Vec::new(), held_bytes: 0 });
+        self.index_add(&channel, s);
+        self.join(s, &channel, ns.presence, chan_info);
+        let (recover, epoch, offset) = (r.recover, r.epoch, r.offset);
+        let ch = channel.to_string();
+        let pending = Pending::Subscribe {
+            session: s.id,
+            id,
+            channel: channel.clone(),
+            recover,
+            offset,
+            flag: r.flag,
+            history: ns.has_history(),
+        };
+        if let Err(e) =
+            self.request(|req| ClusterMsg::Recover { req, channel: ch, recover, epoch, offset }, pending)
+        {
+            s.subs.borrow_mut().remove(&channel);
+            self.unindex(&channel, s);
+            return Err(Reply(e));
+        }
+        Ok(None)
+    }
+
+    fn join(&self, s: &Session, channel: &Arc<str>, presence: bool, chan_info: Option<Bytes>) {
+        if presence {
+            let info = client_info(
+                &s.user.borrow(),
+                &s.client.borrow(),
+                s.conn_info.borrow().as_deref(),
+                chan_info.as_deref(),
+            );
+            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::Join {
+                channel: channel.to_string(),
+                client: s.client.borrow().clone(),
+                user: s.user.borrow().clone(),
+                info,
+            }));
+        }
+    }
+
+    fn session(&self, id: u64) -> Option<Rc<Session>> {
+        self.sessions.borrow().get(&id).cloned()
+    }
+
+    /// Handles a message from the uplink.
+    pub fn inbox(self: &Rc<Self>, msg: DownMsg) {
+        match msg {
+            DownMsg::Deliver { channel, first, last, frame } => {
+                let ids: Vec<u64> = match self.index.borrow().get(&channel) {
+                    Some(set) => set.iter().copied().collect(),
+                    None => return,
+                };
+                let mut n = 0;
+                for sid in ids {
+                    let Some(s) = self.session(sid) else { continue };
+                    let live = {
+                        let mut subs = s.subs.borrow_mut();
+                        match subs.get_mut(&channel) {
+                            Some(Sub::Live) => true,
+                            Some(Sub::Pending { held, held_bytes }) => {
+                                *held_bytes += frame.len();
+                                if *held_bytes <= self.cfg.limits.max_queue_bytes {
+                                    held.push((first, last, frame.clone()));
+                                }
+                                false
+                            }
+                            None => false,
+                        }
+                    };
+                    if live {
+                        s.send(self, frame.clone());
+                        n += 1;
+                    }
+                }
+                self.metrics().deliveries.fetch_add(n, Ordering::Relaxed);
+            }
+            DownMsg::Resync { channel } => {
+                let ids: Vec<u64> = self
+                    .index
+                    .borrow()
+                    .get(&channel)
+                    .map(|s| s.iter().copied().collect())
+                    .unwrap_or_default();
+                let push = unsubscribe_push(
+                    &channel,
+                    proto::client::codes::unsubscribe_code::INSUFFICIENT_STATE,
+                    "insufficient state",
+                );
+                for sid in ids {
+                    let Some(s) = self.session(sid) else { continue };
+                    if s.subs.borrow_mut().remove(&channel).is_some() {
+                        self.unindex(&channel, &s);
+                        s.send_line(self, &push);
+                    }
+                }
+            }
+            DownMsg::Response(msg) => self.response(msg),
+        }
+    }
+
+    fn response(self: &Rc<Self>, msg: ClusterMsg) {
+        let req = match &msg {
+            ClusterMsg::PublishOk { req, .. }
+            | ClusterMsg::RequestError { req, .. }
+            | ClusterMsg::Replay { req, .. }
+            | ClusterMsg::HistoryResult { req, .. }
+            | ClusterMsg::PresenceResult { req, .. }
+            | ClusterMsg::PresenceStatsResult { req, .. } => *req,
+            _ => return,
+        };
+        tracing::debug!(core = self.id, req, "response at core");
+        let Some(pending) = self.pending.borrow_mut().remove(&req) else { return };
+        let sid = match &pending {
+            Pending::Publish { session, .. }
+            | Pending::Subscribe { session, .. }
+            | Pending::History { session, .. }
+            | Pending::Presence { session, .. }
+            | Pending::PresenceStats { session, .. } => *session,
+        };
+        let Some(s) = self.session(sid) else { return };
+        if let ClusterMsg::RequestError { code, .. } = &msg {
+            let e = ReplyError::from_code(*code);
+            let id = match pending {
+                Pending::Subscribe { id, channel, .. } => {
+                    if s.subs.borrow_mut().remove(&channel).is_some() {
+                        self.unindex(&channel, &s);
+                    }
+                    id
+                }
+                Pending::Publish { id, .. }
+                | Pending::History { id, .. }
+                | Pending::Presence { id, .. }
+                | Pending::PresenceStats { id, .. } => id,
+            };
+            s.send_line(self, &session::error(id, e));
+            return;
+        }
+        match (pending, msg) {
+            (Pending::Publish { id, .. }, ClusterMsg::PublishOk { .. }) => {
+                s.send_line(self, &reply::raw_reply(id, "publish", b"{}"));
+            }
+            (Pending::History { id, .. }, ClusterMsg::HistoryResult { epoch, top, publications, .. }) => {
+                s.send_line(
+                    self,
+                    &reply::raw_reply(id, "history", &reply::history_result(&publications, &epoch, top)),
+                );
+            }
+            (Pending::Presence { id, .. }, ClusterMsg::PresenceResult { entries, .. }) => {
+                let body = reply::presence_result(entries.iter().map(|(c, i)| (c.as_str(), &i[..])));
+                s.send_line(self, &reply::raw_reply(id, "presence", &body));
+            }
+            (
+                Pending::PresenceStats { id, .. },
+                ClusterMsg::PresenceStatsResult { num_clients, num_users, .. },
+            ) => {
+                let r = reply::PresenceStatsResult { num_clients, num_users };
+                s.send_line(self, &reply::reply(id, "presence_stats", &r));
+            }
+            (
+                Pending::Subscribe { id, channel, recover, offset, flag, history, .. },
+                ClusterMsg::Replay { epoch, top, recovered, publications, .. },
+            ) => self.subscribed(
+                &s,
+                id,
+                channel,
+                recover,
+                offset,
+                flag,
+                history,
+                epoch,
+                top,
+                recovered,
+                publications,
+            ),
+            _ => {}
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn subscribed(
+        self: &Rc<Self>,
+        s: &Rc<Session>,
+        id: u32,
+        channel: Arc<str>,
+        recover: bool,
+        offset: u64,
+        flag: u64,
+        history: bool,
+        epoch: String,
+        top: u64,
+        recovered: bool,
+        publications: Vec<proto::client::Publication>,
+    ) {
+        let held = match s.subs.borrow_mut().get_mut(&channel) {
+            Some(sub @ Sub::Pending { .. }) => match std::mem::replace(sub, Sub::Live) {
+                Sub::Pending { held, held_bytes } => (held, held_bytes),
+                Sub::Live => unreachable!("matched pending"),
+            },
+            _ => return, // unsubscribed meanwhile
+        };
+        if recover && !recovered && flag & FLAG_REJECT_UNRECOVERED != 0 {
+            s.subs.borrow_mut().remove(&channel);
+            self.unindex(&channel, s);
+            s.send_line(self, &session::error(id, ReplyError::UNRECOVERABLE_POSITION));
+            return;
+        }
+        let result = SubscribeResult {
+            recoverable: history,
+            positioned: true,
+            epoch,
+            offset: if recover && recovered { offset } else { top },
+            publications: if recover && recovered { publications } else { Vec::new() },
+            recovered: recover && recovered,
+            was_recovering: recover,
+            ..Default::default()
+        };
+        s.send_line(self, &result.reply(id));
+        // Merge what arrived while waiting: skip what the reply covered, and
+        // resync on anything that would leave a gap or a duplicate.
+        let (held, held_bytes) = held;
+        let mut position = top;
+        let mut broken = held_bytes > self.cfg.limits.max_queue_bytes;
+        for (first, last, frame) in held {
+            if broken {
+                break;
+            }
+            if first == 0 {
+                s.send(self, frame);
+            } else if last <= position {
+                continue;
+            } else if first == position + 1 {
+                s.send(self, frame);
+                position = last;
+            } else {
+                broken = true;
+            }
+        }
+        if broken {
+            s.subs.borrow_mut().remove(&channel);
+            self.unindex(&channel, s);
+            let push = unsubscribe_push(
+                &channel,
+                proto::client::codes::unsubscribe_code::INSUFFICIENT_STATE,
+                "insufficient state",
+            );
+            s.send_line(self, &push);
+        }
+    }
+
+    /// The coarse per-core timer: pings, pong deadlines, connect deadlines,
+    /// expiry, drain closes. Runs once a second over the core's sessions.
+    pub fn tick(self: &Rc<Self>, now: Instant) {
+        let ping_every = Duration::from_secs(self.cfg.limits.ping_secs.max(1) as u64);
+        let pong_timeout = Duration::from_secs(self.cfg.limits.pong_timeout_secs);
+        let ping = proto::ws::SharedFrame::text(reply::PING).into_bytes();
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        for s in sessions {
+            if s.is_closing() {
+                continue;
+            }
+            if s.connect_deadline.get().is_some_and(|d| now >= d) {
+                s.close(self, Disconnect::STALE.into());
+                continue;
+            }
+            if s.drain_at.get().is_some_and(|d| now >= d) {
+                s.close(self, Disconnect::SHUTDOWN.into());
+                continue;
+            }
+            if !s.connected.get() {
+                continue;
+            }
+            if s.pong_due.get().is_some_and(|d| now >= d) {
+                s.close(self, Disconnect::NO_PONG.into());
+                continue;
+            }
+            if s.expires_at.get().is_some_and(|d| now >= d) {
+                s.close(self, Disconnect::EXPIRED.into());
+                continue;
+            }
+            if now >= s.next_ping.get() {
+                s.next_ping.set(now + ping_every);
+                if s.pong_due.get().is_none() {
+                    s.pong_due.set(Some(now + pong_timeout));
+                }
+                s.send(self, ping.clone());
+            }
+        }
+    }
+
+    /// Starts draining: stop accepting and close every session at a random
+    /// moment within the drain window, with 3001 so clients reconnect elsewhere.
+    pub fn drain(self: &Rc<Self>, window: Duration) {
+        self.draining.set(true);
+        let now = Instant::now();
+        let mut rng = rand::rng();
+        for s in self.sessions.borrow().values() {
+            let at = now + window.mul_f64(rng.random_range(0.0..1.0));
+            s.drain_at.set(Some(at));
+        }
+    }
+
+    /// Whether the core drains and has no session left.
+    pub fn drained(&self) -> bool {
+        self.draining.get() && self.sessions.borrow().is_empty()
+    }
+
+    /// Whether the core is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Admission control: `Some(response)` when a new connection must be refused.
+    fn admit(&self) -> Option<Vec<u8>> {
+        let adm = &self.cfg.admission;
+        let ok = self.handshakes.get() < adm.max_pending_handshakes
+            && self.admission.borrow_mut().try_take(1, Instant::now())
+            && !self.draining.get();
+        if ok {
+            self.handshakes.set(self.handshakes.get() + 1);
+            None
+        } else {
+            let secs = proto::backoff::jittered_secs(
+                adm.retry_after_min_secs,
+                adm.retry_after_max_secs,
+                &mut rand::rng(),
+            );
+            Some(handshake::service_unavailable(secs))
+        }
+    }
+
+    /// Accepts connections until the core drains.
+    pub async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            if self.draining.get() {
+                return;
+            }
+            let accepted = monoio::select! {
+                r = listener.accept() => Some(r),
+                _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+            };
+            match accepted {
+                None => continue,
+                Some(Ok((stream, _))) => {
+                    backoff = Duration::from_millis(5);
+                    match self.admit() {
+                        None => {
+                            monoio::spawn(session::serve(self.clone(), stream));
+                        }
+                        Some(resp) => {
+                            self.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+                            self.metrics().admission_rejections.fetch_add(1, Ordering::Relaxed);
+                            monoio::spawn(session::refuse(stream, resp));
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    // EMFILE/ENFILE and friends: count, back off (no busy loop),
+                    // keep serving the connected.
+                    self.metrics().accept_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(core = self.id, error = %e, ?backoff, "accept failed");
+                    monoio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+/// Why a subscribe was refused.
+enum SubscribeRefusal {
+    Reply(ReplyError),
+    Close(Disconnect),
+}
+
+/// Binds this core's `SO_REUSEPORT` listener.
+pub fn bind(cfg: &GatewayConfig) -> std::io::Result<TcpListener> {
+    TcpListener::bind_with_config(cfg.listen, &ListenerOpts::new().reuse_port(true).backlog(4096))
+}

@@ -1,0 +1,94 @@
+//! The one module that owns the cores: spawning, pinning, building each
+//! runtime (io_uring, or epoll where io_uring is unavailable, chosen at start
+//! and logged), binding each core's `SO_REUSEPORT` listener and running its
+//! accept loop, inbox and timer until it has drained.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::auth::Verifier;
+use crate::bridge::{DownMsg, UpMsg};
+use crate::config::GatewayConfig;
+use crate::core::{self, Core};
+use crate::metrics::Metrics;
+
+/// Shared between the cores and the signal handler.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// SIGTERM: drain.
+    pub drain: AtomicBool,
+}
+
+/// Which I/O driver the cores run on.
+pub fn driver_name() -> &'static str {
+    if monoio::utils::detect_uring() { "io_uring" } else { "epoll" }
+}
+
+/// Spawns `cfg.cores` worker threads; each returns when it has drained.
+pub fn spawn(
+    cfg: Arc<GatewayConfig>,
+    verifier: Arc<Verifier>,
+    up: flume::Sender<UpMsg>,
+    inboxes: Vec<flume::Receiver<DownMsg>>,
+    metrics: Arc<Metrics>,
+    life: Arc<Lifecycle>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    tracing::info!(cores = cfg.cores, driver = driver_name(), listen = %cfg.listen, "starting cores");
+    let mut handles = Vec::new();
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    for (id, inbox) in inboxes.into_iter().enumerate() {
+        let (cfg, verifier, up, metrics, life) =
+            (cfg.clone(), verifier.clone(), up.clone(), metrics.clone(), life.clone());
+        let h = std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
+            if cfg.pin_cores {
+                let _ = monoio::utils::bind_to_cpu_set([id % ncpu]);
+            }
+            let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(4096)
+                .build()
+                .expect("building the core runtime");
+            rt.block_on(async move {
+                let listener = match core::bind(&cfg) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(core = id, error = %e, "bind failed");
+                        std::process::exit(2);
+                    }
+                };
+                let core = Core::new(id, cfg.clone(), verifier, up, metrics);
+                monoio::spawn(core.clone().accept_loop(listener));
+                let c2 = core.clone();
+                monoio::spawn(async move {
+                    while let Ok(msg) = inbox.recv_async().await {
+                        c2.inbox(msg);
+                    }
+                });
+                run_timer(core, life, cfg.drain_window()).await;
+            });
+        })?;
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+async fn run_timer(core: Rc<Core>, life: Arc<Lifecycle>, window: Duration) {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        monoio::time::sleep(Duration::from_millis(250)).await;
+        let now = Instant::now();
+        if life.drain.load(Ordering::Relaxed) && !core.is_draining() {
+            tracing::info!(core = core.id, ?window, "draining");
+            core.drain(window);
+            deadline = Some(now + window + Duration::from_secs(2));
+        }
+        core.tick(now);
+        if core.drained() || deadline.is_some_and(|d| now >= d) {
+            // Give the last close frames a moment to leave.
+            monoio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! Counters, rendered as Prometheus text on the admin port.
+//!
+//! Every counter is a relaxed atomic written by exactly one thread (a core or
+//! the uplink), so there is no contention on the hot path; the admin thread
+//! only reads.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters of one core.
+#[derive(Debug, Default)]
+pub struct CoreMetrics {
+    /// Open WebSocket sessions.
+    pub connections: AtomicU64,
+    /// Completed upgrades.
+    pub handshakes: AtomicU64,
+    /// Refused upgrades (503 admission, 4xx bad requests).
+    pub rejections: AtomicU64,
+    /// Upgrades refused by admission control (503).
+    pub admission_rejections: AtomicU64,
+    /// Accept errors (EMFILE/ENFILE and others), after which the core backs off.
+    pub accept_errors: AtomicU64,
+    /// Frames queued to sessions for publications (one per recipient).
+    pub deliveries: AtomicU64,
+    /// Bytes queued and not yet written.
+    pub queued_bytes: AtomicU64,
+    /// Sessions closed with 3008 "slow".
+    pub slow_disconnects: AtomicU64,
+}
+
+/// Gateway-wide counters.
+#[derive(Debug)]
+pub struct Metrics {
+    /// One entry per core.
+    pub cores: Vec<CoreMetrics>,
+    /// Publications received from routers.
+    pub publications_in: AtomicU64,
+    /// WebSocket frames encoded for publications (1 per publication, or fewer when packed).
+    pub frames_encoded: AtomicU64,
+    /// Channel resyncs (gaps, link loss, router back-pressure).
+    pub resyncs: AtomicU64,
+    /// Messages dropped because a core's inbox was full (its sessions resync).
+    pub core_queue_full: AtomicU64,
+}
+
+impl Metrics {
+    /// Counters for `cores` cores.
+    pub fn new(cores: usize) -> Self {
+        Metrics {
+            cores: (0..cores).map(|_| CoreMetrics::default()).collect(),
+            publications_in: AtomicU64::new(0),
+            frames_encoded: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            core_queue_full: AtomicU64::new(0),
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        type Field = fn(&CoreMetrics) -> &AtomicU64;
+        let per_core: [(&str, &str, Field); 8] = [
+            ("switchyard_gateway_connections", "gauge", |c| &c.connections),
+            ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
+            ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
+            ("switchyard_gateway_admission_rejections_total", "counter", |c| &c.admission_rejections),
+            ("switchyard_gateway_accept_errors_total", "counter", |c| &c.accept_errors),
+            ("switchyard_gateway_deliveries_total", "counter", |c| &c.deliveries),
+            ("switchyard_gateway_queued_bytes", "gauge", |c| &c.queued_bytes),
+            ("switchyard_gateway_slow_disconnects_total", "counter", |c| &c.slow_disconnects),
+        ];
+        for (name, kind, get) in per_core {
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for (i, c) in self.cores.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", get(c).load(Ordering::Relaxed));
+            }
+        }
+        for (name, v) in [
+            ("switchyard_gateway_publications_in_total", &self.publications_in),
+            ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
+            ("switchyard_gateway_resyncs_total", &self.resyncs),
+            ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+        }
+        out
+    }
+}

@@ -1,0 +1,566 @@
+//! One client connection: upgrade, `connect`, commands, and its write queue.
+//!
+//! A connection is one monoio task that waits for readiness (an io_uring
+//! POLL_ADD: no buffer pinned while idle), then reads into a per-core scratch
+//! buffer, decodes, and answers. Its small [`Session`] record holds what must
+//! outlive a read: identity, subscriptions, the bounded outbound queue.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{
+    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
+};
+use monoio::net::TcpStream;
+use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult};
+use proto::client::{Disconnect, Method, ReplyError};
+use proto::token_bucket::TokenBucket;
+use proto::ws::handshake::{self, HandshakeError};
+use proto::ws::{Decoder, DecoderConfig, Message, SharedFrame, WsError};
+
+use crate::core::Core;
+use crate::write::FrameBatch;
+
+/// Version string in connect replies.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// State of one subscription.
+#[derive(Debug)]
+pub enum Sub {
+    /// Waiting for the router's position; deliveries are held (bounded by the
+    /// queue limit) and merged after the subscribe reply.
+    Pending {
+        /// (first offset, last offset, frame) in arrival order.
+        held: Vec<(u64, u64, Bytes)>,
+        /// Bytes held.
+        held_bytes: usize,
+    },
+    /// Receiving.
+    Live,
+}
+
+/// Why a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: &'static str,
+}
+
+impl From<Disconnect> for CloseReason {
+    fn from(d: Disconnect) -> Self {
+        CloseReason { code: d.code, reason: d.reason }
+    }
+}
+
+/// What outlives a read: identity, subscriptions, the outbound queue.
+pub struct Session {
+    /// Core-local id.
+    pub id: u64,
+    /// Connection id sent to the client.
+    pub client: RefCell<String>,
+    /// User id (`""` anonymous).
+    pub user: RefCell<String>,
+    /// `conn_info` from the connection token.
+    pub conn_info: RefCell<Option<Bytes>>,
+    /// Whether `connect` succeeded.
+    pub connected: Cell<bool>,
+    /// Subscriptions.
+    pub subs: RefCell<HashMap<Arc<str>, Sub>>,
+    out: RefCell<VecDeque<Bytes>>,
+    out_bytes: Cell<usize>,
+    writing: Cell<bool>,
+    writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
+    close: Cell<Option<CloseReason>>,
+    waker: RefCell<Option<Waker>>,
+    /// Publish rate.
+    pub publish_bucket: RefCell<Option<TokenBucket>>,
+    /// Refused requests (rate limits) so far.
+    pub refusals: Cell<u32>,
+    /// When the next server ping is due.
+    pub next_ping: Cell<Instant>,
+    /// When the outstanding pong is due.
+    pub pong_due: Cell<Option<Instant>>,
+    /// Connect deadline (before `connect`).
+    pub connect_deadline: Cell<Option<Instant>>,
+    /// When the connection expires (token `exp`), with its grace added.
+    pub expires_at: Cell<Option<Instant>>,
+    /// When a drain closes this session.
+    pub drain_at: Cell<Option<Instant>>,
+}
+
+impl Session {
+    fn new(id: u64, now: Instant, connect_timeout: Duration) -> Rc<Session> {
+        Rc::new(Session {
+            id,
+            client: RefCell::new(String::new()),
+            user: RefCell::new(String::new()),
+            conn_info: RefCell::new(None),
+            connected: Cell::new(false),
+            subs: RefCell::new(HashMap::new()),
+            out: RefCell::new(VecDeque::new()),
+            out_bytes: Cell::new(0),
+            writing: Cell::new(false),
+            writer: RefCell::new(None),
+            close: Cell::new(None),
+            waker: RefCell::new(None),
+            publish_bucket: RefCell::new(None),
+            refusals: Cell::new(0),
+            next_ping: Cell::new(now),
+            pong_due: Cell::new(None),
+            connect_deadline: Cell::new(Some(now + connect_timeout)),
+            expires_at: Cell::new(None),
+            drain_at: Cell::new(None),
+        })
+    }
+
+    /// Whether the session is closing or closed.
+    pub fn is_closing(&self) -> bool {
+        self.close.get().is_some()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out_bytes.get()
+    }
+
+    /// Queues a frame; past the bound the session is closed with 3008 "slow".
+    pub fn send(self: &Rc<Self>, core: &Rc<Core>, frame: Bytes) {
+        if self.is_closing() {
+            return;
+        }
+        let len = frame.len();
+        if self.out_bytes.get() + len > core.cfg.limits.max_queue_bytes {
+            core.metrics().slow_disconnects.fetch_add(1, Ordering::Relaxed);
+            // Slow: drop what is queued, do not flush; the client recovers on reconnect.
+            let dropped = self.out_bytes.replace(0);
+            core.metrics().queued_bytes.fetch_sub(dropped as u64, Ordering::Relaxed);
+            self.out.borrow_mut().clear();
+            self.close(core, Disconnect::SLOW.into());
+            return;
+        }
+        self.out_bytes.set(self.out_bytes.get() + len);
+        core.metrics().queued_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.out.borrow_mut().push_back(frame);
+        self.kick_writer(core);
+    }
+
+    /// Queues a client-protocol line (a reply or a push) as its own frame.
+    pub fn send_line(self: &Rc<Self>, core: &Rc<Core>, line: &[u8]) {
+        self.send(core, SharedFrame::text(line).into_bytes());
+    }
+
+    /// Starts closing: queues the close frame after what is queued and wakes
+    /// the reader so the connection ends.
+    pub fn close(self: &Rc<Self>, core: &Rc<Core>, reason: CloseReason) {
+        if self.is_closing() {
+            return;
+        }
+        self.close.set(Some(reason));
+        let frame = SharedFrame::close(reason.code, reason.reason).into_bytes();
+        self.out_bytes.set(self.out_bytes.get() + frame.len());
+        core.metrics().queued_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.out.borrow_mut().push_back(frame);
+        self.kick_writer(core);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    fn kick_writer(self: &Rc<Self>, core: &Rc<Core>) {
+        if self.writing.get() || self.writer.borrow().is_none() {
+            return;
+        }
+        self.writing.set(true);
+        let s = self.clone();
+        let core = core.clone();
+        monoio::spawn(async move { s.write_loop(&core).await });
+    }
+
+    async fn write_loop(self: Rc<Self>, core: &Rc<Core>) {
+        let Some(mut w) = self.writer.borrow_mut().take() else {
+            self.writing.set(false);
+            return;
+        };
+        let mut failed = false;
+        loop {
+            let (mut batch, bytes) = {
+                let mut q = self.out.borrow_mut();
+                if q.is_empty() {
+                    break;
+                }
+                FrameBatch::take(&mut q, 256 * 1024, 256)
+            };
+            while !batch.is_empty() && !failed {
+                let (res, b) = w.writev(batch).await;
+                batch = b;
+                match res {
+                    Ok(0) | Err(_) => failed = true,
+                    Ok(n) => batch.advance(n),
+                }
+            }
+            self.out_bytes.set(self.out_bytes.get().saturating_sub(bytes));
+            core.metrics().queued_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
+            if failed {
+                let rest = self.out_bytes.replace(0);
+                core.metrics().queued_bytes.fetch_sub(rest as u64, Ordering::Relaxed);
+                self.out.borrow_mut().clear();
+                if self.close.get().is_none() {
+                    self.close.set(Some(Disconnect::WRITE_ERROR.into()));
+                }
+                if let Some(wk) = self.waker.borrow_mut().take() {
+                    wk.wake();
+                }
+                break;
+            }
+        }
+        if self.is_closing() && self.out.borrow().is_empty() {
+            let _ = w.shutdown().await;
+        }
+        *self.writer.borrow_mut() = Some(w);
+        self.writing.set(false);
+        if !self.out.borrow().is_empty() && !failed {
+            self.kick_writer(core);
+        }
+    }
+
+    /// Resolves when the session starts closing.
+    fn closing(self: &Rc<Self>) -> ClosingSignal {
+        ClosingSignal(self.clone())
+    }
+}
+
+struct ClosingSignal(Rc<Session>);
+
+impl Future for ClosingSignal {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0.is_closing() {
+            Poll::Ready(())
+        } else {
+            *self.0.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+}
+
+async fn write_raw(stream: &mut TcpStream, bytes: Vec<u8>) {
+    let _ = monoio::time::timeout(Duration::from_secs(2), stream.write_all(bytes)).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Answers a refused upgrade (or an admission 503) and closes.
+pub async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
+    write_raw(&mut stream, response).await;
+}
+
+/// Reads the upgrade request within the handshake deadline and the header bound.
+async fn read_upgrade(
+    stream: &mut TcpStream,
+    core: &Rc<Core>,
+) -> Result<(handshake::UpgradeRequest, BytesMut), Option<HandshakeError>> {
+    let limits = handshake::HandshakeLimits::default();
+    let deadline = Duration::from_secs(core.cfg.limits.handshake_timeout_secs);
+    let mut buf = BytesMut::with_capacity(1024);
+    let read = async {
+        loop {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(1024);
+            }
+            let (res, b) = stream.read(buf).await;
+            buf = b;
+            match res {
+                Ok(0) | Err(_) => return Err(None),
+                Ok(_) => {}
+            }
+            match handshake::parse_request(&buf, &limits) {
+                Ok(Some((req, consumed))) => {
+                    let _ = buf.split_to(consumed);
+                    return Ok((req, buf));
+                }
+                Ok(None) => continue,
+                Err(e) => return Err(Some(e)),
+            }
+        }
+    };
+    match monoio::time::timeout(deadline, read).await {
+        Ok(r) => r,
+        Err(_) => Err(None),
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let upgrade = read_upgrade(&mut stream, &core).await;
+    core.handshake_done();
+    let (req, leftover) = match upgrade {
+        Ok(r) => r,
+        Err(Some(e)) => {
+            core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+            return refuse(stream, e.response()).await;
+        }
+        Err(None) => {
+            core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+            return refuse(stream, handshake::error_response(408, &[], "upgrade timed out")).await;
+        }
+    };
+    let path = req.path_only();
+    let echo = !core.cfg.echo_path.is_empty() && path == core.cfg.echo_path;
+    if !echo && !core.cfg.path.is_empty() && path != core.cfg.path {
+        core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+        return refuse(stream, handshake::error_response(404, &[], "no websocket endpoint here")).await;
+    }
+    let deflate = if core.cfg.deflate { req.negotiate_deflate() } else { None };
+    let protocol = req.select_protocol(&["centrifuge-json"]);
+    let response = handshake::switching_protocols(&req.key, protocol, deflate.as_ref());
+    let (res, _) = stream.write_all(response).await;
+    if res.is_err() {
+        return;
+    }
+    core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
+    let decoder = Decoder::new(DecoderConfig {
+        max_frame: core.cfg.limits.max_message,
+        max_message: core.cfg.limits.max_message,
+        deflate: deflate.is_some(),
+        ..DecoderConfig::server()
+    });
+    let now = Instant::now();
+    let session =
+        Session::new(core.next_session_id(), now, Duration::from_secs(core.cfg.limits.connect_timeout_secs));
+    let (read_half, write_half) = stream.into_split();
+    *session.writer.borrow_mut() = Some(write_half);
+    core.register(&session);
+    run(&core, &session, read_half, decoder, leftover, echo).await;
+    core.unregister(&session);
+}
+
+enum Wake {
+    Readable,
+    Closing,
+}
+
+async fn run(
+    core: &Rc<Core>,
+    session: &Rc<Session>,
+    mut read_half: OwnedReadHalf<TcpStream>,
+    mut decoder: Decoder,
+    mut pending: BytesMut,
+    echo: bool,
+) {
+    if !pending.is_empty() && process(core, session, &mut decoder, &mut pending, echo).is_err() {
+        return;
+    }
+    loop {
+        if session.is_closing() {
+            break;
+        }
+        let wake = {
+            // SAFETY: the read and write halves share one `TcpStream` behind an
+            // `Rc<UnsafeCell<_>>` (monoio's own split); `readable` only takes a
+            // shared reference to submit a POLL_ADD for the fd, which no write
+            // operation mutates. Both halves live on this core's thread.
+            let stream: &TcpStream = unsafe { &*read_half.0.get() };
+            monoio::select! {
+                r = stream.readable(false) => if r.is_ok() { Wake::Readable } else { Wake::Closing },
+                _ = session.closing() => Wake::Closing,
+            }
+        };
+        if matches!(wake, Wake::Closing) {
+            break;
+        }
+        // Readable: borrow a scratch buffer only for this read.
+        let mut buf = core.take_scratch();
+        if !pending.is_empty() {
+            buf.extend_from_slice(&pending);
+            pending.clear();
+        }
+        let (res, mut b) = read_half.read(buf).await;
+        match res {
+            Ok(0) | Err(_) => {
+                core.give_scratch(b);
+                break;
+            }
+            Ok(_) => {}
+        }
+        let result = process(core, session, &mut decoder, &mut b, echo);
+        if !b.is_empty() {
+            // A partial frame header or control frame: keep just those bytes.
+            pending = BytesMut::from(&b[..]);
+            b.clear();
+        } else {
+            pending = BytesMut::new();
+        }
+        core.give_scratch(b);
+        if result.is_err() {
+            break;
+        }
+    }
+    // Let the writer flush the close frame (bounded by its own progress).
+    for _ in 0..200 {
+        if !session.writing.get() {
+            break;
+        }
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Decodes and handles every complete message in `buf`.
+fn process(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    decoder: &mut Decoder,
+    buf: &mut BytesMut,
+    echo: bool,
+) -> Result<(), ()> {
+    loop {
+        let msg = {
+            let mut inflater = core.inflater.borrow_mut();
+            decoder.decode_with(buf, Some(&mut inflater))
+        };
+        match msg {
+            Ok(None) => return Ok(()),
+            Ok(Some(m)) => {
+                if !handle_message(core, s, m, echo) {
+                    return Err(());
+                }
+            }
+            Err(e) => {
+                close_ws(core, s, &e);
+                return Err(());
+            }
+        }
+    }
+}
+
+fn close_ws(core: &Rc<Core>, s: &Rc<Session>, e: &WsError) {
+    s.close(core, CloseReason { code: e.close_code(), reason: e.close_reason() });
+}
+
+/// Returns false when the connection must end.
+fn handle_message(core: &Rc<Core>, s: &Rc<Session>, m: Message, echo: bool) -> bool {
+    match m {
+        Message::Ping(p) => {
+            s.send(core, SharedFrame::pong(&p).into_bytes());
+            true
+        }
+        Message::Pong(_) => true,
+        Message::Close(c) => {
+            let reason = match c {
+                Some(c) => CloseReason { code: if c.code == 1005 { 1000 } else { c.code }, reason: "" },
+                None => CloseReason { code: 1000, reason: "" },
+            };
+            s.close(core, reason);
+            false
+        }
+        Message::Text(t) if echo => {
+            s.send(core, SharedFrame::text(&t).into_bytes());
+            true
+        }
+        Message::Binary(b) if echo => {
+            s.send(core, SharedFrame::binary(&b).into_bytes());
+            true
+        }
+        Message::Binary(_) => {
+            s.close(core, CloseReason { code: 1003, reason: "text frames only" });
+            false
+        }
+        Message::Text(t) => handle_commands(core, s, &t),
+    }
+}
+
+fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> bool {
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut ok = true;
+    for cmd in proto::client::decode_frame(frame) {
+        let cmd = match cmd {
+            Ok(c) => c,
+            Err(e) => {
+                flush(core, s, &mut replies);
+                s.close(core, e.disconnect().into());
+                return false;
+            }
+        };
+        if !s.connected.get() && !matches!(cmd.method, Method::Connect(_)) {
+            flush(core, s, &mut replies);
+            s.close(core, Disconnect::BAD_REQUEST.into());
+            return false;
+        }
+        match core.command(s, cmd, &mut replies) {
+            Ok(()) => {}
+            Err(d) => {
+                flush(core, s, &mut replies);
+                s.close(core, d.into());
+                ok = false;
+                break;
+            }
+        }
+    }
+    flush(core, s, &mut replies);
+    ok
+}
+
+fn flush(core: &Rc<Core>, s: &Rc<Session>, replies: &mut Vec<Vec<u8>>) {
+    if !replies.is_empty() {
+        let frame = SharedFrame::text_lines(replies.iter().map(|r| r.as_slice()));
+        replies.clear();
+        s.send(core, frame.into_bytes());
+    }
+}
+
+/// A random connection id in UUID form.
+pub fn new_client_id() -> String {
+    let v: u128 = rand::random();
+    let h = format!("{v:032x}");
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// Replies used by the core's command handlers.
+pub fn connect_reply(id: u32, client: &str, ttl: Option<u32>, ping: u32) -> Vec<u8> {
+    reply::reply(
+        id,
+        "connect",
+        &ConnectResult {
+            client: client.to_owned(),
+            version: VERSION.to_owned(),
+            expires: ttl.is_some(),
+            ttl: ttl.unwrap_or(0),
+            ping,
+            pong: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// `refresh` reply.
+pub fn refresh_reply(id: u32, client: &str, ttl: Option<u32>) -> Vec<u8> {
+    reply::reply(
+        id,
+        "refresh",
+        &RefreshResult {
+            client: client.to_owned(),
+            version: VERSION.to_owned(),
+            expires: ttl.is_some(),
+            ttl: ttl.unwrap_or(0),
+        },
+    )
+}
+
+/// `sub_refresh` reply.
+pub fn sub_refresh_reply(id: u32, ttl: Option<u32>) -> Vec<u8> {
+    reply::reply(id, "sub_refresh", &SubRefreshResult { expires: ttl.is_some(), ttl: ttl.unwrap_or(0) })
+}
+
+/// An error reply.
+pub fn error(id: u32, e: ReplyError) -> Vec<u8> {
+    reply::error_reply(id, e)
+}

@@ -1,0 +1,517 @@
+//! The uplink: one thread running tokio + quinn, holding a QUIC connection
+//! (mutual TLS) to every configured router.
+//!
+//! It keeps `channel → bitmask of cores` and tells a channel's owning router
+//! only about the gateway's 0→1 and 1→0 transitions. Each publication that
+//! arrives is framed **once** (one `pub` push, or several of one channel that
+//! arrived together packed into one text frame) and handed, as the same
+//! `Bytes`, to exactly the cores whose bit is set.
+//!
+//! Ownership is the rendezvous hash of the channel over the routers that are
+//! connected; when a router comes or goes, the channels whose owner changed
+//! are re-subscribed at their new owner and their local subscribers are told
+//! to resync (resubscribe with recovery), so nothing is lost silently.
+//! Reconnects use exponential backoff with full jitter.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use proto::backoff::Backoff;
+use proto::client::reply::pub_push;
+use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use proto::rendezvous::ranked;
+use proto::ws::SharedFrame;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+
+use crate::bridge::{CoreId, DownMsg, UpMsg, core_of};
+use crate::config::UplinkConfig;
+use crate::metrics::Metrics;
+
+/// ALPN of the cluster protocol (must match the router's).
+pub const ALPN: &[u8] = b"switchyard-cluster/1";
+
+/// Largest frame the uplink packs publications into (well under the 1 MiB
+/// centrifuge-python accepts).
+pub const MAX_PACKED_FRAME: usize = 256 * 1024;
+
+#[derive(Debug, Default)]
+struct Route {
+    cores: u64,
+    owner: Option<usize>,
+    epoch: String,
+    last: u64,
+}
+
+enum Event {
+    Up(usize, mpsc::Sender<ClusterMsg>),
+    Down(usize),
+    Control(ClusterMsg),
+    Deliveries(Vec<ClusterMsg>),
+}
+
+struct Uplink {
+    gateway_id: String,
+    routers: Vec<String>,
+    links: Vec<Option<mpsc::Sender<ClusterMsg>>>,
+    channels: HashMap<String, Route>,
+    cores: Vec<flume::Sender<DownMsg>>,
+    metrics: Arc<Metrics>,
+}
+
+fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&cfg.ca_cert)
+        .with_context(|| format!("reading {}", cfg.ca_cert.display()))?
+    {
+        roots.add(c?)?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+        .with_context(|| format!("reading {}", cfg.cert.display()))?
+        .collect::<Result<_, _>>()?;
+    let key =
+        PrivateKeyDer::from_pem_file(&cfg.key).with_context(|| format!("reading {}", cfg.key.display()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut c = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
+    c.transport_config(Arc::new(transport));
+    Ok(c)
+}
+
+/// Starts the uplink thread. `cores` are the per-core inboxes; the returned
+/// join handle ends when every core has dropped its sender.
+pub fn spawn(
+    gateway_id: String,
+    cfg: UplinkConfig,
+    up_rx: flume::Receiver<UpMsg>,
+    cores: Vec<flume::Sender<DownMsg>>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let client = client_config(&cfg)?;
+    Ok(std::thread::Builder::new().name("uplink".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        rt.block_on(async move {
+            let mut endpoint =
+                quinn::Endpoint::client("0.0.0.0:0".parse().expect("static")).expect("udp socket");
+            endpoint.set_default_client_config(client);
+            let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+            for (i, addr) in cfg.routers.iter().enumerate() {
+                tokio::spawn(router_link(i, *addr, gateway_id.clone(), endpoint.clone(), ev_tx.clone()));
+            }
+            let mut up = Uplink {
+                gateway_id,
+                routers: cfg.routers.iter().map(|a| a.to_string()).collect(),
+                links: vec![None; cfg.routers.len()],
+                channels: HashMap::new(),
+                cores,
+                metrics,
+            };
+            loop {
+                tokio::select! {
+                    msg = up_rx.recv_async() => match msg {
+                        Ok(m) => up.core_message(m),
+                        Err(_) => break,
+                    },
+                    Some(ev) = ev_rx.recv() => up.event(ev),
+                }
+            }
+            tracing::info!(gateway = %up.gateway_id, "uplink stopping");
+            for l in up.links.iter().flatten() {
+                let _ = l.try_send(ClusterMsg::Drain);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+    })?)
+}
+
+impl Uplink {
+    fn owner(&self, key: &str) -> Option<usize> {
+        ranked(key, &self.routers).into_iter().find(|i| self.links[*i].is_some())
+    }
+
+    fn send_to(&self, router: usize, msg: ClusterMsg) -> bool {
+        match &self.links[router] {
+            Some(tx) => tx.try_send(msg).is_ok(),
+            None => false,
+        }
+    }
+
+    fn to_cores(&self, mask: u64, msg: &DownMsg) {
+        for (core, tx) in self.cores.iter().enumerate() {
+            if mask & (1 << core) != 0 && tx.try_send(msg.clone()).is_err() {
+                self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn reply_error(&self, req: u64, code: u32, message: &str) {
+        let core: CoreId = core_of(req);
+        if let Some(tx) = self.cores.get(core) {
+            let _ = tx.try_send(DownMsg::Response(ClusterMsg::RequestError {
+                req,
+                code,
+                message: message.into(),
+            }));
+        }
+    }
+
+    fn core_message(&mut self, m: UpMsg) {
+        match m {
+            UpMsg::Interest { core, channel, on } => {
+                let owner = self.owner(&channel);
+                let route = self.channels.entry(channel.clone()).or_default();
+                let before = route.cores;
+                if on {
+                    route.cores |= 1 << core;
+                } else {
+                    route.cores &= !(1 << core);
+                }
+                let (after, route_owner) = (route.cores, route.owner);
+                if before == 0 && after != 0 {
+                    route.owner = owner;
+                    route.last = 0;
+                    route.epoch.clear();
+                    if let Some(o) = owner {
+                        self.send_to(o, ClusterMsg::Subscribe { channels: vec![channel] });
+                    }
+                } else if before != 0 && after == 0 {
+                    self.channels.remove(&channel);
+                    if let Some(o) = route_owner {
+                        self.send_to(o, ClusterMsg::Unsubscribe { channels: vec![channel] });
+                    }
+                }
+            }
+            UpMsg::Request(msg) => {
+                let (req, key) = match &msg {
+                    ClusterMsg::Publish { req, channel, .. }
+                    | ClusterMsg::Recover { req, channel, .. }
+                    | ClusterMsg::History { req, channel, .. }
+                    | ClusterMsg::Presence { req, channel }
+                    | ClusterMsg::PresenceStats { req, channel } => (*req, channel.clone()),
+                    _ => return,
+                };
+                tracing::debug!(req, channel = %key, "request to router");
+                match self.owner(&key) {
+                    Some(o) if self.send_to(o, msg) => {}
+                    _ => self.reply_error(req, 100, "no router available"),
+                }
+            }
+            UpMsg::Forward(msg) => {
+                let key = match &msg {
+                    ClusterMsg::Join { channel, .. } | ClusterMsg::Leave { channel, .. } => channel.clone(),
+                    ClusterMsg::UserOnline { user, .. } | ClusterMsg::UserOffline { user, .. } => {
+                        user.clone()
+                    }
+                    _ => return,
+                };
+                if let Some(o) = self.owner(&key) {
+                    self.send_to(o, msg);
+                }
+            }
+        }
+    }
+
+    /// Re-evaluates every channel's owner after a router came or went.
+    fn rebalance(&mut self) {
+        let mut moves: Vec<(String, Option<usize>, Option<usize>, u64)> = Vec::new();
+        for (name, route) in &self.channels {
+            let owner = ranked(name, &self.routers).into_iter().find(|i| self.links[*i].is_some());
+            if owner != route.owner {
+                moves.push((name.clone(), route.owner, owner, route.cores));
+            }
+        }
+        let mut subscribe: HashMap<usize, Vec<String>> = HashMap::new();
+        let mut unsubscribe: HashMap<usize, Vec<String>> = HashMap::new();
+        for (name, old, new, mask) in moves {
+            if let Some(o) = old.filter(|o| self.links[*o].is_some()) {
+                unsubscribe.entry(o).or_default().push(name.clone());
+            }
+            if let Some(n) = new {
+                subscribe.entry(n).or_default().push(name.clone());
+            }
+            let route = self.channels.get_mut(&name).expect("listed above");
+            route.owner = new;
+            route.last = 0;
+            route.epoch.clear();
+            self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+            self.to_cores(mask, &DownMsg::Resync { channel: Arc::from(name.as_str()) });
+        }
+        for (o, channels) in unsubscribe {
+            self.send_to(o, ClusterMsg::Unsubscribe { channels });
+        }
+        for (n, channels) in subscribe {
+            self.send_to(n, ClusterMsg::Subscribe { channels });
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::Up(i, tx) => {
+                tracing::info!(router = %self.routers[i], "router link up");
+                self.links[i] = Some(tx);
+                // Channels this router already owned (a reconnect) start over too.
+                let owned: Vec<String> = self
+                    .channels
+                    .iter()
+                    .filter(|(_, r)| r.owner == Some(i))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for n in &owned {
+                    if let Some(r) = self.channels.get_mut(n) {
+                        r.owner = None;
+                    }
+                }
+                self.send_to(i, ClusterMsg::Snapshot { channels: Vec::new() });
+                self.rebalance();
+            }
+            Event::Down(i) => {
+                if self.links[i].take().is_none() {
+                    return; // a failed attempt, not a lost link
+                }
+                tracing::warn!(router = %self.routers[i], "router link down");
+                for r in self.channels.values_mut() {
+                    if r.owner == Some(i) {
+                        r.owner = None;
+                    }
+                }
+                // Subscribers of its channels may miss publications: resync them
+                // (rebalance also moves the channels to their next owner).
+                let masks: Vec<(String, u64)> = self
+                    .channels
+                    .iter()
+                    .filter(|(_, r)| r.owner.is_none())
+                    .map(|(n, r)| (n.clone(), r.cores))
+                    .collect();
+                for (n, mask) in masks {
+                    self.to_cores(mask, &DownMsg::Resync { channel: Arc::from(n.as_str()) });
+                }
+                self.rebalance();
+            }
+            Event::Control(msg) => match msg {
+                ClusterMsg::Resync { channels } => {
+                    for c in channels {
+                        if let Some(r) = self.channels.get_mut(&c) {
+                            r.last = 0;
+                            r.epoch.clear();
+                            let mask = r.cores;
+                            self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+                            self.to_cores(mask, &DownMsg::Resync { channel: Arc::from(c.as_str()) });
+                        }
+                    }
+                }
+                ClusterMsg::Heartbeat { .. } | ClusterMsg::Welcome { .. } | ClusterMsg::Drain => {}
+                ClusterMsg::DisconnectUser { .. } | ClusterMsg::UnsubscribeUser { .. } => {}
+                other => {
+                    let req = match &other {
+                        ClusterMsg::PublishOk { req, .. }
+                        | ClusterMsg::RequestError { req, .. }
+                        | ClusterMsg::Replay { req, .. }
+                        | ClusterMsg::HistoryResult { req, .. }
+                        | ClusterMsg::PresenceResult { req, .. }
+                        | ClusterMsg::PresenceStatsResult { req, .. } => *req,
+                        _ => return,
+                    };
+                    tracing::debug!(req, core = core_of(req), "response from router");
+                    if let Some(tx) = self.cores.get(core_of(req)) {
+                        let _ = tx.try_send(DownMsg::Response(other));
+                    }
+                }
+            },
+            Event::Deliveries(msgs) => self.deliver(msgs),
+        }
+    }
+
+    /// Frames each run of publications of one channel once and hands the
+    /// frame to the cores with subscribers.
+    fn deliver(&mut self, msgs: Vec<ClusterMsg>) {
+        let mut i = 0;
+        while i < msgs.len() {
+            let ClusterMsg::Deliver { channel, .. } = &msgs[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i;
+            let mut pushes: Vec<Vec<u8>> = Vec::new();
+            let mut size = 0;
+            let (mut first, mut last) = (0u64, 0u64);
+            let mut resync = false;
+            let Some(route) = self.channels.get_mut(channel.as_str()) else {
+                i += 1;
+                continue;
+            };
+            while j < msgs.len() {
+                let ClusterMsg::Deliver { channel: c, epoch, publication } = &msgs[j] else { break };
+                if c != channel || size > MAX_PACKED_FRAME {
+                    break;
+                }
+                j += 1;
+                self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
+                let offset = publication.offset;
+                if offset > 0 {
+                    if route.epoch.is_empty() && route.last == 0 {
+                        route.epoch = epoch.clone();
+                    } else if *epoch != route.epoch || offset > route.last + 1 {
+                        // A gap or a new stream: subscribers must recover.
+                        route.epoch = epoch.clone();
+                        route.last = offset;
+                        resync = true;
+                        continue;
+                    } else if offset <= route.last {
+                        continue; // duplicate
+                    }
+                    route.last = offset;
+                }
+                if first == 0 {
+                    first = offset;
+                }
+                last = offset;
+                let push = pub_push(channel, publication);
+                size += push.len() + 1;
+                pushes.push(push);
+            }
+            let mask = route.cores;
+            let name: Arc<str> = Arc::from(channel.as_str());
+            if resync {
+                self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+                self.to_cores(mask, &DownMsg::Resync { channel: name.clone() });
+            } else if !pushes.is_empty() {
+                let frame = SharedFrame::text_lines(pushes.iter().map(|p| p.as_slice()));
+                self.metrics.frames_encoded.fetch_add(1, Ordering::Relaxed);
+                self.to_cores(
+                    mask,
+                    &DownMsg::Deliver { channel: name, first, last, frame: frame.into_bytes() },
+                );
+            }
+            i = j.max(i + 1);
+        }
+    }
+}
+
+async fn read_msgs(
+    recv: &mut quinn::RecvStream,
+    dec: &mut ClusterDecoder,
+    buf: &mut BytesMut,
+) -> anyhow::Result<Option<Vec<ClusterMsg>>> {
+    loop {
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode(buf)? {
+            out.push(m);
+        }
+        if !out.is_empty() {
+            return Ok(Some(out));
+        }
+        match recv.read_chunk(256 * 1024, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Ok(None),
+        }
+    }
+}
+
+async fn router_link(
+    idx: usize,
+    addr: SocketAddr,
+    gateway_id: String,
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let instance: u64 = rand::random();
+    loop {
+        match connect_once(idx, addr, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
+            Ok(()) => tracing::info!(%addr, "router link closed"),
+            Err(e) => tracing::debug!(%addr, error = %e, "router link failed"),
+        }
+        if events.send(Event::Down(idx)).await.is_err() {
+            return;
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn connect_once(
+    idx: usize,
+    addr: SocketAddr,
+    gateway_id: &str,
+    instance: u64,
+    endpoint: &quinn::Endpoint,
+    events: &mpsc::Sender<Event>,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let conn = endpoint.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut out = BytesMut::new();
+    ClusterMsg::Hello { version: PROTOCOL_VERSION, gateway_id: gateway_id.to_owned(), instance }
+        .encode(&mut out);
+    send.write_all(&out).await?;
+    let mut dec = ClusterDecoder::default();
+    let mut buf = BytesMut::new();
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), read_msgs(&mut recv, &mut dec, &mut buf)).await??;
+    let mut pending = match first {
+        Some(mut msgs) if matches!(msgs.first(), Some(ClusterMsg::Welcome { .. })) => msgs.split_off(1),
+        Some(msgs) => anyhow::bail!("router refused the link: {:?}", msgs.first()),
+        None => anyhow::bail!("router closed before welcome"),
+    };
+    backoff.reset();
+    let (tx, mut rx) = mpsc::channel::<ClusterMsg>(65_536);
+    events.send(Event::Up(idx, tx)).await.ok();
+    for m in pending.drain(..) {
+        events.send(Event::Control(m)).await.ok();
+    }
+    // Writer: batch everything queued into one write.
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(1024);
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            for m in batch.drain(..) {
+                m.encode(&mut out);
+            }
+            send.write_all(&out.split()).await?;
+        }
+        anyhow::Ok(())
+    });
+    // Delivery streams.
+    let conn2 = conn.clone();
+    let ev2 = events.clone();
+    let deliveries = tokio::spawn(async move {
+        while let Ok(mut s) = conn2.accept_uni().await {
+            let ev = ev2.clone();
+            tokio::spawn(async move {
+                let mut dec = ClusterDecoder::default();
+                let mut buf = BytesMut::new();
+                while let Ok(Some(msgs)) = read_msgs(&mut s, &mut dec, &mut buf).await {
+                    if ev.send(Event::Deliveries(msgs)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let result = async {
+        while let Some(msgs) = read_msgs(&mut recv, &mut dec, &mut buf).await? {
+            for m in msgs {
+                events.send(Event::Control(m)).await.ok();
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    writer.abort();
+    deliveries.abort();
+    conn.close(0u32.into(), b"bye");
+    result
+}

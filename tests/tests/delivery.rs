@@ -1,0 +1,152 @@
+//! Delivery, order and recovery through real router and gateway processes.
+
+use std::time::Duration;
+
+use e2e::{Cluster, metric};
+use serde_json::json;
+
+fn publish(ws: &mut e2e::Ws, channel: &str, n: u64) {
+    let r = ws.call(json!({"publish": {"channel": channel, "data": {"n": n}}}));
+    assert!(r.get("error").is_none(), "{r}");
+}
+
+fn subscribe_ok(ws: &mut e2e::Ws, channel: &str) -> serde_json::Value {
+    // The gateway's uplink may still be connecting: a temporary error is retried.
+    for _ in 0..50 {
+        let r = ws.call(json!({"subscribe": {"channel": channel}}));
+        if r["error"]["temporary"] == true {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        assert!(r.get("error").is_none(), "{r}");
+        return r;
+    }
+    panic!("subscribe never succeeded");
+}
+
+#[test]
+fn publications_reach_every_gateway_in_order_encoded_once() {
+    let c = Cluster::start(1, 2, &[]);
+    let mut subs: Vec<e2e::Ws> = Vec::new();
+    for i in 0..6 {
+        let mut ws = c.client(i % 2, &format!("u{i}"));
+        let r = subscribe_ok(&mut ws, "chat:general");
+        assert_eq!(r["subscribe"]["recoverable"], true, "{r}");
+        assert_eq!(r["subscribe"]["positioned"], true);
+        subs.push(ws);
+    }
+    let mut publisher = c.client(0, "pub");
+    subscribe_ok(&mut publisher, "chat:general");
+    let n = 20u64;
+    for i in 0..n {
+        publish(&mut publisher, "chat:general", i);
+    }
+    for ws in subs.iter_mut() {
+        let mut offsets = Vec::new();
+        while offsets.len() < n as usize {
+            let v = ws.next_pub().expect("publication");
+            let p = &v["push"]["pub"];
+            assert_eq!(v["push"]["channel"], "chat:general");
+            assert_eq!(p["info"]["user"], "pub", "{v}");
+            assert_eq!(p["data"]["n"].as_u64().unwrap() + 1, p["offset"].as_u64().unwrap());
+            offsets.push(p["offset"].as_u64().unwrap());
+        }
+        assert_eq!(offsets, (1..=n).collect::<Vec<_>>(), "lost, duplicated or reordered");
+    }
+    // Encode once: each gateway framed each publication at most once
+    // (fewer when several were packed into one frame).
+    for g in 0..2 {
+        let m = c.metrics(g);
+        let encoded = metric(&m, "switchyard_gateway_frames_encoded_total");
+        let received = metric(&m, "switchyard_gateway_publications_in_total");
+        assert_eq!(received, n, "{m}");
+        assert!((1..=n).contains(&encoded), "{m}");
+        // Every recipient got its frames as clones of those few encodings.
+        let recipients = if g == 0 { 4 } else { 3 };
+        let deliveries = metric(&m, "switchyard_gateway_deliveries_total");
+        assert!(deliveries >= recipients && deliveries <= recipients * n, "{m}");
+    }
+}
+
+#[test]
+fn reconnecting_subscriber_recovers_exactly_what_it_missed() {
+    let c = Cluster::start(1, 1, &[]);
+    let mut publisher = c.client(0, "pub");
+    subscribe_ok(&mut publisher, "chat:r");
+    let mut ws = c.client(0, "reader");
+    let r = subscribe_ok(&mut ws, "chat:r");
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for i in 0..3 {
+        publish(&mut publisher, "chat:r", i);
+    }
+    let mut last = 0;
+    for _ in 0..3 {
+        last = ws.next_pub().unwrap()["push"]["pub"]["offset"].as_u64().unwrap();
+    }
+    assert_eq!(last, 3);
+    drop(ws);
+    for i in 3..8 {
+        publish(&mut publisher, "chat:r", i);
+    }
+    let mut ws = c.client(0, "reader");
+    let r =
+        ws.call(json!({"subscribe": {"channel": "chat:r", "recover": true, "epoch": epoch, "offset": last}}));
+    let s = &r["subscribe"];
+    assert_eq!(s["recovered"], true, "{r}");
+    assert_eq!(s["was_recovering"], true);
+    assert_eq!(s["offset"], 3, "the reply echoes the request's offset");
+    let offsets: Vec<u64> =
+        s["publications"].as_array().unwrap().iter().map(|p| p["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, vec![4, 5, 6, 7, 8]);
+    // Live publications continue from the recovered tail.
+    publish(&mut publisher, "chat:r", 8);
+    assert_eq!(ws.next_pub().unwrap()["push"]["pub"]["offset"], 9);
+    // A stale epoch is told explicitly: recovered false, no publications.
+    let mut ws2 = c.client(0, "reader2");
+    let r =
+        ws2.call(json!({"subscribe": {"channel": "chat:r", "recover": true, "epoch": "stale", "offset": 2}}));
+    assert_eq!(r["subscribe"]["recovered"], serde_json::Value::Null, "{r}");
+    assert_eq!(r["subscribe"]["was_recovering"], true);
+    assert_eq!(r["subscribe"]["offset"], 9);
+    assert!(r["subscribe"].get("publications").is_none());
+}
+
+#[test]
+fn presence_history_and_protocol_answers() {
+    let c = Cluster::start(1, 1, &[]);
+    let mut a = c.client(0, "alice");
+    let mut b = c.client(0, "bob");
+    subscribe_ok(&mut a, "chat:p");
+    subscribe_ok(&mut b, "chat:p");
+    publish(&mut a, "chat:p", 1);
+    let stats = a.call(json!({"presence_stats": {"channel": "chat:p"}}));
+    assert_eq!(stats["presence_stats"], json!({"num_clients": 2, "num_users": 2}), "{stats}");
+    let p = a.call(json!({"presence": {"channel": "chat:p"}}));
+    assert_eq!(p["presence"]["presence"].as_object().unwrap().len(), 2, "{p}");
+    let h = a.call(json!({"history": {"channel": "chat:p", "limit": -1}}));
+    assert_eq!(h["history"]["publications"].as_array().unwrap().len(), 1, "{h}");
+    assert_eq!(h["history"]["offset"], 1);
+    // Ephemeral namespace: no position, no history.
+    let t = a.call(json!({"subscribe": {"channel": "typing:p"}}));
+    assert_eq!(t["subscribe"], json!({}));
+    let h = a.call(json!({"history": {"channel": "typing:p"}}));
+    assert_eq!(h["error"]["code"], 108);
+    // rpc without a backend, unknown method, ping command, unknown namespace.
+    assert_eq!(a.call(json!({"rpc": {"method": "x"}}))["error"]["code"], 108);
+    assert_eq!(a.call(json!({"nope": {}}))["error"]["code"], 104);
+    assert_eq!(a.call(json!({"ping": {}}))["ping"], json!({}));
+    assert_eq!(a.call(json!({"subscribe": {"channel": "nope:x"}}))["error"]["code"], 102);
+    assert_eq!(a.call(json!({"subscribe": {"channel": "chat:p"}}))["error"]["code"], 105);
+    // Personal channels: only their user.
+    assert_eq!(a.call(json!({"subscribe": {"channel": "#bob"}}))["error"]["code"], 103);
+    subscribe_ok(&mut b, "#bob");
+    // Unsubscribe always succeeds; presence drops back.
+    assert_eq!(b.call(json!({"unsubscribe": {"channel": "chat:p"}}))["unsubscribe"], json!({}));
+    assert_eq!(b.call(json!({"unsubscribe": {"channel": "never"}}))["unsubscribe"], json!({}));
+    let stats = a.call(json!({"presence_stats": {"channel": "chat:p"}}));
+    assert_eq!(stats["presence_stats"], json!({"num_clients": 1, "num_users": 1}), "{stats}");
+    // Publishing needs a subscription in chat:, and is refused in presence:.
+    assert_eq!(b.call(json!({"publish": {"channel": "chat:p", "data": {}}}))["error"]["code"], 103);
+    assert_eq!(a.call(json!({"publish": {"channel": "presence:x", "data": {}}}))["error"]["code"], 103);
+    assert_eq!(a.call(json!({"publish": {"channel": "chat:p"}}))["error"]["code"], 107);
+}
