@@ -1,4 +1,5 @@
-//! The admin port: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+//! The admin port: `/metrics` (Prometheus text), `/healthz` (alive), `/readyz`
+//! (200 once a router link is up and while not draining, else 503).
 //! A plain blocking thread: it is off the hot path and serves operators.
 
 use std::io::{Read, Write};
@@ -30,6 +31,9 @@ pub fn spawn(listener: TcpListener, metrics: Arc<Metrics>, life: Arc<Lifecycle>)
                 "/metrics" => ("200 OK", metrics.render()),
                 "/healthz" => ("200 OK", "ok\n".to_owned()),
                 "/readyz" if life.drain.load(Ordering::Relaxed) => ("503 Service Unavailable", "draining\n".to_owned()),
+                "/readyz" if metrics.routers_up.load(Ordering::Relaxed) == 0 => {
+                    ("503 Service Unavailable", "no router link\n".to_owned())
+                }
                 "/readyz" => ("200 OK", "ready\n".to_owned()),
                 _ => ("404 Not Found", "not found\n".to_owned()),
             };

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub resyncs: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
     pub core_queue_full: AtomicU64,
+    /// Router links up now.
+    pub routers_up: AtomicU64,
 }
 
 impl Metrics {
@@ -52,6 +54,7 @@ impl Metrics {
             frames_encoded: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
+            routers_up: AtomicU64::new(0),
         }
     }
 
@@ -80,6 +83,7 @@ impl Metrics {
             ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
+            ("switchyard_gateway_routers_up", &self.routers_up),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }

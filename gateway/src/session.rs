@@ -16,6 +16,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use monoio::buf::IoBufMut;
 use monoio::io::{
     AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
 };
@@ -253,9 +254,33 @@ impl Future for ClosingSignal {
     }
 }
 
+/// Writes a final HTTP answer, then closes gracefully: shut down our side and
+/// discard what the client is still sending (bounded: 64 KiB, 1 s), so the
+/// answer is not destroyed by a reset from closing over unread data.
 async fn write_raw(stream: &mut TcpStream, bytes: Vec<u8>) {
     let _ = monoio::time::timeout(Duration::from_secs(2), stream.write_all(bytes)).await;
     let _ = stream.shutdown().await;
+    let drain = async {
+        let mut buf = vec![0u8; 8192];
+        let mut total = 0;
+        while total < 64 * 1024 {
+            let (res, b) = stream.read(buf).await;
+            buf = b;
+            match res {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = monoio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// Reads into the spare capacity of `buf`, after what it already holds
+/// (monoio's plain `read` fills a buffer from its start).
+async fn read_append<R: AsyncReadRent>(r: &mut R, buf: BytesMut) -> (std::io::Result<usize>, BytesMut) {
+    let (len, cap) = (buf.len(), buf.capacity());
+    let (res, slice) = r.read(buf.slice_mut(len..cap)).await;
+    (res, slice.into_inner())
 }
 
 /// Answers a refused upgrade (or an admission 503) and closes.
@@ -276,7 +301,7 @@ async fn read_upgrade(
             if buf.capacity() - buf.len() < 512 {
                 buf.reserve(1024);
             }
-            let (res, b) = stream.read(buf).await;
+            let (res, b) = read_append(stream, buf).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => return Err(None),
@@ -384,7 +409,7 @@ async fn run(
             buf.extend_from_slice(&pending);
             pending.clear();
         }
-        let (res, mut b) = read_half.read(buf).await;
+        let (res, mut b) = read_append(&mut read_half, buf).await;
         match res {
             Ok(0) | Err(_) => {
                 core.give_scratch(b);

@@ -261,7 +261,9 @@ impl Uplink {
         match ev {
             Event::Up(i, tx) => {
                 tracing::info!(router = %self.routers[i], "router link up");
-                self.links[i] = Some(tx);
+                if self.links[i].replace(tx).is_none() {
+                    self.metrics.routers_up.fetch_add(1, Ordering::Relaxed);
+                }
                 // Channels this router already owned (a reconnect) start over too.
                 let owned: Vec<String> = self
                     .channels
@@ -281,6 +283,7 @@ impl Uplink {
                 if self.links[i].take().is_none() {
                     return; // a failed attempt, not a lost link
                 }
+                self.metrics.routers_up.fetch_sub(1, Ordering::Relaxed);
                 tracing::warn!(router = %self.routers[i], "router link down");
                 for r in self.channels.values_mut() {
                     if r.owner == Some(i) {

@@ -193,6 +193,7 @@ impl Cluster {
         self.admin_addrs.push(admin);
         wait_tcp(ws);
         wait_tcp(admin);
+        wait_ready(admin);
     }
 
     /// Connects a client to gateway `i` and sends `connect` with a token for `user`.
@@ -232,6 +233,18 @@ pub fn wait_tcp(addr: SocketAddr) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("nothing listens on {addr}");
+}
+
+/// Waits (bounded) until a gateway's `/readyz` answers 200 (a router link is up).
+pub fn wait_ready(admin: SocketAddr) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if http_get(admin, "/readyz").starts_with("ready") {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("gateway at {admin} never became ready");
 }
 
 /// A plain HTTP GET; returns the body.
