@@ -40,6 +40,11 @@ pub struct RouterConfig {
     pub quic_listen: SocketAddr,
     /// Link TLS files.
     pub tls: TlsFiles,
+    /// HTTP server API (and /metrics) listener (default 127.0.0.1:8000).
+    pub api_listen: SocketAddr,
+    /// Key the HTTP API requires (`X-API-Key`); empty refuses every call
+    /// (default `dev-api-key`: change it anywhere but a laptop).
+    pub api_key: String,
     /// Channel-state shards (worker tasks, each owning the channels that hash
     /// to it). Default: the number of cores.
     pub shards: usize,
@@ -68,6 +73,8 @@ impl Default for RouterConfig {
             id: "router-1".into(),
             quic_listen: "127.0.0.1:7100".parse().expect("static address"),
             tls: TlsFiles::default(),
+            api_listen: "127.0.0.1:8000".parse().expect("static address"),
+            api_key: "dev-api-key".into(),
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             delivery_streams: 8,
             gateway_queue: 65_536,

@@ -17,12 +17,15 @@
 //! - [`server`]: the QUIC endpoint (mutual TLS), hello/version check, one
 //!   control stream and K delivery streams per gateway, batched writes.
 //!
-//! Not yet here (see the open Router issue): the HTTP server API, user
-//! presence channels, heartbeat-based eviction beyond QUIC's idle timeout,
+//! - [`api`]: the HTTP server API (Centrifugo-compatible subset for `cent`),
+//!   `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Not yet here (see the open Router issue): user presence channels, heartbeat-based eviction beyond QUIC's idle timeout,
 //! clustering of several routers, SIGTERM drain.
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod api;
 pub mod certs;
 pub mod channel;
 pub mod config;

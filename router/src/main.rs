@@ -28,6 +28,12 @@ enum Cmd {
         /// Overrides `id`.
         #[arg(long)]
         id: Option<String>,
+        /// Overrides `api_listen`.
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+        /// Overrides `api_key`.
+        #[arg(long, env = "SWITCHYARD_API_KEY")]
+        api_key: Option<String>,
         /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
         #[arg(long)]
         certs: Option<PathBuf>,
@@ -57,7 +63,7 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config, quic_listen, id, certs } => {
+        Cmd::Run { config, quic_listen, id, api_listen, api_key, certs } => {
             let mut cfg = match config {
                 Some(path) => RouterConfig::from_toml(&std::fs::read_to_string(&path)?)?,
                 None => RouterConfig::default(),
@@ -68,6 +74,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(i) = id {
                 cfg.id = i;
             }
+            if let Some(a) = api_listen {
+                cfg.api_listen = a;
+            }
+            if let Some(k) = api_key {
+                cfg.api_key = k;
+            }
             if let Some(dir) = certs {
                 let p = router::certs::CertPaths::in_dir(&dir);
                 cfg.tls.ca_cert = p.ca_cert;
@@ -76,9 +88,11 @@ fn main() -> anyhow::Result<()> {
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async move {
+                let api = cfg.api_listen;
                 let router = router::server::Router::start(cfg);
                 tokio::select! {
-                    r = router.serve_links() => r,
+                    r = router.clone().serve_links() => r,
+                    r = router.serve_api(api) => r,
                     _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
                 }
             })

@@ -33,6 +33,7 @@ pub struct Router {
     metrics: Arc<Metrics>,
     next_gateway: AtomicU32,
     instance: u64,
+    started: std::time::Instant,
 }
 
 fn load_tls(cfg: &RouterConfig) -> anyhow::Result<rustls::ServerConfig> {
@@ -72,7 +73,54 @@ impl Router {
                 tx
             })
             .collect();
-        Arc::new(Router { cfg, shards, metrics, next_gateway: AtomicU32::new(1), instance: rand::random() })
+        Arc::new(Router {
+            cfg,
+            shards,
+            metrics,
+            next_gateway: AtomicU32::new(1),
+            instance: rand::random(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// The router's id.
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    /// Random per process start.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// When the router started.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
+    /// The HTTP API key.
+    pub fn api_key(&self) -> &str {
+        &self.cfg.api_key
+    }
+
+    /// The shards' inboxes.
+    pub fn shards(&self) -> &[mpsc::Sender<ShardCmd>] {
+        &self.shards
+    }
+
+    /// Prometheus text.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let mut out = String::new();
+        for (name, v) in [
+            ("switchyard_router_publications_total", &m.publications),
+            ("switchyard_router_gateway_sends_total", &m.gateway_sends),
+            ("switchyard_router_gateway_queue_full_total", &m.gateway_queue_full),
+            ("switchyard_router_link_errors_total", &m.link_errors),
+        ] {
+            out.push_str(&format!("# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
+        }
+        out
     }
 
     /// Counters.
@@ -80,7 +128,7 @@ impl Router {
         &self.metrics
     }
 
-    fn shard_of(&self, channel: &str) -> &mpsc::Sender<ShardCmd> {
+    pub(crate) fn shard_of(&self, channel: &str) -> &mpsc::Sender<ShardCmd> {
         &self.shards[(stable_hash(channel.as_bytes()) % self.shards.len() as u64) as usize]
     }
 

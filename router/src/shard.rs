@@ -12,7 +12,7 @@ use proto::client::ReplyError;
 use proto::cluster::ClusterMsg;
 use proto::namespace::Namespaces;
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{ChannelState, PublishOutcome, StreamOptions};
 use crate::presence::ChannelPresence;
@@ -53,6 +53,70 @@ pub enum ShardCmd {
     },
     /// A request from a gateway (publish, recover, history, presence…), answered on its link.
     Request(GatewayId, ClusterMsg),
+    /// A request from the HTTP server API.
+    Api(ApiOp),
+}
+
+/// A publish result: (offset, epoch).
+pub type PublishResult = Result<(u64, String), ReplyError>;
+/// A history result: (publications, epoch, top offset).
+pub type HistoryResult = Result<(Vec<proto::client::Publication>, String, u64), ReplyError>;
+
+/// HTTP API operations on one shard's channels.
+#[derive(Debug)]
+pub enum ApiOp {
+    /// Publish from the backend.
+    Publish {
+        /// Channel.
+        channel: String,
+        /// Payload JSON.
+        data: Bytes,
+        /// `tags` JSON object.
+        tags: Option<Bytes>,
+        /// Idempotency key (empty: none).
+        idempotency_key: String,
+        /// Answer.
+        reply: oneshot::Sender<PublishResult>,
+    },
+    /// `presence`.
+    Presence {
+        /// Channel.
+        channel: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<Vec<(String, Bytes)>, ReplyError>>,
+    },
+    /// `presence_stats`.
+    PresenceStats {
+        /// Channel.
+        channel: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<(u32, u32), ReplyError>>,
+    },
+    /// `history`.
+    History {
+        /// Channel.
+        channel: String,
+        /// Limit (0 position only, -1 all).
+        limit: i64,
+        /// Read after (offset, epoch).
+        since: Option<(u64, String)>,
+        /// Newest first.
+        reverse: bool,
+        /// Answer.
+        reply: oneshot::Sender<HistoryResult>,
+    },
+    /// `history_remove`.
+    HistoryRemove {
+        /// Channel.
+        channel: String,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), ReplyError>>,
+    },
+    /// Channels with interest or presence: (name, clients known by presence, gateways).
+    Channels {
+        /// Answer.
+        reply: oneshot::Sender<Vec<(String, u32)>>,
+    },
 }
 
 /// One shard's state and loop.
@@ -157,6 +221,64 @@ impl Shard {
                 }
             }
             ShardCmd::Request(gw, msg) => self.request(gw, msg, now),
+            ShardCmd::Api(op) => self.api(op, now),
+        }
+    }
+
+    fn api(&mut self, op: ApiOp, now: Instant) {
+        match op {
+            ApiOp::Publish { channel, data, tags, idempotency_key, reply } => {
+                let _ = reply.send(self.publish(&channel, data, None, tags, &idempotency_key, now));
+            }
+            ApiOp::Presence { channel, reply } => {
+                let r = match self.namespaces.resolve_str(&channel) {
+                    Ok(ns) if ns.presence => {
+                        Ok(self.presence.get(&channel).map(|p| p.entries()).unwrap_or_default())
+                    }
+                    Ok(_) => Err(ReplyError::NOT_AVAILABLE),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            ApiOp::PresenceStats { channel, reply } => {
+                let r = match self.namespaces.resolve_str(&channel) {
+                    Ok(ns) if ns.presence => {
+                        Ok(self.presence.get(&channel).map(|p| p.stats()).unwrap_or((0, 0)))
+                    }
+                    Ok(_) => Err(ReplyError::NOT_AVAILABLE),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            ApiOp::History { channel, limit, since, reverse, reply } => {
+                let r = self.options(&channel).and_then(|opts| {
+                    let since = since.as_ref().map(|(o, e)| (*o, e.as_str()));
+                    self.channel(&channel).history(limit, since, reverse, usize::MAX, now, &opts)
+                });
+                let _ = reply.send(r);
+            }
+            ApiOp::HistoryRemove { channel, reply } => {
+                let r = self.options(&channel).map(|_| {
+                    if let Some(ch) = self.channels.get_mut(&channel) {
+                        ch.remove_history();
+                    }
+                });
+                let _ = reply.send(r);
+            }
+            ApiOp::Channels { reply } => {
+                let mut out: Vec<(String, u32)> = self
+                    .channels
+                    .iter()
+                    .filter(|(_, c)| !c.gateways.is_empty())
+                    .map(|(n, _)| (n.clone(), self.presence.get(n).map(|p| p.stats().0).unwrap_or(0)))
+                    .collect();
+                for (n, p) in &self.presence {
+                    if !self.channels.get(n).is_some_and(|c| !c.gateways.is_empty()) {
+                        out.push((n.clone(), p.stats().0));
+                    }
+                }
+                let _ = reply.send(out);
+            }
         }
     }
 

@@ -36,8 +36,9 @@ fn start_router(tag: &str) -> RouterProc {
     let st = Command::new(bin).args(["certs", "--out"]).arg(&certs).stdout(Stdio::null()).status().unwrap();
     assert!(st.success());
     let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let child = Command::new(bin)
-        .args(["run", "--quic-listen", &addr.to_string(), "--certs"])
+        .args(["run", "--quic-listen", &addr.to_string(), "--api-listen", &api.to_string(), "--certs"])
         .arg(&certs)
         .env("RUST_LOG", "warn")
         .spawn()

@@ -21,6 +21,9 @@ use serde_json::Value;
 /// The HMAC secret the test gateways accept.
 pub const SECRET: &str = "e2e-secret";
 
+/// The routers' HTTP API key.
+pub const API_KEY: &str = "e2e-api-key";
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// Where the workspace's binaries are (`target/<profile>/`).
@@ -110,6 +113,8 @@ pub struct Cluster {
     pub routers: Vec<Proc>,
     /// Router QUIC addresses.
     pub router_addrs: Vec<SocketAddr>,
+    /// Router HTTP API addresses.
+    pub api_addrs: Vec<SocketAddr>,
     /// Gateway processes.
     pub gateways: Vec<Proc>,
     /// Gateway WebSocket addresses.
@@ -146,20 +151,25 @@ impl Cluster {
             certs,
             routers: Vec::new(),
             router_addrs: Vec::new(),
+            api_addrs: Vec::new(),
             gateways: Vec::new(),
             ws_addrs: Vec::new(),
             admin_addrs: Vec::new(),
         };
         for i in 0..routers {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+            let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
             let child = Command::new(bin("router"))
-                .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string(), "--certs"])
+                .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
+                .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
                 .arg(&c.certs)
                 .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
                 .spawn()
                 .unwrap();
             c.routers.push(Proc { child });
             c.router_addrs.push(addr);
+            c.api_addrs.push(api);
+            wait_tcp(api);
         }
         for i in 0..gateways {
             c.add_gateway(i, extra);
@@ -205,6 +215,18 @@ impl Cluster {
         ws
     }
 
+    /// Calls router `r`'s HTTP API: `POST /api/<method>` with `X-API-Key`.
+    /// Returns (status, body).
+    pub fn api(&self, r: usize, method: &str, body: &Value) -> (u16, String) {
+        http_request(
+            self.api_addrs[r],
+            "POST",
+            &format!("/api/{method}"),
+            &[("X-API-Key", API_KEY)],
+            &body.to_string(),
+        )
+    }
+
     /// Fetches gateway `i`'s Prometheus metrics.
     pub fn metrics(&self, i: usize) -> String {
         http_get(self.admin_addrs[i], "/metrics")
@@ -245,6 +267,32 @@ pub fn wait_ready(admin: SocketAddr) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("gateway at {admin} never became ready");
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
 }
 
 /// A plain HTTP GET; returns the body.

@@ -1,0 +1,384 @@
+//! The HTTP server API for the app backend: the Centrifugo-compatible subset
+//! that the `cent` client uses (client-protocol.md section 7).
+//!
+//! `POST /api/<method>` with a JSON body and `X-API-Key` (or
+//! `Authorization: apikey <key>`, or `?api_key=`). A bad key is 401 with an
+//! empty body, a method other than POST 405, an undecodable body 400, an
+//! unknown method 404; application outcomes are 200 with `{"result":…}` or
+//! `{"error":{"code","message"}}`. Backend publishes take the same path as
+//! client publishes: the owning shard orders them and fans them out once per
+//! interested gateway. Also serves `/metrics`, `/healthz` and `/readyz`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use proto::client::ReplyError;
+use proto::client::reply::{Publication, strip_newlines, write_str};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use crate::server::Router;
+use crate::shard::{ApiOp, ShardCmd};
+
+/// Largest API request body (1 MiB; above: 413).
+pub const MAX_BODY: usize = 1 << 20;
+
+type Reply = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_body(e: ReplyError) -> Vec<u8> {
+    let mut out = format!("{{\"error\":{{\"code\":{},\"message\":", e.code).into_bytes();
+    write_str(&mut out, e.message);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+fn result_body(result: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(result.len() + 12);
+    out.extend_from_slice(b"{\"result\":");
+    out.extend_from_slice(result);
+    out.push(b'}');
+    out
+}
+
+#[derive(Deserialize)]
+struct PublishReq {
+    #[serde(default)]
+    channel: String,
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    tags: Option<HashMap<String, String>>,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+#[derive(Deserialize)]
+struct BroadcastReq {
+    #[serde(default)]
+    channels: Vec<String>,
+    data: Option<Box<RawValue>>,
+    #[serde(default)]
+    tags: Option<HashMap<String, String>>,
+    #[serde(default)]
+    idempotency_key: String,
+}
+
+#[derive(Deserialize)]
+struct ChannelReq {
+    #[serde(default)]
+    channel: String,
+}
+
+#[derive(Deserialize, Default)]
+struct Since {
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    epoch: String,
+}
+
+#[derive(Deserialize)]
+struct HistoryReq {
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    limit: i64,
+    #[serde(default)]
+    since: Option<Since>,
+    #[serde(default)]
+    reverse: bool,
+}
+
+#[derive(Deserialize, Default)]
+struct ChannelsReq {
+    #[serde(default)]
+    pattern: String,
+}
+
+fn tags_json(tags: &Option<HashMap<String, String>>) -> Option<Bytes> {
+    tags.as_ref()
+        .filter(|t| !t.is_empty())
+        .map(|t| Bytes::from(serde_json::to_vec(t).expect("tags serialize")))
+}
+
+/// Glob match with `*` and `?` (Centrifugo's `channels` pattern).
+pub fn glob(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    pattern.is_empty() || go(pattern.as_bytes(), name.as_bytes())
+}
+
+impl Router {
+    async fn api_call<T>(&self, channel: &str, op: impl FnOnce(oneshot::Sender<T>) -> ApiOp) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.shard_of(channel).send(ShardCmd::Api(op(tx))).await.ok()?;
+        rx.await.ok()
+    }
+
+    async fn api_publish(&self, channel: String, data: Bytes, tags: Option<Bytes>, key: String) -> Vec<u8> {
+        if proto::client::channel::ChannelName::parse(&channel).is_err() {
+            return error_body(ReplyError::BAD_REQUEST);
+        }
+        let r = self
+            .api_call(&channel.clone(), |reply| ApiOp::Publish {
+                channel,
+                data,
+                tags,
+                idempotency_key: key,
+                reply,
+            })
+            .await
+            .unwrap_or(Err(ReplyError::INTERNAL));
+        match r {
+            Ok((offset, epoch)) if offset > 0 => {
+                let mut out = format!("{{\"offset\":{offset},\"epoch\":").into_bytes();
+                write_str(&mut out, &epoch);
+                out.push(b'}');
+                result_body(&out)
+            }
+            Ok(_) => result_body(b"{}"),
+            Err(e) => error_body(e),
+        }
+    }
+
+    async fn dispatch(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, StatusCode> {
+        let bad = |_| StatusCode::BAD_REQUEST;
+        Ok(match method {
+            "publish" => {
+                let r: PublishReq = serde_json::from_slice(body).map_err(bad)?;
+                let Some(data) = r.data else { return Ok(error_body(ReplyError::BAD_REQUEST)) };
+                self.api_publish(
+                    r.channel,
+                    strip_newlines(data.get().as_bytes()),
+                    tags_json(&r.tags),
+                    r.idempotency_key,
+                )
+                .await
+            }
+            "broadcast" => {
+                let r: BroadcastReq = serde_json::from_slice(body).map_err(bad)?;
+                let Some(data) = r.data else { return Ok(error_body(ReplyError::BAD_REQUEST)) };
+                let data = strip_newlines(data.get().as_bytes());
+                let tags = tags_json(&r.tags);
+                let mut out = b"{\"responses\":[".to_vec();
+                for (i, ch) in r.channels.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend(
+                        self.api_publish(ch, data.clone(), tags.clone(), r.idempotency_key.clone()).await,
+                    );
+                }
+                out.extend_from_slice(b"]}");
+                result_body(&out)
+            }
+            "presence" => {
+                let r: ChannelReq = serde_json::from_slice(body).map_err(bad)?;
+                let channel = r.channel;
+                match self.api_call(&channel.clone(), |reply| ApiOp::Presence { channel, reply }).await {
+                    Some(Ok(entries)) => result_body(&proto::client::reply::presence_result(
+                        entries.iter().map(|(c, i)| (c.as_str(), &i[..])),
+                    )),
+                    Some(Err(e)) => error_body(e),
+                    None => error_body(ReplyError::INTERNAL),
+                }
+            }
+            "presence_stats" => {
+                let r: ChannelReq = serde_json::from_slice(body).map_err(bad)?;
+                let channel = r.channel;
+                match self.api_call(&channel.clone(), |reply| ApiOp::PresenceStats { channel, reply }).await {
+                    Some(Ok((c, u))) => {
+                        result_body(format!("{{\"num_clients\":{c},\"num_users\":{u}}}").as_bytes())
+                    }
+                    Some(Err(e)) => error_body(e),
+                    None => error_body(ReplyError::INTERNAL),
+                }
+            }
+            "history" => {
+                let r: HistoryReq = serde_json::from_slice(body).map_err(bad)?;
+                let (channel, limit, reverse) = (r.channel, r.limit, r.reverse);
+                let since = r.since.map(|s| (s.offset, s.epoch));
+                match self
+                    .api_call(&channel.clone(), |reply| ApiOp::History {
+                        channel,
+                        limit,
+                        since,
+                        reverse,
+                        reply,
+                    })
+                    .await
+                {
+                    Some(Ok((pubs, epoch, top))) => result_body(&proto::client::reply::history_result(
+                        &pubs as &[Publication],
+                        &epoch,
+                        top,
+                    )),
+                    Some(Err(e)) => error_body(e),
+                    None => error_body(ReplyError::INTERNAL),
+                }
+            }
+            "history_remove" => {
+                let r: ChannelReq = serde_json::from_slice(body).map_err(bad)?;
+                let channel = r.channel;
+                match self.api_call(&channel.clone(), |reply| ApiOp::HistoryRemove { channel, reply }).await {
+                    Some(Ok(())) => result_body(b"{}"),
+                    Some(Err(e)) => error_body(e),
+                    None => error_body(ReplyError::INTERNAL),
+                }
+            }
+            "channels" => {
+                let r: ChannelsReq = if body.iter().all(u8::is_ascii_whitespace) {
+                    ChannelsReq::default()
+                } else {
+                    serde_json::from_slice(body).map_err(bad)?
+                };
+                let mut out = b"{\"channels\":{".to_vec();
+                let mut first = true;
+                for shard in self.shards() {
+                    let (tx, rx) = oneshot::channel();
+                    if shard.send(ShardCmd::Api(ApiOp::Channels { reply: tx })).await.is_err() {
+                        continue;
+                    }
+                    for (name, clients) in rx.await.unwrap_or_default() {
+                        if !glob(&r.pattern, &name) {
+                            continue;
+                        }
+                        if !first {
+                            out.push(b',');
+                        }
+                        first = false;
+                        write_str(&mut out, &name);
+                        out.extend_from_slice(format!(":{{\"num_clients\":{clients}}}").as_bytes());
+                    }
+                }
+                out.extend_from_slice(b"}}");
+                result_body(&out)
+            }
+            "info" => {
+                let m = self.metrics();
+                let mut out = b"{\"nodes\":[{\"uid\":".to_vec();
+                write_str(&mut out, &format!("{:016x}", self.instance()));
+                out.extend_from_slice(b",\"name\":");
+                write_str(&mut out, self.id());
+                out.extend_from_slice(
+                    format!(
+                        ",\"version\":\"{}\",\"num_clients\":0,\"num_users\":0,\"num_channels\":0,\"num_subs\":0,\"uptime\":{},\"publications\":{}}}]}}",
+                        env!("CARGO_PKG_VERSION"),
+                        self.started().elapsed().as_secs(),
+                        m.publications.load(Ordering::Relaxed)
+                    )
+                    .as_bytes(),
+                );
+                result_body(&out)
+            }
+            _ => return Err(StatusCode::NOT_FOUND),
+        })
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let key = self.api_key();
+        if key.is_empty() {
+            return false;
+        }
+        let h = req.headers();
+        if let Some(v) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            return v == key;
+        }
+        if let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) {
+            return v.strip_prefix("apikey ").is_some_and(|k| k.trim() == key);
+        }
+        req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.strip_prefix("api_key=") == Some(key)))
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, std::convert::Infallible> {
+        let path = req.uri().path().to_owned();
+        match path.as_str() {
+            "/healthz" => return Ok(respond(StatusCode::OK, "ok\n")),
+            "/readyz" => return Ok(respond(StatusCode::OK, "ready\n")),
+            "/metrics" => return Ok(respond(StatusCode::OK, self.render_metrics())),
+            _ => {}
+        }
+        let Some(method) = path.strip_prefix("/api/").map(str::to_owned) else {
+            return Ok(respond(StatusCode::NOT_FOUND, ""));
+        };
+        if req.method() != Method::POST {
+            return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, ""));
+        }
+        if !self.authorized(&req) {
+            return Ok(respond(StatusCode::UNAUTHORIZED, ""));
+        }
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "")),
+        };
+        let started = Instant::now();
+        let r = match self.dispatch(&method, &body).await {
+            Ok(out) => respond(StatusCode::OK, out),
+            Err(status) => respond(status, ""),
+        };
+        tracing::debug!(method, elapsed = ?started.elapsed(), "api call");
+        Ok(r)
+    }
+
+    /// Serves the HTTP API on `addr` until the task is dropped.
+    pub async fn serve_api(self: Arc<Self>, addr: SocketAddr) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "router HTTP API listening");
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "api accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let router = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| router.clone().handle(req));
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn globs() {
+        assert!(glob("", "anything"));
+        assert!(glob("chat:*", "chat:general"));
+        assert!(!glob("chat:*", "typing:general"));
+        assert!(glob("c?at:*", "chat:x"));
+        assert!(glob("*", ""));
+    }
+}
