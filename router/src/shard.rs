@@ -273,7 +273,7 @@ impl Shard {
                     .map(|(n, _)| (n.clone(), self.presence.get(n).map(|p| p.stats().0).unwrap_or(0)))
                     .collect();
                 for (n, p) in &self.presence {
-                    if !self.channels.get(n).is_some_and(|c| !c.gateways.is_empty()) {
+                    if self.channels.get(n).is_none_or(|c| c.gateways.is_empty()) {
                         out.push((n.clone(), p.stats().0));
                     }
                 }
