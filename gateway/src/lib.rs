@@ -16,7 +16,7 @@
 //!   vectored writer ("slow" close at the bound).
 //! - [`uplink`]: routers, `channel → bitmask of cores`, encode-once framing.
 //! - [`auth`]: JWT verification (HS*, RS*, ES256).
-//! - [`config`], [`metrics`], [`admin`]: operations.
+//! - [`config`], [`metrics`], [`admin`], [`cli`]: operations.
 //!
 //! ## Invariants
 //! - **Encode once**: a publication is framed once by the uplink; every
@@ -38,6 +38,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bridge;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod cores;

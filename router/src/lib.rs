@@ -28,6 +28,7 @@
 pub mod api;
 pub mod certs;
 pub mod channel;
+pub mod cli;
 pub mod config;
 pub mod presence;
 pub mod server;

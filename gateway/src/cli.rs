@@ -1,0 +1,186 @@
+//! The gateway's command line (`gateway run …`), shared by the `gateway`
+//! binary and the loadgen's embedded demo. With no file it starts on
+//! loopback with development defaults; every config key can be set here.
+//!
+//! Signals: SIGTERM drains (stop accepting, close sessions with 3001 spread
+//! over the drain window, exit 0); the first SIGINT drains too, a second
+//! SIGINT exits at once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::config::GatewayConfig;
+use crate::cores::Lifecycle;
+use clap::{Parser, Subcommand};
+
+/// `gateway` command line.
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "Switchyard WebSocket gateway")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Serve WebSocket clients.
+    Run(RunArgs),
+}
+
+/// `gateway run` flags.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// TOML config; without it, development defaults on loopback.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `id`.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Overrides `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Overrides `admin_listen`.
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Overrides `cores`.
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// Do not pin cores.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Router QUIC address (repeat for several; overrides `uplink.routers`).
+    #[arg(long = "router")]
+    pub routers: Vec<SocketAddr>,
+    /// Directory with ca.pem, gateway.pem, gateway.key (overrides the uplink TLS paths).
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// Overrides `auth.hmac_secret`.
+    #[arg(long, env = "SWITCHYARD_HMAC_SECRET")]
+    pub hmac_secret: Option<String>,
+    /// Sets `auth.allow_anonymous`.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Overrides `echo_path` (turns the echo endpoint on).
+    #[arg(long)]
+    pub echo_path: Option<String>,
+    /// Sets `deflate` (accept permessage-deflate).
+    #[arg(long)]
+    pub deflate: bool,
+    /// Overrides `drain_secs`.
+    #[arg(long)]
+    pub drain_secs: Option<u64>,
+}
+
+/// Builds the configuration from a file and flags.
+pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
+    let mut cfg = match &a.config {
+        Some(p) => GatewayConfig::from_toml(&std::fs::read_to_string(p)?)?,
+        None => GatewayConfig::default(),
+    };
+    if let Some(v) = a.id {
+        cfg.id = v;
+    }
+    if let Some(v) = a.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = a.admin_listen {
+        cfg.admin_listen = v;
+    }
+    if let Some(v) = a.cores {
+        cfg.cores = v;
+    }
+    if a.no_pin {
+        cfg.pin_cores = false;
+    }
+    if !a.routers.is_empty() {
+        cfg.uplink.routers = a.routers;
+    }
+    if let Some(dir) = a.certs {
+        cfg.uplink.ca_cert = dir.join("ca.pem");
+        cfg.uplink.cert = dir.join("gateway.pem");
+        cfg.uplink.key = dir.join("gateway.key");
+    }
+    if let Some(v) = a.hmac_secret {
+        cfg.auth.hmac_secret = v;
+    }
+    if a.allow_anonymous {
+        cfg.auth.allow_anonymous = true;
+    }
+    if let Some(v) = a.echo_path {
+        cfg.echo_path = v;
+    }
+    if a.deflate {
+        cfg.deflate = true;
+    }
+    if let Some(v) = a.drain_secs {
+        cfg.drain_secs = v;
+    }
+    cfg.cores = cfg.cores.clamp(1, crate::bridge::MAX_CORES);
+    Ok(cfg)
+}
+
+/// Parses `args` (program name first) and runs the gateway until it has drained.
+pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    let Cmd::Run(args) = Cli::parse_from(args).cmd;
+    run(load(args)?)
+}
+
+/// Runs a gateway until it has drained (SIGTERM, or SIGINT twice to exit at once).
+pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(crate::metrics::Metrics::new(cfg.cores));
+    let verifier = Arc::new(crate::auth::Verifier::new(&cfg.auth)?);
+    let life = Arc::new(Lifecycle::default());
+
+    let (up_tx, up_rx) = flume::bounded(cfg.uplink.queue.max(1024));
+    let mut inbox_tx = Vec::new();
+    let mut inbox_rx = Vec::new();
+    for _ in 0..cfg.cores {
+        let (tx, rx) = flume::bounded(65_536);
+        inbox_tx.push(tx);
+        inbox_rx.push(rx);
+    }
+    let uplink = crate::uplink::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
+    let admin = std::net::TcpListener::bind(cfg.admin_listen)?;
+    crate::admin::spawn(admin, metrics.clone(), life.clone())?;
+    let cores = crate::cores::spawn(cfg.clone(), verifier, up_tx, inbox_rx, metrics, life.clone())?;
+    tracing::info!(id = %cfg.id, listen = %cfg.listen, admin = %cfg.admin_listen, "gateway ready");
+
+    let sig_life = life.clone();
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("signal runtime");
+        rt.block_on(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let mut interrupts = 0;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {
+                        tracing::info!("SIGTERM: draining");
+                        sig_life.drain.store(true, Ordering::Relaxed);
+                    }
+                    _ = int.recv() => {
+                        interrupts += 1;
+                        if interrupts >= 2 {
+                            tracing::warn!("second SIGINT: exiting now");
+                            std::process::exit(130);
+                        }
+                        tracing::info!("SIGINT: draining (again to exit at once)");
+                        sig_life.drain.store(true, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+    })?;
+
+    for c in cores {
+        let _ = c.join();
+    }
+    tracing::info!("all cores drained");
+    drop(uplink);
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The router's command line (`router run …`, `router certs …`), shared by
+//! the `router` binary and the loadgen's embedded demo.
+
+use std::path::PathBuf;
+
+use crate::config::RouterConfig;
+use clap::{Parser, Subcommand};
+
+/// `router` command line.
+#[derive(Parser)]
+#[command(name = "router", version, about = "Switchyard channel server")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Subcommands.
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Serve gateway links (QUIC, mutual TLS).
+    Run {
+        /// TOML config; without it, development defaults on loopback.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Overrides `quic_listen`.
+        #[arg(long)]
+        quic_listen: Option<std::net::SocketAddr>,
+        /// Overrides `id`.
+        #[arg(long)]
+        id: Option<String>,
+        /// Overrides `api_listen`.
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
+        /// Overrides `api_key`.
+        #[arg(long, env = "SWITCHYARD_API_KEY")]
+        api_key: Option<String>,
+        /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
+        #[arg(long)]
+        certs: Option<PathBuf>,
+    },
+    /// Write a development CA and router/gateway certificates.
+    Certs {
+        /// Output directory.
+        #[arg(long, default_value = "certs")]
+        out: PathBuf,
+    },
+}
+
+/// Parses `args` (program name first) and runs the command.
+pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
+    match Cli::parse_from(args).cmd {
+        Cmd::Certs { out } => {
+            let p = crate::certs::generate(&out)?;
+            println!(
+                "wrote {} (CA), {} and {}",
+                p.ca_cert.display(),
+                p.router_cert.display(),
+                p.gateway_cert.display()
+            );
+            Ok(())
+        }
+        Cmd::Run { config, quic_listen, id, api_listen, api_key, certs } => {
+            let mut cfg = match config {
+                Some(path) => RouterConfig::from_toml(&std::fs::read_to_string(&path)?)?,
+                None => RouterConfig::default(),
+            };
+            if let Some(a) = quic_listen {
+                cfg.quic_listen = a;
+            }
+            if let Some(i) = id {
+                cfg.id = i;
+            }
+            if let Some(a) = api_listen {
+                cfg.api_listen = a;
+            }
+            if let Some(k) = api_key {
+                cfg.api_key = k;
+            }
+            if let Some(dir) = certs {
+                let p = crate::certs::CertPaths::in_dir(&dir);
+                cfg.tls.ca_cert = p.ca_cert;
+                cfg.tls.cert = p.router_cert;
+                cfg.tls.key = p.router_key;
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let api = cfg.api_listen;
+                let router = crate::server::Router::start(cfg);
+                tokio::select! {
+                    r = router.clone().serve_links() => r,
+                    r = router.serve_api(api) => r,
+                    _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
+                }
+            })
+        }
+    }
+}
