@@ -1,1 +1,25 @@
-//! placeholder during bring-up
+//! # Switchyard `loadgen`: storms, workloads, a correctness checker, the demo
+//!
+//! One binary that speaks only the public client protocol and HTTP API, so it
+//! can be pointed at any compatible server, and that also embeds the router
+//! and gateway so `loadgen demo` needs nothing else.
+//!
+//! - [`worker`]: a worker process's clients (thread-per-core monoio), the
+//!   per-subscription offset checker and latency histograms.
+//! - [`orchestrate`]: worker and server processes (one process's open-file
+//!   limit is 20,000 here, so clients and gateways are spread over processes),
+//!   the HTTP API publisher.
+//! - [`demo`]: the one-command demo (storm + fan-out) and `--serve`.
+//! - [`report`]: terminal table, `--json`, HTML report.
+//! - [`zipf`]: Zipf-distributed channel sizes.
+//!
+//! A run exits non-zero when anything was lost, duplicated or reordered
+//! without the server saying so (`recovered:false` / unsubscribe 2500).
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod demo;
+pub mod orchestrate;
+pub mod report;
+pub mod worker;
+pub mod zipf;

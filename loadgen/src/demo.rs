@@ -1,0 +1,368 @@
+//! The one-command demo and the storm + fan-out scenario it runs.
+//!
+//! `loadgen demo` writes development certificates and secrets, starts a
+//! router and as many gateway processes as the connection count needs (they
+//! share one port with SO_REUSEPORT; each process stays under the open-file
+//! limit), runs a storm of N clients subscribed to Zipf-sized channels, then a
+//! fan-out of timestamped publications through the HTTP API, checks that
+//! every subscriber got every publication once and in order, prints the
+//! report and the HTML path, and drains everything.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::Rng;
+
+use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
+use crate::report::{RunReport, Sample};
+use crate::worker::{WorkerSpec, unix_micros};
+use crate::zipf::Zipf;
+
+/// Secrets of the development cluster.
+pub const DEMO_SECRET: &str = "switchyard-demo-secret";
+/// The development API key.
+pub const DEMO_API_KEY: &str = "switchyard-demo-key";
+
+/// Demo options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Clients in the storm.
+    #[arg(long, default_value_t = 50_000)]
+    pub connections: usize,
+    /// New connections per second (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub storm_rate: f64,
+    /// Channels (their sizes follow a Zipf distribution).
+    #[arg(long, default_value_t = 20)]
+    pub channels: usize,
+    /// Zipf exponent of channel sizes.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Subscriptions per client.
+    #[arg(long, default_value_t = 2)]
+    pub subs_per_conn: usize,
+    /// Publications in the fan-out.
+    #[arg(long, default_value_t = 500)]
+    pub publications: usize,
+    /// Publications per second.
+    #[arg(long, default_value_t = 200.0)]
+    pub rate: f64,
+    /// Keep the cluster running until Ctrl-C and print how to reach it.
+    #[arg(long)]
+    pub serve: bool,
+    /// Turn the gateway's echo endpoint on (`/echo`).
+    #[arg(long)]
+    pub echo: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// HTML report path (default: reports/demo-<time>.html).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Threads per worker process.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Gateway WebSocket port (default: a free one).
+    #[arg(long)]
+    pub ws_port: Option<u16>,
+    /// Router API port (default: a free one).
+    #[arg(long)]
+    pub api_port: Option<u16>,
+    /// Cores per gateway process.
+    #[arg(long, default_value_t = 2)]
+    pub gateway_cores: usize,
+}
+
+struct Cluster {
+    _dir: TempDir,
+    router: ServerProc,
+    gateways: Vec<ServerProc>,
+    ws_addr: SocketAddr,
+    api_addr: SocketAddr,
+    admin_addrs: Vec<SocketAddr>,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn start_cluster(a: &DemoArgs, quiet: bool) -> anyhow::Result<Cluster> {
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    let paths = router::certs::generate(&dir)?;
+    let dir = TempDir(dir);
+    let quic = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], a.api_port.unwrap_or_else(orchestrate::free_port)));
+    let certs = dir.0.to_string_lossy().into_owned();
+    let _ = paths;
+    let router = ServerProc::spawn(
+        "router",
+        &[
+            "router",
+            "run",
+            "--id",
+            "router-1",
+            "--quic-listen",
+            &quic.to_string(),
+            "--api-listen",
+            &api_addr.to_string(),
+            "--api-key",
+            DEMO_API_KEY,
+            "--certs",
+            &certs,
+        ]
+        .map(String::from),
+        quiet,
+    )?;
+    let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
+    let n = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
+    let mut gateways = Vec::new();
+    let mut admin_addrs = Vec::new();
+    for i in 0..n {
+        let admin = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
+        let mut args: Vec<String> = [
+            "gateway",
+            "run",
+            "--id",
+            &format!("gw-{i}"),
+            "--listen",
+            &ws_addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+            "--router",
+            &quic.to_string(),
+            "--certs",
+            &certs,
+            "--hmac-secret",
+            DEMO_SECRET,
+            "--drain-secs",
+            "2",
+            "--cores",
+            &a.gateway_cores.to_string(),
+            "--config",
+        ]
+        .map(String::from)
+        .to_vec();
+        // Demo admission: generous, so a 50k storm is limited by the machine,
+        // not by policy (the storm tests exercise the 503 path).
+        let cfg = dir.0.join(format!("gateway-{i}.toml"));
+        std::fs::write(
+            &cfg,
+            "[admission]\naccept_rate = 100000.0\naccept_burst = 50000\nmax_pending_handshakes = 50000\n",
+        )?;
+        args.push(cfg.to_string_lossy().into_owned());
+        if a.echo {
+            args.extend(["--echo-path".to_owned(), "/echo".to_owned()]);
+        }
+        gateways.push(ServerProc::spawn(&format!("gateway-{i}"), &args, quiet)?);
+        admin_addrs.push(admin);
+    }
+    for admin in &admin_addrs {
+        orchestrate::wait_ready(*admin, Duration::from_secs(60))?;
+    }
+    Ok(Cluster { _dir: dir, router, gateways, ws_addr, api_addr, admin_addrs })
+}
+
+fn demo_token(user: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user}),
+        &jsonwebtoken::EncodingKey::from_secret(DEMO_SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+fn bar(len: u64, msg: &str, json: bool) -> ProgressBar {
+    if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")
+            .expect("template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg.to_owned());
+    b
+}
+
+/// Runs the demo.
+pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
+    let quiet = !a.serve;
+    let mut cluster = start_cluster(&a, quiet)?;
+    if a.serve {
+        let mut line = serde_json::json!({
+            "ws_url": format!("ws://{}/connection/websocket", cluster.ws_addr),
+            "api_url": format!("http://{}/api", cluster.api_addr),
+            "api_key": DEMO_API_KEY,
+            "hmac_secret": DEMO_SECRET,
+            "token": demo_token("demo-user"),
+            "metrics_urls": cluster.admin_addrs.iter().map(|a| format!("http://{a}/metrics")).chain([format!("http://{}/metrics", cluster.api_addr)]).collect::<Vec<_>>(),
+        });
+        if a.echo {
+            line["echo_url"] = format!("ws://{}/echo", cluster.ws_addr).into();
+        }
+        println!("{line}");
+        wait_for_ctrl_c();
+        eprintln!("draining…");
+        for g in cluster.gateways.iter_mut() {
+            g.terminate(Duration::from_secs(10));
+        }
+        cluster.router.terminate(Duration::from_secs(5));
+        return Ok(true);
+    }
+    let report = scenario(&a, &mut cluster)?;
+    for g in cluster.gateways.iter_mut() {
+        g.terminate(Duration::from_secs(15));
+    }
+    cluster.router.terminate(Duration::from_secs(5));
+    let path = a.report.clone().unwrap_or_else(|| {
+        let _ = std::fs::create_dir_all("reports");
+        PathBuf::from(format!("reports/demo-{}.html", unix_micros() / 1_000_000))
+    });
+    report.write_html(&path)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    eprintln!("HTML report: {}", path.display());
+    Ok(!report.silent_loss())
+}
+
+fn wait_for_ctrl_c() {
+    // SAFETY: a plain signal mask and sigwait on this thread; no handlers run.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let mut sig = 0;
+        libc::sigwait(&set, &mut sig);
+    }
+}
+
+fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
+    let channels: Vec<String> = (0..a.channels.max(1)).map(|i| format!("chat:demo-{i}")).collect();
+    let mut report = RunReport {
+        scenario: "demo (storm + fan-out)".into(),
+        connections: a.connections as u64,
+        publications: a.publications as u64,
+        ..Default::default()
+    };
+    let gw_cpu0: f64 = cluster.gateways.iter().map(|g| g.cpu_secs()).sum();
+    let gw_rss0: u64 = cluster.gateways.iter().map(|g| g.rss_bytes()).sum();
+    let procs = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
+    let mut workers = Vec::new();
+    let start = Instant::now();
+    for p in 0..procs {
+        let first = p * a.connections / procs;
+        let n = (p + 1) * a.connections / procs - first;
+        let spec = WorkerSpec {
+            ws_addr: cluster.ws_addr,
+            path: "/connection/websocket".into(),
+            connections: n,
+            first_index: first,
+            threads: a.threads,
+            rate: a.storm_rate / procs as f64,
+            hmac_secret: DEMO_SECRET.into(),
+            channels: channels.clone(),
+            zipf_s: a.zipf,
+            subs_per_conn: a.subs_per_conn,
+            source_ips: (a.connections / 20_000 + 1).max(1) * 4,
+            max_attempts: 20,
+            deadline_secs: 600,
+        };
+        workers.push(Worker::spawn(&spec)?);
+    }
+    let totals = |ws: &[Worker]| {
+        let mut t = (0u64, 0u64, 0u64, true);
+        for w in ws {
+            let s = w.state.lock().expect("state");
+            t.0 += s.connected + s.failed;
+            t.1 += s.deliveries;
+            t.2 += s.connected;
+            t.3 &= s.ready;
+        }
+        t
+    };
+    let pb = bar(a.connections as u64, "connecting", a.json);
+    let storm_deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (done, deliveries, connected, ready) = totals(&workers);
+        pb.set_position(done);
+        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected, deliveries });
+        if ready || Instant::now() > storm_deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    pb.finish_and_clear();
+    report.storm_secs = start.elapsed().as_secs_f64();
+    let (_, _, connected, _) = totals(&workers);
+    report.accept_rate = connected as f64 / report.storm_secs.max(1e-3);
+    let gw_rss1: u64 = cluster.gateways.iter().map(|g| g.rss_bytes()).sum();
+    report.gateway_rss_per_conn = gw_rss1.saturating_sub(gw_rss0) as f64 / connected.max(1) as f64;
+
+    // Fan-out through the HTTP API, paced, timestamped.
+    let mut api = ApiClient::new(cluster.api_addr, DEMO_API_KEY);
+    let zipf = Zipf::new(channels.len(), a.zipf);
+    let mut tops: HashMap<String, u64> = HashMap::new();
+    let pb = bar(a.publications as u64, "publishing", a.json);
+    let fan_start = Instant::now();
+    let mut rng = rand::rng();
+    for i in 0..a.publications {
+        let due = fan_start + Duration::from_secs_f64(i as f64 / a.rate.max(1e-3));
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let ch = &channels
+            [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
+        let r = api
+            .call("publish", &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": i}}))?;
+        if let Some(off) = r["result"]["offset"].as_u64() {
+            tops.insert(ch.clone(), off);
+        }
+        pb.set_position(i as u64 + 1);
+        if i % 50 == 0 {
+            let (_, deliveries, connected, _) = totals(&workers);
+            report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected, deliveries });
+        }
+    }
+    pb.finish_and_clear();
+    for w in workers.iter_mut() {
+        w.stop(&tops);
+    }
+    let mut summaries = Vec::new();
+    for w in workers {
+        if let Some(s) = w.finish(Duration::from_secs(60)) {
+            summaries.push(s);
+        }
+    }
+    report.fanout_secs = fan_start.elapsed().as_secs_f64();
+    let (_, deliveries, connected, _) = (0, 0, 0, 0);
+    let _ = (deliveries, connected);
+    report.timeline.push(Sample {
+        t: start.elapsed().as_secs_f64(),
+        connected: report.connected,
+        deliveries: report.deliveries,
+    });
+    let loadgen_cpu: f64 = summaries.iter().map(|s| s.cpu_secs).sum();
+    report.add_summaries(&summaries);
+    if summaries.len() < procs {
+        anyhow::bail!("{} of {procs} worker processes did not report", procs - summaries.len());
+    }
+    report.deliveries_per_sec = report.deliveries as f64 / report.fanout_secs.max(1e-3);
+    let gw_cpu1: f64 = cluster.gateways.iter().map(|g| g.cpu_secs()).sum();
+    let per100k = |cpu: f64| cpu / (report.deliveries.max(1) as f64 / 100_000.0);
+    report.loadgen_cpu_per_100k = per100k(loadgen_cpu);
+    report.gateway_cpu_per_100k = per100k(gw_cpu1 - gw_cpu0);
+    Ok(report)
+}

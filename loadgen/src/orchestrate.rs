@@ -1,0 +1,268 @@
+//! The orchestrator side: worker processes, the HTTP publisher, and the
+//! processes the demo starts (router, gateways), all from this one binary.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::worker::{Summary, WorkerSpec};
+
+/// Most clients one worker process holds (the per-process open-file limit
+/// here is 20,000).
+pub const MAX_PER_PROCESS: usize = 15_000;
+
+/// What the orchestrator knows of one worker.
+#[derive(Debug, Default, Clone)]
+pub struct WorkerState {
+    /// Clients connected.
+    pub connected: u64,
+    /// 503s seen.
+    pub rejected: u64,
+    /// Clients given up.
+    pub failed: u64,
+    /// Publications received.
+    pub deliveries: u64,
+    /// Every client attempted.
+    pub ready: bool,
+    /// The final report.
+    pub summary: Option<Summary>,
+}
+
+/// A running worker process.
+pub struct Worker {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// Its live state.
+    pub state: Arc<Mutex<WorkerState>>,
+}
+
+impl Worker {
+    /// Starts `loadgen worker` with this spec.
+    pub fn spawn(spec: &WorkerSpec) -> anyhow::Result<Worker> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("worker")
+            .arg(serde_json::to_string(spec)?)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stdin = child.stdin.take();
+        let state = Arc::new(Mutex::new(WorkerState::default()));
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                let mut s = st.lock().expect("worker state");
+                if let Some(p) = v.get("progress") {
+                    s.connected = p["connected"].as_u64().unwrap_or(0);
+                    s.rejected = p["rejected"].as_u64().unwrap_or(0);
+                    s.failed = p["failed"].as_u64().unwrap_or(0);
+                    s.deliveries = p["deliveries"].as_u64().unwrap_or(0);
+                } else if v.get("ready").is_some() {
+                    s.ready = true;
+                } else if let Some(sum) = v.get("summary") {
+                    s.summary = serde_json::from_value(sum.clone()).ok();
+                }
+            }
+        });
+        Ok(Worker { child, stdin, state })
+    }
+
+    /// Tells the worker to finish once its subscriptions reach `tops`.
+    pub fn stop(&mut self, tops: &HashMap<String, u64>) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = writeln!(stdin, "{}", serde_json::json!({ "stop": tops }));
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Waits (bounded) for the worker's summary.
+    pub fn finish(mut self, timeout: Duration) -> Option<Summary> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        self.state.lock().expect("worker state").summary.clone()
+    }
+}
+
+/// A server process started by the demo, terminated on drop.
+pub struct ServerProc {
+    /// The process.
+    pub child: Child,
+    /// What it is ("router", "gateway-0", …).
+    pub name: String,
+}
+
+impl ServerProc {
+    /// Starts `loadgen <args>` (the embedded router or gateway).
+    pub fn spawn(name: &str, args: &[String], quiet: bool) -> anyhow::Result<ServerProc> {
+        let child = Command::new(std::env::current_exe()?)
+            .args(args)
+            .env("RUST_LOG", if quiet { "warn" } else { "info" })
+            .stdout(Stdio::null())
+            .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
+            .spawn()?;
+        Ok(ServerProc { child, name: name.to_owned() })
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        None
+    }
+
+    /// CPU seconds used so far (user + system), from /proc.
+    pub fn cpu_secs(&self) -> f64 {
+        proc_cpu_secs(self.child.id())
+    }
+
+    /// Resident memory in bytes, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds of a process from /proc/<pid>/stat.
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // Fields after the command: state is [0]; utime [11], stime [12].
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz.max(1.0)
+}
+
+/// A keep-alive HTTP/1.1 client for the router's server API.
+pub struct ApiClient {
+    addr: SocketAddr,
+    key: String,
+    conn: Option<TcpStream>,
+}
+
+impl ApiClient {
+    /// A client for `addr` using `key`.
+    pub fn new(addr: SocketAddr, key: &str) -> Self {
+        ApiClient { addr, key: key.to_owned(), conn: None }
+    }
+
+    /// `POST /api/<method>`; returns the parsed JSON body.
+    pub fn call(&mut self, method: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        for _ in 0..2 {
+            if self.conn.is_none() {
+                let s = TcpStream::connect(self.addr)?;
+                s.set_nodelay(true)?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                self.conn = Some(s);
+            }
+            match self.try_call(method, body) {
+                Ok(v) => return Ok(v),
+                Err(_) => self.conn = None,
+            }
+        }
+        anyhow::bail!("API call {method} failed")
+    }
+
+    fn try_call(&mut self, method: &str, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let s = self.conn.as_mut().expect("connected");
+        let body = body.to_string();
+        let req = format!(
+            "POST /api/{method} HTTP/1.1\r\nHost: switchyard\r\nX-API-Key: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            self.key,
+            body.len()
+        );
+        s.write_all(req.as_bytes())?;
+        // Read the head, then exactly Content-Length bytes.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte)? == 0 {
+                anyhow::bail!("closed");
+            }
+            head.push(byte[0]);
+            if head.len() > 16 * 1024 {
+                anyhow::bail!("response head too large");
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let status: u16 = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body)?;
+        if status != 200 {
+            anyhow::bail!("HTTP {status}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+}
+
+/// Waits (bounded) until `GET /readyz` on `addr` answers 200.
+pub fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("{addr} never became ready")
+}
+
+/// A port that is free now on 127.0.0.1 (TCP and UDP).
+pub fn free_port() -> u16 {
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = l.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! A worker process: a share of the simulated clients, thread-per-core on
+//! monoio, reporting JSON lines on stdout to the orchestrator.
+//!
+//! Each client connects (from one of many `127.0.0.x` source addresses, so
+//! more than one address's ephemeral ports can be used), upgrades (retrying
+//! 503s with full-jitter backoff that honours `Retry-After`), sends `connect`
+//! and its subscriptions in one frame (as centrifuge-js does), then reads:
+//! every `pub` is checked against the channel's expected next offset and its
+//! publish→deliver latency (the publisher's timestamp is in the payload) is
+//! recorded. Pings are answered. On `stop` (stdin) the worker waits, bounded,
+//! until every subscription reached the final offsets it was given, then
+//! reports counters and histograms.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::BytesMut;
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use proto::backoff::Backoff;
+use proto::ws::handshake::client::{self, ClientHandshakeError};
+use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
+use serde::{Deserialize, Serialize};
+
+use crate::zipf::Zipf;
+
+/// What one worker runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    /// Gateway WebSocket address.
+    pub ws_addr: SocketAddr,
+    /// WebSocket path.
+    pub path: String,
+    /// Clients in this worker.
+    pub connections: usize,
+    /// Global index of the first client (user ids, source addresses).
+    pub first_index: usize,
+    /// Threads (monoio runtimes).
+    pub threads: usize,
+    /// New connections per second for this worker (0: all at once).
+    pub rate: f64,
+    /// HMAC secret to sign connection tokens with.
+    pub hmac_secret: String,
+    /// Channels to subscribe to (Zipf over this list).
+    pub channels: Vec<String>,
+    /// Zipf exponent for channel choice.
+    pub zipf_s: f64,
+    /// Subscriptions per client.
+    pub subs_per_conn: usize,
+    /// Source addresses 127.0.0.2 … to rotate over.
+    pub source_ips: usize,
+    /// Upgrade attempts per client before giving up.
+    pub max_attempts: u32,
+    /// Hard stop for the whole worker (seconds).
+    pub deadline_secs: u64,
+}
+
+/// Counters and histograms a worker reports.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Clients that completed `connect`.
+    pub connected: u64,
+    /// 503 answers received (each retried).
+    pub rejected: u64,
+    /// Clients that never connected.
+    pub failed: u64,
+    /// Publications received.
+    pub deliveries: u64,
+    /// Publications missing (gaps, and final offsets never reached) with no `recovered:false` to explain them.
+    pub lost: u64,
+    /// Publications received twice.
+    pub duplicated: u64,
+    /// Publications received out of order.
+    pub reordered: u64,
+    /// Subscriptions told `recovered:false` (explicit, not silent).
+    pub unrecovered: u64,
+    /// Unsubscribe pushes asking to resubscribe (2500) or disconnects (codes).
+    pub server_closes: u64,
+    /// WebSocket frames received.
+    pub frames: u64,
+    /// CPU seconds (user + system) this worker used.
+    pub cpu_secs: f64,
+    /// TCP connect + upgrade latency (µs), hdrhistogram V2, base64.
+    pub upgrade_us: String,
+    /// Upgrade to connect-reply latency (µs).
+    pub connect_us: String,
+    /// Publish → deliver latency (µs).
+    pub latency_us: String,
+}
+
+/// Live counters shared by a worker's threads.
+#[derive(Debug, Default)]
+struct Shared {
+    connected: AtomicU64,
+    rejected: AtomicU64,
+    failed: AtomicU64,
+    attempted: AtomicU64,
+    deliveries: AtomicU64,
+    lost: AtomicU64,
+    duplicated: AtomicU64,
+    reordered: AtomicU64,
+    unrecovered: AtomicU64,
+    server_closes: AtomicU64,
+    frames: AtomicU64,
+    stop: AtomicBool,
+    behind: AtomicU64,
+    tops: Mutex<HashMap<String, u64>>,
+}
+
+struct Hists {
+    upgrade: Histogram<u64>,
+    connect: Histogram<u64>,
+    latency: Histogram<u64>,
+}
+
+impl Hists {
+    fn new() -> Self {
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds");
+        Hists { upgrade: h(), connect: h(), latency: h() }
+    }
+}
+
+/// Serializes a histogram for the report line.
+pub fn encode_hist(h: &Histogram<u64>) -> String {
+    let mut buf = Vec::new();
+    V2Serializer::new().serialize(h, &mut buf).expect("serialize histogram");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+/// Reads a histogram from a report line.
+pub fn decode_hist(s: &str) -> Option<Histogram<u64>> {
+    let raw = base64::engine::general_purpose::STANDARD.decode(s).ok()?;
+    Deserializer::new().deserialize(&mut &raw[..]).ok()
+}
+
+/// Microseconds since the Unix epoch (the clock publishers stamp payloads with).
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF is valid and `u` is a valid out-pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn token(secret: &str, user: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign token")
+}
+
+/// Runs a worker: reads its spec, runs its clients, prints progress and the summary.
+pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
+    let shared = Arc::new(Shared::default());
+    // stdin: {"stop": {"chat:a": top, ...}} ends the run.
+    let stdin_shared = shared.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                && let Some(tops) = v.get("stop").and_then(|t| t.as_object())
+            {
+                let mut m = stdin_shared.tops.lock().expect("tops lock");
+                for (k, v) in tops {
+                    m.insert(k.clone(), v.as_u64().unwrap_or(0));
+                }
+                drop(m);
+                stdin_shared.stop.store(true, Ordering::SeqCst);
+            }
+        }
+        // The orchestrator went away: stop too.
+        stdin_shared.stop.store(true, Ordering::SeqCst);
+    });
+    let threads = spec.threads.max(1);
+    let mut handles = Vec::new();
+    for t in 0..threads {
+        let spec = spec.clone();
+        let shared = shared.clone();
+        handles.push(std::thread::spawn(move || {
+            let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .with_entries(4096)
+                .build()
+                .expect("runtime");
+            rt.block_on(thread_main(spec, t, threads, shared))
+        }));
+    }
+    let reporter_shared = shared.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    let connections = spec.connections as u64;
+    let reporter = std::thread::spawn(move || {
+        let mut announced = false;
+        while !done2.load(Ordering::Relaxed) {
+            let s = &reporter_shared;
+            let attempted = s.attempted.load(Ordering::Relaxed);
+            println!(
+                "{}",
+                serde_json::json!({"progress": {
+                    "connected": s.connected.load(Ordering::Relaxed),
+                    "rejected": s.rejected.load(Ordering::Relaxed),
+                    "failed": s.failed.load(Ordering::Relaxed),
+                    "deliveries": s.deliveries.load(Ordering::Relaxed),
+                }})
+            );
+            if !announced && attempted >= connections {
+                println!("{}", serde_json::json!({"ready": true}));
+                announced = true;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+    let mut hists = Hists::new();
+    for h in handles {
+        let hs = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
+        hists.upgrade.add(&hs.upgrade).ok();
+        hists.connect.add(&hs.connect).ok();
+        hists.latency.add(&hs.latency).ok();
+    }
+    done.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+    let s = &shared;
+    let summary = Summary {
+        connected: s.connected.load(Ordering::Relaxed),
+        rejected: s.rejected.load(Ordering::Relaxed),
+        failed: s.failed.load(Ordering::Relaxed),
+        deliveries: s.deliveries.load(Ordering::Relaxed),
+        lost: s.lost.load(Ordering::Relaxed),
+        duplicated: s.duplicated.load(Ordering::Relaxed),
+        reordered: s.reordered.load(Ordering::Relaxed),
+        unrecovered: s.unrecovered.load(Ordering::Relaxed),
+        server_closes: s.server_closes.load(Ordering::Relaxed),
+        frames: s.frames.load(Ordering::Relaxed),
+        cpu_secs: cpu_secs(),
+        upgrade_us: encode_hist(&hists.upgrade),
+        connect_us: encode_hist(&hists.connect),
+        latency_us: encode_hist(&hists.latency),
+    };
+    println!("{}", serde_json::json!({ "summary": summary }));
+    Ok(())
+}
+
+struct ThreadCtx {
+    spec: WorkerSpec,
+    shared: Arc<Shared>,
+    hists: RefCell<Hists>,
+    zipf: Zipf,
+    live: Cell<usize>,
+}
+
+async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> Hists {
+    let zipf = Zipf::new(spec.channels.len(), spec.zipf_s);
+    let mine: Vec<usize> = (0..spec.connections).filter(|i| i % threads == t).collect();
+    let per_thread_rate = if spec.rate > 0.0 { spec.rate / threads as f64 } else { 0.0 };
+    let ctx =
+        Rc::new(ThreadCtx { spec, shared, hists: RefCell::new(Hists::new()), zipf, live: Cell::new(0) });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
+    for (n, i) in mine.into_iter().enumerate() {
+        if per_thread_rate > 0.0 {
+            let due = start + Duration::from_secs_f64(n as f64 / per_thread_rate);
+            let now = Instant::now();
+            if due > now {
+                monoio::time::sleep(due - now).await;
+            }
+        }
+        if ctx.shared.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+            break;
+        }
+        ctx.live.set(ctx.live.get() + 1);
+        monoio::spawn(client(ctx.clone(), ctx.spec.first_index + i, deadline));
+    }
+    while ctx.live.get() > 0 && Instant::now() < deadline + Duration::from_secs(2) {
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ctx.hists.replace(Hists::new())
+}
+
+enum ConnectError {
+    Rejected(Option<u32>),
+    Failed,
+}
+
+async fn read_append(s: &mut TcpStream, buf: BytesMut) -> (std::io::Result<usize>, BytesMut) {
+    let (len, cap) = (buf.len(), buf.capacity());
+    let (res, slice) = s.read(buf.slice_mut(len..cap)).await;
+    (res, slice.into_inner())
+}
+
+async fn connect_tcp(ctx: &ThreadCtx, index: usize) -> std::io::Result<TcpStream> {
+    let ips = ctx.spec.source_ips.max(1);
+    let n = index % ips;
+    let src = IpAddr::V4(Ipv4Addr::new(127, 0, (2 + n / 250) as u8, (2 + n % 250) as u8));
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if ips > 1 {
+        sock.bind(&SocketAddr::new(src, 0).into())?;
+    }
+    sock.set_nonblocking(true)?;
+    match sock.connect(&ctx.spec.ws_addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let std_stream: std::net::TcpStream = sock.into();
+    let stream = TcpStream::from_std(std_stream)?;
+    stream.writable(false).await?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: fd is this stream's open socket; err/len are valid out-pointers of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 || err != 0 {
+        return Err(std::io::Error::from_raw_os_error(if rc != 0 { libc::EIO } else { err }));
+    }
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut), ConnectError> {
+    let mut stream = connect_tcp(ctx, index).await.map_err(|_| ConnectError::Failed)?;
+    let host = ctx.spec.ws_addr.to_string();
+    let (req, hs) = client::request(&host, &ctx.spec.path, rand::random(), &[], false);
+    let (res, _) = stream.write_all(req).await;
+    res.map_err(|_| ConnectError::Failed)?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        let (res, b) = read_append(&mut stream, buf).await;
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => return Err(ConnectError::Failed),
+            Ok(_) => {}
+        }
+        match hs.parse_response(&buf) {
+            Ok(Some((_, n))) => {
+                let _ = buf.split_to(n);
+                return Ok((stream, buf));
+            }
+            Ok(None) if buf.len() < 16384 => {
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+            }
+            Ok(None) => return Err(ConnectError::Failed),
+            Err(ClientHandshakeError::Rejected { status: 503, retry_after }) => {
+                return Err(ConnectError::Rejected(retry_after));
+            }
+            Err(_) => return Err(ConnectError::Failed),
+        }
+    }
+}
+
+struct Subscription {
+    channel: String,
+    last: u64,
+    positioned: bool,
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 14);
+    encode_frame(&mut out, true, OpCode::Text, payload, Some(rand::random()));
+    out
+}
+
+async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
+    let sh = ctx.shared.clone();
+    let t0 = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    let mut attempts = 0;
+    let upgraded = loop {
+        attempts += 1;
+        match upgrade(&ctx, index).await {
+            Ok(s) => break Some(s),
+            Err(e) => {
+                if let ConnectError::Rejected(_) = e {
+                    sh.rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                if attempts >= ctx.spec.max_attempts
+                    || Instant::now() > deadline
+                    || sh.stop.load(Ordering::Relaxed)
+                {
+                    break None;
+                }
+                let mut wait = backoff.next_delay(&mut rand::rng());
+                if let ConnectError::Rejected(Some(secs)) = e {
+                    wait = wait.max(Duration::from_secs(secs as u64));
+                }
+                monoio::time::sleep(wait).await;
+            }
+        }
+    };
+    sh.attempted.fetch_add(1, Ordering::Relaxed);
+    let Some((mut stream, mut buf)) = upgraded else {
+        sh.failed.fetch_add(1, Ordering::Relaxed);
+        ctx.live.set(ctx.live.get() - 1);
+        return;
+    };
+    let upgraded_at = Instant::now();
+    ctx.hists.borrow_mut().upgrade.saturating_record(t0.elapsed().as_micros() as u64);
+
+    // connect + subscriptions in the first frame, as centrifuge-js does.
+    let user = format!("u{index}");
+    let mut rng = rand::rng();
+    let mut chosen: Vec<usize> = Vec::new();
+    while chosen.len() < ctx.spec.subs_per_conn.min(ctx.spec.channels.len()) {
+        let c = ctx.zipf.sample(&mut rng);
+        if !chosen.contains(&c) {
+            chosen.push(c);
+        }
+    }
+    let mut lines = vec![serde_json::json!({"id": 1, "connect": {"token": token(&ctx.spec.hmac_secret, &user), "name": "loadgen"}}).to_string()];
+    let mut subs: Vec<Subscription> = Vec::new();
+    for (k, c) in chosen.iter().enumerate() {
+        let channel = ctx.spec.channels[*c].clone();
+        lines.push(serde_json::json!({"id": 2 + k, "subscribe": {"channel": channel}}).to_string());
+        subs.push(Subscription { channel, last: 0, positioned: false });
+    }
+    let (res, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
+    if res.is_err() {
+        sh.failed.fetch_add(1, Ordering::Relaxed);
+        ctx.live.set(ctx.live.get() - 1);
+        return;
+    }
+    let mut decoder = Decoder::new(DecoderConfig::client());
+    let mut connected = false;
+    let mut pending_replies = subs.len() + 1;
+    let mut converged_since: Option<Instant> = None;
+    'outer: loop {
+        // Decode what we have.
+        loop {
+            let msg = match decoder.decode(&mut buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => break 'outer,
+            };
+            match msg {
+                Message::Text(t) => {
+                    sh.frames.fetch_add(1, Ordering::Relaxed);
+                    for line in t.split(|b| *b == b'\n') {
+                        if line == b"{}" {
+                            let (r, _) = stream.write_all(frame(b"{}")).await;
+                            if r.is_err() {
+                                break 'outer;
+                            }
+                            continue;
+                        }
+                        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+                        if let Some(push) = v.get("push") {
+                            handle_push(&ctx, &mut subs, push);
+                            continue;
+                        }
+                        let id = v["id"].as_u64().unwrap_or(0) as usize;
+                        pending_replies = pending_replies.saturating_sub(1);
+                        if id == 1 {
+                            if v.get("error").is_some() {
+                                break 'outer;
+                            }
+                            connected = true;
+                            sh.connected.fetch_add(1, Ordering::Relaxed);
+                            ctx.hists
+                                .borrow_mut()
+                                .connect
+                                .saturating_record(upgraded_at.elapsed().as_micros() as u64);
+                        } else if id >= 2 && id - 2 < subs.len() {
+                            let s = &mut subs[id - 2];
+                            if let Some(r) = v.get("subscribe") {
+                                s.last = r["offset"].as_u64().unwrap_or(0);
+                                s.positioned = r["positioned"].as_bool().unwrap_or(false);
+                            }
+                        }
+                    }
+                }
+                Message::Close(_) => {
+                    sh.server_closes.fetch_add(1, Ordering::Relaxed);
+                    break 'outer;
+                }
+                _ => {}
+            }
+        }
+        if sh.stop.load(Ordering::Relaxed) {
+            let tops = sh.tops.lock().expect("tops").clone();
+            let behind =
+                subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.last < *t));
+            if !behind || Instant::now() > deadline {
+                break;
+            }
+            converged_since.get_or_insert_with(Instant::now);
+            if converged_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16384);
+        }
+        let readable = monoio::select! {
+            r = stream.readable(false) => r.is_ok(),
+            _ = monoio::time::sleep(Duration::from_millis(200)) => false,
+        };
+        if readable {
+            let (res, b) = read_append(&mut stream, buf).await;
+            buf = b;
+            match res {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    let _ = pending_replies;
+    // Final accounting: anything short of the final offsets was lost.
+    if sh.stop.load(Ordering::Relaxed) {
+        let tops = sh.tops.lock().expect("tops").clone();
+        for s in &subs {
+            if let Some(top) = tops.get(&s.channel)
+                && s.positioned
+                && s.last < *top
+            {
+                sh.lost.fetch_add(top - s.last, Ordering::Relaxed);
+                sh.behind.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    if !connected {
+        sh.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = stream.write_all(frame_close()).await;
+    ctx.live.set(ctx.live.get() - 1);
+}
+
+fn frame_close() -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_frame(&mut out, true, OpCode::Close, &1000u16.to_be_bytes(), Some(rand::random()));
+    out
+}
+
+fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Value) {
+    let sh = &ctx.shared;
+    let channel = push["channel"].as_str().unwrap_or("");
+    if let Some(p) = push.get("pub") {
+        sh.deliveries.fetch_add(1, Ordering::Relaxed);
+        if let Some(ts) = p["data"]["ts"].as_u64() {
+            ctx.hists.borrow_mut().latency.saturating_record(unix_micros().saturating_sub(ts));
+        }
+        let offset = p["offset"].as_u64().unwrap_or(0);
+        if let Some(s) = subs.iter_mut().find(|s| s.channel == channel)
+            && s.positioned
+            && offset > 0
+        {
+            if offset == s.last + 1 {
+                s.last = offset;
+            } else if offset == s.last {
+                sh.duplicated.fetch_add(1, Ordering::Relaxed);
+            } else if offset < s.last {
+                sh.reordered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                sh.lost.fetch_add(offset - s.last - 1, Ordering::Relaxed);
+                s.last = offset;
+            }
+        }
+    } else if let Some(u) = push.get("unsubscribe") {
+        // The server asked us to resubscribe (2500): explicit, not silent.
+        sh.server_closes.fetch_add(1, Ordering::Relaxed);
+        if u["code"].as_u64().unwrap_or(0) >= 2500 {
+            sh.unrecovered.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = subs.iter_mut().find(|s| s.channel == channel) {
+                s.positioned = false;
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The one-command demo, small: a few hundred clients, a short fan-out,
+//! nothing lost, every client connected, the report written.
+
+use std::process::Command;
+
+#[test]
+fn demo_runs_clean_with_a_few_hundred_connections() {
+    let report = std::env::temp_dir().join(format!("sy-demo-{}.html", std::process::id()));
+    let out = Command::new(e2e::bin_dir().join("loadgen"))
+        .args(["demo", "--connections", "300", "--publications", "60", "--rate", "200", "--json", "--report"])
+        .arg(&report)
+        .output()
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["connected"], 300, "{v}");
+    assert_eq!(v["lost"], 0);
+    assert_eq!(v["duplicated"], 0);
+    assert_eq!(v["reordered"], 0);
+    assert!(v["deliveries"].as_u64().unwrap() >= 60, "{v}");
+    assert!(v["latency_ms"]["count"].as_u64().unwrap() > 0);
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains("Nothing lost"), "report verdict");
+    let _ = std::fs::remove_file(report);
+}
