@@ -42,6 +42,9 @@ pub struct Limits {
     pub publish_burst: u32,
     /// Refused publishes tolerated before the connection is closed with 3013 (default 50).
     pub max_refusals: u32,
+    /// Seconds one write may block on a client that does not read (default 1,
+    /// as Centrifugo; then the connection is dropped: close 3009 "write error").
+    pub write_timeout_secs: u64,
     /// Seconds to complete the HTTP upgrade (default 10; slowloris → connection closed after 408).
     pub handshake_timeout_secs: u64,
     /// Seconds after the upgrade to send `connect` (default 15; else close 3502 "stale").
@@ -61,6 +64,7 @@ impl Default for Limits {
             publish_rate: 50.0,
             publish_burst: 100,
             max_refusals: 50,
+            write_timeout_secs: 1,
             handshake_timeout_secs: 10,
             connect_timeout_secs: 15,
             ping_secs: 25,

@@ -193,6 +193,7 @@ impl Session {
             return;
         };
         let mut failed = false;
+        let write_timeout = Duration::from_secs(core.cfg.limits.write_timeout_secs.max(1));
         loop {
             let (mut batch, bytes) = {
                 let mut q = self.out.borrow_mut();
@@ -202,11 +203,19 @@ impl Session {
                 FrameBatch::take(&mut q, 256 * 1024, 256)
             };
             while !batch.is_empty() && !failed {
-                let (res, b) = w.writev(batch).await;
-                batch = b;
-                match res {
-                    Ok(0) | Err(_) => failed = true,
-                    Ok(n) => batch.advance(n),
+                // A client that stops reading cannot pin the socket forever.
+                match monoio::time::timeout(write_timeout, w.writev(batch)).await {
+                    Ok((res, b)) => {
+                        batch = b;
+                        match res {
+                            Ok(0) | Err(_) => failed = true,
+                            Ok(n) => batch.advance(n),
+                        }
+                    }
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
             }
             self.out_bytes.set(self.out_bytes.get().saturating_sub(bytes));

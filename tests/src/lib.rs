@@ -177,6 +177,22 @@ impl Cluster {
         c
     }
 
+    /// Kills router `i` (SIGKILL) and starts a fresh one on the same addresses.
+    pub fn restart_router(&mut self, i: usize) {
+        let _ = self.routers[i].child.kill();
+        let _ = self.routers[i].child.wait();
+        let (addr, api) = (self.router_addrs[i], self.api_addrs[i]);
+        let child = Command::new(bin("router"))
+            .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
+            .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
+            .arg(&self.certs)
+            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()
+            .unwrap();
+        self.routers[i] = Proc { child };
+        wait_tcp(api);
+    }
+
     /// Starts one more gateway.
     pub fn add_gateway(&mut self, i: usize, extra: &[&str]) {
         let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
