@@ -26,7 +26,7 @@ use crate::auth::{TokenError, Verifier};
 use crate::bridge::{CoreId, DownMsg, UpMsg, request_id};
 use crate::config::GatewayConfig;
 use crate::metrics::{CoreMetrics, Metrics};
-use crate::session::{self, Session, Sub};
+use crate::session::{self, Session, Step, Sub};
 
 /// What a router request was for.
 #[derive(Debug)]
@@ -482,7 +482,7 @@ impl Core {
         }
         let channel: Arc<str> = Arc::from(r.channel.as_str());
         if !ns.positioned() {
-            s.subs.borrow_mut().insert(channel.clone(), Sub::Live);
+            s.subs.borrow_mut().insert(channel.clone(), Sub::Live { position: 0 });
             self.index_add(&channel, s);
             self.join(s, &channel, ns.presence, chan_info);
             return Ok(Some(SubscribeResult::default().reply(id)));
@@ -541,28 +541,46 @@ impl Core {
                     None => return,
                 };
                 let mut n = 0;
+                let mut gaps = Vec::new();
                 for sid in ids {
                     let Some(s) = self.session(sid) else { continue };
-                    let live = {
+                    let step = {
                         let mut subs = s.subs.borrow_mut();
                         match subs.get_mut(&channel) {
-                            Some(Sub::Live) => true,
+                            // Each recipient is checked against its own position:
+                            // a delivery that overtook the subscribe reply (they
+                            // travel on different streams) is dropped, a hole
+                            // is never passed over silently.
+                            Some(Sub::Live { position }) => {
+                                let step = Step::of(*position, first, last);
+                                if let Step::Send(p) = step {
+                                    *position = p;
+                                }
+                                step
+                            }
                             Some(Sub::Pending { held, held_bytes }) => {
                                 *held_bytes += frame.len();
                                 if *held_bytes <= self.cfg.limits.max_queue_bytes {
                                     held.push((first, last, frame.clone()));
                                 }
-                                false
+                                Step::Skip
                             }
-                            None => false,
+                            None => Step::Skip,
                         }
                     };
-                    if live {
-                        s.send(self, frame.clone());
-                        n += 1;
+                    match step {
+                        Step::Send(_) => {
+                            s.send(self, frame.clone());
+                            n += 1;
+                        }
+                        Step::Skip => {}
+                        Step::Gap => gaps.push(s),
                     }
                 }
                 self.metrics().deliveries.fetch_add(n, Ordering::Relaxed);
+                for s in gaps {
+                    self.resync_session(&s, &channel);
+                }
             }
             DownMsg::Resync { channel } => {
                 let ids: Vec<u64> = self
@@ -585,6 +603,19 @@ impl Core {
                 }
             }
             DownMsg::Response(msg) => self.response(msg),
+        }
+    }
+
+    /// Tells one session to resubscribe a channel (unsubscribe push 2500).
+    fn resync_session(self: &Rc<Self>, s: &Rc<Session>, channel: &Arc<str>) {
+        if s.subs.borrow_mut().remove(channel).is_some() {
+            self.unindex(channel, s);
+            let push = unsubscribe_push(
+                channel,
+                proto::client::codes::unsubscribe_code::INSUFFICIENT_STATE,
+                "insufficient state",
+            );
+            s.send_line(self, &push);
         }
     }
 
@@ -682,9 +713,9 @@ impl Core {
         publications: Vec<proto::client::Publication>,
     ) {
         let held = match s.subs.borrow_mut().get_mut(&channel) {
-            Some(sub @ Sub::Pending { .. }) => match std::mem::replace(sub, Sub::Live) {
+            Some(sub @ Sub::Pending { .. }) => match std::mem::replace(sub, Sub::Live { position: top }) {
                 Sub::Pending { held, held_bytes } => (held, held_bytes),
-                Sub::Live => unreachable!("matched pending"),
+                Sub::Live { .. } => unreachable!("matched pending"),
             },
             _ => return, // unsubscribed meanwhile
         };
@@ -714,16 +745,17 @@ impl Core {
             if broken {
                 break;
             }
-            if first == 0 {
-                s.send(self, frame);
-            } else if last <= position {
-                continue;
-            } else if first == position + 1 {
-                s.send(self, frame);
-                position = last;
-            } else {
-                broken = true;
+            match Step::of(position, first, last) {
+                Step::Send(p) => {
+                    s.send(self, frame);
+                    position = p;
+                }
+                Step::Skip => {}
+                Step::Gap => broken = true,
             }
+        }
+        if let Some(Sub::Live { position: p }) = s.subs.borrow_mut().get_mut(&channel) {
+            *p = position;
         }
         if broken {
             s.subs.borrow_mut().remove(&channel);
@@ -835,7 +867,9 @@ impl Core {
                     backoff = Duration::from_millis(5);
                     match self.admit() {
                         None => {
-                            monoio::spawn(session::serve(self.clone(), stream));
+                            let fut = session::serve(self.clone(), stream);
+                            tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
+                            monoio::spawn(fut);
                         }
                         Some(resp) => {
                             self.metrics().rejections.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! One client connection: upgrade, `connect`, commands, and its write queue.
 //!
 //! A connection is one monoio task that waits for readiness (an io_uring
-//! POLL_ADD: no buffer pinned while idle), then reads into a per-core scratch
-//! buffer, decodes, and answers. Its small [`Session`] record holds what must
+//! POLL_ADD: no buffer pinned while idle), then reads synchronously
+//! (non-blocking `recv`) into the core's scratch buffer, decodes, and
+//! answers, so one buffer per core serves all its connections. Its small [`Session`] record holds what must
 //! outlive a read: identity, subscriptions, the bounded outbound queue.
 
 use std::cell::{Cell, RefCell};
@@ -44,8 +45,38 @@ pub enum Sub {
         /// Bytes held.
         held_bytes: usize,
     },
-    /// Receiving.
-    Live,
+    /// Receiving; `position` is the offset of the last publication sent
+    /// (0 for unpositioned streams).
+    Live {
+        /// Last offset sent to this client.
+        position: u64,
+    },
+}
+
+/// What to do with a frame of offsets `first..=last` for a subscription at `position`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Send it; the new position.
+    Send(u64),
+    /// Already covered (the subscribe reply, or a delivery that overtook it): drop.
+    Skip,
+    /// Something is missing in between: the client must resubscribe and recover.
+    Gap,
+}
+
+impl Step {
+    /// Decides for one frame. Unpositioned frames (`first == 0`) always go.
+    pub fn of(position: u64, first: u64, last: u64) -> Step {
+        if first == 0 {
+            Step::Send(position)
+        } else if last <= position {
+            Step::Skip
+        } else if first == position + 1 {
+            Step::Send(last)
+        } else {
+            Step::Gap
+        }
+    }
 }
 
 /// Why a session ends.
@@ -284,6 +315,21 @@ async fn write_raw(stream: &mut TcpStream, bytes: Vec<u8>) {
     let _ = monoio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
+/// One non-blocking `recv` into the spare capacity of `buf`.
+fn recv_into(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> std::io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `recv` writes at most `spare.len()` bytes into memory we own
+    // (the buffer's spare capacity), and we mark exactly the bytes it wrote
+    // as initialized below.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialized `n` bytes right after the current length.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
+
 /// Reads into the spare capacity of `buf`, after what it already holds
 /// (monoio's plain `read` fills a buffer from its start).
 async fn read_append<R: AsyncReadRent>(r: &mut R, buf: BytesMut) -> (std::io::Result<usize>, BytesMut) {
@@ -374,8 +420,14 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     let (read_half, write_half) = stream.into_split();
     *session.writer.borrow_mut() = Some(write_half);
     core.register(&session);
-    run(&core, &session, read_half, decoder, leftover, echo).await;
-    core.unregister(&session);
+    // The handshake's state dies with this future; the long-lived session
+    // runs in a task of its own, as small as the idle wait allows.
+    let task = async move {
+        run(&core, &session, read_half, decoder, leftover, echo).await;
+        core.unregister(&session);
+    };
+    tracing::trace!(task = std::mem::size_of_val(&task), session = std::mem::size_of::<Session>(), "session sizes");
+    monoio::spawn(task);
 }
 
 enum Wake {
@@ -386,7 +438,7 @@ enum Wake {
 async fn run(
     core: &Rc<Core>,
     session: &Rc<Session>,
-    mut read_half: OwnedReadHalf<TcpStream>,
+    read_half: OwnedReadHalf<TcpStream>,
     mut decoder: Decoder,
     mut pending: BytesMut,
     echo: bool,
@@ -412,19 +464,33 @@ async fn run(
         if matches!(wake, Wake::Closing) {
             break;
         }
-        // Readable: borrow a scratch buffer only for this read.
-        let mut buf = core.take_scratch();
+        // Readable: read now, synchronously, into the core's scratch buffer.
+        // Nothing is pinned while idle and no read is ever in flight, so one
+        // buffer per core serves every connection on it.
+        let mut b = core.take_scratch();
         if !pending.is_empty() {
-            buf.extend_from_slice(&pending);
+            b.extend_from_slice(&pending);
             pending.clear();
         }
-        let (res, mut b) = read_append(&mut read_half, buf).await;
-        match res {
-            Ok(0) | Err(_) => {
+        // SAFETY: see the `readable` call above; the fd stays open while
+        // `read_half` lives.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(unsafe { &*read_half.0.get() });
+        match recv_into(fd, &mut b) {
+            Ok(0) => {
                 core.give_scratch(b);
                 break;
             }
             Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Spurious readiness: keep what was pending and wait again.
+                pending = BytesMut::from(&b[..]);
+                core.give_scratch(b);
+                continue;
+            }
+            Err(_) => {
+                core.give_scratch(b);
+                break;
+            }
         }
         let result = process(core, session, &mut decoder, &mut b, echo);
         if !b.is_empty() {
@@ -440,12 +506,15 @@ async fn run(
         }
     }
     // Let the writer flush the close frame (bounded by its own progress).
-    for _ in 0..200 {
-        if !session.writing.get() {
-            break;
+    Box::pin(async {
+        for _ in 0..200 {
+            if !session.writing.get() {
+                break;
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
         }
-        monoio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
 }
 
 /// Decodes and handles every complete message in `buf`.
@@ -597,4 +666,20 @@ pub fn sub_refresh_reply(id: u32, ttl: Option<u32>) -> Vec<u8> {
 /// An error reply.
 pub fn error(id: u32, e: ReplyError) -> Vec<u8> {
     reply::error_reply(id, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn each_recipient_is_checked_against_its_position() {
+        assert_eq!(Step::of(5, 6, 6), Step::Send(6));
+        assert_eq!(Step::of(5, 6, 9), Step::Send(9), "a packed frame continues the stream");
+        assert_eq!(Step::of(5, 5, 5), Step::Skip, "overtook the subscribe reply");
+        assert_eq!(Step::of(5, 3, 5), Step::Skip);
+        assert_eq!(Step::of(5, 7, 7), Step::Gap);
+        assert_eq!(Step::of(5, 4, 6), Step::Gap, "straddles: cannot split a shared frame");
+        assert_eq!(Step::of(5, 0, 0), Step::Send(5), "unpositioned streams always flow");
+    }
 }

@@ -342,7 +342,12 @@ async fn connect_tcp(ctx: &ThreadCtx, index: usize) -> std::io::Result<TcpStream
 }
 
 async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut), ConnectError> {
-    let mut stream = connect_tcp(ctx, index).await.map_err(|_| ConnectError::Failed)?;
+    let mut stream = connect_tcp(ctx, index).await.map_err(|e| {
+        if std::env::var_os("LOADGEN_DEBUG").is_some() {
+            eprintln!("connect {index}: {e}");
+        }
+        ConnectError::Failed
+    })?;
     let host = ctx.spec.ws_addr.to_string();
     let (req, hs) = client::request(&host, &ctx.spec.path, rand::random(), &[], false);
     let (res, _) = stream.write_all(req).await;
@@ -352,7 +357,12 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut),
         let (res, b) = read_append(&mut stream, buf).await;
         buf = b;
         match res {
-            Ok(0) | Err(_) => return Err(ConnectError::Failed),
+            Ok(0) | Err(_) => {
+                if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                    eprintln!("upgrade {index}: {res:?}");
+                }
+                return Err(ConnectError::Failed);
+            }
             Ok(_) => {}
         }
         match hs.parse_response(&buf) {
@@ -369,7 +379,12 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut),
             Err(ClientHandshakeError::Rejected { status: 503, retry_after }) => {
                 return Err(ConnectError::Rejected(retry_after));
             }
-            Err(_) => return Err(ConnectError::Failed),
+            Err(e) => {
+                if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                    eprintln!("upgrade {index}: {e}");
+                }
+                return Err(ConnectError::Failed);
+            }
         }
     }
 }
@@ -393,7 +408,8 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let mut attempts = 0;
     let upgraded = loop {
         attempts += 1;
-        match upgrade(&ctx, index).await {
+        let attempt = monoio::time::timeout(Duration::from_secs(15), upgrade(&ctx, index)).await;
+        match attempt.unwrap_or(Err(ConnectError::Failed)) {
             Ok(s) => break Some(s),
             Err(e) => {
                 if let ConnectError::Rejected(_) = e {
