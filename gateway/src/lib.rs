@@ -30,8 +30,14 @@
 //!
 //! ## Memory budget
 //! Target ≤ 1 KiB of user space per idle, authenticated, subscribed
-//! connection: the connection task waits on readiness with no buffer; the
-//! session record holds identity, subscriptions and an empty queue.
+//! connection: the connection task waits on readiness with no buffer (reads
+//! go synchronously into one scratch buffer per core); the session record
+//! holds identity, subscriptions and no queue storage when idle.
+//! Measured (release, 2 cores, 18,500 connections in one process): ~2.2 KiB
+//! RSS growth per connection, ~1.4 KiB marginal after warm-up; the session
+//! task is ~584 B and the session record 416 B. Not yet at target: the next
+//! step is per-core slabs of small records driven by readiness events
+//! instead of one task per connection. `tests/tests/memory.rs` guards 4 KiB.
 
 #![warn(missing_docs, unreachable_pub)]
 

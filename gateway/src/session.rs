@@ -264,8 +264,12 @@ impl Session {
                 break;
             }
         }
-        if self.is_closing() && self.out.borrow().is_empty() {
-            let _ = w.shutdown().await;
+        if self.out.borrow().is_empty() {
+            // An idle session keeps no queue storage.
+            *self.out.borrow_mut() = VecDeque::new();
+            if self.is_closing() {
+                let _ = w.shutdown().await;
+            }
         }
         *self.writer.borrow_mut() = Some(w);
         self.writing.set(false);
@@ -426,7 +430,11 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         run(&core, &session, read_half, decoder, leftover, echo).await;
         core.unregister(&session);
     };
-    tracing::trace!(task = std::mem::size_of_val(&task), session = std::mem::size_of::<Session>(), "session sizes");
+    tracing::trace!(
+        task = std::mem::size_of_val(&task),
+        session = std::mem::size_of::<Session>(),
+        "session sizes"
+    );
     monoio::spawn(task);
 }
 
