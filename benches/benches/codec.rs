@@ -2,7 +2,8 @@
 //! ratio is read from one run:
 //!
 //! - `decode_unmask/{64,1024,65536}`: a masked client text frame arriving from
-//!   a socket, through Switchyard's decoder and through tungstenite's.
+//!   a socket, through Switchyard's decoder (in place, as the gateway uses it,
+//!   and owned) and through tungstenite's.
 //! - `unmask/65536`: word-at-a-time unmask vs byte-at-a-time.
 //! - `client_publish_decode`: a `publish` command through the typed decoder
 //!   vs parsing it into a `serde_json::Value`.
@@ -14,7 +15,7 @@ use std::io::{Read, Write};
 
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame, mask};
+use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, OpCode, encode_frame, mask};
 
 /// A socket that yields the same bytes forever and swallows writes.
 struct Replay {
@@ -55,8 +56,25 @@ fn decode_unmask(c: &mut Criterion) {
         encode_frame(&mut frame, true, OpCode::Text, &text_payload(size), Some([1, 2, 3, 4]));
         g.throughput(Throughput::Bytes(size as u64));
 
+        let cfg = DecoderConfig { max_frame: 1 << 20, max_message: 1 << 20, ..DecoderConfig::server() };
+        // The gateway's path: read into the scratch buffer, decode in place.
         g.bench_with_input(BenchmarkId::new("switchyard", size), &frame, |b, frame| {
-            let cfg = DecoderConfig { max_frame: 1 << 20, max_message: 1 << 20, ..DecoderConfig::server() };
+            let mut d = Decoder::new(cfg);
+            let mut buf = BytesMut::with_capacity(frame.len() * 2);
+            b.iter(|| {
+                buf.clear();
+                buf.extend_from_slice(frame);
+                match d.decode_in_place(&mut buf, None).unwrap() {
+                    Some(Decoded::InPlace { message: MessageRef::Text(t), consumed }) => {
+                        black_box(t);
+                        consumed
+                    }
+                    other => panic!("{other:?}"),
+                }
+            })
+        });
+        // The owned path (a `Bytes` split off the read buffer).
+        g.bench_with_input(BenchmarkId::new("switchyard_owned", size), &frame, |b, frame| {
             let mut d = Decoder::new(cfg);
             let mut buf = BytesMut::with_capacity(frame.len() * 2);
             b.iter(|| {

@@ -26,7 +26,7 @@ use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult}
 use proto::client::{Disconnect, Method, ReplyError};
 use proto::token_bucket::TokenBucket;
 use proto::ws::handshake::{self, HandshakeError};
-use proto::ws::{Decoder, DecoderConfig, Message, SharedFrame, WsError};
+use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, SharedFrame, WsError};
 
 use crate::core::Core;
 use crate::write::FrameBatch;
@@ -525,7 +525,8 @@ async fn run(
     .await;
 }
 
-/// Decodes and handles every complete message in `buf`.
+/// Decodes and handles every complete message in `buf` (in place: whole
+/// frames are unmasked in the scratch buffer and parsed from there).
 fn process(
     core: &Rc<Core>,
     s: &Rc<Session>,
@@ -534,21 +535,41 @@ fn process(
     echo: bool,
 ) -> Result<(), ()> {
     loop {
-        let msg = {
-            let mut inflater = core.inflater.borrow_mut();
-            decoder.decode_with(buf, Some(&mut inflater))
-        };
-        match msg {
+        let mut inflater = core.inflater.borrow_mut();
+        let (keep_going, consumed) = match decoder.decode_in_place(buf, Some(&mut inflater)) {
             Ok(None) => return Ok(()),
-            Ok(Some(m)) => {
-                if !handle_message(core, s, m, echo) {
-                    return Err(());
-                }
+            Ok(Some(Decoded::InPlace { message, consumed })) => {
+                drop(inflater);
+                let ok = match message {
+                    MessageRef::Text(t) if echo => {
+                        s.send(core, SharedFrame::text(t).into_bytes());
+                        true
+                    }
+                    MessageRef::Binary(b) if echo => {
+                        s.send(core, SharedFrame::binary(b).into_bytes());
+                        true
+                    }
+                    MessageRef::Binary(_) => {
+                        s.close(core, CloseReason { code: 1003, reason: "text frames only" });
+                        false
+                    }
+                    MessageRef::Text(t) => handle_commands(core, s, t),
+                };
+                (ok, consumed)
+            }
+            Ok(Some(Decoded::Owned(m))) => {
+                drop(inflater);
+                (handle_message(core, s, m, echo), 0)
             }
             Err(e) => {
+                drop(inflater);
                 close_ws(core, s, &e);
                 return Err(());
             }
+        };
+        bytes::Buf::advance(buf, consumed);
+        if !keep_going {
+            return Err(());
         }
     }
 }

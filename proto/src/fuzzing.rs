@@ -39,6 +39,7 @@ pub fn frame_decoder(data: &[u8]) {
         let whole = run(cfg, data, data.len().max(1));
         let bytewise = run(cfg, data, 1);
         assert_eq!(whole, bytewise);
+        assert_eq!(run_in_place(cfg, data), whole, "in-place decoding disagrees");
     }
 }
 
@@ -58,6 +59,28 @@ fn run(cfg: DecoderConfig, data: &[u8], chunk: usize) -> (Vec<crate::ws::Message
         }
     }
     (out, None)
+}
+
+fn run_in_place(cfg: DecoderConfig, data: &[u8]) -> (Vec<crate::ws::Message>, Option<u16>) {
+    use crate::ws::{Decoded, Message, MessageRef};
+    let mut d = Decoder::new(cfg);
+    let mut inflater = Inflater::new();
+    let mut buf = BytesMut::from(data);
+    let mut out = Vec::new();
+    loop {
+        match d.decode_in_place(&mut buf, Some(&mut inflater)) {
+            Ok(Some(Decoded::InPlace { message, consumed })) => {
+                out.push(match message {
+                    MessageRef::Text(t) => Message::Text(bytes::Bytes::copy_from_slice(t)),
+                    MessageRef::Binary(b) => Message::Binary(bytes::Bytes::copy_from_slice(b)),
+                });
+                bytes::Buf::advance(&mut buf, consumed);
+            }
+            Ok(Some(Decoded::Owned(m))) => out.push(m),
+            Ok(None) => return (out, None),
+            Err(e) => return (out, Some(e.close_code())),
+        }
+    }
 }
 
 /// The client-protocol decoder: never panics on any frame.

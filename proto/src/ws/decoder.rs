@@ -83,6 +83,29 @@ pub enum Message {
     Close(Option<CloseFrame>),
 }
 
+/// A data message borrowed from the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRef<'a> {
+    /// Validated UTF-8 text.
+    Text(&'a [u8]),
+    /// Binary.
+    Binary(&'a [u8]),
+}
+
+/// What [`Decoder::decode_in_place`] returns.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A message in the read buffer; advance the buffer by `consumed` after use.
+    InPlace {
+        /// The message.
+        message: MessageRef<'a>,
+        /// Bytes of `buf` it occupies (header included).
+        consumed: usize,
+    },
+    /// A message the decoder assembled (already consumed from the buffer).
+    Owned(Message),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct FrameState {
     fin: bool,
@@ -245,7 +268,9 @@ impl Decoder {
         if valid { Ok(Message::Text(payload)) } else { Err(WsError::InvalidUtf8) }
     }
 
-    fn parse_header(&mut self, buf: &mut BytesMut) -> Result<Option<FrameState>, WsError> {
+    /// Parses and validates the header at the front of `buf` without
+    /// consuming it: (frame, header length, RSV1).
+    fn peek_header(&self, buf: &[u8]) -> Result<Option<(FrameState, usize, bool)>, WsError> {
         if buf.len() < 2 {
             return Ok(None);
         }
@@ -329,12 +354,55 @@ impl Decoder {
             let at = 2 + ext;
             [buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]
         });
+        Ok(Some((FrameState { fin, opcode, mask, remaining: len, mask_offset: 0 }, header, rsv1)))
+    }
+
+    fn parse_header(&mut self, buf: &mut BytesMut) -> Result<Option<FrameState>, WsError> {
+        let Some((frame, header, rsv1)) = self.peek_header(buf)? else { return Ok(None) };
         // advance, not split_to: no reference-count traffic for the header.
         buf.advance(header);
-        if matches!(opcode, OpCode::Text | OpCode::Binary) {
+        if matches!(frame.opcode, OpCode::Text | OpCode::Binary) {
             self.message_compressed = rsv1;
         }
-        Ok(Some(FrameState { fin, opcode, mask, remaining: len, mask_offset: 0 }))
+        Ok(Some(frame))
+    }
+
+    /// Like [`decode_with`](Self::decode_with), but a whole, unfragmented,
+    /// uncompressed data frame already in `buf` is unmasked and validated in
+    /// place and handed out as a slice of `buf`, with no allocation and no
+    /// reference counting; the caller advances `buf` by `consumed` once done
+    /// with it. Everything else (fragments, control frames, compressed
+    /// messages, frames split across reads) comes back [`Decoded::Owned`].
+    /// This is the gateway's path: it reads synchronously into a per-core
+    /// scratch buffer and handles each message before the next read.
+    pub fn decode_in_place<'a>(
+        &mut self,
+        buf: &'a mut BytesMut,
+        inflater: Option<&mut Inflater>,
+    ) -> Result<Option<Decoded<'a>>, WsError> {
+        if self.frame.is_none()
+            && self.message.is_none()
+            && let Some((f, header, rsv1)) = self.peek_header(buf)?
+            && f.fin
+            && !rsv1
+            && matches!(f.opcode, OpCode::Text | OpCode::Binary)
+            && buf.len() >= header + f.remaining
+        {
+            let consumed = header + f.remaining;
+            if let Some(key) = f.mask {
+                apply_mask(&mut buf[header..consumed], key, 0);
+            }
+            let buf: &'a BytesMut = buf;
+            let payload = &buf[header..consumed];
+            let message = if f.opcode == OpCode::Text {
+                simdutf8::basic::from_utf8(payload).map_err(|_| WsError::InvalidUtf8)?;
+                MessageRef::Text(payload)
+            } else {
+                MessageRef::Binary(payload)
+            };
+            return Ok(Some(Decoded::InPlace { message, consumed }));
+        }
+        Ok(self.decode_with(buf, inflater)?.map(Decoded::Owned))
     }
 }
 

@@ -14,7 +14,7 @@ pub mod mask;
 pub mod shared;
 pub mod utf8;
 
-pub use decoder::{CloseFrame, Decoder, DecoderConfig, Message, Role};
+pub use decoder::{CloseFrame, Decoded, Decoder, DecoderConfig, Message, MessageRef, Role};
 pub use frame::{OpCode, WsError, close_code};
 pub use shared::SharedFrame;
 

@@ -209,7 +209,44 @@ fn encode_fragmented(m: &TestMsg, parts: usize, out: &mut Vec<u8>) -> Message {
     expect
 }
 
+/// The in-place path gives the same messages and errors as the owned one.
+fn run_in_place(cfg: DecoderConfig, bytes: &[u8], chunk: usize) -> (Vec<Message>, Option<WsError>) {
+    let mut d = Decoder::new(cfg);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for piece in bytes.chunks(chunk.max(1)) {
+        buf.extend_from_slice(piece);
+        loop {
+            match d.decode_in_place(&mut buf, None) {
+                Ok(Some(Decoded::InPlace { message, consumed })) => {
+                    out.push(match message {
+                        MessageRef::Text(t) => Message::Text(Bytes::copy_from_slice(t)),
+                        MessageRef::Binary(b) => Message::Binary(Bytes::copy_from_slice(b)),
+                    });
+                    bytes::Buf::advance(&mut buf, consumed);
+                }
+                Ok(Some(Decoded::Owned(m))) => out.push(m),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+        }
+    }
+    (out, None)
+}
+
 proptest! {
+    #[test]
+    fn in_place_agrees_with_owned(
+        msgs in proptest::collection::vec((msg_strategy(), 1usize..4), 1..6),
+        chunk in 1usize..2000,
+        garbage in proptest::option::of(proptest::collection::vec(any::<u8>(), 1..20)),
+    ) {
+        let mut bytes = Vec::new();
+        for (m, p) in &msgs { encode_fragmented(m, *p, &mut bytes); }
+        if let Some(g) = garbage { bytes.extend(g); }
+        prop_assert_eq!(run_in_place(DecoderConfig::server(), &bytes, chunk), run(DecoderConfig::server(), &bytes, chunk));
+    }
+
     #[test]
     fn identity_under_any_split_and_fragmentation(
         msgs in proptest::collection::vec((msg_strategy(), 1usize..5), 1..6),

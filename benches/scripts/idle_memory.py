@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Idle memory per connection: gateway RSS growth / N for authenticated,
+subscribed, idle WebSocket connections.
+
+Starts a router and P gateway processes (the release `loadgen` binary embeds
+both; they share one port with SO_REUSEPORT), opens N idle clients per gateway
+process from P client processes (one process's open-file limit is 20,000 here),
+and prints RSS growth per connection per gateway process and for the box.
+
+    cargo build --release -p loadgen
+    python3 benches/scripts/idle_memory.py --per-process 18000 --processes 1
+    python3 benches/scripts/idle_memory.py --per-process 17000 --processes 6   # 100k+
+"""
+import argparse, base64, hashlib, hmac, json, multiprocessing as mp, os, socket, struct, subprocess, sys, tempfile, time
+
+SECRET = b"idle-memory-secret"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
+
+
+def token(user):
+    b = lambda x: base64.urlsafe_b64encode(x).rstrip(b"=")
+    h = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    p = b(json.dumps({"sub": user}).encode())
+    s = b(hmac.new(SECRET, h + b"." + p, hashlib.sha256).digest())
+    return (h + b"." + p + b"." + s).decode()
+
+
+def frame(payload):
+    m = os.urandom(4)
+    p = bytes(c ^ m[i % 4] for i, c in enumerate(payload))
+    n = len(p)
+    h = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", n)
+    return h + m + p
+
+
+def client(port, i, src):
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    s.send(b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    d = b""
+    while b"\r\n\r\n" not in d:
+        d += s.recv(4096)
+    cmds = [json.dumps({"id": 1, "connect": {"token": token(f"u{i}")}}),
+            json.dumps({"id": 2, "subscribe": {"channel": f"typing:room-{i % 1000}"}})]
+    s.send(frame("\n".join(cmds).encode()))
+    got = d.split(b"\r\n\r\n", 1)[1]
+    deadline = time.time() + 30
+    while b'"id":2' not in got and time.time() < deadline:
+        got += s.recv(4096)
+    return s
+
+
+def client_proc(port, first, n, ready, done):
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    held = [client(port, i, f"127.0.{2 + (i // 250) % 200}.{2 + i % 250}") for i in range(first, first + n)]
+    ready.set()
+    done.wait()
+    del held
+
+
+def rss(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-process", type=int, default=18000)
+    ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--cores", type=int, default=2)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    subprocess.run([LOADGEN, "router", "certs", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
+    quic, api, ws = free_port(), free_port(), free_port()
+    env = dict(os.environ, RUST_LOG="warn")
+    procs = [subprocess.Popen([LOADGEN, "router", "run", "--quic-listen", f"127.0.0.1:{quic}", "--api-listen",
+                               f"127.0.0.1:{api}", "--certs", tmp], env=env)]
+    gws = []
+    for g in range(a.processes):
+        admin = free_port()
+        gws.append(subprocess.Popen([LOADGEN, "gateway", "run", "--id", f"gw-{g}", "--listen", f"127.0.0.1:{ws}",
+                                     "--admin-listen", f"127.0.0.1:{admin}", "--router", f"127.0.0.1:{quic}",
+                                     "--certs", tmp, "--hmac-secret", SECRET.decode(), "--cores", str(a.cores),
+                                     "--no-pin"], env=env))
+    procs += gws
+    time.sleep(2)
+    try:
+        before = [rss(p.pid) for p in gws]
+        total = a.per_process * a.processes
+        done = mp.Event()
+        workers = []
+        per_client_proc = 15000
+        for k, first in enumerate(range(0, total, per_client_proc)):
+            ready = mp.Event()
+            w = mp.Process(target=client_proc, args=(ws, first, min(per_client_proc, total - first), ready, done))
+            w.start()
+            workers.append((w, ready))
+        for w, ready in workers:
+            ready.wait(timeout=600)
+        time.sleep(1)
+        after = [rss(p.pid) for p in gws]
+        growth = sum(after) - sum(before)
+        print(json.dumps({
+            "connections": total,
+            "gateway_processes": a.processes,
+            "rss_before_bytes": before,
+            "rss_after_bytes": after,
+            "bytes_per_connection": round(growth / total, 1),
+            "note": "SO_REUSEPORT spreads connections over processes unevenly; the box figure is total growth / total",
+        }))
+        done.set()
+        for w, _ in workers:
+            w.join(timeout=30)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
