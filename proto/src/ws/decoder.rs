@@ -389,21 +389,42 @@ impl Decoder {
             && buf.len() >= header + f.remaining
         {
             let consumed = header + f.remaining;
-            if let Some(key) = f.mask {
-                apply_mask(&mut buf[header..consumed], key, 0);
-            }
+            let is_text = f.opcode == OpCode::Text;
+            unmask_and_validate(&mut buf[header..consumed], f.mask, is_text)?;
             let buf: &'a BytesMut = buf;
             let payload = &buf[header..consumed];
-            let message = if f.opcode == OpCode::Text {
-                simdutf8::basic::from_utf8(payload).map_err(|_| WsError::InvalidUtf8)?;
-                MessageRef::Text(payload)
-            } else {
-                MessageRef::Binary(payload)
-            };
+            let message = if is_text { MessageRef::Text(payload) } else { MessageRef::Binary(payload) };
             return Ok(Some(Decoded::InPlace { message, consumed }));
         }
         Ok(self.decode_with(buf, inflater)?.map(Decoded::Owned))
     }
+}
+
+/// Block size for fused unmask + validation: small enough that the validator
+/// reads what the unmask just wrote from L1.
+const FUSE_BLOCK: usize = 8 * 1024;
+
+/// Unmasks a whole payload in place and, for text, validates it as UTF-8,
+/// block by block so each block is validated while it is still in L1.
+fn unmask_and_validate(payload: &mut [u8], mask: Option<[u8; 4]>, text: bool) -> Result<(), WsError> {
+    if payload.len() <= FUSE_BLOCK || !text {
+        if let Some(key) = mask {
+            apply_mask(payload, key, 0);
+        }
+        if text {
+            simdutf8::basic::from_utf8(payload).map_err(|_| WsError::InvalidUtf8)?;
+        }
+        return Ok(());
+    }
+    let mut v = Utf8Validator::new();
+    let mut offset = 0;
+    for block in payload.chunks_mut(FUSE_BLOCK) {
+        if let Some(key) = mask {
+            offset = apply_mask(block, key, offset);
+        }
+        v.feed(block).map_err(|_| WsError::InvalidUtf8)?;
+    }
+    v.finish().map_err(|_| WsError::InvalidUtf8)
 }
 
 fn control_message(opcode: OpCode, payload: Bytes) -> Result<Message, WsError> {
