@@ -620,15 +620,7 @@ impl Core {
     }
 
     fn response(self: &Rc<Self>, msg: ClusterMsg) {
-        let req = match &msg {
-            ClusterMsg::PublishOk { req, .. }
-            | ClusterMsg::RequestError { req, .. }
-            | ClusterMsg::Replay { req, .. }
-            | ClusterMsg::HistoryResult { req, .. }
-            | ClusterMsg::PresenceResult { req, .. }
-            | ClusterMsg::PresenceStatsResult { req, .. } => *req,
-            _ => return,
-        };
+        let Some(req) = msg.request_id().filter(|_| msg.is_answer()) else { return };
         tracing::debug!(core = self.id, req, "response at core");
         let Some(pending) = self.pending.borrow_mut().remove(&req) else { return };
         let sid = match &pending {

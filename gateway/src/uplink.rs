@@ -195,13 +195,8 @@ impl Uplink {
                 }
             }
             UpMsg::Request(msg) => {
-                let (req, key) = match &msg {
-                    ClusterMsg::Publish { req, channel, .. }
-                    | ClusterMsg::Recover { req, channel, .. }
-                    | ClusterMsg::History { req, channel, .. }
-                    | ClusterMsg::Presence { req, channel }
-                    | ClusterMsg::PresenceStats { req, channel } => (*req, channel.clone()),
-                    _ => return,
+                let (Some(req), Some(key)) = (msg.request_id(), msg.channel().map(str::to_owned)) else {
+                    return;
                 };
                 tracing::debug!(req, channel = %key, "request to router");
                 match self.owner(&key) {
@@ -318,15 +313,7 @@ impl Uplink {
                 ClusterMsg::Heartbeat { .. } | ClusterMsg::Welcome { .. } | ClusterMsg::Drain => {}
                 ClusterMsg::DisconnectUser { .. } | ClusterMsg::UnsubscribeUser { .. } => {}
                 other => {
-                    let req = match &other {
-                        ClusterMsg::PublishOk { req, .. }
-                        | ClusterMsg::RequestError { req, .. }
-                        | ClusterMsg::Replay { req, .. }
-                        | ClusterMsg::HistoryResult { req, .. }
-                        | ClusterMsg::PresenceResult { req, .. }
-                        | ClusterMsg::PresenceStatsResult { req, .. } => *req,
-                        _ => return,
-                    };
+                    let Some(req) = other.request_id().filter(|_| other.is_answer()) else { return };
                     tracing::debug!(req, core = core_of(req), "response from router");
                     if let Some(tx) = self.cores.get(core_of(req)) {
                         let _ = tx.try_send(DownMsg::Response(other));

@@ -459,6 +459,52 @@ impl ClusterMsg {
         }
     }
 
+    /// The id of a request to a router, or of its answer.
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            ClusterMsg::Publish { req, .. }
+            | ClusterMsg::Recover { req, .. }
+            | ClusterMsg::History { req, .. }
+            | ClusterMsg::Presence { req, .. }
+            | ClusterMsg::PresenceStats { req, .. }
+            | ClusterMsg::PublishOk { req, .. }
+            | ClusterMsg::RequestError { req, .. }
+            | ClusterMsg::Replay { req, .. }
+            | ClusterMsg::HistoryResult { req, .. }
+            | ClusterMsg::PresenceResult { req, .. }
+            | ClusterMsg::PresenceStatsResult { req, .. } => Some(*req),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a router's answer to a request.
+    pub fn is_answer(&self) -> bool {
+        matches!(
+            self,
+            ClusterMsg::PublishOk { .. }
+                | ClusterMsg::RequestError { .. }
+                | ClusterMsg::Replay { .. }
+                | ClusterMsg::HistoryResult { .. }
+                | ClusterMsg::PresenceResult { .. }
+                | ClusterMsg::PresenceStatsResult { .. }
+        )
+    }
+
+    /// The channel a per-channel message concerns (it decides the owner).
+    pub fn channel(&self) -> Option<&str> {
+        match self {
+            ClusterMsg::Publish { channel, .. }
+            | ClusterMsg::Recover { channel, .. }
+            | ClusterMsg::History { channel, .. }
+            | ClusterMsg::Presence { channel, .. }
+            | ClusterMsg::PresenceStats { channel, .. }
+            | ClusterMsg::Join { channel, .. }
+            | ClusterMsg::Leave { channel, .. }
+            | ClusterMsg::Deliver { channel, .. } => Some(channel),
+            _ => None,
+        }
+    }
+
     /// Appends the framed message (length prefix included) to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
         let start = out.len();
@@ -986,6 +1032,21 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn routing_keys() {
+        let p = ClusterMsg::Publish {
+            req: 7,
+            channel: "c".into(),
+            data: Bytes::new(),
+            info: None,
+            idempotency_key: String::new(),
+        };
+        assert_eq!((p.request_id(), p.channel(), p.is_answer()), (Some(7), Some("c"), false));
+        let a = ClusterMsg::PublishOk { req: 7, offset: 1, epoch: "e".into() };
+        assert_eq!((a.request_id(), a.channel(), a.is_answer()), (Some(7), None, true));
+        assert_eq!((ClusterMsg::Drain.request_id(), ClusterMsg::Drain.channel()), (None, None));
     }
 
     #[test]

@@ -278,17 +278,9 @@ impl Router {
                 | ClusterMsg::PresenceStats { .. }
                 | ClusterMsg::Join { .. }
                 | ClusterMsg::Leave { .. }) => {
-                    let channel = match &m {
-                        ClusterMsg::Publish { channel, .. }
-                        | ClusterMsg::Recover { channel, .. }
-                        | ClusterMsg::History { channel, .. }
-                        | ClusterMsg::Presence { channel, .. }
-                        | ClusterMsg::PresenceStats { channel, .. }
-                        | ClusterMsg::Join { channel, .. }
-                        | ClusterMsg::Leave { channel, .. } => channel.clone(),
-                        _ => unreachable!("matched above"),
-                    };
-                    self.shard_of(&channel).send(ShardCmd::Request(gw, m)).await?;
+                    let shard =
+                        self.shard_of(m.channel().expect("per-channel requests name a channel")).clone();
+                    shard.send(ShardCmd::Request(gw, m)).await?;
                 }
                 ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {
                     // User presence (grace timers, presence channels) is wired in
