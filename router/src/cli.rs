@@ -28,6 +28,9 @@ pub enum Cmd {
         /// Overrides `id`.
         #[arg(long)]
         id: Option<String>,
+        /// Overrides `presence_grace_secs`.
+        #[arg(long)]
+        presence_grace_secs: Option<u64>,
         /// Overrides `api_listen`.
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
@@ -59,7 +62,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config, quic_listen, id, api_listen, api_key, certs } => {
+        Cmd::Run { config, quic_listen, id, presence_grace_secs, api_listen, api_key, certs } => {
             let mut cfg = match config {
                 Some(path) => RouterConfig::from_toml(&std::fs::read_to_string(&path)?)?,
                 None => RouterConfig::default(),
@@ -69,6 +72,9 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             }
             if let Some(i) = id {
                 cfg.id = i;
+            }
+            if let Some(g) = presence_grace_secs {
+                cfg.presence_grace_secs = g;
             }
             if let Some(a) = api_listen {
                 cfg.api_listen = a;

@@ -20,7 +20,11 @@
 //! - [`api`]: the HTTP server API (Centrifugo-compatible subset for `cent`),
 //!   `/metrics`, `/healthz`, `/readyz`.
 //!
-//! Not yet here (see the open Router issue): user presence channels, heartbeat-based eviction beyond QUIC's idle timeout,
+//! User presence: a gateway's user online/offline events go to the shard
+//! owning `presence:<user>`, which keeps the aggregate state with a grace
+//! timer and publishes changes on that channel.
+//!
+//! Not yet here (see the open Router issue): heartbeat-based eviction beyond QUIC's idle timeout,
 //! clustering of several routers, SIGTERM drain.
 
 #![warn(missing_docs, unreachable_pub)]

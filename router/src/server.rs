@@ -69,7 +69,8 @@ impl Router {
         let shards = (0..cfg.shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(16_384);
-                tokio::spawn(Shard::new(namespaces.clone(), cfg.max_recover, metrics.clone()).run(rx));
+                let grace = Duration::from_secs(cfg.presence_grace_secs);
+                tokio::spawn(Shard::new(namespaces.clone(), cfg.max_recover, grace, metrics.clone()).run(rx));
                 tx
             })
             .collect();
@@ -282,9 +283,14 @@ impl Router {
                         self.shard_of(m.channel().expect("per-channel requests name a channel")).clone();
                     shard.send(ShardCmd::Request(gw, m)).await?;
                 }
-                ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {
-                    // User presence (grace timers, presence channels) is wired in
-                    // with the gateway's connect path; see presence.rs.
+                m @ (ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. }) => {
+                    let (ClusterMsg::UserOnline { user, .. } | ClusterMsg::UserOffline { user, .. }) = &m
+                    else {
+                        unreachable!("matched above")
+                    };
+                    let channel = self.cfg.namespaces.presence_channel(user);
+                    let shard = self.shard_of(&channel).clone();
+                    shard.send(ShardCmd::Request(gw, m)).await?;
                 }
                 other => {
                     self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);

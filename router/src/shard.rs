@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::client::ReplyError;
@@ -15,7 +15,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{ChannelState, PublishOutcome, StreamOptions};
-use crate::presence::ChannelPresence;
+use crate::presence::{ChannelPresence, PresenceChange, UserPresence};
 
 /// Link index of a connected gateway.
 pub type GatewayId = u32;
@@ -125,6 +125,7 @@ pub struct Shard {
     max_recover: usize,
     channels: HashMap<String, ChannelState>,
     presence: HashMap<String, ChannelPresence>,
+    users: UserPresence,
     gateways: HashMap<GatewayId, mpsc::Sender<ClusterMsg>>,
     lagging: HashMap<GatewayId, HashSet<String>>,
     metrics: Arc<Metrics>,
@@ -143,27 +144,67 @@ fn new_epoch() -> String {
 
 impl Shard {
     /// An empty shard.
-    pub fn new(namespaces: Arc<Namespaces>, max_recover: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        namespaces: Arc<Namespaces>,
+        max_recover: usize,
+        grace: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Shard {
             namespaces,
             max_recover,
             channels: HashMap::new(),
             presence: HashMap::new(),
+            users: UserPresence::new(grace),
             gateways: HashMap::new(),
             lagging: HashMap::new(),
             metrics,
         }
     }
 
-    /// Runs until every sender is dropped.
+    /// Runs until every sender is dropped. A coarse tick (250 ms) expires
+    /// presence grace periods.
     pub async fn run(mut self, mut rx: mpsc::Receiver<ShardCmd>) {
         let mut batch = Vec::with_capacity(256);
-        while rx.recv_many(&mut batch, 256).await > 0 {
-            let now = Instant::now();
-            for cmd in batch.drain(..) {
-                self.handle(cmd, now);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 {
+                        return;
+                    }
+                    let now = Instant::now();
+                    for cmd in batch.drain(..) {
+                        self.handle(cmd, now);
+                    }
+                    self.flush_lagging();
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    for change in self.users.expire(now) {
+                        self.publish_presence(change, now);
+                    }
+                    self.flush_lagging();
+                }
             }
-            self.flush_lagging();
+        }
+    }
+
+    /// Publishes a user's aggregate presence change on their presence channel
+    /// (`presence:<user>`), which this shard owns (the link routes a user's
+    /// online/offline events by that channel).
+    fn publish_presence(&mut self, change: PresenceChange, now: Instant) {
+        let (user, online) = match change {
+            PresenceChange::Online(u) => (u, true),
+            PresenceChange::Away(u) => (u, false),
+        };
+        let channel = self.namespaces.presence_channel(&user);
+        let mut data = b"{\"user\":".to_vec();
+        proto::client::reply::write_str(&mut data, &user);
+        data.extend_from_slice(if online { b",\"online\":true}" } else { b",\"online\":false}" });
+        if let Err(e) = self.publish(&channel, Bytes::from(data), None, None, "", now) {
+            tracing::warn!(%channel, error = e.message, "presence publish refused");
         }
     }
 
@@ -195,6 +236,9 @@ impl Shard {
                 self.gateways.insert(gw, tx);
             }
             ShardCmd::GatewayDown(gw) => {
+                // Its users enter the grace period; they are away only if no
+                // connection of theirs comes back in time.
+                self.users.gateway_lost(gw, now);
                 self.gateways.remove(&gw);
                 self.lagging.remove(&gw);
                 for ch in self.channels.values_mut() {
@@ -333,6 +377,13 @@ impl Shard {
                 };
                 self.send(gw, answer);
             }
+            ClusterMsg::UserOnline { user, .. } if !user.is_empty() => {
+                if let Some(change) = self.users.connect(&user, gw) {
+                    self.publish_presence(change, now);
+                }
+            }
+            ClusterMsg::UserOffline { user, .. } if !user.is_empty() => self.users.disconnect(&user, gw, now),
+            ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {}
             ClusterMsg::Join { channel, client, user, info } => {
                 self.presence.entry(channel).or_default().join(&client, &user, info, gw);
             }

@@ -135,6 +135,11 @@ impl Cluster {
     /// Starts `routers` routers and `gateways` gateways; `extra` are added to
     /// every gateway's command line.
     pub fn start(routers: usize, gateways: usize, extra: &[&str]) -> Cluster {
+        Self::start_with(routers, gateways, &[], extra)
+    }
+
+    /// Like [`start`](Self::start), with extra arguments for every router too.
+    pub fn start_with(routers: usize, gateways: usize, router_extra: &[&str], extra: &[&str]) -> Cluster {
         let certs = std::env::temp_dir().join(format!(
             "sy-e2e-{}-{}",
             std::process::id(),
@@ -163,6 +168,7 @@ impl Cluster {
                 .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
                 .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
                 .arg(&c.certs)
+                .args(router_extra)
                 .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
                 .spawn()
                 .unwrap();
