@@ -307,26 +307,22 @@ impl Core {
                 }
                 Ok(())
             }
-            Method::Presence(r) | Method::PresenceStats(r) if self.presence_allowed(&r.channel).is_err() => {
-                replies.push(session::error(id, self.presence_allowed(&r.channel).unwrap_err()));
-                Ok(())
-            }
-            Method::Presence(r) => {
-                let channel = r.channel;
-                if let Err(e) = self.request(
-                    |req| ClusterMsg::Presence { req, channel },
-                    Pending::Presence { session: s.id, id },
-                ) {
-                    replies.push(session::error(id, e));
-                }
-                Ok(())
-            }
-            Method::PresenceStats(r) => {
-                let channel = r.channel;
-                if let Err(e) = self.request(
-                    |req| ClusterMsg::PresenceStats { req, channel },
-                    Pending::PresenceStats { session: s.id, id },
-                ) {
+            method @ (Method::Presence(_) | Method::PresenceStats(_)) => {
+                let (Method::Presence(r) | Method::PresenceStats(r)) = &method else {
+                    unreachable!("matched above")
+                };
+                let channel = r.channel.clone();
+                let result = self.presence_allowed(&channel).and_then(|()| match method {
+                    Method::Presence(_) => self.request(
+                        |req| ClusterMsg::Presence { req, channel },
+                        Pending::Presence { session: s.id, id },
+                    ),
+                    _ => self.request(
+                        |req| ClusterMsg::PresenceStats { req, channel },
+                        Pending::PresenceStats { session: s.id, id },
+                    ),
+                });
+                if let Err(e) = result {
                     replies.push(session::error(id, e));
                 }
                 Ok(())

@@ -96,12 +96,11 @@ impl Drop for TempDir {
 
 fn start_cluster(a: &DemoArgs, quiet: bool) -> anyhow::Result<Cluster> {
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    let paths = router::certs::generate(&dir)?;
+    router::certs::generate(&dir)?;
     let dir = TempDir(dir);
     let quic = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
     let api_addr = SocketAddr::from(([127, 0, 0, 1], a.api_port.unwrap_or_else(orchestrate::free_port)));
     let certs = dir.0.to_string_lossy().into_owned();
-    let _ = paths;
     let router = ServerProc::spawn(
         "router",
         &[
@@ -348,8 +347,6 @@ fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
         }
     }
     report.fanout_secs = fan_start.elapsed().as_secs_f64();
-    let (_, deliveries, connected, _) = (0, 0, 0, 0);
-    let _ = (deliveries, connected);
     report.timeline.push(Sample {
         t: start.elapsed().as_secs_f64(),
         connected: report.connected,

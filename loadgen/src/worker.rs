@@ -463,7 +463,6 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     }
     let mut decoder = Decoder::new(DecoderConfig::client());
     let mut connected = false;
-    let mut pending_replies = subs.len() + 1;
     let mut converged_since: Option<Instant> = None;
     'outer: loop {
         // Decode what we have.
@@ -490,7 +489,6 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
                             continue;
                         }
                         let id = v["id"].as_u64().unwrap_or(0) as usize;
-                        pending_replies = pending_replies.saturating_sub(1);
                         if id == 1 {
                             if v.get("error").is_some() {
                                 break 'outer;
@@ -548,7 +546,6 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
             }
         }
     }
-    let _ = pending_replies;
     // Final accounting: anything short of the final offsets was lost.
     if sh.stop.load(Ordering::Relaxed) {
         let tops = sh.tops.lock().expect("tops").clone();
