@@ -34,8 +34,14 @@ pub enum UpMsg {
     /// A request whose answer comes back to the core; `req` carries the core
     /// in its top byte (see [`request_id`]).
     Request(ClusterMsg),
-    /// Fire-and-forget (join, leave, user online/offline).
-    Forward(ClusterMsg),
+    /// Fire-and-forget (join, leave, user online/offline) to the router
+    /// owning `key` (the channel, or the user's presence channel).
+    Forward {
+        /// Rendezvous key deciding the router.
+        key: String,
+        /// The message.
+        msg: ClusterMsg,
+    },
 }
 
 /// Uplink → core.
@@ -50,6 +56,14 @@ pub enum DownMsg {
         first: u64,
         /// Offset of the last publication in the frame.
         last: u64,
+        /// The frame's wire bytes, shared by every recipient.
+        frame: Bytes,
+    },
+    /// A join/leave push of `channel`, framed once, for its live subscribers
+    /// (outside the offset stream: no position check).
+    Push {
+        /// Channel.
+        channel: Arc<str>,
         /// The frame's wire bytes, shared by every recipient.
         frame: Bytes,
     },

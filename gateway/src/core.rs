@@ -167,10 +167,10 @@ impl Core {
             self.unindex(&c, s);
         }
         if s.connected.get() {
-            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::UserOffline {
-                user: s.user.borrow().clone(),
-                client: s.client.borrow().clone(),
-            }));
+            let user = s.user.borrow().clone();
+            let key = self.cfg.namespaces.presence_channel(&user);
+            let msg = ClusterMsg::UserOffline { user, client: s.client.borrow().clone() };
+            let _ = self.up.try_send(UpMsg::Forward { key, msg });
         }
     }
 
@@ -197,11 +197,11 @@ impl Core {
                 });
             }
         }
-        if self.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence) && s.connected.get() {
-            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::Leave {
-                channel: channel.to_string(),
-                client: s.client.borrow().clone(),
-            }));
+        if self.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence || ns.join_leave)
+            && s.connected.get()
+        {
+            let msg = ClusterMsg::Leave { channel: channel.to_string(), client: s.client.borrow().clone() };
+            let _ = self.up.try_send(UpMsg::Forward { key: channel.to_string(), msg });
         }
     }
 
@@ -273,7 +273,9 @@ impl Core {
                 s.next_ping.set(now + ping.mul_f64(rand::rng().random_range(0.5..1.0)));
                 s.expires_at.set(ttl.map(|t| now + Duration::from_secs(t as u64 + 25)));
                 replies.push(session::connect_reply(id, &client, ttl, lim.ping_secs));
-                let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::UserOnline { user, client }));
+                let key = self.cfg.namespaces.presence_channel(&user);
+                let _ =
+                    self.up.try_send(UpMsg::Forward { key, msg: ClusterMsg::UserOnline { user, client } });
                 Ok(())
             }
             Method::Subscribe(r) => {
@@ -480,12 +482,12 @@ impl Core {
         if !ns.positioned() {
             s.subs.borrow_mut().insert(channel.clone(), Sub::Live { position: 0 });
             self.index_add(&channel, s);
-            self.join(s, &channel, ns.presence, chan_info);
+            self.join(s, &channel, ns.presence || ns.join_leave, chan_info);
             return Ok(Some(SubscribeResult::default().reply(id)));
         }
         s.subs.borrow_mut().insert(channel.clone(), Sub::Pending { held: Vec::new(), held_bytes: 0 });
         self.index_add(&channel, s);
-        self.join(s, &channel, ns.presence, chan_info);
+        self.join(s, &channel, ns.presence || ns.join_leave, chan_info);
         let (recover, epoch, offset) = (r.recover, r.epoch, r.offset);
         let ch = channel.to_string();
         let pending = Pending::Subscribe {
@@ -515,12 +517,13 @@ impl Core {
                 s.conn_info.borrow().as_deref(),
                 chan_info.as_deref(),
             );
-            let _ = self.up.try_send(UpMsg::Forward(ClusterMsg::Join {
+            let msg = ClusterMsg::Join {
                 channel: channel.to_string(),
                 client: s.client.borrow().clone(),
                 user: s.user.borrow().clone(),
                 info,
-            }));
+            };
+            let _ = self.up.try_send(UpMsg::Forward { key: channel.to_string(), msg });
         }
     }
 
@@ -595,6 +598,19 @@ impl Core {
                     if s.subs.borrow_mut().remove(&channel).is_some() {
                         self.unindex(&channel, &s);
                         s.send_line(self, &push);
+                    }
+                }
+            }
+            DownMsg::Push { channel, frame } => {
+                let ids: Vec<u64> = match self.index.borrow().get(&channel) {
+                    Some(set) => set.iter().copied().collect(),
+                    None => return,
+                };
+                for sid in ids {
+                    let Some(s) = self.session(sid) else { continue };
+                    let live = matches!(s.subs.borrow().get(&channel), Some(Sub::Live { .. }));
+                    if live {
+                        s.send(self, frame.clone());
                     }
                 }
             }

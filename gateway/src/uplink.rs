@@ -37,6 +37,12 @@ use crate::metrics::Metrics;
 /// ALPN of the cluster protocol (must match the router's).
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
 
+/// How often the uplink heartbeats each router (the router answers).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// Silence after which a router is treated as lost.
+pub const ROUTER_SILENCE: Duration = Duration::from_secs(10);
+
 /// Largest frame the uplink packs publications into (well under the 1 MiB
 /// centrifuge-python accepts).
 pub const MAX_PACKED_FRAME: usize = 256 * 1024;
@@ -52,7 +58,7 @@ struct Route {
 enum Event {
     Up(usize, mpsc::Sender<ClusterMsg>),
     Down(usize),
-    Control(ClusterMsg),
+    Control(usize, ClusterMsg),
     Deliveries(Vec<ClusterMsg>),
 }
 
@@ -60,6 +66,8 @@ struct Uplink {
     gateway_id: String,
     routers: Vec<String>,
     links: Vec<Option<mpsc::Sender<ClusterMsg>>>,
+    /// Routers that announced a drain: connected, but owning nothing new.
+    draining: Vec<bool>,
     channels: HashMap<String, Route>,
     cores: Vec<flume::Sender<DownMsg>>,
     metrics: Arc<Metrics>,
@@ -115,6 +123,7 @@ pub fn spawn(
                 gateway_id,
                 routers: cfg.routers.iter().map(|a| a.to_string()).collect(),
                 links: vec![None; cfg.routers.len()],
+                draining: vec![false; cfg.routers.len()],
                 channels: HashMap::new(),
                 cores,
                 metrics,
@@ -138,8 +147,12 @@ pub fn spawn(
 }
 
 impl Uplink {
+    fn live(&self, i: usize) -> bool {
+        self.links[i].is_some() && !self.draining[i]
+    }
+
     fn owner(&self, key: &str) -> Option<usize> {
-        ranked(key, &self.routers).into_iter().find(|i| self.links[*i].is_some())
+        ranked(key, &self.routers).into_iter().find(|i| self.live(*i))
     }
 
     fn send_to(&self, router: usize, msg: ClusterMsg) -> bool {
@@ -204,14 +217,7 @@ impl Uplink {
                     _ => self.reply_error(req, 100, "no router available"),
                 }
             }
-            UpMsg::Forward(msg) => {
-                let key = match &msg {
-                    ClusterMsg::Join { channel, .. } | ClusterMsg::Leave { channel, .. } => channel.clone(),
-                    ClusterMsg::UserOnline { user, .. } | ClusterMsg::UserOffline { user, .. } => {
-                        user.clone()
-                    }
-                    _ => return,
-                };
+            UpMsg::Forward { key, msg } => {
                 if let Some(o) = self.owner(&key) {
                     self.send_to(o, msg);
                 }
@@ -223,7 +229,7 @@ impl Uplink {
     fn rebalance(&mut self) {
         let mut moves: Vec<(String, Option<usize>, Option<usize>, u64)> = Vec::new();
         for (name, route) in &self.channels {
-            let owner = ranked(name, &self.routers).into_iter().find(|i| self.links[*i].is_some());
+            let owner = self.owner(name);
             if owner != route.owner {
                 moves.push((name.clone(), route.owner, owner, route.cores));
             }
@@ -256,6 +262,7 @@ impl Uplink {
         match ev {
             Event::Up(i, tx) => {
                 tracing::info!(router = %self.routers[i], "router link up");
+                self.draining[i] = false;
                 if self.links[i].replace(tx).is_none() {
                     self.metrics.routers_up.fetch_add(1, Ordering::Relaxed);
                 }
@@ -279,6 +286,7 @@ impl Uplink {
                     return; // a failed attempt, not a lost link
                 }
                 self.metrics.routers_up.fetch_sub(1, Ordering::Relaxed);
+                self.draining[i] = false;
                 tracing::warn!(router = %self.routers[i], "router link down");
                 for r in self.channels.values_mut() {
                     if r.owner == Some(i) {
@@ -298,7 +306,15 @@ impl Uplink {
                 }
                 self.rebalance();
             }
-            Event::Control(msg) => match msg {
+            Event::Control(i, ClusterMsg::Drain) => {
+                // The router is going away: its channels move to their next
+                // owner now (new epoch there: subscribers resync with
+                // `recovered: false` rather than miss anything silently).
+                tracing::info!(router = %self.routers[i], "router draining: moving its channels");
+                self.draining[i] = true;
+                self.rebalance();
+            }
+            Event::Control(_, msg) => match msg {
                 ClusterMsg::Resync { channels } => {
                     for c in channels {
                         if let Some(r) = self.channels.get_mut(&c) {
@@ -329,6 +345,15 @@ impl Uplink {
     fn deliver(&mut self, msgs: Vec<ClusterMsg>) {
         let mut i = 0;
         while i < msgs.len() {
+            if let ClusterMsg::Push { channel, push } = &msgs[i] {
+                if let Some(route) = self.channels.get(channel.as_str()) {
+                    let frame = SharedFrame::text_lines([push.as_ref()]);
+                    let name: Arc<str> = Arc::from(channel.as_str());
+                    self.to_cores(route.cores, &DownMsg::Push { channel: name, frame: frame.into_bytes() });
+                }
+                i += 1;
+                continue;
+            }
             let ClusterMsg::Deliver { channel, .. } = &msgs[i] else {
                 i += 1;
                 continue;
@@ -458,9 +483,10 @@ async fn connect_once(
     };
     backoff.reset();
     let (tx, mut rx) = mpsc::channel::<ClusterMsg>(65_536);
+    let hb_tx = tx.clone();
     events.send(Event::Up(idx, tx)).await.ok();
     for m in pending.drain(..) {
-        events.send(Event::Control(m)).await.ok();
+        events.send(Event::Control(idx, m)).await.ok();
     }
     // Writer: batch everything queued into one write.
     let writer = tokio::spawn(async move {
@@ -491,15 +517,37 @@ async fn connect_once(
             });
         }
     });
+    // Heartbeats: the router answers each; a router silent for
+    // `ROUTER_SILENCE` is treated as lost (channels move, subscribers resync).
+    let heartbeat = {
+        let tx = hb_tx;
+        tokio::spawn(async move {
+            let mut seq = 0u64;
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            loop {
+                tick.tick().await;
+                seq += 1;
+                if tx.send(ClusterMsg::Heartbeat { seq, reply: false }).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let result = async {
-        while let Some(msgs) = read_msgs(&mut recv, &mut dec, &mut buf).await? {
+        loop {
+            let Ok(read) =
+                tokio::time::timeout(ROUTER_SILENCE, read_msgs(&mut recv, &mut dec, &mut buf)).await
+            else {
+                anyhow::bail!("router silent for {ROUTER_SILENCE:?}");
+            };
+            let Some(msgs) = read? else { return anyhow::Ok(()) };
             for m in msgs {
-                events.send(Event::Control(m)).await.ok();
+                events.send(Event::Control(idx, m)).await.ok();
             }
         }
-        anyhow::Ok(())
     }
     .await;
+    heartbeat.abort();
     writer.abort();
     deliveries.abort();
     conn.close(0u32.into(), b"bye");

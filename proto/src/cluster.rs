@@ -255,6 +255,15 @@ pub enum ClusterMsg {
         /// Channel.
         channel: String,
     },
+    /// Router → gateway: a client push outside the offset stream (join and
+    /// leave), already serialized as one client-protocol line, delivered to
+    /// the channel's local subscribers as it is.
+    Push {
+        /// Channel.
+        channel: String,
+        /// The push line (`{"push":{"channel":…,"join":…}}`).
+        push: Bytes,
+    },
 }
 
 /// Why a link's bytes were refused; the link is closed with this reason.
@@ -299,6 +308,7 @@ mod tag {
     pub(super) const RESYNC: u8 = 25;
     pub(super) const DISCONNECT_USER: u8 = 26;
     pub(super) const UNSUBSCRIBE_USER: u8 = 27;
+    pub(super) const PUSH: u8 = 28;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -456,6 +466,7 @@ impl ClusterMsg {
             ClusterMsg::Resync { .. } => "resync",
             ClusterMsg::DisconnectUser { .. } => "disconnect_user",
             ClusterMsg::UnsubscribeUser { .. } => "unsubscribe_user",
+            ClusterMsg::Push { .. } => "push",
         }
     }
 
@@ -500,7 +511,8 @@ impl ClusterMsg {
             | ClusterMsg::PresenceStats { channel, .. }
             | ClusterMsg::Join { channel, .. }
             | ClusterMsg::Leave { channel, .. }
-            | ClusterMsg::Deliver { channel, .. } => Some(channel),
+            | ClusterMsg::Deliver { channel, .. }
+            | ClusterMsg::Push { channel, .. } => Some(channel),
             _ => None,
         }
     }
@@ -673,6 +685,11 @@ impl ClusterMsg {
                 w.str(user);
                 w.str(channel);
             }
+            ClusterMsg::Push { channel, push } => {
+                w.0.put_u8(tag::PUSH);
+                w.str(channel);
+                w.bytes(push);
+            }
         }
         let body = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&body.to_be_bytes());
@@ -831,6 +848,10 @@ impl ClusterMsg {
                 r.what = "unsubscribe_user";
                 ClusterMsg::UnsubscribeUser { user: r.str()?, channel: r.str()? }
             }
+            tag::PUSH => {
+                r.what = "push";
+                ClusterMsg::Push { channel: r.str()?, push: r.bytes()? }
+            }
             other => return Err(ClusterError::UnknownTag(other)),
         };
         r.end()?;
@@ -979,6 +1000,7 @@ mod tests {
             }),
             Just(ClusterMsg::Drain),
             strs().prop_map(|channels| ClusterMsg::Resync { channels }),
+            (s(), b()).prop_map(|(channel, push)| ClusterMsg::Push { channel, push }),
             (s(), s(), any::<u16>(), s()).prop_map(|(user, client, code, reason)| {
                 ClusterMsg::DisconnectUser { user, client, code, reason }
             }),

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
+use crate::peers::{FORWARDED, Owner, call};
 use crate::server::Router;
 use crate::shard::{ApiOp, ShardCmd};
 
@@ -116,6 +117,11 @@ fn tags_json(tags: &Option<HashMap<String, String>>) -> Option<Bytes> {
         .map(|t| Bytes::from(serde_json::to_vec(t).expect("tags serialize")))
 }
 
+/// Stripped JSON data as a raw value again (it was valid JSON on the way in).
+fn data_raw(data: &Bytes) -> Box<RawValue> {
+    RawValue::from_string(String::from_utf8_lossy(data).into_owned()).expect("validated on the way in")
+}
+
 /// Glob match with `*` and `?` (Centrifugo's `channels` pattern).
 pub fn glob(pattern: &str, name: &str) -> bool {
     fn go(p: &[u8], n: &[u8]) -> bool {
@@ -163,7 +169,51 @@ impl Router {
         }
     }
 
-    async fn dispatch(&self, method: &str, body: &[u8]) -> Result<Vec<u8>, StatusCode> {
+    /// Answers a call whose channel another router owns by forwarding it
+    /// there, and merges `channels` over the cluster; `None`: answer locally.
+    async fn route_cluster(&self, method: &str, body: &Bytes) -> Option<Reply> {
+        match method {
+            "publish" | "presence" | "presence_stats" | "history" | "history_remove" => {
+                let r: ChannelReq = serde_json::from_slice(body).ok()?;
+                let Owner::Peer(addr) = self.peers().owner(&r.channel) else { return None };
+                Some(self.forward(addr, method, body.clone()).await)
+            }
+            "channels" => {
+                let local = self.dispatch(method, body, true).await.ok()?;
+                let mut merged: serde_json::Value = serde_json::from_slice(&local).ok()?;
+                for addr in self.peers().ready_peers() {
+                    let path = format!("/api/{method}");
+                    let Ok((200, b)) = call(addr, "POST", &path, Some(self.api_key()), body.clone()).await
+                    else {
+                        continue;
+                    };
+                    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else { continue };
+                    if let (Some(into), Some(from)) = (
+                        merged.pointer_mut("/result/channels").and_then(|c| c.as_object_mut()),
+                        v.pointer("/result/channels").and_then(|c| c.as_object()),
+                    ) {
+                        into.extend(from.clone());
+                    }
+                }
+                Some(respond(StatusCode::OK, serde_json::to_vec(&merged).ok()?))
+            }
+            _ => None,
+        }
+    }
+
+    async fn forward(&self, addr: std::net::SocketAddr, method: &str, body: Bytes) -> Reply {
+        match call(addr, "POST", &format!("/api/{method}"), Some(self.api_key()), body).await {
+            Ok((status, body)) => {
+                respond(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), body)
+            }
+            Err(e) => {
+                tracing::warn!(%addr, error = %e, "forwarding an API call failed");
+                respond(StatusCode::OK, error_body(ReplyError::INTERNAL))
+            }
+        }
+    }
+
+    async fn dispatch(&self, method: &str, body: &[u8], forwarded: bool) -> Result<Vec<u8>, StatusCode> {
         let bad = |_| StatusCode::BAD_REQUEST;
         Ok(match method {
             "publish" => {
@@ -187,9 +237,27 @@ impl Router {
                     if i > 0 {
                         out.push(b',');
                     }
-                    out.extend(
-                        self.api_publish(ch, data.clone(), tags.clone(), r.idempotency_key.clone()).await,
-                    );
+                    let owner = if forwarded { Owner::Local } else { self.peers().owner(&ch) };
+                    let one = match owner {
+                        Owner::Local => {
+                            self.api_publish(ch, data.clone(), tags.clone(), r.idempotency_key.clone()).await
+                        }
+                        Owner::Peer(addr) => {
+                            let body = serde_json::json!({
+                                "channel": ch,
+                                "data": data_raw(&data),
+                                "tags": r.tags,
+                                "idempotency_key": r.idempotency_key,
+                            });
+                            let body = Bytes::from(serde_json::to_vec(&body).expect("serializable"));
+                            match call(addr, "POST", "/api/publish", Some(self.api_key()), body).await {
+                                // `{"result":…}` or `{"error":…}`: one broadcast response as it is.
+                                Ok((200, b)) => b.to_vec(),
+                                _ => error_body(ReplyError::INTERNAL),
+                            }
+                        }
+                    };
+                    out.extend(one);
                 }
                 out.extend_from_slice(b"]}");
                 result_body(&out)
@@ -316,6 +384,9 @@ impl Router {
         let path = req.uri().path().to_owned();
         match path.as_str() {
             "/healthz" => return Ok(respond(StatusCode::OK, "ok\n")),
+            "/readyz" if self.peers().draining() => {
+                return Ok(respond(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
+            }
             "/readyz" => return Ok(respond(StatusCode::OK, "ready\n")),
             "/metrics" => return Ok(respond(StatusCode::OK, self.render_metrics())),
             _ => {}
@@ -329,12 +400,18 @@ impl Router {
         if !self.authorized(&req) {
             return Ok(respond(StatusCode::UNAUTHORIZED, ""));
         }
+        let forwarded = req.headers().contains_key(FORWARDED);
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "")),
         };
         let started = Instant::now();
-        let r = match self.dispatch(&method, &body).await {
+        if self.peers().clustered() && !forwarded {
+            if let Some(r) = self.route_cluster(&method, &body).await {
+                return Ok(r);
+            }
+        }
+        let r = match self.dispatch(&method, &body, forwarded).await {
             Ok(out) => respond(StatusCode::OK, out),
             Err(status) => respond(status, ""),
         };

@@ -40,6 +40,13 @@ pub enum Cmd {
         /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
         #[arg(long)]
         certs: Option<PathBuf>,
+        /// Another router of the cluster, `QUIC_ADDR,API_ADDR` (repeatable;
+        /// replaces `peers`).
+        #[arg(long = "peer")]
+        peers: Vec<crate::peers::PeerConfig>,
+        /// Overrides `drain_secs`.
+        #[arg(long)]
+        drain_secs: Option<u64>,
     },
     /// Write a development CA and router/gateway certificates.
     Certs {
@@ -62,7 +69,17 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Run { config, quic_listen, id, presence_grace_secs, api_listen, api_key, certs } => {
+        Cmd::Run {
+            config,
+            quic_listen,
+            id,
+            presence_grace_secs,
+            api_listen,
+            api_key,
+            certs,
+            peers,
+            drain_secs,
+        } => {
             let mut cfg = match config {
                 Some(path) => RouterConfig::from_toml(&std::fs::read_to_string(&path)?)?,
                 None => RouterConfig::default(),
@@ -82,6 +99,12 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(k) = api_key {
                 cfg.api_key = k;
             }
+            if !peers.is_empty() {
+                cfg.peers = peers;
+            }
+            if let Some(d) = drain_secs {
+                cfg.drain_secs = d;
+            }
             if let Some(dir) = certs {
                 let p = crate::certs::CertPaths::in_dir(&dir);
                 cfg.tls.ca_cert = p.ca_cert;
@@ -92,9 +115,16 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             rt.block_on(async move {
                 let api = cfg.api_listen;
                 let router = crate::server::Router::start(cfg);
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let draining = async {
+                    term.recv().await;
+                    router.drain().await;
+                };
                 tokio::select! {
                     r = router.clone().serve_links() => r,
-                    r = router.serve_api(api) => r,
+                    r = router.clone().serve_api(api) => r,
+                    _ = router.peers().probe_forever() => Ok(()),
+                    _ = draining => Ok(()),
                     _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }
                 }
             })

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::namespace::Namespaces;
+
+use crate::peers::PeerConfig;
 use serde::Deserialize;
 
 /// Paths of the link's mutual-TLS material (see [`crate::certs`]).
@@ -63,6 +65,13 @@ pub struct RouterConfig {
     pub presence_grace_secs: u64,
     /// Most publications one recovery returns (default 300, as Centrifugo).
     pub max_recover: usize,
+    /// Seconds a draining router (SIGTERM) keeps answering after telling the
+    /// gateways, before it exits (default 5).
+    pub drain_secs: u64,
+    /// The other routers of the cluster (`[[peers]]` with `quic` and `api`
+    /// addresses); empty for a single router. The HTTP API forwards a call
+    /// for a channel to its owner among the ready routers.
+    pub peers: Vec<PeerConfig>,
     /// Channel namespaces.
     pub namespaces: Namespaces,
 }
@@ -82,6 +91,8 @@ impl Default for RouterConfig {
             evict_secs: 15,
             presence_grace_secs: 15,
             max_recover: 300,
+            drain_secs: 5,
+            peers: Vec::new(),
             namespaces: Namespaces::default(),
         }
     }
@@ -96,6 +107,11 @@ impl RouterConfig {
     /// Heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_secs(self.heartbeat_secs.max(1))
+    }
+
+    /// Drain window.
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_secs)
     }
 
     /// Eviction timeout.

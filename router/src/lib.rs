@@ -24,8 +24,15 @@
 //! owning `presence:<user>`, which keeps the aggregate state with a grace
 //! timer and publishes changes on that channel.
 //!
-//! Not yet here (see the open Router issue): heartbeat-based eviction beyond QUIC's idle timeout,
-//! clustering of several routers, SIGTERM drain.
+//! - [`peers`]: the other routers; the HTTP API forwards a call for a
+//!   channel to its owner among the ready routers (rendezvous over their
+//!   QUIC addresses, as the gateways compute it).
+//!
+//! Liveness: gateways heartbeat every 2 s; a gateway silent for
+//! `evict_secs` is evicted (its users enter the presence grace period).
+//! SIGTERM drains: `/readyz` turns 503, gateways are told and move this
+//! router's channels to their next owner (new epoch: clients resync with
+//! `recovered: false`), requests in flight are answered for `drain_secs`.
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -34,6 +41,7 @@ pub mod certs;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod peers;
 pub mod presence;
 pub mod server;
 pub mod shard;

@@ -7,6 +7,7 @@
 //! channel while a burst on one channel never blocks the others. Every write
 //! batches what is queued (quinn collapses with one message per write).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,6 +22,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
 use crate::config::RouterConfig;
+use crate::peers::Peers;
 use crate::shard::{GatewayId, Metrics, Shard, ShardCmd};
 
 /// ALPN of the cluster protocol.
@@ -34,6 +36,9 @@ pub struct Router {
     next_gateway: AtomicU32,
     instance: u64,
     started: std::time::Instant,
+    peers: Peers,
+    /// Control queues of the connected gateways (for the drain notice).
+    links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
 }
 
 fn load_tls(cfg: &RouterConfig) -> anyhow::Result<rustls::ServerConfig> {
@@ -74,6 +79,7 @@ impl Router {
                 tx
             })
             .collect();
+        let peers = Peers::new(cfg.quic_listen, cfg.peers.clone());
         Arc::new(Router {
             cfg,
             shards,
@@ -81,7 +87,35 @@ impl Router {
             next_gateway: AtomicU32::new(1),
             instance: rand::random(),
             started: std::time::Instant::now(),
+            peers,
+            links: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The cluster as the HTTP API sees it.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// Drain (SIGTERM): `/readyz` turns 503 (peers stop forwarding here),
+    /// every gateway is told, and moves its interest in this router's
+    /// channels to their next owner (a new epoch there: subscribers resync
+    /// with `recovered: false`, nothing is lost silently). Requests still in
+    /// flight are answered for `drain_secs` (less once no gateway is linked),
+    /// then the router exits.
+    pub async fn drain(&self) {
+        self.peers.set_draining();
+        let links: Vec<_> = self.links.lock().expect("not poisoned").values().cloned().collect();
+        tracing::info!(gateways = links.len(), window = ?self.cfg.drain(), "draining");
+        for tx in links {
+            let _ = tx.send(ClusterMsg::Drain).await;
+        }
+        // Done at the window's end, or as soon as no gateway is linked.
+        let end = tokio::time::Instant::now() + self.cfg.drain();
+        while tokio::time::Instant::now() < end && !self.links.lock().expect("not poisoned").is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::info!("drained");
     }
 
     /// The router's id.
@@ -116,11 +150,21 @@ impl Router {
         for (name, v) in [
             ("switchyard_router_publications_total", &m.publications),
             ("switchyard_router_gateway_sends_total", &m.gateway_sends),
+            ("switchyard_router_join_leave_pushes_total", &m.pushes),
             ("switchyard_router_gateway_queue_full_total", &m.gateway_queue_full),
             ("switchyard_router_link_errors_total", &m.link_errors),
+            ("switchyard_router_gateway_evictions_total", &m.evictions),
         ] {
             out.push_str(&format!("# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
         }
+        let ready = self.peers.ready_peers().len();
+        out.push_str(&format!(
+            "# TYPE switchyard_router_peers_ready gauge\nswitchyard_router_peers_ready {ready}\n"
+        ));
+        let links = self.links.lock().expect("not poisoned").len();
+        out.push_str(&format!(
+            "# TYPE switchyard_router_gateway_links gauge\nswitchyard_router_gateway_links {links}\n"
+        ));
         out
     }
 
@@ -190,6 +234,7 @@ impl Router {
         tracing::info!(gateway = %gateway_id, link = gw, "gateway connected");
 
         let (tx, mut rx) = mpsc::channel::<ClusterMsg>(self.cfg.gateway_queue.max(16));
+        self.links.lock().expect("not poisoned").insert(gw, tx.clone());
         for s in &self.shards {
             s.send(ShardCmd::GatewayUp(gw, tx.clone())).await?;
         }
@@ -216,7 +261,7 @@ impl Router {
             while rx.recv_many(&mut batch, 1024).await > 0 {
                 for msg in batch.drain(..) {
                     match &msg {
-                        ClusterMsg::Deliver { channel, .. } => {
+                        ClusterMsg::Deliver { channel, .. } | ClusterMsg::Push { channel, .. } => {
                             let i = (stable_hash(channel.as_bytes()) % k as u64) as usize;
                             msg.encode(&mut bufs[i]);
                         }
@@ -235,7 +280,11 @@ impl Router {
             anyhow::Ok(())
         });
 
+        if self.peers.draining() {
+            let _ = tx.send(ClusterMsg::Drain).await;
+        }
         let result = self.read_loop(gw, &tx, &mut ctl_recv, &mut decoder, &mut buf).await;
+        self.links.lock().expect("not poisoned").remove(&gw);
         for s in &self.shards {
             let _ = s.send(ShardCmd::GatewayDown(gw)).await;
         }
@@ -252,8 +301,16 @@ impl Router {
         decoder: &mut ClusterDecoder,
         buf: &mut BytesMut,
     ) -> anyhow::Result<()> {
+        let evict_after = self.cfg.evict_after();
         loop {
-            let msg = match read_msg(recv, decoder, buf).await {
+            // A gateway heartbeats every few seconds; one silent for the
+            // eviction timeout is gone (its users enter the grace period),
+            // even if QUIC still considers the path alive.
+            let Ok(read) = tokio::time::timeout(evict_after, read_msg(recv, decoder, buf)).await else {
+                self.metrics.evictions.fetch_add(1, Ordering::Relaxed);
+                anyhow::bail!("no message for {evict_after:?}: gateway evicted");
+            };
+            let msg = match read {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
                 Err(e) => {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::client::ReplyError;
+use proto::client::reply::{join_push, leave_push};
 use proto::cluster::ClusterMsg;
 use proto::namespace::Namespaces;
 use rand::Rng;
@@ -31,6 +32,10 @@ pub struct Metrics {
     pub gateway_queue_full: AtomicU64,
     /// Malformed link frames.
     pub link_errors: AtomicU64,
+    /// Join/leave pushes sent to gateways (outside the offset stream).
+    pub pushes: AtomicU64,
+    /// Gateways evicted for silence (no message within `evict_secs`).
+    pub evictions: AtomicU64,
 }
 
 /// Work for a shard.
@@ -244,10 +249,18 @@ impl Shard {
                 for ch in self.channels.values_mut() {
                     ch.gateways.remove(&gw);
                 }
-                for p in self.presence.values_mut() {
-                    p.gateway_lost(gw);
+                let mut leaves = Vec::new();
+                for (channel, p) in self.presence.iter_mut() {
+                    for info in p.gateway_lost(gw) {
+                        leaves.push((channel.clone(), info));
+                    }
                 }
                 self.presence.retain(|_, p| !p.is_empty());
+                for (channel, info) in leaves {
+                    if self.join_leave(&channel) {
+                        self.push(&channel, leave_push(&channel, &info));
+                    }
+                }
             }
             ShardCmd::Interest { gw, add, remove, snapshot } => {
                 if snapshot {
@@ -385,14 +398,21 @@ impl Shard {
             ClusterMsg::UserOffline { user, .. } if !user.is_empty() => self.users.disconnect(&user, gw, now),
             ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {}
             ClusterMsg::Join { channel, client, user, info } => {
+                if self.join_leave(&channel) {
+                    self.push(&channel, join_push(&channel, &info));
+                }
                 self.presence.entry(channel).or_default().join(&client, &user, info, gw);
             }
             ClusterMsg::Leave { channel, client } => {
+                let mut left = None;
                 if let Some(p) = self.presence.get_mut(&channel) {
-                    p.leave(&client);
+                    left = p.leave(&client);
                     if p.is_empty() {
                         self.presence.remove(&channel);
                     }
+                }
+                if let Some(info) = left.filter(|_| self.join_leave(&channel)) {
+                    self.push(&channel, leave_push(&channel, &info));
                 }
             }
             ClusterMsg::Presence { req, channel } => {
@@ -461,6 +481,29 @@ impl Shard {
                     }
                 }
                 Ok((offset, epoch))
+            }
+        }
+    }
+
+    fn join_leave(&self, channel: &str) -> bool {
+        self.namespaces.resolve_str(channel).is_ok_and(|ns| ns.join_leave)
+    }
+
+    /// Sends a join/leave push once to each gateway with subscribers of the
+    /// channel. These are outside the offset stream (as in Centrifugo): a
+    /// gateway that cannot take one drops it and counts it.
+    fn push(&mut self, channel: &str, line: Vec<u8>) {
+        let Some(ch) = self.channels.get(channel) else { return };
+        let push = Bytes::from(line);
+        for gw in ch.gateways.iter() {
+            let msg = ClusterMsg::Push { channel: channel.to_owned(), push: push.clone() };
+            match self.gateways.get(gw) {
+                Some(tx) if tx.try_send(msg).is_ok() => {
+                    self.metrics.pushes.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {
+                    self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }

@@ -121,6 +121,8 @@ pub struct Cluster {
     pub ws_addrs: Vec<SocketAddr>,
     /// Gateway admin addresses.
     pub admin_addrs: Vec<SocketAddr>,
+    /// Extra arguments of every router.
+    router_extra: Vec<String>,
 }
 
 impl Drop for Cluster {
@@ -160,21 +162,18 @@ impl Cluster {
             gateways: Vec::new(),
             ws_addrs: Vec::new(),
             admin_addrs: Vec::new(),
+            router_extra: Vec::new(),
         };
+        for _ in 0..routers {
+            c.router_addrs.push(format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
+            c.api_addrs.push(format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap());
+        }
+        c.router_extra = router_extra.iter().map(|s| s.to_string()).collect();
         for i in 0..routers {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
-            let api: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-            let child = Command::new(bin("router"))
-                .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
-                .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
-                .arg(&c.certs)
-                .args(router_extra)
-                .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
-                .spawn()
-                .unwrap();
-            c.routers.push(Proc { child });
-            c.router_addrs.push(addr);
-            c.api_addrs.push(api);
+            let p = c.spawn_router(i);
+            c.routers.push(p);
+        }
+        for api in c.api_addrs.clone() {
             wait_tcp(api);
         }
         for i in 0..gateways {
@@ -183,20 +182,29 @@ impl Cluster {
         c
     }
 
+    /// Starts router `i` on its addresses, with every other router as a peer.
+    fn spawn_router(&self, i: usize) -> Proc {
+        let (addr, api) = (self.router_addrs[i], self.api_addrs[i]);
+        let mut cmd = Command::new(bin("router"));
+        cmd.args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
+            .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
+            .arg(&self.certs)
+            .args(&self.router_extra)
+            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
+        for (j, (q, a)) in self.router_addrs.iter().zip(&self.api_addrs).enumerate() {
+            if j != i {
+                cmd.args(["--peer", &format!("{q},{a}")]);
+            }
+        }
+        Proc { child: cmd.spawn().unwrap() }
+    }
+
     /// Kills router `i` (SIGKILL) and starts a fresh one on the same addresses.
     pub fn restart_router(&mut self, i: usize) {
         let _ = self.routers[i].child.kill();
         let _ = self.routers[i].child.wait();
-        let (addr, api) = (self.router_addrs[i], self.api_addrs[i]);
-        let child = Command::new(bin("router"))
-            .args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
-            .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
-            .arg(&self.certs)
-            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()))
-            .spawn()
-            .unwrap();
-        self.routers[i] = Proc { child };
-        wait_tcp(api);
+        self.routers[i] = self.spawn_router(i);
+        wait_tcp(self.api_addrs[i]);
     }
 
     /// Starts one more gateway.
