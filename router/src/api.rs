@@ -406,10 +406,11 @@ impl Router {
             Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "")),
         };
         let started = Instant::now();
-        if self.peers().clustered() && !forwarded {
-            if let Some(r) = self.route_cluster(&method, &body).await {
-                return Ok(r);
-            }
+        if self.peers().clustered()
+            && !forwarded
+            && let Some(r) = self.route_cluster(&method, &body).await
+        {
+            return Ok(r);
         }
         let r = match self.dispatch(&method, &body, forwarded).await {
             Ok(out) => respond(StatusCode::OK, out),
