@@ -210,6 +210,13 @@ impl Cluster {
     /// Starts one more gateway.
     pub fn add_gateway(&mut self, i: usize, extra: &[&str]) {
         let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.add_gateway_at(i, ws, extra);
+    }
+
+    /// Starts one more gateway listening on `ws`, which another gateway may
+    /// share (`SO_REUSEPORT`): clients of a drained one reconnect to the other
+    /// at the same address.
+    pub fn add_gateway_at(&mut self, i: usize, ws: SocketAddr, extra: &[&str]) {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let mut cmd = Command::new(bin("gateway"));
         cmd.args([

@@ -1,0 +1,162 @@
+//! Real client compatibility: the unmodified `centrifuge` npm SDK under Node
+//! against the gateway, and the unmodified `cent` PyPI client against the
+//! router's HTTP API. `scripts/compat-setup.sh` installs both (the tests run
+//! it themselves; it does nothing when they are already installed).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use e2e::{API_KEY, Cluster, metric, token};
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Runs the setup script once per test process (nextest runs each test in
+/// its own process; the script is idempotent and serialised by a lock file).
+fn setup() {
+    static ONCE: Mutex<bool> = Mutex::new(false);
+    let mut done = ONCE.lock().unwrap();
+    if *done {
+        return;
+    }
+    let st = Command::new("flock")
+        .arg(root().join("target/.compat-setup.lock"))
+        .arg("bash")
+        .arg(root().join("scripts/compat-setup.sh"))
+        .status()
+        .expect("flock and bash");
+    assert!(st.success(), "scripts/compat-setup.sh failed (npm and PyPI must be reachable)");
+    *done = true;
+}
+
+fn publish(c: &Cluster, channel: &str, i: u64) {
+    let (st, body) = c.api(0, "publish", &json!({"channel": channel, "data": {"i": i}}));
+    assert_eq!(st, 200, "{body}");
+}
+
+#[test]
+fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
+    setup();
+    let mut c = Cluster::start(1, 0, &[]);
+    // Two gateways on one address: the SDK's reconnect after the drain lands
+    // on the survivor.
+    let ws: std::net::SocketAddr = format!("127.0.0.1:{}", e2e::free_tcp_port()).parse().unwrap();
+    c.add_gateway_at(0, ws, &["--drain-secs", "1"]);
+    c.add_gateway_at(1, ws, &["--drain-secs", "1"]);
+    let channel = "chat:compat-js";
+    let mut node = Command::new("node")
+        .arg(root().join("tests/compat/centrifuge_client.mjs"))
+        .arg(format!("ws://{ws}/connection/websocket"))
+        .arg(token("js-user"))
+        .arg(channel)
+        .arg("10")
+        .current_dir(root().join("tests/compat"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let (tx, rx) = mpsc::channel::<Value>();
+    let stdout = node.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| json!({"event": "raw", "line": line}));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    let mut events: Vec<Value> = Vec::new();
+    let mut wait_for = |pred: &dyn Fn(&[Value]) -> bool, what: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !pred(&events) {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(v) => events.push(v),
+                Err(_) => panic!("no {what}; events: {events:?}"),
+            }
+        }
+    };
+    let count = |evs: &[Value], e: &str| evs.iter().filter(|v| v["event"] == e).count();
+    wait_for(&|e| count(e, "subscribed") >= 1, "subscription");
+    for i in 1..=5 {
+        publish(&c, channel, i);
+    }
+    wait_for(&|e| count(e, "publication") >= 5, "first five publications");
+    // Drain the gateway holding the SDK's connection.
+    let holder = (0..2)
+        .find(|g| metric(&c.metrics(*g), "switchyard_gateway_connections") == 1)
+        .expect("one gateway holds the connection");
+    c.gateways[holder].signal(15);
+    // Publish while the SDK is away (it waits ≥ ½ s before reconnecting): it
+    // must get these back by recovery.
+    wait_for(&|e| e.iter().any(|v| v["event"] == "connecting" && v["code"] == 3001), "drain disconnect");
+    for i in 6..=10 {
+        publish(&c, channel, i);
+    }
+    let st = node.wait().expect("node exits");
+    wait_for(&|e| count(e, "publication") >= 10, "all ten publications");
+    assert!(st.success(), "the SDK received everything in time: {events:?}");
+
+    let offsets: Vec<u64> =
+        events.iter().filter(|v| v["event"] == "publication").map(|v| v["offset"].as_u64().unwrap()).collect();
+    assert_eq!(offsets, (1..=10).collect::<Vec<_>>(), "in order, no loss, no duplicate: {events:?}");
+    let data: Vec<u64> = events
+        .iter()
+        .filter(|v| v["event"] == "publication")
+        .map(|v| v["data"]["i"].as_u64().unwrap())
+        .collect();
+    assert_eq!(data, (1..=10).collect::<Vec<_>>());
+    // The SDK was moved by the drain (3001 shutdown → reconnect) and resubscribed with recovery.
+    assert!(
+        events.iter().any(|v| v["event"] == "connecting" && v["code"] == 3001),
+        "the drain's disconnect code reached the SDK: {events:?}"
+    );
+    let resub: Vec<&Value> = events.iter().filter(|v| v["event"] == "subscribed").collect();
+    assert!(resub.len() >= 2, "{events:?}");
+    assert_eq!(resub.last().unwrap()["wasRecovering"], true, "{events:?}");
+    assert_eq!(resub.last().unwrap()["recovered"], true, "{events:?}");
+    assert_eq!(c.gateways[holder].wait_exit(Duration::from_secs(20)), Some(0));
+}
+
+#[test]
+fn cent_python_client_drives_the_http_api() {
+    setup();
+    let c = Cluster::start(1, 1, &[]);
+    let channel = "chat:compat-py";
+    let mut ws = c.client(0, "py-watcher");
+    let r = ws.call(json!({"subscribe": {"channel": channel}}));
+    assert!(r.get("error").is_none(), "{r}");
+    let out = Command::new(root().join("target/compat-venv/bin/python"))
+        .arg(root().join("tests/compat/cent_client.py"))
+        .arg(format!("http://{}/api", c.api_addrs[0]))
+        .arg(API_KEY)
+        .arg(channel)
+        .output()
+        .expect("python");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "cent script failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(v["publish"]["offset"], 1, "{v}");
+    assert!(v["publish"]["epoch"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    assert_eq!(v["idempotent"], json!([2, 2]), "a repeated idempotency key returns the first result: {v}");
+    assert_eq!(v["broadcast"][0], 3, "{v}");
+    assert_eq!(v["history"]["offset"], 3, "{v}");
+    assert_eq!(v["history"]["data"].as_array().unwrap().len(), 3, "{v}");
+    assert_eq!(v["presence"], json!(["py-watcher"]), "{v}");
+    assert_eq!(v["presence_stats"], json!([1, 1]), "{v}");
+    assert!(v["channels"].as_array().unwrap().iter().any(|c| c == channel), "{v}");
+    assert_eq!(v["info_nodes"], 1, "{v}");
+    assert_eq!(v["history_after_remove"], 0, "{v}");
+    assert_eq!(v["bad_key"], "CentUnauthorizedError", "{v}");
+    assert_eq!(v["unknown_namespace"][1], 102, "{v}");
+    // The subscriber got the three publications cent made, in order.
+    for (offset, i) in [(1, 1), (2, 1), (3, 2)] {
+        let p = ws.next_pub().expect("publication");
+        assert_eq!(p["push"]["pub"]["offset"], offset, "{p}");
+        assert_eq!(p["push"]["pub"]["data"], json!({"from": "cent", "i": i}));
+    }
+}
