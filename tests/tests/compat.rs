@@ -63,7 +63,8 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
     let stdout = node.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let v: Value = serde_json::from_str(&line).unwrap_or_else(|_| json!({"event": "raw", "line": line}));
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| json!({"event": "raw", "line": line}));
             if tx.send(v).is_err() {
                 return;
             }
@@ -101,8 +102,11 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
     wait_for(&|e| count(e, "publication") >= 10, "all ten publications");
     assert!(st.success(), "the SDK received everything in time: {events:?}");
 
-    let offsets: Vec<u64> =
-        events.iter().filter(|v| v["event"] == "publication").map(|v| v["offset"].as_u64().unwrap()).collect();
+    let offsets: Vec<u64> = events
+        .iter()
+        .filter(|v| v["event"] == "publication")
+        .map(|v| v["offset"].as_u64().unwrap())
+        .collect();
     assert_eq!(offsets, (1..=10).collect::<Vec<_>>(), "in order, no loss, no duplicate: {events:?}");
     let data: Vec<u64> = events
         .iter()

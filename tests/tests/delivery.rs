@@ -150,3 +150,35 @@ fn presence_history_and_protocol_answers() {
     assert_eq!(a.call(json!({"publish": {"channel": "presence:x", "data": {}}}))["error"]["code"], 103);
     assert_eq!(a.call(json!({"publish": {"channel": "chat:p"}}))["error"]["code"], 107);
 }
+
+#[test]
+fn a_thousand_subscribers_on_three_gateways_cost_three_router_sends_per_publication() {
+    let c = Cluster::start(1, 3, &[]);
+    let members = 1000usize;
+    let mut subs: Vec<e2e::Ws> = (0..members).map(|i| c.client(i % 3, &format!("m{i}"))).collect::<Vec<_>>();
+    for ws in subs.iter_mut() {
+        subscribe_ok(ws, "chat:all-hands");
+    }
+    let router_metrics = || e2e::http_get(c.api_addrs[0], "/metrics");
+    let sends_before = metric(&router_metrics(), "switchyard_router_gateway_sends_total");
+    let n = 5u64;
+    for i in 0..n {
+        let (st, body) = c.api(0, "publish", &json!({"channel": "chat:all-hands", "data": {"n": i}}));
+        assert_eq!(st, 200, "{body}");
+    }
+    for ws in subs.iter_mut() {
+        for offset in 1..=n {
+            let v = ws.next_pub().expect("publication");
+            assert_eq!(v["push"]["pub"]["offset"], offset, "{v}");
+        }
+    }
+    let m = router_metrics();
+    let sends = metric(&m, "switchyard_router_gateway_sends_total") - sends_before;
+    assert_eq!(sends, 3 * n, "one send per gateway per publication, whatever the membership: {m}");
+    for g in 0..3 {
+        let m = c.metrics(g);
+        assert_eq!(metric(&m, "switchyard_gateway_publications_in_total"), n, "{m}");
+        assert!(metric(&m, "switchyard_gateway_frames_encoded_total") <= n, "{m}");
+        assert!(metric(&m, "switchyard_gateway_deliveries_total") >= (members / 3) as u64, "{m}");
+    }
+}
