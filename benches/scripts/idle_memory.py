@@ -34,7 +34,9 @@ def frame(payload):
     return h + m + p
 
 
-def client(port, i, src):
+def client(port, i, src, channel=None):
+    """One authenticated WebSocket client subscribed to `channel` (default: one
+    of 1,000 `typing:` rooms), left idle; returns its socket."""
     s = socket.socket()
     s.bind((src, 0))
     s.connect(("127.0.0.1", port))
@@ -44,7 +46,7 @@ def client(port, i, src):
     while b"\r\n\r\n" not in d:
         d += s.recv(4096)
     cmds = [json.dumps({"id": 1, "connect": {"token": token(f"u{i}")}}),
-            json.dumps({"id": 2, "subscribe": {"channel": f"typing:room-{i % 1000}"}})]
+            json.dumps({"id": 2, "subscribe": {"channel": channel or f"typing:room-{i % 1000}"}})]
     s.send(frame("\n".join(cmds).encode()))
     got = d.split(b"\r\n\r\n", 1)[1]
     deadline = time.time() + 30
