@@ -31,15 +31,25 @@ fn free_udp_port() -> u16 {
 }
 
 fn start_router(tag: &str) -> RouterProc {
+    start_router_with(tag, "")
+}
+
+/// A router with `config` (TOML) as its configuration file.
+fn start_router_with(tag: &str, config: &str) -> RouterProc {
     let certs = std::env::temp_dir().join(format!("sy-router-{tag}-{}", std::process::id()));
     let bin = env!("CARGO_BIN_EXE_router");
     let st = Command::new(bin).args(["certs", "--out"]).arg(&certs).stdout(Stdio::null()).status().unwrap();
     assert!(st.success());
     let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    std::fs::create_dir_all(&certs).unwrap();
+    let cfg = certs.join("router.toml");
+    std::fs::write(&cfg, config).unwrap();
     let child = Command::new(bin)
         .args(["run", "--quic-listen", &addr.to_string(), "--api-listen", &api.to_string(), "--certs"])
         .arg(&certs)
+        .arg("--config")
+        .arg(&cfg)
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
@@ -261,4 +271,35 @@ async fn unknown_version_is_refused_and_garbage_closes_only_that_link() {
     assert_eq!(bad.next_ctl().await, None, "the router closes a link that sends garbage");
     good.send(ClusterMsg::Heartbeat { seq: 1, reply: false }).await;
     assert!(matches!(good.next_ctl().await, Some(ClusterMsg::Heartbeat { seq: 1, reply: true })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_gateway_is_evicted_and_its_users_go_away_after_the_grace() {
+    let r = start_router_with("evict", "evict_secs = 2\nheartbeat_secs = 1\npresence_grace_secs = 1\n");
+    let mut watcher = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(watcher.next_ctl().await, Some(ClusterMsg::Welcome { .. })));
+    watcher.send(ClusterMsg::Subscribe { channels: vec!["presence:ann".into()] }).await;
+    let mut silent = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(silent.next_ctl().await, Some(ClusterMsg::Welcome { .. })));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    silent.send(ClusterMsg::UserOnline { user: "ann".into(), client: "c1".into() }).await;
+    // The watcher keeps heartbeating; the other link says nothing more (QUIC
+    // itself stays alive: the router's keep-alives are answered).
+    let Gw { conn, mut send, .. } = watcher;
+    let beats = tokio::spawn(async move {
+        for seq in 0.. {
+            let mut out = BytesMut::new();
+            ClusterMsg::Heartbeat { seq, reply: false }.encode(&mut out);
+            if send.write_all(&out).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    // ann online, then (eviction after 2 s of silence + 1 s of grace) away.
+    let got = deliveries(&conn, 2).await;
+    assert_eq!(got, vec![("presence:ann".to_string(), 1), ("presence:ann".to_string(), 2)]);
+    assert_eq!(silent.next_ctl().await, None, "the silent link was closed");
+    assert!(conn.close_reason().is_none(), "the heartbeating link is still up");
+    beats.abort();
 }

@@ -157,8 +157,12 @@ async fn connect(r: &RouterProc, id: usize) -> anyhow::Result<Link> {
             Ok(conn) => {
                 let (mut send, mut recv) = conn.open_bi().await?;
                 let mut out = BytesMut::new();
-                ClusterMsg::Hello { version: PROTOCOL_VERSION, gateway_id: format!("bench-{id}"), instance: 1 }
-                    .encode(&mut out);
+                ClusterMsg::Hello {
+                    version: PROTOCOL_VERSION,
+                    gateway_id: format!("bench-{id}"),
+                    instance: 1,
+                }
+                .encode(&mut out);
                 send.write_all(&out).await?;
                 let mut dec = ClusterDecoder::default();
                 let mut buf = BytesMut::new();
@@ -202,7 +206,12 @@ async fn send(s: &mut quinn::SendStream, msgs: impl IntoIterator<Item = ClusterM
 
 /// Reads every delivery stream of a link; records publish→deliver latency
 /// (the publisher's clock is ours: the payload starts with `{"t":<ns>`).
-fn collect(conn: quinn::Connection, epoch: Instant, measuring: Arc<AtomicBool>, count: Arc<AtomicU64>) -> tokio::task::JoinHandle<Histogram<u64>> {
+fn collect(
+    conn: quinn::Connection,
+    epoch: Instant,
+    measuring: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+) -> tokio::task::JoinHandle<Histogram<u64>> {
     tokio::spawn(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Histogram<u64>>();
         let mut tasks = Vec::new();
@@ -267,7 +276,8 @@ async fn publisher(
     let permits = Arc::new(Semaphore::new(window));
     let done = Arc::new(AtomicU64::new(0));
     let reader = {
-        let (permits, answered, measuring, done) = (permits.clone(), answered.clone(), measuring.clone(), done.clone());
+        let (permits, answered, measuring, done) =
+            (permits.clone(), answered.clone(), measuring.clone(), done.clone());
         tokio::spawn(async move {
             let mut dec = ClusterDecoder::default();
             let mut buf = BytesMut::new();
@@ -318,7 +328,13 @@ async fn publisher(
     Ok(req)
 }
 
-async fn fanout(r: &RouterProc, gateways: &[usize], secs: u64, window: usize, size: usize) -> anyhow::Result<()> {
+async fn fanout(
+    r: &RouterProc,
+    gateways: &[usize],
+    secs: u64,
+    window: usize,
+    size: usize,
+) -> anyhow::Result<()> {
     println!(
         "| gateways | publications/s | deliveries/s | p50 µs | p99 µs | p99.9 µs | router CPU µs/publication | router sends/publication |"
     );
@@ -418,8 +434,19 @@ async fn memory(r: &RouterProc, n: usize, pubs: usize, size: usize) -> anyhow::R
         (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
     let p = connect(r, 1).await?;
     let total = (n * pubs) as u64;
-    publisher(p.send, p.recv, history, 512, size, Instant::now(), stop.clone(), measuring.clone(), answered.clone(), Some(total))
-        .await?;
+    publisher(
+        p.send,
+        p.recv,
+        history,
+        512,
+        size,
+        Instant::now(),
+        stop.clone(),
+        measuring.clone(),
+        answered.clone(),
+        Some(total),
+    )
+    .await?;
     settle().await;
     let (_, with_history) = r.stat();
     row(&format!("+ {pubs} publications of {size} B kept in history"), interest, with_history);
@@ -427,7 +454,8 @@ async fn memory(r: &RouterProc, n: usize, pubs: usize, size: usize) -> anyhow::R
         send(&mut l.send, [ClusterMsg::Subscribe { channels: chunk.to_vec() }]).await?;
     }
     let p = connect(r, 2).await?;
-    publisher(p.send, p.recv, ephemeral, 512, size, Instant::now(), stop, measuring, answered, Some(total)).await?;
+    publisher(p.send, p.recv, ephemeral, 512, size, Instant::now(), stop, measuring, answered, Some(total))
+        .await?;
     settle().await;
     let (_, eph) = r.stat();
     row(&format!("ephemeral (no history): interest + {pubs} publications"), with_history, eph);
