@@ -259,20 +259,31 @@ fn payload(t: u64, size: usize) -> Bytes {
     Bytes::from(s)
 }
 
-/// Publishes on `link`'s control stream with at most `window` unanswered,
-/// until `stop`; counts answers while `measuring`.
-async fn publisher(
-    mut send_s: quinn::SendStream,
-    mut recv_s: quinn::RecvStream,
+/// What one publisher sends and where it counts.
+struct Load {
     channels: Vec<String>,
+    /// Publications in flight at most.
     window: usize,
+    /// Payload bytes.
     size: usize,
+    /// The clock the payload stamps are relative to.
     epoch: Instant,
     stop: Arc<AtomicBool>,
     measuring: Arc<AtomicBool>,
+    /// Answers counted while measuring.
     answered: Arc<AtomicU64>,
+    /// Stop after this many publications (`None`: at `stop`).
     total: Option<u64>,
+}
+
+/// Publishes on a link's control stream with at most `window` unanswered,
+/// until `stop` (or `total`); counts answers while `measuring`.
+async fn publisher(
+    mut send_s: quinn::SendStream,
+    mut recv_s: quinn::RecvStream,
+    load: Load,
 ) -> anyhow::Result<u64> {
+    let Load { channels, window, size, epoch, stop, measuring, answered, total } = load;
     let permits = Arc::new(Semaphore::new(window));
     let done = Arc::new(AtomicU64::new(0));
     let reader = {
@@ -359,18 +370,17 @@ async fn fanout(
             .collect();
         // The publisher is one more gateway link (a client publish path).
         let p = connect(r, 1000 + run).await?;
-        let pub_task = tokio::spawn(publisher(
-            p.send,
-            p.recv,
-            vec![channel.clone()],
+        let load = Load {
+            channels: vec![channel.clone()],
             window,
             size,
             epoch,
-            stop.clone(),
-            measuring.clone(),
-            answered.clone(),
-            None,
-        ));
+            stop: stop.clone(),
+            measuring: measuring.clone(),
+            answered: answered.clone(),
+            total: None,
+        };
+        let pub_task = tokio::spawn(publisher(p.send, p.recv, load));
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (cpu0, _) = r.stat();
         measuring.store(true, Ordering::Relaxed);
