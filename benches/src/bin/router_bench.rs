@@ -444,19 +444,17 @@ async fn memory(r: &RouterProc, n: usize, pubs: usize, size: usize) -> anyhow::R
         (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
     let p = connect(r, 1).await?;
     let total = (n * pubs) as u64;
-    publisher(
-        p.send,
-        p.recv,
-        history,
-        512,
+    let load = |channels| Load {
+        channels,
+        window: 512,
         size,
-        Instant::now(),
-        stop.clone(),
-        measuring.clone(),
-        answered.clone(),
-        Some(total),
-    )
-    .await?;
+        epoch: Instant::now(),
+        stop: stop.clone(),
+        measuring: measuring.clone(),
+        answered: answered.clone(),
+        total: Some(total),
+    };
+    publisher(p.send, p.recv, load(history)).await?;
     settle().await;
     let (_, with_history) = r.stat();
     row(&format!("+ {pubs} publications of {size} B kept in history"), interest, with_history);
@@ -464,8 +462,7 @@ async fn memory(r: &RouterProc, n: usize, pubs: usize, size: usize) -> anyhow::R
         send(&mut l.send, [ClusterMsg::Subscribe { channels: chunk.to_vec() }]).await?;
     }
     let p = connect(r, 2).await?;
-    publisher(p.send, p.recv, ephemeral, 512, size, Instant::now(), stop, measuring, answered, Some(total))
-        .await?;
+    publisher(p.send, p.recv, load(ephemeral)).await?;
     settle().await;
     let (_, eph) = r.stat();
     row(&format!("ephemeral (no history): interest + {pubs} publications"), with_history, eph);
