@@ -75,6 +75,66 @@ pub struct DemoArgs {
     /// Cores per gateway process.
     #[arg(long, default_value_t = 2)]
     pub gateway_cores: usize,
+    /// Gateway processes at least (more when the connection count needs them;
+    /// `reconnect-wave` runs at least two).
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
+    /// Drive an existing gateway at this address instead of starting a local
+    /// cluster (with `--api`; not for `reconnect-wave`, which signals the
+    /// gateways it starts).
+    #[arg(long, requires = "api")]
+    pub ws: Option<SocketAddr>,
+    /// The existing cluster's router HTTP API address (with `--ws`).
+    #[arg(long, requires = "ws")]
+    pub api: Option<SocketAddr>,
+    /// API key of the existing cluster.
+    #[arg(long, default_value = DEMO_API_KEY)]
+    pub api_key: String,
+    /// HMAC secret the existing cluster verifies connection tokens with.
+    #[arg(long, default_value = DEMO_SECRET)]
+    pub hmac_secret: String,
+    /// Seconds of steady traffic (`soak`; publications = rate × duration).
+    #[arg(long, default_value_t = 60)]
+    pub duration: u64,
+    /// `reconnect-wave`: crash the gateway (SIGKILL) instead of draining it (SIGTERM).
+    #[arg(long)]
+    pub kill: bool,
+}
+
+/// What a run does after the storm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Storm + fan-out on a local cluster (the README's main job).
+    Demo,
+    /// Connections only: connect, upgrade and connect-reply latency, rejections.
+    Storm,
+    /// Storm, then `publications` at `rate` through the HTTP API.
+    Fanout,
+    /// Fan-out while one gateway is drained (or killed): the reconnect curve,
+    /// the survivors' peak handshake rate, and recovery.
+    ReconnectWave,
+    /// Fan-out at a steady rate for `duration` seconds.
+    Soak,
+}
+
+impl Scenario {
+    fn title(self) -> &'static str {
+        match self {
+            Scenario::Demo => "demo (storm + fan-out)",
+            Scenario::Storm => "storm",
+            Scenario::Fanout => "fan-out",
+            Scenario::ReconnectWave => "reconnect wave",
+            Scenario::Soak => "soak",
+        }
+    }
+}
+
+/// Where the clients go.
+struct Target {
+    ws_addr: SocketAddr,
+    api_addr: SocketAddr,
+    api_key: String,
+    secret: String,
 }
 
 struct Cluster {
@@ -94,7 +154,7 @@ impl Drop for TempDir {
     }
 }
 
-fn start_cluster(a: &DemoArgs, quiet: bool) -> anyhow::Result<Cluster> {
+fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cluster> {
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     router::certs::generate(&dir)?;
     let dir = TempDir(dir);
@@ -121,7 +181,8 @@ fn start_cluster(a: &DemoArgs, quiet: bool) -> anyhow::Result<Cluster> {
         quiet,
     )?;
     let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
-    let n = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
+    let least = if kind == Scenario::ReconnectWave { 2 } else { 1 };
+    let n = a.connections.div_ceil(MAX_PER_PROCESS).max(a.gateways).max(least);
     let mut gateways = Vec::new();
     let mut admin_addrs = Vec::new();
     for i in 0..n {
@@ -194,9 +255,35 @@ fn bar(len: u64, msg: &str, json: bool) -> ProgressBar {
 
 /// Runs the demo.
 pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
+    run_scenario(Scenario::Demo, a)
+}
+
+/// Runs one scenario, on a local cluster or against `--ws`/`--api`; prints
+/// the report and the HTML path. `Ok(false)`: something was lost silently.
+pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<bool> {
+    if a.ws.is_some() && (a.serve || kind == Scenario::ReconnectWave) {
+        anyhow::bail!("--serve and reconnect-wave start (and signal) their own cluster: drop --ws/--api");
+    }
     let quiet = !a.serve;
-    let mut cluster = start_cluster(&a, quiet)?;
-    if a.serve {
+    let mut cluster = match a.ws {
+        Some(_) => None,
+        None => Some(start_cluster(&a, quiet, kind)?),
+    };
+    let target = match (&cluster, a.ws, a.api) {
+        (Some(c), _, _) => Target {
+            ws_addr: c.ws_addr,
+            api_addr: c.api_addr,
+            api_key: DEMO_API_KEY.into(),
+            secret: DEMO_SECRET.into(),
+        },
+        (None, Some(ws), Some(api)) => {
+            Target { ws_addr: ws, api_addr: api, api_key: a.api_key.clone(), secret: a.hmac_secret.clone() }
+        }
+        _ => anyhow::bail!("--ws needs --api"),
+    };
+    if a.serve
+        && let Some(cluster) = cluster.as_mut()
+    {
         let mut line = serde_json::json!({
             "ws_url": format!("ws://{}/connection/websocket", cluster.ws_addr),
             "api_url": format!("http://{}/api", cluster.api_addr),
@@ -217,14 +304,17 @@ pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
         cluster.router.terminate(Duration::from_secs(5));
         return Ok(true);
     }
-    let report = scenario(&a, &mut cluster)?;
-    for g in cluster.gateways.iter_mut() {
-        g.terminate(Duration::from_secs(15));
+    let report = scenario(kind, &a, &target, cluster.as_mut())?;
+    if let Some(cluster) = cluster.as_mut() {
+        for g in cluster.gateways.iter_mut() {
+            g.terminate(Duration::from_secs(15));
+        }
+        cluster.router.terminate(Duration::from_secs(5));
     }
-    cluster.router.terminate(Duration::from_secs(5));
     let path = a.report.clone().unwrap_or_else(|| {
         let _ = std::fs::create_dir_all("reports");
-        PathBuf::from(format!("reports/demo-{}.html", unix_micros() / 1_000_000))
+        let name = kind.title().split(' ').next().unwrap_or("run").replace('-', "");
+        PathBuf::from(format!("reports/{name}-{}.html", unix_micros() / 1_000_000))
     });
     report.write_html(&path)?;
     if a.json {
@@ -249,16 +339,80 @@ fn wait_for_ctrl_c() {
     }
 }
 
-fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
+/// What the orchestrator samples of the workers: (attempted, deliveries,
+/// online, reconnects, all attempted).
+fn totals(ws: &[Worker]) -> (u64, u64, u64, u64, bool) {
+    let mut t = (0u64, 0u64, 0u64, 0u64, true);
+    for w in ws {
+        let s = w.state.lock().expect("state");
+        t.0 += s.connected + s.failed;
+        t.1 += s.deliveries;
+        t.2 += s.online;
+        t.3 += s.reconnects;
+        t.4 &= s.ready;
+    }
+    t
+}
+
+/// The reconnect wave's bookkeeping.
+struct Wave {
+    online_before: u64,
+    /// Fewest clients online since the wave began.
+    low: u64,
+    at: Instant,
+    last_handshakes: Option<(Instant, u64)>,
+}
+
+impl Wave {
+    /// Samples the survivors' handshake counters (peak rate) and whether the
+    /// clients are all back.
+    fn sample(&mut self, cluster: &Cluster, online: u64, report: &mut RunReport) {
+        let handshakes: u64 = cluster.admin_addrs[1..]
+            .iter()
+            .filter_map(|a| orchestrate::http_get(*a, "/metrics"))
+            .map(|m| orchestrate::metric_sum(&m, "switchyard_gateway_handshakes_total"))
+            .sum();
+        let now = Instant::now();
+        if let Some((t, h)) = self.last_handshakes {
+            let dt = now.duration_since(t).as_secs_f64();
+            if dt > 0.05 {
+                let rate = handshakes.saturating_sub(h) as f64 / dt;
+                report.peak_handshakes_per_sec = report.peak_handshakes_per_sec.max(rate);
+            }
+        }
+        self.last_handshakes = Some((now, handshakes));
+        self.low = self.low.min(online);
+        if report.reconnect_secs.is_none() && self.low < self.online_before && online >= self.online_before {
+            report.reconnect_secs = Some(self.at.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn scenario(
+    kind: Scenario,
+    a: &DemoArgs,
+    target: &Target,
+    mut cluster: Option<&mut Cluster>,
+) -> anyhow::Result<RunReport> {
     let channels: Vec<String> = (0..a.channels.max(1)).map(|i| format!("chat:demo-{i}")).collect();
+    let publications = match kind {
+        Scenario::Storm => 0,
+        Scenario::Soak => (a.rate * a.duration as f64).round() as usize,
+        _ => a.publications,
+    };
     let mut report = RunReport {
-        scenario: "demo (storm + fan-out)".into(),
+        scenario: kind.title().into(),
         connections: a.connections as u64,
-        publications: a.publications as u64,
+        publications: publications as u64,
         ..Default::default()
     };
-    let gw_cpu0: f64 = cluster.gateways.iter().map(|g| g.cpu_secs()).sum();
-    let gw_rss0: u64 = cluster.gateways.iter().map(|g| g.rss_bytes()).sum();
+    let gw_cpu =
+        |c: &Option<&mut Cluster>| c.as_ref().map_or(0.0, |c| c.gateways.iter().map(|g| g.cpu_secs()).sum());
+    let gw_rss = |c: &Option<&mut Cluster>| {
+        c.as_ref().map_or(0, |c| c.gateways.iter().map(|g| g.rss_bytes()).sum::<u64>())
+    };
+    let gw_cpu0 = gw_cpu(&cluster);
+    let gw_rss0 = gw_rss(&cluster);
     let procs = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
     let mut workers = Vec::new();
     let start = Instant::now();
@@ -266,39 +420,29 @@ fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
         let first = p * a.connections / procs;
         let n = (p + 1) * a.connections / procs - first;
         let spec = WorkerSpec {
-            ws_addr: cluster.ws_addr,
+            ws_addr: target.ws_addr,
             path: "/connection/websocket".into(),
             connections: n,
             first_index: first,
             threads: a.threads,
             rate: a.storm_rate / procs as f64,
-            hmac_secret: DEMO_SECRET.into(),
+            hmac_secret: target.secret.clone(),
             channels: channels.clone(),
             zipf_s: a.zipf,
             subs_per_conn: a.subs_per_conn,
             source_ips: (a.connections / 20_000 + 1).max(1) * 4,
             max_attempts: 20,
-            deadline_secs: 600,
+            deadline_secs: 600 + a.duration,
+            reconnect: true,
         };
         workers.push(Worker::spawn(&spec)?);
     }
-    let totals = |ws: &[Worker]| {
-        let mut t = (0u64, 0u64, 0u64, true);
-        for w in ws {
-            let s = w.state.lock().expect("state");
-            t.0 += s.connected + s.failed;
-            t.1 += s.deliveries;
-            t.2 += s.connected;
-            t.3 &= s.ready;
-        }
-        t
-    };
     let pb = bar(a.connections as u64, "connecting", a.json);
     let storm_deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let (done, deliveries, connected, ready) = totals(&workers);
+        let (done, deliveries, online, _, ready) = totals(&workers);
         pb.set_position(done);
-        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected, deliveries });
+        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected: online, deliveries });
         if ready || Instant::now() > storm_deadline {
             break;
         }
@@ -306,22 +450,45 @@ fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
     }
     pb.finish_and_clear();
     report.storm_secs = start.elapsed().as_secs_f64();
-    let (_, _, connected, _) = totals(&workers);
-    report.accept_rate = connected as f64 / report.storm_secs.max(1e-3);
-    let gw_rss1: u64 = cluster.gateways.iter().map(|g| g.rss_bytes()).sum();
-    report.gateway_rss_per_conn = gw_rss1.saturating_sub(gw_rss0) as f64 / connected.max(1) as f64;
+    let (_, _, online, _, _) = totals(&workers);
+    report.accept_rate = online as f64 / report.storm_secs.max(1e-3);
+    report.gateway_cpu_us_per_conn = (gw_cpu(&cluster) - gw_cpu0) * 1e6 / online.max(1) as f64;
+    report.gateway_rss_per_conn = gw_rss(&cluster).saturating_sub(gw_rss0) as f64 / online.max(1) as f64;
 
     // Fan-out through the HTTP API, paced, timestamped.
-    let mut api = ApiClient::new(cluster.api_addr, DEMO_API_KEY);
+    let mut api = ApiClient::new(target.api_addr, &target.api_key);
     let zipf = Zipf::new(channels.len(), a.zipf);
     let mut tops: HashMap<String, u64> = HashMap::new();
-    let pb = bar(a.publications as u64, "publishing", a.json);
+    let pb = bar(publications as u64, "publishing", a.json);
     let fan_start = Instant::now();
     let mut rng = rand::rng();
-    for i in 0..a.publications {
+    let mut wave: Option<Wave> = None;
+    let mut last_sample = Instant::now();
+    let sample = |workers: &[Worker],
+                  report: &mut RunReport,
+                  wave: &mut Option<Wave>,
+                  cluster: &Option<&mut Cluster>| {
+        let (_, deliveries, online, _, _) = totals(workers);
+        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected: online, deliveries });
+        if let (Some(w), Some(c)) = (wave.as_mut(), cluster.as_deref()) {
+            w.sample(c, online, report);
+        }
+    };
+    for i in 0..publications {
         let due = fan_start + Duration::from_secs_f64(i as f64 / a.rate.max(1e-3));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
+        }
+        if kind == Scenario::ReconnectWave
+            && i == publications / 3
+            && let Some(c) = cluster.as_deref_mut()
+        {
+            let (_, _, online, _, _) = totals(&workers);
+            let at = Instant::now();
+            report.wave_at_secs = Some(start.elapsed().as_secs_f64());
+            c.gateways[0].signal(if a.kill { libc::SIGKILL } else { libc::SIGTERM });
+            wave = Some(Wave { online_before: online, low: online, at, last_handshakes: None });
+            sample(&workers, &mut report, &mut wave, &cluster);
         }
         let ch = &channels
             [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
@@ -331,12 +498,18 @@ fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
             tops.insert(ch.clone(), off);
         }
         pb.set_position(i as u64 + 1);
-        if i % 50 == 0 {
-            let (_, deliveries, connected, _) = totals(&workers);
-            report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected, deliveries });
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            sample(&workers, &mut report, &mut wave, &cluster);
         }
     }
     pb.finish_and_clear();
+    // A wave's curve goes on until everyone is back (bounded).
+    let back_by = Instant::now() + Duration::from_secs(120);
+    while wave.is_some() && report.reconnect_secs.is_none() && Instant::now() < back_by {
+        std::thread::sleep(Duration::from_millis(250));
+        sample(&workers, &mut report, &mut wave, &cluster);
+    }
     for w in workers.iter_mut() {
         w.stop(&tops);
     }
@@ -347,20 +520,21 @@ fn scenario(a: &DemoArgs, cluster: &mut Cluster) -> anyhow::Result<RunReport> {
         }
     }
     report.fanout_secs = fan_start.elapsed().as_secs_f64();
+    let loadgen_cpu: f64 = summaries.iter().map(|s| s.cpu_secs).sum();
+    report.add_summaries(&summaries);
     report.timeline.push(Sample {
         t: start.elapsed().as_secs_f64(),
         connected: report.connected,
         deliveries: report.deliveries,
     });
-    let loadgen_cpu: f64 = summaries.iter().map(|s| s.cpu_secs).sum();
-    report.add_summaries(&summaries);
     if summaries.len() < procs {
         anyhow::bail!("{} of {procs} worker processes did not report", procs - summaries.len());
     }
     report.deliveries_per_sec = report.deliveries as f64 / report.fanout_secs.max(1e-3);
-    let gw_cpu1: f64 = cluster.gateways.iter().map(|g| g.cpu_secs()).sum();
     let per100k = |cpu: f64| cpu / (report.deliveries.max(1) as f64 / 100_000.0);
     report.loadgen_cpu_per_100k = per100k(loadgen_cpu);
-    report.gateway_cpu_per_100k = per100k(gw_cpu1 - gw_cpu0);
+    if cluster.is_some() {
+        report.gateway_cpu_per_100k = per100k(gw_cpu(&cluster) - gw_cpu0);
+    }
     Ok(report)
 }

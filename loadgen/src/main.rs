@@ -2,6 +2,7 @@
 //! `loadgen gateway …` and `loadgen router …` run the embedded servers.
 
 use clap::{Parser, Subcommand};
+use loadgen::demo::Scenario;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -17,6 +18,14 @@ struct Cli {
 enum Cmd {
     /// Start a local router and gateways, run a storm and a fan-out, report, drain.
     Demo(loadgen::demo::DemoArgs),
+    /// Open N connections (at a rate or all at once); connect latency, rejections.
+    Storm(loadgen::demo::DemoArgs),
+    /// Storm, then publications to Zipf-sized channels; deliveries/s, latency, correctness.
+    Fanout(loadgen::demo::DemoArgs),
+    /// Fan-out while a gateway is drained (or killed with --kill): the reconnect curve.
+    ReconnectWave(loadgen::demo::DemoArgs),
+    /// Steady fan-out for --duration seconds.
+    Soak(loadgen::demo::DemoArgs),
     /// (internal) A worker process: JSON spec as the argument.
     #[command(hide = true)]
     Worker { spec: String },
@@ -43,16 +52,22 @@ fn init_tracing() {
         .init();
 }
 
+fn scenario(kind: Scenario, a: loadgen::demo::DemoArgs) -> anyhow::Result<()> {
+    init_tracing();
+    if !loadgen::demo::run_scenario(kind, a)? {
+        eprintln!("FAILED: publications were lost, duplicated or reordered silently");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Demo(a) => {
-            init_tracing();
-            if !loadgen::demo::run(a)? {
-                eprintln!("FAILED: publications were lost, duplicated or reordered silently");
-                std::process::exit(1);
-            }
-            Ok(())
-        }
+        Cmd::Demo(a) => scenario(Scenario::Demo, a),
+        Cmd::Storm(a) => scenario(Scenario::Storm, a),
+        Cmd::Fanout(a) => scenario(Scenario::Fanout, a),
+        Cmd::ReconnectWave(a) => scenario(Scenario::ReconnectWave, a),
+        Cmd::Soak(a) => scenario(Scenario::Soak, a),
         Cmd::Worker { spec } => loadgen::worker::run(serde_json::from_str(&spec)?),
         Cmd::Gateway { args } => {
             init_tracing();

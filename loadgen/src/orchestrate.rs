@@ -25,6 +25,10 @@ pub struct WorkerState {
     pub failed: u64,
     /// Publications received.
     pub deliveries: u64,
+    /// Clients connected right now.
+    pub online: u64,
+    /// Reconnects so far.
+    pub reconnects: u64,
     /// Every client attempted.
     pub ready: bool,
     /// The final report.
@@ -63,6 +67,8 @@ impl Worker {
                     s.rejected = p["rejected"].as_u64().unwrap_or(0);
                     s.failed = p["failed"].as_u64().unwrap_or(0);
                     s.deliveries = p["deliveries"].as_u64().unwrap_or(0);
+                    s.online = p["online"].as_u64().unwrap_or(0);
+                    s.reconnects = p["reconnects"].as_u64().unwrap_or(0);
                 } else if v.get("ready").is_some() {
                     s.ready = true;
                 } else if let Some(sum) = v.get("summary") {
@@ -115,6 +121,12 @@ impl ServerProc {
             .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
             .spawn()?;
         Ok(ServerProc { child, name: name.to_owned() })
+    }
+
+    /// Sends `sig` (SIGTERM: drain, SIGKILL: crash) without waiting.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit code.
@@ -236,6 +248,24 @@ impl ApiClient {
         }
         Ok(serde_json::from_slice(&body)?)
     }
+}
+
+/// `GET path` on `addr` (an admin endpoint); the whole answer, if any.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// A Prometheus counter summed over its label sets.
+pub fn metric_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Waits (bounded) until `GET /readyz` on `addr` answers 200.

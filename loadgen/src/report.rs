@@ -98,8 +98,19 @@ pub struct RunReport {
     pub loadgen_cpu_per_100k: f64,
     /// Gateway CPU seconds per 100,000 deliveries (storm included).
     pub gateway_cpu_per_100k: f64,
+    /// Gateway CPU per connected client over the storm (µs): accept, upgrade,
+    /// token check, subscriptions.
+    pub gateway_cpu_us_per_conn: f64,
     /// Gateway resident memory per connected client (bytes, all gateway processes).
     pub gateway_rss_per_conn: f64,
+    /// Reconnects after the server closed connections.
+    pub reconnects: u64,
+    /// Reconnect wave: when the gateway was drained or killed (seconds since start).
+    pub wave_at_secs: Option<f64>,
+    /// Reconnect wave: seconds until as many clients were online as before.
+    pub reconnect_secs: Option<f64>,
+    /// Reconnect wave: the surviving gateways' peak handshake rate.
+    pub peak_handshakes_per_sec: f64,
     /// Timeline.
     pub timeline: Vec<Sample>,
 }
@@ -120,6 +131,7 @@ impl RunReport {
             self.reordered += s.reordered;
             self.unrecovered += s.unrecovered;
             self.frames += s.frames;
+            self.reconnects += s.reconnects;
             for (dst, src) in [(&mut up, &s.upgrade_us), (&mut con, &s.connect_us), (&mut lat, &s.latency_us)]
             {
                 if let Some(h) = decode_hist(src) {
@@ -155,23 +167,37 @@ impl RunReport {
         let _ = writeln!(s, "             {:.1} s, {:.0} connections/s", self.storm_secs, self.accept_rate);
         let _ = writeln!(s, "upgrade      {}", p(&self.upgrade_ms));
         let _ = writeln!(s, "connect      {}", p(&self.connect_ms));
-        let _ = writeln!(
-            s,
-            "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
-            self.publications, self.deliveries, self.fanout_secs, self.deliveries_per_sec, self.frames
-        );
-        let _ = writeln!(s, "latency      {}", p(&self.latency_ms));
+        if self.publications > 0 {
+            let _ = writeln!(
+                s,
+                "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
+                self.publications, self.deliveries, self.fanout_secs, self.deliveries_per_sec, self.frames
+            );
+            let _ = writeln!(s, "latency      {}", p(&self.latency_ms));
+        }
         let _ = writeln!(
             s,
             "correctness  lost {}  duplicated {}  reordered {}  explicit resyncs {}",
             self.lost, self.duplicated, self.reordered, self.unrecovered
         );
-        let _ = writeln!(
-            s,
-            "cpu          loadgen {:.2} s / 100k deliveries, gateway {:.2} s / 100k deliveries",
-            self.loadgen_cpu_per_100k, self.gateway_cpu_per_100k
-        );
+        if self.publications > 0 {
+            let _ = writeln!(
+                s,
+                "cpu          loadgen {:.2} s / 100k deliveries, gateway {:.2} s / 100k deliveries",
+                self.loadgen_cpu_per_100k, self.gateway_cpu_per_100k
+            );
+        }
+        let _ = writeln!(s, "storm cpu    gateway {:.0} µs per connection", self.gateway_cpu_us_per_conn);
         let _ = writeln!(s, "memory       gateway RSS {:.0} B per connection", self.gateway_rss_per_conn);
+        if let Some(at) = self.wave_at_secs {
+            let back =
+                self.reconnect_secs.map_or("not all back".to_owned(), |s| format!("all back in {s:.1} s"));
+            let _ = writeln!(
+                s,
+                "wave         gateway stopped at {at:.1} s; {} reconnects, {back}; survivors' peak {:.0} handshakes/s",
+                self.reconnects, self.peak_handshakes_per_sec
+            );
+        }
         s
     }
 
@@ -206,8 +232,21 @@ impl RunReport {
             ("loadgen CPU per 100k deliveries", format!("{:.2} s", self.loadgen_cpu_per_100k)),
             ("gateway CPU per 100k deliveries", format!("{:.2} s", self.gateway_cpu_per_100k)),
             ("gateway RSS per connection", format!("{:.0} B", self.gateway_rss_per_conn)),
+            ("gateway CPU per connection (storm)", format!("{:.0} µs", self.gateway_cpu_us_per_conn)),
+            ("reconnects", self.reconnects.to_string()),
         ];
-        for (k, v) in rows {
+        let wave = self.wave_at_secs.map(|at| {
+            (
+                "reconnect wave",
+                format!(
+                    "gateway stopped at {at:.1} s; {}; survivors' peak {:.0} handshakes/s",
+                    self.reconnect_secs
+                        .map_or("not all back".to_owned(), |s| format!("all back in {s:.1} s")),
+                    self.peak_handshakes_per_sec
+                ),
+            )
+        });
+        for (k, v) in rows.into_iter().chain(wave) {
             let _ = write!(h, "<tr><td>{k}</td><td>{v}</td></tr>");
         }
         h.push_str("</table><h2>Latency percentiles (ms)</h2><table><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>");

@@ -63,6 +63,10 @@ pub struct WorkerSpec {
     pub max_attempts: u32,
     /// Hard stop for the whole worker (seconds).
     pub deadline_secs: u64,
+    /// Reconnect (with full-jitter backoff) and resubscribe with recovery
+    /// when the server closes a connection, as the SDKs do.
+    #[serde(default)]
+    pub reconnect: bool,
 }
 
 /// Counters and histograms a worker reports.
@@ -88,6 +92,9 @@ pub struct Summary {
     pub server_closes: u64,
     /// WebSocket frames received.
     pub frames: u64,
+    /// Reconnects after the server closed a connection.
+    #[serde(default)]
+    pub reconnects: u64,
     /// CPU seconds (user + system) this worker used.
     pub cpu_secs: f64,
     /// TCP connect + upgrade latency (µs), hdrhistogram V2, base64.
@@ -112,6 +119,9 @@ struct Shared {
     unrecovered: AtomicU64,
     server_closes: AtomicU64,
     frames: AtomicU64,
+    reconnects: AtomicU64,
+    /// Clients connected right now (falls during a reconnect wave).
+    online: AtomicU64,
     stop: AtomicBool,
     behind: AtomicU64,
     tops: Mutex<HashMap<String, u64>>,
@@ -218,9 +228,13 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                     "rejected": s.rejected.load(Ordering::Relaxed),
                     "failed": s.failed.load(Ordering::Relaxed),
                     "deliveries": s.deliveries.load(Ordering::Relaxed),
+                    "reconnects": s.reconnects.load(Ordering::Relaxed),
+                    "online": s.online.load(Ordering::Relaxed),
                 }})
             );
-            if !announced && attempted >= connections {
+            // Ready once every client has its connect answered (or gave up).
+            let settled = s.connected.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed);
+            if !announced && attempted >= connections && settled >= connections {
                 println!("{}", serde_json::json!({"ready": true}));
                 announced = true;
             }
@@ -248,6 +262,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         unrecovered: s.unrecovered.load(Ordering::Relaxed),
         server_closes: s.server_closes.load(Ordering::Relaxed),
         frames: s.frames.load(Ordering::Relaxed),
+        reconnects: s.reconnects.load(Ordering::Relaxed),
         cpu_secs: cpu_secs(),
         upgrade_us: encode_hist(&hists.upgrade),
         connect_us: encode_hist(&hists.connect),
@@ -393,6 +408,7 @@ struct Subscription {
     channel: String,
     last: u64,
     positioned: bool,
+    epoch: String,
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -401,16 +417,30 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
-    let sh = ctx.shared.clone();
+/// How one connection of a client ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SessionEnd {
+    /// Stopped by the orchestrator (or its deadline) after converging.
+    Done,
+    /// The server closed it, or the socket failed: reconnect when asked to.
+    Closed,
+}
+
+/// Connects (TCP + upgrade), retrying 503s with full-jitter backoff that
+/// honours `Retry-After`; records the upgrade latency.
+async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<(TcpStream, BytesMut)> {
+    let sh = &ctx.shared;
     let t0 = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     let mut attempts = 0;
-    let upgraded = loop {
+    loop {
         attempts += 1;
-        let attempt = monoio::time::timeout(Duration::from_secs(15), upgrade(&ctx, index)).await;
+        let attempt = monoio::time::timeout(Duration::from_secs(15), upgrade(ctx, index)).await;
         match attempt.unwrap_or(Err(ConnectError::Failed)) {
-            Ok(s) => break Some(s),
+            Ok(s) => {
+                ctx.hists.borrow_mut().upgrade.saturating_record(t0.elapsed().as_micros() as u64);
+                return Some(s);
+            }
             Err(e) => {
                 if let ConnectError::Rejected(_) = e {
                     sh.rejected.fetch_add(1, Ordering::Relaxed);
@@ -419,7 +449,7 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
                     || Instant::now() > deadline
                     || sh.stop.load(Ordering::Relaxed)
                 {
-                    break None;
+                    return None;
                 }
                 let mut wait = backoff.next_delay(&mut rand::rng());
                 if let ConnectError::Rejected(Some(secs)) = e {
@@ -428,18 +458,22 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
                 monoio::time::sleep(wait).await;
             }
         }
-    };
-    sh.attempted.fetch_add(1, Ordering::Relaxed);
-    let Some((mut stream, mut buf)) = upgraded else {
-        sh.failed.fetch_add(1, Ordering::Relaxed);
-        ctx.live.set(ctx.live.get() - 1);
-        return;
-    };
-    let upgraded_at = Instant::now();
-    ctx.hists.borrow_mut().upgrade.saturating_record(t0.elapsed().as_micros() as u64);
+    }
+}
 
-    // connect + subscriptions in the first frame, as centrifuge-js does.
-    let user = format!("u{index}");
+/// The subscribe command for `s`: with recovery from its position once it
+/// has one (a reconnect or a resync), as the SDKs do.
+fn subscribe_cmd(id: usize, s: &Subscription) -> String {
+    if s.positioned && !s.epoch.is_empty() {
+        serde_json::json!({"id": id, "subscribe": {"channel": s.channel, "recover": true, "epoch": s.epoch, "offset": s.last}})
+            .to_string()
+    } else {
+        serde_json::json!({"id": id, "subscribe": {"channel": s.channel}}).to_string()
+    }
+}
+
+async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
+    let sh = ctx.shared.clone();
     let mut rng = rand::rng();
     let mut chosen: Vec<usize> = Vec::new();
     while chosen.len() < ctx.spec.subs_per_conn.min(ctx.spec.channels.len()) {
@@ -448,103 +482,39 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
             chosen.push(c);
         }
     }
-    let mut lines = vec![serde_json::json!({"id": 1, "connect": {"token": token(&ctx.spec.hmac_secret, &user), "name": "loadgen"}}).to_string()];
-    let mut subs: Vec<Subscription> = Vec::new();
-    for (k, c) in chosen.iter().enumerate() {
-        let channel = ctx.spec.channels[*c].clone();
-        lines.push(serde_json::json!({"id": 2 + k, "subscribe": {"channel": channel}}).to_string());
-        subs.push(Subscription { channel, last: 0, positioned: false });
-    }
-    let (res, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
-    if res.is_err() {
-        sh.failed.fetch_add(1, Ordering::Relaxed);
-        ctx.live.set(ctx.live.get() - 1);
-        return;
-    }
-    let mut decoder = Decoder::new(DecoderConfig::client());
-    let mut connected = false;
-    let mut converged_since: Option<Instant> = None;
-    'outer: loop {
-        // Decode what we have.
-        loop {
-            let msg = match decoder.decode(&mut buf) {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(_) => break 'outer,
-            };
-            match msg {
-                Message::Text(t) => {
-                    sh.frames.fetch_add(1, Ordering::Relaxed);
-                    for line in t.split(|b| *b == b'\n') {
-                        if line == b"{}" {
-                            let (r, _) = stream.write_all(frame(b"{}")).await;
-                            if r.is_err() {
-                                break 'outer;
-                            }
-                            continue;
-                        }
-                        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
-                        if let Some(push) = v.get("push") {
-                            handle_push(&ctx, &mut subs, push);
-                            continue;
-                        }
-                        let id = v["id"].as_u64().unwrap_or(0) as usize;
-                        if id == 1 {
-                            if v.get("error").is_some() {
-                                break 'outer;
-                            }
-                            connected = true;
-                            sh.connected.fetch_add(1, Ordering::Relaxed);
-                            ctx.hists
-                                .borrow_mut()
-                                .connect
-                                .saturating_record(upgraded_at.elapsed().as_micros() as u64);
-                        } else if id >= 2 && id - 2 < subs.len() {
-                            let s = &mut subs[id - 2];
-                            if let Some(r) = v.get("subscribe") {
-                                s.last = r["offset"].as_u64().unwrap_or(0);
-                                s.positioned = r["positioned"].as_bool().unwrap_or(false);
-                            }
-                        }
-                    }
-                }
-                Message::Close(_) => {
-                    sh.server_closes.fetch_add(1, Ordering::Relaxed);
-                    break 'outer;
-                }
-                _ => {}
-            }
+    let mut subs: Vec<Subscription> = chosen
+        .iter()
+        .map(|c| Subscription {
+            channel: ctx.spec.channels[*c].clone(),
+            last: 0,
+            positioned: false,
+            epoch: String::new(),
+        })
+        .collect();
+    let mut ever_connected = false;
+    let mut first = true;
+    let mut reconnect_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let upgraded = establish(&ctx, index, deadline).await;
+        if first {
+            sh.attempted.fetch_add(1, Ordering::Relaxed);
+            first = false;
         }
-        if sh.stop.load(Ordering::Relaxed) {
-            let tops = sh.tops.lock().expect("tops").clone();
-            let behind =
-                subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.last < *t));
-            if !behind || Instant::now() > deadline {
-                break;
-            }
-            converged_since.get_or_insert_with(Instant::now);
-            if converged_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
-                break;
-            }
+        let Some((stream, buf)) = upgraded else { break };
+        let (end, connected) = session(&ctx, index, stream, buf, &mut subs, deadline, !ever_connected).await;
+        ever_connected |= connected;
+        if connected {
+            reconnect_backoff.reset();
         }
-        if Instant::now() > deadline {
+        let again = end == SessionEnd::Closed
+            && ctx.spec.reconnect
+            && !sh.stop.load(Ordering::Relaxed)
+            && Instant::now() < deadline;
+        if !again {
             break;
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16384);
-        }
-        let readable = monoio::select! {
-            r = stream.readable(false) => r.is_ok(),
-            _ = monoio::time::sleep(Duration::from_millis(200)) => false,
-        };
-        if readable {
-            let (res, b) = read_append(&mut stream, buf).await;
-            buf = b;
-            match res {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        sh.reconnects.fetch_add(1, Ordering::Relaxed);
+        monoio::time::sleep(reconnect_backoff.next_delay(&mut rand::rng())).await;
     }
     // Final accounting: anything short of the final offsets was lost.
     if sh.stop.load(Ordering::Relaxed) {
@@ -559,11 +529,162 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
             }
         }
     }
-    if !connected {
+    if !ever_connected {
         sh.failed.fetch_add(1, Ordering::Relaxed);
     }
-    let _ = stream.write_all(frame_close()).await;
     ctx.live.set(ctx.live.get() - 1);
+}
+
+/// One connection: `connect` and the subscriptions in the first frame (as
+/// centrifuge-js does), then reads until stopped or closed. Returns how it
+/// ended and whether `connect` succeeded.
+async fn session(
+    ctx: &ThreadCtx,
+    index: usize,
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    subs: &mut [Subscription],
+    deadline: Instant,
+    first: bool,
+) -> (SessionEnd, bool) {
+    let sh = &ctx.shared;
+    let upgraded_at = Instant::now();
+    let user = format!("u{index}");
+    let mut lines = vec![serde_json::json!({"id": 1, "connect": {"token": token(&ctx.spec.hmac_secret, &user), "name": "loadgen"}}).to_string()];
+    for (k, s) in subs.iter().enumerate() {
+        lines.push(subscribe_cmd(2 + k, s));
+    }
+    let (res, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
+    if res.is_err() {
+        return (SessionEnd::Closed, false);
+    }
+    let mut decoder = Decoder::new(DecoderConfig::client());
+    let mut connected = false;
+    let mut converged_since: Option<Instant> = None;
+    let mut resubscribe: Vec<usize> = Vec::new();
+    let end = 'outer: loop {
+        // Decode what we have.
+        loop {
+            let msg = match decoder.decode(&mut buf) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(_) => break 'outer SessionEnd::Closed,
+            };
+            match msg {
+                Message::Text(t) => {
+                    sh.frames.fetch_add(1, Ordering::Relaxed);
+                    for line in t.split(|b| *b == b'\n') {
+                        if line == b"{}" {
+                            let (r, _) = stream.write_all(frame(b"{}")).await;
+                            if r.is_err() {
+                                break 'outer SessionEnd::Closed;
+                            }
+                            continue;
+                        }
+                        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else { continue };
+                        if let Some(push) = v.get("push") {
+                            if let Some(k) = handle_push(ctx, subs, push) {
+                                resubscribe.push(k);
+                            }
+                            continue;
+                        }
+                        let id = v["id"].as_u64().unwrap_or(0) as usize;
+                        if id == 1 {
+                            if v.get("error").is_some() {
+                                break 'outer SessionEnd::Closed;
+                            }
+                            connected = true;
+                            if first {
+                                sh.connected.fetch_add(1, Ordering::Relaxed);
+                            }
+                            sh.online.fetch_add(1, Ordering::Relaxed);
+                            ctx.hists
+                                .borrow_mut()
+                                .connect
+                                .saturating_record(upgraded_at.elapsed().as_micros() as u64);
+                        } else if id >= 2 && id - 2 < subs.len() {
+                            if let Some(r) = v.get("subscribe") {
+                                subscribed(ctx, &mut subs[id - 2], r);
+                            } else if v["error"]["temporary"] == true {
+                                resubscribe.push(id - 2);
+                            }
+                        }
+                    }
+                }
+                Message::Close(_) => {
+                    sh.server_closes.fetch_add(1, Ordering::Relaxed);
+                    break 'outer SessionEnd::Closed;
+                }
+                _ => {}
+            }
+        }
+        if !resubscribe.is_empty() {
+            let lines: Vec<String> = resubscribe.drain(..).map(|k| subscribe_cmd(2 + k, &subs[k])).collect();
+            let (r, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
+            if r.is_err() {
+                break SessionEnd::Closed;
+            }
+        }
+        if sh.stop.load(Ordering::Relaxed) {
+            let tops = sh.tops.lock().expect("tops").clone();
+            let behind =
+                subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.last < *t));
+            if !behind || Instant::now() > deadline {
+                break SessionEnd::Done;
+            }
+            converged_since.get_or_insert_with(Instant::now);
+            if converged_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+                break SessionEnd::Done;
+            }
+        }
+        if Instant::now() > deadline {
+            break SessionEnd::Done;
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16384);
+        }
+        let readable = monoio::select! {
+            r = stream.readable(false) => Some(r.is_ok()),
+            _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        if readable == Some(false) {
+            break SessionEnd::Closed; // reset (a crashed server)
+        }
+        if readable == Some(true) {
+            let (res, b) = read_append(&mut stream, buf).await;
+            buf = b;
+            match res {
+                Ok(0) | Err(_) => break SessionEnd::Closed,
+                Ok(_) => {}
+            }
+        }
+    };
+    if end == SessionEnd::Done {
+        let _ = stream.write_all(frame_close()).await;
+    }
+    if connected {
+        sh.online.fetch_sub(1, Ordering::Relaxed);
+    }
+    (end, connected)
+}
+
+/// A subscribe reply: a fresh position, a recovery with the missed
+/// publications (checked like pushes), or an explicit "not recovered".
+fn subscribed(ctx: &ThreadCtx, s: &mut Subscription, r: &serde_json::Value) {
+    let recovering = r["was_recovering"] == true;
+    if recovering && r["recovered"] == true {
+        for p in r["publications"].as_array().map(Vec::as_slice).unwrap_or_default() {
+            check_pub(ctx, s, p);
+        }
+        return;
+    }
+    if recovering {
+        // Explicit, not silent: the server said the gap cannot be filled.
+        ctx.shared.unrecovered.fetch_add(1, Ordering::Relaxed);
+    }
+    s.last = r["offset"].as_u64().unwrap_or(0);
+    s.epoch = r["epoch"].as_str().unwrap_or("").to_owned();
+    s.positioned = r["positioned"].as_bool().unwrap_or(false) || r["recoverable"] == true;
 }
 
 fn frame_close() -> Vec<u8> {
@@ -572,38 +693,47 @@ fn frame_close() -> Vec<u8> {
     out
 }
 
-fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Value) {
+/// Checks one publication against the subscription's position.
+fn check_pub(ctx: &ThreadCtx, s: &mut Subscription, p: &serde_json::Value) {
+    let sh = &ctx.shared;
+    sh.deliveries.fetch_add(1, Ordering::Relaxed);
+    if let Some(ts) = p["data"]["ts"].as_u64() {
+        ctx.hists.borrow_mut().latency.saturating_record(unix_micros().saturating_sub(ts));
+    }
+    let offset = p["offset"].as_u64().unwrap_or(0);
+    if !s.positioned || offset == 0 {
+        return;
+    }
+    if offset == s.last + 1 {
+        s.last = offset;
+    } else if offset == s.last {
+        sh.duplicated.fetch_add(1, Ordering::Relaxed);
+    } else if offset < s.last {
+        sh.reordered.fetch_add(1, Ordering::Relaxed);
+    } else {
+        sh.lost.fetch_add(offset - s.last - 1, Ordering::Relaxed);
+        s.last = offset;
+    }
+}
+
+/// Handles a push; returns the index of a subscription the server asked to
+/// resubscribe (unsubscribe ≥ 2500), which is resubscribed with recovery.
+fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Value) -> Option<usize> {
     let sh = &ctx.shared;
     let channel = push["channel"].as_str().unwrap_or("");
+    let k = subs.iter().position(|s| s.channel == channel);
     if let Some(p) = push.get("pub") {
-        sh.deliveries.fetch_add(1, Ordering::Relaxed);
-        if let Some(ts) = p["data"]["ts"].as_u64() {
-            ctx.hists.borrow_mut().latency.saturating_record(unix_micros().saturating_sub(ts));
-        }
-        let offset = p["offset"].as_u64().unwrap_or(0);
-        if let Some(s) = subs.iter_mut().find(|s| s.channel == channel)
-            && s.positioned
-            && offset > 0
-        {
-            if offset == s.last + 1 {
-                s.last = offset;
-            } else if offset == s.last {
-                sh.duplicated.fetch_add(1, Ordering::Relaxed);
-            } else if offset < s.last {
-                sh.reordered.fetch_add(1, Ordering::Relaxed);
-            } else {
-                sh.lost.fetch_add(offset - s.last - 1, Ordering::Relaxed);
-                s.last = offset;
+        match k {
+            Some(k) => check_pub(ctx, &mut subs[k], p),
+            None => {
+                sh.deliveries.fetch_add(1, Ordering::Relaxed);
             }
         }
+        None
     } else if let Some(u) = push.get("unsubscribe") {
-        // The server asked us to resubscribe (2500): explicit, not silent.
         sh.server_closes.fetch_add(1, Ordering::Relaxed);
-        if u["code"].as_u64().unwrap_or(0) >= 2500 {
-            sh.unrecovered.fetch_add(1, Ordering::Relaxed);
-            if let Some(s) = subs.iter_mut().find(|s| s.channel == channel) {
-                s.positioned = false;
-            }
-        }
+        if u["code"].as_u64().unwrap_or(0) >= 2500 { k } else { None }
+    } else {
+        None
     }
 }

@@ -24,3 +24,38 @@ fn demo_runs_clean_with_a_few_hundred_connections() {
     assert!(html.contains("Nothing lost"), "report verdict");
     let _ = std::fs::remove_file(report);
 }
+
+fn loadgen_json(args: &[&str]) -> serde_json::Value {
+    let report = std::env::temp_dir().join(format!("sy-{}-{}.html", args[0], std::process::id()));
+    let out = Command::new(e2e::bin_dir().join("loadgen"))
+        .args(args)
+        .args(["--json", "--report"])
+        .arg(&report)
+        .output()
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_file(report);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn reconnect_wave_after_a_gateway_drain_loses_nothing() {
+    let v = loadgen_json(&["reconnect-wave", "--connections", "300", "--publications", "90", "--rate", "30"]);
+    assert_eq!(v["connected"], 300, "{v}");
+    assert_eq!(
+        (v["lost"].as_u64(), v["duplicated"].as_u64(), v["reordered"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    // About half the clients were on the drained gateway; all came back.
+    assert!(v["reconnects"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["reconnect_secs"].as_f64().is_some(), "every client came back: {v}");
+}
+
+#[test]
+fn storm_alone_connects_everyone_and_reports_latency() {
+    let v = loadgen_json(&["storm", "--connections", "400", "--storm-rate", "400"]);
+    assert_eq!(v["connected"], 400, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["upgrade_ms"]["count"], 400, "{v}");
+}
