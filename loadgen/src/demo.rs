@@ -18,7 +18,7 @@ use rand::Rng;
 
 use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
 use crate::report::{RunReport, Sample};
-use crate::worker::{WorkerSpec, unix_micros};
+use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
 use crate::zipf::Zipf;
 
 /// Secrets of the development cluster.
@@ -99,6 +99,30 @@ pub struct DemoArgs {
     /// `reconnect-wave`: crash the gateway (SIGKILL) instead of draining it (SIGTERM).
     #[arg(long)]
     pub kill: bool,
+    /// `chat`: workspaces.
+    #[arg(long, default_value_t = 10)]
+    pub workspaces: usize,
+    /// `chat`: channels per workspace (sizes Zipf-distributed by `--zipf`).
+    #[arg(long, default_value_t = 20)]
+    pub channels_per_workspace: usize,
+    /// `chat`: channels each user belongs to.
+    #[arg(long, default_value_t = 5)]
+    pub channels_per_user: usize,
+    /// `chat`: fraction of the members online (the clients are the online ones).
+    #[arg(long, default_value_t = 0.5)]
+    pub online: f64,
+    /// `chat`: users whose presence each client watches.
+    #[arg(long, default_value_t = 10)]
+    pub presence_view: usize,
+    /// `chat`: one client in this many sends messages.
+    #[arg(long, default_value_t = 10)]
+    pub active_every: usize,
+    /// `chat`: messages per minute per active user.
+    #[arg(long, default_value_t = 6.0)]
+    pub msgs_per_min: f64,
+    /// `chat`: typing events before each message.
+    #[arg(long, default_value_t = 2)]
+    pub typing_per_msg: usize,
 }
 
 /// What a run does after the storm.
@@ -115,6 +139,10 @@ pub enum Scenario {
     ReconnectWave,
     /// Fan-out at a steady rate for `duration` seconds.
     Soak,
+    /// A Slack-like day for `duration` seconds: client messages with typing
+    /// events, presence in view, read-state on personal channels (`rate`/s
+    /// from the backend).
+    Chat,
 }
 
 impl Scenario {
@@ -125,6 +153,7 @@ impl Scenario {
             Scenario::Fanout => "fan-out",
             Scenario::ReconnectWave => "reconnect wave",
             Scenario::Soak => "soak",
+            Scenario::Chat => "chat",
         }
     }
 }
@@ -396,7 +425,7 @@ fn scenario(
 ) -> anyhow::Result<RunReport> {
     let channels: Vec<String> = (0..a.channels.max(1)).map(|i| format!("chat:demo-{i}")).collect();
     let publications = match kind {
-        Scenario::Storm => 0,
+        Scenario::Storm | Scenario::Chat => 0,
         Scenario::Soak => (a.rate * a.duration as f64).round() as usize,
         _ => a.publications,
     };
@@ -434,9 +463,20 @@ fn scenario(
             max_attempts: 20,
             deadline_secs: 600 + a.duration,
             reconnect: true,
+            chat: (kind == Scenario::Chat).then(|| ChatSpec {
+                workspaces: a.workspaces.max(1),
+                channels_per_workspace: a.channels_per_workspace.max(1),
+                channels_per_user: a.channels_per_user.max(1),
+                members: (a.connections as f64 / a.online.clamp(0.01, 1.0)) as usize,
+                presence_view: a.presence_view,
+                active_every: a.active_every,
+                msgs_per_min: a.msgs_per_min,
+                typing_per_msg: a.typing_per_msg,
+            }),
         };
         workers.push(Worker::spawn(&spec)?);
     }
+    report.phases.push(("storm".into(), 0.0));
     let pb = bar(a.connections as u64, "connecting", a.json);
     let storm_deadline = Instant::now() + Duration::from_secs(300);
     loop {
@@ -474,6 +514,50 @@ fn scenario(
             w.sample(c, online, report);
         }
     };
+    if publications > 0 {
+        report.phases.push(("fan-out".into(), start.elapsed().as_secs_f64()));
+    }
+    if kind == Scenario::Chat {
+        report.phases.push(("chat".into(), start.elapsed().as_secs_f64()));
+        let mut personal = 0u64;
+        let end = fan_start + Duration::from_secs(a.duration);
+        while Instant::now() < end {
+            // The backend syncs read-state to a random user's devices.
+            let due = fan_start + Duration::from_secs_f64(personal as f64 / a.rate.max(1e-3));
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait.min(end.saturating_duration_since(Instant::now())));
+            }
+            let ch = format!("#u{}", rng.random_range(0..a.connections.max(1)));
+            let r = api.call(
+                "publish",
+                &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "read": personal}}),
+            )?;
+            if let Some(off) = r["result"]["offset"].as_u64() {
+                tops.insert(ch, off);
+            }
+            personal += 1;
+            if last_sample.elapsed() >= Duration::from_millis(250) {
+                last_sample = Instant::now();
+                sample(&workers, &mut report, &mut wave, &cluster);
+            }
+        }
+        report.publications = personal;
+        // Clients stop talking; then every chat channel's final position.
+        for w in workers.iter_mut() {
+            w.quiet();
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let chat = ChatSpec::channel;
+        for w in 0..a.workspaces.max(1) {
+            for k in 0..a.channels_per_workspace.max(1) {
+                let ch = chat(w, k);
+                let r = api.call("history", &serde_json::json!({"channel": ch, "limit": 0}))?;
+                if let Some(off) = r["result"]["offset"].as_u64().filter(|o| *o > 0) {
+                    tops.insert(ch, off);
+                }
+            }
+        }
+    }
     for i in 0..publications {
         let due = fan_start + Duration::from_secs_f64(i as f64 / a.rate.max(1e-3));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -486,6 +570,10 @@ fn scenario(
             let (_, _, online, _, _) = totals(&workers);
             let at = Instant::now();
             report.wave_at_secs = Some(start.elapsed().as_secs_f64());
+            report.phases.push((
+                if a.kill { "gateway killed" } else { "gateway drained" }.into(),
+                start.elapsed().as_secs_f64(),
+            ));
             c.gateways[0].signal(if a.kill { libc::SIGKILL } else { libc::SIGTERM });
             wave = Some(Wave { online_before: online, low: online, at, last_handshakes: None });
             sample(&workers, &mut report, &mut wave, &cluster);
@@ -510,6 +598,7 @@ fn scenario(
         std::thread::sleep(Duration::from_millis(250));
         sample(&workers, &mut report, &mut wave, &cluster);
     }
+    report.phases.push(("settle".into(), start.elapsed().as_secs_f64()));
     for w in workers.iter_mut() {
         w.stop(&tops);
     }

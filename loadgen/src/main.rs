@@ -26,6 +26,8 @@ enum Cmd {
     ReconnectWave(loadgen::demo::DemoArgs),
     /// Steady fan-out for --duration seconds.
     Soak(loadgen::demo::DemoArgs),
+    /// A Slack-like day: workspaces, channels, messages with typing, presence, read-state.
+    Chat(loadgen::demo::DemoArgs),
     /// (internal) A worker process: JSON spec as the argument.
     #[command(hide = true)]
     Worker { spec: String },
@@ -68,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fanout(a) => scenario(Scenario::Fanout, a),
         Cmd::ReconnectWave(a) => scenario(Scenario::ReconnectWave, a),
         Cmd::Soak(a) => scenario(Scenario::Soak, a),
+        Cmd::Chat(a) => scenario(Scenario::Chat, a),
         Cmd::Worker { spec } => loadgen::worker::run(serde_json::from_str(&spec)?),
         Cmd::Gateway { args } => {
             init_tracing();

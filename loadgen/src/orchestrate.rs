@@ -79,6 +79,14 @@ impl Worker {
         Ok(Worker { child, stdin, state })
     }
 
+    /// Tells the worker's clients to stop publishing (chat); they keep reading.
+    pub fn quiet(&mut self) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            let _ = writeln!(stdin, "{}", serde_json::json!({ "quiet": true }));
+            let _ = stdin.flush();
+        }
+    }
+
     /// Tells the worker to finish once its subscriptions reach `tops`.
     pub fn stop(&mut self, tops: &HashMap<String, u64>) {
         if let Some(stdin) = self.stdin.as_mut() {

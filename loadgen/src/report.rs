@@ -111,6 +111,12 @@ pub struct RunReport {
     pub reconnect_secs: Option<f64>,
     /// Reconnect wave: the surviving gateways' peak handshake rate.
     pub peak_handshakes_per_sec: f64,
+    /// Messages clients published (chat), and how many were refused.
+    pub client_publications: u64,
+    /// Client publishes refused by the server.
+    pub publish_errors: u64,
+    /// When each phase began (seconds since start).
+    pub phases: Vec<(String, f64)>,
     /// Timeline.
     pub timeline: Vec<Sample>,
 }
@@ -132,6 +138,8 @@ impl RunReport {
             self.unrecovered += s.unrecovered;
             self.frames += s.frames;
             self.reconnects += s.reconnects;
+            self.client_publications += s.published;
+            self.publish_errors += s.publish_errors;
             for (dst, src) in [(&mut up, &s.upgrade_us), (&mut con, &s.connect_us), (&mut lat, &s.latency_us)]
             {
                 if let Some(h) = decode_hist(src) {
@@ -167,6 +175,17 @@ impl RunReport {
         let _ = writeln!(s, "             {:.1} s, {:.0} connections/s", self.storm_secs, self.accept_rate);
         let _ = writeln!(s, "upgrade      {}", p(&self.upgrade_ms));
         let _ = writeln!(s, "connect      {}", p(&self.connect_ms));
+        if self.client_publications > 0 {
+            let _ = writeln!(
+                s,
+                "chat         {} messages from clients ({} refused)",
+                self.client_publications, self.publish_errors
+            );
+        }
+        if !self.phases.is_empty() {
+            let list: Vec<String> = self.phases.iter().map(|(n, t)| format!("{n} @ {t:.1} s")).collect();
+            let _ = writeln!(s, "phases       {}", list.join(", "));
+        }
         if self.publications > 0 {
             let _ = writeln!(
                 s,
@@ -234,6 +253,11 @@ impl RunReport {
             ("gateway RSS per connection", format!("{:.0} B", self.gateway_rss_per_conn)),
             ("gateway CPU per connection (storm)", format!("{:.0} µs", self.gateway_cpu_us_per_conn)),
             ("reconnects", self.reconnects.to_string()),
+            ("client messages (refused)", format!("{} ({})", self.client_publications, self.publish_errors)),
+            (
+                "phases",
+                self.phases.iter().map(|(n, t)| format!("{n} @ {t:.1} s")).collect::<Vec<_>>().join(", "),
+            ),
         ];
         let wave = self.wave_at_secs.map(|at| {
             (

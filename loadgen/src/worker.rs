@@ -30,6 +30,7 @@ use monoio::net::TcpStream;
 use proto::backoff::Backoff;
 use proto::ws::handshake::client::{self, ClientHandshakeError};
 use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
+use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::zipf::Zipf;
@@ -67,6 +68,83 @@ pub struct WorkerSpec {
     /// when the server closes a connection, as the SDKs do.
     #[serde(default)]
     pub reconnect: bool,
+    /// A Slack-like workload instead of Zipf subscriptions (`loadgen chat`).
+    #[serde(default)]
+    pub chat: Option<ChatSpec>,
+}
+
+/// A Slack-like day: workspaces → channels → members. Client `i` is user
+/// `u<i>` in workspace `i mod workspaces`; it subscribes to some of its
+/// workspace's channels (Zipf: a few big ones, many small), the typing
+/// channel of the first, its personal channel `#u<i>` (read-state sync and
+/// mentions, published by the backend) and the presence of the users in
+/// view. Active users send messages (client publishes, each preceded by
+/// typing events on the ephemeral channel).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChatSpec {
+    /// Workspaces.
+    pub workspaces: usize,
+    /// Channels per workspace.
+    pub channels_per_workspace: usize,
+    /// Channels each user is a member of (and subscribed to while online).
+    pub channels_per_user: usize,
+    /// Members of the whole simulation (online ones are the clients).
+    pub members: usize,
+    /// Users whose presence each client watches.
+    pub presence_view: usize,
+    /// One client in this many sends messages.
+    pub active_every: usize,
+    /// Messages per minute per active user.
+    pub msgs_per_min: f64,
+    /// Typing events sent before each message.
+    pub typing_per_msg: usize,
+}
+
+impl ChatSpec {
+    /// Channel `k` of workspace `w`.
+    pub fn channel(w: usize, k: usize) -> String {
+        format!("chat:w{w}-c{k}")
+    }
+
+    /// Every `chat:` channel of the simulation.
+    pub fn all_channels(&self) -> Vec<String> {
+        (0..self.workspaces)
+            .flat_map(|w| (0..self.channels_per_workspace).map(move |k| Self::channel(w, k)))
+            .collect()
+    }
+
+    /// The channels client `index` subscribes to; the first is where it talks.
+    fn subscriptions(&self, index: usize, zipf: &Zipf, rng: &mut impl Rng) -> Vec<String> {
+        let w = index % self.workspaces.max(1);
+        let mut mine: Vec<usize> = Vec::new();
+        while mine.len() < self.channels_per_user.min(self.channels_per_workspace) {
+            let k = zipf.sample(rng);
+            if !mine.contains(&k) {
+                mine.push(k);
+            }
+        }
+        let mut out: Vec<String> = mine.iter().map(|k| Self::channel(w, *k)).collect();
+        out.push(format!("typing:w{w}-c{}", mine.first().copied().unwrap_or(0)));
+        out.push(format!("#u{index}"));
+        for _ in 0..self.presence_view {
+            // Someone of the same workspace, online or not.
+            let j = rng.random_range(0..self.members.max(1) / self.workspaces.max(1)) * self.workspaces + w;
+            if j != index {
+                out.push(format!("presence:u{j}"));
+            }
+        }
+        out.sort();
+        out.dedup();
+        // Keep the talking channel first.
+        let talk = Self::channel(w, mine.first().copied().unwrap_or(0));
+        out.retain(|c| *c != talk);
+        out.insert(0, talk);
+        out
+    }
+
+    fn active(&self, index: usize) -> bool {
+        self.active_every > 0 && index.is_multiple_of(self.active_every)
+    }
 }
 
 /// Counters and histograms a worker reports.
@@ -95,6 +173,12 @@ pub struct Summary {
     /// Reconnects after the server closed a connection.
     #[serde(default)]
     pub reconnects: u64,
+    /// Messages published by clients (chat).
+    #[serde(default)]
+    pub published: u64,
+    /// Client publishes the server refused.
+    #[serde(default)]
+    pub publish_errors: u64,
     /// CPU seconds (user + system) this worker used.
     pub cpu_secs: f64,
     /// TCP connect + upgrade latency (µs), hdrhistogram V2, base64.
@@ -120,6 +204,10 @@ struct Shared {
     server_closes: AtomicU64,
     frames: AtomicU64,
     reconnects: AtomicU64,
+    /// Client publishes sent (chat) and refused.
+    published: AtomicU64,
+    publish_errors: AtomicU64,
+    quiet: AtomicBool,
     /// Clients connected right now (falls during a reconnect wave).
     online: AtomicU64,
     stop: AtomicBool,
@@ -193,6 +281,9 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 }
                 drop(m);
                 stdin_shared.stop.store(true, Ordering::SeqCst);
+            } else if line.contains("\"quiet\"") {
+                // Stop publishing (chat), keep receiving.
+                stdin_shared.quiet.store(true, Ordering::SeqCst);
             }
         }
         // The orchestrator went away: stop too.
@@ -263,6 +354,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         server_closes: s.server_closes.load(Ordering::Relaxed),
         frames: s.frames.load(Ordering::Relaxed),
         reconnects: s.reconnects.load(Ordering::Relaxed),
+        published: s.published.load(Ordering::Relaxed),
+        publish_errors: s.publish_errors.load(Ordering::Relaxed),
         cpu_secs: cpu_secs(),
         upgrade_us: encode_hist(&hists.upgrade),
         connect_us: encode_hist(&hists.connect),
@@ -281,7 +374,8 @@ struct ThreadCtx {
 }
 
 async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> Hists {
-    let zipf = Zipf::new(spec.channels.len(), spec.zipf_s);
+    let choices = spec.chat.as_ref().map_or(spec.channels.len(), |c| c.channels_per_workspace);
+    let zipf = Zipf::new(choices, spec.zipf_s);
     let mine: Vec<usize> = (0..spec.connections).filter(|i| i % threads == t).collect();
     let per_thread_rate = if spec.rate > 0.0 { spec.rate / threads as f64 } else { 0.0 };
     let ctx =
@@ -417,6 +511,9 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Command ids above this are client publishes (chat).
+const PUBLISH_IDS: usize = 1_000_000;
+
 /// How one connection of a client ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SessionEnd {
@@ -475,21 +572,22 @@ fn subscribe_cmd(id: usize, s: &Subscription) -> String {
 async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let sh = ctx.shared.clone();
     let mut rng = rand::rng();
-    let mut chosen: Vec<usize> = Vec::new();
-    while chosen.len() < ctx.spec.subs_per_conn.min(ctx.spec.channels.len()) {
-        let c = ctx.zipf.sample(&mut rng);
-        if !chosen.contains(&c) {
-            chosen.push(c);
+    let names: Vec<String> = match &ctx.spec.chat {
+        Some(chat) => chat.subscriptions(index, &ctx.zipf, &mut rng),
+        None => {
+            let mut chosen: Vec<usize> = Vec::new();
+            while chosen.len() < ctx.spec.subs_per_conn.min(ctx.spec.channels.len()) {
+                let c = ctx.zipf.sample(&mut rng);
+                if !chosen.contains(&c) {
+                    chosen.push(c);
+                }
+            }
+            chosen.iter().map(|c| ctx.spec.channels[*c].clone()).collect()
         }
-    }
-    let mut subs: Vec<Subscription> = chosen
-        .iter()
-        .map(|c| Subscription {
-            channel: ctx.spec.channels[*c].clone(),
-            last: 0,
-            positioned: false,
-            epoch: String::new(),
-        })
+    };
+    let mut subs: Vec<Subscription> = names
+        .into_iter()
+        .map(|channel| Subscription { channel, last: 0, positioned: false, epoch: String::new() })
         .collect();
     let mut ever_connected = false;
     let mut first = true;
@@ -562,6 +660,14 @@ async fn session(
     let mut connected = false;
     let mut converged_since: Option<Instant> = None;
     let mut resubscribe: Vec<usize> = Vec::new();
+    // Chat: client publishes use ids above the subscriptions'; the first
+    // message goes out after a random part of the interval.
+    let mut next_id = PUBLISH_IDS;
+    let mut next_msg = Instant::now()
+        + ctx.spec.chat.as_ref().map_or(Duration::ZERO, |c| {
+            Duration::from_secs_f64(60.0 / c.msgs_per_min.max(0.01))
+                .mul_f64(rand::rng().random_range(0.0..1.0))
+        });
     let end = 'outer: loop {
         // Decode what we have.
         loop {
@@ -602,6 +708,10 @@ async fn session(
                                 .borrow_mut()
                                 .connect
                                 .saturating_record(upgraded_at.elapsed().as_micros() as u64);
+                        } else if id > PUBLISH_IDS {
+                            if v.get("error").is_some() {
+                                sh.publish_errors.fetch_add(1, Ordering::Relaxed);
+                            }
                         } else if id >= 2 && id - 2 < subs.len() {
                             if let Some(r) = v.get("subscribe") {
                                 subscribed(ctx, &mut subs[id - 2], r);
@@ -617,6 +727,29 @@ async fn session(
                 }
                 _ => {}
             }
+        }
+        if connected
+            && let Some(chat) = ctx.spec.chat.as_ref().filter(|c| c.active(index))
+            && !sh.quiet.load(Ordering::Relaxed)
+            && Instant::now() >= next_msg
+        {
+            // Typing events on the ephemeral channel, then the message.
+            let mut lines = Vec::with_capacity(chat.typing_per_msg + 1);
+            let talk = &subs[0].channel;
+            let typing = format!("typing:{}", talk.trim_start_matches("chat:"));
+            for _ in 0..chat.typing_per_msg {
+                next_id += 1;
+                lines.push(serde_json::json!({"id": next_id, "publish": {"channel": typing, "data": {"typing": true}}}).to_string());
+            }
+            next_id += 1;
+            lines.push(serde_json::json!({"id": next_id, "publish": {"channel": talk, "data": {"ts": unix_micros(), "text": "hello from a simulated user"}}}).to_string());
+            let (r, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
+            if r.is_err() {
+                break SessionEnd::Closed;
+            }
+            sh.published.fetch_add(1, Ordering::Relaxed);
+            let every = Duration::from_secs_f64(60.0 / chat.msgs_per_min.max(0.01));
+            next_msg = Instant::now() + every.mul_f64(rand::rng().random_range(0.5..1.5));
         }
         if !resubscribe.is_empty() {
             let lines: Vec<String> = resubscribe.drain(..).map(|k| subscribe_cmd(2 + k, &subs[k])).collect();

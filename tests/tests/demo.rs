@@ -59,3 +59,30 @@ fn storm_alone_connects_everyone_and_reports_latency() {
     assert_eq!(v["failed"], 0, "{v}");
     assert_eq!(v["upgrade_ms"]["count"], 400, "{v}");
 }
+
+#[test]
+fn chat_day_with_client_messages_presence_and_read_state_loses_nothing() {
+    let v = loadgen_json(&[
+        "chat",
+        "--connections",
+        "200",
+        "--duration",
+        "4",
+        "--rate",
+        "20",
+        "--active-every",
+        "2",
+        "--msgs-per-min",
+        "60",
+    ]);
+    assert_eq!(v["connected"], 200, "{v}");
+    assert_eq!(
+        (v["lost"].as_u64(), v["duplicated"].as_u64(), v["reordered"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert!(v["client_publications"].as_u64().unwrap() > 0, "active users talked: {v}");
+    assert_eq!(v["publish_errors"], 0, "{v}");
+    assert!(v["publications"].as_u64().unwrap() > 0, "the backend synced read-state: {v}");
+    let phases: Vec<&str> = v["phases"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
+    assert_eq!(phases, ["storm", "chat", "settle"]);
+}
