@@ -9,7 +9,13 @@
 //! - [`orchestrate`]: worker and server processes (one process's open-file
 //!   limit is 20,000 here, so clients and gateways are spread over processes),
 //!   the HTTP API publisher.
-//! - [`demo`]: the one-command demo (storm + fan-out) and `--serve`.
+//! - [`demo`]: the scenarios, on a local cluster it starts (or against
+//!   `--ws`/`--api`): `demo` (storm + fan-out, and `--serve`), `storm`,
+//!   `fanout`, `reconnect-wave` (drain or `--kill` a gateway mid-traffic:
+//!   reconnect curve, survivors' peak handshake rate, recovery), `soak`
+//!   (steady fan-out for `--duration`) and `chat` (a Slack-like day).
+//!   Clients reconnect with full-jitter backoff and resubscribe with
+//!   recovery, as the SDKs do.
 //! - [`report`]: terminal table, `--json`, HTML report.
 //! - [`zipf`]: Zipf-distributed channel sizes.
 //!
