@@ -99,6 +99,10 @@ pub struct DemoArgs {
     /// `reconnect-wave`: crash the gateway (SIGKILL) instead of draining it (SIGTERM).
     #[arg(long)]
     pub kill: bool,
+    /// Source addresses 127.0.0.2, 127.0.0.3, … the clients bind to, each good
+    /// for ~28k ports (0: enough for the connection count).
+    #[arg(long, default_value_t = 0)]
+    pub source_ips: usize,
     /// `chat`: workspaces.
     #[arg(long, default_value_t = 10)]
     pub workspaces: usize,
@@ -368,19 +372,57 @@ fn wait_for_ctrl_c() {
     }
 }
 
-/// What the orchestrator samples of the workers: (attempted, deliveries,
-/// online, reconnects, all attempted).
-fn totals(ws: &[Worker]) -> (u64, u64, u64, u64, bool) {
-    let mut t = (0u64, 0u64, 0u64, 0u64, true);
+/// What the orchestrator samples of the workers.
+struct Totals {
+    /// Clients connected or given up.
+    settled: u64,
+    deliveries: u64,
+    online: u64,
+    /// Every worker attempted every client.
+    ready: bool,
+    /// Latency of the last window: count-weighted p50, worst p99 (ms).
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn totals(ws: &[Worker]) -> Totals {
+    let mut t = Totals { settled: 0, deliveries: 0, online: 0, ready: true, p50_ms: 0.0, p99_ms: 0.0 };
+    let mut weight = 0u64;
     for w in ws {
         let s = w.state.lock().expect("state");
-        t.0 += s.connected + s.failed;
-        t.1 += s.deliveries;
-        t.2 += s.online;
-        t.3 += s.reconnects;
-        t.4 &= s.ready;
+        t.settled += s.connected + s.failed;
+        t.deliveries += s.deliveries;
+        t.online += s.online;
+        t.ready &= s.ready;
+        let (p50, p99, n) = s.window;
+        t.p50_ms += p50 as f64 / 1000.0 * n as f64;
+        weight += n;
+        t.p99_ms = t.p99_ms.max(p99 as f64 / 1000.0);
     }
+    t.p50_ms /= weight.max(1) as f64;
     t
+}
+
+impl Totals {
+    fn sample(&self, t: f64) -> Sample {
+        Sample {
+            t,
+            connected: self.online,
+            deliveries: self.deliveries,
+            p50_ms: self.p50_ms,
+            p99_ms: self.p99_ms,
+        }
+    }
+}
+
+/// A plain progress line for logs (no terminal: no progress bars).
+fn plain_progress(json: bool, what: &str, s: &Sample) {
+    if !json && !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!(
+            "[{:7.1} s] {what}: {} online, {} deliveries, window p50 {:.1} ms p99 {:.1} ms",
+            s.t, s.connected, s.deliveries, s.p50_ms, s.p99_ms
+        );
+    }
 }
 
 /// The reconnect wave's bookkeeping.
@@ -459,7 +501,7 @@ fn scenario(
             channels: channels.clone(),
             zipf_s: a.zipf,
             subs_per_conn: a.subs_per_conn,
-            source_ips: (a.connections / 20_000 + 1).max(1) * 4,
+            source_ips: if a.source_ips > 0 { a.source_ips } else { (a.connections / 20_000 + 1) * 4 },
             max_attempts: 20,
             deadline_secs: 600 + a.duration,
             reconnect: true,
@@ -479,18 +521,24 @@ fn scenario(
     report.phases.push(("storm".into(), 0.0));
     let pb = bar(a.connections as u64, "connecting", a.json);
     let storm_deadline = Instant::now() + Duration::from_secs(300);
+    let mut last_line = Instant::now();
     loop {
-        let (done, deliveries, online, _, ready) = totals(&workers);
-        pb.set_position(done);
-        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected: online, deliveries });
-        if ready || Instant::now() > storm_deadline {
+        let t = totals(&workers);
+        pb.set_position(t.settled);
+        let sample = t.sample(start.elapsed().as_secs_f64());
+        if last_line.elapsed() >= Duration::from_secs(2) {
+            last_line = Instant::now();
+            plain_progress(a.json, "storm", &sample);
+        }
+        report.timeline.push(sample);
+        if t.ready || Instant::now() > storm_deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     pb.finish_and_clear();
     report.storm_secs = start.elapsed().as_secs_f64();
-    let (_, _, online, _, _) = totals(&workers);
+    let online = totals(&workers).online;
     report.accept_rate = online as f64 / report.storm_secs.max(1e-3);
     report.gateway_cpu_us_per_conn = (gw_cpu(&cluster) - gw_cpu0) * 1e6 / online.max(1) as f64;
     report.gateway_rss_per_conn = gw_rss(&cluster).saturating_sub(gw_rss0) as f64 / online.max(1) as f64;
@@ -504,14 +552,20 @@ fn scenario(
     let mut rng = rand::rng();
     let mut wave: Option<Wave> = None;
     let mut last_sample = Instant::now();
-    let sample = |workers: &[Worker],
-                  report: &mut RunReport,
-                  wave: &mut Option<Wave>,
-                  cluster: &Option<&mut Cluster>| {
-        let (_, deliveries, online, _, _) = totals(workers);
-        report.timeline.push(Sample { t: start.elapsed().as_secs_f64(), connected: online, deliveries });
+    let mut last_line = Instant::now();
+    let mut sample = |workers: &[Worker],
+                      report: &mut RunReport,
+                      wave: &mut Option<Wave>,
+                      cluster: &Option<&mut Cluster>| {
+        let t = totals(workers);
+        let s = t.sample(start.elapsed().as_secs_f64());
+        if last_line.elapsed() >= Duration::from_secs(2) {
+            last_line = Instant::now();
+            plain_progress(a.json, "traffic", &s);
+        }
+        report.timeline.push(s);
         if let (Some(w), Some(c)) = (wave.as_mut(), cluster.as_deref()) {
-            w.sample(c, online, report);
+            w.sample(c, t.online, report);
         }
     };
     if publications > 0 {
@@ -567,7 +621,7 @@ fn scenario(
             && i == publications / 3
             && let Some(c) = cluster.as_deref_mut()
         {
-            let (_, _, online, _, _) = totals(&workers);
+            let online = totals(&workers).online;
             let at = Instant::now();
             report.wave_at_secs = Some(start.elapsed().as_secs_f64());
             report.phases.push((
@@ -615,6 +669,7 @@ fn scenario(
         t: start.elapsed().as_secs_f64(),
         connected: report.connected,
         deliveries: report.deliveries,
+        ..Default::default()
     });
     if summaries.len() < procs {
         anyhow::bail!("{} of {procs} worker processes did not report", procs - summaries.len());

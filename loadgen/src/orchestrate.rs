@@ -29,6 +29,8 @@ pub struct WorkerState {
     pub online: u64,
     /// Reconnects so far.
     pub reconnects: u64,
+    /// Latency of the deliveries in the last progress window: (p50 µs, p99 µs, count).
+    pub window: (u64, u64, u64),
     /// Every client attempted.
     pub ready: bool,
     /// The final report.
@@ -69,6 +71,12 @@ impl Worker {
                     s.deliveries = p["deliveries"].as_u64().unwrap_or(0);
                     s.online = p["online"].as_u64().unwrap_or(0);
                     s.reconnects = p["reconnects"].as_u64().unwrap_or(0);
+                    let w = &p["window"];
+                    s.window = (
+                        w["p50_us"].as_u64().unwrap_or(0),
+                        w["p99_us"].as_u64().unwrap_or(0),
+                        w["count"].as_u64().unwrap_or(0),
+                    );
                 } else if v.get("ready").is_some() {
                     s.ready = true;
                 } else if let Some(sum) = v.get("summary") {

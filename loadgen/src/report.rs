@@ -43,7 +43,7 @@ impl Percentiles {
 }
 
 /// One sample of the run's timeline.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Sample {
     /// Seconds since start.
     pub t: f64,
@@ -51,6 +51,10 @@ pub struct Sample {
     pub connected: u64,
     /// Publications delivered so far.
     pub deliveries: u64,
+    /// Publish → deliver p50 of the deliveries in the last window (ms).
+    pub p50_ms: f64,
+    /// Publish → deliver p99 (the worst worker's) in the last window (ms).
+    pub p99_ms: f64,
 }
 
 /// Everything a run measured.
@@ -302,12 +306,15 @@ impl RunReport {
             .windows(2)
             .map(|w| Sample {
                 t: w[1].t,
-                connected: 0,
                 deliveries: ((w[1].deliveries.saturating_sub(w[0].deliveries)) as f64
                     / (w[1].t - w[0].t).max(1e-3)) as u64,
+                ..w[1].clone()
             })
             .collect();
         h.push_str(&line_chart("deliveries per second", &rates, |s| s.deliveries as f64));
+        let lat: Vec<Sample> = self.timeline.iter().filter(|s| s.p99_ms > 0.0).cloned().collect();
+        h.push_str(&line_chart("publish → deliver p50 over time (ms)", &lat, |s| s.p50_ms));
+        h.push_str(&line_chart("publish → deliver p99 over time (ms)", &lat, |s| s.p99_ms));
         h.push_str("</body></html>");
         std::fs::write(path, h)
     }

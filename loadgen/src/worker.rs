@@ -208,6 +208,9 @@ struct Shared {
     published: AtomicU64,
     publish_errors: AtomicU64,
     quiet: AtomicBool,
+    /// Publish→deliver latency since the last progress line (µs), merged
+    /// from the threads' own windows every 250 ms.
+    window: Mutex<Option<Histogram<u64>>>,
     /// Clients connected right now (falls during a reconnect wave).
     online: AtomicU64,
     stop: AtomicBool,
@@ -219,12 +222,14 @@ struct Hists {
     upgrade: Histogram<u64>,
     connect: Histogram<u64>,
     latency: Histogram<u64>,
+    /// Latency since the thread last handed its window over.
+    window: Histogram<u64>,
 }
 
 impl Hists {
     fn new() -> Self {
         let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds");
-        Hists { upgrade: h(), connect: h(), latency: h() }
+        Hists { upgrade: h(), connect: h(), latency: h(), window: h() }
     }
 }
 
@@ -312,6 +317,9 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         while !done2.load(Ordering::Relaxed) {
             let s = &reporter_shared;
             let attempted = s.attempted.load(Ordering::Relaxed);
+            let window = s.window.lock().expect("window").take();
+            let (p50, p99, n) =
+                window.map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.len()));
             println!(
                 "{}",
                 serde_json::json!({"progress": {
@@ -321,6 +329,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                     "deliveries": s.deliveries.load(Ordering::Relaxed),
                     "reconnects": s.reconnects.load(Ordering::Relaxed),
                     "online": s.online.load(Ordering::Relaxed),
+                    "window": {"p50_us": p50, "p99_us": p99, "count": n},
                 }})
             );
             // Ready once every client has its connect answered (or gave up).
@@ -382,6 +391,26 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
         Rc::new(ThreadCtx { spec, shared, hists: RefCell::new(Hists::new()), zipf, live: Cell::new(0) });
     let start = Instant::now();
     let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
+    {
+        // Hands this thread's latency window to the reporter every 250 ms.
+        let ctx = ctx.clone();
+        monoio::spawn(async move {
+            while Instant::now() < deadline + Duration::from_secs(2) {
+                monoio::time::sleep(Duration::from_millis(250)).await;
+                let mut h = ctx.hists.borrow_mut();
+                if !h.window.is_empty() {
+                    let mut w = ctx.shared.window.lock().expect("window");
+                    match w.as_mut() {
+                        Some(acc) => {
+                            let _ = acc.add(&h.window);
+                        }
+                        None => *w = Some(h.window.clone()),
+                    }
+                    h.window.reset();
+                }
+            }
+        });
+    }
     for (n, i) in mine.into_iter().enumerate() {
         if per_thread_rate > 0.0 {
             let due = start + Duration::from_secs_f64(n as f64 / per_thread_rate);
@@ -831,7 +860,10 @@ fn check_pub(ctx: &ThreadCtx, s: &mut Subscription, p: &serde_json::Value) {
     let sh = &ctx.shared;
     sh.deliveries.fetch_add(1, Ordering::Relaxed);
     if let Some(ts) = p["data"]["ts"].as_u64() {
-        ctx.hists.borrow_mut().latency.saturating_record(unix_micros().saturating_sub(ts));
+        let us = unix_micros().saturating_sub(ts);
+        let mut h = ctx.hists.borrow_mut();
+        h.latency.saturating_record(us);
+        h.window.saturating_record(us);
     }
     let offset = p["offset"].as_u64().unwrap_or(0);
     if !s.positioned || offset == 0 {
