@@ -96,9 +96,13 @@ pub struct DemoArgs {
     /// Seconds of steady traffic (`soak`; publications = rate × duration).
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
-    /// `reconnect-wave`: crash the gateway (SIGKILL) instead of draining it (SIGTERM).
+    /// `reconnect-wave`: crash (SIGKILL) instead of draining (SIGTERM).
     #[arg(long)]
     pub kill: bool,
+    /// `reconnect-wave`: hit the router (then start it again) instead of a
+    /// gateway: gateways reconnect, subscribers resync (new epoch).
+    #[arg(long)]
+    pub router: bool,
     /// Source addresses 127.0.0.2, 127.0.0.3, … the clients bind to, each good
     /// for ~28k ports (0: enough for the connection count).
     #[arg(long, default_value_t = 0)]
@@ -173,6 +177,8 @@ struct Target {
 struct Cluster {
     _dir: TempDir,
     router: ServerProc,
+    /// The router's command line (a router wave restarts it).
+    router_args: Vec<String>,
     gateways: Vec<ServerProc>,
     ws_addr: SocketAddr,
     api_addr: SocketAddr,
@@ -194,25 +200,23 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     let quic = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
     let api_addr = SocketAddr::from(([127, 0, 0, 1], a.api_port.unwrap_or_else(orchestrate::free_port)));
     let certs = dir.0.to_string_lossy().into_owned();
-    let router = ServerProc::spawn(
+    let router_args: Vec<String> = [
         "router",
-        &[
-            "router",
-            "run",
-            "--id",
-            "router-1",
-            "--quic-listen",
-            &quic.to_string(),
-            "--api-listen",
-            &api_addr.to_string(),
-            "--api-key",
-            DEMO_API_KEY,
-            "--certs",
-            &certs,
-        ]
-        .map(String::from),
-        quiet,
-    )?;
+        "run",
+        "--id",
+        "router-1",
+        "--quic-listen",
+        &quic.to_string(),
+        "--api-listen",
+        &api_addr.to_string(),
+        "--api-key",
+        DEMO_API_KEY,
+        "--certs",
+        &certs,
+    ]
+    .map(String::from)
+    .to_vec();
+    let router = ServerProc::spawn("router", &router_args, quiet)?;
     let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
     let least = if kind == Scenario::ReconnectWave { 2 } else { 1 };
     let n = a.connections.div_ceil(MAX_PER_PROCESS).max(a.gateways).max(least);
@@ -260,7 +264,7 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     for admin in &admin_addrs {
         orchestrate::wait_ready(*admin, Duration::from_secs(60))?;
     }
-    Ok(Cluster { _dir: dir, router, gateways, ws_addr, api_addr, admin_addrs })
+    Ok(Cluster { _dir: dir, router, router_args, gateways, ws_addr, api_addr, admin_addrs })
 }
 
 fn demo_token(user: &str) -> String {
@@ -546,7 +550,7 @@ fn scenario(
     // Fan-out through the HTTP API, paced, timestamped.
     let mut api = ApiClient::new(target.api_addr, &target.api_key);
     let zipf = Zipf::new(channels.len(), a.zipf);
-    let mut tops: HashMap<String, u64> = HashMap::new();
+    let mut tops: HashMap<String, (u64, String)> = HashMap::new();
     let pb = bar(publications as u64, "publishing", a.json);
     let fan_start = Instant::now();
     let mut rng = rand::rng();
@@ -587,7 +591,7 @@ fn scenario(
                 &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "read": personal}}),
             )?;
             if let Some(off) = r["result"]["offset"].as_u64() {
-                tops.insert(ch, off);
+                tops.insert(ch, (off, r["result"]["epoch"].as_str().unwrap_or("").to_owned()));
             }
             personal += 1;
             if last_sample.elapsed() >= Duration::from_millis(250) {
@@ -607,7 +611,7 @@ fn scenario(
                 let ch = chat(w, k);
                 let r = api.call("history", &serde_json::json!({"channel": ch, "limit": 0}))?;
                 if let Some(off) = r["result"]["offset"].as_u64().filter(|o| *o > 0) {
-                    tops.insert(ch, off);
+                    tops.insert(ch, (off, r["result"]["epoch"].as_str().unwrap_or("").to_owned()));
                 }
             }
         }
@@ -623,21 +627,51 @@ fn scenario(
         {
             let online = totals(&workers).online;
             let at = Instant::now();
-            report.wave_at_secs = Some(start.elapsed().as_secs_f64());
-            report.phases.push((
-                if a.kill { "gateway killed" } else { "gateway drained" }.into(),
-                start.elapsed().as_secs_f64(),
-            ));
-            c.gateways[0].signal(if a.kill { libc::SIGKILL } else { libc::SIGTERM });
-            wave = Some(Wave { online_before: online, low: online, at, last_handshakes: None });
+            let t = start.elapsed().as_secs_f64();
+            report.wave_at_secs = Some(t);
+            let sig = if a.kill { libc::SIGKILL } else { libc::SIGTERM };
+            let verb = if a.kill { "killed" } else { "drained" };
+            if a.router {
+                // The router goes away and comes back on the same addresses:
+                // gateways reconnect and resubscribe; subscribers resync.
+                report.phases.push((format!("router {verb}"), t));
+                c.router.signal(sig);
+                c.router.wait(Duration::from_secs(30));
+                c.router = ServerProc::spawn("router", &c.router_args, true)?;
+                report.phases.push(("router restarted".into(), start.elapsed().as_secs_f64()));
+                // Back when every gateway is linked to the new router.
+                let back_by = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < back_by {
+                    let links = orchestrate::http_get(c.api_addr, "/metrics")
+                        .map_or(0, |m| orchestrate::metric_sum(&m, "switchyard_router_gateway_links"));
+                    if links >= c.gateways.len() as u64 {
+                        report.reconnect_secs = Some(at.elapsed().as_secs_f64());
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            } else {
+                report.phases.push((format!("gateway {verb}"), t));
+                c.gateways[0].signal(sig);
+                wave = Some(Wave { online_before: online, low: online, at, last_handshakes: None });
+            }
             sample(&workers, &mut report, &mut wave, &cluster);
         }
         let ch = &channels
             [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
-        let r = api
-            .call("publish", &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": i}}))?;
-        if let Some(off) = r["result"]["offset"].as_u64() {
-            tops.insert(ch.clone(), off);
+        // A publish the API refuses or cannot take (a router wave) is
+        // counted; it is not in the final positions the checker waits for.
+        match api
+            .call("publish", &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": i}}))
+        {
+            Ok(r) => match r["result"]["offset"].as_u64() {
+                Some(off) => {
+                    let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
+                    tops.insert(ch.clone(), (off, epoch));
+                }
+                None => report.api_errors += 1,
+            },
+            Err(_) => report.api_errors += 1,
         }
         pb.set_position(i as u64 + 1);
         if last_sample.elapsed() >= Duration::from_millis(250) {

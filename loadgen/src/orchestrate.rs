@@ -95,8 +95,9 @@ impl Worker {
         }
     }
 
-    /// Tells the worker to finish once its subscriptions reach `tops`.
-    pub fn stop(&mut self, tops: &HashMap<String, u64>) {
+    /// Tells the worker to finish once its subscriptions reach `tops`
+    /// (channel → final offset and its epoch).
+    pub fn stop(&mut self, tops: &HashMap<String, (u64, String)>) {
         if let Some(stdin) = self.stdin.as_mut() {
             let _ = writeln!(stdin, "{}", serde_json::json!({ "stop": tops }));
             let _ = stdin.flush();
@@ -143,6 +144,18 @@ impl ServerProc {
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) with a pid we own and a valid signal number.
         unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+    }
+
+    /// Waits (bounded) for the process to exit; its exit code if it did.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit code.

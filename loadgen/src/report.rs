@@ -115,6 +115,8 @@ pub struct RunReport {
     pub reconnect_secs: Option<f64>,
     /// Reconnect wave: the surviving gateways' peak handshake rate.
     pub peak_handshakes_per_sec: f64,
+    /// Publishes the HTTP API refused or could not take (a router wave).
+    pub api_errors: u64,
     /// Messages clients published (chat), and how many were refused.
     pub client_publications: u64,
     /// Client publishes refused by the server.
@@ -217,7 +219,7 @@ impl RunReport {
                 self.reconnect_secs.map_or("not all back".to_owned(), |s| format!("all back in {s:.1} s"));
             let _ = writeln!(
                 s,
-                "wave         gateway stopped at {at:.1} s; {} reconnects, {back}; survivors' peak {:.0} handshakes/s",
+                "wave         stopped at {at:.1} s; {} reconnects, {back}; survivors' peak {:.0} handshakes/s",
                 self.reconnects, self.peak_handshakes_per_sec
             );
         }
@@ -267,10 +269,11 @@ impl RunReport {
             (
                 "reconnect wave",
                 format!(
-                    "gateway stopped at {at:.1} s; {}; survivors' peak {:.0} handshakes/s",
+                    "stopped at {at:.1} s; {}; survivors' peak {:.0} handshakes/s; {} API publishes failed",
                     self.reconnect_secs
                         .map_or("not all back".to_owned(), |s| format!("all back in {s:.1} s")),
-                    self.peak_handshakes_per_sec
+                    self.peak_handshakes_per_sec,
+                    self.api_errors
                 ),
             )
         });

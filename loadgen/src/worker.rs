@@ -215,7 +215,8 @@ struct Shared {
     online: AtomicU64,
     stop: AtomicBool,
     behind: AtomicU64,
-    tops: Mutex<HashMap<String, u64>>,
+    /// Final position of each channel the orchestrator published to.
+    tops: Mutex<HashMap<String, (u64, String)>>,
 }
 
 struct Hists {
@@ -282,7 +283,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             {
                 let mut m = stdin_shared.tops.lock().expect("tops lock");
                 for (k, v) in tops {
-                    m.insert(k.clone(), v.as_u64().unwrap_or(0));
+                    let top = v[0].as_u64().unwrap_or(0);
+                    m.insert(k.clone(), (top, v[1].as_str().unwrap_or("").to_owned()));
                 }
                 drop(m);
                 stdin_shared.stop.store(true, Ordering::SeqCst);
@@ -532,6 +534,22 @@ struct Subscription {
     last: u64,
     positioned: bool,
     epoch: String,
+    /// Epochs the server explicitly moved this subscription off
+    /// (`recovered: false`): what they held after is not a silent loss.
+    left: Vec<String>,
+}
+
+impl Subscription {
+    /// Publications short of the final position `(top, epoch)`: in the same
+    /// epoch, the offsets not reached; in an epoch the server moved this
+    /// subscription off (it said so), none; in another epoch (a stream this
+    /// subscriber never heard of), all of them.
+    fn missed(&self, (top, epoch): &(u64, String)) -> Option<u64> {
+        if epoch.is_empty() || self.epoch.is_empty() || *epoch == self.epoch {
+            return (self.last < *top).then(|| top - self.last);
+        }
+        if self.left.contains(epoch) { None } else { Some(*top) }
+    }
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -616,7 +634,13 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     };
     let mut subs: Vec<Subscription> = names
         .into_iter()
-        .map(|channel| Subscription { channel, last: 0, positioned: false, epoch: String::new() })
+        .map(|channel| Subscription {
+            channel,
+            last: 0,
+            positioned: false,
+            epoch: String::new(),
+            left: Vec::new(),
+        })
         .collect();
     let mut ever_connected = false;
     let mut first = true;
@@ -646,12 +670,9 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     // Final accounting: anything short of the final offsets was lost.
     if sh.stop.load(Ordering::Relaxed) {
         let tops = sh.tops.lock().expect("tops").clone();
-        for s in &subs {
-            if let Some(top) = tops.get(&s.channel)
-                && s.positioned
-                && s.last < *top
-            {
-                sh.lost.fetch_add(top - s.last, Ordering::Relaxed);
+        for s in subs.iter().filter(|s| s.positioned) {
+            if let Some(missed) = tops.get(&s.channel).and_then(|t| s.missed(t)) {
+                sh.lost.fetch_add(missed, Ordering::Relaxed);
                 sh.behind.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -689,6 +710,8 @@ async fn session(
     let mut connected = false;
     let mut converged_since: Option<Instant> = None;
     let mut resubscribe: Vec<usize> = Vec::new();
+    let mut retry: Vec<usize> = Vec::new();
+    let mut retry_at = Instant::now();
     // Chat: client publishes use ids above the subscriptions'; the first
     // message goes out after a random part of the interval.
     let mut next_id = PUBLISH_IDS;
@@ -745,7 +768,10 @@ async fn session(
                             if let Some(r) = v.get("subscribe") {
                                 subscribed(ctx, &mut subs[id - 2], r);
                             } else if v["error"]["temporary"] == true {
-                                resubscribe.push(id - 2);
+                                // No router right now: try again shortly (jittered).
+                                retry.push(id - 2);
+                                retry_at = Instant::now()
+                                    + Duration::from_millis(rand::rng().random_range(250..750));
                             }
                         }
                     }
@@ -780,6 +806,9 @@ async fn session(
             let every = Duration::from_secs_f64(60.0 / chat.msgs_per_min.max(0.01));
             next_msg = Instant::now() + every.mul_f64(rand::rng().random_range(0.5..1.5));
         }
+        if !retry.is_empty() && Instant::now() >= retry_at {
+            resubscribe.append(&mut retry);
+        }
         if !resubscribe.is_empty() {
             let lines: Vec<String> = resubscribe.drain(..).map(|k| subscribe_cmd(2 + k, &subs[k])).collect();
             let (r, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
@@ -789,8 +818,9 @@ async fn session(
         }
         if sh.stop.load(Ordering::Relaxed) {
             let tops = sh.tops.lock().expect("tops").clone();
-            let behind =
-                subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.last < *t));
+            let behind = subs
+                .iter()
+                .any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.missed(t).is_some()));
             if !behind || Instant::now() > deadline {
                 break SessionEnd::Done;
             }
@@ -843,6 +873,9 @@ fn subscribed(ctx: &ThreadCtx, s: &mut Subscription, r: &serde_json::Value) {
     if recovering {
         // Explicit, not silent: the server said the gap cannot be filled.
         ctx.shared.unrecovered.fetch_add(1, Ordering::Relaxed);
+        if s.left.len() < 16 {
+            s.left.push(std::mem::take(&mut s.epoch));
+        }
     }
     s.last = r["offset"].as_u64().unwrap_or(0);
     s.epoch = r["epoch"].as_str().unwrap_or("").to_owned();

@@ -86,3 +86,25 @@ fn chat_day_with_client_messages_presence_and_read_state_loses_nothing() {
     let phases: Vec<&str> = v["phases"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
     assert_eq!(phases, ["storm", "chat", "settle"]);
 }
+
+#[test]
+fn router_crash_wave_is_explicit_resyncs_never_silent_loss() {
+    let v = loadgen_json(&[
+        "reconnect-wave",
+        "--router",
+        "--kill",
+        "--connections",
+        "200",
+        "--publications",
+        "60",
+        "--rate",
+        "20",
+    ]);
+    assert_eq!(
+        (v["lost"].as_u64(), v["duplicated"].as_u64(), v["reordered"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    // The new router has new epochs: subscribers are told, not left with a gap.
+    assert!(v["unrecovered"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["reconnect_secs"].as_f64().is_some(), "{v}");
+}
