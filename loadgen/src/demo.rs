@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
+use crate::publisher::{ClientPublisher, Publisher};
 use crate::report::{RunReport, Sample};
 use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
 use crate::zipf::Zipf;
@@ -107,6 +108,10 @@ pub struct DemoArgs {
     /// for ~28k ports (0: enough for the connection count).
     #[arg(long, default_value_t = 0)]
     pub source_ips: usize,
+    /// Fan-out publications as a client through the gateway (the client
+    /// `publish` command) instead of through the HTTP API.
+    #[arg(long)]
+    pub client_publish: bool,
     /// `chat`: workspaces.
     #[arg(long, default_value_t = 10)]
     pub workspaces: usize,
@@ -549,6 +554,12 @@ fn scenario(
 
     // Fan-out through the HTTP API, paced, timestamped.
     let mut api = ApiClient::new(target.api_addr, &target.api_key);
+    let mut publisher = if a.client_publish && publications > 0 {
+        let token = crate::worker::token(&target.secret, "loadgen-publisher");
+        Publisher::Client(ClientPublisher::connect(target.ws_addr, &token, &channels)?)
+    } else {
+        Publisher::Api(ApiClient::new(target.api_addr, &target.api_key))
+    };
     let zipf = Zipf::new(channels.len(), a.zipf);
     let mut tops: HashMap<String, (u64, String)> = HashMap::new();
     let pb = bar(publications as u64, "publishing", a.json);
@@ -661,17 +672,11 @@ fn scenario(
             [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
         // A publish the API refuses or cannot take (a router wave) is
         // counted; it is not in the final positions the checker waits for.
-        match api
-            .call("publish", &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": i}}))
-        {
-            Ok(r) => match r["result"]["offset"].as_u64() {
-                Some(off) => {
-                    let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
-                    tops.insert(ch.clone(), (off, epoch));
-                }
-                None => report.api_errors += 1,
-            },
-            Err(_) => report.api_errors += 1,
+        match publisher.publish(ch, serde_json::json!({"ts": unix_micros(), "seq": i})) {
+            Ok((offset, epoch)) if offset > 0 => {
+                tops.insert(ch.clone(), (offset, epoch));
+            }
+            _ => report.api_errors += 1,
         }
         pb.set_position(i as u64 + 1);
         if last_sample.elapsed() >= Duration::from_millis(250) {

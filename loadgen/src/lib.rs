@@ -16,6 +16,8 @@
 //!   (steady fan-out for `--duration`) and `chat` (a Slack-like day).
 //!   Clients reconnect with full-jitter backoff and resubscribe with
 //!   recovery, as the SDKs do.
+//! - [`publisher`]: fan-out publications through the HTTP API or, with
+//!   `--client-publish`, as a client through a gateway.
 //! - [`report`]: terminal table, `--json`, HTML report.
 //! - [`zipf`]: Zipf-distributed channel sizes.
 //!
@@ -26,6 +28,7 @@
 
 pub mod demo;
 pub mod orchestrate;
+pub mod publisher;
 pub mod report;
 pub mod worker;
 pub mod zipf;

@@ -261,7 +261,8 @@ fn cpu_secs() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-fn token(secret: &str, user: &str) -> String {
+/// An HS256 connection token for `user`.
+pub fn token(secret: &str, user: &str) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &serde_json::json!({"sub": user}),

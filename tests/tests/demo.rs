@@ -108,3 +108,23 @@ fn router_crash_wave_is_explicit_resyncs_never_silent_loss() {
     assert!(v["unrecovered"].as_u64().unwrap() > 0, "{v}");
     assert!(v["reconnect_secs"].as_f64().is_some(), "{v}");
 }
+
+#[test]
+fn fanout_with_a_client_publisher_through_the_gateway() {
+    let v = loadgen_json(&[
+        "fanout",
+        "--client-publish",
+        "--connections",
+        "200",
+        "--publications",
+        "40",
+        "--rate",
+        "40",
+    ]);
+    assert_eq!(
+        (v["lost"].as_u64(), v["duplicated"].as_u64(), v["reordered"].as_u64()),
+        (Some(0), Some(0), Some(0))
+    );
+    assert_eq!(v["api_errors"], 0, "every client publish was accepted: {v}");
+    assert!(v["deliveries"].as_u64().unwrap() >= 40, "{v}");
+}
