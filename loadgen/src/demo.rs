@@ -673,10 +673,11 @@ fn scenario(
         // A publish the API refuses or cannot take (a router wave) is
         // counted; it is not in the final positions the checker waits for.
         match publisher.publish(ch, serde_json::json!({"ts": unix_micros(), "seq": i})) {
-            Ok((offset, epoch)) if offset > 0 => {
+            Ok(Some((offset, epoch))) => {
                 tops.insert(ch.clone(), (offset, epoch));
             }
-            _ => report.api_errors += 1,
+            Ok(None) => {}
+            Err(_) => report.api_errors += 1,
         }
         pb.set_position(i as u64 + 1);
         if last_sample.elapsed() >= Duration::from_millis(250) {
@@ -685,6 +686,14 @@ fn scenario(
         }
     }
     pb.finish_and_clear();
+    if matches!(publisher, Publisher::Client(_)) {
+        for ch in &channels {
+            let r = api.call("history", &serde_json::json!({"channel": ch, "limit": 0}))?;
+            if let Some(off) = r["result"]["offset"].as_u64().filter(|o| *o > 0) {
+                tops.insert(ch.clone(), (off, r["result"]["epoch"].as_str().unwrap_or("").to_owned()));
+            }
+        }
+    }
     // A wave's curve goes on until everyone is back (bounded).
     let back_by = Instant::now() + Duration::from_secs(120);
     while wave.is_some() && report.reconnect_secs.is_none() && Instant::now() < back_by {

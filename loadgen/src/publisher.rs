@@ -12,7 +12,9 @@ use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
 
 use crate::orchestrate::ApiClient;
 
-/// A publisher; each publish answers the publication's `(offset, epoch)`.
+/// A publisher. The HTTP API answers a publication's `(offset, epoch)`; a
+/// client publish is answered with an empty result (as in Centrifugo), so
+/// the final positions then come from `history` with `limit: 0`.
 pub enum Publisher {
     /// Through the HTTP API.
     Api(ApiClient),
@@ -21,8 +23,12 @@ pub enum Publisher {
 }
 
 impl Publisher {
-    /// Publishes `data` to `channel`.
-    pub fn publish(&mut self, channel: &str, data: serde_json::Value) -> anyhow::Result<(u64, String)> {
+    /// Publishes `data` to `channel`; its position when the path tells it.
+    pub fn publish(
+        &mut self,
+        channel: &str,
+        data: serde_json::Value,
+    ) -> anyhow::Result<Option<(u64, String)>> {
         let result = match self {
             Publisher::Api(api) => {
                 let r = api.call("publish", &serde_json::json!({"channel": channel, "data": data}))?;
@@ -32,8 +38,9 @@ impl Publisher {
                 c.call(serde_json::json!({"publish": {"channel": channel, "data": data}}))?
             }
         };
-        let offset = result["offset"].as_u64().unwrap_or(0);
-        Ok((offset, result["epoch"].as_str().unwrap_or("").to_owned()))
+        Ok(result["offset"]
+            .as_u64()
+            .map(|offset| (offset, result["epoch"].as_str().unwrap_or("").to_owned())))
     }
 }
 
