@@ -42,6 +42,14 @@ pub enum UpMsg {
         /// The message.
         msg: ClusterMsg,
     },
+    /// A core's answer to [`DownMsg::Reannounce`]: a user online or a join
+    /// it holds, sent again only where the key's owner changed.
+    Replay {
+        /// Rendezvous key deciding the router.
+        key: String,
+        /// `UserOnline` or `Join`.
+        msg: ClusterMsg,
+    },
 }
 
 /// Uplink → core.
@@ -69,6 +77,10 @@ pub enum DownMsg {
     },
     /// The answer to a [`UpMsg::Request`].
     Response(ClusterMsg),
+    /// Routers came or went: send [`UpMsg::Replay`] for every connected
+    /// user and every presence subscription, so presence follows its keys
+    /// to their new owners.
+    Reannounce,
     /// Subscribers of `channel` may have missed publications (link loss, a
     /// gap, router back-pressure): they must resubscribe and recover.
     Resync {

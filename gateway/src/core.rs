@@ -615,6 +615,33 @@ impl Core {
                 }
             }
             DownMsg::Response(msg) => self.response(msg),
+            DownMsg::Reannounce => self.reannounce(),
+        }
+    }
+
+    /// Replays this core's presence facts (users online, joins) to the
+    /// uplink, which forwards those whose owner changed.
+    fn reannounce(&self) {
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        for s in sessions.iter().filter(|s| s.connected.get()) {
+            let (user, client) = (s.user.borrow().clone(), s.client.borrow().clone());
+            let key = self.cfg.namespaces.presence_channel(&user);
+            let msg = ClusterMsg::UserOnline { user: user.clone(), client: client.clone() };
+            let _ = self.up.try_send(UpMsg::Replay { key, msg });
+            let channels: Vec<Arc<str>> = s.subs.borrow().keys().cloned().collect();
+            for channel in channels {
+                if !self.cfg.namespaces.resolve_str(&channel).is_ok_and(|ns| ns.presence || ns.join_leave) {
+                    continue;
+                }
+                let info = client_info(&user, &client, s.conn_info.borrow().as_deref(), None);
+                let msg = ClusterMsg::Join {
+                    channel: channel.to_string(),
+                    client: client.clone(),
+                    user: user.clone(),
+                    info,
+                };
+                let _ = self.up.try_send(UpMsg::Replay { key: channel.to_string(), msg });
+            }
         }
     }
 

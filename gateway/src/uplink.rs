@@ -68,6 +68,10 @@ struct Uplink {
     links: Vec<Option<mpsc::Sender<ClusterMsg>>>,
     /// Routers that announced a drain: connected, but owning nothing new.
     draining: Vec<bool>,
+    /// Which routers were live before the last change of the live set: a
+    /// replayed presence fact goes to its key's new owner only if the owner
+    /// changed (and is withdrawn from the old one if that one is still up).
+    live_before: Option<Vec<bool>>,
     channels: HashMap<String, Route>,
     cores: Vec<flume::Sender<DownMsg>>,
     metrics: Arc<Metrics>,
@@ -124,6 +128,7 @@ pub fn spawn(
                 routers: cfg.routers.iter().map(|a| a.to_string()).collect(),
                 links: vec![None; cfg.routers.len()],
                 draining: vec![false; cfg.routers.len()],
+                live_before: None,
                 channels: HashMap::new(),
                 cores,
                 metrics,
@@ -222,6 +227,29 @@ impl Uplink {
                     self.send_to(o, msg);
                 }
             }
+            UpMsg::Replay { key, msg } => {
+                let Some(before) = &self.live_before else { return };
+                let old = ranked(&key, &self.routers).into_iter().find(|i| before[*i]);
+                let new = self.owner(&key);
+                if old == new {
+                    return;
+                }
+                if let Some(o) = old.filter(|o| self.live(*o)) {
+                    let withdraw = match &msg {
+                        ClusterMsg::UserOnline { user, client } => {
+                            ClusterMsg::UserOffline { user: user.clone(), client: client.clone() }
+                        }
+                        ClusterMsg::Join { channel, client, .. } => {
+                            ClusterMsg::Leave { channel: channel.clone(), client: client.clone() }
+                        }
+                        _ => return,
+                    };
+                    self.send_to(o, withdraw);
+                }
+                if let Some(n) = new {
+                    self.send_to(n, msg);
+                }
+            }
         }
     }
 
@@ -258,7 +286,26 @@ impl Uplink {
         }
     }
 
+    /// Remembers the live set before a change; after it, the cores replay
+    /// their presence facts (see [`UpMsg::Replay`]).
+    fn live_set(&self) -> Vec<bool> {
+        (0..self.routers.len()).map(|i| self.live(i)).collect()
+    }
+
+    fn reannounce(&mut self, before: Vec<bool>) {
+        if before != self.live_set() {
+            self.live_before = Some(before);
+            self.to_cores(u64::MAX, &DownMsg::Reannounce);
+        }
+    }
+
     fn event(&mut self, ev: Event) {
+        let before = self.live_set();
+        self.handle_event(ev);
+        self.reannounce(before);
+    }
+
+    fn handle_event(&mut self, ev: Event) {
         match ev {
             Event::Up(i, tx) => {
                 tracing::info!(router = %self.routers[i], "router link up");

@@ -59,7 +59,8 @@ pub struct RouterConfig {
     /// Seconds between heartbeats on each link (default 5).
     pub heartbeat_secs: u64,
     /// Seconds of silence after which a gateway is evicted and its users
-    /// enter the presence grace period (default 15).
+    /// enter the presence grace period (default 15; at least 5, as gateways
+    /// heartbeat every 2 s).
     pub evict_secs: u64,
     /// Presence grace period in seconds (default 15).
     pub presence_grace_secs: u64,
@@ -116,7 +117,7 @@ impl RouterConfig {
 
     /// Eviction timeout.
     pub fn evict_after(&self) -> Duration {
-        Duration::from_secs(self.evict_secs.max(2))
+        Duration::from_secs(self.evict_secs.max(5))
     }
 }
 

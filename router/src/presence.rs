@@ -8,7 +8,7 @@
 //! the user flap offline and online for everyone who shows them. Pure state:
 //! time is an argument and [`UserPresence::expire`] is driven by a timer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,15 +24,17 @@ pub enum PresenceChange {
 
 #[derive(Debug, Default)]
 struct UserState {
-    /// Connections per gateway link.
-    per_gateway: HashMap<u32, u32>,
+    /// Connections (client ids) per gateway link. A set, so that a gateway
+    /// announcing a connection again (after routers came or went) is
+    /// harmless.
+    per_gateway: HashMap<u32, HashSet<String>>,
     /// When the grace period ends, if one is running.
     grace_until: Option<Instant>,
 }
 
 impl UserState {
-    fn total(&self) -> u32 {
-        self.per_gateway.values().sum()
+    fn total(&self) -> usize {
+        self.per_gateway.values().map(HashSet::len).sum()
     }
 }
 
@@ -67,21 +69,21 @@ impl UserPresence {
         self.users.contains_key(user)
     }
 
-    /// A connection of `user` came up on `gateway`.
-    pub fn connect(&mut self, user: &str, gateway: u32) -> Option<PresenceChange> {
+    /// Connection `client` of `user` came up on `gateway` (again: no effect).
+    pub fn connect(&mut self, user: &str, client: &str, gateway: u32) -> Option<PresenceChange> {
         let state = self.users.entry(user.to_owned()).or_default();
         let was_known = state.total() > 0 || state.grace_until.is_some();
         state.grace_until = None;
-        *state.per_gateway.entry(gateway).or_default() += 1;
+        state.per_gateway.entry(gateway).or_default().insert(client.to_owned());
         (!was_known).then(|| PresenceChange::Online(user.to_owned()))
     }
 
-    /// A connection of `user` on `gateway` went away.
-    pub fn disconnect(&mut self, user: &str, gateway: u32, now: Instant) {
+    /// Connection `client` of `user` on `gateway` went away.
+    pub fn disconnect(&mut self, user: &str, client: &str, gateway: u32, now: Instant) {
         let Some(state) = self.users.get_mut(user) else { return };
-        if let Some(n) = state.per_gateway.get_mut(&gateway) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        if let Some(clients) = state.per_gateway.get_mut(&gateway) {
+            clients.remove(client);
+            if clients.is_empty() {
                 state.per_gateway.remove(&gateway);
             }
         }
@@ -103,9 +105,9 @@ impl UserPresence {
             .map(|(u, _)| u.clone())
             .collect();
         for user in users {
-            let n = self.users[&user].per_gateway[&gateway];
-            for _ in 0..n {
-                self.disconnect(&user, gateway, now);
+            let clients: Vec<String> = self.users[&user].per_gateway[&gateway].iter().cloned().collect();
+            for client in clients {
+                self.disconnect(&user, &client, gateway, now);
             }
         }
     }
@@ -194,11 +196,13 @@ mod tests {
     fn several_devices_are_one_user() {
         let t = Instant::now();
         let mut p = UserPresence::new(GRACE);
-        assert_eq!(p.connect("42", 1), Some(PresenceChange::Online("42".into())));
-        assert_eq!(p.connect("42", 2), None);
-        p.disconnect("42", 1, t);
+        assert_eq!(p.connect("42", "a", 1), Some(PresenceChange::Online("42".into())));
+        assert_eq!(p.connect("42", "b", 2), None);
+        // Announced again (routers changed): still one connection there.
+        assert_eq!(p.connect("42", "a", 1), None);
+        p.disconnect("42", "a", 1, t);
         assert!(p.expire(t + GRACE * 2).is_empty(), "still online on gateway 2");
-        p.disconnect("42", 2, t);
+        p.disconnect("42", "b", 2, t);
         assert!(p.expire(t + GRACE - Duration::from_millis(1)).is_empty());
         assert_eq!(p.expire(t + GRACE), vec![PresenceChange::Away("42".into())]);
         assert!(p.is_empty());
@@ -208,15 +212,15 @@ mod tests {
     fn reconnect_within_grace_does_not_flap() {
         let t = Instant::now();
         let mut p = UserPresence::new(GRACE);
-        p.connect("7", 1);
+        p.connect("7", "a", 1);
         p.gateway_lost(1, t);
         assert!(p.is_online("7"));
         // Comes back on another gateway 5 s later: no Online change, no Away later.
-        assert_eq!(p.connect("7", 2), None);
+        assert_eq!(p.connect("7", "b", 2), None);
         assert!(p.expire(t + GRACE * 3).is_empty());
         // Leaves again: a fresh grace period from the new time.
         let t2 = t + Duration::from_secs(100);
-        p.disconnect("7", 2, t2);
+        p.disconnect("7", "b", 2, t2);
         assert!(p.expire(t2 + Duration::from_secs(14)).is_empty());
         assert_eq!(p.expire(t2 + GRACE), vec![PresenceChange::Away("7".into())]);
         assert_eq!(p.next_deadline(), None);

@@ -390,12 +390,14 @@ impl Shard {
                 };
                 self.send(gw, answer);
             }
-            ClusterMsg::UserOnline { user, .. } if !user.is_empty() => {
-                if let Some(change) = self.users.connect(&user, gw) {
+            ClusterMsg::UserOnline { user, client } if !user.is_empty() => {
+                if let Some(change) = self.users.connect(&user, &client, gw) {
                     self.publish_presence(change, now);
                 }
             }
-            ClusterMsg::UserOffline { user, .. } if !user.is_empty() => self.users.disconnect(&user, gw, now),
+            ClusterMsg::UserOffline { user, client } if !user.is_empty() => {
+                self.users.disconnect(&user, &client, gw, now)
+            }
             ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {}
             ClusterMsg::Join { channel, client, user, info } => {
                 if self.join_leave(&channel) {
