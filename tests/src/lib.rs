@@ -382,10 +382,16 @@ pub struct Ws {
 impl Ws {
     /// Upgrades a connection; `Err` carries a refusal (status, Retry-After).
     pub fn connect(addr: SocketAddr, path: &str) -> Result<Ws, ClientHandshakeError> {
+        Self::connect_with(addr, path, false)
+    }
+
+    /// Like [`connect`](Self::connect), offering permessage-deflate when
+    /// `deflate` (the caller then sends compressed frames by hand).
+    pub fn connect_with(addr: SocketAddr, path: &str, deflate: bool) -> Result<Ws, ClientHandshakeError> {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream.set_nodelay(true).unwrap();
-        let (req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], false);
+        let (req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], deflate);
         stream.write_all(&req).unwrap();
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 4096];

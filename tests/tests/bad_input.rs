@@ -192,27 +192,99 @@ fn limits_config() -> String {
 }
 
 #[test]
-fn storm_admission_answers_503_with_retry_after() {
+fn storm_admission_answers_503_with_retry_after_and_established_sessions_keep_receiving() {
     let p = std::env::temp_dir().join(format!("sy-adm-{}.toml", std::process::id()));
-    std::fs::write(&p, "[admission]\naccept_rate = 0.001\naccept_burst = 3\nretry_after_min_secs = 2\nretry_after_max_secs = 4\n").unwrap();
+    std::fs::write(
+        &p,
+        "[admission]\naccept_rate = 1.0\naccept_burst = 3\nretry_after_min_secs = 1\nretry_after_max_secs = 2\n",
+    )
+    .unwrap();
     let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
-    // The harness runs 2 cores (burst 3 each) and its readiness probe used a
-    // token: of 10 new connections at most 5 are admitted.
+    // An established subscriber, connected before the storm.
+    std::thread::sleep(Duration::from_secs(3)); // the buckets refill after the readiness probe
+    let mut old = connected(&c, "established");
+    assert!(old.call(json!({"subscribe": {"channel": "chat:storm"}})).get("error").is_none());
+    // The storm: 2 cores × burst 3 admitted at once, the rest refused with
+    // a jittered Retry-After within the configured bounds.
     let mut admitted = Vec::new();
-    let mut refused = 0;
-    for _ in 0..10 {
+    let mut retry: Vec<u32> = Vec::new();
+    for _ in 0..20 {
         match Ws::connect(c.ws_addrs[0], "/connection/websocket") {
             Ok(ws) => admitted.push(ws),
             Err(ClientHandshakeError::Rejected { status: 503, retry_after }) => {
                 let r = retry_after.expect("Retry-After");
-                assert!((2..=4).contains(&r), "{r}");
-                refused += 1;
+                assert!((1..=2).contains(&r), "{r}");
+                retry.push(r);
             }
             Err(e) => panic!("{e}"),
         }
     }
-    assert!(refused >= 5, "refused {refused}");
-    assert!(!admitted.is_empty());
+    assert!(retry.len() >= 10, "refused {}", retry.len());
+    // Meanwhile the established session keeps receiving.
+    for i in 0..3 {
+        let (st, body) = c.api(0, "publish", &json!({"channel": "chat:storm", "data": {"i": i}}));
+        assert_eq!(st, 200, "{body}");
+        assert_eq!(old.next_pub().expect("delivered during the storm")["push"]["pub"]["offset"], i + 1);
+    }
+    // Every refused client that honours Retry-After gets in later.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while let Some(wait) = retry.iter().max().copied() {
+        std::thread::sleep(Duration::from_secs(wait as u64));
+        for _ in std::mem::take(&mut retry) {
+            match Ws::connect(c.ws_addrs[0], "/connection/websocket") {
+                Ok(ws) => admitted.push(ws),
+                Err(ClientHandshakeError::Rejected { status: 503, retry_after }) => {
+                    retry.push(retry_after.unwrap())
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(std::time::Instant::now() < end, "refused clients never got in");
+    }
+    assert_eq!(admitted.len(), 20);
     let m = c.metrics(0);
-    assert!(e2e::metric(&m, "switchyard_gateway_admission_rejections_total") >= 3, "{m}");
+    assert!(e2e::metric(&m, "switchyard_gateway_admission_rejections_total") >= 10, "{m}");
+}
+
+#[test]
+fn a_decompression_bomb_is_closed_with_1009_and_harms_nobody() {
+    use std::io::Write;
+    let c = Cluster::start(1, 1, &["--deflate"]);
+    let mut bystander = connected(&c, "bystander");
+    assert!(bystander.call(json!({"subscribe": {"channel": "chat:bomb"}})).get("error").is_none());
+    let mut ws = Ws::connect_with(c.ws_addrs[0], "/connection/websocket", true).expect("upgrade");
+    // 16 MiB of spaces deflate to ~16 KiB (a frame well within the limit)
+    // and would inflate far past the 64 KiB message limit.
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![b' '; 1 << 20];
+    for _ in 0..16 {
+        z.write_all(&zeros).unwrap();
+    }
+    z.flush().unwrap(); // a sync flush ends with 00 00 ff ff, which RFC 7692 drops
+    let mut payload = z.get_ref().clone();
+    assert!(payload.ends_with(&[0, 0, 0xff, 0xff]));
+    payload.truncate(payload.len() - 4);
+    assert!(payload.len() < 32 * 1024, "{}", payload.len());
+    let mask: [u8; 4] = rand::random();
+    // FIN + RSV1 (compressed) + text, masked, with the minimal length encoding.
+    let mut frame = vec![0x80 | 0x40 | 0x1];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    ws.send_raw(&frame);
+    assert_eq!(ws.expect_close(), Some(1009));
+    // The bystander is unaffected.
+    let (st, body) = c.api(0, "publish", &json!({"channel": "chat:bomb", "data": {"ok": true}}));
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(bystander.next_pub().unwrap()["push"]["pub"]["data"]["ok"], true);
 }
