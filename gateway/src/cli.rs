@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 
 /// `gateway` command line.
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "Switchyard WebSocket gateway")]
+#[command(name = "gateway", version, about = "Switchyard WebSocket gateway", args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

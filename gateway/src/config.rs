@@ -40,6 +40,11 @@ pub struct Limits {
     pub publish_rate: f64,
     /// Publish burst per connection.
     pub publish_burst: u32,
+    /// Publishes per second per user on one core, over all of the user's
+    /// connections there (default 100, burst 200; above: error 111).
+    pub user_publish_rate: f64,
+    /// Publish burst per user.
+    pub user_publish_burst: u32,
     /// Refused publishes tolerated before the connection is closed with 3013 (default 50).
     pub max_refusals: u32,
     /// Seconds one write may block on a client that does not read (default 1,
@@ -63,6 +68,8 @@ impl Default for Limits {
             max_subscriptions: 128,
             publish_rate: 50.0,
             publish_burst: 100,
+            user_publish_rate: 100.0,
+            user_publish_burst: 200,
             max_refusals: 50,
             write_timeout_secs: 1,
             handshake_timeout_secs: 10,

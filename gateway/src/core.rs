@@ -73,6 +73,8 @@ pub struct Core {
     next_req: Cell<u64>,
     next_session: Cell<u64>,
     scratch: RefCell<Vec<BytesMut>>,
+    /// Publish buckets of the users publishing through this core.
+    user_buckets: RefCell<HashMap<String, TokenBucket>>,
     /// The core's pooled inflater (permessage-deflate resets it per message).
     pub inflater: RefCell<Inflater>,
     admission: RefCell<TokenBucket>,
@@ -107,6 +109,7 @@ impl Core {
             next_session: Cell::new(1),
             scratch: RefCell::new(Vec::new()),
             inflater: RefCell::new(Inflater::new()),
+            user_buckets: RefCell::new(HashMap::new()),
             admission: RefCell::new(admission),
             handshakes: Cell::new(0),
             draining: Cell::new(false),
@@ -423,8 +426,9 @@ impl Core {
             }
             _ => {}
         }
-        let allowed = s.publish_bucket.borrow_mut().as_mut().is_none_or(|b| b.try_take(1, Instant::now()));
-        if !allowed {
+        let now = Instant::now();
+        let allowed = s.publish_bucket.borrow_mut().as_mut().is_none_or(|b| b.try_take(1, now));
+        if !allowed || !self.user_may_publish(&s.user.borrow(), now) {
             return Err(ReplyError::TOO_MANY_REQUESTS);
         }
         let data = strip_newlines(data.get().as_bytes());
@@ -617,6 +621,27 @@ impl Core {
             DownMsg::Response(msg) => self.response(msg),
             DownMsg::Reannounce => self.reannounce(),
         }
+    }
+
+    /// The per-user publish bucket (all of the user's connections on this
+    /// core). Bounded: at [`MAX_USER_BUCKETS`] the buckets that refilled
+    /// completely (idle users) are dropped; if none is, the user is refused.
+    fn user_may_publish(&self, user: &str, now: Instant) -> bool {
+        if user.is_empty() {
+            return true; // anonymous connections have only their own bucket
+        }
+        let lim = &self.cfg.limits;
+        let mut buckets = self.user_buckets.borrow_mut();
+        if !buckets.contains_key(user) && buckets.len() >= MAX_USER_BUCKETS {
+            buckets.retain(|_, b| !b.is_full(now));
+            if buckets.len() >= MAX_USER_BUCKETS {
+                return false;
+            }
+        }
+        buckets
+            .entry(user.to_owned())
+            .or_insert_with(|| TokenBucket::new(lim.user_publish_rate, lim.user_publish_burst, now))
+            .try_take(1, now)
     }
 
     /// Replays this core's presence facts (users online, joins) to the
@@ -921,6 +946,9 @@ impl Core {
         }
     }
 }
+
+/// Users with a publish bucket on one core at most.
+pub const MAX_USER_BUCKETS: usize = 65_536;
 
 /// Why a subscribe was refused.
 enum SubscribeRefusal {

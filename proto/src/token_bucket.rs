@@ -27,6 +27,13 @@ impl TokenBucket {
         self.tokens = (self.tokens + elapsed * self.rate_per_sec).min(self.burst);
     }
 
+    /// Whether the bucket has refilled completely (an idle user's bucket can
+    /// be dropped and recreated full without changing anything).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+
     /// Takes `n` tokens if they are there.
     pub fn try_take(&mut self, n: u32, now: Instant) -> bool {
         self.refill(now);

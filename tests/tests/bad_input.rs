@@ -181,6 +181,35 @@ fn limits_answer_with_their_codes() {
     assert_eq!(closed, Some(3013));
 }
 
+#[test]
+fn the_per_user_publish_rate_spans_the_users_connections() {
+    let p = std::env::temp_dir().join(format!("sy-user-limits-{}.toml", std::process::id()));
+    std::fs::write(
+        &p,
+        "[limits]\npublish_rate = 0.1\npublish_burst = 10\nuser_publish_rate = 0.1\nuser_publish_burst = 4\n",
+    )
+    .unwrap();
+    // One core, so both connections share it (per-user buckets are per core).
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap(), "--cores", "1"]);
+    let mut a = connected(&c, "chatty");
+    let mut b = connected(&c, "chatty");
+    let mut other = connected(&c, "quiet");
+    for ws in [&mut a, &mut b, &mut other] {
+        assert!(ws.call(json!({"subscribe": {"channel": "typing:x"}})).get("error").is_none());
+    }
+    let mut codes = Vec::new();
+    for i in 0..6 {
+        let ws = if i % 2 == 0 { &mut a } else { &mut b };
+        let r = ws.call(json!({"publish": {"channel": "typing:x", "data": {}}}));
+        codes.push(r["error"]["code"].as_u64().unwrap_or(0));
+    }
+    // Four between the two connections (each alone could send ten), then 111.
+    assert_eq!(codes, [0, 0, 0, 0, 111, 111], "{codes:?}");
+    // Another user is not affected.
+    let r = other.call(json!({"publish": {"channel": "typing:x", "data": {}}}));
+    assert!(r.get("error").is_none(), "{r}");
+}
+
 fn limits_config() -> String {
     let p = std::env::temp_dir().join(format!("sy-limits-{}.toml", std::process::id()));
     std::fs::write(
