@@ -108,6 +108,11 @@ pub struct DemoArgs {
     /// for ~28k ports (0: enough for the connection count).
     #[arg(long, default_value_t = 0)]
     pub source_ips: usize,
+    /// `fanout`: while publishing, a storm of this many new connections (at
+    /// `--storm-rate`, subscribed to a channel nobody publishes to), to see
+    /// what a storm does to the established subscribers' latency.
+    #[arg(long, default_value_t = 0)]
+    pub storm_during: usize,
     /// Fan-out publications as a client through the gateway (the client
     /// `publish` command) instead of through the HTTP API.
     #[arg(long)]
@@ -495,6 +500,7 @@ fn scenario(
     let gw_rss0 = gw_rss(&cluster);
     let procs = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
     let mut workers = Vec::new();
+    let mut specs: Vec<WorkerSpec> = Vec::new();
     let start = Instant::now();
     for p in 0..procs {
         let first = p * a.connections / procs;
@@ -526,6 +532,7 @@ fn scenario(
             }),
         };
         workers.push(Worker::spawn(&spec)?);
+        specs.push(spec);
     }
     report.phases.push(("storm".into(), 0.0));
     let pb = bar(a.connections as u64, "connecting", a.json);
@@ -585,6 +592,26 @@ fn scenario(
     };
     if publications > 0 {
         report.phases.push(("fan-out".into(), start.elapsed().as_secs_f64()));
+    }
+    // A storm of other clients during the fan-out, if asked for.
+    let mut stormers = Vec::new();
+    if a.storm_during > 0 && publications > 0 {
+        report.phases.push(("storm during fan-out".into(), start.elapsed().as_secs_f64()));
+        let procs = a.storm_during.div_ceil(MAX_PER_PROCESS);
+        for p in 0..procs {
+            let first = p * a.storm_during / procs;
+            let n = (p + 1) * a.storm_during / procs - first;
+            let spec = WorkerSpec {
+                connections: n,
+                first_index: a.connections + first,
+                rate: a.storm_rate / procs as f64,
+                channels: vec!["chat:storm-bystanders".into()],
+                subs_per_conn: 1,
+                chat: None,
+                ..specs[0].clone()
+            };
+            stormers.push(Worker::spawn(&spec)?);
+        }
     }
     if kind == Scenario::Chat {
         report.phases.push(("chat".into(), start.elapsed().as_secs_f64()));
@@ -701,9 +728,16 @@ fn scenario(
         sample(&workers, &mut report, &mut wave, &cluster);
     }
     report.phases.push(("settle".into(), start.elapsed().as_secs_f64()));
-    for w in workers.iter_mut() {
+    for w in workers.iter_mut().chain(stormers.iter_mut()) {
         w.stop(&tops);
     }
+    for w in stormers {
+        if let Some(s) = w.finish(Duration::from_secs(60)) {
+            report.storm_during_connected += s.connected;
+            report.storm_during_rejected += s.rejected;
+        }
+    }
+    report.storm_during = a.storm_during as u64;
     let mut summaries = Vec::new();
     for w in workers {
         if let Some(s) = w.finish(Duration::from_secs(60)) {

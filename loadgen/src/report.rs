@@ -115,6 +115,13 @@ pub struct RunReport {
     pub reconnect_secs: Option<f64>,
     /// Reconnect wave: the surviving gateways' peak handshake rate.
     pub peak_handshakes_per_sec: f64,
+    /// `--storm-during`: new connections asked for during the fan-out, how
+    /// many got in, and how many 503s they were answered (and retried).
+    pub storm_during: u64,
+    /// Storm-during clients connected.
+    pub storm_during_connected: u64,
+    /// Storm-during 503s.
+    pub storm_during_rejected: u64,
     /// Publishes the HTTP API refused or could not take (a router wave).
     pub api_errors: u64,
     /// Messages clients published (chat), and how many were refused.
@@ -186,6 +193,13 @@ impl RunReport {
                 s,
                 "chat         {} messages from clients ({} refused)",
                 self.client_publications, self.publish_errors
+            );
+        }
+        if self.storm_during > 0 {
+            let _ = writeln!(
+                s,
+                "storm during {} of {} new clients connected during the fan-out ({} 503s, retried)",
+                self.storm_during_connected, self.storm_during, self.storm_during_rejected
             );
         }
         if !self.phases.is_empty() {
