@@ -157,3 +157,34 @@ mod tests {
         assert_eq!(v.subscription(&bound, "chat:x", "42", "c2").unwrap_err(), TokenError::Invalid);
     }
 }
+
+/// The `sub` claim of a JWT, read WITHOUT verifying it: only to pick the
+/// core the connection should live on (the token is verified there). `None`
+/// for anything that is not a readable JWT with a string `sub`.
+pub fn peek_user(token: &str) -> Option<String> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    if payload.len() > 8192 {
+        return None;
+    }
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    #[derive(serde::Deserialize)]
+    struct Sub {
+        sub: String,
+    }
+    serde_json::from_slice::<Sub>(&raw).ok().map(|s| s.sub)
+}
+
+#[cfg(test)]
+mod peek_tests {
+    use super::peek_user;
+
+    #[test]
+    fn reads_the_subject_without_trusting_it() {
+        // {"alg":"HS256"} . {"sub":"42","exp":1} . (any signature)
+        assert_eq!(peek_user("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiI0MiIsImV4cCI6MX0.x").as_deref(), Some("42"));
+        assert_eq!(peek_user("not a token"), None);
+        assert_eq!(peek_user("a.!!!.c"), None);
+        assert_eq!(peek_user("a.eyJmb28iOjF9.c"), None, "no sub");
+    }
+}

@@ -52,6 +52,21 @@ pub enum UpMsg {
     },
 }
 
+/// A connection moving to its user's core, before anything was done for
+/// it beyond the upgrade: the socket and the bytes read so far.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    /// The socket, deregistered from the old core's driver (owned: the
+    /// receiver closes it if it cannot adopt it).
+    pub fd: std::os::fd::RawFd,
+    /// The text message holding `connect` (and whatever followed it).
+    pub message: Bytes,
+    /// Bytes read after that message, not yet decoded.
+    pub pending: Bytes,
+    /// permessage-deflate was negotiated.
+    pub deflate: bool,
+}
+
 /// Uplink → core.
 #[derive(Debug, Clone)]
 pub enum DownMsg {
@@ -77,6 +92,9 @@ pub enum DownMsg {
     },
     /// The answer to a [`UpMsg::Request`].
     Response(ClusterMsg),
+    /// A connection handed over by another core because its user belongs
+    /// here (`hash(user) mod cores`): serve it from its first command on.
+    Adopt(Box<Handover>),
     /// Routers came or went: send [`UpMsg::Replay`] for every connected
     /// user and every presence subscription, so presence follows its keys
     /// to their new owners.

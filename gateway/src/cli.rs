@@ -143,10 +143,11 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         inbox_tx.push(tx);
         inbox_rx.push(rx);
     }
+    let peers = inbox_tx.clone();
     let uplink = crate::uplink::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
     let admin = std::net::TcpListener::bind(cfg.admin_listen)?;
     crate::admin::spawn(admin, metrics.clone(), life.clone())?;
-    let cores = crate::cores::spawn(cfg.clone(), verifier, up_tx, inbox_rx, metrics, life.clone())?;
+    let cores = crate::cores::spawn(cfg.clone(), verifier, up_tx, inbox_rx, peers, metrics, life.clone())?;
     tracing::info!(id = %cfg.id, listen = %cfg.listen, admin = %cfg.admin_listen, "gateway ready");
 
     let sig_life = life.clone();

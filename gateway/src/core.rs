@@ -73,6 +73,8 @@ pub struct Core {
     next_req: Cell<u64>,
     next_session: Cell<u64>,
     scratch: RefCell<Vec<BytesMut>>,
+    /// Every core's inbox (this one's too), for handing connections over.
+    peers: Vec<flume::Sender<DownMsg>>,
     /// Publish buckets of the users publishing through this core.
     user_buckets: RefCell<HashMap<String, TokenBucket>>,
     /// The core's pooled inflater (permessage-deflate resets it per message).
@@ -93,6 +95,7 @@ impl Core {
         cfg: Arc<GatewayConfig>,
         verifier: Arc<Verifier>,
         up: flume::Sender<UpMsg>,
+        peers: Vec<flume::Sender<DownMsg>>,
         metrics: Arc<Metrics>,
     ) -> Rc<Core> {
         let adm = &cfg.admission;
@@ -110,6 +113,7 @@ impl Core {
             scratch: RefCell::new(Vec::new()),
             inflater: RefCell::new(Inflater::new()),
             user_buckets: RefCell::new(HashMap::new()),
+            peers,
             admission: RefCell::new(admission),
             handshakes: Cell::new(0),
             draining: Cell::new(false),
@@ -620,6 +624,39 @@ impl Core {
             }
             DownMsg::Response(msg) => self.response(msg),
             DownMsg::Reannounce => self.reannounce(),
+            DownMsg::Adopt(h) => {
+                monoio::spawn(session::adopt(self.clone(), *h));
+            }
+        }
+    }
+
+    /// How many cores this gateway runs.
+    pub fn cores(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// The core a user's connections live on.
+    pub fn core_of_user(&self, user: &str) -> usize {
+        (proto::rendezvous::stable_hash(user.as_bytes()) % self.peers.len().max(1) as u64) as usize
+    }
+
+    /// Hands a connection to `core`; false (the socket closed) if that core
+    /// cannot take it.
+    pub fn hand_over(&self, core: usize, h: crate::bridge::Handover) -> bool {
+        let Some(tx) = self.peers.get(core) else { return false };
+        match tx.try_send(DownMsg::Adopt(Box::new(h))) {
+            Ok(()) => {
+                self.metrics().handovers.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                if let DownMsg::Adopt(h) = e.into_inner() {
+                    // SAFETY: the fd was taken out of its stream for this hand-over
+                    // and nobody else owns it.
+                    drop(unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(h.fd) });
+                }
+                false
+            }
         }
     }
 

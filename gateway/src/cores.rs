@@ -32,6 +32,7 @@ pub fn spawn(
     verifier: Arc<Verifier>,
     up: flume::Sender<UpMsg>,
     inboxes: Vec<flume::Receiver<DownMsg>>,
+    peers: Vec<flume::Sender<DownMsg>>,
     metrics: Arc<Metrics>,
     life: Arc<Lifecycle>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
@@ -39,8 +40,8 @@ pub fn spawn(
     let mut handles = Vec::new();
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (id, inbox) in inboxes.into_iter().enumerate() {
-        let (cfg, verifier, up, metrics, life) =
-            (cfg.clone(), verifier.clone(), up.clone(), metrics.clone(), life.clone());
+        let (cfg, verifier, up, metrics, life, peers) =
+            (cfg.clone(), verifier.clone(), up.clone(), metrics.clone(), life.clone(), peers.clone());
         let h = std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
             if cfg.pin_cores {
                 let _ = monoio::utils::bind_to_cpu_set([id % ncpu]);
@@ -58,7 +59,7 @@ pub fn spawn(
                         std::process::exit(2);
                     }
                 };
-                let core = Core::new(id, cfg.clone(), verifier, up, metrics);
+                let core = Core::new(id, cfg.clone(), verifier, up, peers, metrics);
                 monoio::spawn(core.clone().accept_loop(listener));
                 let c2 = core.clone();
                 monoio::spawn(async move {

@@ -6,6 +6,12 @@
 //! talk to the uplink thread (tokio + quinn, one QUIC connection per router)
 //! by bounded channels.
 //!
+//! Users are sharded by core: a connection accepted by any core's listener
+//! moves, socket and all, to `hash(user) mod cores` on its first message
+//! (the user read, unverified, from the `connect` token; the token is then
+//! verified there), so all of a user's sessions, and per-user state such as
+//! the publish bucket, live on one core.
+//!
 //! - [`cores`]: spawning and pinning the cores, runtime choice (io_uring or
 //!   epoll fallback), drain lifecycle.
 //! - [`core`]: one core's state: admission control, command handling,
@@ -25,7 +31,8 @@
 //! - **Interest by transition**: the owning router hears about a channel only
 //!   on this gateway's 0→1 and 1→0 subscriber transitions.
 //! - **Bounded**: queue bytes per session (1 MiB → 3008), message size (64 KiB
-//!   → 1009), subscriptions (128 → 106), publish rate (→ 111, then 3013),
+//!   → 1009), subscriptions (128 → 106), publish rate per connection and per
+//!   user (→ 111, then 3013),
 //!   upgrade time and size (→ 408/431), connect deadline (→ 3502).
 //!
 //! ## Memory budget
@@ -34,8 +41,9 @@
 //! go synchronously into one scratch buffer per core); the session record
 //! holds identity, subscriptions and no queue storage when idle.
 //! Measured (release, 2 cores, 18,500 connections in one process): ~2.2 KiB
-//! RSS growth per connection, ~1.4 KiB marginal after warm-up; the session
-//! task is ~584 B and the session record 416 B. Not yet at target: the next
+//! RSS growth per connection, ~1.4 KiB marginal after warm-up; 2.8 KiB per
+//! connection with 102,000 over six processes; the session task is ~584 B
+//! and the session record 416 B. Not yet at target: the next
 //! step is per-core slabs of small records driven by readiness events
 //! instead of one task per connection. `tests/tests/memory.rs` guards 4 KiB.
 

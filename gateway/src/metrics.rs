@@ -26,6 +26,8 @@ pub struct CoreMetrics {
     pub queued_bytes: AtomicU64,
     /// Sessions closed with 3008 "slow".
     pub slow_disconnects: AtomicU64,
+    /// Connections this core handed to their user's core.
+    pub handovers: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -62,7 +64,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 8] = [
+        let per_core: [(&str, &str, Field); 9] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -71,6 +73,7 @@ impl Metrics {
             ("switchyard_gateway_deliveries_total", "counter", |c| &c.deliveries),
             ("switchyard_gateway_queued_bytes", "gauge", |c| &c.queued_bytes),
             ("switchyard_gateway_slow_disconnects_total", "counter", |c| &c.slow_disconnects),
+            ("switchyard_gateway_handovers_total", "counter", |c| &c.handovers),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");

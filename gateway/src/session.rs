@@ -106,6 +106,9 @@ pub struct Session {
     pub conn_info: RefCell<Option<Bytes>>,
     /// Whether `connect` succeeded.
     pub connected: Cell<bool>,
+    /// Whether the session is on its user's core (adopted, or its first
+    /// command was handled here): it never moves again.
+    placed: Cell<bool>,
     /// Subscriptions.
     pub subs: RefCell<HashMap<Arc<str>, Sub>>,
     out: RefCell<VecDeque<Bytes>>,
@@ -138,6 +141,7 @@ impl Session {
             user: RefCell::new(String::new()),
             conn_info: RefCell::new(None),
             connected: Cell::new(false),
+            placed: Cell::new(false),
             subs: RefCell::new(HashMap::new()),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
@@ -427,7 +431,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     // The handshake's state dies with this future; the long-lived session
     // runs in a task of its own, as small as the idle wait allows.
     let task = async move {
-        run(&core, &session, read_half, decoder, leftover, echo).await;
+        run(&core, &session, read_half, decoder, leftover, echo, None).await;
         core.unregister(&session);
     };
     tracing::trace!(
@@ -450,11 +454,19 @@ async fn run(
     mut decoder: Decoder,
     mut pending: BytesMut,
     echo: bool,
+    first: Option<Bytes>,
 ) {
-    if !pending.is_empty() && process(core, session, &mut decoder, &mut pending, echo).is_err() {
-        return;
+    let mut result = Ok(());
+    if let Some(message) = first {
+        result = match handle_commands(core, session, &message) {
+            Flow::Go => Ok(()),
+            _ => Err(End::Stop),
+        };
     }
-    loop {
+    if result.is_ok() && !pending.is_empty() {
+        result = process(core, session, &mut decoder, &mut pending, echo);
+    }
+    while result.is_ok() {
         if session.is_closing() {
             break;
         }
@@ -500,7 +512,7 @@ async fn run(
                 break;
             }
         }
-        let result = process(core, session, &mut decoder, &mut b, echo);
+        result = process(core, session, &mut decoder, &mut b, echo);
         if !b.is_empty() {
             // A partial frame header or control frame: keep just those bytes.
             pending = BytesMut::from(&b[..]);
@@ -509,9 +521,11 @@ async fn run(
             pending = BytesMut::new();
         }
         core.give_scratch(b);
-        if result.is_err() {
-            break;
-        }
+    }
+    if let Err(End::Move(target, message)) = result {
+        let deflate = decoder.config().deflate;
+        hand_over(core, session, read_half, target, message, pending.freeze(), deflate);
+        return;
     }
     // Let the writer flush the close frame (bounded by its own progress).
     Box::pin(async {
@@ -525,6 +539,58 @@ async fn run(
     .await;
 }
 
+/// Gives the connection to its user's core: the halves are put back
+/// together and the socket leaves this core's driver without being shut
+/// down or closed. Nothing was written for it since the upgrade.
+fn hand_over(
+    core: &Rc<Core>,
+    session: &Rc<Session>,
+    read_half: OwnedReadHalf<TcpStream>,
+    target: usize,
+    message: Bytes,
+    pending: Bytes,
+    deflate: bool,
+) {
+    let Some(write_half) = session.writer.borrow_mut().take() else { return };
+    let Ok(stream) = write_half.reunite(read_half) else { return };
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
+    core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate });
+}
+
+/// Serves a connection another core handed over (its user lives here).
+pub async fn adopt(core: Rc<Core>, h: crate::bridge::Handover) {
+    // SAFETY: the fd left its stream on the other core for this hand-over;
+    // this task is now its only owner.
+    let std_stream = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(h.fd) };
+    let Ok(stream) = TcpStream::from_std(std_stream) else { return };
+    let decoder = Decoder::new(DecoderConfig {
+        max_frame: core.cfg.limits.max_message,
+        max_message: core.cfg.limits.max_message,
+        deflate: h.deflate,
+        ..DecoderConfig::server()
+    });
+    let session = Session::new(
+        core.next_session_id(),
+        Instant::now(),
+        Duration::from_secs(core.cfg.limits.connect_timeout_secs),
+    );
+    session.placed.set(true);
+    let (read_half, write_half) = stream.into_split();
+    *session.writer.borrow_mut() = Some(write_half);
+    core.register(&session);
+    run(&core, &session, read_half, decoder, BytesMut::from(&h.pending[..]), false, Some(h.message)).await;
+    core.unregister(&session);
+}
+
+/// Why [`process`] stopped before the end of the bytes.
+enum End {
+    /// The session ends.
+    Stop,
+    /// The connection moves to `core` with this message (unhandled); the
+    /// bytes after it are still in the buffer.
+    Move(usize, Bytes),
+}
+
 /// Decodes and handles every complete message in `buf` (in place: whole
 /// frames are unmasked in the scratch buffer and parsed from there).
 fn process(
@@ -533,43 +599,50 @@ fn process(
     decoder: &mut Decoder,
     buf: &mut BytesMut,
     echo: bool,
-) -> Result<(), ()> {
+) -> Result<(), End> {
     loop {
         let mut inflater = core.inflater.borrow_mut();
-        let (keep_going, consumed) = match decoder.decode_in_place(buf, Some(&mut inflater)) {
+        let (flow, consumed, message) = match decoder.decode_in_place(buf, Some(&mut inflater)) {
             Ok(None) => return Ok(()),
             Ok(Some(Decoded::InPlace { message, consumed })) => {
                 drop(inflater);
-                let ok = match message {
+                let (flow, keep) = match message {
                     MessageRef::Text(t) if echo => {
                         s.send(core, SharedFrame::text(t).into_bytes());
-                        true
+                        (Flow::Go, None)
                     }
                     MessageRef::Binary(b) if echo => {
                         s.send(core, SharedFrame::binary(b).into_bytes());
-                        true
+                        (Flow::Go, None)
                     }
                     MessageRef::Binary(_) => {
                         s.close(core, CloseReason { code: 1003, reason: "text frames only" });
-                        false
+                        (Flow::Stop, None)
                     }
-                    MessageRef::Text(t) => handle_commands(core, s, t),
+                    MessageRef::Text(t) => {
+                        let f = handle_commands(core, s, t);
+                        let keep = matches!(f, Flow::Move(_)).then(|| Bytes::copy_from_slice(t));
+                        (f, keep)
+                    }
                 };
-                (ok, consumed)
+                (flow, consumed, keep)
             }
             Ok(Some(Decoded::Owned(m))) => {
                 drop(inflater);
-                (handle_message(core, s, m, echo), 0)
+                let (flow, keep) = handle_message(core, s, m, echo);
+                (flow, 0, keep)
             }
             Err(e) => {
                 drop(inflater);
                 close_ws(core, s, &e);
-                return Err(());
+                return Err(End::Stop);
             }
         };
         bytes::Buf::advance(buf, consumed);
-        if !keep_going {
-            return Err(());
+        match flow {
+            Flow::Go => {}
+            Flow::Stop => return Err(End::Stop),
+            Flow::Move(target) => return Err(End::Move(target, message.unwrap_or_default())),
         }
     }
 }
@@ -578,9 +651,9 @@ fn close_ws(core: &Rc<Core>, s: &Rc<Session>, e: &WsError) {
     s.close(core, CloseReason { code: e.close_code(), reason: e.close_reason() });
 }
 
-/// Returns false when the connection must end.
-fn handle_message(core: &Rc<Core>, s: &Rc<Session>, m: Message, echo: bool) -> bool {
-    match m {
+fn handle_message(core: &Rc<Core>, s: &Rc<Session>, m: Message, echo: bool) -> (Flow, Option<Bytes>) {
+    let flow = |ok: bool| if ok { Flow::Go } else { Flow::Stop };
+    let r = match m {
         Message::Ping(p) => {
             s.send(core, SharedFrame::pong(&p).into_bytes());
             true
@@ -606,11 +679,45 @@ fn handle_message(core: &Rc<Core>, s: &Rc<Session>, m: Message, echo: bool) -> b
             s.close(core, CloseReason { code: 1003, reason: "text frames only" });
             false
         }
-        Message::Text(t) => handle_commands(core, s, &t),
-    }
+        Message::Text(t) => {
+            let f = handle_commands(core, s, &t);
+            let keep = matches!(f, Flow::Move(_)).then(|| t.clone());
+            return (f, keep);
+        }
+    };
+    (flow(r), None)
 }
 
-fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> bool {
+/// How a session goes on after a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flow {
+    /// Keep serving.
+    Go,
+    /// The session ends (a close was queued).
+    Stop,
+    /// The connection belongs to the user's core: hand it over with this
+    /// message, unhandled.
+    Move(usize),
+}
+
+/// The core a not-yet-connected session should live on, if not this one:
+/// `hash(user) mod cores`, the user read (unverified) from the connect
+/// token; the token is verified on that core.
+fn destination(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> Option<usize> {
+    if s.placed.replace(true) || s.connected.get() || s.writing.get() || core.cores() < 2 {
+        return None;
+    }
+    let Some(Ok(cmd)) = proto::client::decode_frame(frame).next() else { return None };
+    let Method::Connect(c) = &cmd.method else { return None };
+    let user = crate::auth::peek_user(&c.token)?;
+    let target = core.core_of_user(&user);
+    (target != core.id).then_some(target)
+}
+
+fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> Flow {
+    if let Some(target) = destination(core, s, frame) {
+        return Flow::Move(target);
+    }
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut ok = true;
     for cmd in proto::client::decode_frame(frame) {
@@ -619,13 +726,13 @@ fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> bool {
             Err(e) => {
                 flush(core, s, &mut replies);
                 s.close(core, e.disconnect().into());
-                return false;
+                return Flow::Stop;
             }
         };
         if !s.connected.get() && !matches!(cmd.method, Method::Connect(_)) {
             flush(core, s, &mut replies);
             s.close(core, Disconnect::BAD_REQUEST.into());
-            return false;
+            return Flow::Stop;
         }
         match core.command(s, cmd, &mut replies) {
             Ok(()) => {}
@@ -638,7 +745,7 @@ fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> bool {
         }
     }
     flush(core, s, &mut replies);
-    ok
+    if ok { Flow::Go } else { Flow::Stop }
 }
 
 fn flush(core: &Rc<Core>, s: &Rc<Session>, replies: &mut Vec<Vec<u8>>) {
