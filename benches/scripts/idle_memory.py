@@ -71,6 +71,17 @@ def rss(pid):
     return 0
 
 
+def stop_all(procs):
+    """SIGTERM every server (they drain), then SIGKILL what is still up after 15 s."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -126,13 +137,7 @@ def main():
         for w, _ in workers:
             w.join(timeout=30)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ kernel's socket buffers), so the client side costs nothing while measuring.
 import argparse, http.client, json, multiprocessing as mp, os, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from idle_memory import LOADGEN, SECRET, client, free_port  # noqa: E402
+from idle_memory import LOADGEN, SECRET, client, free_port, stop_all  # noqa: E402
 
 API_KEY = "membership-bench-key"
 
@@ -102,13 +102,7 @@ def main():
                 w.join(timeout=60)
             time.sleep(1)
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":
