@@ -64,6 +64,20 @@ def client_proc(port, first, n, ready, done):
     del held
 
 
+def kernel_bytes():
+    """Kernel memory that grows with sockets: slab objects plus TCP buffer pages."""
+    slab = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("Slab:"):
+            slab = int(line.split()[1]) * 1024
+    tcp_pages = 0
+    for line in open("/proc/net/sockstat"):
+        if line.startswith("TCP:"):
+            f = line.split()
+            tcp_pages = int(f[f.index("mem") + 1])
+    return slab + tcp_pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def rss(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS"):
@@ -111,6 +125,7 @@ def main():
     time.sleep(2)
     try:
         before = [rss(p.pid) for p in gws]
+        kernel_before = kernel_bytes()
         total = a.per_process * a.processes
         done = mp.Event()
         workers = []
@@ -124,6 +139,7 @@ def main():
             ready.wait(timeout=600)
         time.sleep(1)
         after = [rss(p.pid) for p in gws]
+        kernel_after = kernel_bytes()
         growth = sum(after) - sum(before)
         print(json.dumps({
             "connections": total,
@@ -131,6 +147,9 @@ def main():
             "rss_before_bytes": before,
             "rss_after_bytes": after,
             "bytes_per_connection": round(growth / total, 1),
+            # Both ends of every connection are on this box: the kernel figure
+            # is (slab + TCP buffer growth) / connections, client socket included.
+            "kernel_bytes_per_connection_both_ends": round((kernel_after - kernel_before) / total, 1),
             "note": "SO_REUSEPORT spreads connections over processes unevenly; the box figure is total growth / total",
         }))
         done.set()

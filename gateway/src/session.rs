@@ -422,6 +422,77 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         deflate: deflate.is_some(),
         ..DecoderConfig::server()
     });
+    let mut leftover = leftover;
+    if !echo && core.cores() > 1 {
+        // Wait (briefly) for the first message: if it is a `connect` for a
+        // user of another core, the raw socket and bytes go there before any
+        // session state is made here. Otherwise (or if it is slow to come)
+        // the session is served here; it may still move on that message.
+        let wait = Duration::from_secs(core.cfg.limits.connect_timeout_secs).min(Duration::from_secs(2));
+        let target = first_destination(&core, &stream, &mut leftover, &decoder, Instant::now() + wait).await;
+        if let Some(target) = target.filter(|t| *t != core.id) {
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
+            let pending = leftover.freeze();
+            let deflate = deflate.is_some();
+            core.hand_over(target, crate::bridge::Handover { fd, message: Bytes::new(), pending, deflate });
+            return;
+        }
+    }
+    serve_here(core, stream, decoder, leftover, echo).await
+}
+
+/// Reads (readiness, then a non-blocking `recv`, so no buffer is ever lent
+/// to an operation that a deadline could cancel) until the first whole
+/// message is in `buf`, and says which core its `connect` belongs to.
+async fn first_destination(
+    core: &Rc<Core>,
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    decoder: &Decoder,
+    deadline: Instant,
+) -> Option<usize> {
+    loop {
+        {
+            // Decode a copy: in-place decoding unmasks, and the bytes may travel on raw.
+            let mut probe = buf.clone();
+            let mut d = Decoder::new(*decoder.config());
+            let mut inflater = core.inflater.borrow_mut();
+            match d.decode_in_place(&mut probe, Some(&mut inflater)) {
+                Ok(Some(Decoded::InPlace { message: MessageRef::Text(t), .. })) => return peek_core(core, t),
+                Ok(Some(Decoded::Owned(Message::Text(t)))) => return peek_core(core, &t),
+                Ok(None) => {}
+                _ => return None,
+            }
+        }
+        if buf.len() > core.cfg.limits.max_message + 16 {
+            return None;
+        }
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match monoio::time::timeout(left, stream.readable(false)).await {
+            Ok(Ok(())) => {}
+            _ => return None,
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(4096);
+        }
+        match recv_into(std::os::fd::AsRawFd::as_raw_fd(stream), buf) {
+            Ok(0) => return None,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// The core of the user named by a `connect` as the frame's first command.
+fn peek_core(core: &Rc<Core>, frame: &[u8]) -> Option<usize> {
+    let Some(Ok(cmd)) = proto::client::decode_frame(frame).next() else { return None };
+    let Method::Connect(c) = &cmd.method else { return None };
+    crate::auth::peek_user(&c.token).map(|u| core.core_of_user(&u))
+}
+
+/// Makes the session and its long-lived task on this core.
+async fn serve_here(core: Rc<Core>, stream: TcpStream, decoder: Decoder, leftover: BytesMut, echo: bool) {
     let now = Instant::now();
     let session =
         Session::new(core.next_session_id(), now, Duration::from_secs(core.cfg.limits.connect_timeout_secs));
@@ -431,7 +502,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     // The handshake's state dies with this future; the long-lived session
     // runs in a task of its own, as small as the idle wait allows.
     let task = async move {
-        run(&core, &session, read_half, decoder, leftover, echo, None).await;
+        run(&core, &session, read_half, decoder, leftover, echo, true).await;
         core.unregister(&session);
     };
     tracing::trace!(
@@ -454,18 +525,15 @@ async fn run(
     mut decoder: Decoder,
     mut pending: BytesMut,
     echo: bool,
-    first: Option<Bytes>,
+    go: bool,
 ) {
-    let mut result = Ok(());
-    if let Some(message) = first {
-        result = match handle_commands(core, session, &message) {
-            Flow::Go => Ok(()),
-            _ => Err(End::Stop),
-        };
-    }
+    let mut result = if go { Ok(()) } else { Err(End::Stop) };
     if result.is_ok() && !pending.is_empty() {
         result = process(core, session, &mut decoder, &mut pending, echo);
     }
+    // Keep no handshake-sized buffer for an idle session: just the bytes of
+    // a partial frame, if any.
+    pending = if pending.is_empty() { BytesMut::new() } else { BytesMut::from(&pending[..]) };
     while result.is_ok() {
         if session.is_closing() {
             break;
@@ -578,8 +646,15 @@ pub async fn adopt(core: Rc<Core>, h: crate::bridge::Handover) {
     let (read_half, write_half) = stream.into_split();
     *session.writer.borrow_mut() = Some(write_half);
     core.register(&session);
-    run(&core, &session, read_half, decoder, BytesMut::from(&h.pending[..]), false, Some(h.message)).await;
-    core.unregister(&session);
+    // Its first message (`connect`, verified here) is handled now; the
+    // long-lived session runs in a task of its own, holding only what it needs.
+    let go = handle_commands(&core, &session, &h.message) == Flow::Go;
+    let pending = BytesMut::from(&h.pending[..]);
+    drop(h);
+    monoio::spawn(async move {
+        run(&core, &session, read_half, decoder, pending, false, go).await;
+        core.unregister(&session);
+    });
 }
 
 /// Why [`process`] stopped before the end of the bytes.
