@@ -41,9 +41,9 @@
 //! go synchronously into one scratch buffer per core); the session record
 //! holds identity, subscriptions and no queue storage when idle.
 //! Measured (release, 2 cores, 18,500 connections in one process): ~2.2 KiB
-//! RSS growth per connection, ~1.4 KiB marginal after warm-up; 2.8 KiB per
-//! connection with 102,000 over six processes; the session task is ~584 B
-//! and the session record 416 B. Not yet at target: the next
+//! RSS growth per connection, ~1.4 KiB marginal after warm-up (later runs
+//! 3.1 KiB); 2.5 KiB per connection with 102,000 over six processes; the
+//! session task is ~584 B and the session record 416 B. Not yet at target: the next
 //! step is per-core slabs of small records driven by readiness events
 //! instead of one task per connection. `tests/tests/memory.rs` guards 4 KiB.
 
