@@ -40,10 +40,10 @@
 //! connection: the connection task waits on readiness with no buffer (reads
 //! go synchronously into one scratch buffer per core); the session record
 //! holds identity, subscriptions and no queue storage when idle.
-//! Measured (release, 2 cores, 18,500 connections in one process): ~2.2 KiB
-//! RSS growth per connection, ~1.4 KiB marginal after warm-up (later runs
-//! 3.1 KiB); 2.5 KiB per connection with 102,000 over six processes; the
-//! session task is ~584 B and the session record 416 B. Not yet at target: the next
+//! Measured (release, 2 cores): ~3.2 KiB of RSS growth per open session at
+//! 18,500 in one process and at 102,000 and 204,000 over six and twelve
+//! processes (BENCHMARKS.md); the session task is ~584 B and the session
+//! record 416 B. Not yet at target: the next
 //! step is per-core slabs of small records driven by readiness events
 //! instead of one task per connection. `tests/tests/memory.rs` guards 4 KiB.
 
