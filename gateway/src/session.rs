@@ -782,11 +782,7 @@ fn destination(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> Option<usize> 
     if s.placed.replace(true) || s.connected.get() || s.writing.get() || core.cores() < 2 {
         return None;
     }
-    let Some(Ok(cmd)) = proto::client::decode_frame(frame).next() else { return None };
-    let Method::Connect(c) = &cmd.method else { return None };
-    let user = crate::auth::peek_user(&c.token)?;
-    let target = core.core_of_user(&user);
-    (target != core.id).then_some(target)
+    peek_core(core, frame).filter(|t| *t != core.id)
 }
 
 fn handle_commands(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> Flow {
