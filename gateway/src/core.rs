@@ -26,6 +26,7 @@ use crate::auth::{TokenError, Verifier};
 use crate::bridge::{CoreId, DownMsg, UpMsg, request_id};
 use crate::config::GatewayConfig;
 use crate::metrics::{CoreMetrics, Metrics};
+use crate::poller::Poller;
 use crate::session::{self, Session, Step, Sub};
 
 /// What a router request was for.
@@ -82,6 +83,8 @@ pub struct Core {
     admission: RefCell<TokenBucket>,
     handshakes: Cell<usize>,
     draining: Cell<bool>,
+    /// The readiness set of this core's established connections.
+    pub poller: Poller,
 }
 
 fn unix_now() -> u64 {
@@ -97,10 +100,10 @@ impl Core {
         up: flume::Sender<UpMsg>,
         peers: Vec<flume::Sender<DownMsg>>,
         metrics: Arc<Metrics>,
-    ) -> Rc<Core> {
+    ) -> std::io::Result<Rc<Core>> {
         let adm = &cfg.admission;
         let admission = TokenBucket::new(adm.accept_rate, adm.accept_burst, Instant::now());
-        Rc::new(Core {
+        Ok(Rc::new(Core {
             id,
             verifier,
             up,
@@ -117,8 +120,42 @@ impl Core {
             admission: RefCell::new(admission),
             handshakes: Cell::new(0),
             draining: Cell::new(false),
+            poller: Poller::new()?,
             cfg,
-        })
+        }))
+    }
+
+    /// Reads the established connections whose sockets are ready: waits for
+    /// the readiness set itself, then takes a bounded number of ready
+    /// sessions per turn so handshakes and deliveries get their turns too.
+    pub async fn reactor(self: Rc<Self>) {
+        let waiter = match self.poller.waiter() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(core = self.id, error = %e, "cannot poll the readiness set");
+                std::process::exit(2);
+            }
+        };
+        let mut events = crate::poller::events();
+        loop {
+            if let Err(e) = waiter.readable(false).await {
+                tracing::error!(core = self.id, error = %e, "readiness wait failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            for _ in 0..4 {
+                let n = self.poller.ready(&mut events);
+                for ev in &events[..n] {
+                    let id = ev.u64;
+                    if let Some(s) = self.session(id) {
+                        session::on_readable(&self, &s);
+                    }
+                }
+                if n < events.len() {
+                    break;
+                }
+            }
+        }
     }
 
     /// This core's counters.
@@ -625,7 +662,7 @@ impl Core {
             DownMsg::Response(msg) => self.response(msg),
             DownMsg::Reannounce => self.reannounce(),
             DownMsg::Adopt(h) => {
-                monoio::spawn(session::adopt(self.clone(), *h));
+                session::adopt(self, *h);
             }
         }
     }

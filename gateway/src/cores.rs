@@ -59,8 +59,15 @@ pub fn spawn(
                         std::process::exit(2);
                     }
                 };
-                let core = Core::new(id, cfg.clone(), verifier, up, peers, metrics);
+                let core = match Core::new(id, cfg.clone(), verifier, up, peers, metrics) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(core = id, error = %e, "cannot make the core's readiness set");
+                        std::process::exit(2);
+                    }
+                };
                 monoio::spawn(core.clone().accept_loop(listener));
+                monoio::spawn(core.clone().reactor());
                 let c2 = core.clone();
                 monoio::spawn(async move {
                     while let Ok(msg) = inbox.recv_async().await {

@@ -57,6 +57,7 @@ pub mod config;
 pub mod core;
 pub mod cores;
 pub mod metrics;
+pub mod poller;
 pub mod session;
 pub mod uplink;
 pub mod write;

@@ -8,19 +8,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::buf::IoBufMut;
-use monoio::io::{
-    AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable,
-};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult};
 use proto::client::{Disconnect, Method, ReplyError};
@@ -94,10 +89,23 @@ impl From<Disconnect> for CloseReason {
     }
 }
 
-/// What outlives a read: identity, subscriptions, the outbound queue.
+/// What outlives a read: the socket, identity, subscriptions, the outbound
+/// queue, the decoder's state. There is no task per connection: the core's
+/// reactor reads a session when its socket is ready, and a writer task
+/// exists only while something is queued.
 pub struct Session {
-    /// Core-local id.
+    /// Core-local id (the session's token in the core's readiness set).
     pub id: u64,
+    /// The socket's descriptor (reads are synchronous `recv`s on it).
+    fd: std::os::fd::RawFd,
+    /// The socket; lent to the writer task while it writes.
+    stream: RefCell<Option<TcpStream>>,
+    /// Frame decoder state between reads.
+    decoder: RefCell<Decoder>,
+    /// Bytes of an incomplete frame between reads (empty, unallocated, when idle).
+    partial: RefCell<BytesMut>,
+    /// The echo endpoint (conformance), not the client protocol.
+    echo: bool,
     /// Connection id sent to the client.
     pub client: RefCell<String>,
     /// User id (`""` anonymous).
@@ -109,14 +117,14 @@ pub struct Session {
     /// Whether the session is on its user's core (adopted, or its first
     /// command was handled here): it never moves again.
     placed: Cell<bool>,
+    /// Whether the session is over (unregistered, socket released).
+    done: Cell<bool>,
     /// Subscriptions.
     pub subs: RefCell<HashMap<Arc<str>, Sub>>,
     out: RefCell<VecDeque<Bytes>>,
     out_bytes: Cell<usize>,
     writing: Cell<bool>,
-    writer: RefCell<Option<OwnedWriteHalf<TcpStream>>>,
     close: Cell<Option<CloseReason>>,
-    waker: RefCell<Option<Waker>>,
     /// Publish rate.
     pub publish_bucket: RefCell<Option<TokenBucket>>,
     /// Refused requests (rate limits) so far.
@@ -133,22 +141,31 @@ pub struct Session {
     pub drain_at: Cell<Option<Instant>>,
 }
 
+/// A connection lost without a close handshake (never sent: it only ends the session).
+const LOST: CloseReason = CloseReason { code: 1006, reason: "" };
+
 impl Session {
-    fn new(id: u64, now: Instant, connect_timeout: Duration) -> Rc<Session> {
+    fn new(core: &Core, stream: TcpStream, decoder: Decoder, echo: bool) -> Rc<Session> {
+        let now = Instant::now();
+        let connect_timeout = Duration::from_secs(core.cfg.limits.connect_timeout_secs);
         Rc::new(Session {
-            id,
+            id: core.next_session_id(),
+            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
+            stream: RefCell::new(Some(stream)),
+            decoder: RefCell::new(decoder),
+            partial: RefCell::new(BytesMut::new()),
+            echo,
             client: RefCell::new(String::new()),
             user: RefCell::new(String::new()),
             conn_info: RefCell::new(None),
             connected: Cell::new(false),
             placed: Cell::new(false),
+            done: Cell::new(false),
             subs: RefCell::new(HashMap::new()),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
             writing: Cell::new(false),
-            writer: RefCell::new(None),
             close: Cell::new(None),
-            waker: RefCell::new(None),
             publish_bucket: RefCell::new(None),
             refusals: Cell::new(0),
             next_ping: Cell::new(now),
@@ -195,25 +212,47 @@ impl Session {
         self.send(core, SharedFrame::text(line).into_bytes());
     }
 
-    /// Starts closing: queues the close frame after what is queued and wakes
-    /// the reader so the connection ends.
+    /// Starts closing: stops reading, queues the close frame after what is
+    /// queued; the session ends when the writer has flushed it (bounded by
+    /// the write timeout).
     pub fn close(self: &Rc<Self>, core: &Rc<Core>, reason: CloseReason) {
         if self.is_closing() {
             return;
         }
         self.close.set(Some(reason));
+        core.poller.remove(self.fd);
         let frame = SharedFrame::close(reason.code, reason.reason).into_bytes();
         self.out_bytes.set(self.out_bytes.get() + frame.len());
         core.metrics().queued_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.out.borrow_mut().push_back(frame);
         self.kick_writer(core);
-        if let Some(w) = self.waker.borrow_mut().take() {
-            w.wake();
+    }
+
+    /// The connection is gone (end of stream, read error): end now, or
+    /// when the writer in flight gives the socket back.
+    fn lost(self: &Rc<Self>, core: &Rc<Core>) {
+        if self.close.get().is_none() {
+            self.close.set(Some(LOST));
+        }
+        core.poller.remove(self.fd);
+        if !self.writing.get() {
+            self.finish(core);
         }
     }
 
+    /// Ends the session: out of the core's tables, socket closed.
+    fn finish(self: &Rc<Self>, core: &Rc<Core>) {
+        if self.done.replace(true) {
+            return;
+        }
+        core.poller.remove(self.fd);
+        core.unregister(self);
+        drop(self.stream.borrow_mut().take());
+        *self.partial.borrow_mut() = BytesMut::new();
+    }
+
     fn kick_writer(self: &Rc<Self>, core: &Rc<Core>) {
-        if self.writing.get() || self.writer.borrow().is_none() {
+        if self.writing.get() || self.stream.borrow().is_none() {
             return;
         }
         self.writing.set(true);
@@ -223,7 +262,7 @@ impl Session {
     }
 
     async fn write_loop(self: Rc<Self>, core: &Rc<Core>) {
-        let Some(mut w) = self.writer.borrow_mut().take() else {
+        let Some(mut w) = self.stream.borrow_mut().take() else {
             self.writing.set(false);
             return;
         };
@@ -262,42 +301,23 @@ impl Session {
                 if self.close.get().is_none() {
                     self.close.set(Some(Disconnect::WRITE_ERROR.into()));
                 }
-                if let Some(wk) = self.waker.borrow_mut().take() {
-                    wk.wake();
-                }
                 break;
             }
         }
+        let closing = self.is_closing();
         if self.out.borrow().is_empty() {
             // An idle session keeps no queue storage.
             *self.out.borrow_mut() = VecDeque::new();
-            if self.is_closing() {
+            if closing && !failed {
                 let _ = w.shutdown().await;
             }
         }
-        *self.writer.borrow_mut() = Some(w);
+        *self.stream.borrow_mut() = Some(w);
         self.writing.set(false);
-        if !self.out.borrow().is_empty() && !failed {
+        if closing && (failed || self.out.borrow().is_empty()) {
+            self.finish(core);
+        } else if !self.out.borrow().is_empty() {
             self.kick_writer(core);
-        }
-    }
-
-    /// Resolves when the session starts closing.
-    fn closing(self: &Rc<Self>) -> ClosingSignal {
-        ClosingSignal(self.clone())
-    }
-}
-
-struct ClosingSignal(Rc<Session>);
-
-impl Future for ClosingSignal {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0.is_closing() {
-            Poll::Ready(())
-        } else {
-            *self.0.waker.borrow_mut() = Some(cx.waker().clone());
-            Poll::Pending
         }
     }
 }
@@ -438,7 +458,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
             return;
         }
     }
-    serve_here(core, stream, decoder, leftover, echo).await
+    serve_here(core, stream, decoder, leftover, echo)
 }
 
 /// Reads (readiness, then a non-blocking `recv`, so no buffer is ever lent
@@ -491,144 +511,109 @@ fn peek_core(core: &Rc<Core>, frame: &[u8]) -> Option<usize> {
     crate::auth::peek_user(&c.token).map(|u| core.core_of_user(&u))
 }
 
-/// Makes the session and its long-lived task on this core.
-async fn serve_here(core: Rc<Core>, stream: TcpStream, decoder: Decoder, leftover: BytesMut, echo: bool) {
-    let now = Instant::now();
-    let session =
-        Session::new(core.next_session_id(), now, Duration::from_secs(core.cfg.limits.connect_timeout_secs));
-    let (read_half, write_half) = stream.into_split();
-    *session.writer.borrow_mut() = Some(write_half);
+/// Makes the session on this core and puts it in the core's readiness set;
+/// the handshake's task (and everything it held) ends here.
+fn serve_here(core: Rc<Core>, stream: TcpStream, decoder: Decoder, leftover: BytesMut, echo: bool) {
+    let session = Session::new(&core, stream, decoder, echo);
     core.register(&session);
-    // The handshake's state dies with this future; the long-lived session
-    // runs in a task of its own, as small as the idle wait allows.
-    let task = async move {
-        run(&core, &session, read_half, decoder, leftover, echo, true).await;
-        core.unregister(&session);
-    };
-    tracing::trace!(
-        task = std::mem::size_of_val(&task),
-        session = std::mem::size_of::<Session>(),
-        "session sizes"
-    );
-    monoio::spawn(task);
+    start(&core, &session, leftover);
 }
 
-enum Wake {
-    Readable,
-    Closing,
-}
-
-async fn run(
-    core: &Rc<Core>,
-    session: &Rc<Session>,
-    read_half: OwnedReadHalf<TcpStream>,
-    mut decoder: Decoder,
-    mut pending: BytesMut,
-    echo: bool,
-    go: bool,
-) {
-    let mut result = if go { Ok(()) } else { Err(End::Stop) };
-    if result.is_ok() && !pending.is_empty() {
-        result = process(core, session, &mut decoder, &mut pending, echo);
-    }
-    // Keep no handshake-sized buffer for an idle session: just the bytes of
-    // a partial frame, if any.
-    pending = if pending.is_empty() { BytesMut::new() } else { BytesMut::from(&pending[..]) };
-    while result.is_ok() {
-        if session.is_closing() {
-            break;
-        }
-        let wake = {
-            // SAFETY: the read and write halves share one `TcpStream` behind an
-            // `Rc<UnsafeCell<_>>` (monoio's own split); `readable` only takes a
-            // shared reference to submit a POLL_ADD for the fd, which no write
-            // operation mutates. Both halves live on this core's thread.
-            let stream: &TcpStream = unsafe { &*read_half.0.get() };
-            monoio::select! {
-                r = stream.readable(false) => if r.is_ok() { Wake::Readable } else { Wake::Closing },
-                _ = session.closing() => Wake::Closing,
-            }
-        };
-        if matches!(wake, Wake::Closing) {
-            break;
-        }
-        // Readable: read now, synchronously, into the core's scratch buffer.
-        // Nothing is pinned while idle and no read is ever in flight, so one
-        // buffer per core serves every connection on it.
-        let mut b = core.take_scratch();
-        if !pending.is_empty() {
-            b.extend_from_slice(&pending);
-            pending.clear();
-        }
-        // SAFETY: see the `readable` call above; the fd stays open while
-        // `read_half` lives.
-        let fd = std::os::fd::AsRawFd::as_raw_fd(unsafe { &*read_half.0.get() });
-        match recv_into(fd, &mut b) {
-            Ok(0) => {
-                core.give_scratch(b);
-                break;
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // Spurious readiness: keep what was pending and wait again.
-                pending = BytesMut::from(&b[..]);
-                core.give_scratch(b);
-                continue;
-            }
-            Err(_) => {
-                core.give_scratch(b);
-                break;
-            }
-        }
-        result = process(core, session, &mut decoder, &mut b, echo);
-        if !b.is_empty() {
-            // A partial frame header or control frame: keep just those bytes.
-            pending = BytesMut::from(&b[..]);
-            b.clear();
-        } else {
-            pending = BytesMut::new();
-        }
-        core.give_scratch(b);
-    }
-    if let Err(End::Move(target, message)) = result {
-        let deflate = decoder.config().deflate;
-        hand_over(core, session, read_half, target, message, pending.freeze(), deflate);
+/// Watches a registered session's socket and handles what was already read.
+fn start(core: &Rc<Core>, s: &Rc<Session>, pending: BytesMut) {
+    if s.is_closing() {
         return;
     }
-    // Let the writer flush the close frame (bounded by its own progress).
-    Box::pin(async {
-        for _ in 0..200 {
-            if !session.writing.get() {
-                break;
-            }
-            monoio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    if let Err(e) = core.poller.add(s.fd, s.id) {
+        tracing::warn!(core = core.id, error = %e, "cannot watch a connection");
+        s.lost(core);
+        return;
+    }
+    if !pending.is_empty() {
+        let mut b = core.take_scratch();
+        b.extend_from_slice(&pending);
+        feed(core, s, b);
+    }
 }
 
-/// Gives the connection to its user's core: the halves are put back
-/// together and the socket leaves this core's driver without being shut
-/// down or closed. Nothing was written for it since the upgrade.
-fn hand_over(
-    core: &Rc<Core>,
-    session: &Rc<Session>,
-    read_half: OwnedReadHalf<TcpStream>,
-    target: usize,
-    message: Bytes,
-    pending: Bytes,
-    deflate: bool,
-) {
-    let Some(write_half) = session.writer.borrow_mut().take() else { return };
-    let Ok(stream) = write_half.reunite(read_half) else { return };
+/// The session's socket is readable: one non-blocking `recv` into the
+/// core's scratch buffer, after the bytes of a partial frame if any, then
+/// decode and handle. Nothing is pinned while idle and no read is ever in
+/// flight, so one buffer per core serves every connection on it.
+pub fn on_readable(core: &Rc<Core>, s: &Rc<Session>) {
+    if s.is_closing() {
+        core.poller.remove(s.fd);
+        return;
+    }
+    let mut b = core.take_scratch();
+    {
+        let mut partial = s.partial.borrow_mut();
+        if !partial.is_empty() {
+            b.extend_from_slice(&partial);
+            *partial = BytesMut::new();
+        }
+    }
+    match recv_into(s.fd, &mut b) {
+        Ok(0) => {
+            core.give_scratch(b);
+            s.lost(core);
+        }
+        Ok(_) => feed(core, s, b),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            // Spurious readiness: keep what was partial and wait again.
+            if !b.is_empty() {
+                *s.partial.borrow_mut() = BytesMut::from(&b[..]);
+            }
+            core.give_scratch(b);
+        }
+        Err(_) => {
+            core.give_scratch(b);
+            s.lost(core);
+        }
+    }
+}
+
+/// Decodes and handles the bytes in `b` (a scratch buffer), keeps the bytes
+/// of a partial frame, and acts on how the session goes on.
+fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
+    let result = {
+        let mut decoder = s.decoder.borrow_mut();
+        process(core, s, &mut decoder, &mut b, s.echo)
+    };
+    if !b.is_empty() {
+        // A partial frame header or control frame: keep just those bytes.
+        *s.partial.borrow_mut() = BytesMut::from(&b[..]);
+    }
+    core.give_scratch(b);
+    match result {
+        Ok(()) => {}
+        Err(End::Stop) => {
+            if !s.is_closing() {
+                s.lost(core);
+            }
+        }
+        Err(End::Move(target, message)) => hand_over(core, s, target, message),
+    }
+}
+
+/// Gives the connection to its user's core: the socket leaves this core's
+/// readiness set and driver without being shut down or closed. Nothing was
+/// written for it since the upgrade.
+fn hand_over(core: &Rc<Core>, s: &Rc<Session>, target: usize, message: Bytes) {
+    core.poller.remove(s.fd);
+    let Some(stream) = s.stream.borrow_mut().take() else { return };
+    let pending = std::mem::take(&mut *s.partial.borrow_mut()).freeze();
+    let deflate = s.decoder.borrow().config().deflate;
+    s.done.set(true);
+    core.unregister(s);
     let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
     core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate });
 }
 
 /// Serves a connection another core handed over (its user lives here).
-pub async fn adopt(core: Rc<Core>, h: crate::bridge::Handover) {
+pub fn adopt(core: &Rc<Core>, h: crate::bridge::Handover) {
     // SAFETY: the fd left its stream on the other core for this hand-over;
-    // this task is now its only owner.
+    // this core is now its only owner.
     let std_stream = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(h.fd) };
     let Ok(stream) = TcpStream::from_std(std_stream) else { return };
     let decoder = Decoder::new(DecoderConfig {
@@ -637,24 +622,15 @@ pub async fn adopt(core: Rc<Core>, h: crate::bridge::Handover) {
         deflate: h.deflate,
         ..DecoderConfig::server()
     });
-    let session = Session::new(
-        core.next_session_id(),
-        Instant::now(),
-        Duration::from_secs(core.cfg.limits.connect_timeout_secs),
-    );
+    let session = Session::new(core, stream, decoder, false);
     session.placed.set(true);
-    let (read_half, write_half) = stream.into_split();
-    *session.writer.borrow_mut() = Some(write_half);
     core.register(&session);
-    // Its first message (`connect`, verified here) is handled now; the
-    // long-lived session runs in a task of its own, holding only what it needs.
-    let go = handle_commands(&core, &session, &h.message) == Flow::Go;
-    let pending = BytesMut::from(&h.pending[..]);
-    drop(h);
-    monoio::spawn(async move {
-        run(&core, &session, read_half, decoder, pending, false, go).await;
-        core.unregister(&session);
-    });
+    // Its first message (`connect`, verified here) is handled now.
+    if handle_commands(core, &session, &h.message) == Flow::Go {
+        start(core, &session, BytesMut::from(&h.pending[..]));
+    } else if !session.is_closing() {
+        session.lost(core);
+    }
 }
 
 /// Why [`process`] stopped before the end of the bytes.
