@@ -85,6 +85,9 @@ pub struct Core {
     draining: Cell<bool>,
     /// The readiness set of this core's established connections.
     pub poller: Poller,
+    /// Sessions that queued frames this turn (each once), for the flusher.
+    dirty: RefCell<Vec<Rc<Session>>>,
+    flush_waker: Cell<Option<std::task::Waker>>,
 }
 
 fn unix_now() -> u64 {
@@ -121,6 +124,8 @@ impl Core {
             handshakes: Cell::new(0),
             draining: Cell::new(false),
             poller: Poller::new()?,
+            dirty: RefCell::new(Vec::new()),
+            flush_waker: Cell::new(None),
             cfg,
         }))
     }
@@ -146,9 +151,17 @@ impl Core {
             for _ in 0..4 {
                 let n = self.poller.ready(&mut events);
                 for ev in &events[..n] {
-                    let id = ev.u64;
-                    if let Some(s) = self.session(id) {
-                        session::on_readable(&self, &s);
+                    let (id, bits) = (ev.u64, ev.events);
+                    let Some(s) = self.session(id) else { continue };
+                    if bits & crate::poller::WRITE != 0 {
+                        s.flush(&self);
+                    }
+                    if bits & (crate::poller::READ | crate::poller::HANGUP) != 0 {
+                        if !s.is_closing() {
+                            session::on_readable(&self, &s);
+                        } else if bits & crate::poller::HANGUP != 0 {
+                            s.lost(&self);
+                        }
                     }
                 }
                 if n < events.len() {
@@ -667,6 +680,39 @@ impl Core {
         }
     }
 
+    /// Puts a session in this turn's flush list (the session keeps it to once).
+    pub fn mark_dirty(&self, s: Rc<Session>) {
+        self.dirty.borrow_mut().push(s);
+        if let Some(w) = self.flush_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Writes the sessions that queued frames, once per turn: it runs after
+    /// the tasks that were ready when the first frame was queued, so frames
+    /// of one turn leave a socket in one syscall.
+    pub async fn flusher(self: Rc<Self>) {
+        let mut batch: Vec<Rc<Session>> = Vec::new();
+        loop {
+            std::future::poll_fn(|cx| {
+                if self.dirty.borrow().is_empty() {
+                    self.flush_waker.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
+            for s in batch.drain(..) {
+                s.flush(&self);
+            }
+            if batch.capacity() > 4096 {
+                batch = Vec::new();
+            }
+        }
+    }
+
     /// How many cores this gateway runs.
     pub fn cores(&self) -> usize {
         self.peers.len()
@@ -905,8 +951,14 @@ impl Core {
         let ping_every = Duration::from_secs(self.cfg.limits.ping_secs.max(1) as u64);
         let pong_timeout = Duration::from_secs(self.cfg.limits.pong_timeout_secs);
         let ping = proto::ws::SharedFrame::text(reply::PING).into_bytes();
+        let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
         for s in sessions {
+            if s.write_stalled(now, write_timeout) {
+                // A client that stops reading cannot pin its socket and queue.
+                s.lost(self);
+                continue;
+            }
             if s.is_closing() {
                 continue;
             }

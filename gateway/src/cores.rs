@@ -68,6 +68,7 @@ pub fn spawn(
                 };
                 monoio::spawn(core.clone().accept_loop(listener));
                 monoio::spawn(core.clone().reactor());
+                monoio::spawn(core.clone().flusher());
                 let c2 = core.clone();
                 monoio::spawn(async move {
                     while let Ok(msg) = inbox.recv_async().await {

@@ -9,6 +9,13 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+/// Interest in input and hang-up.
+pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+/// Interest in writability (a socket whose buffer was full).
+pub const WRITE: u32 = libc::EPOLLOUT as u32;
+/// Events that mean the connection is over or in error (always reported).
+pub const HANGUP: u32 = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+
 /// Events one `epoll_wait` collects at most.
 pub const EVENTS_PER_WAIT: usize = 512;
 
@@ -32,9 +39,23 @@ impl Poller {
 
     /// Watches `fd` for input (and hang-up), reporting `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32, u64: token };
+        self.change(fd, token, 0, READ)
+    }
+
+    /// Changes what `fd` is watched for, from the events `from` (0: not in
+    /// the set) to `to` (0: out of the set).
+    pub fn change(&self, fd: RawFd, token: u64, from: u32, to: u32) -> io::Result<()> {
+        if from == to {
+            return Ok(());
+        }
+        let op = match (from, to) {
+            (0, _) => libc::EPOLL_CTL_ADD,
+            (_, 0) => libc::EPOLL_CTL_DEL,
+            _ => libc::EPOLL_CTL_MOD,
+        };
+        let mut ev = libc::epoll_event { events: to, u64: token };
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
-        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
         if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
     }
 

@@ -7,7 +7,8 @@
 //! outlive a read: identity, subscriptions, the bounded outbound queue.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -24,7 +25,8 @@ use proto::ws::handshake::{self, HandshakeError};
 use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, SharedFrame, WsError};
 
 use crate::core::Core;
-use crate::write::FrameBatch;
+use crate::poller;
+use crate::write::{self, Flushed};
 
 /// Version string in connect replies.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -89,29 +91,97 @@ impl From<Disconnect> for CloseReason {
     }
 }
 
+/// A session's subscriptions: a short list (most connections hold a few;
+/// the limit is 128), one small allocation instead of a hash table.
+#[derive(Debug, Default)]
+pub struct Subs(Vec<(Arc<str>, Sub)>);
+
+impl Subs {
+    fn position(&self, channel: &str) -> Option<usize> {
+        self.0.iter().position(|(c, _)| &**c == channel)
+    }
+
+    /// Number of subscriptions.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether `channel` is subscribed.
+    pub fn contains_key(&self, channel: &str) -> bool {
+        self.position(channel).is_some()
+    }
+
+    /// The subscription to `channel`.
+    pub fn get(&self, channel: &str) -> Option<&Sub> {
+        self.position(channel).map(|i| &self.0[i].1)
+    }
+
+    /// The subscription to `channel`, mutably.
+    pub fn get_mut(&mut self, channel: &str) -> Option<&mut Sub> {
+        self.position(channel).map(|i| &mut self.0[i].1)
+    }
+
+    /// Adds (or replaces) the subscription to `channel`.
+    pub fn insert(&mut self, channel: Arc<str>, sub: Sub) {
+        match self.position(&channel) {
+            Some(i) => self.0[i].1 = sub,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((channel, sub));
+            }
+        }
+    }
+
+    /// Removes the subscription to `channel`, with its name.
+    pub fn remove_entry(&mut self, channel: &str) -> Option<(Arc<str>, Sub)> {
+        let i = self.position(channel)?;
+        let e = self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(e)
+    }
+
+    /// Removes the subscription to `channel`.
+    pub fn remove(&mut self, channel: &str) -> Option<Sub> {
+        self.remove_entry(channel).map(|(_, s)| s)
+    }
+
+    /// The subscribed channels.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|(c, _)| c)
+    }
+
+    /// Takes every subscription.
+    pub fn drain(&mut self) -> impl Iterator<Item = (Arc<str>, Sub)> {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
+
 /// What outlives a read: the socket, identity, subscriptions, the outbound
-/// queue, the decoder's state. There is no task per connection: the core's
-/// reactor reads a session when its socket is ready, and a writer task
-/// exists only while something is queued.
+/// queue. There is no task, future or buffer per connection: the core's
+/// reactor reads a session when its socket is ready and its flusher writes
+/// the sessions that queued something this turn.
 pub struct Session {
     /// Core-local id (the session's token in the core's readiness set).
     pub id: u64,
-    /// The socket's descriptor (reads are synchronous `recv`s on it).
-    fd: std::os::fd::RawFd,
-    /// The socket; lent to the writer task while it writes.
-    stream: RefCell<Option<TcpStream>>,
-    /// Frame decoder state between reads.
-    decoder: RefCell<Decoder>,
-    /// Bytes of an incomplete frame between reads (empty, unallocated, when idle).
-    partial: RefCell<BytesMut>,
+    /// The socket's descriptor (reads and writes are non-blocking syscalls on it).
+    fd: RawFd,
+    /// The socket (closed when the session ends).
+    sock: RefCell<Option<OwnedFd>>,
+    /// What the readiness set watches for ([`poller::READ`], [`poller::WRITE`]).
+    interest: Cell<u32>,
+    /// Decoder state, only while a message is in progress across reads.
+    decoder: RefCell<Option<Box<Decoder>>>,
+    /// permessage-deflate was negotiated.
+    deflate: bool,
     /// The echo endpoint (conformance), not the client protocol.
     echo: bool,
-    /// Connection id sent to the client.
-    pub client: RefCell<String>,
-    /// User id (`""` anonymous).
-    pub user: RefCell<String>,
-    /// `conn_info` from the connection token.
-    pub conn_info: RefCell<Option<Bytes>>,
     /// Whether `connect` succeeded.
     pub connected: Cell<bool>,
     /// Whether the session is on its user's core (adopted, or its first
@@ -119,11 +189,24 @@ pub struct Session {
     placed: Cell<bool>,
     /// Whether the session is over (unregistered, socket released).
     done: Cell<bool>,
+    /// Whether the session waits in the core's flush list.
+    dirty: Cell<bool>,
+    /// Bytes of an incomplete frame between reads (empty, unallocated, when idle).
+    partial: RefCell<BytesMut>,
+    /// Connection id sent to the client.
+    pub client: RefCell<String>,
+    /// User id (`""` anonymous).
+    pub user: RefCell<String>,
+    /// `conn_info` from the connection token.
+    pub conn_info: RefCell<Option<Bytes>>,
     /// Subscriptions.
-    pub subs: RefCell<HashMap<Arc<str>, Sub>>,
+    pub subs: RefCell<Subs>,
     out: RefCell<VecDeque<Bytes>>,
     out_bytes: Cell<usize>,
-    writing: Cell<bool>,
+    /// Whether the queue's front frame is partly written.
+    front_started: Cell<bool>,
+    /// Since when the socket's buffer has been full with no progress.
+    blocked_since: Cell<Option<Instant>>,
     close: Cell<Option<CloseReason>>,
     /// Publish rate.
     pub publish_bucket: RefCell<Option<TokenBucket>>,
@@ -145,26 +228,30 @@ pub struct Session {
 const LOST: CloseReason = CloseReason { code: 1006, reason: "" };
 
 impl Session {
-    fn new(core: &Core, stream: TcpStream, decoder: Decoder, echo: bool) -> Rc<Session> {
+    fn new(core: &Core, sock: OwnedFd, deflate: bool, echo: bool) -> Rc<Session> {
         let now = Instant::now();
         let connect_timeout = Duration::from_secs(core.cfg.limits.connect_timeout_secs);
         Rc::new(Session {
             id: core.next_session_id(),
-            fd: std::os::fd::AsRawFd::as_raw_fd(&stream),
-            stream: RefCell::new(Some(stream)),
-            decoder: RefCell::new(decoder),
-            partial: RefCell::new(BytesMut::new()),
+            fd: sock.as_raw_fd(),
+            sock: RefCell::new(Some(sock)),
+            interest: Cell::new(0),
+            decoder: RefCell::new(None),
+            deflate,
             echo,
-            client: RefCell::new(String::new()),
-            user: RefCell::new(String::new()),
-            conn_info: RefCell::new(None),
             connected: Cell::new(false),
             placed: Cell::new(false),
             done: Cell::new(false),
-            subs: RefCell::new(HashMap::new()),
+            dirty: Cell::new(false),
+            partial: RefCell::new(BytesMut::new()),
+            client: RefCell::new(String::new()),
+            user: RefCell::new(String::new()),
+            conn_info: RefCell::new(None),
+            subs: RefCell::new(Subs::default()),
             out: RefCell::new(VecDeque::new()),
             out_bytes: Cell::new(0),
-            writing: Cell::new(false),
+            front_started: Cell::new(false),
+            blocked_since: Cell::new(None),
             close: Cell::new(None),
             publish_bucket: RefCell::new(None),
             refusals: Cell::new(0),
@@ -194,17 +281,18 @@ impl Session {
         let len = frame.len();
         if self.out_bytes.get() + len > core.cfg.limits.max_queue_bytes {
             core.metrics().slow_disconnects.fetch_add(1, Ordering::Relaxed);
-            // Slow: drop what is queued, do not flush; the client recovers on reconnect.
-            let dropped = self.out_bytes.replace(0);
+            // Slow: drop what is queued (but the tail of a frame already
+            // partly written), do not flush; the client recovers on reconnect.
+            let kept = write::drop_unstarted(&mut self.out.borrow_mut(), self.front_started.get());
+            let dropped = self.out_bytes.replace(kept) - kept;
             core.metrics().queued_bytes.fetch_sub(dropped as u64, Ordering::Relaxed);
-            self.out.borrow_mut().clear();
             self.close(core, Disconnect::SLOW.into());
             return;
         }
         self.out_bytes.set(self.out_bytes.get() + len);
         core.metrics().queued_bytes.fetch_add(len as u64, Ordering::Relaxed);
         self.out.borrow_mut().push_back(frame);
-        self.kick_writer(core);
+        self.wants_flush(core);
     }
 
     /// Queues a client-protocol line (a reply or a push) as its own frame.
@@ -212,112 +300,118 @@ impl Session {
         self.send(core, SharedFrame::text(line).into_bytes());
     }
 
+    /// Joins the core's flush list for this turn, unless already there or
+    /// waiting for writability (the reactor flushes it then).
+    fn wants_flush(self: &Rc<Self>, core: &Rc<Core>) {
+        if !self.dirty.get() && self.blocked_since.get().is_none() && !self.done.get() {
+            self.dirty.set(true);
+            core.mark_dirty(self.clone());
+        }
+    }
+
     /// Starts closing: stops reading, queues the close frame after what is
-    /// queued; the session ends when the writer has flushed it (bounded by
-    /// the write timeout).
+    /// queued; the session ends when it is flushed (or when the socket makes
+    /// no progress for the write timeout).
     pub fn close(self: &Rc<Self>, core: &Rc<Core>, reason: CloseReason) {
         if self.is_closing() {
             return;
         }
         self.close.set(Some(reason));
-        core.poller.remove(self.fd);
         let frame = SharedFrame::close(reason.code, reason.reason).into_bytes();
         self.out_bytes.set(self.out_bytes.get() + frame.len());
         core.metrics().queued_bytes.fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.out.borrow_mut().push_back(frame);
-        self.kick_writer(core);
+        self.update_interest(core);
+        self.wants_flush(core);
     }
 
-    /// The connection is gone (end of stream, read error): end now, or
-    /// when the writer in flight gives the socket back.
-    fn lost(self: &Rc<Self>, core: &Rc<Core>) {
+    /// The connection is gone (end of stream, read or write error, write
+    /// timeout): the session ends now, discarding what is queued.
+    pub fn lost(self: &Rc<Self>, core: &Rc<Core>) {
         if self.close.get().is_none() {
             self.close.set(Some(LOST));
         }
-        core.poller.remove(self.fd);
-        if !self.writing.get() {
-            self.finish(core);
-        }
+        self.finish(core);
     }
 
-    /// Ends the session: out of the core's tables, socket closed.
+    /// Whether the socket has been full, with no progress, for `timeout`.
+    pub fn write_stalled(&self, now: Instant, timeout: Duration) -> bool {
+        self.blocked_since.get().is_some_and(|t| now.duration_since(t) >= timeout)
+    }
+
+    /// Ends the session: out of the readiness set and the core's tables,
+    /// queue dropped, socket closed.
     fn finish(self: &Rc<Self>, core: &Rc<Core>) {
         if self.done.replace(true) {
             return;
         }
-        core.poller.remove(self.fd);
+        self.update_interest(core);
         core.unregister(self);
-        drop(self.stream.borrow_mut().take());
+        self.out_bytes.set(0);
+        *self.out.borrow_mut() = VecDeque::new();
         *self.partial.borrow_mut() = BytesMut::new();
+        drop(self.sock.borrow_mut().take());
     }
 
-    fn kick_writer(self: &Rc<Self>, core: &Rc<Core>) {
-        if self.writing.get() || self.stream.borrow().is_none() {
+    /// Brings the readiness set in line with the session's state.
+    fn update_interest(&self, core: &Core) {
+        let want = if self.done.get() {
+            0
+        } else {
+            let read = if self.is_closing() { 0 } else { poller::READ };
+            let write = if self.blocked_since.get().is_some() { poller::WRITE } else { 0 };
+            read | write
+        };
+        let have = self.interest.get();
+        if want == have {
             return;
         }
-        self.writing.set(true);
-        let s = self.clone();
-        let core = core.clone();
-        monoio::spawn(async move { s.write_loop(&core).await });
+        match core.poller.change(self.fd, self.id, have, want) {
+            Ok(()) => self.interest.set(want),
+            Err(e) => tracing::warn!(core = core.id, error = %e, "readiness set refused a change"),
+        }
     }
 
-    async fn write_loop(self: Rc<Self>, core: &Rc<Core>) {
-        let Some(mut w) = self.stream.borrow_mut().take() else {
-            self.writing.set(false);
+    /// Writes what is queued without blocking (one `sendmsg` per up to 64
+    /// frames); a full socket is watched for writability; a closing session
+    /// ends once its close frame is out.
+    pub fn flush(self: &Rc<Self>, core: &Rc<Core>) {
+        self.dirty.set(false);
+        if self.done.get() {
             return;
-        };
-        let mut failed = false;
-        let write_timeout = Duration::from_secs(core.cfg.limits.write_timeout_secs.max(1));
-        loop {
-            let (mut batch, bytes) = {
-                let mut q = self.out.borrow_mut();
-                if q.is_empty() {
-                    break;
-                }
-                FrameBatch::take(&mut q, 256 * 1024, 256)
-            };
-            while !batch.is_empty() && !failed {
-                // A client that stops reading cannot pin the socket forever.
-                match monoio::time::timeout(write_timeout, w.writev(batch)).await {
-                    Ok((res, b)) => {
-                        batch = b;
-                        match res {
-                            Ok(0) | Err(_) => failed = true,
-                            Ok(n) => batch.advance(n),
-                        }
-                    }
-                    Err(_) => {
-                        failed = true;
-                        break;
-                    }
+        }
+        let (result, written) = write::flush_queue(self.fd, &mut self.out.borrow_mut());
+        if written.bytes > 0 {
+            self.front_started.set(written.front_started);
+        }
+        let written = written.bytes;
+        self.out_bytes.set(self.out_bytes.get().saturating_sub(written));
+        core.metrics().queued_bytes.fetch_sub(written as u64, Ordering::Relaxed);
+        match result {
+            Ok(Flushed::All) => {
+                // An idle session keeps no queue storage.
+                *self.out.borrow_mut() = VecDeque::new();
+                self.blocked_since.set(None);
+                if self.is_closing() {
+                    // SAFETY: plain syscall on our open socket.
+                    unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
+                    self.finish(core);
+                } else {
+                    self.update_interest(core);
                 }
             }
-            self.out_bytes.set(self.out_bytes.get().saturating_sub(bytes));
-            core.metrics().queued_bytes.fetch_sub(bytes as u64, Ordering::Relaxed);
-            if failed {
-                let rest = self.out_bytes.replace(0);
-                core.metrics().queued_bytes.fetch_sub(rest as u64, Ordering::Relaxed);
-                self.out.borrow_mut().clear();
+            Ok(Flushed::Blocked) => {
+                if written > 0 || self.blocked_since.get().is_none() {
+                    self.blocked_since.set(Some(Instant::now()));
+                }
+                self.update_interest(core);
+            }
+            Err(_) => {
                 if self.close.get().is_none() {
                     self.close.set(Some(Disconnect::WRITE_ERROR.into()));
                 }
-                break;
+                self.finish(core);
             }
-        }
-        let closing = self.is_closing();
-        if self.out.borrow().is_empty() {
-            // An idle session keeps no queue storage.
-            *self.out.borrow_mut() = VecDeque::new();
-            if closing && !failed {
-                let _ = w.shutdown().await;
-            }
-        }
-        *self.stream.borrow_mut() = Some(w);
-        self.writing.set(false);
-        if closing && (failed || self.out.borrow().is_empty()) {
-            self.finish(core);
-        } else if !self.out.borrow().is_empty() {
-            self.kick_writer(core);
         }
     }
 }
@@ -436,72 +530,9 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         return;
     }
     core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
-    let decoder = Decoder::new(DecoderConfig {
-        max_frame: core.cfg.limits.max_message,
-        max_message: core.cfg.limits.max_message,
-        deflate: deflate.is_some(),
-        ..DecoderConfig::server()
-    });
-    let mut leftover = leftover;
-    if !echo && core.cores() > 1 {
-        // Wait (briefly) for the first message: if it is a `connect` for a
-        // user of another core, the raw socket and bytes go there before any
-        // session state is made here. Otherwise (or if it is slow to come)
-        // the session is served here; it may still move on that message.
-        let wait = Duration::from_secs(core.cfg.limits.connect_timeout_secs).min(Duration::from_secs(2));
-        let target = first_destination(&core, &stream, &mut leftover, &decoder, Instant::now() + wait).await;
-        if let Some(target) = target.filter(|t| *t != core.id) {
-            let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
-            let pending = leftover.freeze();
-            let deflate = deflate.is_some();
-            core.hand_over(target, crate::bridge::Handover { fd, message: Bytes::new(), pending, deflate });
-            return;
-        }
-    }
-    serve_here(core, stream, decoder, leftover, echo)
-}
-
-/// Reads (readiness, then a non-blocking `recv`, so no buffer is ever lent
-/// to an operation that a deadline could cancel) until the first whole
-/// message is in `buf`, and says which core its `connect` belongs to.
-async fn first_destination(
-    core: &Rc<Core>,
-    stream: &TcpStream,
-    buf: &mut BytesMut,
-    decoder: &Decoder,
-    deadline: Instant,
-) -> Option<usize> {
-    loop {
-        {
-            // Decode a copy: in-place decoding unmasks, and the bytes may travel on raw.
-            let mut probe = buf.clone();
-            let mut d = Decoder::new(*decoder.config());
-            let mut inflater = core.inflater.borrow_mut();
-            match d.decode_in_place(&mut probe, Some(&mut inflater)) {
-                Ok(Some(Decoded::InPlace { message: MessageRef::Text(t), .. })) => return peek_core(core, t),
-                Ok(Some(Decoded::Owned(Message::Text(t)))) => return peek_core(core, &t),
-                Ok(None) => {}
-                _ => return None,
-            }
-        }
-        if buf.len() > core.cfg.limits.max_message + 16 {
-            return None;
-        }
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match monoio::time::timeout(left, stream.readable(false)).await {
-            Ok(Ok(())) => {}
-            _ => return None,
-        }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(4096);
-        }
-        match recv_into(std::os::fd::AsRawFd::as_raw_fd(stream), buf) {
-            Ok(0) => return None,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return None,
-        }
-    }
+    // The session is made here; its first message (a `connect`) moves it,
+    // socket and bytes, to its user's core if that is another one.
+    serve_here(core, stream, deflate.is_some(), leftover, echo)
 }
 
 /// The core of the user named by a `connect` as the frame's first command.
@@ -513,8 +544,11 @@ fn peek_core(core: &Rc<Core>, frame: &[u8]) -> Option<usize> {
 
 /// Makes the session on this core and puts it in the core's readiness set;
 /// the handshake's task (and everything it held) ends here.
-fn serve_here(core: Rc<Core>, stream: TcpStream, decoder: Decoder, leftover: BytesMut, echo: bool) {
-    let session = Session::new(&core, stream, decoder, echo);
+fn serve_here(core: Rc<Core>, stream: TcpStream, deflate: bool, leftover: BytesMut, echo: bool) {
+    // SAFETY: the descriptor leaves the runtime's stream for good; the
+    // session is now its only owner.
+    let sock = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+    let session = Session::new(&core, sock, deflate, echo);
     core.register(&session);
     start(&core, &session, leftover);
 }
@@ -524,8 +558,8 @@ fn start(core: &Rc<Core>, s: &Rc<Session>, pending: BytesMut) {
     if s.is_closing() {
         return;
     }
-    if let Err(e) = core.poller.add(s.fd, s.id) {
-        tracing::warn!(core = core.id, error = %e, "cannot watch a connection");
+    s.update_interest(core);
+    if s.interest.get() == 0 {
         s.lost(core);
         return;
     }
@@ -541,8 +575,7 @@ fn start(core: &Rc<Core>, s: &Rc<Session>, pending: BytesMut) {
 /// decode and handle. Nothing is pinned while idle and no read is ever in
 /// flight, so one buffer per core serves every connection on it.
 pub fn on_readable(core: &Rc<Core>, s: &Rc<Session>) {
-    if s.is_closing() {
-        core.poller.remove(s.fd);
+    if s.is_closing() || s.done.get() {
         return;
     }
     let mut b = core.take_scratch();
@@ -574,12 +607,21 @@ pub fn on_readable(core: &Rc<Core>, s: &Rc<Session>) {
 }
 
 /// Decodes and handles the bytes in `b` (a scratch buffer), keeps the bytes
-/// of a partial frame, and acts on how the session goes on.
+/// of a partial frame and the decoder only while a message is in progress,
+/// and acts on how the session goes on.
 fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
-    let result = {
-        let mut decoder = s.decoder.borrow_mut();
-        process(core, s, &mut decoder, &mut b, s.echo)
-    };
+    let mut decoder = s.decoder.borrow_mut().take().unwrap_or_else(|| {
+        Box::new(Decoder::new(DecoderConfig {
+            max_frame: core.cfg.limits.max_message,
+            max_message: core.cfg.limits.max_message,
+            deflate: s.deflate,
+            ..DecoderConfig::server()
+        }))
+    });
+    let result = process(core, s, &mut decoder, &mut b, s.echo);
+    if !decoder.is_idle() {
+        *s.decoder.borrow_mut() = Some(decoder);
+    }
     if !b.is_empty() {
         // A partial frame header or control frame: keep just those bytes.
         *s.partial.borrow_mut() = BytesMut::from(&b[..]);
@@ -597,32 +639,26 @@ fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
 }
 
 /// Gives the connection to its user's core: the socket leaves this core's
-/// readiness set and driver without being shut down or closed. Nothing was
-/// written for it since the upgrade.
+/// readiness set without being shut down or closed. Nothing was written for
+/// it since the upgrade.
 fn hand_over(core: &Rc<Core>, s: &Rc<Session>, target: usize, message: Bytes) {
-    core.poller.remove(s.fd);
-    let Some(stream) = s.stream.borrow_mut().take() else { return };
+    if s.done.replace(true) {
+        return;
+    }
+    s.update_interest(core);
+    let Some(sock) = s.sock.borrow_mut().take() else { return };
     let pending = std::mem::take(&mut *s.partial.borrow_mut()).freeze();
-    let deflate = s.decoder.borrow().config().deflate;
-    s.done.set(true);
     core.unregister(s);
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(stream);
-    core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate });
+    let fd = sock.into_raw_fd();
+    core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate: s.deflate });
 }
 
 /// Serves a connection another core handed over (its user lives here).
 pub fn adopt(core: &Rc<Core>, h: crate::bridge::Handover) {
-    // SAFETY: the fd left its stream on the other core for this hand-over;
+    // SAFETY: the fd left its session on the other core for this hand-over;
     // this core is now its only owner.
-    let std_stream = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(h.fd) };
-    let Ok(stream) = TcpStream::from_std(std_stream) else { return };
-    let decoder = Decoder::new(DecoderConfig {
-        max_frame: core.cfg.limits.max_message,
-        max_message: core.cfg.limits.max_message,
-        deflate: h.deflate,
-        ..DecoderConfig::server()
-    });
-    let session = Session::new(core, stream, decoder, false);
+    let sock = unsafe { OwnedFd::from_raw_fd(h.fd) };
+    let session = Session::new(core, sock, h.deflate, false);
     session.placed.set(true);
     core.register(&session);
     // Its first message (`connect`, verified here) is handled now.
@@ -755,7 +791,7 @@ enum Flow {
 /// `hash(user) mod cores`, the user read (unverified) from the connect
 /// token; the token is verified on that core.
 fn destination(core: &Rc<Core>, s: &Rc<Session>, frame: &[u8]) -> Option<usize> {
-    if s.placed.replace(true) || s.connected.get() || s.writing.get() || core.cores() < 2 {
+    if s.placed.replace(true) || s.connected.get() || !s.out.borrow().is_empty() || core.cores() < 2 {
         return None;
     }
     peek_core(core, frame).filter(|t| *t != core.id)

@@ -1,131 +1,168 @@
 //! The write path: a bounded per-session queue of shared frames, flushed with
-//! one vectored write per batch.
+//! one vectored, non-blocking `sendmsg` per batch.
 //!
 //! A publication reaches a session as a clone of the uplink's `Bytes` (a
-//! reference count); the queue never copies it. When the queue goes from empty
-//! to non-empty a writer task starts, writes everything queued with `writev`
-//! (many frames, one syscall), repeats while more arrived, then exits: an idle
-//! session has no writer task and no buffer. A session whose queued bytes
-//! would pass the bound is closed with 3008 "slow" without flushing; the core
-//! never waits for it.
+//! reference count); the queue never copies it. Sending only queues and
+//! marks the session dirty; the core's flusher writes every dirty session
+//! once per event-loop turn, so frames that arrive in the same turn leave in
+//! one syscall, and no task or future exists per connection. A socket whose
+//! buffer is full is watched for writability in the core's readiness set and
+//! flushed again when it drains; one that makes no progress for the write
+//! timeout is dropped. A session whose queued bytes would pass the bound is
+//! closed with 3008 "slow" without flushing; the core never waits for it.
 
 use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
 
 use bytes::{Buf, Bytes};
-use monoio::buf::IoVecBuf;
 
-/// Frames to write in one `writev`.
-pub struct FrameBatch {
-    frames: Vec<Bytes>,
-    iovecs: Vec<libc::iovec>,
+/// Frames gathered into one `sendmsg` at most.
+pub const MAX_IOVECS: usize = 64;
+
+/// What a flush wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Bytes written.
+    pub bytes: usize,
+    /// Whether the queue's front frame is now partly written (meaningful
+    /// when `bytes > 0`; otherwise the front is as before).
+    pub front_started: bool,
 }
 
-impl FrameBatch {
-    /// Takes up to `max_bytes` (at least one frame) from the front of `queue`.
-    pub fn take(queue: &mut VecDeque<Bytes>, max_bytes: usize, max_frames: usize) -> (FrameBatch, usize) {
-        let mut frames = Vec::new();
-        let mut bytes = 0;
-        while let Some(f) = queue.front() {
-            if !frames.is_empty() && (bytes + f.len() > max_bytes || frames.len() >= max_frames) {
-                break;
-            }
-            bytes += f.len();
-            frames.push(queue.pop_front().expect("front exists"));
+/// What a flush achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued was written.
+    All,
+    /// The socket's buffer is full: wait for writability.
+    Blocked,
+}
+
+/// Writes as much of `queue` as the socket takes without blocking, dropping
+/// what was written (a partly written frame keeps its tail, and must be
+/// finished before anything else goes out: see [`drop_unstarted`]).
+/// Returns what happened and the bytes written.
+pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushed>, Written) {
+    let mut written = Written::default();
+    loop {
+        if queue.is_empty() {
+            return (Ok(Flushed::All), written);
         }
-        let mut batch = FrameBatch { frames, iovecs: Vec::new() };
-        batch.rebuild();
-        (batch, bytes)
-    }
-
-    fn rebuild(&mut self) {
-        self.iovecs.clear();
-        self.iovecs.extend(
-            self.frames
-                .iter()
-                .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() }),
-        );
-    }
-
-    /// Bytes left to write.
-    pub fn remaining(&self) -> usize {
-        self.frames.iter().map(Bytes::len).sum()
-    }
-
-    /// Drops the first `n` written bytes.
-    pub fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(f) = self.frames.first_mut() else { break };
-            if n >= f.len() {
-                n -= f.len();
-                self.frames.remove(0);
+        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+        let mut n = 0;
+        let mut want = 0;
+        for f in queue.iter().take(MAX_IOVECS) {
+            iov[n] = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
+            want += f.len();
+            n += 1;
+        }
+        // SAFETY: a zeroed msghdr is valid (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n as _;
+        // SAFETY: every iovec points into a `Bytes` held by `queue`, which is
+        // not touched until the call returns; the kernel only reads them.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.kind() {
+                io::ErrorKind::WouldBlock => (Ok(Flushed::Blocked), written),
+                io::ErrorKind::Interrupted => continue,
+                _ => (Err(e), written),
+            };
+        }
+        let mut done = r as usize;
+        written.bytes += done;
+        while done > 0 {
+            let front = queue.front_mut().expect("written bytes come from queued frames");
+            if done >= front.len() {
+                done -= front.len();
+                queue.pop_front();
+                written.front_started = false;
             } else {
-                f.advance(n);
-                n = 0;
+                front.advance(done);
+                done = 0;
+                written.front_started = true;
             }
         }
-        self.rebuild();
-    }
-
-    /// Whether everything was written.
-    pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        if (r as usize) < want {
+            return (Ok(Flushed::Blocked), written);
+        }
     }
 }
 
-// SAFETY: every iovec points into a `Bytes` owned by `self.frames`; `Bytes`
-// storage never moves while a handle to it exists, and neither `frames` nor
-// `iovecs` is touched while the runtime owns the batch (between submitting
-// the writev and getting the batch back). `rebuild` keeps the two in step,
-// and the test below checks them against the frames after partial writes.
-unsafe impl IoVecBuf for FrameBatch {
-    fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs.as_ptr()
-    }
-
-    fn read_iovec_len(&self) -> usize {
-        self.iovecs.len()
+/// Drops every queued frame except a partly written front one (whose tail
+/// must still go out, or the stream's framing breaks); `started` says
+/// whether the front is partly written. Returns the bytes kept.
+pub fn drop_unstarted(queue: &mut VecDeque<Bytes>, started: bool) -> usize {
+    let keep = if started { queue.pop_front() } else { None };
+    queue.clear();
+    match keep {
+        Some(f) => {
+            let n = f.len();
+            queue.push_back(f);
+            n
+        }
+        None => 0,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iovec_bytes(b: &FrameBatch) -> Vec<u8> {
-        let mut out = Vec::new();
-        for v in &b.iovecs {
-            // SAFETY: the iovecs point into frames owned by `b`, alive here.
-            out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
-        }
-        out
-    }
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
 
     #[test]
-    fn batches_share_and_advance() {
-        let shared = Bytes::from_static(b"hello");
-        let mut q: VecDeque<Bytes> =
-            [shared.clone(), Bytes::from_static(b" "), Bytes::from_static(b"world")].into_iter().collect();
-        let (mut b, n) = FrameBatch::take(&mut q, 1 << 20, 64);
-        assert_eq!(n, 11);
+    fn writes_shared_frames_in_order_and_keeps_the_tail_when_the_socket_is_full() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let shared = Bytes::from(vec![7u8; 1000]);
+        let mut q: VecDeque<Bytes> = (0..4).map(|_| shared.clone()).collect();
+        q.push_back(Bytes::from_static(b"end"));
+        let (r, n) = flush_queue(a.as_raw_fd(), &mut q);
+        assert_eq!((r.unwrap(), n.bytes), (Flushed::All, 4003));
         assert!(q.is_empty());
-        assert_eq!(b.frames[0].as_ptr(), shared.as_ptr(), "a queued frame is the shared bytes, not a copy");
-        assert_eq!(iovec_bytes(&b), b"hello world");
-        b.advance(3);
-        assert_eq!(iovec_bytes(&b), b"lo world");
-        b.advance(3);
-        assert_eq!(iovec_bytes(&b), b"world");
-        assert_eq!(b.remaining(), 5);
-        b.advance(5);
-        assert!(b.is_empty());
+        let mut got = vec![0u8; 4003];
+        b.read_exact(&mut got).unwrap();
+        assert!(got[..4000].iter().all(|&x| x == 7) && &got[4000..] == b"end");
+
+        // Fill the socket: the flush stops, keeps what is left, and resumes.
+        let big = Bytes::from(vec![1u8; 1 << 20]);
+        let mut q: VecDeque<Bytes> = [big.clone(), big].into_iter().collect();
+        let (r, w) = flush_queue(a.as_raw_fd(), &mut q);
+        assert_eq!(r.unwrap(), Flushed::Blocked);
+        let left: usize = q.iter().map(Bytes::len).sum();
+        assert_eq!(w.bytes + left, 2 << 20, "nothing lost or doubled");
+        assert_eq!(w.front_started, q.front().unwrap().len() < 1 << 20);
+        let n = w.bytes;
+        b.set_nonblocking(true).unwrap();
+        let mut sink = vec![0u8; 1 << 16];
+        let mut drained = 0;
+        let mut total = n;
+        while !q.is_empty() {
+            while let Ok(k) = b.read(&mut sink) {
+                drained += k;
+            }
+            let (r, w) = flush_queue(a.as_raw_fd(), &mut q);
+            r.unwrap();
+            total += w.bytes;
+        }
+        while drained < total {
+            if let Ok(k) = b.read(&mut sink) {
+                drained += k;
+            }
+        }
+        assert_eq!(drained, 2 << 20);
     }
 
     #[test]
-    fn batches_respect_the_byte_bound_but_take_one() {
-        let mut q: VecDeque<Bytes> = (0..4).map(|_| Bytes::from(vec![0u8; 100])).collect();
-        let (b, n) = FrameBatch::take(&mut q, 250, 64);
-        assert_eq!((b.frames.len(), n, q.len()), (2, 200, 2));
-        let mut q: VecDeque<Bytes> = [Bytes::from(vec![0u8; 1000])].into_iter().collect();
-        let (b, _) = FrameBatch::take(&mut q, 10, 64);
-        assert_eq!(b.frames.len(), 1);
+    fn a_closed_peer_is_an_error_not_a_signal() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let mut q: VecDeque<Bytes> = [Bytes::from_static(b"x")].into_iter().collect();
+        let (r, _) = flush_queue(a.as_raw_fd(), &mut q);
+        assert!(r.is_err());
     }
 }

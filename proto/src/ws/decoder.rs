@@ -146,6 +146,13 @@ impl Decoder {
         &self.cfg
     }
 
+    /// Whether the decoder is between messages, holding no state a fresh
+    /// decoder with the same configuration would not have (so a connection
+    /// may drop it while idle and make a new one on its next read).
+    pub fn is_idle(&self) -> bool {
+        self.frame.is_none() && self.message.is_none() && self.assembled.is_empty()
+    }
+
     /// Whether a frame or message is partially received.
     pub fn is_mid_message(&self) -> bool {
         self.frame.is_some() || self.message.is_some()
