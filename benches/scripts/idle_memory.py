@@ -140,6 +140,8 @@ def main():
     time.sleep(2)
     try:
         before = [rss(p.pid) for p in gws]
+        if os.environ.get("IDLE_SMAPS"):
+            os.system(f"cat /proc/{gws[0].pid}/smaps > /tmp/smaps_before; grep -E 'Rss' /proc/{gws[0].pid}/status >&2")
         kernel_before = kernel_bytes()
         total = a.per_process * a.processes
         done = mp.Event()
@@ -154,6 +156,8 @@ def main():
             ready.wait(timeout=600)
         time.sleep(1)
         after = [rss(p.pid) for p in gws]
+        if os.environ.get("IDLE_SMAPS"):
+            os.system(f"cat /proc/{gws[0].pid}/smaps > /tmp/smaps_after; grep -E 'Rss' /proc/{gws[0].pid}/status >&2")
         kernel_after = kernel_bytes()
         growth = sum(after) - sum(before)
         # What the gateways hold: connected sessions as their metrics count them

@@ -50,6 +50,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admin;
+pub mod alloc;
 pub mod auth;
 pub mod bridge;
 pub mod cli;

@@ -63,6 +63,12 @@ fn scenario(kind: Scenario, a: loadgen::demo::DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+// The allocator's options must be set before its first allocation, which
+// happens before `main`: a constructor run by the loader does it.
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = gateway::alloc::tune;
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Demo(a) => scenario(Scenario::Demo, a),
