@@ -65,6 +65,26 @@ pub struct Handover {
     pub pending: Bytes,
     /// permessage-deflate was negotiated.
     pub deflate: bool,
+    /// The TLS session (wss), which travels with its socket.
+    pub tls: TlsSlot,
+}
+
+/// A TLS session in transit between cores, taken once by the core that
+/// adopts the connection (messages are `Clone` for fan-out; a hand-over is
+/// never fanned out, and a clone would find the slot empty).
+#[derive(Debug, Clone, Default)]
+pub struct TlsSlot(Option<std::sync::Arc<std::sync::Mutex<Option<Box<rustls::ServerConnection>>>>>);
+
+impl TlsSlot {
+    /// A slot holding `conn` (empty for a plain connection).
+    pub fn new(conn: Option<Box<rustls::ServerConnection>>) -> TlsSlot {
+        TlsSlot(conn.map(|c| std::sync::Arc::new(std::sync::Mutex::new(Some(c)))))
+    }
+
+    /// Takes the session out.
+    pub fn take(&self) -> Option<Box<rustls::ServerConnection>> {
+        self.0.as_ref().and_then(|m| m.lock().ok().and_then(|mut g| g.take()))
+    }
 }
 
 /// Uplink → core.

@@ -69,6 +69,12 @@ pub struct RunArgs {
     /// Sets `deflate` (accept permessage-deflate).
     #[arg(long)]
     pub deflate: bool,
+    /// Overrides `tls.cert`: serve wss with this PEM certificate chain.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Overrides `tls.key`: the certificate's PEM private key.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     /// Overrides `drain_secs`.
     #[arg(long)]
     pub drain_secs: Option<u64>,
@@ -109,6 +115,12 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
     if a.allow_anonymous {
         cfg.auth.allow_anonymous = true;
     }
+    if let Some(v) = a.tls_cert {
+        cfg.tls.cert = Some(v);
+    }
+    if let Some(v) = a.tls_key {
+        cfg.tls.key = Some(v);
+    }
     if let Some(v) = a.echo_path {
         cfg.echo_path = v;
     }
@@ -133,6 +145,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(crate::metrics::Metrics::new(cfg.cores));
     let verifier = Arc::new(crate::auth::Verifier::new(&cfg.auth)?);
+    let tls = crate::tls::server_config(&cfg.tls)?;
     let life = Arc::new(Lifecycle::default());
 
     let (up_tx, up_rx) = flume::bounded(cfg.uplink.queue.max(1024));
@@ -147,8 +160,18 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let uplink = crate::uplink::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
     let admin = std::net::TcpListener::bind(cfg.admin_listen)?;
     crate::admin::spawn(admin, metrics.clone(), life.clone())?;
-    let cores = crate::cores::spawn(cfg.clone(), verifier, up_tx, inbox_rx, peers, metrics, life.clone())?;
-    tracing::info!(id = %cfg.id, listen = %cfg.listen, admin = %cfg.admin_listen, "gateway ready");
+    let cores = crate::cores::spawn(
+        cfg.clone(),
+        verifier,
+        crate::cores::Wiring { up: up_tx, inboxes: inbox_rx, peers },
+        metrics,
+        life.clone(),
+        tls,
+    )?;
+    tracing::info!(
+        id = %cfg.id, listen = %cfg.listen, admin = %cfg.admin_listen, tls = cfg.tls.enabled(),
+        "gateway ready"
+    );
 
     let sig_life = life.clone();
     std::thread::Builder::new().name("signals".into()).spawn(move || {

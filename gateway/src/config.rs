@@ -136,6 +136,23 @@ impl Default for UplinkConfig {
     }
 }
 
+/// TLS (wss) on the client listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain served to clients (unset: plain `ws://`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    /// Whether the client listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert.is_some()
+    }
+}
+
 /// Everything a gateway needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -167,6 +184,10 @@ pub struct GatewayConfig {
     pub admission: Admission,
     /// Routers.
     pub uplink: UplinkConfig,
+    /// TLS on the client listener (default off). A TLS session costs
+    /// rustls' connection state on top of the plain session (measured in
+    /// BENCHMARKS.md); its buffers are bounded by rustls' 64 KiB limit.
+    pub tls: TlsConfig,
     /// Channel namespaces (must match the routers').
     pub namespaces: Namespaces,
 }
@@ -187,6 +208,7 @@ impl Default for GatewayConfig {
             limits: Limits::default(),
             admission: Admission::default(),
             uplink: UplinkConfig::default(),
+            tls: TlsConfig::default(),
             namespaces: Namespaces::default(),
         }
     }

@@ -85,6 +85,8 @@ pub struct Core {
     draining: Cell<bool>,
     /// The readiness set of this core's established connections.
     pub poller: Poller,
+    /// TLS on the client listener (wss), if configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Sessions that queued frames this turn (each once), for the flusher.
     dirty: RefCell<Vec<Rc<Session>>>,
     flush_waker: Cell<Option<std::task::Waker>>,
@@ -103,6 +105,7 @@ impl Core {
         up: flume::Sender<UpMsg>,
         peers: Vec<flume::Sender<DownMsg>>,
         metrics: Arc<Metrics>,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> std::io::Result<Rc<Core>> {
         let adm = &cfg.admission;
         let admission = TokenBucket::new(adm.accept_rate, adm.accept_burst, Instant::now());
@@ -124,6 +127,7 @@ impl Core {
             handshakes: Cell::new(0),
             draining: Cell::new(false),
             poller: Poller::new()?,
+            tls,
             dirty: RefCell::new(Vec::new()),
             flush_waker: Cell::new(None),
             cfg,
@@ -963,7 +967,13 @@ impl Core {
                 continue;
             }
             if s.connect_deadline.get().is_some_and(|d| now >= d) {
-                s.close(self, Disconnect::STALE.into());
+                if s.is_upgraded() {
+                    s.close(self, Disconnect::STALE.into());
+                } else {
+                    // Slowloris: the upgrade request did not complete in time.
+                    let answer = handshake::error_response(408, &[], "upgrade timed out");
+                    session::refuse_session(self, &s, answer);
+                }
                 continue;
             }
             if s.drain_at.get().is_some_and(|d| now >= d) {
@@ -1049,9 +1059,7 @@ impl Core {
                     backoff = Duration::from_millis(5);
                     match self.admit() {
                         None => {
-                            let fut = session::serve(self.clone(), stream);
-                            tracing::trace!(bytes = std::mem::size_of_val(&fut), "connection task size");
-                            monoio::spawn(fut);
+                            session::accept(&self, stream);
                         }
                         Some(resp) => {
                             self.metrics().rejections.fetch_add(1, Ordering::Relaxed);

@@ -26,22 +26,39 @@ pub fn driver_name() -> &'static str {
     if monoio::utils::detect_uring() { "io_uring" } else { "epoll" }
 }
 
+/// How the cores reach the uplink and each other.
+pub struct Wiring {
+    /// Toward the uplink.
+    pub up: flume::Sender<UpMsg>,
+    /// Each core's inbox (taken by that core).
+    pub inboxes: Vec<flume::Receiver<DownMsg>>,
+    /// Every core's inbox, for hand-overs.
+    pub peers: Vec<flume::Sender<DownMsg>>,
+}
+
 /// Spawns `cfg.cores` worker threads; each returns when it has drained.
 pub fn spawn(
     cfg: Arc<GatewayConfig>,
     verifier: Arc<Verifier>,
-    up: flume::Sender<UpMsg>,
-    inboxes: Vec<flume::Receiver<DownMsg>>,
-    peers: Vec<flume::Sender<DownMsg>>,
+    wiring: Wiring,
     metrics: Arc<Metrics>,
     life: Arc<Lifecycle>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let Wiring { up, inboxes, peers } = wiring;
     tracing::info!(cores = cfg.cores, driver = driver_name(), listen = %cfg.listen, "starting cores");
     let mut handles = Vec::new();
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (id, inbox) in inboxes.into_iter().enumerate() {
-        let (cfg, verifier, up, metrics, life, peers) =
-            (cfg.clone(), verifier.clone(), up.clone(), metrics.clone(), life.clone(), peers.clone());
+        let (cfg, verifier, up, metrics, life, peers, tls) = (
+            cfg.clone(),
+            verifier.clone(),
+            up.clone(),
+            metrics.clone(),
+            life.clone(),
+            peers.clone(),
+            tls.clone(),
+        );
         let h = std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
             if cfg.pin_cores {
                 let _ = monoio::utils::bind_to_cpu_set([id % ncpu]);
@@ -59,7 +76,7 @@ pub fn spawn(
                         std::process::exit(2);
                     }
                 };
-                let core = match Core::new(id, cfg.clone(), verifier, up, peers, metrics) {
+                let core = match Core::new(id, cfg.clone(), verifier, up, peers, metrics, tls) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "cannot make the core's readiness set");

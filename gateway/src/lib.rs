@@ -60,5 +60,6 @@ pub mod cores;
 pub mod metrics;
 pub mod poller;
 pub mod session;
+pub mod tls;
 pub mod uplink;
 pub mod write;

@@ -15,13 +15,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult};
 use proto::client::{Disconnect, Method, ReplyError};
 use proto::token_bucket::TokenBucket;
-use proto::ws::handshake::{self, HandshakeError};
+use proto::ws::handshake;
 use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, SharedFrame, WsError};
 
 use crate::core::Core;
@@ -178,10 +177,14 @@ pub struct Session {
     interest: Cell<u32>,
     /// Decoder state, only while a message is in progress across reads.
     decoder: RefCell<Option<Box<Decoder>>>,
+    /// TLS state (wss listener only).
+    tls: RefCell<Option<Box<rustls::ServerConnection>>>,
+    /// Whether the HTTP upgrade is done (before: the request is being read).
+    upgraded: Cell<bool>,
     /// permessage-deflate was negotiated.
-    deflate: bool,
+    deflate: Cell<bool>,
     /// The echo endpoint (conformance), not the client protocol.
-    echo: bool,
+    echo: Cell<bool>,
     /// Whether `connect` succeeded.
     pub connected: Cell<bool>,
     /// Whether the session is on its user's core (adopted, or its first
@@ -228,17 +231,21 @@ pub struct Session {
 const LOST: CloseReason = CloseReason { code: 1006, reason: "" };
 
 impl Session {
-    fn new(core: &Core, sock: OwnedFd, deflate: bool, echo: bool) -> Rc<Session> {
+    /// A session whose upgrade request is still to be read (its deadline is
+    /// the handshake timeout until it is upgraded).
+    fn new(core: &Core, sock: OwnedFd, tls: Option<Box<rustls::ServerConnection>>) -> Rc<Session> {
         let now = Instant::now();
-        let connect_timeout = Duration::from_secs(core.cfg.limits.connect_timeout_secs);
+        let handshake_timeout = Duration::from_secs(core.cfg.limits.handshake_timeout_secs);
         Rc::new(Session {
             id: core.next_session_id(),
             fd: sock.as_raw_fd(),
             sock: RefCell::new(Some(sock)),
             interest: Cell::new(0),
             decoder: RefCell::new(None),
-            deflate,
-            echo,
+            tls: RefCell::new(tls),
+            upgraded: Cell::new(false),
+            deflate: Cell::new(false),
+            echo: Cell::new(false),
             connected: Cell::new(false),
             placed: Cell::new(false),
             done: Cell::new(false),
@@ -257,10 +264,23 @@ impl Session {
             refusals: Cell::new(0),
             next_ping: Cell::new(now),
             pong_due: Cell::new(None),
-            connect_deadline: Cell::new(Some(now + connect_timeout)),
+            connect_deadline: Cell::new(Some(now + handshake_timeout)),
             expires_at: Cell::new(None),
             drain_at: Cell::new(None),
         })
+    }
+
+    /// Whether the HTTP upgrade is done.
+    pub fn is_upgraded(&self) -> bool {
+        self.upgraded.get()
+    }
+
+    /// The upgrade is over (done, refused or abandoned): the core counts one
+    /// handshake fewer in progress.
+    fn leave_handshake(&self, core: &Core) {
+        if !self.upgraded.replace(true) {
+            core.handshake_done();
+        }
     }
 
     /// Whether the session is closing or closed.
@@ -346,6 +366,7 @@ impl Session {
             return;
         }
         self.update_interest(core);
+        self.leave_handshake(core);
         core.unregister(self);
         self.out_bytes.set(0);
         *self.out.borrow_mut() = VecDeque::new();
@@ -380,7 +401,10 @@ impl Session {
         if self.done.get() {
             return;
         }
-        let (result, written) = write::flush_queue(self.fd, &mut self.out.borrow_mut());
+        let (result, written) = match self.tls.borrow_mut().as_mut() {
+            Some(conn) => crate::tls::flush(conn, self.fd, &mut self.out.borrow_mut()),
+            None => write::flush_queue(self.fd, &mut self.out.borrow_mut()),
+        };
         if written.bytes > 0 {
             self.front_started.set(written.front_started);
         }
@@ -393,6 +417,9 @@ impl Session {
                 *self.out.borrow_mut() = VecDeque::new();
                 self.blocked_since.set(None);
                 if self.is_closing() {
+                    if let Some(conn) = self.tls.borrow_mut().as_mut() {
+                        crate::tls::close_notify(conn, self.fd);
+                    }
                     // SAFETY: plain syscall on our open socket.
                     unsafe { libc::shutdown(self.fd, libc::SHUT_WR) };
                     self.finish(core);
@@ -438,7 +465,7 @@ async fn write_raw(stream: &mut TcpStream, bytes: Vec<u8>) {
 }
 
 /// One non-blocking `recv` into the spare capacity of `buf`.
-fn recv_into(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> std::io::Result<usize> {
+pub(crate) fn recv_into(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> std::io::Result<usize> {
     let spare = buf.spare_capacity_mut();
     // SAFETY: `recv` writes at most `spare.len()` bytes into memory we own
     // (the buffer's spare capacity), and we mark exactly the bytes it wrote
@@ -452,87 +479,99 @@ fn recv_into(fd: std::os::fd::RawFd, buf: &mut BytesMut) -> std::io::Result<usiz
     Ok(n as usize)
 }
 
-/// Reads into the spare capacity of `buf`, after what it already holds
-/// (monoio's plain `read` fills a buffer from its start).
-async fn read_append<R: AsyncReadRent>(r: &mut R, buf: BytesMut) -> (std::io::Result<usize>, BytesMut) {
-    let (len, cap) = (buf.len(), buf.capacity());
-    let (res, slice) = r.read(buf.slice_mut(len..cap)).await;
-    (res, slice.into_inner())
-}
-
 /// Answers a refused upgrade (or an admission 503) and closes.
 pub async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
     write_raw(&mut stream, response).await;
 }
 
-/// Reads the upgrade request within the handshake deadline and the header bound.
-async fn read_upgrade(
-    stream: &mut TcpStream,
-    core: &Rc<Core>,
-) -> Result<(handshake::UpgradeRequest, BytesMut), Option<HandshakeError>> {
-    let limits = handshake::HandshakeLimits::default();
-    let deadline = Duration::from_secs(core.cfg.limits.handshake_timeout_secs);
-    let mut buf = BytesMut::with_capacity(1024);
-    let read = async {
-        loop {
-            if buf.capacity() - buf.len() < 512 {
-                buf.reserve(1024);
+/// Takes an accepted connection: from here on it is a session record in
+/// the core's readiness set; the upgrade request (and, with TLS, the TLS
+/// handshake) is read by the core's reactor like any message, under the
+/// handshake deadline kept by the core's timer. No task is made for it.
+pub fn accept(core: &Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    // SAFETY: a freshly accepted stream has no operation in flight; its
+    // descriptor leaves the runtime for good and the session owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+    let tls = match &core.tls {
+        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+            Ok(c) => Some(Box::new(c)),
+            Err(e) => {
+                tracing::warn!(core = core.id, error = %e, "cannot start a TLS session");
+                core.handshake_done();
+                return;
             }
-            let (res, b) = read_append(stream, buf).await;
-            buf = b;
-            match res {
-                Ok(0) | Err(_) => return Err(None),
-                Ok(_) => {}
-            }
-            match handshake::parse_request(&buf, &limits) {
-                Ok(Some((req, consumed))) => {
-                    let _ = buf.split_to(consumed);
-                    return Ok((req, buf));
-                }
-                Ok(None) => continue,
-                Err(e) => return Err(Some(e)),
-            }
-        }
+        },
+        None => None,
     };
-    match monoio::time::timeout(deadline, read).await {
-        Ok(r) => r,
-        Err(_) => Err(None),
-    }
+    let session = Session::new(core, sock, tls);
+    core.register(&session);
+    start(core, &session, BytesMut::new());
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let upgrade = read_upgrade(&mut stream, &core).await;
-    core.handshake_done();
-    let (req, leftover) = match upgrade {
-        Ok(r) => r,
-        Err(Some(e)) => {
-            core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
-            return refuse(stream, e.response()).await;
+/// The upgrade request is complete in `b` (or refused): answer it, then
+/// handle whatever followed it as WebSocket frames.
+fn upgrade(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
+    let limits = handshake::HandshakeLimits::default();
+    let (req, consumed) = match handshake::parse_request(&b, &limits) {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            *s.partial.borrow_mut() = BytesMut::from(&b[..]);
+            core.give_scratch(b);
+            return;
         }
-        Err(None) => {
-            core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
-            return refuse(stream, handshake::error_response(408, &[], "upgrade timed out")).await;
+        Err(e) => {
+            core.give_scratch(b);
+            return refuse_session(core, s, e.response());
         }
     };
     let path = req.path_only();
     let echo = !core.cfg.echo_path.is_empty() && path == core.cfg.echo_path;
     if !echo && !core.cfg.path.is_empty() && path != core.cfg.path {
-        core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
-        return refuse(stream, handshake::error_response(404, &[], "no websocket endpoint here")).await;
+        core.give_scratch(b);
+        return refuse_session(core, s, handshake::error_response(404, &[], "no websocket endpoint here"));
     }
     let deflate = if core.cfg.deflate { req.negotiate_deflate() } else { None };
     let protocol = req.select_protocol(&["centrifuge-json"]);
     let response = handshake::switching_protocols(&req.key, protocol, deflate.as_ref());
-    let (res, _) = stream.write_all(response).await;
-    if res.is_err() {
+    s.echo.set(echo);
+    s.deflate.set(deflate.is_some());
+    s.leave_handshake(core);
+    core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
+    s.connect_deadline.set(Some(Instant::now() + Duration::from_secs(core.cfg.limits.connect_timeout_secs)));
+    s.send(core, Bytes::from(response));
+    // Out now, so a `connect` right behind the request finds the session
+    // with nothing queued and free to move to its user's core.
+    s.flush(core);
+    bytes::Buf::advance(&mut b, consumed);
+    if b.is_empty() {
+        core.give_scratch(b);
+    } else {
+        feed(core, s, b);
+    }
+}
+
+/// Refuses an upgrade with an HTTP answer: the socket leaves the session
+/// for a short task that writes the answer and closes gracefully.
+pub fn refuse_session(core: &Rc<Core>, s: &Rc<Session>, response: Vec<u8>) {
+    core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+    if s.done.replace(true) {
         return;
     }
-    core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
-    // The session is made here; its first message (a `connect`) moves it,
-    // socket and bytes, to its user's core if that is another one.
-    serve_here(core, stream, deflate.is_some(), leftover, echo)
+    if s.close.get().is_none() {
+        s.close.set(Some(LOST));
+    }
+    let answer = match s.tls.borrow_mut().as_mut() {
+        Some(conn) => crate::tls::seal_final(conn, &response),
+        None => response,
+    };
+    s.update_interest(core);
+    s.leave_handshake(core);
+    core.unregister(s);
+    let Some(sock) = s.sock.borrow_mut().take() else { return };
+    if let Ok(stream) = TcpStream::from_std(std::net::TcpStream::from(sock)) {
+        monoio::spawn(refuse(stream, answer));
+    }
 }
 
 /// The core of the user named by a `connect` as the frame's first command.
@@ -540,17 +579,6 @@ fn peek_core(core: &Rc<Core>, frame: &[u8]) -> Option<usize> {
     let Some(Ok(cmd)) = proto::client::decode_frame(frame).next() else { return None };
     let Method::Connect(c) = &cmd.method else { return None };
     crate::auth::peek_user(&c.token).map(|u| core.core_of_user(&u))
-}
-
-/// Makes the session on this core and puts it in the core's readiness set;
-/// the handshake's task (and everything it held) ends here.
-fn serve_here(core: Rc<Core>, stream: TcpStream, deflate: bool, leftover: BytesMut, echo: bool) {
-    // SAFETY: the descriptor leaves the runtime's stream for good; the
-    // session is now its only owner.
-    let sock = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
-    let session = Session::new(&core, sock, deflate, echo);
-    core.register(&session);
-    start(&core, &session, leftover);
 }
 
 /// Watches a registered session's socket and handles what was already read.
@@ -586,24 +614,76 @@ pub fn on_readable(core: &Rc<Core>, s: &Rc<Session>) {
             *partial = BytesMut::new();
         }
     }
-    match recv_into(s.fd, &mut b) {
-        Ok(0) => {
-            core.give_scratch(b);
-            s.lost(core);
+    let got = {
+        let mut tls = s.tls.borrow_mut();
+        match tls.as_mut() {
+            None => match recv_into(s.fd, &mut b) {
+                Ok(0) => Got::Closed,
+                Ok(_) => Got::Data,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Got::Nothing,
+                Err(_) => Got::Failed,
+            },
+            Some(conn) => {
+                let mut cipher = core.take_scratch();
+                let r = crate::tls::read(conn, s.fd, &mut cipher, &mut b);
+                core.give_scratch(cipher);
+                let got = match r {
+                    Ok(crate::tls::ReadTls::Data) => Got::Data,
+                    Ok(crate::tls::ReadTls::Closed) => Got::Closed,
+                    Ok(crate::tls::ReadTls::WouldBlock) => Got::Nothing,
+                    Err(_) => Got::Failed,
+                };
+                if conn.wants_write() && got != Got::Failed {
+                    // Handshake records, key updates: out with this turn's flush.
+                    drop(tls);
+                    s.wants_flush(core);
+                } else if got == Got::Failed {
+                    // Send rustls' alert, best effort.
+                    let _ = crate::tls::flush(conn, s.fd, &mut VecDeque::new());
+                }
+                got
+            }
         }
-        Ok(_) => feed(core, s, b),
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            // Spurious readiness: keep what was partial and wait again.
+    };
+    match got {
+        Got::Data | Got::Closed => {
+            if !s.upgraded.get() {
+                upgrade(core, s, b);
+            } else if !b.is_empty() {
+                feed(core, s, b);
+            } else {
+                core.give_scratch(b);
+            }
+            if got == Got::Closed && !s.is_closing() {
+                s.lost(core);
+            }
+        }
+        Got::Nothing => {
+            // Spurious readiness (or TLS records with no data yet): keep what
+            // was partial and wait again.
             if !b.is_empty() {
                 *s.partial.borrow_mut() = BytesMut::from(&b[..]);
             }
             core.give_scratch(b);
         }
-        Err(_) => {
+        Got::Failed => {
             core.give_scratch(b);
             s.lost(core);
         }
     }
+}
+
+/// What a read of a session's socket gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    /// Bytes (plaintext) were appended.
+    Data,
+    /// The peer closed (after the bytes appended, if any).
+    Closed,
+    /// Nothing yet.
+    Nothing,
+    /// A socket or TLS error.
+    Failed,
 }
 
 /// Decodes and handles the bytes in `b` (a scratch buffer), keeps the bytes
@@ -614,11 +694,11 @@ fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
         Box::new(Decoder::new(DecoderConfig {
             max_frame: core.cfg.limits.max_message,
             max_message: core.cfg.limits.max_message,
-            deflate: s.deflate,
+            deflate: s.deflate.get(),
             ..DecoderConfig::server()
         }))
     });
-    let result = process(core, s, &mut decoder, &mut b, s.echo);
+    let result = process(core, s, &mut decoder, &mut b, s.echo.get());
     if !decoder.is_idle() {
         *s.decoder.borrow_mut() = Some(decoder);
     }
@@ -650,7 +730,8 @@ fn hand_over(core: &Rc<Core>, s: &Rc<Session>, target: usize, message: Bytes) {
     let pending = std::mem::take(&mut *s.partial.borrow_mut()).freeze();
     core.unregister(s);
     let fd = sock.into_raw_fd();
-    core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate: s.deflate });
+    let tls = crate::bridge::TlsSlot::new(s.tls.borrow_mut().take());
+    core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate: s.deflate.get(), tls });
 }
 
 /// Serves a connection another core handed over (its user lives here).
@@ -658,9 +739,17 @@ pub fn adopt(core: &Rc<Core>, h: crate::bridge::Handover) {
     // SAFETY: the fd left its session on the other core for this hand-over;
     // this core is now its only owner.
     let sock = unsafe { OwnedFd::from_raw_fd(h.fd) };
-    let session = Session::new(core, sock, h.deflate, false);
+    let session = Session::new(core, sock, h.tls.take());
+    session.upgraded.set(true);
+    session.deflate.set(h.deflate);
     session.placed.set(true);
+    session
+        .connect_deadline
+        .set(Some(Instant::now() + Duration::from_secs(core.cfg.limits.connect_timeout_secs)));
     core.register(&session);
+    if session.tls.borrow().as_ref().is_some_and(|c| c.wants_write()) {
+        session.wants_flush(core);
+    }
     // Its first message (`connect`, verified here) is handled now.
     if handle_commands(core, &session, &h.message) == Flow::Go {
         start(core, &session, BytesMut::from(&h.pending[..]));
