@@ -368,9 +368,38 @@ pub enum Event {
     Closed(Option<u16>, String),
 }
 
+/// A TLS client stream to `addr`, trusting the CA in `ca_pem` for the
+/// name `localhost` (10 s read timeout).
+pub fn tls_stream(
+    addr: SocketAddr,
+    ca_pem: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_nodelay(true).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// A byte stream a client talks over: TCP, or TLS over TCP.
+pub trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
 /// A blocking WebSocket client (masked frames, text JSON lines).
 pub struct Ws {
-    stream: TcpStream,
+    stream: Box<dyn Duplex>,
     decoder: Decoder,
     buf: BytesMut,
     queue: std::collections::VecDeque<Event>,
@@ -388,9 +417,24 @@ impl Ws {
     /// Like [`connect`](Self::connect), offering permessage-deflate when
     /// `deflate` (the caller then sends compressed frames by hand).
     pub fn connect_with(addr: SocketAddr, path: &str, deflate: bool) -> Result<Ws, ClientHandshakeError> {
-        let mut stream = TcpStream::connect(addr).unwrap();
+        let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         stream.set_nodelay(true).unwrap();
+        Self::upgrade_over(Box::new(stream), addr, path, deflate)
+    }
+
+    /// Connects over TLS (wss), trusting the CA in `ca_pem` for the name
+    /// `localhost`.
+    pub fn connect_tls(addr: SocketAddr, path: &str, ca_pem: &Path) -> Result<Ws, ClientHandshakeError> {
+        Self::upgrade_over(Box::new(tls_stream(addr, ca_pem)), addr, path, false)
+    }
+
+    fn upgrade_over(
+        mut stream: Box<dyn Duplex>,
+        addr: SocketAddr,
+        path: &str,
+        deflate: bool,
+    ) -> Result<Ws, ClientHandshakeError> {
         let (req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], deflate);
         stream.write_all(&req).unwrap();
         let mut buf = BytesMut::new();
