@@ -34,12 +34,14 @@ def frame(payload):
     return h + m + p
 
 
-def client(port, i, src, channel=None):
+def client(port, i, src, channel=None, tls=None):
     """One authenticated WebSocket client subscribed to `channel` (default: one
     of 1,000 `typing:` rooms), left idle; returns its socket."""
     s = socket.socket()
     s.bind((src, 0))
     s.connect(("127.0.0.1", port))
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="localhost")
     s.send(b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     d = b""
@@ -55,10 +57,14 @@ def client(port, i, src, channel=None):
     return s
 
 
-def client_proc(port, first, n, ready, done):
+def client_proc(port, first, n, ready, done, cafile=None):
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
-    held = [client(port, i, f"127.0.{2 + (i // 250) % 200}.{2 + i % 250}") for i in range(first, first + n)]
+    tls = None
+    if cafile:
+        import ssl
+        tls = ssl.create_default_context(cafile=cafile)
+    held = [client(port, i, f"127.0.{2 + (i // 250) % 200}.{2 + i % 250}", tls=tls) for i in range(first, first + n)]
     ready.set()
     done.wait()
     del held
@@ -114,6 +120,7 @@ def main():
     ap.add_argument("--per-process", type=int, default=18000)
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--tls", action="store_true", help="wss: the gateways serve TLS, the clients verify it")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     subprocess.run([LOADGEN, "router", "certs", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
@@ -135,7 +142,9 @@ def main():
         gws.append(subprocess.Popen([LOADGEN, "gateway", "run", "--id", f"gw-{g}", "--listen", f"127.0.0.1:{ws}",
                                      "--admin-listen", f"127.0.0.1:{admin}", "--router", f"127.0.0.1:{quic}",
                                      "--certs", tmp, "--hmac-secret", SECRET.decode(), "--cores", str(a.cores),
-                                     "--no-pin", "--config", cfg], env=env))
+                                     "--no-pin", "--config", cfg]
+                                    + (["--tls-cert", os.path.join(tmp, "router.pem"), "--tls-key",
+                                        os.path.join(tmp, "router.key")] if a.tls else []), env=env))
     procs += gws
     time.sleep(2)
     try:
@@ -149,7 +158,8 @@ def main():
         per_client_proc = 15000
         for k, first in enumerate(range(0, total, per_client_proc)):
             ready = mp.Event()
-            w = mp.Process(target=client_proc, args=(ws, first, min(per_client_proc, total - first), ready, done))
+            w = mp.Process(target=client_proc, args=(ws, first, min(per_client_proc, total - first), ready, done,
+                                                           os.path.join(tmp, "ca.pem") if a.tls else None))
             w.start()
             workers.append((w, ready))
         for w, ready in workers:
@@ -167,6 +177,7 @@ def main():
             "asked": total,
             "connections": sessions,
             "gateway_processes": a.processes,
+            "tls": a.tls,
             "rss_before_bytes": before,
             "rss_after_bytes": after,
             "bytes_per_connection": round(growth / max(sessions, 1), 1),

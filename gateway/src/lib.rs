@@ -18,8 +18,10 @@
 //!   channel index, router requests, the timer (pings, pongs, deadlines).
 //! - [`session`]: one connection: bounded upgrade, readiness-first reads into
 //!   a per-core scratch buffer (an idle connection pins no buffer), frames.
+//! - [`poller`]: the core's readiness set (epoll, keyed by session id).
 //! - [`write`]: the bounded per-session queue of shared frames and its
-//!   vectored writer ("slow" close at the bound).
+//!   non-blocking vectored flush ("slow" close at the bound).
+//! - [`tls`]: wss with rustls driven by hand on the same read/flush paths.
 //! - [`uplink`]: routers, `channel → bitmask of cores`, encode-once framing.
 //! - [`auth`]: JWT verification (HS*, RS*, ES256).
 //! - [`config`], [`metrics`], [`admin`], [`cli`]: operations.
@@ -37,15 +39,19 @@
 //!
 //! ## Memory budget
 //! Target ≤ 1 KiB of user space per idle, authenticated, subscribed
-//! connection: the connection task waits on readiness with no buffer (reads
-//! go synchronously into one scratch buffer per core); the session record
-//! holds identity, subscriptions and no queue storage when idle.
-//! Measured (release, 2 cores): ~3.2 KiB of RSS growth per open session at
-//! 18,500 in one process and at 102,000 and 204,000 over six and twelve
-//! processes (BENCHMARKS.md); the session task is ~584 B and the session
-//! record 416 B. Not yet at target: the next
-//! step is per-core slabs of small records driven by readiness events
-//! instead of one task per connection. `tests/tests/memory.rs` guards 4 KiB.
+//! connection. There is no task, future or buffer per connection: each core
+//! keeps its established sockets in one epoll set ([`poller`]) that its
+//! reactor task waits on, reads a ready socket synchronously into the core's
+//! scratch buffer, and its flusher writes the sessions that queued frames in
+//! the turn ([`write`]). A session is a record: the fd, identity, a short
+//! subscription list, an empty queue, a decoder only while a message is in
+//! progress. The allocator commits memory on demand ([`alloc`]).
+//! Measured (release, 2 cores, `benches/scripts/idle_memory.py`): ~815 B of
+//! RSS growth per open session at 18,500 in one process and ~827 B at
+//! 102,000 over six processes (BENCHMARKS.md); `tests/tests/memory.rs`
+//! asserts ≤ 2 KiB at 10,000 in the test build. With TLS (wss) a session
+//! also holds rustls' connection state: ~8.7 KB per idle connection at
+//! 10,000.
 
 #![warn(missing_docs, unreachable_pub)]
 
