@@ -1,10 +1,13 @@
 //! One client connection: upgrade, `connect`, commands, and its write queue.
 //!
-//! A connection is one monoio task that waits for readiness (an io_uring
-//! POLL_ADD: no buffer pinned while idle), then reads synchronously
-//! (non-blocking `recv`) into the core's scratch buffer, decodes, and
-//! answers, so one buffer per core serves all its connections. Its small [`Session`] record holds what must
-//! outlive a read: identity, subscriptions, the bounded outbound queue.
+//! A connection is a [`Session`] record in its core's readiness set, not a
+//! task: when its socket is readable the core's reactor reads it
+//! synchronously (non-blocking `recv`) into the core's scratch buffer,
+//! decodes, and answers, so one buffer per core serves all its connections
+//! and nothing is pinned while idle. The upgrade request (and, for wss, the
+//! TLS handshake) is read the same way, under the handshake deadline the
+//! core's timer keeps. The record holds what must outlive a read: the fd,
+//! identity, subscriptions, the bounded outbound queue.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
