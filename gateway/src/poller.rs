@@ -37,11 +37,6 @@ impl Poller {
         Ok(Poller { epoll: unsafe { OwnedFd::from_raw_fd(fd) } })
     }
 
-    /// Watches `fd` for input (and hang-up), reporting `token`.
-    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        self.change(fd, token, 0, READ)
-    }
-
     /// Changes what `fd` is watched for, from the events `from` (0: not in
     /// the set) to `to` (0: out of the set).
     pub fn change(&self, fd: RawFd, token: u64, from: u32, to: u32) -> io::Result<()> {
@@ -57,13 +52,6 @@ impl Poller {
         // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         let r = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
         if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
-    }
-
-    /// Stops watching `fd` (no error if it was not watched).
-    pub fn remove(&self, fd: RawFd) {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        // SAFETY: as in `add`; failure (not in the set) is harmless.
-        unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) };
     }
 
     /// Collects ready tokens without blocking; returns how many were written.
@@ -98,18 +86,17 @@ mod tests {
     use std::io::Write;
 
     #[test]
-    fn reports_the_token_of_a_readable_socket_until_it_is_read_or_removed() {
+    fn reports_the_token_of_a_readable_socket_until_it_is_removed() {
         let p = Poller::new().unwrap();
         let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        p.add(b.as_raw_fd(), 42).unwrap();
+        p.change(b.as_raw_fd(), 42, 0, READ).unwrap();
         let mut ev = events();
         assert_eq!(p.ready(&mut ev), 0, "nothing to read yet");
         a.write_all(b"x").unwrap();
         assert_eq!(p.ready(&mut ev), 1);
         assert_eq!({ ev[0].u64 }, 42);
         assert_eq!(p.ready(&mut ev), 1, "level-triggered: still unread");
-        p.remove(b.as_raw_fd());
+        p.change(b.as_raw_fd(), 42, READ, 0).unwrap();
         assert_eq!(p.ready(&mut ev), 0);
-        p.remove(b.as_raw_fd());
     }
 }

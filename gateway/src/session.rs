@@ -365,16 +365,22 @@ impl Session {
     /// Ends the session: out of the readiness set and the core's tables,
     /// queue dropped, socket closed.
     fn finish(self: &Rc<Self>, core: &Rc<Core>) {
+        drop(self.detach(core));
+        self.out_bytes.set(0);
+        *self.out.borrow_mut() = VecDeque::new();
+        *self.partial.borrow_mut() = BytesMut::new();
+    }
+
+    /// The one way out of a core (end, hand-over, refusal): out of the
+    /// readiness set and the core's tables; returns the socket, once.
+    fn detach(self: &Rc<Self>, core: &Rc<Core>) -> Option<OwnedFd> {
         if self.done.replace(true) {
-            return;
+            return None;
         }
         self.update_interest(core);
         self.leave_handshake(core);
         core.unregister(self);
-        self.out_bytes.set(0);
-        *self.out.borrow_mut() = VecDeque::new();
-        *self.partial.borrow_mut() = BytesMut::new();
-        drop(self.sock.borrow_mut().take());
+        self.sock.borrow_mut().take()
     }
 
     /// Brings the readiness set in line with the session's state.
@@ -558,20 +564,14 @@ fn upgrade(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
 /// for a short task that writes the answer and closes gracefully.
 pub fn refuse_session(core: &Rc<Core>, s: &Rc<Session>, response: Vec<u8>) {
     core.metrics().rejections.fetch_add(1, Ordering::Relaxed);
-    if s.done.replace(true) {
-        return;
-    }
     if s.close.get().is_none() {
         s.close.set(Some(LOST));
     }
+    let Some(sock) = s.detach(core) else { return };
     let answer = match s.tls.borrow_mut().as_mut() {
         Some(conn) => crate::tls::seal_final(conn, &response),
         None => response,
     };
-    s.update_interest(core);
-    s.leave_handshake(core);
-    core.unregister(s);
-    let Some(sock) = s.sock.borrow_mut().take() else { return };
     if let Ok(stream) = TcpStream::from_std(std::net::TcpStream::from(sock)) {
         monoio::spawn(refuse(stream, answer));
     }
@@ -725,13 +725,8 @@ fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
 /// readiness set without being shut down or closed. Nothing was written for
 /// it since the upgrade.
 fn hand_over(core: &Rc<Core>, s: &Rc<Session>, target: usize, message: Bytes) {
-    if s.done.replace(true) {
-        return;
-    }
-    s.update_interest(core);
-    let Some(sock) = s.sock.borrow_mut().take() else { return };
+    let Some(sock) = s.detach(core) else { return };
     let pending = std::mem::take(&mut *s.partial.borrow_mut()).freeze();
-    core.unregister(s);
     let fd = sock.into_raw_fd();
     let tls = crate::bridge::TlsSlot::new(s.tls.borrow_mut().take());
     core.hand_over(target, crate::bridge::Handover { fd, message, pending, deflate: s.deflate.get(), tls });

@@ -42,16 +42,8 @@ pub fn server_config(cfg: &TlsConfig) -> anyhow::Result<Option<Arc<rustls::Serve
     Ok(Some(Arc::new(config)))
 }
 
-/// A socket as `Read`/`Write` for rustls: non-blocking, no SIGPIPE.
+/// A socket as `Write` for rustls: non-blocking, no SIGPIPE.
 struct Fd(RawFd);
-
-impl Read for Fd {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `recv` writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe { libc::recv(self.0, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
-    }
-}
 
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
