@@ -63,8 +63,8 @@ pub struct Handover {
     pub message: Bytes,
     /// Bytes read after that message, not yet decoded.
     pub pending: Bytes,
-    /// permessage-deflate was negotiated.
-    pub deflate: bool,
+    /// What permessage-deflate allows on this connection.
+    pub deflate: crate::session::Deflate,
     /// The TLS session (wss), which travels with its socket.
     pub tls: TlsSlot,
 }

@@ -172,7 +172,12 @@ pub struct GatewayConfig {
     pub path: String,
     /// Echo endpoint path for conformance tests (empty: off).
     pub echo_path: String,
-    /// Accept permessage-deflate offers (default off).
+    /// Accept permessage-deflate offers (default off). Always without
+    /// context takeover: each outbound publication frame is compressed at
+    /// most once per core (metric `frames_deflated`) and that one compressed
+    /// frame is shared by every compressing session on the core; replies and
+    /// frames under 96 bytes, or that do not shrink, go out uncompressed. A
+    /// client that limits the server window below 15 bits gets plain frames.
     pub deflate: bool,
     /// Drain window in seconds (default 30).
     pub drain_secs: u64,

@@ -18,7 +18,8 @@ use proto::client::{Disconnect, Method, ReplyError};
 use proto::cluster::ClusterMsg;
 use proto::namespace::{PublishPolicy, SubscribePolicy};
 use proto::token_bucket::TokenBucket;
-use proto::ws::deflate::Inflater;
+use proto::ws::SharedFrame;
+use proto::ws::deflate::{Deflater, Inflater};
 use proto::ws::handshake;
 use rand::Rng;
 
@@ -59,6 +60,11 @@ enum Pending {
     },
 }
 
+/// Frames shorter than this (header included) go out uncompressed even to
+/// sessions that negotiated permessage-deflate: a fresh-window deflate of a
+/// few dozen bytes rarely comes out smaller.
+const MIN_DEFLATE_FRAME: usize = 96;
+
 /// A worker core.
 pub struct Core {
     /// This core's index.
@@ -80,6 +86,9 @@ pub struct Core {
     user_buckets: RefCell<HashMap<String, TokenBucket>>,
     /// The core's pooled inflater (permessage-deflate resets it per message).
     pub inflater: RefCell<Inflater>,
+    /// The core's compressor: one compressed twin per publication frame,
+    /// shared by every session that takes compressed frames.
+    deflater: RefCell<Deflater>,
     admission: RefCell<TokenBucket>,
     handshakes: Cell<usize>,
     draining: Cell<bool>,
@@ -121,6 +130,7 @@ impl Core {
             next_session: Cell::new(1),
             scratch: RefCell::new(Vec::new()),
             inflater: RefCell::new(Inflater::new()),
+            deflater: RefCell::new(Deflater::default()),
             user_buckets: RefCell::new(HashMap::new()),
             peers,
             admission: RefCell::new(admission),
@@ -603,6 +613,7 @@ impl Core {
                 };
                 let mut n = 0;
                 let mut gaps = Vec::new();
+                let mut twin = None;
                 for sid in ids {
                     let Some(s) = self.session(sid) else { continue };
                     let step = {
@@ -631,7 +642,7 @@ impl Core {
                     };
                     match step {
                         Step::Send(_) => {
-                            s.send(self, frame.clone());
+                            s.send(self, s.pick(self, &frame, &mut twin).clone());
                             n += 1;
                         }
                         Step::Skip => {}
@@ -682,6 +693,17 @@ impl Core {
                 session::adopt(self, *h);
             }
         }
+    }
+
+    /// The permessage-deflate twin of an encoded data frame (counted in
+    /// `frames_deflated`), or `None` when the payload is too small to gain.
+    pub fn deflate_twin(&self, frame: &[u8]) -> Option<Bytes> {
+        if frame.len() < MIN_DEFLATE_FRAME {
+            return None;
+        }
+        let twin = SharedFrame::deflate_encoded(frame, &mut self.deflater.borrow_mut())?;
+        self.metrics.frames_deflated.fetch_add(1, Ordering::Relaxed);
+        Some(twin.into_bytes())
     }
 
     /// Puts a session in this turn's flush list (the session keeps it to once).
@@ -954,7 +976,7 @@ impl Core {
     pub fn tick(self: &Rc<Self>, now: Instant) {
         let ping_every = Duration::from_secs(self.cfg.limits.ping_secs.max(1) as u64);
         let pong_timeout = Duration::from_secs(self.cfg.limits.pong_timeout_secs);
-        let ping = proto::ws::SharedFrame::text(reply::PING).into_bytes();
+        let ping = SharedFrame::text(reply::PING).into_bytes();
         let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
         for s in sessions {

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub publications_in: AtomicU64,
     /// WebSocket frames encoded for publications (1 per publication, or fewer when packed).
     pub frames_encoded: AtomicU64,
+    /// Compressed twins of frames (permessage-deflate): at most one per
+    /// publication frame and core that has a compressing recipient.
+    pub frames_deflated: AtomicU64,
     /// Channel resyncs (gaps, link loss, router back-pressure).
     pub resyncs: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
@@ -54,6 +57,7 @@ impl Metrics {
             cores: (0..cores).map(|_| CoreMetrics::default()).collect(),
             publications_in: AtomicU64::new(0),
             frames_encoded: AtomicU64::new(0),
+            frames_deflated: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
@@ -84,6 +88,7 @@ impl Metrics {
         for (name, v) in [
             ("switchyard_gateway_publications_in_total", &self.publications_in),
             ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
+            ("switchyard_gateway_frames_deflated_total", &self.frames_deflated),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_routers_up", &self.routers_up),

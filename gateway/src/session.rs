@@ -23,6 +23,7 @@ use monoio::net::TcpStream;
 use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult};
 use proto::client::{Disconnect, Method, ReplyError};
 use proto::token_bucket::TokenBucket;
+use proto::ws::deflate::DeflateParams;
 use proto::ws::handshake;
 use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, SharedFrame, WsError};
 
@@ -165,6 +166,30 @@ impl Subs {
     }
 }
 
+/// What permessage-deflate allows on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deflate {
+    /// Not negotiated: RSV1 is a protocol error, nothing is compressed.
+    Off,
+    /// Compressed messages from the client; plain ones to it (it limited the
+    /// server's window below the 15 bits the shared compressor uses).
+    Inbound,
+    /// Both ways: publications reach the session in the core's one
+    /// compressed twin of each frame.
+    Both,
+}
+
+impl Deflate {
+    /// The mode for what the upgrade agreed.
+    pub fn agreed(params: Option<&DeflateParams>) -> Deflate {
+        match params {
+            None => Deflate::Off,
+            Some(p) if p.server_compresses() => Deflate::Both,
+            Some(_) => Deflate::Inbound,
+        }
+    }
+}
+
 /// What outlives a read: the socket, identity, subscriptions, the outbound
 /// queue. There is no task, future or buffer per connection: the core's
 /// reactor reads a session when its socket is ready and its flusher writes
@@ -184,8 +209,8 @@ pub struct Session {
     tls: RefCell<Option<Box<rustls::ServerConnection>>>,
     /// Whether the HTTP upgrade is done (before: the request is being read).
     upgraded: Cell<bool>,
-    /// permessage-deflate was negotiated.
-    deflate: Cell<bool>,
+    /// What permessage-deflate allows on this connection.
+    deflate: Cell<Deflate>,
     /// The echo endpoint (conformance), not the client protocol.
     echo: Cell<bool>,
     /// Whether `connect` succeeded.
@@ -247,7 +272,7 @@ impl Session {
             decoder: RefCell::new(None),
             tls: RefCell::new(tls),
             upgraded: Cell::new(false),
-            deflate: Cell::new(false),
+            deflate: Cell::new(Deflate::Off),
             echo: Cell::new(false),
             connected: Cell::new(false),
             placed: Cell::new(false),
@@ -320,7 +345,27 @@ impl Session {
 
     /// Queues a client-protocol line (a reply or a push) as its own frame.
     pub fn send_line(self: &Rc<Self>, core: &Rc<Core>, line: &[u8]) {
-        self.send(core, SharedFrame::text(line).into_bytes());
+        self.send_own(core, SharedFrame::text(line));
+    }
+
+    /// Queues a data frame built for this session alone (replies, echoes):
+    /// compressed when the session takes compressed frames and it pays.
+    pub fn send_own(self: &Rc<Self>, core: &Rc<Core>, frame: SharedFrame) {
+        let packed = match self.deflate.get() {
+            Deflate::Both => core.deflate_twin(frame.bytes()),
+            Deflate::Off | Deflate::Inbound => None,
+        };
+        self.send(core, packed.unwrap_or_else(|| frame.into_bytes()));
+    }
+
+    /// The frame a publication reaches this session in: the plain one, or
+    /// its compressed twin, made at most once per delivery and core
+    /// (`twin` caches it; `None` inside when compression does not pay).
+    pub fn pick<'a>(&self, core: &Core, plain: &'a Bytes, twin: &'a mut Option<Option<Bytes>>) -> &'a Bytes {
+        match self.deflate.get() {
+            Deflate::Both => twin.get_or_insert_with(|| core.deflate_twin(plain)).as_ref().unwrap_or(plain),
+            Deflate::Off | Deflate::Inbound => plain,
+        }
     }
 
     /// Joins the core's flush list for this turn, unless already there or
@@ -544,7 +589,7 @@ fn upgrade(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
     let protocol = req.select_protocol(&["centrifuge-json"]);
     let response = handshake::switching_protocols(&req.key, protocol, deflate.as_ref());
     s.echo.set(echo);
-    s.deflate.set(deflate.is_some());
+    s.deflate.set(Deflate::agreed(deflate.as_ref()));
     s.leave_handshake(core);
     core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
     s.connect_deadline.set(Some(Instant::now() + Duration::from_secs(core.cfg.limits.connect_timeout_secs)));
@@ -697,7 +742,7 @@ fn feed(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
         Box::new(Decoder::new(DecoderConfig {
             max_frame: core.cfg.limits.max_message,
             max_message: core.cfg.limits.max_message,
-            deflate: s.deflate.get(),
+            deflate: s.deflate.get() != Deflate::Off,
             ..DecoderConfig::server()
         }))
     });
@@ -782,11 +827,11 @@ fn process(
                 drop(inflater);
                 let (flow, keep) = match message {
                     MessageRef::Text(t) if echo => {
-                        s.send(core, SharedFrame::text(t).into_bytes());
+                        s.send_own(core, SharedFrame::text(t));
                         (Flow::Go, None)
                     }
                     MessageRef::Binary(b) if echo => {
-                        s.send(core, SharedFrame::binary(b).into_bytes());
+                        s.send_own(core, SharedFrame::binary(b));
                         (Flow::Go, None)
                     }
                     MessageRef::Binary(_) => {
@@ -842,11 +887,11 @@ fn handle_message(core: &Rc<Core>, s: &Rc<Session>, m: Message, echo: bool) -> (
             false
         }
         Message::Text(t) if echo => {
-            s.send(core, SharedFrame::text(&t).into_bytes());
+            s.send_own(core, SharedFrame::text(&t));
             true
         }
         Message::Binary(b) if echo => {
-            s.send(core, SharedFrame::binary(&b).into_bytes());
+            s.send_own(core, SharedFrame::binary(&b));
             true
         }
         Message::Binary(_) => {
@@ -922,7 +967,7 @@ fn flush(core: &Rc<Core>, s: &Rc<Session>, replies: &mut Vec<Vec<u8>>) {
     if !replies.is_empty() {
         let frame = SharedFrame::text_lines(replies.iter().map(|r| r.as_slice()));
         replies.clear();
-        s.send(core, frame.into_bytes());
+        s.send_own(core, frame);
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use proto::ws::deflate::{DeflateParams, Inflater};
 use proto::ws::handshake::client::{self, ClientHandshakeError};
 use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
 use serde_json::Value;
@@ -406,6 +407,12 @@ pub struct Ws {
     next_id: u32,
     /// Frames received so far.
     pub frames: usize,
+    /// Of those, the compressed ones (RSV1, permessage-deflate).
+    pub compressed: usize,
+    /// What the server agreed to for permessage-deflate.
+    pub deflate: Option<DeflateParams>,
+    inflater: Inflater,
+    next_compressed: bool,
 }
 
 impl Ws {
@@ -439,24 +446,31 @@ impl Ws {
         stream.write_all(&req).unwrap();
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 4096];
-        loop {
-            if let Some((_, n)) = hs.parse_response(&buf)? {
+        let accepted = loop {
+            if let Some((accepted, n)) = hs.parse_response(&buf)? {
                 let _ = buf.split_to(n);
-                break;
+                break accepted;
             }
             let n = stream.read(&mut chunk).unwrap_or(0);
             if n == 0 {
                 return Err(ClientHandshakeError::Invalid("connection closed during upgrade"));
             }
             buf.extend_from_slice(&chunk[..n]);
-        }
+        };
         Ok(Ws {
             stream,
-            decoder: Decoder::new(DecoderConfig::client()),
+            decoder: Decoder::new(DecoderConfig {
+                deflate: accepted.deflate.is_some(),
+                ..DecoderConfig::client()
+            }),
             buf,
             queue: Default::default(),
             next_id: 1,
             frames: 0,
+            compressed: 0,
+            deflate: accepted.deflate,
+            inflater: Inflater::new(),
+            next_compressed: false,
         })
     }
 
@@ -533,9 +547,15 @@ impl Ws {
     fn read_event(&mut self) -> Option<Event> {
         let mut chunk = [0u8; 65536];
         loop {
-            match self.decoder.decode(&mut self.buf) {
+            if self.decoder.is_idle()
+                && let Some(b0) = self.buf.first()
+            {
+                self.next_compressed = b0 & 0x40 != 0;
+            }
+            match self.decoder.decode_with(&mut self.buf, Some(&mut self.inflater)) {
                 Ok(Some(Message::Text(t))) => {
                     self.frames += 1;
+                    self.compressed += usize::from(self.next_compressed);
                     for line in t.split(|b| *b == b'\n') {
                         let v: Value = serde_json::from_slice(line).expect("server sent invalid JSON");
                         self.queue.push_back(Event::Json(v));

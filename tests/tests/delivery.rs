@@ -182,3 +182,49 @@ fn a_thousand_subscribers_on_three_gateways_cost_three_router_sends_per_publicat
         assert!(metric(&m, "switchyard_gateway_deliveries_total") >= (members / 3) as u64, "{m}");
     }
 }
+
+#[test]
+fn compressing_clients_share_one_deflated_frame_per_publication() {
+    // One core, so "one twin per frame and core" is one per frame here.
+    let c = Cluster::start(1, 1, &["--deflate", "--cores", "1"]);
+    let connect = |deflate: bool, user: &str| {
+        let mut ws = e2e::Ws::connect_with(c.ws_addrs[0], "/connection/websocket", deflate).expect("upgrade");
+        assert_eq!(ws.deflate.is_some(), deflate);
+        let r = ws.call(json!({"connect": {"token": e2e::token(user), "name": "e2e"}}));
+        assert!(r["connect"]["client"].is_string(), "{r}");
+        ws
+    };
+    let mut clients: Vec<(e2e::Ws, bool)> = (0..4).map(|i| (connect(true, &format!("z{i}")), true)).collect();
+    clients.push((connect(false, "plain"), false));
+    for (ws, _) in &mut clients {
+        subscribe_ok(ws, "chat:zip");
+    }
+    let before = c.metrics(0);
+    let start: Vec<(usize, usize)> = clients.iter().map(|(ws, _)| (ws.frames, ws.compressed)).collect();
+    let text = "the quick brown fox jumps over the lazy dog, ".repeat(20);
+    let n = 30u64;
+    for i in 0..n {
+        let (st, body) = c.api(0, "publish", &json!({"channel": "chat:zip", "data": {"n": i, "text": text}}));
+        assert_eq!(st, 200, "{body}");
+    }
+    for ((ws, deflate), (frames0, compressed0)) in clients.iter_mut().zip(start) {
+        for i in 0..n {
+            let p = ws.next_pub().expect("publication");
+            assert_eq!(p["push"]["pub"]["data"]["n"], i, "{p}");
+            assert_eq!(p["push"]["pub"]["data"]["text"], text.as_str());
+        }
+        let (frames, compressed) = (ws.frames - frames0, ws.compressed - compressed0);
+        assert!(frames >= 1);
+        if *deflate {
+            assert_eq!(compressed, frames, "every publication frame compressed");
+        } else {
+            assert_eq!(ws.compressed, 0, "a client without permessage-deflate gets plain frames");
+        }
+    }
+    let after = c.metrics(0);
+    let delta = |name: &str| metric(&after, name) - metric(&before, name);
+    let encoded = delta("switchyard_gateway_frames_encoded_total");
+    assert!((1..=n).contains(&encoded), "{after}");
+    // Four compressing recipients, one compressed twin per frame.
+    assert_eq!(delta("switchyard_gateway_frames_deflated_total"), encoded, "{after}");
+}

@@ -5,6 +5,9 @@
 //! compressed from an empty window. So one compressed frame is valid for every
 //! recipient (the [`Deflater`] lives per core, not per connection) and inbound
 //! messages inflate with a pooled [`Inflater`] that is reset between messages.
+//! A client that asks for a server window under 15 bits is accepted with that
+//! value echoed, and then served uncompressed messages (RSV1 clear), which
+//! RFC 7692 allows: the shared compressed frame uses the full window.
 //! zlib state is about 256 KiB for deflate and 40 KiB for inflate: keeping one
 //! per connection would cost more than the connection itself.
 //!
@@ -26,12 +29,23 @@ pub struct DeflateParams {
     pub server_no_context_takeover: bool,
     /// The client resets its compressor per message (always true when we serve).
     pub client_no_context_takeover: bool,
+    /// The largest server window the client accepts, if it named one (8–15).
+    pub server_max_window_bits: Option<u8>,
 }
 
 impl DeflateParams {
-    /// What a Switchyard server answers.
-    pub const SERVER: DeflateParams =
-        DeflateParams { server_no_context_takeover: true, client_no_context_takeover: true };
+    /// What a Switchyard server answers to an offer with no server window limit.
+    pub const SERVER: DeflateParams = DeflateParams {
+        server_no_context_takeover: true,
+        client_no_context_takeover: true,
+        server_max_window_bits: None,
+    };
+
+    /// Whether the server may send compressed messages: only with the full
+    /// 15-bit window, the one the shared per-core compressor uses.
+    pub fn server_compresses(&self) -> bool {
+        matches!(self.server_max_window_bits, None | Some(15))
+    }
 
     /// The `Sec-WebSocket-Extensions` value for a response.
     pub fn response_header(&self) -> String {
@@ -41,6 +55,9 @@ impl DeflateParams {
         }
         if self.client_no_context_takeover {
             s.push_str("; client_no_context_takeover");
+        }
+        if let Some(bits) = self.server_max_window_bits {
+            s.push_str(&format!("; server_max_window_bits={bits}"));
         }
         s
     }
@@ -86,31 +103,45 @@ fn window_bits_ok(v: &Option<String>, required: bool) -> bool {
     }
 }
 
-/// Picks the first acceptable permessage-deflate offer from the client's
-/// extension headers. An offer is declined if it repeats a parameter, names an
-/// unknown one, has a malformed window size, or demands a server window
-/// smaller than 15 bits (the shared compressed frame uses the full window).
+/// Picks a permessage-deflate offer from the client's extension headers: the
+/// first acceptable one that lets the server compress, else the first
+/// acceptable one. An offer is declined if it repeats a parameter, names an
+/// unknown one or has a malformed window size. A server window under 15 bits
+/// is echoed and honoured by never compressing toward that client.
 pub fn negotiate(offers: &[ExtensionOffer]) -> Option<DeflateParams> {
-    'offers: for offer in offers.iter().filter(|o| o.name == "permessage-deflate") {
-        let mut seen: Vec<&str> = Vec::new();
-        for (k, v) in &offer.params {
-            if seen.contains(&k.as_str()) {
-                continue 'offers;
-            }
-            seen.push(k);
-            let ok = match k.as_str() {
-                "server_no_context_takeover" | "client_no_context_takeover" => v.is_none(),
-                "server_max_window_bits" => window_bits_ok(v, true) && v.as_deref() == Some("15"),
-                "client_max_window_bits" => window_bits_ok(v, false),
-                _ => false,
-            };
-            if !ok {
-                continue 'offers;
-            }
-        }
-        return Some(DeflateParams::SERVER);
+    let mut acceptable = offers.iter().filter_map(accept_offer);
+    let first = acceptable.next()?;
+    if first.server_compresses() {
+        return Some(first);
     }
-    None
+    Some(acceptable.find(DeflateParams::server_compresses).unwrap_or(first))
+}
+
+fn accept_offer(offer: &ExtensionOffer) -> Option<DeflateParams> {
+    if offer.name != "permessage-deflate" {
+        return None;
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    let mut params = DeflateParams::SERVER;
+    for (k, v) in &offer.params {
+        if seen.contains(&k.as_str()) {
+            return None;
+        }
+        seen.push(k);
+        let ok = match k.as_str() {
+            "server_no_context_takeover" | "client_no_context_takeover" => v.is_none(),
+            "server_max_window_bits" => {
+                params.server_max_window_bits = v.as_deref().and_then(|b| b.parse().ok());
+                window_bits_ok(v, true)
+            }
+            "client_max_window_bits" => window_bits_ok(v, false),
+            _ => false,
+        };
+        if !ok {
+            return None;
+        }
+    }
+    Some(params)
 }
 
 /// The client's side: the offer loadgen sends and the check of the answer.
@@ -129,13 +160,17 @@ pub mod client {
             if e.name != "permessage-deflate" || out.is_some() {
                 return Err("unexpected extension in response");
             }
-            let mut p =
-                DeflateParams { server_no_context_takeover: false, client_no_context_takeover: false };
+            let mut p = DeflateParams {
+                server_no_context_takeover: false,
+                client_no_context_takeover: false,
+                server_max_window_bits: None,
+            };
             for (k, v) in e.params {
                 match (k.as_str(), v) {
                     ("server_no_context_takeover", None) => p.server_no_context_takeover = true,
                     ("client_no_context_takeover", None) => p.client_no_context_takeover = true,
-                    ("server_max_window_bits", Some(_)) | ("client_max_window_bits", Some(_)) => {}
+                    ("server_max_window_bits", Some(b)) => p.server_max_window_bits = b.parse().ok(),
+                    ("client_max_window_bits", Some(_)) => {}
                     _ => return Err("bad permessage-deflate parameter"),
                 }
             }
@@ -268,7 +303,19 @@ mod tests {
         );
         assert_eq!(negotiate(&offers), Some(DeflateParams::SERVER));
         let offers = parse_extensions("permessage-deflate; server_max_window_bits=10");
-        assert_eq!(negotiate(&offers), None);
+        let accepted = negotiate(&offers).unwrap();
+        assert_eq!(accepted.server_max_window_bits, Some(10));
+        assert!(!accepted.server_compresses());
+        assert!(accepted.response_header().ends_with("; server_max_window_bits=10"));
+        let offers = parse_extensions("permessage-deflate; server_max_window_bits=15");
+        assert!(negotiate(&offers).unwrap().server_compresses());
+        let offers = parse_extensions("permessage-deflate; client_max_window_bits");
+        assert_eq!(negotiate(&offers), Some(DeflateParams::SERVER));
+        assert!(DeflateParams::SERVER.server_compresses());
+        for bad in ["server_max_window_bits=7", "server_max_window_bits", "server_max_window_bits=015"] {
+            let offers = parse_extensions(&format!("permessage-deflate; {bad}"));
+            assert_eq!(negotiate(&offers), None, "{bad}");
+        }
         let offers = parse_extensions("permessage-deflate; foo");
         assert_eq!(negotiate(&offers), None);
         let offers =
@@ -322,6 +369,8 @@ mod tests {
             client::accept(&DeflateParams::SERVER.response_header()).unwrap(),
             Some(DeflateParams::SERVER)
         );
+        let narrow = DeflateParams { server_max_window_bits: Some(9), ..DeflateParams::SERVER };
+        assert_eq!(client::accept(&narrow.response_header()).unwrap(), Some(narrow));
         assert!(client::accept("permessage-deflate; bogus").is_err());
     }
 }

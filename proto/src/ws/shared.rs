@@ -52,6 +52,33 @@ impl SharedFrame {
         Self::build(OpCode::Text, true, &[&compressed])
     }
 
+    /// The compressed twin of an encoded, unfragmented, uncompressed text or
+    /// binary server frame (`frame` as built by this type), for the
+    /// recipients that negotiated permessage-deflate. `None` when `frame` is
+    /// not such a frame or compression would not make it smaller.
+    pub fn deflate_encoded(frame: &[u8], deflater: &mut Deflater) -> Option<SharedFrame> {
+        let (&b0, rest) = frame.split_first()?;
+        let opcode = match b0 {
+            0x81 => OpCode::Text,
+            0x82 => OpCode::Binary,
+            _ => return None,
+        };
+        let (&b1, rest) = rest.split_first()?;
+        if b1 & 0x80 != 0 {
+            return None;
+        }
+        let (len, rest) = match b1 & 0x7f {
+            126 => (u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize, &rest[2..]),
+            127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize, &rest[8..]),
+            n => (n as usize, rest),
+        };
+        if rest.len() != len {
+            return None;
+        }
+        let compressed = deflater.compress(rest);
+        (compressed.len() < len).then(|| Self::build(opcode, true, &[&compressed]))
+    }
+
     /// A binary frame.
     pub fn binary(payload: &[u8]) -> SharedFrame {
         Self::build(OpCode::Binary, false, &[payload])
@@ -139,5 +166,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn deflated_twin_inflates_to_the_same_message() {
+        let mut deflater = Deflater::default();
+        let mut client = Decoder::new(DecoderConfig { deflate: true, ..DecoderConfig::client() });
+        let mut inflater = crate::ws::deflate::Inflater::new();
+        // One of each length encoding: 7-bit, 16-bit, 64-bit.
+        for len in [100usize, 4_000, 70_000] {
+            let text: String = (0..len).map(|i| (b'a' + (i % 7) as u8) as char).collect();
+            let plain = SharedFrame::text(text.as_bytes());
+            let packed = SharedFrame::deflate_encoded(plain.bytes(), &mut deflater).unwrap();
+            assert!(packed.len() < plain.len());
+            assert_eq!(packed.bytes()[0], 0xc1, "FIN, RSV1, text");
+            let mut buf = BytesMut::from(&packed.bytes()[..]);
+            let got = client.decode_with(&mut buf, Some(&mut inflater)).unwrap().unwrap();
+            assert_eq!(got, Message::Text(Bytes::from(text)));
+        }
+        let bin = SharedFrame::binary(&[7u8; 300]);
+        assert_eq!(bin.bytes()[0], 0x82);
+        assert!(SharedFrame::deflate_encoded(bin.bytes(), &mut deflater).unwrap().bytes()[0] == 0xc2);
+        // Incompressible, control, already compressed or truncated: no twin.
+        assert!(SharedFrame::deflate_encoded(SharedFrame::text(b"{}").bytes(), &mut deflater).is_none());
+        assert!(SharedFrame::deflate_encoded(SharedFrame::ping(b"p").bytes(), &mut deflater).is_none());
+        let packed = SharedFrame::deflate_encoded(bin.bytes(), &mut deflater).unwrap();
+        assert!(SharedFrame::deflate_encoded(packed.bytes(), &mut deflater).is_none());
+        assert!(SharedFrame::deflate_encoded(&bin.bytes()[..100], &mut deflater).is_none());
+        assert!(SharedFrame::deflate_encoded(&[], &mut deflater).is_none());
     }
 }
