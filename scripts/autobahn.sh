@@ -54,7 +54,7 @@ if [ "$#" -gt 0 ]; then groups=("$@"); else groups=(1 2 3 4 5 6 7 9 10 12 13); f
 cases=$(printf '"%s.*",' "${groups[@]}")
 cases="[${cases%,}]"
 
-[ -x target/release/gateway ] && [ -x target/release/router ] || cargo build --release -p gateway -p router
+cargo build --release -q -p gateway -p router
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 WS_PORT=$(free_port)
 ADMIN_PORT=$(free_port)
