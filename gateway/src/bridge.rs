@@ -19,7 +19,9 @@ pub type CoreId = usize;
 /// Most cores a gateway runs (the uplink keeps a `u64` bitmask per channel).
 pub const MAX_CORES: usize = 64;
 
-/// Core → uplink.
+/// Core → uplink. A core sends what one turn produced as one batch
+/// (`Vec<UpMsg>`), so a storm costs the uplink one wake-up per core turn,
+/// not one per connection.
 #[derive(Debug)]
 pub enum UpMsg {
     /// The core's first subscriber of `channel` arrived (`on`) or its last left.
@@ -124,6 +126,18 @@ pub enum DownMsg {
     Resync {
         /// Channel.
         channel: Arc<str>,
+    },
+    /// Where `channel`'s stream stands for this core: every publication
+    /// after `top` in `epoch` follows in this inbox (or a [`DownMsg::Resync`]
+    /// says otherwise). The core answers subscribes to the channel from it,
+    /// without asking a router.
+    Position {
+        /// Channel.
+        channel: Arc<str>,
+        /// Epoch.
+        epoch: Arc<str>,
+        /// Offset of the last publication before the ones that follow.
+        top: u64,
     },
 }
 

@@ -148,6 +148,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&cfg.tls)?;
     let life = Arc::new(Lifecycle::default());
 
+    // Batches: one per core turn that had something for the routers.
     let (up_tx, up_rx) = flume::bounded(cfg.uplink.queue.max(1024));
     let mut inbox_tx = Vec::new();
     let mut inbox_rx = Vec::new();

@@ -120,7 +120,11 @@ pub struct UplinkConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
-    /// Messages queued from the cores toward the uplink (default 65,536).
+    /// Batches queued from the cores toward the uplink, one per core turn
+    /// that had messages for the routers (default 65,536). A core that finds
+    /// the queue full keeps its messages and retries on its timer, holding at
+    /// most `core::MAX_UP_BACKLOG` (65,536); past that, requests get error 100
+    /// and other messages are dropped and counted (`uplink_dropped`).
     pub queue: usize,
 }
 

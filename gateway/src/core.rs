@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use monoio::net::{ListenerOpts, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use monoio::net::TcpStream;
 use proto::client::channel::ChannelName;
 use proto::client::command::{Command, FLAG_REJECT_UNRECOVERED};
 use proto::client::reply::{self, SubscribeResult, client_info, strip_newlines, unsubscribe_push};
@@ -26,8 +28,9 @@ use rand::Rng;
 use crate::auth::{TokenError, Verifier};
 use crate::bridge::{CoreId, DownMsg, UpMsg, request_id};
 use crate::config::GatewayConfig;
+use crate::listener::{self, ACCEPTS_PER_TURN, Accepted, LISTENER};
 use crate::metrics::{CoreMetrics, Metrics};
-use crate::poller::Poller;
+use crate::poller::{self, Poller};
 use crate::session::{self, Session, Step, Sub};
 
 /// What a router request was for.
@@ -60,6 +63,36 @@ enum Pending {
     },
 }
 
+/// Messages for the routers a core holds at most while the uplink's queue
+/// is full (it retries every turn and on its timer); beyond, requests are
+/// answered with error 100 and other messages are dropped and counted in
+/// `switchyard_gateway_uplink_dropped_total`.
+pub const MAX_UP_BACKLOG: usize = 65_536;
+
+/// A channel's subscribers on this core and, when the uplink told it, where
+/// the channel's stream stands.
+#[derive(Debug, Default)]
+struct Members {
+    sessions: HashSet<u64>,
+    /// (epoch, offset of the last publication handed to this core): the
+    /// core answers subscribes from it. Kept current by deliveries; `None`
+    /// when something did not follow on (the router is asked instead).
+    position: Option<(Arc<str>, u64)>,
+}
+
+impl Members {
+    /// Follows a delivery of offsets `first..=last` (0: unpositioned).
+    fn advance(&mut self, first: u64, last: u64) {
+        if first == 0 {
+            return;
+        }
+        self.position = match self.position.take() {
+            Some((epoch, top)) if first == top + 1 => Some((epoch, last)),
+            _ => None,
+        };
+    }
+}
+
 /// Frames shorter than this (header included) go out uncompressed even to
 /// sessions that negotiated permessage-deflate: a fresh-window deflate of a
 /// few dozen bytes rarely comes out smaller.
@@ -72,10 +105,14 @@ pub struct Core {
     /// Configuration.
     pub cfg: Arc<GatewayConfig>,
     verifier: Arc<Verifier>,
-    up: flume::Sender<UpMsg>,
+    up: flume::Sender<Vec<UpMsg>>,
+    /// This turn's messages for the routers, sent as one batch by the flusher.
+    up_batch: RefCell<Vec<UpMsg>>,
+    /// The uplink's queue was full at the last try: the timer retries.
+    up_blocked: Cell<bool>,
     metrics: Arc<Metrics>,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
-    index: RefCell<HashMap<Arc<str>, HashSet<u64>>>,
+    index: RefCell<HashMap<Arc<str>, Members>>,
     pending: RefCell<HashMap<u64, Pending>>,
     next_req: Cell<u64>,
     next_session: Cell<u64>,
@@ -92,8 +129,14 @@ pub struct Core {
     admission: RefCell<TokenBucket>,
     handshakes: Cell<usize>,
     draining: Cell<bool>,
-    /// The readiness set of this core's established connections.
+    /// The readiness set of this core's established connections and its listener.
     pub poller: Poller,
+    /// The core's `SO_REUSEPORT` listener (gone once draining).
+    listener: RefCell<Option<std::net::TcpListener>>,
+    /// Whether the listener is in the readiness set (out while backing off).
+    listening: Cell<bool>,
+    /// The next pause after an accept error.
+    accept_backoff: Cell<Duration>,
     /// TLS on the client listener (wss), if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Sessions that queued frames this turn (each once), for the flusher.
@@ -111,7 +154,7 @@ impl Core {
         id: CoreId,
         cfg: Arc<GatewayConfig>,
         verifier: Arc<Verifier>,
-        up: flume::Sender<UpMsg>,
+        up: flume::Sender<Vec<UpMsg>>,
         peers: Vec<flume::Sender<DownMsg>>,
         metrics: Arc<Metrics>,
         tls: Option<Arc<rustls::ServerConfig>>,
@@ -122,6 +165,8 @@ impl Core {
             id,
             verifier,
             up,
+            up_batch: RefCell::new(Vec::new()),
+            up_blocked: Cell::new(false),
             metrics,
             sessions: RefCell::new(HashMap::new()),
             index: RefCell::new(HashMap::new()),
@@ -137,6 +182,9 @@ impl Core {
             handshakes: Cell::new(0),
             draining: Cell::new(false),
             poller: Poller::new()?,
+            listener: RefCell::new(None),
+            listening: Cell::new(false),
+            accept_backoff: Cell::new(MIN_ACCEPT_BACKOFF),
             tls,
             dirty: RefCell::new(Vec::new()),
             flush_waker: Cell::new(None),
@@ -166,6 +214,10 @@ impl Core {
                 let n = self.poller.ready(&mut events);
                 for ev in &events[..n] {
                     let (id, bits) = (ev.u64, ev.events);
+                    if id == LISTENER {
+                        self.accept_ready();
+                        continue;
+                    }
                     let Some(s) = self.session(id) else { continue };
                     if bits & crate::poller::WRITE != 0 {
                         s.flush(&self);
@@ -241,38 +293,68 @@ impl Core {
             let user = s.user.borrow().clone();
             let key = self.cfg.namespaces.presence_channel(&user);
             let msg = ClusterMsg::UserOffline { user, client: s.client.borrow().clone() };
-            let _ = self.up.try_send(UpMsg::Forward { key, msg });
+            self.send_up(UpMsg::Forward { key, msg });
+        }
+    }
+
+    /// Queues a message for the routers; the flusher sends the turn's
+    /// messages as one batch.
+    fn send_up(&self, msg: UpMsg) {
+        let mut batch = self.up_batch.borrow_mut();
+        if batch.len() >= MAX_UP_BACKLOG {
+            self.metrics().uplink_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        batch.push(msg);
+        drop(batch);
+        self.wake_flusher();
+    }
+
+    /// Hands this turn's messages to the uplink; a full queue keeps them
+    /// for the next try (bounded by [`MAX_UP_BACKLOG`]).
+    fn flush_up(&self) {
+        let batch = std::mem::take(&mut *self.up_batch.borrow_mut());
+        if batch.is_empty() {
+            return;
+        }
+        match self.up.try_send(batch) {
+            Ok(()) => self.up_blocked.set(false),
+            Err(flume::TrySendError::Full(batch)) => {
+                // Retried by the timer, not spun on.
+                self.up_blocked.set(true);
+                let mut kept = self.up_batch.borrow_mut();
+                let newer = std::mem::replace(&mut *kept, batch);
+                kept.extend(newer);
+            }
+            Err(flume::TrySendError::Disconnected(_)) => {}
         }
     }
 
     fn index_add(&self, channel: &Arc<str>, s: &Session) {
         let mut idx = self.index.borrow_mut();
-        let set = idx.entry(channel.clone()).or_default();
-        set.insert(s.id);
-        if set.len() == 1 {
-            let _ =
-                self.up.try_send(UpMsg::Interest { core: self.id, channel: channel.to_string(), on: true });
+        let members = idx.entry(channel.clone()).or_default();
+        members.sessions.insert(s.id);
+        if members.sessions.len() == 1 {
+            drop(idx);
+            self.send_up(UpMsg::Interest { core: self.id, channel: channel.to_string(), on: true });
         }
     }
 
     fn unindex(&self, channel: &Arc<str>, s: &Session) {
         let mut idx = self.index.borrow_mut();
-        if let Some(set) = idx.get_mut(channel) {
-            set.remove(&s.id);
-            if set.is_empty() {
+        if let Some(members) = idx.get_mut(channel) {
+            members.sessions.remove(&s.id);
+            if members.sessions.is_empty() {
                 idx.remove(channel);
-                let _ = self.up.try_send(UpMsg::Interest {
-                    core: self.id,
-                    channel: channel.to_string(),
-                    on: false,
-                });
+                drop(idx);
+                self.send_up(UpMsg::Interest { core: self.id, channel: channel.to_string(), on: false });
             }
         }
         if self.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence || ns.join_leave)
             && s.connected.get()
         {
             let msg = ClusterMsg::Leave { channel: channel.to_string(), client: s.client.borrow().clone() };
-            let _ = self.up.try_send(UpMsg::Forward { key: channel.to_string(), msg });
+            self.send_up(UpMsg::Forward { key: channel.to_string(), msg });
         }
     }
 
@@ -280,11 +362,12 @@ impl Core {
         let seq = self.next_req.get();
         self.next_req.set(seq + 1);
         let req = request_id(self.id, seq);
-        self.pending.borrow_mut().insert(req, pending);
-        if self.up.try_send(UpMsg::Request(msg_for(req))).is_err() {
-            self.pending.borrow_mut().remove(&req);
+        if self.up_batch.borrow().len() >= MAX_UP_BACKLOG {
+            self.metrics().uplink_dropped.fetch_add(1, Ordering::Relaxed);
             return Err(ReplyError::INTERNAL);
         }
+        self.pending.borrow_mut().insert(req, pending);
+        self.send_up(UpMsg::Request(msg_for(req)));
         Ok(())
     }
 
@@ -345,8 +428,7 @@ impl Core {
                 s.expires_at.set(ttl.map(|t| now + Duration::from_secs(t as u64 + 25)));
                 replies.push(session::connect_reply(id, &client, ttl, lim.ping_secs));
                 let key = self.cfg.namespaces.presence_channel(&user);
-                let _ =
-                    self.up.try_send(UpMsg::Forward { key, msg: ClusterMsg::UserOnline { user, client } });
+                self.send_up(UpMsg::Forward { key, msg: ClusterMsg::UserOnline { user, client } });
                 Ok(())
             }
             Method::Subscribe(r) => {
@@ -557,6 +639,28 @@ impl Core {
             self.join(s, &channel, ns.presence || ns.join_leave, chan_info);
             return Ok(Some(SubscribeResult::default().reply(id)));
         }
+        // The channel's position is known here: answer without a router
+        // round trip, as the router would (a recovery from the very top
+        // recovers nothing and is complete).
+        if let Some((epoch, top)) = self.channel_position(&channel) {
+            let recovered = r.recover && (r.epoch.is_empty() || *r.epoch == *epoch) && r.offset == top;
+            if !r.recover || recovered {
+                s.subs.borrow_mut().insert(channel.clone(), Sub::Live { position: top });
+                self.index_add(&channel, s);
+                self.join(s, &channel, ns.presence || ns.join_leave, chan_info);
+                self.metrics().local_subscribes.fetch_add(1, Ordering::Relaxed);
+                let result = SubscribeResult {
+                    recoverable: ns.has_history(),
+                    positioned: true,
+                    epoch: epoch.to_string(),
+                    offset: top,
+                    recovered,
+                    was_recovering: r.recover,
+                    ..Default::default()
+                };
+                return Ok(Some(result.reply(id)));
+            }
+        }
         s.subs.borrow_mut().insert(channel.clone(), Sub::Pending { held: Vec::new(), held_bytes: 0 });
         self.index_add(&channel, s);
         self.join(s, &channel, ns.presence || ns.join_leave, chan_info);
@@ -595,7 +699,7 @@ impl Core {
                 user: s.user.borrow().clone(),
                 info,
             };
-            let _ = self.up.try_send(UpMsg::Forward { key: channel.to_string(), msg });
+            self.send_up(UpMsg::Forward { key: channel.to_string(), msg });
         }
     }
 
@@ -607,8 +711,11 @@ impl Core {
     pub fn inbox(self: &Rc<Self>, msg: DownMsg) {
         match msg {
             DownMsg::Deliver { channel, first, last, frame } => {
-                let ids: Vec<u64> = match self.index.borrow().get(&channel) {
-                    Some(set) => set.iter().copied().collect(),
+                let ids: Vec<u64> = match self.index.borrow_mut().get_mut(&channel) {
+                    Some(members) => {
+                        members.advance(first, last);
+                        members.sessions.iter().copied().collect()
+                    }
                     None => return,
                 };
                 let mut n = 0;
@@ -657,9 +764,12 @@ impl Core {
             DownMsg::Resync { channel } => {
                 let ids: Vec<u64> = self
                     .index
-                    .borrow()
-                    .get(&channel)
-                    .map(|s| s.iter().copied().collect())
+                    .borrow_mut()
+                    .get_mut(&channel)
+                    .map(|m| {
+                        m.position = None;
+                        m.sessions.iter().copied().collect()
+                    })
                     .unwrap_or_default();
                 let push = unsubscribe_push(
                     &channel,
@@ -674,9 +784,10 @@ impl Core {
                     }
                 }
             }
+            DownMsg::Position { channel, epoch, top } => self.position(&channel, epoch, top),
             DownMsg::Push { channel, frame } => {
                 let ids: Vec<u64> = match self.index.borrow().get(&channel) {
-                    Some(set) => set.iter().copied().collect(),
+                    Some(members) => members.sessions.iter().copied().collect(),
                     None => return,
                 };
                 for sid in ids {
@@ -695,6 +806,31 @@ impl Core {
         }
     }
 
+    /// The uplink told where `channel`'s stream stands for this core. A
+    /// subscriber that was answered from an older position and has not
+    /// reached this one missed publications: it resyncs (recovers).
+    fn position(self: &Rc<Self>, channel: &Arc<str>, epoch: Arc<str>, top: u64) {
+        let behind: Vec<Rc<Session>> = {
+            let mut idx = self.index.borrow_mut();
+            let Some(members) = idx.get_mut(channel) else { return };
+            members.position = Some((epoch, top));
+            members
+                .sessions
+                .iter()
+                .filter_map(|id| self.session(*id))
+                .filter(|s| matches!(s.subs.borrow().get(channel), Some(Sub::Live { position }) if *position < top))
+                .collect()
+        };
+        for s in behind {
+            self.resync_session(&s, channel);
+        }
+    }
+
+    /// Where `channel`'s stream stands on this core, if the uplink told it.
+    fn channel_position(&self, channel: &str) -> Option<(Arc<str>, u64)> {
+        self.index.borrow().get(channel).and_then(|m| m.position.clone())
+    }
+
     /// The permessage-deflate twin of an encoded data frame (counted in
     /// `frames_deflated`), or `None` when the payload is too small to gain.
     pub fn deflate_twin(&self, frame: &[u8]) -> Option<Bytes> {
@@ -709,6 +845,10 @@ impl Core {
     /// Puts a session in this turn's flush list (the session keeps it to once).
     pub fn mark_dirty(&self, s: Rc<Session>) {
         self.dirty.borrow_mut().push(s);
+        self.wake_flusher();
+    }
+
+    fn wake_flusher(&self) {
         if let Some(w) = self.flush_waker.take() {
             w.wake();
         }
@@ -721,7 +861,8 @@ impl Core {
         let mut batch: Vec<Rc<Session>> = Vec::new();
         loop {
             std::future::poll_fn(|cx| {
-                if self.dirty.borrow().is_empty() {
+                let up = !self.up_blocked.get() && !self.up_batch.borrow().is_empty();
+                if self.dirty.borrow().is_empty() && !up {
                     self.flush_waker.set(Some(cx.waker().clone()));
                     std::task::Poll::Pending
                 } else {
@@ -732,6 +873,9 @@ impl Core {
             std::mem::swap(&mut batch, &mut *self.dirty.borrow_mut());
             for s in batch.drain(..) {
                 s.flush(&self);
+            }
+            if !self.up_blocked.get() {
+                self.flush_up();
             }
             if batch.capacity() > 4096 {
                 batch = Vec::new();
@@ -798,7 +942,7 @@ impl Core {
             let (user, client) = (s.user.borrow().clone(), s.client.borrow().clone());
             let key = self.cfg.namespaces.presence_channel(&user);
             let msg = ClusterMsg::UserOnline { user: user.clone(), client: client.clone() };
-            let _ = self.up.try_send(UpMsg::Replay { key, msg });
+            self.send_up(UpMsg::Replay { key, msg });
             let channels: Vec<Arc<str>> = s.subs.borrow().keys().cloned().collect();
             for channel in channels {
                 if !self.cfg.namespaces.resolve_str(&channel).is_ok_and(|ns| ns.presence || ns.join_leave) {
@@ -811,7 +955,7 @@ impl Core {
                     user: user.clone(),
                     info,
                 };
-                let _ = self.up.try_send(UpMsg::Replay { key: channel.to_string(), msg });
+                self.send_up(UpMsg::Replay { key: channel.to_string(), msg });
             }
         }
     }
@@ -978,6 +1122,9 @@ impl Core {
         let pong_timeout = Duration::from_secs(self.cfg.limits.pong_timeout_secs);
         let ping = SharedFrame::text(reply::PING).into_bytes();
         let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
+        if self.up_blocked.get() {
+            self.flush_up();
+        }
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
         for s in sessions {
             if s.write_stalled(now, write_timeout) {
@@ -1027,6 +1174,10 @@ impl Core {
     /// moment within the drain window, with 3001 so clients reconnect elsewhere.
     pub fn drain(self: &Rc<Self>, window: Duration) {
         self.draining.set(true);
+        // Stop accepting: out of the readiness set, and closed so the kernel
+        // sends new connections to the other listeners on the port.
+        self.set_listening(false);
+        drop(self.listener.borrow_mut().take());
         let now = Instant::now();
         let mut rng = rand::rng();
         for s in self.sessions.borrow().values() {
@@ -1064,41 +1215,79 @@ impl Core {
         }
     }
 
-    /// Accepts connections until the core drains.
-    pub async fn accept_loop(self: Rc<Self>, listener: TcpListener) {
-        let mut backoff = Duration::from_millis(5);
-        loop {
-            if self.draining.get() {
-                return;
-            }
-            let accepted = monoio::select! {
-                r = listener.accept() => Some(r),
-                _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+    /// Puts the core's listener in its readiness set: the reactor accepts
+    /// from it (see [`crate::listener`]).
+    pub fn listen(&self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        self.poller.change(listener.as_raw_fd(), LISTENER, 0, poller::READ)?;
+        self.listening.set(true);
+        *self.listener.borrow_mut() = Some(listener);
+        Ok(())
+    }
+
+    /// The listener has connections queued: takes a bounded batch of them.
+    fn accept_ready(self: &Rc<Self>) {
+        for _ in 0..ACCEPTS_PER_TURN {
+            let accepted = match self.listener.borrow().as_ref() {
+                Some(l) => listener::accept(l),
+                None => return,
             };
             match accepted {
-                None => continue,
-                Some(Ok((stream, _))) => {
-                    backoff = Duration::from_millis(5);
-                    match self.admit() {
-                        None => {
-                            session::accept(&self, stream);
-                        }
-                        Some(resp) => {
-                            self.metrics().rejections.fetch_add(1, Ordering::Relaxed);
-                            self.metrics().admission_rejections.fetch_add(1, Ordering::Relaxed);
-                            monoio::spawn(session::refuse(stream, resp));
-                        }
-                    }
+                Accepted::Socket(fd) => {
+                    self.accept_backoff.set(MIN_ACCEPT_BACKOFF);
+                    self.admit_connection(fd);
                 }
-                Some(Err(e)) => {
-                    // EMFILE/ENFILE and friends: count, back off (no busy loop),
+                Accepted::Empty => return,
+                Accepted::Exhausted(e) => {
+                    // EMFILE/ENFILE and friends: count, stop listening for a
+                    // while (no busy loop on a listener that stays ready),
                     // keep serving the connected.
                     self.metrics().accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let backoff = self.accept_backoff.get();
+                    self.accept_backoff.set((backoff * 2).min(MAX_ACCEPT_BACKOFF));
                     tracing::warn!(core = self.id, error = %e, ?backoff, "accept failed");
-                    monoio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    self.pause_listening(backoff);
+                    return;
                 }
             }
+        }
+    }
+
+    /// Admission control, then a session for an accepted socket (or a 503).
+    fn admit_connection(self: &Rc<Self>, fd: OwnedFd) {
+        match self.admit() {
+            None => session::accept(self, fd),
+            Some(resp) => {
+                self.metrics().rejections.fetch_add(1, Ordering::Relaxed);
+                self.metrics().admission_rejections.fetch_add(1, Ordering::Relaxed);
+                if let Ok(stream) = TcpStream::from_std(std::net::TcpStream::from(fd)) {
+                    monoio::spawn(session::refuse(stream, resp));
+                }
+            }
+        }
+    }
+
+    /// Takes the listener out of the readiness set for `pause`.
+    fn pause_listening(self: &Rc<Self>, pause: Duration) {
+        self.set_listening(false);
+        let core = self.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep(pause).await;
+            if !core.draining.get() {
+                core.set_listening(true);
+            }
+        });
+    }
+
+    fn set_listening(&self, on: bool) {
+        let listener = self.listener.borrow();
+        let Some(l) = listener.as_ref() else { return };
+        if self.listening.get() == on {
+            return;
+        }
+        let (from, to) = if on { (0, poller::READ) } else { (poller::READ, 0) };
+        match self.poller.change(l.as_raw_fd(), LISTENER, from, to) {
+            Ok(()) => self.listening.set(on),
+            Err(e) => tracing::warn!(core = self.id, error = %e, "readiness set refused the listener"),
         }
     }
 }
@@ -1112,7 +1301,8 @@ enum SubscribeRefusal {
     Close(Disconnect),
 }
 
-/// Binds this core's `SO_REUSEPORT` listener.
-pub fn bind(cfg: &GatewayConfig) -> std::io::Result<TcpListener> {
-    TcpListener::bind_with_config(cfg.listen, &ListenerOpts::new().reuse_port(true).backlog(4096))
-}
+/// The first pause after an accept error (EMFILE…); doubled per error in a row.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+/// The longest pause after accept errors.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);

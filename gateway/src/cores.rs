@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::auth::Verifier;
 use crate::bridge::{DownMsg, UpMsg};
 use crate::config::GatewayConfig;
-use crate::core::{self, Core};
+use crate::core::Core;
 use crate::metrics::Metrics;
 
 /// Shared between the cores and the signal handler.
@@ -29,7 +29,7 @@ pub fn driver_name() -> &'static str {
 /// How the cores reach the uplink and each other.
 pub struct Wiring {
     /// Toward the uplink.
-    pub up: flume::Sender<UpMsg>,
+    pub up: flume::Sender<Vec<UpMsg>>,
     /// Each core's inbox (taken by that core).
     pub inboxes: Vec<flume::Receiver<DownMsg>>,
     /// Every core's inbox, for hand-overs.
@@ -69,7 +69,7 @@ pub fn spawn(
                 .build()
                 .expect("building the core runtime");
             rt.block_on(async move {
-                let listener = match core::bind(&cfg) {
+                let listener = match crate::listener::bind(cfg.listen) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "bind failed");
@@ -83,7 +83,10 @@ pub fn spawn(
                         std::process::exit(2);
                     }
                 };
-                monoio::spawn(core.clone().accept_loop(listener));
+                if let Err(e) = core.listen(listener) {
+                    tracing::error!(core = id, error = %e, "cannot watch the listener");
+                    std::process::exit(2);
+                }
                 monoio::spawn(core.clone().reactor());
                 monoio::spawn(core.clone().flusher());
                 let c2 = core.clone();

@@ -18,6 +18,8 @@
 //!   channel index, router requests, the timer (pings, pongs, deadlines).
 //! - [`session`]: one connection: bounded upgrade, readiness-first reads into
 //!   a per-core scratch buffer (an idle connection pins no buffer), frames.
+//! - [`listener`]: each core's `SO_REUSEPORT` listener, accepted from in
+//!   bounded batches when the readiness set reports it.
 //! - [`poller`]: the core's readiness set (epoll, keyed by session id).
 //! - [`write`]: the bounded per-session queue of shared frames and its
 //!   non-blocking vectored flush ("slow" close at the bound).
@@ -63,6 +65,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod cores;
+pub mod listener;
 pub mod metrics;
 pub mod poller;
 pub mod session;

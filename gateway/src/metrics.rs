@@ -28,6 +28,12 @@ pub struct CoreMetrics {
     pub slow_disconnects: AtomicU64,
     /// Connections this core handed to their user's core.
     pub handovers: AtomicU64,
+    /// Subscribes answered from the channel position the core knows,
+    /// without a router round trip.
+    pub local_subscribes: AtomicU64,
+    /// Messages for the routers dropped because the uplink's queue stayed
+    /// full past the core's backlog bound (requests among them got error 100).
+    pub uplink_dropped: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -68,7 +74,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 9] = [
+        let per_core: [(&str, &str, Field); 11] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -78,6 +84,8 @@ impl Metrics {
             ("switchyard_gateway_queued_bytes", "gauge", |c| &c.queued_bytes),
             ("switchyard_gateway_slow_disconnects_total", "counter", |c| &c.slow_disconnects),
             ("switchyard_gateway_handovers_total", "counter", |c| &c.handovers),
+            ("switchyard_gateway_local_subscribes_total", "counter", |c| &c.local_subscribes),
+            ("switchyard_gateway_uplink_dropped_total", "counter", |c| &c.uplink_dropped),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");

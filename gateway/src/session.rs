@@ -542,11 +542,7 @@ pub async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
 /// the core's readiness set; the upgrade request (and, with TLS, the TLS
 /// handshake) is read by the core's reactor like any message, under the
 /// handshake deadline kept by the core's timer. No task is made for it.
-pub fn accept(core: &Rc<Core>, stream: TcpStream) {
-    let _ = stream.set_nodelay(true);
-    // SAFETY: a freshly accepted stream has no operation in flight; its
-    // descriptor leaves the runtime for good and the session owns it.
-    let sock = unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) };
+pub fn accept(core: &Rc<Core>, sock: OwnedFd) {
     let tls = match &core.tls {
         Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
             Ok(c) => Some(Box::new(c)),

@@ -47,19 +47,39 @@ pub const ROUTER_SILENCE: Duration = Duration::from_secs(10);
 /// centrifuge-python accepts).
 pub const MAX_PACKED_FRAME: usize = 256 * 1024;
 
+/// What the uplink knows of one channel with local subscribers.
 #[derive(Debug, Default)]
 struct Route {
+    /// Cores with subscribers.
     cores: u64,
+    /// The router it is subscribed at.
     owner: Option<usize>,
+    /// The stream's epoch; empty while the position is unknown.
     epoch: String,
+    /// The last offset handed to the cores (or the position the router
+    /// told, when nothing followed yet).
     last: u64,
+}
+
+impl Route {
+    /// Whether the cores can answer subscribes from the stream position.
+    fn positioned(&self) -> bool {
+        !self.epoch.is_empty()
+    }
+
+    /// Forgets the position (the stream starts over).
+    fn unposition(&mut self) {
+        self.last = 0;
+        self.epoch.clear();
+    }
 }
 
 enum Event {
     Up(usize, mpsc::Sender<ClusterMsg>),
     Down(usize),
     Control(usize, ClusterMsg),
-    Deliveries(Vec<ClusterMsg>),
+    /// Messages of a router's delivery stream (deliveries, pushes, positions).
+    Deliveries(usize, Vec<ClusterMsg>),
 }
 
 struct Uplink {
@@ -108,7 +128,7 @@ fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
 pub fn spawn(
     gateway_id: String,
     cfg: UplinkConfig,
-    up_rx: flume::Receiver<UpMsg>,
+    up_rx: flume::Receiver<Vec<UpMsg>>,
     cores: Vec<flume::Sender<DownMsg>>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
@@ -135,8 +155,12 @@ pub fn spawn(
             };
             loop {
                 tokio::select! {
-                    msg = up_rx.recv_async() => match msg {
-                        Ok(m) => up.core_message(m),
+                    batch = up_rx.recv_async() => match batch {
+                        Ok(batch) => {
+                            for m in batch {
+                                up.core_message(m);
+                            }
+                        }
                         Err(_) => break,
                     },
                     Some(ev) = ev_rx.recv() => up.event(ev),
@@ -200,11 +224,20 @@ impl Uplink {
                 let (after, route_owner) = (route.cores, route.owner);
                 if before == 0 && after != 0 {
                     route.owner = owner;
-                    route.last = 0;
-                    route.epoch.clear();
+                    route.unposition();
                     if let Some(o) = owner {
                         self.send_to(o, ClusterMsg::Subscribe { channels: vec![channel] });
                     }
+                } else if on && before != after && route.positioned() {
+                    // Another core already receives the channel: this one
+                    // starts from where the stream stands, ahead of the next
+                    // delivery in its inbox.
+                    let msg = DownMsg::Position {
+                        channel: Arc::from(channel.as_str()),
+                        epoch: Arc::from(route.epoch.as_str()),
+                        top: route.last,
+                    };
+                    self.to_cores(1 << core, &msg);
                 } else if before != 0 && after == 0 {
                     self.channels.remove(&channel);
                     if let Some(o) = route_owner {
@@ -273,8 +306,7 @@ impl Uplink {
             }
             let route = self.channels.get_mut(&name).expect("listed above");
             route.owner = new;
-            route.last = 0;
-            route.epoch.clear();
+            route.unposition();
             self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
             self.to_cores(mask, &DownMsg::Resync { channel: Arc::from(name.as_str()) });
         }
@@ -365,8 +397,7 @@ impl Uplink {
                 ClusterMsg::Resync { channels } => {
                     for c in channels {
                         if let Some(r) = self.channels.get_mut(&c) {
-                            r.last = 0;
-                            r.epoch.clear();
+                            r.unposition();
                             let mask = r.cores;
                             self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
                             self.to_cores(mask, &DownMsg::Resync { channel: Arc::from(c.as_str()) });
@@ -383,15 +414,51 @@ impl Uplink {
                     }
                 }
             },
-            Event::Deliveries(msgs) => self.deliver(msgs),
+            Event::Deliveries(router, msgs) => self.deliver(router, msgs),
         }
     }
 
+    /// A router told where a channel's stream stands as this gateway's
+    /// interest was registered: the cores learn it (and answer subscribes
+    /// from it); a position that does not continue what the cores were
+    /// given means they missed something, so they resync.
+    fn position(&mut self, channel: &str, epoch: &str, top: u64) {
+        let Some(route) = self.channels.get_mut(channel) else { return };
+        if route.positioned() && route.epoch == epoch && route.last == top {
+            return;
+        }
+        let gap = route.positioned();
+        route.epoch = epoch.to_owned();
+        route.last = top;
+        let (mask, name) = (route.cores, Arc::<str>::from(channel));
+        if gap {
+            self.metrics.resyncs.fetch_add(1, Ordering::Relaxed);
+            self.to_cores(mask, &DownMsg::Resync { channel: name.clone() });
+        }
+        self.to_cores(mask, &DownMsg::Position { channel: name, epoch: Arc::from(epoch), top });
+    }
+
     /// Frames each run of publications of one channel once and hands the
-    /// frame to the cores with subscribers.
-    fn deliver(&mut self, msgs: Vec<ClusterMsg>) {
+    /// frame to the cores with subscribers. Only the channel's owner is
+    /// listened to: a router the channel moved away from may still have
+    /// deliveries in flight, and the new owner's stream is the one the
+    /// cores follow.
+    fn deliver(&mut self, router: usize, msgs: Vec<ClusterMsg>) {
+        let owned =
+            |up: &Self, channel: &str| up.channels.get(channel).is_some_and(|r| r.owner == Some(router));
         let mut i = 0;
         while i < msgs.len() {
+            if let ClusterMsg::Position { channel, epoch, top } = &msgs[i] {
+                if owned(self, channel) {
+                    self.position(channel, epoch, *top);
+                }
+                i += 1;
+                continue;
+            }
+            if !msgs[i].channel().is_some_and(|c| owned(self, c)) {
+                i += 1;
+                continue;
+            }
             if let ClusterMsg::Push { channel, push } = &msgs[i] {
                 if let Some(route) = self.channels.get(channel.as_str()) {
                     let frame = SharedFrame::text_lines([push.as_ref()]);
@@ -423,7 +490,7 @@ impl Uplink {
                 self.metrics.publications_in.fetch_add(1, Ordering::Relaxed);
                 let offset = publication.offset;
                 if offset > 0 {
-                    if route.epoch.is_empty() && route.last == 0 {
+                    if !route.positioned() {
                         route.epoch = epoch.clone();
                     } else if *epoch != route.epoch || offset > route.last + 1 {
                         // A gap or a new stream: subscribers must recover.
@@ -557,7 +624,7 @@ async fn connect_once(
                 let mut dec = ClusterDecoder::default();
                 let mut buf = BytesMut::new();
                 while let Ok(Some(msgs)) = read_msgs(&mut s, &mut dec, &mut buf).await {
-                    if ev.send(Event::Deliveries(msgs)).await.is_err() {
+                    if ev.send(Event::Deliveries(idx, msgs)).await.is_err() {
                         return;
                     }
                 }

@@ -117,6 +117,11 @@ pub struct DemoArgs {
     /// `publish` command) instead of through the HTTP API.
     #[arg(long)]
     pub client_publish: bool,
+    /// `storm`: clients only upgrade (no `connect`, no subscriptions) and
+    /// count as online once they got the 101: the cost of the WebSocket
+    /// upgrade alone, comparable with servers that measure just that.
+    #[arg(long)]
+    pub upgrade_only: bool,
     /// `chat`: workspaces.
     #[arg(long, default_value_t = 10)]
     pub workspaces: usize,
@@ -520,6 +525,7 @@ fn scenario(
             max_attempts: 20,
             deadline_secs: 600 + a.duration,
             reconnect: true,
+            upgrade_only: a.upgrade_only && kind == Scenario::Storm,
             chat: (kind == Scenario::Chat).then(|| ChatSpec {
                 workspaces: a.workspaces.max(1),
                 channels_per_workspace: a.channels_per_workspace.max(1),
@@ -608,6 +614,7 @@ fn scenario(
                 channels: vec!["chat:storm-bystanders".into()],
                 subs_per_conn: 1,
                 chat: None,
+                upgrade_only: false,
                 ..specs[0].clone()
             };
             stormers.push(Worker::spawn(&spec)?);

@@ -68,6 +68,10 @@ pub struct WorkerSpec {
     /// when the server closes a connection, as the SDKs do.
     #[serde(default)]
     pub reconnect: bool,
+    /// Upgrade only: no `connect`; a client is online once it has the 101
+    /// and holds its connection until stopped.
+    #[serde(default)]
+    pub upgrade_only: bool,
     /// A Slack-like workload instead of Zipf subscriptions (`loadgen chat`).
     #[serde(default)]
     pub chat: Option<ChatSpec>,
@@ -697,6 +701,9 @@ async fn session(
     first: bool,
 ) -> (SessionEnd, bool) {
     let sh = &ctx.shared;
+    if ctx.spec.upgrade_only {
+        return hold_upgraded(ctx, stream, deadline, first).await;
+    }
     let upgraded_at = Instant::now();
     let user = format!("u{index}");
     let mut lines = vec![serde_json::json!({"id": 1, "connect": {"token": token(&ctx.spec.hmac_secret, &user), "name": "loadgen"}}).to_string()];
@@ -859,6 +866,36 @@ async fn session(
         sh.online.fetch_sub(1, Ordering::Relaxed);
     }
     (end, connected)
+}
+
+/// An upgraded connection that sends nothing (`--upgrade-only`): online
+/// until stopped, the deadline, or the server closes it.
+async fn hold_upgraded(
+    ctx: &ThreadCtx,
+    stream: TcpStream,
+    deadline: Instant,
+    first: bool,
+) -> (SessionEnd, bool) {
+    let sh = &ctx.shared;
+    if first {
+        sh.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    sh.online.fetch_add(1, Ordering::Relaxed);
+    let end = loop {
+        if sh.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+            break SessionEnd::Done;
+        }
+        let readable = monoio::select! {
+            r = stream.readable(false) => Some(r.is_ok()),
+            _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+        };
+        if readable.is_some() {
+            // Anything from the server now is its close (the connect deadline).
+            break SessionEnd::Done;
+        }
+    };
+    sh.online.fetch_sub(1, Ordering::Relaxed);
+    (end, true)
 }
 
 /// A subscribe reply: a fresh position, a recovery with the missed

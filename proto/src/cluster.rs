@@ -18,8 +18,16 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::client::Publication;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Version 2 added
+/// [`ClusterMsg::Position`]; a router still accepts version-1 gateways and
+/// sends them no positions.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest version a router accepts on a link.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The first version whose gateways take [`ClusterMsg::Position`].
+pub const POSITIONS_SINCE: u16 = 2;
 
 /// Default bound on one frame's body (16 MiB; a replay answer is capped below it).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -264,6 +272,19 @@ pub enum ClusterMsg {
         /// The push line (`{"push":{"channel":…,"join":…}}`).
         push: Bytes,
     },
+    /// Router → gateway, on the channel's delivery stream (so it is ordered
+    /// with the channel's deliveries): the gateway's interest in `channel`
+    /// was registered when the stream stood at `top` in `epoch`; every
+    /// publication after it follows on this stream. The gateway then knows
+    /// the channel's position without asking (version ≥ [`POSITIONS_SINCE`]).
+    Position {
+        /// Channel.
+        channel: String,
+        /// Epoch.
+        epoch: String,
+        /// Offset of the last publication before the ones that follow.
+        top: u64,
+    },
 }
 
 /// Why a link's bytes were refused; the link is closed with this reason.
@@ -309,6 +330,7 @@ mod tag {
     pub(super) const DISCONNECT_USER: u8 = 26;
     pub(super) const UNSUBSCRIBE_USER: u8 = 27;
     pub(super) const PUSH: u8 = 28;
+    pub(super) const POSITION: u8 = 29;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -467,6 +489,7 @@ impl ClusterMsg {
             ClusterMsg::DisconnectUser { .. } => "disconnect_user",
             ClusterMsg::UnsubscribeUser { .. } => "unsubscribe_user",
             ClusterMsg::Push { .. } => "push",
+            ClusterMsg::Position { .. } => "position",
         }
     }
 
@@ -512,7 +535,8 @@ impl ClusterMsg {
             | ClusterMsg::Join { channel, .. }
             | ClusterMsg::Leave { channel, .. }
             | ClusterMsg::Deliver { channel, .. }
-            | ClusterMsg::Push { channel, .. } => Some(channel),
+            | ClusterMsg::Push { channel, .. }
+            | ClusterMsg::Position { channel, .. } => Some(channel),
             _ => None,
         }
     }
@@ -690,6 +714,12 @@ impl ClusterMsg {
                 w.str(channel);
                 w.bytes(push);
             }
+            ClusterMsg::Position { channel, epoch, top } => {
+                w.0.put_u8(tag::POSITION);
+                w.str(channel);
+                w.str(epoch);
+                w.0.put_u64(*top);
+            }
         }
         let body = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&body.to_be_bytes());
@@ -852,6 +882,10 @@ impl ClusterMsg {
                 r.what = "push";
                 ClusterMsg::Push { channel: r.str()?, push: r.bytes()? }
             }
+            tag::POSITION => {
+                r.what = "position";
+                ClusterMsg::Position { channel: r.str()?, epoch: r.str()?, top: r.u64()? }
+            }
             other => return Err(ClusterError::UnknownTag(other)),
         };
         r.end()?;
@@ -1001,6 +1035,11 @@ mod tests {
             Just(ClusterMsg::Drain),
             strs().prop_map(|channels| ClusterMsg::Resync { channels }),
             (s(), b()).prop_map(|(channel, push)| ClusterMsg::Push { channel, push }),
+            (s(), s(), any::<u64>()).prop_map(|(channel, epoch, top)| ClusterMsg::Position {
+                channel,
+                epoch,
+                top
+            }),
             (s(), s(), any::<u16>(), s()).prop_map(|(user, client, code, reason)| {
                 ClusterMsg::DisconnectUser { user, client, code, reason }
             }),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::BytesMut;
-use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use proto::cluster::{ClusterDecoder, ClusterMsg, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use proto::rendezvous::stable_hash;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -239,8 +239,12 @@ impl Router {
             tokio::time::timeout(Duration::from_secs(10), read_msg(&mut ctl_recv, &mut decoder, &mut buf))
                 .await
                 .context("no hello in time")??;
-        let gateway_id = match hello {
-            Some(ClusterMsg::Hello { version, gateway_id, .. }) if version == PROTOCOL_VERSION => gateway_id,
+        let (gateway_id, version) = match hello {
+            Some(ClusterMsg::Hello { version, gateway_id, .. })
+                if (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) =>
+            {
+                (gateway_id, version)
+            }
             Some(ClusterMsg::Hello { version, .. }) => {
                 let mut out = BytesMut::new();
                 ClusterMsg::Refuse { reason: format!("unsupported protocol version {version}") }
@@ -256,20 +260,16 @@ impl Router {
             }
         };
         let gw: GatewayId = self.next_gateway.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(gateway = %gateway_id, link = gw, "gateway connected");
+        tracing::info!(gateway = %gateway_id, link = gw, version, "gateway connected");
 
         let (tx, mut rx) = mpsc::channel::<ClusterMsg>(self.cfg.gateway_queue.max(16));
         self.links.lock().expect("not poisoned").insert(gw, tx.clone());
         for s in &self.shards {
-            s.send(ShardCmd::GatewayUp(gw, tx.clone())).await?;
+            s.send(ShardCmd::GatewayUp { gw, tx: tx.clone(), version }).await?;
         }
         let mut welcome = BytesMut::new();
-        ClusterMsg::Welcome {
-            version: PROTOCOL_VERSION,
-            router_id: self.cfg.id.clone(),
-            instance: self.instance,
-        }
-        .encode(&mut welcome);
+        ClusterMsg::Welcome { version, router_id: self.cfg.id.clone(), instance: self.instance }
+            .encode(&mut welcome);
         ctl_send.write_all(&welcome).await?;
 
         // Writer: batches everything queued toward this gateway into as few
@@ -286,7 +286,9 @@ impl Router {
             while rx.recv_many(&mut batch, 1024).await > 0 {
                 for msg in batch.drain(..) {
                     match &msg {
-                        ClusterMsg::Deliver { channel, .. } | ClusterMsg::Push { channel, .. } => {
+                        ClusterMsg::Deliver { channel, .. }
+                        | ClusterMsg::Push { channel, .. }
+                        | ClusterMsg::Position { channel, .. } => {
                             let i = (stable_hash(channel.as_bytes()) % k as u64) as usize;
                             msg.encode(&mut bufs[i]);
                         }

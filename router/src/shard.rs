@@ -42,7 +42,14 @@ pub struct Metrics {
 #[derive(Debug)]
 pub enum ShardCmd {
     /// A gateway link is up; deliveries go to `tx`.
-    GatewayUp(GatewayId, mpsc::Sender<ClusterMsg>),
+    GatewayUp {
+        /// Gateway.
+        gw: GatewayId,
+        /// Its link's queue.
+        tx: mpsc::Sender<ClusterMsg>,
+        /// The protocol version agreed on the link (positions from version 2).
+        version: u16,
+    },
     /// A gateway link is gone: drop its interest and presence.
     GatewayDown(GatewayId),
     /// Interest changes (`snapshot` replaces this gateway's set within the shard).
@@ -132,6 +139,8 @@ pub struct Shard {
     presence: HashMap<String, ChannelPresence>,
     users: UserPresence,
     gateways: HashMap<GatewayId, mpsc::Sender<ClusterMsg>>,
+    /// Gateways that take [`ClusterMsg::Position`] (protocol version ≥ 2).
+    positioned: HashSet<GatewayId>,
     lagging: HashMap<GatewayId, HashSet<String>>,
     metrics: Arc<Metrics>,
 }
@@ -162,6 +171,7 @@ impl Shard {
             presence: HashMap::new(),
             users: UserPresence::new(grace),
             gateways: HashMap::new(),
+            positioned: HashSet::new(),
             lagging: HashMap::new(),
             metrics,
         }
@@ -235,16 +245,38 @@ impl Shard {
         }
     }
 
+    /// Tells a gateway that just registered interest in `channel` where its
+    /// stream stands, on the channel's delivery stream, ahead of every
+    /// publication it will get: the gateway answers later subscribes to the
+    /// channel itself. Ephemeral channels have no position to tell.
+    fn send_position(&mut self, gw: GatewayId, channel: String) {
+        if !self.positioned.contains(&gw) || !self.options(&channel).is_ok_and(|o| o.positioned) {
+            return;
+        }
+        let ch = self.channel(&channel);
+        let msg = ClusterMsg::Position { epoch: ch.epoch().to_owned(), top: ch.top(), channel };
+        let sent = self.gateways.get(&gw).is_some_and(|tx| tx.try_send(msg).is_ok());
+        if !sent {
+            // Without it the gateway still asks the router for positions;
+            // nothing is lost, but count it like any refused send.
+            self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn handle(&mut self, cmd: ShardCmd, now: Instant) {
         match cmd {
-            ShardCmd::GatewayUp(gw, tx) => {
+            ShardCmd::GatewayUp { gw, tx, version } => {
                 self.gateways.insert(gw, tx);
+                if version >= proto::cluster::POSITIONS_SINCE {
+                    self.positioned.insert(gw);
+                }
             }
             ShardCmd::GatewayDown(gw) => {
                 // Its users enter the grace period; they are away only if no
                 // connection of theirs comes back in time.
                 self.users.gateway_lost(gw, now);
                 self.gateways.remove(&gw);
+                self.positioned.remove(&gw);
                 self.lagging.remove(&gw);
                 for ch in self.channels.values_mut() {
                     ch.gateways.remove(&gw);
@@ -270,6 +302,7 @@ impl Shard {
                 }
                 for c in add {
                     self.channel(&c).gateways.insert(gw);
+                    self.send_position(gw, c);
                 }
                 for c in remove {
                     if let Some(ch) = self.channels.get_mut(&c) {

@@ -303,3 +303,82 @@ async fn a_silent_gateway_is_evicted_and_its_users_go_away_after_the_grace() {
     assert!(conn.close_reason().is_none(), "the heartbeating link is still up");
     beats.abort();
 }
+
+/// Collects `n` messages about `channel` from whichever delivery streams carry them.
+async fn stream_msgs(conn: &quinn::Connection, channel: &str, n: usize) -> Vec<ClusterMsg> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..8 {
+        let conn = conn.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut s) = conn.accept_uni().await else { return };
+            let mut dec = ClusterDecoder::default();
+            let mut buf = BytesMut::new();
+            while let Some(m) = read(&mut s, &mut dec, &mut buf).await {
+                let _ = tx.send(m);
+            }
+        });
+    }
+    let mut got = Vec::new();
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(m)) if m.channel() == Some(channel) => got.push(m),
+            Ok(Some(_)) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribing_gateway_is_told_the_position_ahead_of_what_follows() {
+    let r = start_router("position");
+    let mut publisher = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(publisher.next_ctl().await, Some(ClusterMsg::Welcome { .. })));
+    let publish = |req: u64| ClusterMsg::Publish {
+        req,
+        channel: "chat:pos".into(),
+        data: Bytes::from_static(b"{}"),
+        info: None,
+        idempotency_key: String::new(),
+    };
+    let mut epoch = String::new();
+    for req in 1..=2 {
+        publisher.send(publish(req)).await;
+        match publisher.next_ctl().await {
+            Some(ClusterMsg::PublishOk { offset, epoch: e, .. }) => {
+                assert_eq!(offset, req);
+                epoch = e;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // A current gateway and one of protocol version 1 (a rolling upgrade).
+    let mut current = connect(&r, PROTOCOL_VERSION).await;
+    assert!(matches!(current.next_ctl().await, Some(ClusterMsg::Welcome { version: PROTOCOL_VERSION, .. })));
+    let mut old = connect(&r, 1).await;
+    assert!(matches!(old.next_ctl().await, Some(ClusterMsg::Welcome { version: 1, .. })));
+    for g in [&mut current, &mut old] {
+        g.send(ClusterMsg::Subscribe { channels: vec!["chat:pos".into()] }).await;
+        // Ephemeral channels have no position to tell.
+        g.send(ClusterMsg::Subscribe { channels: vec!["typing:pos".into()] }).await;
+        g.send(ClusterMsg::Heartbeat { seq: 1, reply: false }).await;
+        assert!(matches!(g.next_ctl().await, Some(ClusterMsg::Heartbeat { seq: 1, reply: true })));
+    }
+    let (c1, c2) = (current.conn.clone(), old.conn.clone());
+    let current_msgs = tokio::spawn(async move { stream_msgs(&c1, "chat:pos", 2).await });
+    let old_msgs = tokio::spawn(async move { stream_msgs(&c2, "chat:pos", 1).await });
+    publisher.send(publish(3)).await;
+    assert!(matches!(publisher.next_ctl().await, Some(ClusterMsg::PublishOk { offset: 3, .. })));
+    let got = current_msgs.await.unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0], ClusterMsg::Position { channel: "chat:pos".into(), epoch: epoch.clone(), top: 2 });
+    assert!(
+        matches!(&got[1], ClusterMsg::Deliver { publication, epoch: e, .. } if publication.offset == 3 && *e == epoch)
+    );
+    let got = old_msgs.await.unwrap();
+    assert!(
+        matches!(&got[..], [ClusterMsg::Deliver { publication, .. }] if publication.offset == 3),
+        "a version-1 gateway gets deliveries and no position: {got:?}"
+    );
+}

@@ -218,6 +218,17 @@ impl Cluster {
     /// share (`SO_REUSEPORT`): clients of a drained one reconnect to the other
     /// at the same address.
     pub fn add_gateway_at(&mut self, i: usize, ws: SocketAddr, extra: &[&str]) {
+        self.spawn_gateway(i, ws, extra, None);
+    }
+
+    /// Starts one more gateway whose open-file limit is `nofile` (soft and
+    /// hard), to run it out of descriptors.
+    pub fn add_gateway_with_fd_limit(&mut self, i: usize, nofile: u64, extra: &[&str]) {
+        let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.spawn_gateway(i, ws, extra, Some(nofile));
+    }
+
+    fn spawn_gateway(&mut self, i: usize, ws: SocketAddr, extra: &[&str], nofile: Option<u64>) {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let mut cmd = Command::new(bin("gateway"));
         cmd.args([
@@ -235,6 +246,20 @@ impl Cluster {
         .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
         for r in &self.router_addrs {
             cmd.args(["--router", &r.to_string()]);
+        }
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+            // SAFETY: between fork and exec the closure only calls
+            // setrlimit, which is async-signal-safe, on a value it owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.gateways.push(Proc { child: cmd.spawn().unwrap() });
         self.ws_addrs.push(ws);

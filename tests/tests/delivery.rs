@@ -228,3 +228,74 @@ fn compressing_clients_share_one_deflated_frame_per_publication() {
     // Four compressing recipients, one compressed twin per frame.
     assert_eq!(delta("switchyard_gateway_frames_deflated_total"), encoded, "{after}");
 }
+
+#[test]
+fn later_subscribers_are_answered_from_the_position_the_gateway_follows() {
+    let c = Cluster::start(1, 1, &[]);
+    let local = |c: &Cluster| metric(&c.metrics(0), "switchyard_gateway_local_subscribes_total");
+    let core_of = |user: &str| (proto::rendezvous::stable_hash(user.as_bytes()) % 2) as usize;
+    let users: Vec<String> = (0..).map(|i| format!("late{i}")).take(40).collect();
+    let on = |core: usize| users.iter().filter(move |u| core_of(u) == core);
+    let mut publisher = c.client(0, "pub");
+    let r = subscribe_ok(&mut publisher, "chat:pos");
+    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
+    for i in 0..3 {
+        publish(&mut publisher, "chat:pos", i);
+    }
+    for _ in 0..3 {
+        publisher.next_pub().unwrap();
+    }
+    // One subscriber per core first: a core that had no subscriber of the
+    // channel learns its position as it asks the router for its first one.
+    let mut subs = Vec::new();
+    for core in 0..2 {
+        let mut ws = c.client(0, on(core).next().unwrap());
+        assert_eq!(subscribe_ok(&mut ws, "chat:pos")["subscribe"]["offset"], 3);
+        subs.push(ws);
+    }
+    let before = local(&c);
+    // Every later subscribe on either core is answered by the gateway itself.
+    for core in 0..2 {
+        for user in on(core).skip(1).take(3) {
+            let mut ws = c.client(0, user);
+            let r = subscribe_ok(&mut ws, "chat:pos");
+            assert_eq!(r["subscribe"]["offset"], 3, "{r}");
+            assert_eq!(r["subscribe"]["epoch"], epoch.as_str(), "{r}");
+            assert_eq!(r["subscribe"]["recoverable"], true, "{r}");
+            subs.push(ws);
+        }
+    }
+    // A recovery from the top recovers nothing, completely: answered here too.
+    let mut at_top = c.client(0, on(0).nth(4).unwrap());
+    let r = at_top
+        .call(json!({"subscribe": {"channel": "chat:pos", "recover": true, "epoch": epoch, "offset": 3}}));
+    assert_eq!(
+        (r["subscribe"]["recovered"].clone(), r["subscribe"]["offset"].clone()),
+        (json!(true), json!(3)),
+        "{r}"
+    );
+    subs.push(at_top);
+    assert_eq!(local(&c) - before, 7, "six subscribes and one recovery answered without a router");
+    // A recovery that needs history still goes to the router.
+    let mut behind = c.client(0, on(1).nth(4).unwrap());
+    let r = behind
+        .call(json!({"subscribe": {"channel": "chat:pos", "recover": true, "epoch": epoch, "offset": 1}}));
+    let offsets: Vec<u64> = r["subscribe"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![2, 3], "{r}");
+    assert_eq!(local(&c) - before, 7);
+    subs.push(behind);
+    // Everybody continues from where they were answered: exactly 4, 5, 6.
+    for i in 3..6 {
+        publish(&mut publisher, "chat:pos", i);
+    }
+    for ws in subs.iter_mut() {
+        let got: Vec<u64> =
+            (0..3).map(|_| ws.next_pub().unwrap()["push"]["pub"]["offset"].as_u64().unwrap()).collect();
+        assert_eq!(got, vec![4, 5, 6]);
+    }
+}

@@ -168,3 +168,39 @@ fn router_crash_is_never_a_silent_gap() {
     assert!(r["subscribe"].get("recovered").is_none(), "{r}");
     assert_ne!(r["subscribe"]["epoch"], json!(epoch));
 }
+
+#[test]
+fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
+    let mut c = Cluster::start(1, 0, &[]);
+    c.add_gateway_with_fd_limit(0, 64, &[]);
+    let mut reader = c.client(0, "reader");
+    subscribe(&mut reader, "chat:fd");
+    // Connections the kernel completes but the gateway has no descriptor to
+    // accept: its listeners stay readable while accept4 fails with EMFILE.
+    let flood: Vec<std::net::TcpStream> =
+        (0..120).filter_map(|_| std::net::TcpStream::connect(c.ws_addrs[0]).ok()).collect();
+    assert!(flood.len() > 64, "the kernel queues what the gateway cannot take");
+    let errors = |c: &Cluster| metric(&c.metrics(0), "switchyard_gateway_accept_errors_total");
+    let end = Instant::now() + Duration::from_secs(10);
+    while errors(&c) == 0 {
+        assert!(Instant::now() < end, "the gateway never ran out of descriptors");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = errors(&c);
+    std::thread::sleep(Duration::from_secs(3));
+    // Backing off (5 ms doubling to 1 s per core), not spinning on a
+    // listener that stays readable: a handful of attempts in 3 s, where a
+    // busy loop would make millions.
+    let retried = errors(&c) - first;
+    assert!(retried <= 30, "{retried} accept errors in 3 s");
+    // The connected are served meanwhile.
+    let offset = api_publish(&c, "chat:fd", json!({"n": 1}));
+    assert_eq!(reader.next_pub().expect("still served")["push"]["pub"]["offset"], offset);
+    // Descriptors come back: new clients get in again.
+    drop(flood);
+    let mut late = c.client(0, "late");
+    subscribe(&mut late, "chat:fd");
+    let offset = api_publish(&c, "chat:fd", json!({"n": 2}));
+    assert_eq!(late.next_pub().expect("served")["push"]["pub"]["offset"], offset);
+    assert_eq!(reader.next_pub().expect("still served")["push"]["pub"]["offset"], offset);
+}
