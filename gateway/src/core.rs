@@ -1,5 +1,5 @@
 //! One worker core: its listener, sessions, channel index, pending router
-//! requests and its coarse timer. Everything here is single-threaded
+//! requests and its coarse timer wheel. Everything here is single-threaded
 //! (`Rc`/`RefCell`); cores share nothing and talk to the uplink by messages.
 
 use std::cell::{Cell, RefCell};
@@ -19,6 +19,7 @@ use proto::client::reply::{self, SubscribeResult, client_info, strip_newlines, u
 use proto::client::{Disconnect, Method, ReplyError};
 use proto::cluster::ClusterMsg;
 use proto::namespace::{PublishPolicy, SubscribePolicy};
+use proto::timer_wheel::TimerWheel;
 use proto::token_bucket::TokenBucket;
 use proto::ws::SharedFrame;
 use proto::ws::deflate::{Deflater, Inflater};
@@ -93,6 +94,12 @@ impl Members {
     }
 }
 
+/// The granularity of each core's timer: deadlines are kept to within it.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Slots of the timer wheel (one turn: 64 s; later deadlines wait turns).
+const TIMER_SLOTS: usize = 256;
+
 /// Frames shorter than this (header included) go out uncompressed even to
 /// sessions that negotiated permessage-deflate: a fresh-window deflate of a
 /// few dozen bytes rarely comes out smaller.
@@ -139,6 +146,12 @@ pub struct Core {
     accept_backoff: Cell<Duration>,
     /// TLS on the client listener (wss), if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Every session's earliest deadline.
+    timers: RefCell<TimerWheel>,
+    /// Sessions due at a tick (reused between ticks).
+    due: RefCell<Vec<(u64, u64)>>,
+    /// The server ping frame, encoded once.
+    ping: Bytes,
     /// Sessions that queued frames this turn (each once), for the flusher.
     dirty: RefCell<Vec<Rc<Session>>>,
     flush_waker: Cell<Option<std::task::Waker>>,
@@ -186,6 +199,9 @@ impl Core {
             listening: Cell::new(false),
             accept_backoff: Cell::new(MIN_ACCEPT_BACKOFF),
             tls,
+            timers: RefCell::new(TimerWheel::new(Instant::now(), TIMER_TICK, TIMER_SLOTS)),
+            due: RefCell::new(Vec::new()),
+            ping: SharedFrame::text(reply::PING).into_bytes(),
             dirty: RefCell::new(Vec::new()),
             flush_waker: Cell::new(None),
             cfg,
@@ -273,6 +289,7 @@ impl Core {
     /// Tracks a new session.
     pub fn register(&self, s: &Rc<Session>) {
         self.sessions.borrow_mut().insert(s.id, s.clone());
+        self.rearm(s);
         self.metrics().connections.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -426,6 +443,7 @@ impl Core {
                 let ping = Duration::from_secs(lim.ping_secs.max(1) as u64);
                 s.next_ping.set(now + ping.mul_f64(rand::rng().random_range(0.5..1.0)));
                 s.expires_at.set(ttl.map(|t| now + Duration::from_secs(t as u64 + 25)));
+                self.rearm(s);
                 replies.push(session::connect_reply(id, &client, ttl, lim.ping_secs));
                 let key = self.cfg.namespaces.presence_channel(&user);
                 self.send_up(UpMsg::Forward { key, msg: ClusterMsg::UserOnline { user, client } });
@@ -529,6 +547,7 @@ impl Core {
                 let ttl =
                     claims.expires_at().map(|t| t.saturating_sub(unix_now()).min(u32::MAX as u64) as u32);
                 s.expires_at.set(ttl.map(|t| Instant::now() + Duration::from_secs(t as u64 + 25)));
+                self.rearm(s);
                 replies.push(session::refresh_reply(id, &s.client.borrow(), ttl));
                 Ok(())
             }
@@ -1115,58 +1134,86 @@ impl Core {
         }
     }
 
-    /// The coarse per-core timer: pings, pong deadlines, connect deadlines,
-    /// expiry, drain closes. Runs once a second over the core's sessions.
+    /// The core's coarse timer, called every [`TIMER_TICK`]: the sessions
+    /// whose earliest deadline came (pings, pong and connect deadlines,
+    /// token expiry, drain closes, stalled writes) are taken from the
+    /// wheel; the work is proportional to what is due, not to the sessions
+    /// held.
     pub fn tick(self: &Rc<Self>, now: Instant) {
-        let ping_every = Duration::from_secs(self.cfg.limits.ping_secs.max(1) as u64);
-        let pong_timeout = Duration::from_secs(self.cfg.limits.pong_timeout_secs);
-        let ping = SharedFrame::text(reply::PING).into_bytes();
-        let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
         if self.up_blocked.get() {
             self.flush_up();
         }
-        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
-        for s in sessions {
-            if s.write_stalled(now, write_timeout) {
-                // A client that stops reading cannot pin its socket and queue.
-                s.lost(self);
-                continue;
+        let mut due = std::mem::take(&mut *self.due.borrow_mut());
+        self.timers.borrow_mut().expire(now, &mut due);
+        for &(id, tick) in &due {
+            let Some(s) = self.session(id) else { continue };
+            if s.timer.get() != tick {
+                continue; // rescheduled earlier and already handled
             }
-            if s.is_closing() {
-                continue;
+            s.timer.set(0);
+            self.deadlines(&s, now);
+            self.rearm(&s);
+        }
+        due.clear();
+        *self.due.borrow_mut() = due;
+    }
+
+    /// Acts on whichever of a session's deadlines passed.
+    fn deadlines(self: &Rc<Self>, s: &Rc<Session>, now: Instant) {
+        let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
+        if s.write_stalled(now, write_timeout) {
+            // A client that stops reading cannot pin its socket and queue.
+            s.lost(self);
+            return;
+        }
+        if s.is_closing() {
+            return;
+        }
+        if s.connect_deadline.get().is_some_and(|d| now >= d) {
+            if s.is_upgraded() {
+                s.close(self, Disconnect::STALE.into());
+            } else {
+                // Slowloris: the upgrade request did not complete in time.
+                let answer = handshake::error_response(408, &[], "upgrade timed out");
+                session::refuse_session(self, s, answer);
             }
-            if s.connect_deadline.get().is_some_and(|d| now >= d) {
-                if s.is_upgraded() {
-                    s.close(self, Disconnect::STALE.into());
-                } else {
-                    // Slowloris: the upgrade request did not complete in time.
-                    let answer = handshake::error_response(408, &[], "upgrade timed out");
-                    session::refuse_session(self, &s, answer);
-                }
-                continue;
+            return;
+        }
+        if s.drain_at.get().is_some_and(|d| now >= d) {
+            s.close(self, Disconnect::SHUTDOWN.into());
+            return;
+        }
+        if !s.connected.get() {
+            return;
+        }
+        if s.pong_due.get().is_some_and(|d| now >= d) {
+            s.close(self, Disconnect::NO_PONG.into());
+            return;
+        }
+        if s.expires_at.get().is_some_and(|d| now >= d) {
+            s.close(self, Disconnect::EXPIRED.into());
+            return;
+        }
+        if now >= s.next_ping.get() {
+            let ping_every = Duration::from_secs(self.cfg.limits.ping_secs.max(1) as u64);
+            s.next_ping.set(now + ping_every);
+            if s.pong_due.get().is_none() {
+                s.pong_due.set(Some(now + Duration::from_secs(self.cfg.limits.pong_timeout_secs)));
             }
-            if s.drain_at.get().is_some_and(|d| now >= d) {
-                s.close(self, Disconnect::SHUTDOWN.into());
-                continue;
-            }
-            if !s.connected.get() {
-                continue;
-            }
-            if s.pong_due.get().is_some_and(|d| now >= d) {
-                s.close(self, Disconnect::NO_PONG.into());
-                continue;
-            }
-            if s.expires_at.get().is_some_and(|d| now >= d) {
-                s.close(self, Disconnect::EXPIRED.into());
-                continue;
-            }
-            if now >= s.next_ping.get() {
-                s.next_ping.set(now + ping_every);
-                if s.pong_due.get().is_none() {
-                    s.pong_due.set(Some(now + pong_timeout));
-                }
-                s.send(self, ping.clone());
-            }
+            s.send(self, self.ping.clone());
+        }
+    }
+
+    /// Puts a session on the timer wheel for its earliest deadline, unless
+    /// it is already there for an earlier one. Called whenever a deadline
+    /// may have moved earlier; later ones are found when the earlier fires.
+    pub fn rearm(&self, s: &Session) {
+        let write_timeout = Duration::from_secs(self.cfg.limits.write_timeout_secs.max(1));
+        let Some(at) = s.next_deadline(write_timeout) else { return };
+        let mut wheel = self.timers.borrow_mut();
+        let scheduled = s.timer.get();
+        if scheduled == 0 || wheel.tick_for(at) < scheduled {
+            s.timer.set(wheel.insert(s.id, at));
         }
     }
 
@@ -1183,6 +1230,7 @@ impl Core {
         for s in self.sessions.borrow().values() {
             let at = now + window.mul_f64(rng.random_range(0.0..1.0));
             s.drain_at.set(Some(at));
+            self.rearm(s);
         }
     }
 

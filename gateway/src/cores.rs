@@ -106,7 +106,7 @@ pub fn spawn(
 async fn run_timer(core: Rc<Core>, life: Arc<Lifecycle>, window: Duration) {
     let mut deadline: Option<Instant> = None;
     loop {
-        monoio::time::sleep(Duration::from_millis(250)).await;
+        monoio::time::sleep(crate::core::TIMER_TICK).await;
         let now = Instant::now();
         if life.drain.load(Ordering::Relaxed) && !core.is_draining() {
             tracing::info!(core = core.id, ?window, "draining");

@@ -2,7 +2,7 @@
 //!
 //! A thread-per-core WebSocket server on io_uring (monoio). Each worker core
 //! is pinned, binds its own `SO_REUSEPORT` listener, and owns its sessions,
-//! its `channel → sessions` index and a coarse timer; cores share nothing and
+//! its `channel → sessions` index and a coarse timer wheel; cores share nothing and
 //! talk to the uplink thread (tokio + quinn, one QUIC connection per router)
 //! by bounded channels.
 //!
@@ -15,7 +15,9 @@
 //! - [`cores`]: spawning and pinning the cores, runtime choice (io_uring or
 //!   epoll fallback), drain lifecycle.
 //! - [`core`]: one core's state: admission control, command handling,
-//!   channel index, router requests, the timer (pings, pongs, deadlines).
+//!   channel index (with each channel's stream position, so subscribes are
+//!   answered without a router round trip), router requests, the timer
+//!   wheel (pings, pongs, deadlines: work per tick is what is due).
 //! - [`session`]: one connection: bounded upgrade, readiness-first reads into
 //!   a per-core scratch buffer (an idle connection pins no buffer), frames.
 //! - [`listener`]: each core's `SO_REUSEPORT` listener, accepted from in

@@ -253,6 +253,8 @@ pub struct Session {
     pub expires_at: Cell<Option<Instant>>,
     /// When a drain closes this session.
     pub drain_at: Cell<Option<Instant>>,
+    /// The timer-wheel tick the session is scheduled at (0: none).
+    pub timer: Cell<u64>,
 }
 
 /// A connection lost without a close handshake (never sent: it only ends the session).
@@ -295,6 +297,7 @@ impl Session {
             connect_deadline: Cell::new(Some(now + handshake_timeout)),
             expires_at: Cell::new(None),
             drain_at: Cell::new(None),
+            timer: Cell::new(0),
         })
     }
 
@@ -402,6 +405,25 @@ impl Session {
         self.finish(core);
     }
 
+    /// The earliest moment one of the session's deadlines may act.
+    pub fn next_deadline(&self, write_timeout: Duration) -> Option<Instant> {
+        if self.done.get() {
+            return None;
+        }
+        let mut candidates =
+            [self.blocked_since.get().map(|t| t + write_timeout), None, None, None, None, None];
+        if !self.is_closing() {
+            candidates[1] = self.connect_deadline.get();
+            candidates[2] = self.drain_at.get();
+            if self.connected.get() {
+                candidates[3] = Some(self.next_ping.get());
+                candidates[4] = self.pong_due.get();
+                candidates[5] = self.expires_at.get();
+            }
+        }
+        candidates.into_iter().flatten().min()
+    }
+
     /// Whether the socket has been full, with no progress, for `timeout`.
     pub fn write_stalled(&self, now: Instant, timeout: Duration) -> bool {
         self.blocked_since.get().is_some_and(|t| now.duration_since(t) >= timeout)
@@ -485,6 +507,7 @@ impl Session {
                 if written > 0 || self.blocked_since.get().is_none() {
                     self.blocked_since.set(Some(Instant::now()));
                 }
+                core.rearm(self);
                 self.update_interest(core);
             }
             Err(_) => {
@@ -589,6 +612,7 @@ fn upgrade(core: &Rc<Core>, s: &Rc<Session>, mut b: BytesMut) {
     s.leave_handshake(core);
     core.metrics().handshakes.fetch_add(1, Ordering::Relaxed);
     s.connect_deadline.set(Some(Instant::now() + Duration::from_secs(core.cfg.limits.connect_timeout_secs)));
+    core.rearm(s);
     s.send(core, Bytes::from(response));
     // Out now, so a `connect` right behind the request finds the session
     // with nothing queued and free to move to its user's core.

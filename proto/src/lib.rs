@@ -19,7 +19,8 @@
 //! - [`cluster`]: the gateway ⇄ router protocol, versioned length-delimited
 //!   binary frames whose payload fields are zero-copy slices.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
-//!   [`token_bucket`], [`rendezvous`] (highest-random-weight hashing).
+//!   [`token_bucket`], [`rendezvous`] (highest-random-weight hashing),
+//!   [`timer_wheel`] (coarse deadlines for every connection of a core).
 //!
 //! ## Invariants
 //! - **Encode once.** A publication becomes one [`ws::SharedFrame`] per
@@ -44,5 +45,6 @@ pub mod cluster;
 pub mod fuzzing;
 pub mod namespace;
 pub mod rendezvous;
+pub mod timer_wheel;
 pub mod token_bucket;
 pub mod ws;

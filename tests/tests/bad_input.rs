@@ -317,3 +317,33 @@ fn a_decompression_bomb_is_closed_with_1009_and_harms_nobody() {
     assert_eq!(st, 200, "{body}");
     assert_eq!(bystander.next_pub().unwrap()["push"]["pub"]["data"]["ok"], true);
 }
+
+#[test]
+fn deadlines_close_with_their_codes() {
+    let p = std::env::temp_dir().join(format!("sy-deadlines-{}.toml", std::process::id()));
+    // The upgrade deadline is long: the connect deadline, set at the
+    // upgrade, must replace it (the client's reads give up after 10 s).
+    let limits =
+        "connect_timeout_secs = 1\nhandshake_timeout_secs = 60\nping_secs = 1\npong_timeout_secs = 1\n";
+    std::fs::write(&p, format!("[limits]\n{limits}")).unwrap();
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
+    // Upgraded, never sends `connect`: 3502 stale.
+    let mut idle = Ws::connect(c.ws_addrs[0], "/connection/websocket").expect("upgrade");
+    // Connected, never answers the server's pings: 3012 no pong.
+    let mut deaf = c.client(0, "deaf");
+    // Connected and answering every ping: kept.
+    let mut alive = c.client(0, "alive");
+    let mut pongs = 0;
+    while pongs < 4 {
+        match alive.next_event() {
+            Some(e2e::Event::Json(v)) if v == json!({}) => {
+                alive.send_json(&json!({}));
+                pongs += 1;
+            }
+            other => panic!("expected the server's pings, got {other:?}"),
+        }
+    }
+    assert_eq!(alive.call(json!({"ping": {}}))["ping"], json!({}), "answering pings keeps a session");
+    assert_eq!(idle.expect_close(), Some(3502));
+    assert_eq!(deaf.expect_close(), Some(3012));
+}
