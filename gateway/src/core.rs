@@ -3,7 +3,7 @@
 //! (`Rc`/`RefCell`); cores share nothing and talk to the uplink by messages.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -72,9 +72,11 @@ pub const MAX_UP_BACKLOG: usize = 65_536;
 
 /// A channel's subscribers on this core and, when the uplink told it, where
 /// the channel's stream stands.
-#[derive(Debug, Default)]
 struct Members {
-    sessions: HashSet<u64>,
+    /// The channel's name, shared by every local subscription to it (one
+    /// allocation per channel; a subscription finds itself by pointer).
+    name: Arc<str>,
+    sessions: HashMap<u64, Rc<Session>>,
     /// (epoch, offset of the last publication handed to this core): the
     /// core answers subscribes from it. Kept current by deliveries; `None`
     /// when something did not follow on (the router is asked instead).
@@ -82,6 +84,10 @@ struct Members {
 }
 
 impl Members {
+    fn new(name: Arc<str>) -> Members {
+        Members { name, sessions: HashMap::new(), position: None }
+    }
+
     /// Follows a delivery of offsets `first..=last` (0: unpositioned).
     fn advance(&mut self, first: u64, last: u64) {
         if first == 0 {
@@ -152,6 +158,8 @@ pub struct Core {
     due: RefCell<Vec<(u64, u64)>>,
     /// The server ping frame, encoded once.
     ping: Bytes,
+    /// A delivery's recipients (reused between deliveries).
+    recipients: RefCell<Vec<Rc<Session>>>,
     /// Sessions that queued frames this turn (each once), for the flusher.
     dirty: RefCell<Vec<Rc<Session>>>,
     flush_waker: Cell<Option<std::task::Waker>>,
@@ -202,6 +210,7 @@ impl Core {
             timers: RefCell::new(TimerWheel::new(Instant::now(), TIMER_TICK, TIMER_SLOTS)),
             due: RefCell::new(Vec::new()),
             ping: SharedFrame::text(reply::PING).into_bytes(),
+            recipients: RefCell::new(Vec::new()),
             dirty: RefCell::new(Vec::new()),
             flush_waker: Cell::new(None),
             cfg,
@@ -347,10 +356,23 @@ impl Core {
         }
     }
 
-    fn index_add(&self, channel: &Arc<str>, s: &Session) {
+    /// The shared name of a channel with local subscribers (a new one otherwise).
+    fn channel_name(&self, channel: &str) -> Arc<str> {
+        self.index.borrow().get(channel).map_or_else(|| Arc::from(channel), |m| m.name.clone())
+    }
+
+    /// The channel's local subscribers, in `out` (reused between calls).
+    fn members_of(&self, channel: &str, out: &mut Vec<Rc<Session>>) -> Option<Arc<str>> {
+        let idx = self.index.borrow();
+        let members = idx.get(channel)?;
+        out.extend(members.sessions.values().cloned());
+        Some(members.name.clone())
+    }
+
+    fn index_add(&self, channel: &Arc<str>, s: &Rc<Session>) {
         let mut idx = self.index.borrow_mut();
-        let members = idx.entry(channel.clone()).or_default();
-        members.sessions.insert(s.id);
+        let members = idx.entry(channel.clone()).or_insert_with(|| Members::new(channel.clone()));
+        members.sessions.insert(s.id, s.clone());
         if members.sessions.len() == 1 {
             drop(idx);
             self.send_up(UpMsg::Interest { core: self.id, channel: channel.to_string(), on: true });
@@ -651,7 +673,7 @@ impl Core {
             }
             SubscribePolicy::Personal => {}
         }
-        let channel: Arc<str> = Arc::from(r.channel.as_str());
+        let channel = self.channel_name(&r.channel);
         if !ns.positioned() {
             s.subs.borrow_mut().insert(channel.clone(), Sub::Live { position: 0 });
             self.index_add(&channel, s);
@@ -730,21 +752,18 @@ impl Core {
     pub fn inbox(self: &Rc<Self>, msg: DownMsg) {
         match msg {
             DownMsg::Deliver { channel, first, last, frame } => {
-                let ids: Vec<u64> = match self.index.borrow_mut().get_mut(&channel) {
-                    Some(members) => {
-                        members.advance(first, last);
-                        members.sessions.iter().copied().collect()
-                    }
-                    None => return,
-                };
+                let mut recipients = std::mem::take(&mut *self.recipients.borrow_mut());
+                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
+                if let Some(m) = self.index.borrow_mut().get_mut(&*name) {
+                    m.advance(first, last);
+                }
                 let mut n = 0;
                 let mut gaps = Vec::new();
                 let mut twin = None;
-                for sid in ids {
-                    let Some(s) = self.session(sid) else { continue };
+                for s in recipients.drain(..) {
                     let step = {
                         let mut subs = s.subs.borrow_mut();
-                        match subs.get_mut(&channel) {
+                        match subs.get_mut(&name) {
                             // Each recipient is checked against its own position:
                             // a delivery that overtook the subscribe reply (they
                             // travel on different streams) is dropped, a hole
@@ -775,43 +794,36 @@ impl Core {
                         Step::Gap => gaps.push(s),
                     }
                 }
+                *self.recipients.borrow_mut() = recipients;
                 self.metrics().deliveries.fetch_add(n, Ordering::Relaxed);
                 for s in gaps {
-                    self.resync_session(&s, &channel);
+                    self.resync_session(&s, &name);
                 }
             }
             DownMsg::Resync { channel } => {
-                let ids: Vec<u64> = self
-                    .index
-                    .borrow_mut()
-                    .get_mut(&channel)
-                    .map(|m| {
-                        m.position = None;
-                        m.sessions.iter().copied().collect()
-                    })
-                    .unwrap_or_default();
+                let mut recipients = Vec::new();
+                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
+                if let Some(m) = self.index.borrow_mut().get_mut(&*name) {
+                    m.position = None;
+                }
                 let push = unsubscribe_push(
                     &channel,
                     proto::client::codes::unsubscribe_code::INSUFFICIENT_STATE,
                     "insufficient state",
                 );
-                for sid in ids {
-                    let Some(s) = self.session(sid) else { continue };
-                    if s.subs.borrow_mut().remove(&channel).is_some() {
-                        self.unindex(&channel, &s);
+                for s in recipients {
+                    if s.subs.borrow_mut().remove(&name).is_some() {
+                        self.unindex(&name, &s);
                         s.send_line(self, &push);
                     }
                 }
             }
             DownMsg::Position { channel, epoch, top } => self.position(&channel, epoch, top),
             DownMsg::Push { channel, frame } => {
-                let ids: Vec<u64> = match self.index.borrow().get(&channel) {
-                    Some(members) => members.sessions.iter().copied().collect(),
-                    None => return,
-                };
-                for sid in ids {
-                    let Some(s) = self.session(sid) else { continue };
-                    let live = matches!(s.subs.borrow().get(&channel), Some(Sub::Live { .. }));
+                let mut recipients = Vec::new();
+                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
+                for s in recipients {
+                    let live = matches!(s.subs.borrow().get(&name), Some(Sub::Live { .. }));
                     if live {
                         s.send(self, frame.clone());
                     }
@@ -835,9 +847,9 @@ impl Core {
             members.position = Some((epoch, top));
             members
                 .sessions
-                .iter()
-                .filter_map(|id| self.session(*id))
+                .values()
                 .filter(|s| matches!(s.subs.borrow().get(channel), Some(Sub::Live { position }) if *position < top))
+                .cloned()
                 .collect()
         };
         for s in behind {

@@ -100,8 +100,11 @@ impl From<Disconnect> for CloseReason {
 pub struct Subs(Vec<(Arc<str>, Sub)>);
 
 impl Subs {
+    /// Where `channel` is; the core's shared channel name is found by
+    /// pointer, any other string by its bytes.
     fn position(&self, channel: &str) -> Option<usize> {
-        self.0.iter().position(|(c, _)| &**c == channel)
+        let same = |c: &Arc<str>| std::ptr::eq(c.as_ptr(), channel.as_ptr()) && c.len() == channel.len();
+        self.0.iter().position(|(c, _)| same(c)).or_else(|| self.0.iter().position(|(c, _)| &**c == channel))
     }
 
     /// Number of subscriptions.

@@ -173,6 +173,17 @@ impl ServerProc {
         None
     }
 
+    /// Whether the process has exited (a zombie not yet waited for counts).
+    pub fn exited(&self) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())) {
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| matches!(rest.trim_start().chars().next(), Some('Z' | 'X'))),
+            Err(_) => true,
+        }
+    }
+
     /// CPU seconds used so far (user + system), from /proc.
     pub fn cpu_secs(&self) -> f64 {
         proc_cpu_secs(self.child.id())
