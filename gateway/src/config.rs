@@ -58,6 +58,15 @@ pub struct Limits {
     pub ping_secs: u32,
     /// Seconds a pong may take after a ping (default 10; else close 3012).
     pub pong_timeout_secs: u64,
+    /// Kernel send buffer of each client socket (`SO_SNDBUF`, set on the
+    /// listener and inherited; the kernel doubles it). Default 64 KiB: a
+    /// client that falls behind fills this, then the bounded outbound queue
+    /// (`max_queue_bytes`, then 3008), instead of letting the kernel's
+    /// autotuning grow each socket toward `tcp_wmem`'s maximum (4 MiB on
+    /// these machines) and a fan-out to slow clients push the box's TCP
+    /// memory into pressure. An idle socket holds no buffer either way.
+    /// 0 keeps the kernel's autotuning.
+    pub send_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -76,6 +85,7 @@ impl Default for Limits {
             connect_timeout_secs: 15,
             ping_secs: 25,
             pong_timeout_secs: 10,
+            send_buffer_bytes: 64 * 1024,
         }
     }
 }

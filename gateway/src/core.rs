@@ -3,7 +3,7 @@
 //! (`Rc`/`RefCell`); cores share nothing and talk to the uplink by messages.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -100,6 +100,11 @@ impl Members {
     }
 }
 
+/// How long a router request (subscribe recovery, publish, history,
+/// presence) may go unanswered: then the client gets error 100, which is
+/// temporary (the SDKs retry), and the request is forgotten.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The granularity of each core's timer: deadlines are kept to within it.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -127,6 +132,9 @@ pub struct Core {
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
     index: RefCell<HashMap<Arc<str>, Members>>,
     pending: RefCell<HashMap<u64, Pending>>,
+    /// (deadline, request id) in the order requests were sent: the timer
+    /// fails those still pending at their deadline.
+    pending_deadlines: RefCell<VecDeque<(Instant, u64)>>,
     next_req: Cell<u64>,
     next_session: Cell<u64>,
     scratch: RefCell<Vec<BytesMut>>,
@@ -192,6 +200,7 @@ impl Core {
             sessions: RefCell::new(HashMap::new()),
             index: RefCell::new(HashMap::new()),
             pending: RefCell::new(HashMap::new()),
+            pending_deadlines: RefCell::new(VecDeque::new()),
             next_req: Cell::new(1),
             next_session: Cell::new(1),
             scratch: RefCell::new(Vec::new()),
@@ -406,6 +415,7 @@ impl Core {
             return Err(ReplyError::INTERNAL);
         }
         self.pending.borrow_mut().insert(req, pending);
+        self.pending_deadlines.borrow_mut().push_back((Instant::now() + REQUEST_TIMEOUT, req));
         self.send_up(UpMsg::Request(msg_for(req)));
         Ok(())
     }
@@ -1155,6 +1165,7 @@ impl Core {
         if self.up_blocked.get() {
             self.flush_up();
         }
+        self.expire_requests(now);
         let mut due = std::mem::take(&mut *self.due.borrow_mut());
         self.timers.borrow_mut().expire(now, &mut due);
         for &(id, tick) in &due {
@@ -1168,6 +1179,33 @@ impl Core {
         }
         due.clear();
         *self.due.borrow_mut() = due;
+    }
+
+    /// Fails the router requests still unanswered at their deadline (an
+    /// answer lost with a router, or dropped at a full inbox): the client
+    /// gets error 100 (temporary) instead of waiting forever.
+    fn expire_requests(self: &Rc<Self>, now: Instant) {
+        loop {
+            let req = {
+                let mut deadlines = self.pending_deadlines.borrow_mut();
+                match deadlines.front() {
+                    Some(&(at, req)) if at <= now => {
+                        deadlines.pop_front();
+                        req
+                    }
+                    _ => return,
+                }
+            };
+            if self.pending.borrow().contains_key(&req) {
+                self.metrics().router_timeouts.fetch_add(1, Ordering::Relaxed);
+                let e = ReplyError::INTERNAL;
+                self.response(ClusterMsg::RequestError {
+                    req,
+                    code: e.code,
+                    message: "router did not answer".into(),
+                });
+            }
+        }
     }
 
     /// Acts on whichever of a session's deadlines passed.

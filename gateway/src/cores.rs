@@ -69,7 +69,7 @@ pub fn spawn(
                 .build()
                 .expect("building the core runtime");
             rt.block_on(async move {
-                let listener = match crate::listener::bind(cfg.listen) {
+                let listener = match crate::listener::bind(cfg.listen, cfg.limits.send_buffer_bytes) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "bind failed");

@@ -28,13 +28,17 @@ pub const BACKLOG: i32 = 4096;
 
 /// Binds `addr` with `SO_REUSEPORT` (every core, and every gateway process
 /// on the box, binds the same address; the kernel spreads connections over
-/// them), non-blocking, with `TCP_NODELAY` for the sockets it accepts.
-pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// them), non-blocking, with `TCP_NODELAY` and, unless 0, a `send_buffer`
+/// of that many bytes for the sockets it accepts.
+pub fn bind(addr: SocketAddr, send_buffer: usize) -> io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_tcp_nodelay(true)?;
+    if send_buffer > 0 {
+        socket.set_send_buffer_size(send_buffer)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -88,7 +92,7 @@ mod tests {
 
     #[test]
     fn accepted_sockets_inherit_nodelay_and_an_empty_queue_does_not_block() {
-        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = bind("127.0.0.1:0".parse().unwrap(), 65536).unwrap();
         assert!(matches!(accept(&l), Accepted::Empty));
         let _c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let fd = loop {
@@ -111,13 +115,15 @@ mod tests {
             )
         };
         assert_eq!((r, v), (0, 1), "TCP_NODELAY comes from the listener");
+        let buf = socket2::SockRef::from(&fd).send_buffer_size().unwrap();
+        assert_eq!(buf, 2 * 65536, "so does the send buffer (doubled by the kernel)");
         assert!(matches!(accept(&l), Accepted::Empty));
     }
 
     #[test]
     fn two_listeners_share_one_port() {
-        let a = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let b = bind(a.local_addr().unwrap()).unwrap();
+        let a = bind("127.0.0.1:0".parse().unwrap(), 0).unwrap();
+        let b = bind(a.local_addr().unwrap(), 0).unwrap();
         assert_eq!(a.local_addr().unwrap(), b.local_addr().unwrap());
     }
 }

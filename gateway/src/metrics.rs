@@ -34,6 +34,9 @@ pub struct CoreMetrics {
     /// Messages for the routers dropped because the uplink's queue stayed
     /// full past the core's backlog bound (requests among them got error 100).
     pub uplink_dropped: AtomicU64,
+    /// Router requests unanswered within `core::REQUEST_TIMEOUT` (the
+    /// client got error 100, temporary).
+    pub router_timeouts: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -74,7 +77,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 11] = [
+        let per_core: [(&str, &str, Field); 12] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -86,6 +89,7 @@ impl Metrics {
             ("switchyard_gateway_handovers_total", "counter", |c| &c.handovers),
             ("switchyard_gateway_local_subscribes_total", "counter", |c| &c.local_subscribes),
             ("switchyard_gateway_uplink_dropped_total", "counter", |c| &c.uplink_dropped),
+            ("switchyard_gateway_router_timeouts_total", "counter", |c| &c.router_timeouts),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -192,22 +192,29 @@ impl Uplink {
     }
 
     fn to_cores(&self, mask: u64, msg: &DownMsg) {
-        for (core, tx) in self.cores.iter().enumerate() {
-            if mask & (1 << core) != 0 && tx.try_send(msg.clone()).is_err() {
-                self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
+        for core in 0..self.cores.len() {
+            if mask & (1 << core) != 0 {
+                self.to_core(core, msg.clone());
             }
         }
     }
 
-    fn reply_error(&self, req: u64, code: u32, message: &str) {
-        let core: CoreId = core_of(req);
-        if let Some(tx) = self.cores.get(core) {
-            let _ = tx.try_send(DownMsg::Response(ClusterMsg::RequestError {
-                req,
-                code,
-                message: message.into(),
-            }));
+    /// Hands `msg` to one core; a full inbox drops it and counts it (the
+    /// core's request deadline and per-recipient position checks turn a
+    /// lost answer or delivery into an error or a resync, never a hang).
+    fn to_core(&self, core: CoreId, msg: DownMsg) {
+        if let Some(tx) = self.cores.get(core)
+            && tx.try_send(msg).is_err()
+        {
+            self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn reply_error(&self, req: u64, code: u32, message: &str) {
+        self.to_core(
+            core_of(req),
+            DownMsg::Response(ClusterMsg::RequestError { req, code, message: message.into() }),
+        );
     }
 
     fn core_message(&mut self, m: UpMsg) {
@@ -409,9 +416,7 @@ impl Uplink {
                 other => {
                     let Some(req) = other.request_id().filter(|_| other.is_answer()) else { return };
                     tracing::debug!(req, core = core_of(req), "response from router");
-                    if let Some(tx) = self.cores.get(core_of(req)) {
-                        let _ = tx.try_send(DownMsg::Response(other));
-                    }
+                    self.to_core(core_of(req), DownMsg::Response(other));
                 }
             },
             Event::Deliveries(router, msgs) => self.deliver(router, msgs),

@@ -122,6 +122,15 @@ pub struct DemoArgs {
     /// upgrade alone, comparable with servers that measure just that.
     #[arg(long)]
     pub upgrade_only: bool,
+    /// Clients offer permessage-deflate (and the local cluster's gateways
+    /// accept it): publications reach them in the gateway's one compressed
+    /// frame per publication and core.
+    #[arg(long)]
+    pub deflate: bool,
+    /// Bytes of chat-like text added to each fan-out publication (0: just
+    /// the timestamp and sequence number).
+    #[arg(long, default_value_t = 0)]
+    pub payload_bytes: usize,
     /// `chat`: workspaces.
     #[arg(long, default_value_t = 10)]
     pub workspaces: usize,
@@ -273,6 +282,9 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
         if a.echo {
             args.extend(["--echo-path".to_owned(), "/echo".to_owned()]);
         }
+        if a.deflate {
+            args.push("--deflate".to_owned());
+        }
         gateways.push(ServerProc::spawn(&format!("gateway-{i}"), &args, quiet)?);
         admin_addrs.push(admin);
     }
@@ -280,6 +292,25 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
         orchestrate::wait_ready(*admin, Duration::from_secs(60))?;
     }
     Ok(Cluster { _dir: dir, router, router_args, gateways, ws_addr, api_addr, admin_addrs })
+}
+
+/// `len` bytes of chat-like text (words from a small vocabulary, varied by
+/// `seed`): compresses like a real message, not like a run of one byte.
+fn chat_text(len: usize, seed: usize) -> String {
+    const WORDS: [&str; 24] = [
+        "the", "deploy", "is", "green", "again", "after", "we", "rolled", "back", "gateway", "config",
+        "thanks", "for", "looking", "into", "it", "I", "will", "review", "your", "change", "tomorrow",
+        "ship", "today",
+    ];
+    let mut out = String::with_capacity(len + 16);
+    let mut k = seed.wrapping_mul(2_654_435_761);
+    while out.len() < len {
+        k = k.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        out.push_str(WORDS[(k >> 33) % WORDS.len()]);
+        out.push(' ');
+    }
+    out.truncate(len);
+    out
 }
 
 fn demo_token(user: &str) -> String {
@@ -527,6 +558,7 @@ fn scenario(
             deadline_secs: 600 + a.duration,
             reconnect: true,
             upgrade_only: a.upgrade_only && kind == Scenario::Storm,
+            deflate: a.deflate,
             chat: (kind == Scenario::Chat).then(|| ChatSpec {
                 workspaces: a.workspaces.max(1),
                 channels_per_workspace: a.channels_per_workspace.max(1),
@@ -707,7 +739,12 @@ fn scenario(
             [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
         // A publish the API refuses or cannot take (a router wave) is
         // counted; it is not in the final positions the checker waits for.
-        match publisher.publish(ch, serde_json::json!({"ts": unix_micros(), "seq": i})) {
+        let data = if a.payload_bytes > 0 {
+            serde_json::json!({"ts": unix_micros(), "seq": i, "text": chat_text(a.payload_bytes, i)})
+        } else {
+            serde_json::json!({"ts": unix_micros(), "seq": i})
+        };
+        match publisher.publish(ch, data) {
             Ok(Some((offset, epoch))) => {
                 tops.insert(ch.clone(), (offset, epoch));
             }

@@ -28,6 +28,7 @@ use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use proto::backoff::Backoff;
+use proto::ws::deflate::Inflater;
 use proto::ws::handshake::client::{self, ClientHandshakeError};
 use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
 use rand::Rng;
@@ -72,6 +73,9 @@ pub struct WorkerSpec {
     /// and holds its connection until stopped.
     #[serde(default)]
     pub upgrade_only: bool,
+    /// Offer permessage-deflate and inflate what comes compressed.
+    #[serde(default)]
+    pub deflate: bool,
     /// A Slack-like workload instead of Zipf subscriptions (`loadgen chat`).
     #[serde(default)]
     pub chat: Option<ChatSpec>,
@@ -387,6 +391,8 @@ struct ThreadCtx {
     hists: RefCell<Hists>,
     zipf: Zipf,
     live: Cell<usize>,
+    /// The thread's inflater (no context takeover: shared by its clients).
+    inflater: RefCell<Inflater>,
 }
 
 async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> Hists {
@@ -394,8 +400,14 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
     let zipf = Zipf::new(choices, spec.zipf_s);
     let mine: Vec<usize> = (0..spec.connections).filter(|i| i % threads == t).collect();
     let per_thread_rate = if spec.rate > 0.0 { spec.rate / threads as f64 } else { 0.0 };
-    let ctx =
-        Rc::new(ThreadCtx { spec, shared, hists: RefCell::new(Hists::new()), zipf, live: Cell::new(0) });
+    let ctx = Rc::new(ThreadCtx {
+        spec,
+        shared,
+        hists: RefCell::new(Hists::new()),
+        zipf,
+        live: Cell::new(0),
+        inflater: RefCell::new(Inflater::new()),
+    });
     let start = Instant::now();
     let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
     {
@@ -449,11 +461,21 @@ async fn read_append(s: &mut TcpStream, buf: BytesMut) -> (std::io::Result<usize
     (res, slice.into_inner())
 }
 
+/// Receive buffer of each simulated client's socket (the kernel doubles it).
+const CLIENT_RCVBUF: usize = 64 * 1024;
+
 async fn connect_tcp(ctx: &ThreadCtx, index: usize) -> std::io::Result<TcpStream> {
     let ips = ctx.spec.source_ips.max(1);
     let n = index % ips;
     let src = IpAddr::V4(Ipv4Addr::new(127, 0, (2 + n / 250) as u8, (2 + n % 250) as u8));
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    // Bounded like a real client's: with the kernel's autotuning (up to
+    // tcp_rmem's maximum per socket), thousands of simulated clients that
+    // fall behind would hold gigabytes on this one box and push loopback
+    // TCP into memory pressure (stalls, aborts) that no real deployment
+    // sees; capped, a client that cannot keep up fills the gateway's
+    // bounded queue instead and is told so (3008, then recovers).
+    sock.set_recv_buffer_size(CLIENT_RCVBUF)?;
     if ips > 1 {
         sock.bind(&SocketAddr::new(src, 0).into())?;
     }
@@ -486,7 +508,11 @@ async fn connect_tcp(ctx: &ThreadCtx, index: usize) -> std::io::Result<TcpStream
     Ok(stream)
 }
 
-async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut), ConnectError> {
+/// An upgraded connection: the stream, bytes read past the 101, and
+/// whether permessage-deflate was agreed.
+type Upgraded = (TcpStream, BytesMut, bool);
+
+async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<Upgraded, ConnectError> {
     let mut stream = connect_tcp(ctx, index).await.map_err(|e| {
         if std::env::var_os("LOADGEN_DEBUG").is_some() {
             eprintln!("connect {index}: {e}");
@@ -494,7 +520,7 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut),
         ConnectError::Failed
     })?;
     let host = ctx.spec.ws_addr.to_string();
-    let (req, hs) = client::request(&host, &ctx.spec.path, rand::random(), &[], false);
+    let (req, hs) = client::request(&host, &ctx.spec.path, rand::random(), &[], ctx.spec.deflate);
     let (res, _) = stream.write_all(req).await;
     res.map_err(|_| ConnectError::Failed)?;
     let mut buf = BytesMut::with_capacity(4096);
@@ -511,9 +537,9 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<(TcpStream, BytesMut),
             Ok(_) => {}
         }
         match hs.parse_response(&buf) {
-            Ok(Some((_, n))) => {
+            Ok(Some((accept, n))) => {
                 let _ = buf.split_to(n);
-                return Ok((stream, buf));
+                return Ok((stream, buf, accept.deflate.is_some()));
             }
             Ok(None) if buf.len() < 16384 => {
                 if buf.capacity() - buf.len() < 1024 {
@@ -577,7 +603,7 @@ enum SessionEnd {
 
 /// Connects (TCP + upgrade), retrying 503s with full-jitter backoff that
 /// honours `Retry-After`; records the upgrade latency.
-async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<(TcpStream, BytesMut)> {
+async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<Upgraded> {
     let sh = &ctx.shared;
     let t0 = Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
@@ -608,6 +634,13 @@ async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<(
             }
         }
     }
+}
+
+/// Whether any of the subscriptions is short of the final positions the
+/// orchestrator gave with `stop`.
+fn behind(sh: &Shared, subs: &[Subscription]) -> bool {
+    let tops = sh.tops.lock().expect("tops");
+    subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.missed(t).is_some()))
 }
 
 /// The subscribe command for `s`: with recovery from its position once it
@@ -650,21 +683,29 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let mut ever_connected = false;
     let mut first = true;
     let mut reconnect_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut last_end = None;
     loop {
         let upgraded = establish(&ctx, index, deadline).await;
+        if upgraded.is_none() {
+            last_end = Some("no upgrade");
+        }
         if first {
             sh.attempted.fetch_add(1, Ordering::Relaxed);
             first = false;
         }
-        let Some((stream, buf)) = upgraded else { break };
-        let (end, connected) = session(&ctx, index, stream, buf, &mut subs, deadline, !ever_connected).await;
+        let Some(upgraded) = upgraded else { break };
+        let (end, connected) = session(&ctx, index, upgraded, &mut subs, deadline, !ever_connected).await;
         ever_connected |= connected;
+        last_end = Some(if end == SessionEnd::Closed { "closed" } else { "done" });
         if connected {
             reconnect_backoff.reset();
         }
+        // After `stop` too, a client the server closed while it was still
+        // catching up comes back and recovers, so what it had not read yet
+        // is checked rather than counted as lost.
         let again = end == SessionEnd::Closed
             && ctx.spec.reconnect
-            && !sh.stop.load(Ordering::Relaxed)
+            && (!sh.stop.load(Ordering::Relaxed) || behind(&sh, &subs))
             && Instant::now() < deadline;
         if !again {
             break;
@@ -677,6 +718,16 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
         let tops = sh.tops.lock().expect("tops").clone();
         for s in subs.iter().filter(|s| s.positioned) {
             if let Some(missed) = tops.get(&s.channel).and_then(|t| s.missed(t)) {
+                if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                    eprintln!(
+                        "client {index}: {} short of {:?} at {} ({:?}, epoch {:?})",
+                        missed,
+                        tops.get(&s.channel),
+                        s.last,
+                        last_end,
+                        s.epoch
+                    );
+                }
                 sh.lost.fetch_add(missed, Ordering::Relaxed);
                 sh.behind.fetch_add(1, Ordering::Relaxed);
             }
@@ -694,12 +745,12 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
 async fn session(
     ctx: &ThreadCtx,
     index: usize,
-    mut stream: TcpStream,
-    mut buf: BytesMut,
+    upgraded: Upgraded,
     subs: &mut [Subscription],
     deadline: Instant,
     first: bool,
 ) -> (SessionEnd, bool) {
+    let (mut stream, mut buf, deflate) = upgraded;
     let sh = &ctx.shared;
     if ctx.spec.upgrade_only {
         return hold_upgraded(ctx, stream, deadline, first).await;
@@ -714,9 +765,14 @@ async fn session(
     if res.is_err() {
         return (SessionEnd::Closed, false);
     }
-    let mut decoder = Decoder::new(DecoderConfig::client());
+    let mut decoder = Decoder::new(DecoderConfig { deflate, ..DecoderConfig::client() });
     let mut connected = false;
-    let mut converged_since: Option<Instant> = None;
+    // Since when the socket has had nothing to read, as observed by reads
+    // that waited (a client starved of CPU is not idle: its data waits in
+    // the socket). After `stop`, a client still catching up keeps reading;
+    // one whose socket stays silent for a while is behind for good, and what
+    // it misses is counted as lost.
+    let mut silent_since: Option<Instant> = None;
     let mut resubscribe: Vec<usize> = Vec::new();
     let mut retry: Vec<usize> = Vec::new();
     let mut retry_at = Instant::now();
@@ -731,10 +787,15 @@ async fn session(
     let end = 'outer: loop {
         // Decode what we have.
         loop {
-            let msg = match decoder.decode(&mut buf) {
+            let msg = match decoder.decode_with(&mut buf, Some(&mut ctx.inflater.borrow_mut())) {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
-                Err(_) => break 'outer SessionEnd::Closed,
+                Err(e) => {
+                    if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                        eprintln!("client {index}: {e}");
+                    }
+                    break 'outer SessionEnd::Closed;
+                }
             };
             match msg {
                 Message::Text(t) => {
@@ -780,6 +841,8 @@ async fn session(
                                 retry.push(id - 2);
                                 retry_at = Instant::now()
                                     + Duration::from_millis(rand::rng().random_range(250..750));
+                            } else if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                                eprintln!("client {index}: subscribe refused: {v}");
                             }
                         }
                     }
@@ -825,15 +888,10 @@ async fn session(
             }
         }
         if sh.stop.load(Ordering::Relaxed) {
-            let tops = sh.tops.lock().expect("tops").clone();
-            let behind = subs
-                .iter()
-                .any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.missed(t).is_some()));
-            if !behind || Instant::now() > deadline {
+            if !behind(sh, subs) || Instant::now() > deadline {
                 break SessionEnd::Done;
             }
-            converged_since.get_or_insert_with(Instant::now);
-            if converged_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            if silent_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
                 break SessionEnd::Done;
             }
         }
@@ -851,12 +909,15 @@ async fn session(
             break SessionEnd::Closed; // reset (a crashed server)
         }
         if readable == Some(true) {
+            silent_since = None;
             let (res, b) = read_append(&mut stream, buf).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => break SessionEnd::Closed,
                 Ok(_) => {}
             }
+        } else {
+            silent_since.get_or_insert_with(Instant::now);
         }
     };
     if end == SessionEnd::Done {

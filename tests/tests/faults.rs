@@ -204,3 +204,37 @@ fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
     assert_eq!(late.next_pub().expect("served")["push"]["pub"]["offset"], offset);
     assert_eq!(reader.next_pub().expect("still served")["push"]["pub"]["offset"], offset);
 }
+
+#[test]
+fn a_router_that_stops_answering_gets_clients_a_temporary_error_not_a_hang() {
+    let c = Cluster::start(1, 1, &[]);
+    let mut ws = c.client(0, "waiter");
+    subscribe(&mut ws, "chat:warm");
+    // The router process stops (as if wedged): the link stays up for a
+    // while, and the subscribe below is never answered by it.
+    c.routers[0].signal(libc::SIGSTOP);
+    ws.send_json(&json!({"id": 70, "subscribe": {"channel": "chat:stalled"}}));
+    let end = Instant::now() + Duration::from_secs(40);
+    let reply = loop {
+        assert!(Instant::now() < end, "no answer to a subscribe the router never answered");
+        match ws.next_event() {
+            Some(Event::Json(v)) if v["id"] == 70 => break v,
+            Some(Event::Closed(code, _)) => panic!("closed with {code:?}"),
+            _ => continue,
+        }
+    };
+    assert_eq!(reply["error"]["code"], 100, "{reply}");
+    assert_eq!(reply["error"]["temporary"], true, "the SDKs retry a temporary error: {reply}");
+    c.routers[0].signal(libc::SIGCONT);
+    // Once the router answers again, the retry succeeds.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < end, "the retried subscribe never succeeded");
+        let r = ws.call(json!({"subscribe": {"channel": "chat:stalled"}}));
+        if r.get("error").is_none() {
+            break;
+        }
+        assert_eq!(r["error"]["temporary"], true, "{r}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
