@@ -2,13 +2,20 @@
 """Gateway numbers, one gateway process on ONE core (the loadgen, router and
 this script share the machine's other core):
 
-1. storm: new connections accepted per second and gateway CPU per accepted
-   connection (accept, upgrade, JWT, subscribe), all clients at once;
+1. storm: new connections accepted per second and gateway CPU (user +
+   kernel, from /proc) per connection, all clients at once: the whole
+   session start (accept, upgrade, JWT `connect`, two subscribes, replies),
+   and the WebSocket upgrade alone (`--upgrade-only`: accept, parse, 101);
 2. fan-out capacity: one publication stream to 10,000 subscribers of one
    channel, publications offered faster than they can be delivered;
-3. calm latency: publish→deliver p50/p99/p99.9 at half that delivery rate;
+3. latency: publish→deliver p50/p99/p99.9 at half that delivery rate, and at
+   a quarter and a tenth of it (the curve: on one shared 2-core box the half
+   rate already takes most of the CPU the load generator needs too);
 4. storm latency: the same while a storm of new connections runs, and the
-   p99 ratio storm / calm (same run, same machine).
+   p99 ratio storm / calm (same run, same machine);
+5. permessage-deflate: 400-byte chat messages to 10,000 subscribers, plain
+   and compressing clients at the same rate: gateway CPU per delivery and
+   frames encoded and compressed per publication.
 
     cargo build --release -p loadgen
     python3 benches/scripts/gateway_bench.py [--subscribers 10000] [--storm 5000]
@@ -31,49 +38,74 @@ def run(*args):
     return v
 
 
+def lat(v):
+    l = v["latency_ms"]
+    return f"p50 {l['p50']:.1f} ms, p99 {l['p99']:.1f} ms, p99.9 {l['p999']:.1f} ms"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--subscribers", type=int, default=10000)
     ap.add_argument("--storm", type=int, default=5000)
     ap.add_argument("--storm-connections", type=int, default=15000)
     ap.add_argument("--secs", type=int, default=10)
-    ap.add_argument("--storm-load", type=float, default=0.1, help="share of capacity for the storm comparison")
+    ap.add_argument("--storm-load", type=float, default=0.1, help="share of capacity for the second storm comparison")
+    ap.add_argument("--payload-bytes", type=int, default=400, help="chat text per publication in the deflate rows")
     a = ap.parse_args()
 
-    s = run("storm", "--connections", str(a.storm_connections))
-    print(f"| storm: {a.storm_connections} clients at once, 1 gateway core | {s['accept_rate']:.0f} connections/s accepted, "
-          f"{s['gateway_cpu_us_per_conn']:.0f} µs gateway CPU per connection, {s['rejected']} 503s, "
-          f"upgrade p99 {s['upgrade_ms']['p99']:.1f} ms |")
+    for what, extra in (("session start (upgrade, JWT connect, 2 subscribes)", []),
+                        ("upgrade only (accept, parse, 101)", ["--upgrade-only"])):
+        s = run("storm", "--connections", str(a.storm_connections), *extra)
+        print(f"| storm, {what}: {a.storm_connections} clients at once | {s['accept_rate']:.0f} connections/s, "
+              f"**{s['gateway_cpu_us_per_conn']:.1f} µs** gateway CPU per connection, {s['rejected']} 503s, "
+              f"upgrade p99 {s['upgrade_ms']['p99']:.1f} ms |")
 
     fan = ["fanout", "--connections", str(a.subscribers), "--channels", "1", "--subs-per-conn", "1"]
     cap = run(*fan, "--publications", "1000", "--rate", "200")
     capacity = cap["deliveries_per_sec"]
-    print(f"| fan-out capacity: 1 stream → {a.subscribers} subscribers, 1 gateway core | "
-          f"{capacity:.0f} deliveries/s (offered {200 * a.subscribers}/s), "
-          f"{cap['frames']} frames for {cap['deliveries']} deliveries |")
+    print(f"| fan-out capacity: 1 stream → {a.subscribers} subscribers | **{capacity:.0f} deliveries/s** "
+          f"(offered {200 * a.subscribers}/s), {cap['deliveries']} deliveries in {cap['frames']} frames, "
+          f"{cap['gateway_frames_encoded']} encodings for {cap['publications']} publications, "
+          f"{cap['gateway_cpu_per_100k'] * 10:.2f} µs gateway CPU per delivery, 0 lost |")
 
-    rate = max(1.0, capacity / 2 / a.subscribers)
-    pubs = str(int(rate * a.secs))
-    calm = run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}")
-    lc = calm["latency_ms"]
-    print(f"| calm, {rate:.1f} publications/s ({rate * a.subscribers:.0f} deliveries/s) | "
-          f"p50 {lc['p50']:.2f} ms, p99 {lc['p99']:.2f} ms, p99.9 {lc['p999']:.2f} ms |")
-
-    # Storm vs calm at a load this shared box sustains with the storm's own
-    # clients beside it (at half capacity the load generator already needs
-    # both cores, and a storm from it would starve rather than arrive).
-    storm_rate = str(a.storm // max(1, a.secs // 2))
-    for share in (0.5, a.storm_load):
+    calm = {}
+    for share in (0.5, 0.25, 0.1):
         rate = max(1.0, capacity * share / a.subscribers)
         pubs = str(int(rate * a.secs))
-        base = calm if share == 0.5 else run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}")
+        v = run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}")
+        calm[share] = (rate, pubs, v)
+        print(f"| latency at {share:.0%} of capacity: {rate:.1f} publications/s ({rate * a.subscribers:.0f} "
+              f"deliveries/s) | {lat(v)}; gateway {v['gateway_cpu_per_100k'] * 10:.2f} µs, loadgen "
+              f"{v['loadgen_cpu_per_100k'] * 10:.2f} µs CPU per delivery |")
+
+    # Storm vs calm, in the same run of this script.
+    storm_rate = str(a.storm // max(1, a.secs // 2))
+    for share in (0.5, a.storm_load):
+        rate, pubs, base = calm.get(share) or (None, None, None)
+        if base is None:
+            rate = max(1.0, capacity * share / a.subscribers)
+            pubs = str(int(rate * a.secs))
+            base = run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}")
         st = run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}", "--storm-during", str(a.storm),
                  "--storm-rate", storm_rate)
         lb, ls = base["latency_ms"], st["latency_ms"]
         print(f"| {rate:.1f} publications/s ({share:.0%} of capacity): calm vs a storm of {a.storm} new "
-              f"connections at {storm_rate}/s ({st['storm_during_connected']} got in) | calm p99 {lb['p99']:.2f} ms, "
-              f"storm p50 {ls['p50']:.2f} ms p99 {ls['p99']:.2f} ms p99.9 {ls['p999']:.2f} ms; "
-              f"**p99 storm / calm = {ls['p99'] / max(lb['p99'], 1e-6):.2f}×** |")
+              f"connections at {storm_rate}/s ({st['storm_during_connected']} got in) | calm p99 {lb['p99']:.1f} ms; "
+              f"storm {lat(st)}; **p99 storm / calm = {ls['p99'] / max(lb['p99'], 1e-6):.2f}×** |")
+
+    # permessage-deflate: the same stream of chat-sized messages to plain and
+    # to compressing clients, at a rate the load generator keeps up with
+    # while inflating every message of every client.
+    rate = max(1.0, capacity * 0.1 / a.subscribers)
+    pubs = str(int(rate * a.secs))
+    for mode in ([], ["--deflate"]):
+        v = run(*fan, "--publications", pubs, "--rate", f"{rate:.2f}", "--payload-bytes", str(a.payload_bytes), *mode)
+        per_pub_enc = v["gateway_frames_encoded"] / max(1, v["publications"])
+        per_pub_def = v["gateway_frames_deflated"] / max(1, v["publications"])
+        print(f"| {a.payload_bytes}-byte messages, {rate:.1f}/s to {a.subscribers} {'compressing' if mode else 'plain'} "
+              f"subscribers | {v['deliveries_per_sec']:.0f} deliveries/s, {lat(v)}; gateway "
+              f"**{v['gateway_cpu_per_100k'] * 10:.2f} µs CPU per delivery**; {per_pub_enc:.2f} frames encoded and "
+              f"{per_pub_def:.2f} compressed per publication; {v['lost']} lost |")
 
 
 if __name__ == "__main__":

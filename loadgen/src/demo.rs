@@ -610,6 +610,18 @@ fn scenario(
     let mut tops: HashMap<String, (u64, String)> = HashMap::new();
     let pb = bar(publications as u64, "publishing", a.json);
     let fan_start = Instant::now();
+    let gw_counter = |c: &Option<&mut Cluster>, name: &str| -> u64 {
+        c.as_ref().map_or(0, |c| {
+            c.admin_addrs
+                .iter()
+                .filter_map(|a| orchestrate::http_get(*a, "/metrics"))
+                .map(|m| orchestrate::metric_sum(&m, name))
+                .sum()
+        })
+    };
+    let gw_cpu_fan0 = gw_cpu(&cluster);
+    let encoded0 = gw_counter(&cluster, "switchyard_gateway_frames_encoded_total");
+    let deflated0 = gw_counter(&cluster, "switchyard_gateway_frames_deflated_total");
     let mut rng = rand::rng();
     let mut wave: Option<Wave> = None;
     let mut last_sample = Instant::now();
@@ -805,7 +817,11 @@ fn scenario(
     let per100k = |cpu: f64| cpu / (report.deliveries.max(1) as f64 / 100_000.0);
     report.loadgen_cpu_per_100k = per100k(loadgen_cpu);
     if cluster.is_some() {
-        report.gateway_cpu_per_100k = per100k(gw_cpu(&cluster) - gw_cpu0);
+        report.gateway_cpu_per_100k = per100k(gw_cpu(&cluster) - gw_cpu_fan0);
+        report.gateway_frames_encoded =
+            gw_counter(&cluster, "switchyard_gateway_frames_encoded_total").saturating_sub(encoded0);
+        report.gateway_frames_deflated =
+            gw_counter(&cluster, "switchyard_gateway_frames_deflated_total").saturating_sub(deflated0);
     }
     Ok(report)
 }

@@ -100,8 +100,15 @@ pub struct RunReport {
     pub frames: u64,
     /// Loadgen CPU seconds per 100,000 deliveries.
     pub loadgen_cpu_per_100k: f64,
-    /// Gateway CPU seconds per 100,000 deliveries (storm included).
+    /// Gateway CPU seconds per 100,000 deliveries, over the fan-out (after
+    /// the storm).
     pub gateway_cpu_per_100k: f64,
+    /// WebSocket frames the gateways encoded for publications during the
+    /// fan-out (one per publication per gateway, fewer when packed).
+    pub gateway_frames_encoded: u64,
+    /// Compressed twins the gateways made during the fan-out (at most one
+    /// per encoded frame and core with compressing subscribers).
+    pub gateway_frames_deflated: u64,
     /// Gateway CPU per connected client over the storm (µs): accept, upgrade,
     /// token check, subscriptions.
     pub gateway_cpu_us_per_conn: f64,
@@ -225,6 +232,11 @@ impl RunReport {
                 "cpu          loadgen {:.2} s / 100k deliveries, gateway {:.2} s / 100k deliveries",
                 self.loadgen_cpu_per_100k, self.gateway_cpu_per_100k
             );
+            let _ = writeln!(
+                s,
+                "encoding     gateways framed {} frames ({} compressed twins) for {} publications",
+                self.gateway_frames_encoded, self.gateway_frames_deflated, self.publications
+            );
         }
         let _ = writeln!(s, "storm cpu    gateway {:.0} µs per connection", self.gateway_cpu_us_per_conn);
         let _ = writeln!(s, "memory       gateway RSS {:.0} B per connection", self.gateway_rss_per_conn);
@@ -270,6 +282,10 @@ impl RunReport {
             ("explicit resyncs", self.unrecovered.to_string()),
             ("loadgen CPU per 100k deliveries", format!("{:.2} s", self.loadgen_cpu_per_100k)),
             ("gateway CPU per 100k deliveries", format!("{:.2} s", self.gateway_cpu_per_100k)),
+            (
+                "frames encoded (compressed) by the gateways",
+                format!("{} ({})", self.gateway_frames_encoded, self.gateway_frames_deflated),
+            ),
             ("gateway RSS per connection", format!("{:.0} B", self.gateway_rss_per_conn)),
             ("gateway CPU per connection (storm)", format!("{:.0} µs", self.gateway_cpu_us_per_conn)),
             ("reconnects", self.reconnects.to_string()),
