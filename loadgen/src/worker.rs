@@ -311,12 +311,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         let spec = spec.clone();
         let shared = shared.clone();
         handles.push(std::thread::spawn(move || {
-            let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                .enable_timer()
-                .with_entries(4096)
-                .build()
-                .expect("runtime");
-            rt.block_on(thread_main(spec, t, threads, shared))
+            gateway::cores::block_on(thread_main(spec, t, threads, shared))
         }));
     }
     let reporter_shared = shared.clone();
