@@ -140,8 +140,13 @@ async fn read(
     }
 }
 
-/// Collects `n` deliveries from whichever delivery streams carry them.
-async fn deliveries(conn: &quinn::Connection, n: usize) -> Vec<(String, u64)> {
+/// Collects the first `n` messages that `keep` maps to `Some`, from
+/// whichever delivery streams carry them (bounded: 10 s without one ends it).
+async fn collect<T: Send + 'static>(
+    conn: &quinn::Connection,
+    n: usize,
+    keep: impl Fn(ClusterMsg) -> Option<T> + Send + Sync + 'static,
+) -> Vec<T> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     for _ in 0..8 {
         let conn = conn.clone();
@@ -151,20 +156,27 @@ async fn deliveries(conn: &quinn::Connection, n: usize) -> Vec<(String, u64)> {
             let mut dec = ClusterDecoder::default();
             let mut buf = BytesMut::new();
             while let Some(m) = read(&mut s, &mut dec, &mut buf).await {
-                if let ClusterMsg::Deliver { channel, publication, .. } = m {
-                    let _ = tx.send((channel, publication.offset));
-                }
+                let _ = tx.send(m);
             }
         });
     }
     let mut got = Vec::new();
     while got.len() < n {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-            Ok(Some(d)) => got.push(d),
+            Ok(Some(m)) => got.extend(keep(m)),
             _ => break,
         }
     }
     got
+}
+
+/// Collects `n` deliveries (channel, offset).
+async fn deliveries(conn: &quinn::Connection, n: usize) -> Vec<(String, u64)> {
+    collect(conn, n, |m| match m {
+        ClusterMsg::Deliver { channel, publication, .. } => Some((channel, publication.offset)),
+        _ => None,
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,30 +316,9 @@ async fn a_silent_gateway_is_evicted_and_its_users_go_away_after_the_grace() {
     beats.abort();
 }
 
-/// Collects `n` messages about `channel` from whichever delivery streams carry them.
-async fn stream_msgs(conn: &quinn::Connection, channel: &str, n: usize) -> Vec<ClusterMsg> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    for _ in 0..8 {
-        let conn = conn.clone();
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let Ok(mut s) = conn.accept_uni().await else { return };
-            let mut dec = ClusterDecoder::default();
-            let mut buf = BytesMut::new();
-            while let Some(m) = read(&mut s, &mut dec, &mut buf).await {
-                let _ = tx.send(m);
-            }
-        });
-    }
-    let mut got = Vec::new();
-    while got.len() < n {
-        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
-            Ok(Some(m)) if m.channel() == Some(channel) => got.push(m),
-            Ok(Some(_)) => {}
-            _ => break,
-        }
-    }
-    got
+/// Collects `n` messages about `channel`.
+async fn stream_msgs(conn: &quinn::Connection, channel: &'static str, n: usize) -> Vec<ClusterMsg> {
+    collect(conn, n, move |m| (m.channel() == Some(channel)).then_some(m)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
