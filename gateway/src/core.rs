@@ -4,14 +4,13 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use std::os::fd::{AsRawFd, OwnedFd};
-
 use monoio::net::TcpStream;
 use proto::client::channel::ChannelName;
 use proto::client::command::{Command, FLAG_REJECT_UNRECOVERED};
