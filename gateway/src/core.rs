@@ -369,10 +369,17 @@ impl Core {
         self.index.borrow().get(channel).map_or_else(|| Arc::from(channel), |m| m.name.clone())
     }
 
-    /// The channel's local subscribers, in `out` (reused between calls).
-    fn members_of(&self, channel: &str, out: &mut Vec<Rc<Session>>) -> Option<Arc<str>> {
-        let idx = self.index.borrow();
-        let members = idx.get(channel)?;
+    /// The channel's local subscribers, in `out` (reused between calls),
+    /// after `update` saw the channel's entry; the channel's shared name.
+    fn members_of(
+        &self,
+        channel: &str,
+        out: &mut Vec<Rc<Session>>,
+        update: impl FnOnce(&mut Members),
+    ) -> Option<Arc<str>> {
+        let mut idx = self.index.borrow_mut();
+        let members = idx.get_mut(channel)?;
+        update(members);
         out.extend(members.sessions.values().cloned());
         Some(members.name.clone())
     }
@@ -762,10 +769,10 @@ impl Core {
         match msg {
             DownMsg::Deliver { channel, first, last, frame } => {
                 let mut recipients = std::mem::take(&mut *self.recipients.borrow_mut());
-                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
-                if let Some(m) = self.index.borrow_mut().get_mut(&*name) {
-                    m.advance(first, last);
-                }
+                let Some(name) = self.members_of(&channel, &mut recipients, |m| m.advance(first, last))
+                else {
+                    return;
+                };
                 let mut n = 0;
                 let mut gaps = Vec::new();
                 let mut twin = None;
@@ -811,10 +818,9 @@ impl Core {
             }
             DownMsg::Resync { channel } => {
                 let mut recipients = Vec::new();
-                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
-                if let Some(m) = self.index.borrow_mut().get_mut(&*name) {
-                    m.position = None;
-                }
+                let Some(name) = self.members_of(&channel, &mut recipients, |m| m.position = None) else {
+                    return;
+                };
                 let push = unsubscribe_push(
                     &channel,
                     proto::client::codes::unsubscribe_code::INSUFFICIENT_STATE,
@@ -830,7 +836,7 @@ impl Core {
             DownMsg::Position { channel, epoch, top } => self.position(&channel, epoch, top),
             DownMsg::Push { channel, frame } => {
                 let mut recipients = Vec::new();
-                let Some(name) = self.members_of(&channel, &mut recipients) else { return };
+                let Some(name) = self.members_of(&channel, &mut recipients, |_| {}) else { return };
                 for s in recipients {
                     let live = matches!(s.subs.borrow().get(&name), Some(Sub::Live { .. }));
                     if live {

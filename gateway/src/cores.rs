@@ -38,9 +38,10 @@ const RING_ENTRIES: u32 = 4096;
 /// interrupts the thread (an inter-processor interrupt when it runs on
 /// another CPU) to post itself; it is posted when the thread next enters
 /// the kernel, which a monoio runtime does every time it looks for work.
-/// Whoever makes the thread's sockets ready (a peer writing to them) stops
-/// paying for that interrupt: measured on loopback, the sender's CPU per
-/// delivery to sleeping readers is where the difference shows.
+/// Measured with `loadgen storm --connections 15000 --gateway-cores 1`: the
+/// gateway's CPU per session start went from ~34 to ~32 µs. Waking a thread
+/// that sleeps waiting for completions still costs the waker, so CPU per
+/// delivery to idle readers did not change.
 pub fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     let base =
         || monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().with_entries(RING_ENTRIES);

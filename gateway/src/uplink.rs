@@ -244,7 +244,7 @@ impl Uplink {
                         epoch: Arc::from(route.epoch.as_str()),
                         top: route.last,
                     };
-                    self.to_cores(1 << core, &msg);
+                    self.to_core(core, msg);
                 } else if before != 0 && after == 0 {
                     self.channels.remove(&channel);
                     if let Some(o) = route_owner {
@@ -453,14 +453,12 @@ impl Uplink {
             |up: &Self, channel: &str| up.channels.get(channel).is_some_and(|r| r.owner == Some(router));
         let mut i = 0;
         while i < msgs.len() {
-            if let ClusterMsg::Position { channel, epoch, top } = &msgs[i] {
-                if owned(self, channel) {
-                    self.position(channel, epoch, *top);
-                }
+            if !msgs[i].channel().is_some_and(|c| owned(self, c)) {
                 i += 1;
                 continue;
             }
-            if !msgs[i].channel().is_some_and(|c| owned(self, c)) {
+            if let ClusterMsg::Position { channel, epoch, top } = &msgs[i] {
+                self.position(channel, epoch, *top);
                 i += 1;
                 continue;
             }

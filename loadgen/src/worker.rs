@@ -678,12 +678,8 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let mut ever_connected = false;
     let mut first = true;
     let mut reconnect_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    let mut last_end = None;
     loop {
         let upgraded = establish(&ctx, index, deadline).await;
-        if upgraded.is_none() {
-            last_end = Some("no upgrade");
-        }
         if first {
             sh.attempted.fetch_add(1, Ordering::Relaxed);
             first = false;
@@ -691,7 +687,6 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
         let Some(upgraded) = upgraded else { break };
         let (end, connected) = session(&ctx, index, upgraded, &mut subs, deadline, !ever_connected).await;
         ever_connected |= connected;
-        last_end = Some(if end == SessionEnd::Closed { "closed" } else { "done" });
         if connected {
             reconnect_backoff.reset();
         }
@@ -713,16 +708,6 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
         let tops = sh.tops.lock().expect("tops").clone();
         for s in subs.iter().filter(|s| s.positioned) {
             if let Some(missed) = tops.get(&s.channel).and_then(|t| s.missed(t)) {
-                if std::env::var_os("LOADGEN_DEBUG").is_some() {
-                    eprintln!(
-                        "client {index}: {} short of {:?} at {} ({:?}, epoch {:?})",
-                        missed,
-                        tops.get(&s.channel),
-                        s.last,
-                        last_end,
-                        s.epoch
-                    );
-                }
                 sh.lost.fetch_add(missed, Ordering::Relaxed);
                 sh.behind.fetch_add(1, Ordering::Relaxed);
             }

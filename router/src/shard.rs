@@ -255,12 +255,8 @@ impl Shard {
         }
         let ch = self.channel(&channel);
         let msg = ClusterMsg::Position { epoch: ch.epoch().to_owned(), top: ch.top(), channel };
-        let sent = self.gateways.get(&gw).is_some_and(|tx| tx.try_send(msg).is_ok());
-        if !sent {
-            // Without it the gateway still asks the router for positions;
-            // nothing is lost, but count it like any refused send.
-            self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
-        }
+        // A full queue drops it (counted): the gateway then asks for positions.
+        self.send(gw, msg);
     }
 
     fn handle(&mut self, cmd: ShardCmd, now: Instant) {
