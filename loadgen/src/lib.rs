@@ -26,6 +26,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod checker;
 pub mod demo;
 pub mod orchestrate;
 pub mod publisher;
