@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
+use crate::checker::PublishedLog;
 use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
 use crate::publisher::{ClientPublisher, Publisher};
 use crate::report::{RunReport, Sample};
@@ -608,6 +609,9 @@ fn scenario(
     };
     let zipf = Zipf::new(channels.len(), a.zipf);
     let mut tops: HashMap<String, (u64, String)> = HashMap::new();
+    // What each publication's `seq` got as `(offset, epoch)`: the workers
+    // compare payloads against it.
+    let mut published = PublishedLog::default();
     let pb = bar(publications as u64, "publishing", a.json);
     let fan_start = Instant::now();
     let gw_counter = |c: &Option<&mut Cluster>, name: &str| -> u64 {
@@ -758,6 +762,7 @@ fn scenario(
         };
         match publisher.publish(ch, data) {
             Ok(Some((offset, epoch))) => {
+                published.record(ch, &epoch, offset, i as u64);
                 tops.insert(ch.clone(), (offset, epoch));
             }
             Ok(None) => {}
@@ -786,7 +791,7 @@ fn scenario(
     }
     report.phases.push(("settle".into(), start.elapsed().as_secs_f64()));
     for w in workers.iter_mut().chain(stormers.iter_mut()) {
-        w.stop(&tops);
+        w.stop(&tops, &published);
     }
     for w in stormers {
         if let Some(s) = w.finish(Duration::from_secs(60)) {

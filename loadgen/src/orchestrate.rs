@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::checker::PublishedLog;
 use crate::worker::{Summary, WorkerSpec};
 
 /// Most clients one worker process holds (the per-process open-file limit
@@ -96,10 +97,12 @@ impl Worker {
     }
 
     /// Tells the worker to finish once its subscriptions reach `tops`
-    /// (channel → final offset and its epoch).
-    pub fn stop(&mut self, tops: &HashMap<String, (u64, String)>) {
+    /// (channel → final offset and its epoch); `published` is what was
+    /// published at each offset, for the payload check (empty when the
+    /// publisher could not tell offsets).
+    pub fn stop(&mut self, tops: &HashMap<String, (u64, String)>, published: &PublishedLog) {
         if let Some(stdin) = self.stdin.as_mut() {
-            let _ = writeln!(stdin, "{}", serde_json::json!({ "stop": tops }));
+            let _ = writeln!(stdin, "{}", serde_json::json!({ "stop": tops, "published": published }));
             let _ = stdin.flush();
         }
     }

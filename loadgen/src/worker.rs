@@ -5,10 +5,14 @@
 //! more than one address's ephemeral ports can be used), upgrades (retrying
 //! 503s with full-jitter backoff that honours `Retry-After`), sends `connect`
 //! and its subscriptions in one frame (as centrifuge-js does), then reads:
-//! every `pub` is checked against the channel's expected next offset and its
+//! every reply and `pub` goes to the subscription's
+//! [`StreamChecker`](crate::checker::StreamChecker), and each publication's
 //! publish→deliver latency (the publisher's timestamp is in the payload) is
-//! recorded. Pings are answered. On `stop` (stdin) the worker waits, bounded,
-//! until every subscription reached the final offsets it was given, then
+//! recorded. Pings are answered. On `stop` (stdin: the final positions and
+//! what the publisher published) the worker waits, bounded, until every
+//! subscription reached the final offsets it was given; then every client's
+//! streams are finished, including those of clients that gave up earlier
+//! (they wait for `stop`, so their missing tail is counted), and the worker
 //! reports counters and histograms.
 
 use std::cell::{Cell, RefCell};
@@ -34,6 +38,7 @@ use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::checker::{Delivery, PublishedIndex, PublishedLog, StreamChecker, SubscribeReply, Tally};
 use crate::zipf::Zipf;
 
 /// What one worker runs.
@@ -166,7 +171,8 @@ pub struct Summary {
     pub failed: u64,
     /// Publications received.
     pub deliveries: u64,
-    /// Publications missing (gaps, and final offsets never reached) with no `recovered:false` to explain them.
+    /// Publications missing (gaps, and final offsets never reached, also by
+    /// clients that gave up) with no `recovered:false` to explain them.
     pub lost: u64,
     /// Publications received twice.
     pub duplicated: u64,
@@ -174,6 +180,37 @@ pub struct Summary {
     pub reordered: u64,
     /// Subscriptions told `recovered:false` (explicit, not silent).
     pub unrecovered: u64,
+    /// Publications the server said it could not deliver (`recovered:false`,
+    /// a new epoch): explicit, reported apart from `lost`.
+    #[serde(default)]
+    pub forgiven: u64,
+    /// Publications whose payload (`seq`) differs from what was published
+    /// at that offset (see [`crate::checker`]).
+    #[serde(default)]
+    pub payload_mismatch: u64,
+    /// Publications whose payload was compared with the publisher's log.
+    #[serde(default)]
+    pub payload_verified: u64,
+    /// Subscriptions finished by the checker (of clients that connected).
+    #[serde(default)]
+    pub streams: u64,
+    /// Subscriptions never positioned (never answered, or only temporary
+    /// errors), so never checked.
+    #[serde(default)]
+    pub unpositioned: u64,
+    /// Subscriptions refused, or ended by the server without a resync.
+    #[serde(default)]
+    pub failed_subscriptions: u64,
+    /// Subscriptions without offsets (ephemeral namespaces): nothing to check.
+    #[serde(default)]
+    pub unchecked: u64,
+    /// Clients that connected, then gave up (reconnect attempts exhausted,
+    /// the deadline, or stuck at the end) before being checked to the end.
+    #[serde(default)]
+    pub gave_up: u64,
+    /// Publications for a channel the client was not subscribed to.
+    #[serde(default)]
+    pub stray: u64,
     /// Unsubscribe pushes asking to resubscribe (2500) or disconnects (codes).
     pub server_closes: u64,
     /// WebSocket frames received.
@@ -205,10 +242,9 @@ struct Shared {
     failed: AtomicU64,
     attempted: AtomicU64,
     deliveries: AtomicU64,
-    lost: AtomicU64,
-    duplicated: AtomicU64,
-    reordered: AtomicU64,
-    unrecovered: AtomicU64,
+    /// Clients that connected and then gave up.
+    gave_up: AtomicU64,
+    stray: AtomicU64,
     server_closes: AtomicU64,
     frames: AtomicU64,
     reconnects: AtomicU64,
@@ -222,9 +258,10 @@ struct Shared {
     /// Clients connected right now (falls during a reconnect wave).
     online: AtomicU64,
     stop: AtomicBool,
-    behind: AtomicU64,
     /// Final position of each channel the orchestrator published to.
     tops: Mutex<HashMap<String, (u64, String)>>,
+    /// What the orchestrator published (with `stop`), when it kept a log.
+    published_log: Mutex<Option<Arc<PublishedIndex>>>,
 }
 
 struct Hists {
@@ -296,6 +333,12 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                     m.insert(k.clone(), (top, v[1].as_str().unwrap_or("").to_owned()));
                 }
                 drop(m);
+                if let Some(log) = v.get("published")
+                    && let Ok(log) = PublishedLog::deserialize(log)
+                    && !log.is_empty()
+                {
+                    *stdin_shared.published_log.lock().expect("published lock") = Some(Arc::new(log.index()));
+                }
                 stdin_shared.stop.store(true, Ordering::SeqCst);
             } else if line.contains("\"quiet\"") {
                 // Stop publishing (chat), keep receiving.
@@ -348,11 +391,13 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         }
     });
     let mut hists = Hists::new();
+    let mut tally = Tally::default();
     for h in handles {
-        let hs = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
+        let (hs, t) = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
         hists.upgrade.add(&hs.upgrade).ok();
         hists.connect.add(&hs.connect).ok();
         hists.latency.add(&hs.latency).ok();
+        tally += t;
     }
     done.store(true, Ordering::Relaxed);
     let _ = reporter.join();
@@ -362,10 +407,19 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         rejected: s.rejected.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
         deliveries: s.deliveries.load(Ordering::Relaxed),
-        lost: s.lost.load(Ordering::Relaxed),
-        duplicated: s.duplicated.load(Ordering::Relaxed),
-        reordered: s.reordered.load(Ordering::Relaxed),
-        unrecovered: s.unrecovered.load(Ordering::Relaxed),
+        lost: tally.lost,
+        duplicated: tally.duplicated,
+        reordered: tally.reordered,
+        unrecovered: tally.unrecovered,
+        forgiven: tally.forgiven,
+        payload_mismatch: tally.payload_mismatch,
+        payload_verified: tally.payload_verified,
+        streams: tally.streams,
+        unpositioned: tally.unpositioned,
+        failed_subscriptions: tally.failed_subscriptions,
+        unchecked: tally.unchecked,
+        gave_up: s.gave_up.load(Ordering::Relaxed),
+        stray: s.stray.load(Ordering::Relaxed),
         server_closes: s.server_closes.load(Ordering::Relaxed),
         frames: s.frames.load(Ordering::Relaxed),
         reconnects: s.reconnects.load(Ordering::Relaxed),
@@ -388,9 +442,11 @@ struct ThreadCtx {
     live: Cell<usize>,
     /// The thread's inflater (no context takeover: shared by its clients).
     inflater: RefCell<Inflater>,
+    /// The finished streams of this thread's clients, added up.
+    tally: RefCell<Tally>,
 }
 
-async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> Hists {
+async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> (Hists, Tally) {
     let choices = spec.chat.as_ref().map_or(spec.channels.len(), |c| c.channels_per_workspace);
     let zipf = Zipf::new(choices, spec.zipf_s);
     let mine: Vec<usize> = (0..spec.connections).filter(|i| i % threads == t).collect();
@@ -402,6 +458,7 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
         zipf,
         live: Cell::new(0),
         inflater: RefCell::new(Inflater::new()),
+        tally: RefCell::new(Tally::default()),
     });
     let start = Instant::now();
     let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
@@ -442,7 +499,10 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
     while ctx.live.get() > 0 && Instant::now() < deadline + Duration::from_secs(2) {
         monoio::time::sleep(Duration::from_millis(50)).await;
     }
-    ctx.hists.replace(Hists::new())
+    // A client still running now never got to its final accounting: it was
+    // not checked to the end.
+    ctx.shared.gave_up.fetch_add(ctx.live.get() as u64, Ordering::Relaxed);
+    (ctx.hists.replace(Hists::new()), ctx.tally.replace(Tally::default()))
 }
 
 enum ConnectError {
@@ -555,27 +615,10 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<Upgraded, ConnectError
     }
 }
 
+/// One subscription of a client: its channel and its checker.
 struct Subscription {
     channel: String,
-    last: u64,
-    positioned: bool,
-    epoch: String,
-    /// Epochs the server explicitly moved this subscription off
-    /// (`recovered: false`): what they held after is not a silent loss.
-    left: Vec<String>,
-}
-
-impl Subscription {
-    /// Publications short of the final position `(top, epoch)`: in the same
-    /// epoch, the offsets not reached; in an epoch the server moved this
-    /// subscription off (it said so), none; in another epoch (a stream this
-    /// subscriber never heard of), all of them.
-    fn missed(&self, (top, epoch): &(u64, String)) -> Option<u64> {
-        if epoch.is_empty() || self.epoch.is_empty() || *epoch == self.epoch {
-            return (self.last < *top).then(|| top - self.last);
-        }
-        if self.left.contains(epoch) { None } else { Some(*top) }
-    }
+    check: StreamChecker,
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -592,9 +635,13 @@ const PUBLISH_IDS: usize = 1_000_000;
 enum SessionEnd {
     /// Stopped by the orchestrator (or its deadline) after converging.
     Done,
-    /// The server closed it, or the socket failed: reconnect when asked to.
-    Closed,
+    /// The server closed it (with this WebSocket close code; 1006 when the
+    /// socket just failed): reconnect when asked to.
+    Closed(u16),
 }
+
+/// The close code of a connection that ended without a close frame.
+const ABNORMAL_CLOSE: u16 = 1006;
 
 /// Connects (TCP + upgrade), retrying 503s with full-jitter backoff that
 /// honours `Retry-After`; records the upgrade latency.
@@ -635,17 +682,16 @@ async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<U
 /// orchestrator gave with `stop`.
 fn behind(sh: &Shared, subs: &[Subscription]) -> bool {
     let tops = sh.tops.lock().expect("tops");
-    subs.iter().any(|s| s.positioned && tops.get(&s.channel).is_some_and(|t| s.missed(t).is_some()))
+    subs.iter().any(|s| tops.get(&s.channel).is_some_and(|(top, epoch)| s.check.behind((*top, epoch))))
 }
 
 /// The subscribe command for `s`: with recovery from its position once it
 /// has one (a reconnect or a resync), as the SDKs do.
 fn subscribe_cmd(id: usize, s: &Subscription) -> String {
-    if s.positioned && !s.epoch.is_empty() {
-        serde_json::json!({"id": id, "subscribe": {"channel": s.channel, "recover": true, "epoch": s.epoch, "offset": s.last}})
-            .to_string()
-    } else {
-        serde_json::json!({"id": id, "subscribe": {"channel": s.channel}}).to_string()
+    match s.check.recovery_position() {
+        Some((epoch, offset)) => serde_json::json!({"id": id, "subscribe": {"channel": s.channel, "recover": true, "epoch": epoch, "offset": offset}})
+            .to_string(),
+        None => serde_json::json!({"id": id, "subscribe": {"channel": s.channel}}).to_string(),
     }
 }
 
@@ -653,6 +699,8 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let sh = ctx.shared.clone();
     let mut rng = rand::rng();
     let names: Vec<String> = match &ctx.spec.chat {
+        // Upgrade only: no `connect`, so no subscriptions to check.
+        _ if ctx.spec.upgrade_only => Vec::new(),
         Some(chat) => chat.subscriptions(index, &ctx.zipf, &mut rng),
         None => {
             let mut chosen: Vec<usize> = Vec::new();
@@ -665,18 +713,11 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
             chosen.iter().map(|c| ctx.spec.channels[*c].clone()).collect()
         }
     };
-    let mut subs: Vec<Subscription> = names
-        .into_iter()
-        .map(|channel| Subscription {
-            channel,
-            last: 0,
-            positioned: false,
-            epoch: String::new(),
-            left: Vec::new(),
-        })
-        .collect();
+    let mut subs: Vec<Subscription> =
+        names.into_iter().map(|channel| Subscription { channel, check: StreamChecker::new() }).collect();
     let mut ever_connected = false;
     let mut first = true;
+    let mut last_end = None;
     let mut reconnect_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let upgraded = establish(&ctx, index, deadline).await;
@@ -687,14 +728,18 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
         let Some(upgraded) = upgraded else { break };
         let (end, connected) = session(&ctx, index, upgraded, &mut subs, deadline, !ever_connected).await;
         ever_connected |= connected;
+        last_end = Some(end);
         if connected {
             reconnect_backoff.reset();
+        }
+        let SessionEnd::Closed(code) = end else { break };
+        for s in subs.iter_mut() {
+            s.check.disconnected(code);
         }
         // After `stop` too, a client the server closed while it was still
         // catching up comes back and recovers, so what it had not read yet
         // is checked rather than counted as lost.
-        let again = end == SessionEnd::Closed
-            && ctx.spec.reconnect
+        let again = ctx.spec.reconnect
             && (!sh.stop.load(Ordering::Relaxed) || behind(&sh, &subs))
             && Instant::now() < deadline;
         if !again {
@@ -703,19 +748,35 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
         sh.reconnects.fetch_add(1, Ordering::Relaxed);
         monoio::time::sleep(reconnect_backoff.next_delay(&mut rand::rng())).await;
     }
-    // Final accounting: anything short of the final offsets was lost.
-    if sh.stop.load(Ordering::Relaxed) {
-        let tops = sh.tops.lock().expect("tops").clone();
-        for s in subs.iter().filter(|s| s.positioned) {
-            if let Some(missed) = tops.get(&s.channel).and_then(|t| s.missed(t)) {
-                sh.lost.fetch_add(missed, Ordering::Relaxed);
-                sh.behind.fetch_add(1, Ordering::Relaxed);
-            }
+    if !ever_connected {
+        // Counted once, as failed (its subscriptions were never sent).
+        sh.failed.fetch_add(1, Ordering::Relaxed);
+        ctx.live.set(ctx.live.get() - 1);
+        return;
+    }
+    // Gave up: the last connection did not end with `stop`, and the client
+    // was not already complete when it ended (closed after `stop` with
+    // nothing left to read is complete).
+    let complete = sh.stop.load(Ordering::Relaxed) && !behind(&sh, &subs);
+    if last_end != Some(SessionEnd::Done) && !complete {
+        sh.gave_up.fetch_add(1, Ordering::Relaxed);
+        for s in subs.iter_mut() {
+            s.check.gave_up();
         }
     }
-    if !ever_connected {
-        sh.failed.fetch_add(1, Ordering::Relaxed);
+    // A client that ended early waits for the final positions, so its
+    // missing tail is counted rather than forgotten.
+    while !sh.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(100)).await;
     }
+    let tops = sh.tops.lock().expect("tops").clone();
+    let published = sh.published_log.lock().expect("published").clone();
+    let mut tally = ctx.tally.borrow_mut();
+    for s in &subs {
+        let fin = tops.get(&s.channel).map(|(top, epoch)| (*top, epoch.as_str()));
+        *tally += s.check.finish(fin, published.as_ref().and_then(|p| p.channel(&s.channel)));
+    }
+    drop(tally);
     ctx.live.set(ctx.live.get() - 1);
 }
 
@@ -743,7 +804,7 @@ async fn session(
     }
     let (res, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
     if res.is_err() {
-        return (SessionEnd::Closed, false);
+        return (SessionEnd::Closed(ABNORMAL_CLOSE), false);
     }
     let mut decoder = Decoder::new(DecoderConfig { deflate, ..DecoderConfig::client() });
     let mut connected = false;
@@ -774,7 +835,7 @@ async fn session(
                     if std::env::var_os("LOADGEN_DEBUG").is_some() {
                         eprintln!("client {index}: {e}");
                     }
-                    break 'outer SessionEnd::Closed;
+                    break 'outer SessionEnd::Closed(ABNORMAL_CLOSE);
                 }
             };
             match msg {
@@ -784,7 +845,7 @@ async fn session(
                         if line == b"{}" {
                             let (r, _) = stream.write_all(frame(b"{}")).await;
                             if r.is_err() {
-                                break 'outer SessionEnd::Closed;
+                                break 'outer SessionEnd::Closed(ABNORMAL_CLOSE);
                             }
                             continue;
                         }
@@ -798,7 +859,7 @@ async fn session(
                         let id = v["id"].as_u64().unwrap_or(0) as usize;
                         if id == 1 {
                             if v.get("error").is_some() {
-                                break 'outer SessionEnd::Closed;
+                                break 'outer SessionEnd::Closed(ABNORMAL_CLOSE);
                             }
                             connected = true;
                             if first {
@@ -816,20 +877,26 @@ async fn session(
                         } else if id >= 2 && id - 2 < subs.len() {
                             if let Some(r) = v.get("subscribe") {
                                 subscribed(ctx, &mut subs[id - 2], r);
-                            } else if v["error"]["temporary"] == true {
-                                // No router right now: try again shortly (jittered).
-                                retry.push(id - 2);
-                                retry_at = Instant::now()
-                                    + Duration::from_millis(rand::rng().random_range(250..750));
-                            } else if std::env::var_os("LOADGEN_DEBUG").is_some() {
-                                eprintln!("client {index}: subscribe refused: {v}");
+                            } else {
+                                let e = &v["error"];
+                                let code = e["code"].as_u64().unwrap_or(0) as u32;
+                                let temporary = e["temporary"] == true;
+                                subs[id - 2].check.subscribe_failed(code, temporary);
+                                if temporary {
+                                    // No router right now: try again shortly (jittered).
+                                    retry.push(id - 2);
+                                    retry_at = Instant::now()
+                                        + Duration::from_millis(rand::rng().random_range(250..750));
+                                } else if std::env::var_os("LOADGEN_DEBUG").is_some() {
+                                    eprintln!("client {index}: subscribe refused: {v}");
+                                }
                             }
                         }
                     }
                 }
-                Message::Close(_) => {
+                Message::Close(c) => {
                     sh.server_closes.fetch_add(1, Ordering::Relaxed);
-                    break 'outer SessionEnd::Closed;
+                    break 'outer SessionEnd::Closed(c.map_or(ABNORMAL_CLOSE, |c| c.code));
                 }
                 _ => {}
             }
@@ -851,7 +918,7 @@ async fn session(
             lines.push(serde_json::json!({"id": next_id, "publish": {"channel": talk, "data": {"ts": unix_micros(), "text": "hello from a simulated user"}}}).to_string());
             let (r, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
             if r.is_err() {
-                break SessionEnd::Closed;
+                break SessionEnd::Closed(ABNORMAL_CLOSE);
             }
             sh.published.fetch_add(1, Ordering::Relaxed);
             let every = Duration::from_secs_f64(60.0 / chat.msgs_per_min.max(0.01));
@@ -864,7 +931,7 @@ async fn session(
             let lines: Vec<String> = resubscribe.drain(..).map(|k| subscribe_cmd(2 + k, &subs[k])).collect();
             let (r, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
             if r.is_err() {
-                break SessionEnd::Closed;
+                break SessionEnd::Closed(ABNORMAL_CLOSE);
             }
         }
         if sh.stop.load(Ordering::Relaxed) {
@@ -886,14 +953,14 @@ async fn session(
             _ = monoio::time::sleep(Duration::from_millis(200)) => None,
         };
         if readable == Some(false) {
-            break SessionEnd::Closed; // reset (a crashed server)
+            break SessionEnd::Closed(ABNORMAL_CLOSE); // reset (a crashed server)
         }
         if readable == Some(true) {
             silent_since = None;
             let (res, b) = read_append(&mut stream, buf).await;
             buf = b;
             match res {
-                Ok(0) | Err(_) => break SessionEnd::Closed,
+                Ok(0) | Err(_) => break SessionEnd::Closed(ABNORMAL_CLOSE),
                 Ok(_) => {}
             }
         } else {
@@ -940,25 +1007,24 @@ async fn hold_upgraded(
 }
 
 /// A subscribe reply: a fresh position, a recovery with the missed
-/// publications (checked like pushes), or an explicit "not recovered".
+/// publications (counted and timed like pushes), or an explicit "not
+/// recovered"; the checker judges it.
 fn subscribed(ctx: &ThreadCtx, s: &mut Subscription, r: &serde_json::Value) {
-    let recovering = r["was_recovering"] == true;
-    if recovering && r["recovered"] == true {
-        for p in r["publications"].as_array().map(Vec::as_slice).unwrap_or_default() {
-            check_pub(ctx, s, p);
-        }
-        return;
-    }
-    if recovering {
-        // Explicit, not silent: the server said the gap cannot be filled.
-        ctx.shared.unrecovered.fetch_add(1, Ordering::Relaxed);
-        if s.left.len() < 16 {
-            s.left.push(std::mem::take(&mut s.epoch));
-        }
-    }
-    s.last = r["offset"].as_u64().unwrap_or(0);
-    s.epoch = r["epoch"].as_str().unwrap_or("").to_owned();
-    s.positioned = r["positioned"].as_bool().unwrap_or(false) || r["recoverable"] == true;
+    let recovered: Vec<Delivery> = r["publications"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| received(ctx, p))
+        .collect();
+    s.check.subscribed(&SubscribeReply {
+        was_recovering: r["was_recovering"] == true,
+        recovered: r["recovered"] == true,
+        epoch: r["epoch"].as_str().unwrap_or(""),
+        offset: r["offset"].as_u64().unwrap_or(0),
+        positioned: r["positioned"] == true || r["recoverable"] == true,
+        publications: &recovered,
+    });
 }
 
 fn frame_close() -> Vec<u8> {
@@ -967,30 +1033,17 @@ fn frame_close() -> Vec<u8> {
     out
 }
 
-/// Checks one publication against the subscription's position.
-fn check_pub(ctx: &ThreadCtx, s: &mut Subscription, p: &serde_json::Value) {
-    let sh = &ctx.shared;
-    sh.deliveries.fetch_add(1, Ordering::Relaxed);
+/// Counts one publication and records its publish→deliver latency; what
+/// the checker needs of it.
+fn received(ctx: &ThreadCtx, p: &serde_json::Value) -> Delivery {
+    ctx.shared.deliveries.fetch_add(1, Ordering::Relaxed);
     if let Some(ts) = p["data"]["ts"].as_u64() {
         let us = unix_micros().saturating_sub(ts);
         let mut h = ctx.hists.borrow_mut();
         h.latency.saturating_record(us);
         h.window.saturating_record(us);
     }
-    let offset = p["offset"].as_u64().unwrap_or(0);
-    if !s.positioned || offset == 0 {
-        return;
-    }
-    if offset == s.last + 1 {
-        s.last = offset;
-    } else if offset == s.last {
-        sh.duplicated.fetch_add(1, Ordering::Relaxed);
-    } else if offset < s.last {
-        sh.reordered.fetch_add(1, Ordering::Relaxed);
-    } else {
-        sh.lost.fetch_add(offset - s.last - 1, Ordering::Relaxed);
-        s.last = offset;
-    }
+    Delivery { offset: p["offset"].as_u64().unwrap_or(0), seq: p["data"]["seq"].as_u64() }
 }
 
 /// Handles a push; returns the index of a subscription the server asked to
@@ -1000,16 +1053,25 @@ fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Va
     let channel = push["channel"].as_str().unwrap_or("");
     let k = subs.iter().position(|s| s.channel == channel);
     if let Some(p) = push.get("pub") {
+        let d = received(ctx, p);
         match k {
-            Some(k) => check_pub(ctx, &mut subs[k], p),
+            Some(k) => subs[k].check.publication(d),
             None => {
-                sh.deliveries.fetch_add(1, Ordering::Relaxed);
+                sh.stray.fetch_add(1, Ordering::Relaxed);
             }
         }
         None
     } else if let Some(u) = push.get("unsubscribe") {
         sh.server_closes.fetch_add(1, Ordering::Relaxed);
-        if u["code"].as_u64().unwrap_or(0) >= 2500 { k } else { None }
+        let k = k?;
+        let code = u["code"].as_u64().unwrap_or(0);
+        if code >= 2500 {
+            subs[k].check.resync_asked();
+            Some(k)
+        } else {
+            subs[k].check.unsubscribed(code as u32);
+            None
+        }
     } else {
         None
     }
