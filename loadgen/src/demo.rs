@@ -4,9 +4,11 @@
 //! router and as many gateway processes as the connection count needs (they
 //! share one port with SO_REUSEPORT; each process stays under the open-file
 //! limit), runs a storm of N clients subscribed to Zipf-sized channels, then a
-//! fan-out of timestamped publications through the HTTP API, checks that
-//! every subscriber got every publication once and in order, prints the
-//! report and the HTML path, and drains everything.
+//! fan-out of timestamped, numbered publications through the HTTP API
+//! (recording the offset each one got), checks that every subscriber got
+//! every publication once, in order and with the payload published at that
+//! offset ([`crate::checker`]), prints the report, its verdict and the HTML
+//! path, and drains everything.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -19,7 +21,7 @@ use rand::Rng;
 use crate::checker::PublishedLog;
 use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
 use crate::publisher::{ClientPublisher, Publisher};
-use crate::report::{RunReport, Sample};
+use crate::report::{RunReport, Sample, Verdict};
 use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
 use crate::zipf::Zipf;
 
@@ -338,13 +340,14 @@ fn bar(len: u64, msg: &str, json: bool) -> ProgressBar {
 }
 
 /// Runs the demo.
-pub fn run(a: DemoArgs) -> anyhow::Result<bool> {
+pub fn run(a: DemoArgs) -> anyhow::Result<Verdict> {
     run_scenario(Scenario::Demo, a)
 }
 
 /// Runs one scenario, on a local cluster or against `--ws`/`--api`; prints
-/// the report and the HTML path. `Ok(false)`: something was lost silently.
-pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<bool> {
+/// the report and the HTML path, and answers its [`Verdict`] (see
+/// [`RunReport::verdict`]).
+pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<Verdict> {
     if a.ws.is_some() && (a.serve || kind == Scenario::ReconnectWave) {
         anyhow::bail!("--serve and reconnect-wave start (and signal) their own cluster: drop --ws/--api");
     }
@@ -386,7 +389,7 @@ pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<bool> {
             g.terminate(Duration::from_secs(10));
         }
         cluster.router.terminate(Duration::from_secs(5));
-        return Ok(true);
+        return Ok(Verdict { ok: true, reasons: Vec::new() });
     }
     let report = scenario(kind, &a, &target, cluster.as_mut())?;
     if let Some(cluster) = cluster.as_mut() {
@@ -401,13 +404,16 @@ pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<bool> {
         PathBuf::from(format!("reports/{name}-{}.html", unix_micros() / 1_000_000))
     });
     report.write_html(&path)?;
+    let verdict = report.verdict();
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["verdict"] = serde_json::to_value(&verdict)?;
+        println!("{v}");
     } else {
         print!("{}", report.table());
     }
     eprintln!("HTML report: {}", path.display());
-    Ok(!report.silent_loss())
+    Ok(verdict)
 }
 
 fn wait_for_ctrl_c() {
@@ -793,11 +799,21 @@ fn scenario(
     for w in workers.iter_mut().chain(stormers.iter_mut()) {
         w.stop(&tops, &published);
     }
+    let storm_procs = stormers.len();
+    let mut storm_reported = 0;
     for w in stormers {
         if let Some(s) = w.finish(Duration::from_secs(60)) {
+            storm_reported += 1;
             report.storm_during_connected += s.connected;
             report.storm_during_rejected += s.rejected;
+            report.storm_during_failed += s.failed + s.gave_up;
         }
+    }
+    if storm_reported < storm_procs {
+        anyhow::bail!(
+            "{} of {storm_procs} storm-during worker processes did not report",
+            storm_procs - storm_reported
+        );
     }
     report.storm_during = a.storm_during as u64;
     let mut summaries = Vec::new();

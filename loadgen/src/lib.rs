@@ -4,8 +4,12 @@
 //! can be pointed at any compatible server, and that also embeds the router
 //! and gateway so `loadgen demo` needs nothing else.
 //!
-//! - [`worker`]: a worker process's clients (thread-per-core monoio), the
-//!   per-subscription offset checker and latency histograms.
+//! - [`worker`]: a worker process's clients (thread-per-core monoio) and
+//!   latency histograms; it feeds each subscription's events to
+//! - [`checker`]: the correctness checker, pure (no IO, no clock): one
+//!   [`checker::StreamChecker`] per client and channel counts what was lost,
+//!   duplicated, reordered, delivered with the wrong payload, forgiven by an
+//!   explicit resync, or never checked at all.
 //! - [`orchestrate`]: worker and server processes (one process's open-file
 //!   limit is 20,000 here, so clients and gateways are spread over processes),
 //!   the HTTP API publisher.
@@ -21,8 +25,13 @@
 //! - [`report`]: terminal table, `--json`, HTML report.
 //! - [`zipf`]: Zipf-distributed channel sizes.
 //!
-//! A run exits non-zero when anything was lost, duplicated or reordered
-//! without the server saying so (`recovered:false` / unsubscribe 2500).
+//! A run exits non-zero, and its report's headline says why
+//! ([`report::RunReport::verdict`]), when anything was lost, duplicated,
+//! reordered or delivered with the wrong payload without the server saying
+//! so (`recovered:false` / unsubscribe 2500), and also when any client never
+//! connected or gave up, any subscription was never positioned or was
+//! refused, or any publish failed: "Nothing lost" only when every client was
+//! checked to the end.
 
 #![warn(missing_docs, unreachable_pub)]
 

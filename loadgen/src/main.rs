@@ -56,8 +56,9 @@ fn init_tracing() {
 
 fn scenario(kind: Scenario, a: loadgen::demo::DemoArgs) -> anyhow::Result<()> {
     init_tracing();
-    if !loadgen::demo::run_scenario(kind, a)? {
-        eprintln!("FAILED: publications were lost, duplicated or reordered silently");
+    let verdict = loadgen::demo::run_scenario(kind, a)?;
+    if !verdict.ok {
+        eprintln!("{}", verdict.headline());
         std::process::exit(1);
     }
     Ok(())

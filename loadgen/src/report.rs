@@ -96,6 +96,28 @@ pub struct RunReport {
     pub reordered: u64,
     /// Explicit resyncs (`recovered:false` / unsubscribe 2500): not silent.
     pub unrecovered: u64,
+    /// Publications the server said it could not deliver (`recovered:false`,
+    /// a new epoch): explicit, reported apart from `lost`, not a failure.
+    pub forgiven: u64,
+    /// Payloads (`seq`) that differ from what was published at their offset
+    /// (the run fails when non-zero).
+    pub payload_mismatch: u64,
+    /// Publications whose payload was compared with the publisher's log.
+    pub payload_verified: u64,
+    /// Subscriptions the checker followed to the end (of clients that connected).
+    pub streams: u64,
+    /// Subscriptions never positioned, so never checked (the run fails when non-zero).
+    pub unpositioned: u64,
+    /// Subscriptions refused or ended by the server (the run fails when non-zero).
+    pub failed_subscriptions: u64,
+    /// Subscriptions without offsets (ephemeral namespaces): nothing to check.
+    pub unchecked: u64,
+    /// Clients that connected, then gave up before the end (the run fails
+    /// when non-zero; their missing tail is in `lost`).
+    pub gave_up: u64,
+    /// Publications for a channel the client was not subscribed to (the run
+    /// fails when non-zero).
+    pub stray: u64,
     /// WebSocket frames received by all clients.
     pub frames: u64,
     /// Loadgen CPU seconds per 100,000 deliveries.
@@ -129,6 +151,9 @@ pub struct RunReport {
     pub storm_during_connected: u64,
     /// Storm-during 503s.
     pub storm_during_rejected: u64,
+    /// Storm-during clients that never connected or gave up (the run fails
+    /// when non-zero).
+    pub storm_during_failed: u64,
     /// Publishes the HTTP API refused or could not take (a router wave).
     pub api_errors: u64,
     /// Messages clients published (chat), and how many were refused.
@@ -156,6 +181,15 @@ impl RunReport {
             self.duplicated += s.duplicated;
             self.reordered += s.reordered;
             self.unrecovered += s.unrecovered;
+            self.forgiven += s.forgiven;
+            self.payload_mismatch += s.payload_mismatch;
+            self.payload_verified += s.payload_verified;
+            self.streams += s.streams;
+            self.unpositioned += s.unpositioned;
+            self.failed_subscriptions += s.failed_subscriptions;
+            self.unchecked += s.unchecked;
+            self.gave_up += s.gave_up;
+            self.stray += s.stray;
             self.frames += s.frames;
             self.reconnects += s.reconnects;
             self.client_publications += s.published;
@@ -172,9 +206,51 @@ impl RunReport {
         self.latency_ms = Percentiles::of(&lat);
     }
 
-    /// Whether anything was lost, duplicated or reordered silently.
-    pub fn silent_loss(&self) -> bool {
-        self.lost + self.duplicated + self.reordered > 0
+    /// Whether the run passed, and if not, every reason why. Red: anything
+    /// lost, duplicated, reordered, delivered with the wrong payload or on a
+    /// channel not subscribed to; any client that never connected, never
+    /// started or gave up; any subscription never positioned or refused; any
+    /// publish the HTTP API or the gateway refused. Green ("Nothing lost")
+    /// only when every client was checked to the end. Explicit resyncs and
+    /// the publications they forgave are reported, not red.
+    pub fn verdict(&self) -> Verdict {
+        let mut reasons = Vec::new();
+        let mut red = |n: u64, one: &str, many: &str| {
+            if n > 0 {
+                reasons.push(format!("{n} {}", if n == 1 { one } else { many }));
+            }
+        };
+        red(self.lost, "publication lost", "publications lost");
+        red(self.duplicated, "publication duplicated", "publications duplicated");
+        red(self.reordered, "publication reordered", "publications reordered");
+        red(self.payload_mismatch, "payload mismatch", "payload mismatches");
+        red(
+            self.stray,
+            "publication on a channel not subscribed to",
+            "publications on channels not subscribed to",
+        );
+        let of = self.connections;
+        red(
+            self.failed,
+            &format!("of {of} clients never connected"),
+            &format!("of {of} clients never connected"),
+        );
+        red(
+            of.saturating_sub(self.connected + self.failed),
+            &format!("of {of} clients never started"),
+            &format!("of {of} clients never started"),
+        );
+        red(self.gave_up, "client gave up before the end", "clients gave up before the end");
+        red(self.unpositioned, "subscription never positioned", "subscriptions never positioned");
+        red(self.failed_subscriptions, "subscription refused", "subscriptions refused");
+        red(self.api_errors, "API publish failed", "API publishes failed");
+        red(self.publish_errors, "client publish refused", "client publishes refused");
+        red(
+            self.storm_during_failed,
+            "storm-during client failed or gave up",
+            "storm-during clients failed or gave up",
+        );
+        Verdict { ok: reasons.is_empty(), reasons }
     }
 
     /// The terminal table.
@@ -223,8 +299,23 @@ impl RunReport {
         }
         let _ = writeln!(
             s,
-            "correctness  lost {}  duplicated {}  reordered {}  explicit resyncs {}",
-            self.lost, self.duplicated, self.reordered, self.unrecovered
+            "correctness  lost {}  duplicated {}  reordered {}  payload mismatches {}  explicit resyncs {} ({} forgiven)",
+            self.lost,
+            self.duplicated,
+            self.reordered,
+            self.payload_mismatch,
+            self.unrecovered,
+            self.forgiven
+        );
+        let _ = writeln!(
+            s,
+            "checked      {} subscriptions ({} without offsets, {} never positioned, {} refused), {} payloads against the publisher's log; {} clients gave up",
+            self.streams,
+            self.unchecked,
+            self.unpositioned,
+            self.failed_subscriptions,
+            self.payload_verified,
+            self.gave_up
         );
         if self.publications > 0 {
             let _ = writeln!(
@@ -249,11 +340,17 @@ impl RunReport {
                 self.reconnects, self.peak_handshakes_per_sec
             );
         }
+        let _ = writeln!(s, "verdict      {}", self.verdict().headline());
         s
     }
 
     /// Writes the HTML report.
     pub fn write_html(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.html())
+    }
+
+    /// The HTML report: the verdict's headline, the summary table, charts.
+    pub fn html(&self) -> String {
         let mut h = String::new();
         let _ = write!(
             h,
@@ -262,12 +359,13 @@ impl RunReport {
         );
         h.push_str("<style>body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}svg{background:#fafafa;border:1px solid #eee}.bad{color:#b00}</style></head><body>");
         let _ = write!(h, "<h1>Switchyard — {}</h1>", self.scenario);
-        let verdict = if self.silent_loss() {
-            "<p class=bad><b>Silent loss detected.</b></p>"
-        } else {
-            "<p><b>Nothing lost, duplicated or reordered.</b></p>"
-        };
-        h.push_str(verdict);
+        let verdict = self.verdict();
+        let _ = write!(
+            h,
+            "<p{}><b>{}</b></p>",
+            if verdict.ok { "" } else { " class=bad" },
+            html_escape(&verdict.headline())
+        );
         h.push_str("<h2>Summary</h2><table>");
         let rows = [
             ("connections", format!("{} of {}", self.connected, self.connections)),
@@ -279,7 +377,20 @@ impl RunReport {
                 "lost / duplicated / reordered",
                 format!("{} / {} / {}", self.lost, self.duplicated, self.reordered),
             ),
-            ("explicit resyncs", self.unrecovered.to_string()),
+            (
+                "payload mismatches (compared with the publisher's log)",
+                format!("{} ({})", self.payload_mismatch, self.payload_verified),
+            ),
+            ("explicit resyncs (publications forgiven)", format!("{} ({})", self.unrecovered, self.forgiven)),
+            (
+                "subscriptions checked (without offsets / never positioned / refused)",
+                format!(
+                    "{} ({} / {} / {})",
+                    self.streams, self.unchecked, self.unpositioned, self.failed_subscriptions
+                ),
+            ),
+            ("clients failed / gave up", format!("{} / {}", self.failed, self.gave_up)),
+            ("API publishes failed", self.api_errors.to_string()),
             ("loadgen CPU per 100k deliveries", format!("{:.2} s", self.loadgen_cpu_per_100k)),
             ("gateway CPU per 100k deliveries", format!("{:.2} s", self.gateway_cpu_per_100k)),
             (
@@ -349,8 +460,32 @@ impl RunReport {
         h.push_str(&line_chart("publish → deliver p50 over time (ms)", &lat, |s| s.p50_ms));
         h.push_str(&line_chart("publish → deliver p99 over time (ms)", &lat, |s| s.p99_ms));
         h.push_str("</body></html>");
-        std::fs::write(path, h)
+        h
     }
+}
+
+/// Whether a run passed, and why not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    /// Every client was checked to the end and nothing failed.
+    pub ok: bool,
+    /// What failed, one phrase each ("3 publications lost").
+    pub reasons: Vec<String>,
+}
+
+impl Verdict {
+    /// One line: "Nothing lost, …" or "FAILED: " and the reasons.
+    pub fn headline(&self) -> String {
+        if self.ok {
+            "Nothing lost, duplicated or reordered; every client checked to the end.".to_owned()
+        } else {
+            format!("FAILED: {}.", self.reasons.join(", "))
+        }
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 fn line_chart(title: &str, data: &[Sample], y: impl Fn(&Sample) -> f64) -> String {
@@ -391,4 +526,133 @@ fn bars(title: &str, data: &[(&str, f64)]) -> String {
     }
     s.push_str("</svg>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 300 clients, all connected, everything delivered.
+    fn clean() -> RunReport {
+        RunReport {
+            scenario: "demo".into(),
+            connections: 300,
+            connected: 300,
+            publications: 60,
+            deliveries: 9_000,
+            streams: 600,
+            payload_verified: 9_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_clean_run_is_green() {
+        let v = clean().verdict();
+        assert_eq!(v, Verdict { ok: true, reasons: Vec::new() });
+        assert!(v.headline().starts_with("Nothing lost"));
+        assert!(clean().html().contains("<p><b>Nothing lost"));
+    }
+
+    #[test]
+    fn explicit_resyncs_and_what_they_forgave_are_not_red() {
+        let r = RunReport { unrecovered: 40, forgiven: 900, unchecked: 10, reconnects: 150, ..clean() };
+        assert!(r.verdict().ok);
+    }
+
+    #[test]
+    fn most_clients_failed_is_red_even_with_nothing_lost() {
+        // The usual 1,024 open-file limit: most clients never got a socket.
+        let r = RunReport { connected: 1_000, failed: 49_000, connections: 50_000, ..clean() };
+        let v = r.verdict();
+        assert!(!v.ok);
+        assert_eq!(v.reasons, ["49000 of 50000 clients never connected"]);
+        let html = r.html();
+        assert!(html.contains("class=bad><b>FAILED: 49000 of 50000 clients never connected."), "{html}");
+        assert!(!html.contains("Nothing lost"));
+        assert!(r.table().contains("verdict      FAILED: 49000 of 50000 clients never connected."));
+    }
+
+    #[test]
+    fn every_failure_is_red_and_named() {
+        type BreakIt = fn(&mut RunReport);
+        let cases: [(BreakIt, &str); 14] = [
+            (|r| r.lost = 3, "3 publications lost"),
+            (|r| r.duplicated = 1, "1 publication duplicated"),
+            (|r| r.reordered = 2, "2 publications reordered"),
+            (|r| r.payload_mismatch = 1, "1 payload mismatch"),
+            (|r| r.stray = 4, "4 publications on channels not subscribed to"),
+            (|r| r.failed = 2, "2 of 302 clients never connected"),
+            (|r| r.connected = 299, "1 of 300 clients never started"),
+            (|r| r.gave_up = 5, "5 clients gave up before the end"),
+            (|r| r.unpositioned = 7, "7 subscriptions never positioned"),
+            (|r| r.failed_subscriptions = 1, "1 subscription refused"),
+            (|r| r.api_errors = 2, "2 API publishes failed"),
+            (|r| r.publish_errors = 1, "1 client publish refused"),
+            (|r| r.storm_during_failed = 3, "3 storm-during clients failed or gave up"),
+            (
+                |r| {
+                    r.lost = 1;
+                    r.gave_up = 1;
+                },
+                "1 publication lost",
+            ),
+        ];
+        for (break_it, reason) in cases {
+            let mut r = clean();
+            if reason.contains("never connected") {
+                r.connections = 302;
+            }
+            break_it(&mut r);
+            let v = r.verdict();
+            assert!(!v.ok, "{reason}");
+            assert_eq!(v.reasons[0], reason);
+            assert!(r.html().contains(&format!("FAILED: {reason}")), "{reason}");
+        }
+    }
+
+    #[test]
+    fn all_reasons_are_listed() {
+        let r = RunReport { lost: 2, gave_up: 1, unpositioned: 3, ..clean() };
+        assert_eq!(
+            r.verdict().headline(),
+            "FAILED: 2 publications lost, 1 client gave up before the end, 3 subscriptions never positioned."
+        );
+    }
+
+    #[test]
+    fn summaries_carry_the_checker_counts_into_the_report() {
+        let s = Summary {
+            connected: 10,
+            lost: 1,
+            forgiven: 4,
+            payload_mismatch: 2,
+            payload_verified: 30,
+            streams: 20,
+            unpositioned: 1,
+            failed_subscriptions: 1,
+            unchecked: 3,
+            gave_up: 1,
+            stray: 1,
+            ..Default::default()
+        };
+        let mut r = RunReport { connections: 20, ..Default::default() };
+        r.add_summaries(&[s.clone(), s]);
+        assert_eq!(
+            (r.connected, r.lost, r.forgiven, r.payload_mismatch, r.payload_verified, r.streams),
+            (20, 2, 8, 4, 60, 40)
+        );
+        assert_eq!(
+            (r.unpositioned, r.failed_subscriptions, r.unchecked, r.gave_up, r.stray),
+            (2, 2, 6, 2, 2)
+        );
+        // An old worker's line without the new fields still reads.
+        let old: Summary = serde_json::from_str(
+            r#"{"connected":1,"rejected":0,"failed":0,"deliveries":5,"lost":0,"duplicated":0,
+                "reordered":0,"unrecovered":0,"server_closes":0,"frames":5,"cpu_secs":0.1,
+                "upgrade_us":"","connect_us":"","latency_us":""}"#,
+        )
+        .unwrap();
+        assert_eq!((old.gave_up, old.payload_mismatch), (0, 0));
+    }
 }
