@@ -688,10 +688,12 @@ fn scenario(
             let ch = format!("#u{}", rng.random_range(0..a.connections.max(1)));
             let r = api.call(
                 "publish",
-                &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "read": personal}}),
+                &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "read": personal, "seq": personal}}),
             )?;
             if let Some(off) = r["result"]["offset"].as_u64() {
-                tops.insert(ch, (off, r["result"]["epoch"].as_str().unwrap_or("").to_owned()));
+                let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
+                published.record(&ch, &epoch, off, personal);
+                tops.insert(ch, (off, epoch));
             }
             personal += 1;
             if last_sample.elapsed() >= Duration::from_millis(250) {

@@ -20,8 +20,15 @@ fn demo_runs_clean_with_a_few_hundred_connections() {
     assert_eq!(v["reordered"], 0);
     assert!(v["deliveries"].as_u64().unwrap() >= 60, "{v}");
     assert!(v["latency_ms"]["count"].as_u64().unwrap() > 0);
+    // Every subscription was checked to the end, every payload against what was published.
+    assert_eq!(v["verdict"]["ok"], true, "{v}");
+    assert_eq!(v["streams"], 600, "{v}");
+    assert_eq!((v["unpositioned"].as_u64(), v["gave_up"].as_u64()), (Some(0), Some(0)), "{v}");
+    assert_eq!(v["payload_mismatch"], 0, "{v}");
+    assert_eq!(v["payload_verified"], v["deliveries"], "{v}");
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("Nothing lost"), "report verdict");
+    assert!(html.contains("every client checked to the end"), "report verdict");
     let _ = std::fs::remove_file(report);
 }
 
@@ -106,6 +113,7 @@ fn router_crash_wave_is_explicit_resyncs_never_silent_loss() {
     );
     // The new router has new epochs: subscribers are told, not left with a gap.
     assert!(v["unrecovered"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["verdict"]["ok"], true, "{v}");
     assert!(v["reconnect_secs"].as_f64().is_some(), "{v}");
 }
 
