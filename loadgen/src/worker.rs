@@ -5,10 +5,9 @@
 //! more than one address's ephemeral ports can be used), upgrades (retrying
 //! 503s with full-jitter backoff that honours `Retry-After`), sends `connect`
 //! and its subscriptions in one frame (as centrifuge-js does), then reads:
-//! every reply and `pub` goes to the subscription's
-//! [`StreamChecker`](crate::checker::StreamChecker), and each publication's
-//! publish→deliver latency (the publisher's timestamp is in the payload) is
-//! recorded. Pings are answered. On `stop` (stdin: the final positions and
+//! every reply and `pub` goes to the subscription's [`StreamChecker`], and
+//! each publication's publish→deliver latency (the publisher's timestamp is
+//! in the payload) is recorded. Pings are answered. On `stop` (stdin: the final positions and
 //! what the publisher published) the worker waits, bounded, until every
 //! subscription reached the final offsets it was given; then every client's
 //! streams are finished, including those of clients that gave up earlier
