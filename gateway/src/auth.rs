@@ -4,8 +4,8 @@
 //! anything else wrong (bad signature, an algorithm with no key configured,
 //! malformed claims, wrong channel or user) closes the connection with 3500.
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header, errors::ErrorKind};
-use proto::client::claims::{ConnectionClaims, SubscriptionClaims};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
+use proto::client::claims::{ConnectionClaims, SubscriptionClaims, TimeClaims};
 use serde::de::DeserializeOwned;
 
 use crate::config::AuthConfig;
@@ -54,7 +54,10 @@ impl Verifier {
         Ok(Verifier { hmac, rsa, ec })
     }
 
-    fn verify<T: DeserializeOwned>(&self, token: &str) -> Result<T, TokenError> {
+    /// Verifies `token` at Unix time `now` (the caller's clock: the
+    /// gateway's state machine never reads one): an `exp` at or before
+    /// `now` is [`TokenError::Expired`], an `nbf` after it is invalid.
+    fn verify<T: DeserializeOwned + TimeClaims>(&self, token: &str, now: u64) -> Result<T, TokenError> {
         let header = decode_header(token).map_err(|_| TokenError::Invalid)?;
         let key = match header.alg {
             Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => self.hmac.as_ref(),
@@ -64,31 +67,39 @@ impl Verifier {
         }
         .ok_or(TokenError::Invalid)?;
         let mut v = Validation::new(header.alg);
-        // Tokens without `exp` never expire; `aud`/`iss` are checked only when configured.
+        // Tokens without `exp` never expire; time claims are checked below
+        // against the caller's time.
         v.required_spec_claims.clear();
         v.validate_aud = false;
+        v.validate_exp = false;
+        v.validate_nbf = false;
         v.leeway = 0;
-        match decode::<T>(token, key, &v) {
-            Ok(data) => Ok(data.claims),
-            Err(e) if matches!(e.kind(), ErrorKind::ExpiredSignature) => Err(TokenError::Expired),
-            Err(_) => Err(TokenError::Invalid),
+        let claims: T = decode::<T>(token, key, &v).map_err(|_| TokenError::Invalid)?.claims;
+        if claims.nbf().is_some_and(|nbf| nbf > now) {
+            return Err(TokenError::Invalid);
         }
+        if claims.exp().is_some_and(|exp| exp <= now) {
+            return Err(TokenError::Expired);
+        }
+        Ok(claims)
     }
 
-    /// Verifies a connection token.
-    pub fn connection(&self, token: &str) -> Result<ConnectionClaims, TokenError> {
-        self.verify(token)
+    /// Verifies a connection token at Unix time `now`.
+    pub fn connection(&self, token: &str, now: u64) -> Result<ConnectionClaims, TokenError> {
+        self.verify(token, now)
     }
 
-    /// Verifies a subscription token for `channel` held by `user` on `client`.
+    /// Verifies a subscription token for `channel` held by `user` on
+    /// `client`, at Unix time `now`.
     pub fn subscription(
         &self,
         token: &str,
         channel: &str,
         user: &str,
         client: &str,
+        now: u64,
     ) -> Result<SubscriptionClaims, TokenError> {
-        let claims: SubscriptionClaims = self.verify(token)?;
+        let claims: SubscriptionClaims = self.verify(token, now)?;
         if claims.channel != channel || claims.sub != user {
             return Err(TokenError::Invalid);
         }
@@ -118,30 +129,45 @@ mod tests {
         let v = verifier();
         let now = 2_000_000_000u64;
         let c = v
-            .connection(&hs(json!({"sub":"42","exp":now,"info":{"name":"A"}}), "secret", Algorithm::HS256))
+            .connection(
+                &hs(json!({"sub":"42","exp":now + 1,"info":{"name":"A"}}), "secret", Algorithm::HS256),
+                now,
+            )
             .unwrap();
         assert_eq!(c.sub, "42");
         assert_eq!(c.info.unwrap().get(), r#"{"name":"A"}"#);
         // No exp, anonymous (the centrifuge-js suite's token).
-        assert_eq!(v.connection(&hs(json!({"iat":1}), "secret", Algorithm::HS512)).unwrap().sub, "");
+        assert_eq!(v.connection(&hs(json!({"iat":1}), "secret", Algorithm::HS512), now).unwrap().sub, "");
         assert_eq!(
-            v.connection(&hs(json!({"sub":"1","exp":1000}), "secret", Algorithm::HS256)).unwrap_err(),
+            v.connection(&hs(json!({"sub":"1","exp":1000}), "secret", Algorithm::HS256), now).unwrap_err(),
             TokenError::Expired
         );
         assert_eq!(
-            v.connection(&hs(json!({"sub":"1"}), "wrong", Algorithm::HS256)).unwrap_err(),
+            v.connection(&hs(json!({"sub":"1","exp":now}), "secret", Algorithm::HS256), now).unwrap_err(),
+            TokenError::Expired,
+            "an exp at the current second has passed"
+        );
+        assert_eq!(
+            v.connection(&hs(json!({"sub":"1","nbf":now + 60}), "secret", Algorithm::HS256), now)
+                .unwrap_err(),
+            TokenError::Invalid,
+            "not valid yet"
+        );
+        assert!(v.connection(&hs(json!({"sub":"1","nbf":now}), "secret", Algorithm::HS256), now).is_ok());
+        assert_eq!(
+            v.connection(&hs(json!({"sub":"1"}), "wrong", Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
         );
-        assert_eq!(v.connection("not.a.token").unwrap_err(), TokenError::Invalid);
+        assert_eq!(v.connection("not.a.token", now).unwrap_err(), TokenError::Invalid);
         // Claims of the wrong type.
         assert_eq!(
-            v.connection(&hs(json!({"sub":5}), "secret", Algorithm::HS256)).unwrap_err(),
+            v.connection(&hs(json!({"sub":5}), "secret", Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
         );
         // An algorithm family with no key configured.
         let none = Verifier::new(&AuthConfig::default()).unwrap();
         assert_eq!(
-            none.connection(&hs(json!({"sub":"1"}), "secret", Algorithm::HS256)).unwrap_err(),
+            none.connection(&hs(json!({"sub":"1"}), "secret", Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
         );
     }
@@ -150,11 +176,12 @@ mod tests {
     fn subscription_tokens_are_bound() {
         let v = verifier();
         let t = hs(json!({"sub":"42","channel":"chat:x"}), "secret", Algorithm::HS256);
-        assert!(v.subscription(&t, "chat:x", "42", "c").is_ok());
-        assert_eq!(v.subscription(&t, "chat:y", "42", "c").unwrap_err(), TokenError::Invalid);
-        assert_eq!(v.subscription(&t, "chat:x", "43", "c").unwrap_err(), TokenError::Invalid);
+        let now = 1_000;
+        assert!(v.subscription(&t, "chat:x", "42", "c", now).is_ok());
+        assert_eq!(v.subscription(&t, "chat:y", "42", "c", now).unwrap_err(), TokenError::Invalid);
+        assert_eq!(v.subscription(&t, "chat:x", "43", "c", now).unwrap_err(), TokenError::Invalid);
         let bound = hs(json!({"sub":"42","channel":"chat:x","client":"c1"}), "secret", Algorithm::HS256);
-        assert_eq!(v.subscription(&bound, "chat:x", "42", "c2").unwrap_err(), TokenError::Invalid);
+        assert_eq!(v.subscription(&bound, "chat:x", "42", "c2", now).unwrap_err(), TokenError::Invalid);
     }
 }
 

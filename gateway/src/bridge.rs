@@ -6,12 +6,21 @@
 //! memory on the hot path: a publication crosses as one [`SharedFrame`]-backed
 //! `Bytes` per interested core, and each core hands clones of it to its sessions.
 //!
+//! Neither direction loses a message silently: a core keeps its control
+//! messages until the uplink takes them (see [`crate::core::upstream`]), and
+//! the uplink turns a delivery it could not hand to a full core inbox into a
+//! resync of that channel on that core (see [`crate::uplink`]).
+//!
 //! [`SharedFrame`]: proto::ws::SharedFrame
 
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use proto::cluster::ClusterMsg;
+
+use crate::session::Deflate;
 
 /// Index of a worker core.
 pub type CoreId = usize;
@@ -22,21 +31,21 @@ pub const MAX_CORES: usize = 64;
 /// Core → uplink. A core sends what one turn produced as one batch
 /// (`Vec<UpMsg>`), so a storm costs the uplink one wake-up per core turn,
 /// not one per connection.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum UpMsg {
     /// The core's first subscriber of `channel` arrived (`on`) or its last left.
     Interest {
         /// Core.
         core: CoreId,
-        /// Channel.
-        channel: String,
+        /// Channel (the core's shared name).
+        channel: Arc<str>,
         /// Gained (true) or lost (false) local interest.
         on: bool,
     },
     /// A request whose answer comes back to the core; `req` carries the core
     /// in its top byte (see [`request_id`]).
     Request(ClusterMsg),
-    /// Fire-and-forget (join, leave, user online/offline) to the router
+    /// A presence fact (join, leave, user online/offline) for the router
     /// owning `key` (the channel, or the user's presence channel).
     Forward {
         /// Rendezvous key deciding the router.
@@ -44,59 +53,27 @@ pub enum UpMsg {
         /// The message.
         msg: ClusterMsg,
     },
-    /// A core's answer to [`DownMsg::Reannounce`]: a user online or a join
-    /// it holds, sent again only where the key's owner changed.
-    Replay {
-        /// Rendezvous key deciding the router.
-        key: String,
-        /// `UserOnline` or `Join`.
-        msg: ClusterMsg,
+    /// The core sent every presence fact it holds for presence round `round`
+    /// (its answer to [`DownMsg::Reannounce`]).
+    Announced {
+        /// Core.
+        core: CoreId,
+        /// Round.
+        round: u64,
     },
 }
 
-/// A connection moving to its user's core, before anything was done for
-/// it beyond the upgrade: the socket and the bytes read so far.
-#[derive(Debug, Clone)]
-pub struct Handover {
-    /// The socket, deregistered from the old core's driver (owned: the
-    /// receiver closes it if it cannot adopt it).
-    pub fd: std::os::fd::RawFd,
-    /// The text message holding `connect` (and whatever followed it).
-    pub message: Bytes,
-    /// Bytes read after that message, not yet decoded.
-    pub pending: Bytes,
-    /// What permessage-deflate allows on this connection.
-    pub deflate: crate::session::Deflate,
-    /// The TLS session (wss), which travels with its socket.
-    pub tls: TlsSlot,
-}
-
-/// A TLS session in transit between cores, taken once by the core that
-/// adopts the connection (messages are `Clone` for fan-out; a hand-over is
-/// never fanned out, and a clone would find the slot empty).
-#[derive(Debug, Clone, Default)]
-pub struct TlsSlot(Option<std::sync::Arc<std::sync::Mutex<Option<Box<rustls::ServerConnection>>>>>);
-
-impl TlsSlot {
-    /// A slot holding `conn` (empty for a plain connection).
-    pub fn new(conn: Option<Box<rustls::ServerConnection>>) -> TlsSlot {
-        TlsSlot(conn.map(|c| std::sync::Arc::new(std::sync::Mutex::new(Some(c)))))
-    }
-
-    /// Takes the session out.
-    pub fn take(&self) -> Option<Box<rustls::ServerConnection>> {
-        self.0.as_ref().and_then(|m| m.lock().ok().and_then(|mut g| g.take()))
-    }
-}
-
 /// Uplink → core.
-#[derive(Debug, Clone)]
+#[derive(Debug, PartialEq)]
 pub enum DownMsg {
-    /// Publications of one channel, encoded once as one WebSocket frame
-    /// (several newline-separated pushes when they arrived together).
+    /// Publications of one channel with consecutive offsets `first..=last` in
+    /// `epoch`, encoded once as one WebSocket frame (several
+    /// newline-separated pushes when they arrived together).
     Deliver {
         /// Channel.
         channel: Arc<str>,
+        /// Epoch of the stream (empty for unpositioned channels).
+        epoch: Arc<str>,
         /// Offset of the first publication in the frame (0: unpositioned).
         first: u64,
         /// Offset of the last publication in the frame.
@@ -114,23 +91,22 @@ pub enum DownMsg {
     },
     /// The answer to a [`UpMsg::Request`].
     Response(ClusterMsg),
-    /// A connection handed over by another core because its user belongs
-    /// here (`hash(user) mod cores`): serve it from its first command on.
-    Adopt(Box<Handover>),
-    /// Routers came or went: send [`UpMsg::Replay`] for every connected
-    /// user and every presence subscription, so presence follows its keys
-    /// to their new owners.
-    Reannounce,
+    /// A presence round began: send [`UpMsg::Forward`] for every connected
+    /// user and every presence subscription, then [`UpMsg::Announced`].
+    Reannounce {
+        /// Round.
+        round: u64,
+    },
     /// Subscribers of `channel` may have missed publications (link loss, a
-    /// gap, router back-pressure): they must resubscribe and recover.
+    /// gap, a delivery dropped at a full queue): they must resubscribe and
+    /// recover.
     Resync {
         /// Channel.
         channel: Arc<str>,
     },
-    /// Where `channel`'s stream stands for this core: every publication
-    /// after `top` in `epoch` follows in this inbox (or a [`DownMsg::Resync`]
-    /// says otherwise). The core answers subscribes to the channel from it,
-    /// without asking a router.
+    /// Where `channel`'s stream stood when the router registered this
+    /// gateway's interest: every publication after `top` in `epoch` follows
+    /// in this inbox (or a [`DownMsg::Resync`] says otherwise).
     Position {
         /// Channel.
         channel: Arc<str>,
@@ -139,6 +115,45 @@ pub enum DownMsg {
         /// Offset of the last publication before the ones that follow.
         top: u64,
     },
+}
+
+/// What a core's inbox carries: the uplink's messages and connections
+/// handed over by other cores.
+#[derive(Debug)]
+pub enum Inbox {
+    /// From the uplink.
+    Down(DownMsg),
+    /// A connection whose user lives on this core.
+    Adopt(Box<Handover>),
+}
+
+/// A connection moving to its user's core, before anything was done for it
+/// beyond the upgrade: the socket, its TLS session, and the bytes read and
+/// queued so far. It owns the socket: dropping it closes the socket, once;
+/// it cannot be cloned.
+#[derive(Debug)]
+pub struct Handover {
+    /// The socket, out of the old core's readiness set.
+    pub fd: OwnedFd,
+    /// The TLS session (wss), which travels with its socket.
+    pub tls: Option<Box<rustls::ServerConnection>>,
+    /// The hand-over as the state machines see it.
+    pub moved: Moved,
+}
+
+/// The protocol side of a hand-over: what the new core needs to serve the
+/// connection from its first message on.
+#[derive(Debug, Default)]
+pub struct Moved {
+    /// The text message holding `connect` (and whatever followed it in it).
+    pub message: Bytes,
+    /// Bytes read after that message, not yet decoded.
+    pub pending: Bytes,
+    /// Bytes queued for the client and not yet written (the tail of the
+    /// upgrade's answer), to go out first.
+    pub unsent: VecDeque<Bytes>,
+    /// What permessage-deflate allows on this connection.
+    pub deflate: Deflate,
 }
 
 /// A request id that routes the answer back to `core`.

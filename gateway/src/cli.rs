@@ -145,7 +145,7 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(crate::metrics::Metrics::new(cfg.cores));
     let verifier = Arc::new(crate::auth::Verifier::new(&cfg.auth)?);
-    let tls = crate::tls::server_config(&cfg.tls)?;
+    let tls = crate::shell::tls::server_config(&cfg.tls)?;
     let life = Arc::new(Lifecycle::default());
 
     // Batches: one per core turn that had something for the routers.
@@ -158,7 +158,8 @@ pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         inbox_rx.push(rx);
     }
     let peers = inbox_tx.clone();
-    let uplink = crate::uplink::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
+    let uplink =
+        crate::uplink::quic::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
     let admin = std::net::TcpListener::bind(cfg.admin_listen)?;
     crate::admin::spawn(admin, metrics.clone(), life.clone())?;
     let cores = crate::cores::spawn(

@@ -3,16 +3,16 @@
 //! and logged), binding each core's `SO_REUSEPORT` listener and running its
 //! accept loop, inbox and timer until it has drained.
 
-use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
 
 use crate::auth::Verifier;
-use crate::bridge::{DownMsg, UpMsg};
+use crate::bridge::{Inbox, UpMsg};
 use crate::config::GatewayConfig;
-use crate::core::Core;
+use crate::core::{Core, CoreSpec};
 use crate::metrics::Metrics;
+use crate::shell::Shell;
 
 /// Shared between the cores and the signal handler.
 #[derive(Debug, Default)]
@@ -60,9 +60,9 @@ pub struct Wiring {
     /// Toward the uplink.
     pub up: flume::Sender<Vec<UpMsg>>,
     /// Each core's inbox (taken by that core).
-    pub inboxes: Vec<flume::Receiver<DownMsg>>,
+    pub inboxes: Vec<flume::Receiver<Inbox>>,
     /// Every core's inbox, for hand-overs.
-    pub peers: Vec<flume::Sender<DownMsg>>,
+    pub peers: Vec<flume::Sender<Inbox>>,
 }
 
 /// Spawns `cfg.cores` worker threads; each returns when it has drained.
@@ -93,55 +93,38 @@ pub fn spawn(
                 let _ = monoio::utils::bind_to_cpu_set([id % ncpu]);
             }
             block_on(async move {
-                let listener = match crate::listener::bind(cfg.listen, cfg.limits.send_buffer_bytes) {
+                let listener = match crate::shell::listener::bind(cfg.listen, cfg.limits.send_buffer_bytes) {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "bind failed");
                         std::process::exit(2);
                     }
                 };
-                let core = match Core::new(id, cfg.clone(), verifier, up, peers, metrics, tls) {
-                    Ok(c) => c,
+                let unix_now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let core = Core::new(CoreSpec {
+                    id,
+                    cores: peers.len(),
+                    cfg: cfg.clone(),
+                    verifier,
+                    metrics,
+                    seed: proto::seeded::random_seed(),
+                    now: Instant::now(),
+                    unix_now,
+                });
+                let shell = match Shell::new(core, listener, tls, up, peers) {
+                    Ok(s) => s,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "cannot make the core's readiness set");
                         std::process::exit(2);
                     }
                 };
-                if let Err(e) = core.listen(listener) {
-                    tracing::error!(core = id, error = %e, "cannot watch the listener");
-                    std::process::exit(2);
-                }
-                monoio::spawn(core.clone().reactor());
-                monoio::spawn(core.clone().flusher());
-                let c2 = core.clone();
-                monoio::spawn(async move {
-                    while let Ok(msg) = inbox.recv_async().await {
-                        c2.inbox(msg);
-                    }
-                });
-                run_timer(core, life, cfg.drain_window()).await;
+                shell.run(inbox, life, cfg.drain_window()).await;
             });
         })?;
         handles.push(h);
     }
     Ok(handles)
-}
-
-async fn run_timer(core: Rc<Core>, life: Arc<Lifecycle>, window: Duration) {
-    let mut deadline: Option<Instant> = None;
-    loop {
-        monoio::time::sleep(crate::core::TIMER_TICK).await;
-        let now = Instant::now();
-        if life.drain.load(Ordering::Relaxed) && !core.is_draining() {
-            tracing::info!(core = core.id, ?window, "draining");
-            core.drain(window);
-            deadline = Some(now + window + Duration::from_secs(2));
-        }
-        core.tick(now);
-        if core.drained() || deadline.is_some_and(|d| now >= d) {
-            // Give the last close frames a moment to leave.
-            monoio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-    }
 }

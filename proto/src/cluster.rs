@@ -19,15 +19,20 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use crate::client::Publication;
 
 /// The protocol version this build speaks. Version 2 added
-/// [`ClusterMsg::Position`]; a router still accepts version-1 gateways and
-/// sends them no positions.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// [`ClusterMsg::Position`]; version 3 added presence rounds
+/// ([`ClusterMsg::PresenceBegin`], [`ClusterMsg::PresenceEnd`]). A router
+/// still accepts version-1 and -2 gateways (it sends version 1 no positions;
+/// neither sends rounds).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest version a router accepts on a link.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
 /// The first version whose gateways take [`ClusterMsg::Position`].
 pub const POSITIONS_SINCE: u16 = 2;
+
+/// The first version whose gateways send presence rounds.
+pub const PRESENCE_ROUNDS_SINCE: u16 = 3;
 
 /// Default bound on one frame's body (16 MiB; a replay answer is capped below it).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -285,6 +290,21 @@ pub enum ClusterMsg {
         /// Offset of the last publication before the ones that follow.
         top: u64,
     },
+    /// Gateway → router, on the control stream: a presence round starts.
+    /// Every presence fact (user online, channel join) this gateway sent
+    /// before is now unconfirmed; the gateway sends every fact it holds
+    /// again (to each key's current owner), then [`ClusterMsg::PresenceEnd`].
+    PresenceBegin {
+        /// Round number (increasing per link).
+        round: u64,
+    },
+    /// Gateway → router: the round's facts are all sent; what this gateway
+    /// had not confirmed since the matching begin is gone (users enter the
+    /// grace period, channel members leave).
+    PresenceEnd {
+        /// Round number.
+        round: u64,
+    },
 }
 
 /// Why a link's bytes were refused; the link is closed with this reason.
@@ -331,6 +351,8 @@ mod tag {
     pub(super) const UNSUBSCRIBE_USER: u8 = 27;
     pub(super) const PUSH: u8 = 28;
     pub(super) const POSITION: u8 = 29;
+    pub(super) const PRESENCE_BEGIN: u8 = 30;
+    pub(super) const PRESENCE_END: u8 = 31;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -490,6 +512,8 @@ impl ClusterMsg {
             ClusterMsg::UnsubscribeUser { .. } => "unsubscribe_user",
             ClusterMsg::Push { .. } => "push",
             ClusterMsg::Position { .. } => "position",
+            ClusterMsg::PresenceBegin { .. } => "presence_begin",
+            ClusterMsg::PresenceEnd { .. } => "presence_end",
         }
     }
 
@@ -720,6 +744,14 @@ impl ClusterMsg {
                 w.str(epoch);
                 w.0.put_u64(*top);
             }
+            ClusterMsg::PresenceBegin { round } => {
+                w.0.put_u8(tag::PRESENCE_BEGIN);
+                w.0.put_u64(*round);
+            }
+            ClusterMsg::PresenceEnd { round } => {
+                w.0.put_u8(tag::PRESENCE_END);
+                w.0.put_u64(*round);
+            }
         }
         let body = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&body.to_be_bytes());
@@ -886,6 +918,14 @@ impl ClusterMsg {
                 r.what = "position";
                 ClusterMsg::Position { channel: r.str()?, epoch: r.str()?, top: r.u64()? }
             }
+            tag::PRESENCE_BEGIN => {
+                r.what = "presence_begin";
+                ClusterMsg::PresenceBegin { round: r.u64()? }
+            }
+            tag::PRESENCE_END => {
+                r.what = "presence_end";
+                ClusterMsg::PresenceEnd { round: r.u64()? }
+            }
             other => return Err(ClusterError::UnknownTag(other)),
         };
         r.end()?;
@@ -1040,6 +1080,8 @@ mod tests {
                 epoch,
                 top
             }),
+            any::<u64>().prop_map(|round| ClusterMsg::PresenceBegin { round }),
+            any::<u64>().prop_map(|round| ClusterMsg::PresenceEnd { round }),
             (s(), s(), any::<u16>(), s()).prop_map(|(user, client, code, reason)| {
                 ClusterMsg::DisconnectUser { user, client, code, reason }
             }),

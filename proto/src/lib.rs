@@ -20,7 +20,11 @@
 //!   binary frames whose payload fields are zero-copy slices.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
 //!   [`token_bucket`], [`rendezvous`] (highest-random-weight hashing),
-//!   [`timer_wheel`] (coarse deadlines for every connection of a core).
+//!   [`timer_wheel`] (coarse deadlines for every connection of a core),
+//!   [`position`] (where a subscriber stands in a channel's stream),
+//!   [`seeded`] (hash maps whose order replays with a seed).
+//! - [`mutant`]: planted bugs, compiled in only for the simulation's
+//!   `--mutant` runs, so the simulation can show it finds them.
 //!
 //! ## Invariants
 //! - **Encode once.** A publication becomes one [`ws::SharedFrame`] per
@@ -43,8 +47,11 @@ pub mod client;
 pub mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod mutant;
 pub mod namespace;
+pub mod position;
 pub mod rendezvous;
+pub mod seeded;
 pub mod timer_wheel;
 pub mod token_bucket;
 pub mod ws;

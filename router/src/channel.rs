@@ -12,11 +12,12 @@
 //! - a publish repeating an idempotency key within the window returns the
 //!   first result and is not delivered again.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::client::{Publication, ReplyError};
+use proto::seeded::{self, Set};
 
 /// History settings of a channel's namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,19 +86,19 @@ pub struct ChannelState {
     idempotency: HashMap<String, (u64, Instant)>,
     idempotency_order: VecDeque<(String, Instant)>,
     /// Gateways (by link index) with at least one online subscriber.
-    pub gateways: HashSet<u32>,
+    pub gateways: Set<u32>,
 }
 
 impl ChannelState {
-    /// A new stream at offset 0 in `epoch`.
-    pub fn new(epoch: String) -> Self {
+    /// A new stream at offset 0 in `epoch` (`seed` orders its gateway set).
+    pub fn new(epoch: String, seed: u64) -> Self {
         ChannelState {
             epoch,
             top: 0,
             ring: VecDeque::new(),
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
-            gateways: HashSet::new(),
+            gateways: seeded::set(seed),
         }
     }
 
@@ -287,7 +288,7 @@ mod tests {
     #[test]
     fn offsets_are_consecutive_and_ring_is_bounded() {
         let now = Instant::now();
-        let mut ch = ChannelState::new("e1".into());
+        let mut ch = ChannelState::new("e1".into(), 0);
         publish_n(&mut ch, 8, now);
         assert_eq!(ch.top(), 8);
         assert_eq!(ch.ring_len(), 5);
@@ -296,7 +297,7 @@ mod tests {
     #[test]
     fn recovery_is_all_or_nothing() {
         let now = Instant::now();
-        let mut ch = ChannelState::new("e1".into());
+        let mut ch = ChannelState::new("e1".into(), 0);
         publish_n(&mut ch, 8, now);
         // Missed 6..=8: in the ring.
         let r = ch.recover("e1", 5, now, &OPTS);
@@ -326,7 +327,7 @@ mod tests {
     #[test]
     fn idempotency_window() {
         let now = Instant::now();
-        let mut ch = ChannelState::new("e".into());
+        let mut ch = ChannelState::new("e".into(), 0);
         let first = ch.publish(Bytes::from_static(b"1"), None, None, Some("k"), now, &OPTS);
         assert!(matches!(first, PublishOutcome::Published(ref p) if p.offset == 1));
         let again =
@@ -349,7 +350,7 @@ mod tests {
         let now = Instant::now();
         let opts =
             StreamOptions { history_size: 0, history_ttl: Duration::ZERO, positioned: false, max_recover: 0 };
-        let mut ch = ChannelState::new("e".into());
+        let mut ch = ChannelState::new("e".into(), 0);
         match ch.publish(Bytes::from_static(b"{}"), None, None, None, now, &opts) {
             PublishOutcome::Published(p) => assert_eq!(p.offset, 0),
             other => panic!("{other:?}"),
@@ -361,7 +362,7 @@ mod tests {
     #[test]
     fn history_calls() {
         let now = Instant::now();
-        let mut ch = ChannelState::new("e".into());
+        let mut ch = ChannelState::new("e".into(), 0);
         publish_n(&mut ch, 5, now);
         let offs = |r: Result<(Vec<Publication>, String, u64), ReplyError>| {
             r.unwrap().0.iter().map(|p| p.offset).collect::<Vec<_>>()

@@ -7,8 +7,18 @@
 //! the change, so a reconnect after a deploy or a gateway crash does not make
 //! the user flap offline and online for everyone who shows them. Pure state:
 //! time is an argument and [`UserPresence::expire`] is driven by a timer.
+//!
+//! Every fact a gateway sent (a connection, a channel member) carries the
+//! presence round it was last confirmed in. A gateway starts a round when
+//! its routers changed or it could not send a fact; it sends every fact it
+//! holds again, then ends the round, and what it did not confirm is gone
+//! ([`UserPresence::sweep`], [`ChannelPresence::sweep`]). So a lost
+//! "offline" cannot keep a user online for good, and a fact whose key moved
+//! to another router does not stay behind at the old one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
+
+use proto::seeded::Map;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,17 +34,17 @@ pub enum PresenceChange {
 
 #[derive(Debug, Default)]
 struct UserState {
-    /// Connections (client ids) per gateway link. A set, so that a gateway
-    /// announcing a connection again (after routers came or went) is
-    /// harmless.
-    per_gateway: HashMap<u32, HashSet<String>>,
+    /// Connections (client id → round last confirmed) per gateway link.
+    /// A map, so that a gateway announcing a connection again (a presence
+    /// round) is harmless.
+    per_gateway: Map<u32, Map<String, u64>>,
     /// When the grace period ends, if one is running.
     grace_until: Option<Instant>,
 }
 
 impl UserState {
     fn total(&self) -> usize {
-        self.per_gateway.values().map(HashSet::len).sum()
+        self.per_gateway.values().map(Map::len).sum()
     }
 }
 
@@ -42,7 +52,7 @@ impl UserState {
 #[derive(Debug)]
 pub struct UserPresence {
     grace: Duration,
-    users: HashMap<String, UserState>,
+    users: Map<String, UserState>,
     /// Grace deadlines in time order (deadline, user); stale entries are skipped.
     deadlines: BTreeMap<(Instant, u64), String>,
     seq: u64,
@@ -51,7 +61,7 @@ pub struct UserPresence {
 impl UserPresence {
     /// Presence with the given grace period.
     pub fn new(grace: Duration) -> Self {
-        UserPresence { grace, users: HashMap::new(), deadlines: BTreeMap::new(), seq: 0 }
+        UserPresence { grace, users: Map::default(), deadlines: BTreeMap::new(), seq: 0 }
     }
 
     /// Users known (online or in grace).
@@ -69,13 +79,30 @@ impl UserPresence {
         self.users.contains_key(user)
     }
 
-    /// Connection `client` of `user` came up on `gateway` (again: no effect).
-    pub fn connect(&mut self, user: &str, client: &str, gateway: u32) -> Option<PresenceChange> {
+    /// Connection `client` of `user` came up on `gateway`, or was confirmed
+    /// in presence round `round` (again: no change).
+    pub fn connect(&mut self, user: &str, client: &str, gateway: u32, round: u64) -> Option<PresenceChange> {
         let state = self.users.entry(user.to_owned()).or_default();
         let was_known = state.total() > 0 || state.grace_until.is_some();
         state.grace_until = None;
-        state.per_gateway.entry(gateway).or_default().insert(client.to_owned());
+        state.per_gateway.entry(gateway).or_default().insert(client.to_owned(), round);
         (!was_known).then(|| PresenceChange::Online(user.to_owned()))
+    }
+
+    /// `gateway` ended presence round `round`: its connections not
+    /// confirmed in it are gone (their users may enter the grace period).
+    pub fn sweep(&mut self, gateway: u32, round: u64, now: Instant) {
+        let stale: Vec<(String, String)> = self
+            .users
+            .iter()
+            .filter_map(|(u, s)| Some((u, s.per_gateway.get(&gateway)?)))
+            .flat_map(|(u, clients)| {
+                clients.iter().filter(|(_, r)| **r < round).map(move |(c, _)| (u.clone(), c.clone()))
+            })
+            .collect();
+        for (user, client) in stale {
+            self.disconnect(&user, &client, gateway, now);
+        }
     }
 
     /// Connection `client` of `user` on `gateway` went away.
@@ -105,7 +132,7 @@ impl UserPresence {
             .map(|(u, _)| u.clone())
             .collect();
         for user in users {
-            let clients: Vec<String> = self.users[&user].per_gateway[&gateway].iter().cloned().collect();
+            let clients: Vec<String> = self.users[&user].per_gateway[&gateway].keys().cloned().collect();
             for client in clients {
                 self.disconnect(&user, &client, gateway, now);
             }
@@ -141,18 +168,35 @@ struct Member {
     user: String,
     info: Bytes,
     gateway: u32,
+    /// The presence round it was last confirmed in.
+    round: u64,
 }
 
 /// Clients subscribed to one presence-enabled channel.
 #[derive(Debug, Default)]
 pub struct ChannelPresence {
-    members: HashMap<String, Member>,
+    members: Map<String, Member>,
 }
 
 impl ChannelPresence {
-    /// A client joined.
-    pub fn join(&mut self, client: &str, user: &str, info: Bytes, gateway: u32) {
-        self.members.insert(client.to_owned(), Member { user: user.to_owned(), info, gateway });
+    /// A client joined (or was confirmed in presence round `round`);
+    /// whether it is new.
+    pub fn join(&mut self, client: &str, user: &str, info: Bytes, gateway: u32, round: u64) -> bool {
+        self.members
+            .insert(client.to_owned(), Member { user: user.to_owned(), info, gateway, round })
+            .is_none()
+    }
+
+    /// `gateway` ended presence round `round`: its members not confirmed in
+    /// it leave; returns their infos.
+    pub fn sweep(&mut self, gateway: u32, round: u64) -> Vec<Bytes> {
+        let gone: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.gateway == gateway && m.round < round)
+            .map(|(c, _)| c.clone())
+            .collect();
+        gone.into_iter().filter_map(|c| self.leave(&c)).collect()
     }
 
     /// A client left; returns its `ClientInfo` for a leave push.
@@ -196,10 +240,10 @@ mod tests {
     fn several_devices_are_one_user() {
         let t = Instant::now();
         let mut p = UserPresence::new(GRACE);
-        assert_eq!(p.connect("42", "a", 1), Some(PresenceChange::Online("42".into())));
-        assert_eq!(p.connect("42", "b", 2), None);
-        // Announced again (routers changed): still one connection there.
-        assert_eq!(p.connect("42", "a", 1), None);
+        assert_eq!(p.connect("42", "a", 1, 0), Some(PresenceChange::Online("42".into())));
+        assert_eq!(p.connect("42", "b", 2, 0), None);
+        // Announced again (a presence round): still one connection there.
+        assert_eq!(p.connect("42", "a", 1, 1), None);
         p.disconnect("42", "a", 1, t);
         assert!(p.expire(t + GRACE * 2).is_empty(), "still online on gateway 2");
         p.disconnect("42", "b", 2, t);
@@ -212,11 +256,11 @@ mod tests {
     fn reconnect_within_grace_does_not_flap() {
         let t = Instant::now();
         let mut p = UserPresence::new(GRACE);
-        p.connect("7", "a", 1);
+        p.connect("7", "a", 1, 0);
         p.gateway_lost(1, t);
         assert!(p.is_online("7"));
         // Comes back on another gateway 5 s later: no Online change, no Away later.
-        assert_eq!(p.connect("7", "b", 2), None);
+        assert_eq!(p.connect("7", "b", 2, 0), None);
         assert!(p.expire(t + GRACE * 3).is_empty());
         // Leaves again: a fresh grace period from the new time.
         let t2 = t + Duration::from_secs(100);
@@ -229,13 +273,35 @@ mod tests {
     #[test]
     fn channel_presence_counts() {
         let mut c = ChannelPresence::default();
-        c.join("c1", "", Bytes::from_static(b"{}"), 1);
-        c.join("c2", "", Bytes::from_static(b"{}"), 1);
-        c.join("c3", "42", Bytes::from_static(b"{}"), 2);
+        assert!(c.join("c1", "", Bytes::from_static(b"{}"), 1, 0));
+        assert!(c.join("c2", "", Bytes::from_static(b"{}"), 1, 0));
+        assert!(c.join("c3", "42", Bytes::from_static(b"{}"), 2, 0));
+        assert!(!c.join("c3", "42", Bytes::from_static(b"{}"), 2, 0), "confirmed again, not new");
         assert_eq!(c.stats(), (3, 2));
         assert_eq!(c.gateway_lost(1).len(), 2);
         assert_eq!(c.stats(), (1, 1));
         assert!(c.leave("c3").is_some());
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_round_keeps_what_it_confirmed_and_sweeps_the_rest() {
+        let t = Instant::now();
+        let mut p = UserPresence::new(GRACE);
+        p.connect("1", "a", 7, 0);
+        p.connect("2", "b", 7, 0);
+        p.connect("3", "c", 8, 0);
+        // Gateway 7 starts round 1 and confirms only user 1; its "offline"
+        // for user 2 was lost.
+        p.connect("1", "a", 7, 1);
+        p.sweep(7, 1, t);
+        assert!(p.expire(t + GRACE).contains(&PresenceChange::Away("2".into())));
+        assert!(p.is_online("1") && p.is_online("3"), "confirmed, or another gateway's");
+        let mut c = ChannelPresence::default();
+        c.join("a", "1", Bytes::from_static(b"{}"), 7, 0);
+        c.join("b", "2", Bytes::from_static(b"{}"), 7, 0);
+        c.join("a", "1", Bytes::from_static(b"{}"), 7, 1);
+        assert_eq!(c.sweep(7, 1).len(), 1);
+        assert_eq!(c.stats(), (1, 1));
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::config::RouterConfig;
 use crate::peers::Peers;
-use crate::shard::{GatewayId, Metrics, Shard, ShardCmd};
+use crate::shard::{GatewayId, Metrics, SHARD_TICK, Shard, ShardCmd, ShardSpec};
 
 /// ALPN of the cluster protocol.
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
@@ -91,8 +91,14 @@ impl Router {
         let shards = (0..cfg.shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(16_384);
-                let grace = Duration::from_secs(cfg.presence_grace_secs);
-                tokio::spawn(Shard::new(namespaces.clone(), cfg.max_recover, grace, metrics.clone()).run(rx));
+                let shard = Shard::new(ShardSpec {
+                    namespaces: namespaces.clone(),
+                    max_recover: cfg.max_recover,
+                    grace: Duration::from_secs(cfg.presence_grace_secs),
+                    metrics: metrics.clone(),
+                    seed: proto::seeded::random_seed(),
+                });
+                tokio::spawn(run_shard(shard, rx));
                 tx
             })
             .collect();
@@ -356,6 +362,12 @@ impl Router {
                 }
                 ClusterMsg::Snapshot { channels } => self.interest(gw, channels, Vec::new(), true).await?,
                 ClusterMsg::Drain => tracing::info!(link = gw, "gateway is draining"),
+                m @ (ClusterMsg::PresenceBegin { .. } | ClusterMsg::PresenceEnd { .. }) => {
+                    // A round spans every shard: each holds some of the facts.
+                    for shard in &self.shards {
+                        shard.send(ShardCmd::Request(gw, m.clone())).await?;
+                    }
+                }
                 m @ (ClusterMsg::Publish { .. }
                 | ClusterMsg::Recover { .. }
                 | ClusterMsg::History { .. }
@@ -406,6 +418,28 @@ impl Router {
             }
         }
         Ok(())
+    }
+}
+
+/// A shard's IO shell: commands in batches as they come, and the tick.
+async fn run_shard(mut shard: Shard, mut rx: mpsc::Receiver<ShardCmd>) {
+    let mut batch = Vec::with_capacity(256);
+    let mut tick = tokio::time::interval(SHARD_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 256) => {
+                if n == 0 {
+                    return;
+                }
+                let now = std::time::Instant::now();
+                for cmd in batch.drain(..) {
+                    shard.handle(cmd, now);
+                }
+                shard.flush_lagging();
+            }
+            _ = tick.tick() => shard.tick(std::time::Instant::now()),
+        }
     }
 }
 

@@ -1,8 +1,15 @@
 //! Channel shards: each owns the channels whose stable hash maps to it, so
 //! no lock is taken on the publish path. A shard orders publications and
 //! sends each one exactly once to every gateway with online subscribers.
+//!
+//! A [`Shard`] is a state machine without IO: it takes commands
+//! ([`Shard::handle`]) and ticks ([`Shard::tick`]), each with an explicit
+//! `now`, and sends through the gateways' link queues it was given
+//! ([`LinkTx`]: a tokio channel in production, a bounded queue in the
+//! simulation). A full link queue drops the message and the shard makes up
+//! for it: a delivery becomes a resync of that channel for that gateway,
+//! sent as soon as the queue has room.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,7 +19,9 @@ use proto::client::ReplyError;
 use proto::client::reply::{join_push, leave_push};
 use proto::cluster::ClusterMsg;
 use proto::namespace::Namespaces;
-use rand::Rng;
+use proto::seeded::{self, Map, Set};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::channel::{ChannelState, PublishOutcome, StreamOptions};
@@ -38,15 +47,28 @@ pub struct Metrics {
     pub evictions: AtomicU64,
 }
 
+/// A gateway link's outbound queue, as a shard sees it.
+pub trait LinkTx {
+    /// Queues `msg`; false when the queue is full or the link gone (the
+    /// message is dropped: the shard makes up for it).
+    fn try_send(&self, msg: ClusterMsg) -> bool;
+}
+
+impl LinkTx for mpsc::Sender<ClusterMsg> {
+    fn try_send(&self, msg: ClusterMsg) -> bool {
+        mpsc::Sender::try_send(self, msg).is_ok()
+    }
+}
+
 /// Work for a shard.
 #[derive(Debug)]
-pub enum ShardCmd {
+pub enum ShardCmd<L = mpsc::Sender<ClusterMsg>> {
     /// A gateway link is up; deliveries go to `tx`.
     GatewayUp {
         /// Gateway.
         gw: GatewayId,
         /// Its link's queue.
-        tx: mpsc::Sender<ClusterMsg>,
+        tx: L,
         /// The protocol version agreed on the link (positions from version 2).
         version: u16,
     },
@@ -131,79 +153,91 @@ pub enum ApiOp {
     },
 }
 
-/// One shard's state and loop.
-pub struct Shard {
+/// How often a shard ticks (presence grace periods, resyncs owed).
+pub const SHARD_TICK: Duration = Duration::from_millis(250);
+
+/// One shard's state.
+pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
     namespaces: Arc<Namespaces>,
     max_recover: usize,
-    channels: HashMap<String, ChannelState>,
-    presence: HashMap<String, ChannelPresence>,
+    channels: Map<String, ChannelState>,
+    presence: Map<String, ChannelPresence>,
     users: UserPresence,
-    gateways: HashMap<GatewayId, mpsc::Sender<ClusterMsg>>,
+    gateways: Map<GatewayId, L>,
     /// Gateways that take [`ClusterMsg::Position`] (protocol version ≥ 2).
-    positioned: HashSet<GatewayId>,
-    lagging: HashMap<GatewayId, HashSet<String>>,
+    positioned: Set<GatewayId>,
+    /// Each gateway's current presence round (facts it sends are stamped
+    /// with it).
+    rounds: Map<GatewayId, u64>,
+    lagging: Map<GatewayId, Set<String>>,
     metrics: Arc<Metrics>,
+    rng: SmallRng,
+    seed: u64,
 }
 
-fn new_epoch() -> String {
-    let mut rng = rand::rng();
-    (0..8)
-        .map(|_| {
-            char::from(
-                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[rng.random_range(0..62)],
-            )
-        })
-        .collect()
+/// What a shard is built from.
+pub struct ShardSpec {
+    /// Channel options.
+    pub namespaces: Arc<Namespaces>,
+    /// Most publications one recovery returns.
+    pub max_recover: usize,
+    /// Presence grace period.
+    pub grace: Duration,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// Seed of the shard's epochs and hash tables (random in production).
+    pub seed: u64,
 }
 
-impl Shard {
+impl<L: LinkTx> Shard<L> {
     /// An empty shard.
-    pub fn new(
-        namespaces: Arc<Namespaces>,
-        max_recover: usize,
-        grace: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(spec: ShardSpec) -> Self {
+        let ShardSpec { namespaces, max_recover, grace, metrics, seed } = spec;
         Shard {
             namespaces,
             max_recover,
-            channels: HashMap::new(),
-            presence: HashMap::new(),
+            channels: seeded::map(seed),
+            presence: seeded::map(seed ^ 1),
             users: UserPresence::new(grace),
-            gateways: HashMap::new(),
-            positioned: HashSet::new(),
-            lagging: HashMap::new(),
+            gateways: seeded::map(seed ^ 2),
+            positioned: seeded::set(seed ^ 3),
+            rounds: seeded::map(seed ^ 4),
+            lagging: seeded::map(seed ^ 5),
             metrics,
+            rng: SmallRng::seed_from_u64(seed),
+            seed,
         }
     }
 
-    /// Runs until every sender is dropped. A coarse tick (250 ms) expires
-    /// presence grace periods.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<ShardCmd>) {
-        let mut batch = Vec::with_capacity(256);
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                n = rx.recv_many(&mut batch, 256) => {
-                    if n == 0 {
-                        return;
-                    }
-                    let now = Instant::now();
-                    for cmd in batch.drain(..) {
-                        self.handle(cmd, now);
-                    }
-                    self.flush_lagging();
-                }
-                _ = tick.tick() => {
-                    let now = Instant::now();
-                    for change in self.users.expire(now) {
-                        self.publish_presence(change, now);
-                    }
-                    self.flush_lagging();
-                }
-            }
+    /// A fresh epoch: 8 random alphanumerics (47 bits: a new epoch never
+    /// repeats one a client may still hold, in practice).
+    fn new_epoch(&mut self) -> String {
+        const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        (0..8).map(|_| char::from(ALPHABET[self.rng.random_range(0..62)])).collect()
+    }
+
+    /// The coarse tick: grace periods that ended, resyncs owed to gateways
+    /// whose queue was full.
+    pub fn tick(&mut self, now: Instant) {
+        for change in self.users.expire(now) {
+            self.publish_presence(change, now);
         }
+        self.flush_lagging();
+    }
+
+    /// Whether `user` counts as online here (connected, or within grace).
+    pub fn is_online(&self, user: &str) -> bool {
+        self.users.is_online(user)
+    }
+
+    /// Where `channel`'s stream stands here, if the shard holds it.
+    pub fn stream(&self, channel: &str) -> Option<(&str, u64)> {
+        self.channels.get(channel).map(|c| (c.epoch(), c.top()))
+    }
+
+    /// Channels held (for memory and eviction metrics).
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
     }
 
     /// Publishes a user's aggregate presence change on their presence channel
@@ -234,12 +268,17 @@ impl Shard {
     }
 
     fn channel(&mut self, name: &str) -> &mut ChannelState {
-        self.channels.entry(name.to_owned()).or_insert_with(|| ChannelState::new(new_epoch()))
+        if !self.channels.contains_key(name) {
+            let epoch = self.new_epoch();
+            let seed = self.seed;
+            self.channels.insert(name.to_owned(), ChannelState::new(epoch, seed));
+        }
+        self.channels.get_mut(name).expect("just made")
     }
 
     fn send(&mut self, gw: GatewayId, msg: ClusterMsg) {
         if let Some(tx) = self.gateways.get(&gw)
-            && tx.try_send(msg).is_err()
+            && !tx.try_send(msg)
         {
             self.metrics.gateway_queue_full.fetch_add(1, Ordering::Relaxed);
         }
@@ -259,7 +298,8 @@ impl Shard {
         self.send(gw, msg);
     }
 
-    fn handle(&mut self, cmd: ShardCmd, now: Instant) {
+    /// Handles one command at `now`.
+    pub fn handle(&mut self, cmd: ShardCmd<L>, now: Instant) {
         match cmd {
             ShardCmd::GatewayUp { gw, tx, version } => {
                 self.gateways.insert(gw, tx);
@@ -273,6 +313,7 @@ impl Shard {
                 self.users.gateway_lost(gw, now);
                 self.gateways.remove(&gw);
                 self.positioned.remove(&gw);
+                self.rounds.remove(&gw);
                 self.lagging.remove(&gw);
                 for ch in self.channels.values_mut() {
                     ch.gateways.remove(&gw);
@@ -420,7 +461,8 @@ impl Shard {
                 self.send(gw, answer);
             }
             ClusterMsg::UserOnline { user, client } if !user.is_empty() => {
-                if let Some(change) = self.users.connect(&user, &client, gw) {
+                let round = self.rounds.get(&gw).copied().unwrap_or(0);
+                if let Some(change) = self.users.connect(&user, &client, gw, round) {
                     self.publish_presence(change, now);
                 }
             }
@@ -429,10 +471,34 @@ impl Shard {
             }
             ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. } => {}
             ClusterMsg::Join { channel, client, user, info } => {
-                if self.join_leave(&channel) {
-                    self.push(&channel, join_push(&channel, &info));
+                let round = self.rounds.get(&gw).copied().unwrap_or(0);
+                let push = join_push(&channel, &info);
+                let new =
+                    self.presence.entry(channel.clone()).or_default().join(&client, &user, info, gw, round);
+                if new && self.join_leave(&channel) {
+                    self.push(&channel, push);
                 }
-                self.presence.entry(channel).or_default().join(&client, &user, info, gw);
+            }
+            ClusterMsg::PresenceBegin { round } => {
+                self.rounds.insert(gw, round);
+            }
+            ClusterMsg::PresenceEnd { round } => {
+                if self.rounds.get(&gw) != Some(&round) {
+                    return; // not the round this gateway began here
+                }
+                self.users.sweep(gw, round, now);
+                let mut leaves = Vec::new();
+                for (channel, p) in self.presence.iter_mut() {
+                    for info in p.sweep(gw, round) {
+                        leaves.push((channel.clone(), info));
+                    }
+                }
+                self.presence.retain(|_, p| !p.is_empty());
+                for (channel, info) in leaves {
+                    if self.join_leave(&channel) {
+                        self.push(&channel, leave_push(&channel, &info));
+                    }
+                }
             }
             ClusterMsg::Leave { channel, client } => {
                 let mut left = None;
@@ -501,7 +567,7 @@ impl Shard {
                         epoch: epoch.clone(),
                         publication: publication.clone(),
                     };
-                    let sent = self.gateways.get(&gw).is_some_and(|tx| tx.try_send(msg).is_ok());
+                    let sent = self.gateways.get(&gw).is_some_and(|tx| tx.try_send(msg));
                     if sent {
                         self.metrics.gateway_sends.fetch_add(1, Ordering::Relaxed);
                     } else {
@@ -529,7 +595,7 @@ impl Shard {
         for gw in ch.gateways.iter() {
             let msg = ClusterMsg::Push { channel: channel.to_owned(), push: push.clone() };
             match self.gateways.get(gw) {
-                Some(tx) if tx.try_send(msg).is_ok() => {
+                Some(tx) if tx.try_send(msg) => {
                     self.metrics.pushes.fetch_add(1, Ordering::Relaxed);
                 }
                 _ => {
@@ -539,7 +605,9 @@ impl Shard {
         }
     }
 
-    fn flush_lagging(&mut self) {
+    /// Sends the resyncs owed to gateways whose queue was full, while it
+    /// takes them (the shell calls it after each batch of commands).
+    pub fn flush_lagging(&mut self) {
         if self.lagging.is_empty() {
             return;
         }
@@ -547,7 +615,7 @@ impl Shard {
         for (gw, channels) in lagging {
             let msg = ClusterMsg::Resync { channels: channels.iter().cloned().collect() };
             match self.gateways.get(&gw) {
-                Some(tx) if tx.try_send(msg).is_err() => {
+                Some(tx) if !tx.try_send(msg) => {
                     self.lagging.insert(gw, channels);
                 }
                 _ => {}

@@ -48,6 +48,9 @@ pub struct ConnectionClaims {
     /// Expiry (seconds since the epoch); also sets the connection's expiry.
     #[serde(default)]
     pub exp: Option<u64>,
+    /// Not valid before (seconds since the epoch).
+    #[serde(default)]
+    pub nbf: Option<u64>,
     /// Issued at.
     #[serde(default)]
     pub iat: Option<u64>,
@@ -91,6 +94,9 @@ pub struct SubscriptionClaims {
     /// Expiry.
     #[serde(default)]
     pub exp: Option<u64>,
+    /// Not valid before (seconds since the epoch).
+    #[serde(default)]
+    pub nbf: Option<u64>,
     /// Subscription expiry decoupled from `exp`; 0 = never.
     #[serde(default)]
     pub expire_at: Option<u64>,
@@ -110,5 +116,32 @@ impl SubscriptionClaims {
             Some(t) => Some(t),
             None => self.exp,
         }
+    }
+}
+
+/// The time claims every token kind carries, checked by the verifier
+/// against the time it is given (never the clock it runs on).
+pub trait TimeClaims {
+    /// `exp`.
+    fn exp(&self) -> Option<u64>;
+    /// `nbf`.
+    fn nbf(&self) -> Option<u64>;
+}
+
+impl TimeClaims for ConnectionClaims {
+    fn exp(&self) -> Option<u64> {
+        self.exp
+    }
+    fn nbf(&self) -> Option<u64> {
+        self.nbf
+    }
+}
+
+impl TimeClaims for SubscriptionClaims {
+    fn exp(&self) -> Option<u64> {
+        self.exp
+    }
+    fn nbf(&self) -> Option<u64> {
+        self.nbf
     }
 }

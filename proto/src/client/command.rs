@@ -10,16 +10,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// A stream position `{offset, epoch}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-pub struct StreamPosition {
-    /// Offset of the last publication seen.
-    #[serde(default)]
-    pub offset: u64,
-    /// Epoch of the stream.
-    #[serde(default)]
-    pub epoch: String,
-}
+use crate::position::StreamPosition;
 
 /// `connect.subs` entry: recovery data for a server-side subscription.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -16,8 +16,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use rustls::ServerConnection;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
+use super::socket::{Flushed, Written, recv_into};
 use crate::config::TlsConfig;
-use crate::write::{Flushed, Written};
 
 /// The listener's TLS configuration, if TLS is configured.
 pub fn server_config(cfg: &TlsConfig) -> anyhow::Result<Option<Arc<rustls::ServerConfig>>> {
@@ -80,7 +80,7 @@ pub fn read(
     plain: &mut BytesMut,
 ) -> io::Result<ReadTls> {
     cipher.clear();
-    match crate::session::recv_into(fd, cipher) {
+    match recv_into(fd, cipher) {
         Ok(0) => return Ok(ReadTls::Closed),
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadTls::WouldBlock),

@@ -1,47 +1,44 @@
-//! The write path: a bounded per-session queue of shared frames, flushed with
-//! one vectored, non-blocking `sendmsg` per batch.
+//! The syscalls of a session's socket: one non-blocking `recv` into the
+//! core's scratch buffer, and the write path — a session's queue of shared
+//! frames flushed with one vectored, non-blocking `sendmsg` per batch.
 //!
 //! A publication reaches a session as a clone of the uplink's `Bytes` (a
-//! reference count); the queue never copies it. Sending only queues and
-//! marks the session dirty; the core's flusher writes every dirty session
-//! once per event-loop turn, so frames that arrive in the same turn leave in
-//! one syscall, and no task or future exists per connection. A socket whose
-//! buffer is full is watched for writability in the core's readiness set and
-//! flushed again when it drains; one that makes no progress for the write
-//! timeout is dropped. A session whose queued bytes would pass the bound is
-//! closed with 3008 "slow" without flushing; the core never waits for it.
+//! reference count); the queue never copies it. Queueing only marks the
+//! session dirty; the core's flusher writes every dirty session once per
+//! event-loop turn, so frames that arrive in the same turn leave in one
+//! syscall, and no task or future exists per connection. A socket whose
+//! buffer is full is watched for writability in the core's readiness set
+//! and flushed again when it drains.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+
+pub use crate::session::outbound::{Flushed, Written};
+
+/// One non-blocking `recv` into the spare capacity of `buf`.
+pub fn recv_into(fd: RawFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `recv` writes at most `spare.len()` bytes into memory we own
+    // (the buffer's spare capacity), and we mark exactly the bytes it wrote
+    // as initialized below.
+    let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), spare.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel initialized `n` bytes right after the current length.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    Ok(n as usize)
+}
 
 /// Frames gathered into one `sendmsg` at most.
 pub const MAX_IOVECS: usize = 64;
 
-/// What a flush wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Written {
-    /// Bytes written.
-    pub bytes: usize,
-    /// Whether the queue's front frame is now partly written (meaningful
-    /// when `bytes > 0`; otherwise the front is as before).
-    pub front_started: bool,
-}
-
-/// What a flush achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flushed {
-    /// Everything queued was written.
-    All,
-    /// The socket's buffer is full: wait for writability.
-    Blocked,
-}
-
 /// Writes as much of `queue` as the socket takes without blocking, dropping
 /// what was written (a partly written frame keeps its tail, and must be
-/// finished before anything else goes out: see [`drop_unstarted`]).
+/// finished before anything else goes out).
 /// Returns what happened and the bytes written.
 pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushed>, Written) {
     let mut written = Written::default();
@@ -89,22 +86,6 @@ pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushe
         if (r as usize) < want {
             return (Ok(Flushed::Blocked), written);
         }
-    }
-}
-
-/// Drops every queued frame except a partly written front one (whose tail
-/// must still go out, or the stream's framing breaks); `started` says
-/// whether the front is partly written. Returns the bytes kept.
-pub fn drop_unstarted(queue: &mut VecDeque<Bytes>, started: bool) -> usize {
-    let keep = if started { queue.pop_front() } else { None };
-    queue.clear();
-    match keep {
-        Some(f) => {
-            let n = f.len();
-            queue.push_back(f);
-            n
-        }
-        None => 0,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Each core's `SO_REUSEPORT` listener and how connections are taken from it.
 //!
 //! The listener sits in the core's readiness set beside the established
-//! sockets ([`crate::poller`]), under the token [`LISTENER`]: when the kernel
+//! sockets ([`super::poller`]), under the token [`LISTENER`]: when the kernel
 //! has connections queued, the reactor takes up to [`ACCEPTS_PER_TURN`] of
 //! them with non-blocking `accept4` calls in that turn. A storm therefore
 //! costs one system call per connection and one wake-up per batch (no

@@ -1,0 +1,462 @@
+//! The client protocol's commands (`client-protocol.md` section 3), one
+//! function each. A command either adds replies to the frame's reply list
+//! or ends the connection with a close code (`Err`).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use proto::client::channel::ChannelName;
+use proto::client::command::{
+    ChannelRequest, Command, ConnectRequest, HistoryRequest, PublishRequest, RefreshRequest,
+    SubRefreshRequest, SubscribeRequest, UnsubscribeRequest,
+};
+use proto::client::reply::{self, ConnectResult, RefreshResult, SubRefreshResult, SubscribeResult};
+use proto::client::reply::{client_info, strip_newlines};
+use proto::client::{Disconnect, Method, ReplyError};
+use proto::cluster::ClusterMsg;
+use proto::namespace::{PublishPolicy, SubscribePolicy};
+use proto::token_bucket::TokenBucket;
+use rand::Rng;
+
+use super::requests::Kind;
+use super::{Core, Ctx, MAX_USER_BUCKETS};
+use crate::auth::TokenError;
+use crate::bridge::UpMsg;
+use crate::effects::Sid;
+use crate::session::subs::{PendingSub, SubState};
+use crate::session::{Identity, PublishBudget, Session, VERSION};
+
+/// Why a command was refused.
+enum Refusal {
+    /// An error reply; the connection goes on.
+    Reply(ReplyError),
+    /// The connection ends with this code.
+    Close(Disconnect),
+}
+
+impl From<ReplyError> for Refusal {
+    fn from(e: ReplyError) -> Self {
+        Refusal::Reply(e)
+    }
+}
+
+/// What one command produced besides its reply.
+type Replies = Vec<Vec<u8>>;
+
+impl Core {
+    /// Handles one command of session `sid`; `Err` ends the connection.
+    pub(super) fn command(
+        &mut self,
+        sid: Sid,
+        cmd: Command,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Disconnect> {
+        let id = cmd.id;
+        let Some(s) = self.sessions.get_mut(sid) else { return Ok(()) };
+        let cx = &mut self.cx;
+        let result = match cmd.method {
+            Method::Connect(c) => cx.connect(s, sid, id, c, replies, now),
+            Method::Subscribe(r) => cx.subscribe(s, sid, id, r, replies, now),
+            Method::Unsubscribe(r) => {
+                cx.unsubscribe(s, sid, id, r, replies);
+                Ok(())
+            }
+            Method::Publish(r) => cx.publish(s, sid, id, r, replies, now),
+            Method::Presence(r) => cx.presence(s, sid, id, r, false, now),
+            Method::PresenceStats(r) => cx.presence(s, sid, id, r, true, now),
+            Method::History(r) => cx.history(sid, id, r, now),
+            Method::Ping => {
+                replies.push(reply::raw_reply(id, "ping", b"{}"));
+                Ok(())
+            }
+            Method::Pong => {
+                s.deadlines.pong_due = 0;
+                Ok(())
+            }
+            Method::Send(_) => Ok(()),
+            Method::Rpc(_) => Err(Refusal::Reply(ReplyError::NOT_AVAILABLE)),
+            Method::Refresh(r) => cx.refresh(s, sid, id, r, replies, now),
+            Method::SubRefresh(r) => cx.sub_refresh(s, id, r, replies, now),
+            Method::Unknown => Err(Refusal::Reply(ReplyError::METHOD_NOT_FOUND)),
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(Refusal::Reply(e)) => {
+                replies.push(reply::error_reply(id, e));
+                Ok(())
+            }
+            Err(Refusal::Close(d)) => Err(d),
+        }
+    }
+}
+
+impl Ctx {
+    fn ttl_of(&self, expires: Option<u64>, now: u64) -> Option<u32> {
+        expires.map(|t| t.saturating_sub(self.clock.unix(now)).min(u32::MAX as u64) as u32)
+    }
+
+    fn connect(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        c: ConnectRequest,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        if s.is_connected() {
+            return Err(Refusal::Close(Disconnect::BAD_REQUEST));
+        }
+        if !self.up.has_room() {
+            // The routers cannot be told about this user now: try later.
+            return Err(Refusal::Reply(ReplyError::INTERNAL));
+        }
+        let unix = self.clock.unix(now);
+        let (user, info, expires) = if c.token.is_empty() {
+            if !self.cfg.auth.allow_anonymous {
+                return Err(Refusal::Close(Disconnect::BAD_REQUEST));
+            }
+            (String::new(), None, None)
+        } else {
+            match self.verifier.connection(&c.token, unix) {
+                Ok(claims) => {
+                    let exp = claims.expires_at();
+                    (claims.sub, claims.info.map(|i| strip_newlines(i.get().as_bytes())), exp)
+                }
+                Err(TokenError::Expired) => return Err(Refusal::Reply(ReplyError::TOKEN_EXPIRED)),
+                Err(TokenError::Invalid) => return Err(Refusal::Close(Disconnect::INVALID_TOKEN)),
+            }
+        };
+        if expires.is_some_and(|t| t <= unix) {
+            return Err(Refusal::Reply(ReplyError::TOKEN_EXPIRED));
+        }
+        let ttl = self.ttl_of(expires, now);
+        let client = self.client_id();
+        let user: Arc<str> = Arc::from(user);
+        s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
+        let cfg = self.cfg.clone();
+        let lim = &cfg.limits;
+        // First ping after a random ½–1 interval, so pings of a storm's
+        // connections spread out.
+        let ping = lim.ping_secs.max(1) as u64 * 1000;
+        s.deadlines.next_ping = now + (ping as f64 * self.rng.random_range(0.5..1.0)) as u64;
+        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + 25) * 1000);
+        self.rearm(s, sid);
+        replies.push(reply::reply(
+            id,
+            "connect",
+            &ConnectResult {
+                client: client.clone(),
+                version: VERSION.to_owned(),
+                expires: ttl.is_some(),
+                ttl: ttl.unwrap_or(0),
+                ping: lim.ping_secs,
+                pong: true,
+                ..Default::default()
+            },
+        ));
+        if !user.is_empty() {
+            let key = self.cfg.namespaces.presence_channel(&user);
+            let msg = ClusterMsg::UserOnline { user: user.to_string(), client };
+            self.up.push(UpMsg::Forward { key, msg });
+        }
+        Ok(())
+    }
+
+    fn subscribe(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: SubscribeRequest,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let name = ChannelName::parse(&r.channel).map_err(|_| ReplyError::BAD_REQUEST)?;
+        let ns = self.cfg.namespaces.resolve(&name)?.clone();
+        if r.kind != 0 {
+            return Err(ReplyError::NOT_AVAILABLE.into());
+        }
+        if s.subs.contains(&r.channel) {
+            return Err(ReplyError::ALREADY_SUBSCRIBED.into());
+        }
+        if s.subs.len() >= self.cfg.limits.max_subscriptions {
+            return Err(ReplyError::LIMIT_EXCEEDED.into());
+        }
+        if !self.up.has_room() {
+            return Err(ReplyError::INTERNAL.into());
+        }
+        let user = s.identity.user.clone();
+        let mut chan_info = None;
+        if !r.token.is_empty() {
+            let unix = self.clock.unix(now);
+            match self.verifier.subscription(&r.token, &r.channel, &user, &s.identity.client, unix) {
+                Ok(c) => chan_info = c.info.map(|i| strip_newlines(i.get().as_bytes())),
+                Err(TokenError::Expired) => return Err(ReplyError::TOKEN_EXPIRED.into()),
+                Err(TokenError::Invalid) => return Err(Refusal::Close(Disconnect::INVALID_TOKEN)),
+            }
+        }
+        match ns.subscribe {
+            SubscribePolicy::Anyone => {}
+            SubscribePolicy::Token if r.token.is_empty() => return Err(ReplyError::PERMISSION_DENIED.into()),
+            SubscribePolicy::Token => {}
+            SubscribePolicy::Personal if !name.allows_user(&user) => {
+                return Err(ReplyError::PERMISSION_DENIED.into());
+            }
+            SubscribePolicy::Personal => {}
+        }
+        let channel = self.channels.name(&r.channel);
+        let presence = ns.presence || ns.join_leave;
+        if !ns.positioned() {
+            s.subs.insert(channel.clone(), SubState::Follows);
+            self.index(&channel, sid, true);
+            if presence {
+                self.join(s, &channel, chan_info.as_deref());
+            }
+            replies.push(SubscribeResult::default().reply(id));
+            return Ok(());
+        }
+        // The channel's position is known here: answer without a router
+        // round trip, as the router would (a recovery from the very top
+        // recovers nothing and is complete).
+        if let Some(p) = self.channels.position(&channel)
+            && (!r.recover || p.is(&r.epoch, r.offset))
+        {
+            let result = SubscribeResult {
+                recoverable: ns.has_history(),
+                positioned: true,
+                epoch: p.epoch.to_string(),
+                offset: p.offset,
+                recovered: r.recover,
+                was_recovering: r.recover,
+                ..Default::default()
+            };
+            s.subs.insert(channel.clone(), SubState::Follows);
+            self.index(&channel, sid, true);
+            if presence {
+                self.join(s, &channel, chan_info.as_deref());
+            }
+            self.fx.metrics().local_subscribes.fetch_add(1, Ordering::Relaxed);
+            replies.push(result.reply(id));
+            return Ok(());
+        }
+        let ch = channel.to_string();
+        let (recover, epoch, offset) = (r.recover, r.epoch.clone(), r.offset);
+        let req = self.request(sid, Kind::Subscribe { channel: channel.clone() }, now, |req| {
+            ClusterMsg::Recover { req, channel: ch, recover, epoch, offset }
+        })?;
+        let pending = PendingSub {
+            req,
+            id,
+            recover: r.recover,
+            epoch: r.epoch,
+            offset: r.offset,
+            flag: r.flag,
+            history: ns.has_history(),
+            held: Vec::new(),
+            held_bytes: 0,
+            broken: false,
+            retries: 0,
+        };
+        s.subs.insert(channel.clone(), SubState::Pending(Box::new(pending)));
+        self.index(&channel, sid, false);
+        if presence {
+            self.join(s, &channel, chan_info.as_deref());
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: UnsubscribeRequest,
+        replies: &mut Replies,
+    ) {
+        if let Some((name, state)) = s.subs.remove(&r.channel) {
+            if let SubState::Pending(p) = &state {
+                self.requests.finish(p.req);
+            }
+            self.unindex(&name, sid, Some(&s.identity.client));
+        }
+        // Always a success: centrifuge-js reconnects on an unsubscribe error.
+        replies.push(reply::raw_reply(id, "unsubscribe", b"{}"));
+    }
+
+    fn publish(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: PublishRequest,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
+        let data = r.data.ok_or(ReplyError::BAD_REQUEST)?;
+        match ns.publish {
+            PublishPolicy::Backend => return Err(ReplyError::PERMISSION_DENIED.into()),
+            PublishPolicy::Subscribers if !s.subs.contains(&r.channel) => {
+                return Err(ReplyError::PERMISSION_DENIED.into());
+            }
+            _ => {}
+        }
+        let at = self.clock.at(now);
+        let lim = &self.cfg.limits;
+        let budget = s.publish.get_or_insert_with(|| {
+            Box::new(PublishBudget {
+                bucket: TokenBucket::new(lim.publish_rate, lim.publish_burst, at),
+                refusals: 0,
+            })
+        });
+        let allowed = budget.bucket.try_take(1, at);
+        if !allowed || !self.user_may_publish(&s.identity.user, at) {
+            budget.refusals += 1;
+            if budget.refusals > self.cfg.limits.max_refusals {
+                replies.push(reply::error_reply(id, ReplyError::TOO_MANY_REQUESTS));
+                return Err(Refusal::Close(Disconnect::TOO_MANY_REQUESTS));
+            }
+            return Err(ReplyError::TOO_MANY_REQUESTS.into());
+        }
+        let data = strip_newlines(data.get().as_bytes());
+        let id_ = &s.identity;
+        let info = client_info(&id_.user, &id_.client, id_.conn_info.as_deref(), None);
+        let channel = r.channel;
+        self.request(sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
+            req,
+            channel,
+            data,
+            info: Some(info),
+            idempotency_key: String::new(),
+        })?;
+        Ok(())
+    }
+
+    fn presence(
+        &mut self,
+        _s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: ChannelRequest,
+        stats: bool,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
+        if !ns.presence {
+            return Err(ReplyError::NOT_AVAILABLE.into());
+        }
+        let channel = r.channel;
+        if stats {
+            self.request(sid, Kind::PresenceStats { id }, now, |req| ClusterMsg::PresenceStats {
+                req,
+                channel,
+            })?;
+        } else {
+            self.request(sid, Kind::Presence { id }, now, |req| ClusterMsg::Presence { req, channel })?;
+        }
+        Ok(())
+    }
+
+    fn history(&mut self, sid: Sid, id: u32, r: HistoryRequest, now: u64) -> Result<(), Refusal> {
+        let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
+        if !ns.has_history() || !ns.history_for_clients {
+            return Err(ReplyError::NOT_AVAILABLE.into());
+        }
+        let since = r.since.map(|p| (p.offset, p.epoch.to_string()));
+        let (channel, limit, reverse) = (r.channel, r.limit, r.reverse);
+        self.request(sid, Kind::History { id }, now, |req| ClusterMsg::History {
+            req,
+            channel,
+            limit,
+            since,
+            reverse,
+        })?;
+        Ok(())
+    }
+
+    fn refresh(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: RefreshRequest,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let claims = match self.verifier.connection(&r.token, self.clock.unix(now)) {
+            Ok(c) => c,
+            Err(TokenError::Expired) => return Err(Refusal::Close(Disconnect::EXPIRED)),
+            Err(TokenError::Invalid) => return Err(Refusal::Close(Disconnect::INVALID_TOKEN)),
+        };
+        if *claims.sub != *s.identity.user {
+            return Err(Refusal::Close(Disconnect::INVALID_TOKEN));
+        }
+        let ttl = self.ttl_of(claims.expires_at(), now);
+        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + 25) * 1000);
+        self.rearm(s, sid);
+        replies.push(reply::reply(
+            id,
+            "refresh",
+            &RefreshResult {
+                client: s.identity.client.to_string(),
+                version: VERSION.to_owned(),
+                expires: ttl.is_some(),
+                ttl: ttl.unwrap_or(0),
+            },
+        ));
+        Ok(())
+    }
+
+    fn sub_refresh(
+        &mut self,
+        s: &mut Session,
+        id: u32,
+        r: SubRefreshRequest,
+        replies: &mut Replies,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        if !s.subs.contains(&r.channel) {
+            return Err(ReplyError::UNKNOWN_CHANNEL.into());
+        }
+        let unix = self.clock.unix(now);
+        let ttl = match self.verifier.subscription(
+            &r.token,
+            &r.channel,
+            &s.identity.user,
+            &s.identity.client,
+            unix,
+        ) {
+            Ok(c) => self.ttl_of(c.expires_at(), now),
+            Err(TokenError::Expired) => return Err(ReplyError::TOKEN_EXPIRED.into()),
+            Err(TokenError::Invalid) => return Err(Refusal::Close(Disconnect::INVALID_TOKEN)),
+        };
+        replies.push(reply::reply(
+            id,
+            "sub_refresh",
+            &SubRefreshResult { expires: ttl.is_some(), ttl: ttl.unwrap_or(0) },
+        ));
+        Ok(())
+    }
+
+    /// The per-user publish bucket (all of the user's connections on this
+    /// core). Bounded: at [`MAX_USER_BUCKETS`] the buckets that refilled
+    /// completely (idle users) are dropped; if none is, the user is refused.
+    fn user_may_publish(&mut self, user: &Arc<str>, now: std::time::Instant) -> bool {
+        if user.is_empty() {
+            return true; // anonymous connections have only their own bucket
+        }
+        let lim = &self.cfg.limits;
+        if !self.user_buckets.contains_key(user) && self.user_buckets.len() >= MAX_USER_BUCKETS {
+            self.user_buckets.retain(|_, b| !b.is_full(now));
+            if self.user_buckets.len() >= MAX_USER_BUCKETS {
+                return false;
+            }
+        }
+        self.user_buckets
+            .entry(user.clone())
+            .or_insert_with(|| TokenBucket::new(lim.user_publish_rate, lim.user_publish_burst, now))
+            .try_take(1, now)
+    }
+}

@@ -1,0 +1,247 @@
+//! What the uplink hands a core: publications framed once, join/leave
+//! pushes, resyncs, stream positions and presence rounds.
+//!
+//! A delivery reaches the channel's followers without a look at their
+//! subscriptions: they are, by construction, at the channel's position, and
+//! a delivery that continues it continues them. Subscribers with their own
+//! position are checked one by one; one that catches up joins the
+//! followers. A hole is never passed over: whoever cannot continue is told
+//! to resubscribe (unsubscribe push 2500), and recovers through a router.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use proto::client::reply::client_info;
+use proto::cluster::ClusterMsg;
+use proto::position::{Follow, StreamPosition};
+
+use super::Core;
+use crate::bridge::UpMsg;
+use crate::effects::Sid;
+use crate::session::Deflate;
+use crate::session::subs::SubState;
+
+impl Core {
+    /// Publications `first..=last` of `channel` in `epoch`, as one frame.
+    pub(super) fn deliver(
+        &mut self,
+        channel: &str,
+        epoch: &Arc<str>,
+        first: u64,
+        last: u64,
+        frame: Bytes,
+        _now: u64,
+    ) {
+        let cx = &mut self.cx;
+        let limit = cx.cfg.limits.max_queue_bytes;
+        let Some(ch) = cx.channels.get_mut(channel) else { return };
+        // The followers' verdict, from the channel's one position.
+        let followers = if first == 0 {
+            Follow::Next
+        } else {
+            match &ch.position {
+                Some(p) => p.follow(epoch, first, last),
+                None => Follow::Broken,
+            }
+        };
+        if first != 0 && followers != Follow::Behind {
+            // Whatever came before, every publication after `last` reaches
+            // this core after this one.
+            ch.position = Some(StreamPosition { epoch: epoch.clone(), offset: last });
+        }
+        let mut twin: Option<Option<Bytes>> = None;
+        let mut sent = 0u64;
+        let mut resync: Vec<Sid> = Vec::new();
+        let mut caught_up: Vec<Sid> = Vec::new();
+        match followers {
+            Follow::Next => {
+                for &sid in ch.followers.iter() {
+                    let Some(s) = self.sessions.get_mut(sid) else { continue };
+                    let f = pick(s.deflate, &frame, &mut twin, &mut cx.deflater, &cx.fx);
+                    if s.queue(sid, f, limit, &mut cx.fx) {
+                        sent += 1;
+                    }
+                }
+            }
+            Follow::Behind => {}
+            Follow::Broken => resync.extend(ch.followers.iter().copied()),
+        }
+        for &sid in ch.catching.iter() {
+            let Some(s) = self.sessions.get_mut(sid) else { continue };
+            let Some(state) = s.subs.get_mut(&ch.name) else { continue };
+            match state {
+                SubState::Own(p) => match p.follow(epoch, first, last) {
+                    Follow::Next => {
+                        p.offset = last;
+                        let now_follows = ch.position.as_ref() == Some(&*p);
+                        let f = pick(s.deflate, &frame, &mut twin, &mut cx.deflater, &cx.fx);
+                        if s.queue(sid, f, limit, &mut cx.fx) {
+                            sent += 1;
+                        }
+                        if now_follows {
+                            caught_up.push(sid);
+                        }
+                    }
+                    Follow::Behind => {}
+                    Follow::Broken => resync.push(sid),
+                },
+                SubState::Pending(p) => {
+                    p.held_bytes += frame.len();
+                    if p.held_bytes <= limit && !p.broken {
+                        p.held.push((epoch.clone(), first, last, frame.clone()));
+                    } else {
+                        p.broken = true;
+                        p.held = Vec::new();
+                    }
+                }
+                SubState::Follows => {}
+            }
+        }
+        let name = ch.name.clone();
+        for sid in caught_up {
+            if let Some(SubState::Own(_)) = self.sessions.get(sid).and_then(|s| s.subs.get(&name)) {
+                let s = self.sessions.get_mut(sid).expect("looked up");
+                if let Some(state) = s.subs.get_mut(&name) {
+                    *state = SubState::Follows;
+                }
+                self.cx.channels.follow(&name, sid);
+            }
+        }
+        self.cx.fx.metrics().deliveries.fetch_add(sent, Ordering::Relaxed);
+        if !resync.is_empty() {
+            self.cx.fx.gateway_metrics().resyncs.fetch_add(1, Ordering::Relaxed);
+        }
+        for sid in resync {
+            self.resync_session(sid, &name);
+        }
+    }
+
+    /// A join/leave push for the channel's subscribers that are receiving
+    /// (outside the offset stream: no position check).
+    pub(super) fn push(&mut self, channel: &str, frame: Bytes) {
+        let cx = &mut self.cx;
+        let limit = cx.cfg.limits.max_queue_bytes;
+        let Some(ch) = cx.channels.get(channel) else { return };
+        for sid in ch.members() {
+            let Some(s) = self.sessions.get_mut(sid) else { continue };
+            if matches!(s.subs.get(&ch.name), Some(SubState::Follows | SubState::Own(_))) {
+                s.queue(sid, frame.clone(), limit, &mut cx.fx);
+            }
+        }
+    }
+
+    /// The channel's subscribers on this core may have missed publications:
+    /// those receiving resubscribe and recover; those waiting for a
+    /// router's answer ask again once it comes (it may not cover what was
+    /// missed). The channel's position is forgotten until the next delivery.
+    pub(super) fn resync_channel(&mut self, channel: &str, _now: u64) {
+        let Some(ch) = self.cx.channels.get_mut(channel) else { return };
+        ch.position = None;
+        let name = ch.name.clone();
+        let members: Vec<Sid> = ch.members().collect();
+        self.cx.fx.gateway_metrics().resyncs.fetch_add(1, Ordering::Relaxed);
+        for sid in members {
+            let pending = match self.sessions.get_mut(sid).and_then(|s| s.subs.get_mut(&name)) {
+                Some(SubState::Pending(p)) => {
+                    p.broken = true;
+                    p.held = Vec::new();
+                    true
+                }
+                _ => false,
+            };
+            if !pending {
+                self.resync_session(sid, &name);
+            }
+        }
+    }
+
+    /// The router registered this gateway's interest in `channel` when its
+    /// stream stood at `top` in `epoch`; everything after follows. A core
+    /// that knew nothing learns the position; one whose subscribers are
+    /// behind it missed publications, and those subscribers resync.
+    pub(super) fn position(&mut self, channel: &str, epoch: Arc<str>, top: u64) {
+        let Some(ch) = self.cx.channels.get_mut(channel) else { return };
+        let new = StreamPosition { epoch, offset: top };
+        let behind = |p: &StreamPosition| p.epoch != new.epoch || p.offset < new.offset;
+        let mut resync: Vec<Sid> = Vec::new();
+        match &ch.position {
+            Some(p) if !behind(p) => return,
+            Some(_) => resync.extend(ch.followers.iter().copied()),
+            None => {}
+        }
+        ch.position = Some(new.clone());
+        let name = ch.name.clone();
+        for &sid in ch.catching.iter() {
+            if let Some(SubState::Own(p)) = self.sessions.get(sid).and_then(|s| s.subs.get(&name)) {
+                if *p == new {
+                    resync.retain(|x| *x != sid);
+                } else if behind(p) {
+                    resync.push(sid);
+                }
+            }
+        }
+        for sid in resync {
+            self.resync_session(sid, &name);
+        }
+    }
+
+    /// A presence round: every fact this core holds goes to the routers
+    /// again (its users' connections, its presence subscriptions), then the
+    /// core says it is done.
+    pub(super) fn reannounce(&mut self, round: u64) {
+        let cx = &mut self.cx;
+        for sid in self.sessions.ids() {
+            let Some(s) = self.sessions.get(sid) else { continue };
+            if !s.is_connected() {
+                continue;
+            }
+            let id = &s.identity;
+            if !id.user.is_empty() {
+                let key = cx.cfg.namespaces.presence_channel(&id.user);
+                let msg = ClusterMsg::UserOnline { user: id.user.to_string(), client: id.client.to_string() };
+                cx.up.push(UpMsg::Forward { key, msg });
+            }
+            for channel in s.subs.channels() {
+                if !cx.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence || ns.join_leave) {
+                    continue;
+                }
+                let info = client_info(&id.user, &id.client, id.conn_info.as_deref(), None);
+                let msg = ClusterMsg::Join {
+                    channel: channel.to_string(),
+                    client: id.client.to_string(),
+                    user: id.user.to_string(),
+                    info,
+                };
+                cx.up.push(UpMsg::Forward { key: channel.to_string(), msg });
+            }
+        }
+        cx.up.push(UpMsg::Announced { core: cx.id, round });
+    }
+}
+
+/// The frame a publication reaches a session in: the plain one, or its
+/// compressed twin, made at most once per delivery and core (`twin`
+/// caches it; `None` inside when compression does not pay).
+fn pick(
+    deflate: Deflate,
+    plain: &Bytes,
+    twin: &mut Option<Option<Bytes>>,
+    deflater: &mut proto::ws::deflate::Deflater,
+    fx: &crate::effects::Effects,
+) -> Bytes {
+    match deflate {
+        Deflate::Both => twin
+            .get_or_insert_with(|| {
+                if plain.len() < super::MIN_DEFLATE_FRAME {
+                    return None;
+                }
+                let t = proto::ws::SharedFrame::deflate_encoded(plain, deflater)?;
+                fx.gateway_metrics().frames_deflated.fetch_add(1, Ordering::Relaxed);
+                Some(t.into_bytes())
+            })
+            .clone()
+            .unwrap_or_else(|| plain.clone()),
+        Deflate::Off | Deflate::Inbound => plain.clone(),
+    }
+}

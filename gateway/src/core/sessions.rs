@@ -1,0 +1,104 @@
+//! A core's sessions: a slab of boxed records addressed by [`Sid`].
+//!
+//! Slots are reused; each carries a generation so an id held by a stale
+//! request or timer never reaches the session that took the slot later.
+//! Records are boxed so the slab's spare capacity costs a slot (16 bytes),
+//! not a record, per connection.
+
+use crate::effects::Sid;
+use crate::session::Session;
+
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    session: Option<Box<Session>>,
+}
+
+/// The slab.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+impl Sessions {
+    /// Sessions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Stores a session; its id.
+    pub fn insert(&mut self, session: Session) -> Sid {
+        let index = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(Slot::default());
+                self.slots.len() - 1
+            }
+        };
+        let slot = &mut self.slots[index];
+        slot.generation = slot.generation.wrapping_add(1).max(1);
+        slot.session = Some(Box::new(session));
+        self.len += 1;
+        Sid(((slot.generation as u64) << 32) | index as u64)
+    }
+
+    fn slot(&self, sid: Sid) -> Option<&Slot> {
+        self.slots.get(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)
+    }
+
+    /// The session `sid`, if it still exists.
+    pub fn get(&self, sid: Sid) -> Option<&Session> {
+        self.slot(sid)?.session.as_deref()
+    }
+
+    /// The session `sid`, mutably.
+    pub fn get_mut(&mut self, sid: Sid) -> Option<&mut Session> {
+        let slot = self.slots.get_mut(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)?;
+        slot.session.as_deref_mut()
+    }
+
+    /// Takes the session out; its slot is free again.
+    pub fn remove(&mut self, sid: Sid) -> Option<Box<Session>> {
+        let slot = self.slots.get_mut(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)?;
+        let s = slot.session.take()?;
+        self.free.push(sid.index() as u32);
+        self.len -= 1;
+        Some(s)
+    }
+
+    /// Every session's id, in slot order (a snapshot: the caller may change
+    /// the slab while it goes through them).
+    pub fn ids(&self) -> Vec<Sid> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.session.is_some())
+            .map(|(i, s)| Sid(((s.generation as u64) << 32) | i as u64))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reused_slot_does_not_answer_to_the_old_id() {
+        let mut s = Sessions::default();
+        let a = s.insert(Session::new(1));
+        assert!(s.get(a).is_some());
+        assert!(s.remove(a).is_some());
+        let b = s.insert(Session::new(1));
+        assert_eq!(a.index(), b.index());
+        assert!(s.get(a).is_none() && s.get_mut(a).is_none() && s.remove(a).is_none());
+        assert!(s.get(b).is_some());
+        assert_eq!((s.len(), s.ids()), (1, vec![b]));
+    }
+}

@@ -1,0 +1,386 @@
+//! One client connection as the core's state machine sees it: a small
+//! record, no socket, no task, no buffer while idle.
+//!
+//! A session goes through [`Phase`]s: the HTTP upgrade is read
+//! (`Upgrading`), then it waits for `connect` (`Open`), serves
+//! (`Connected`), and ends by `Closing` (the close frame, or an HTTP
+//! refusal, is queued behind what is left to write) and `Lingering`: once
+//! the close is written the shell shuts down the write side, and the session
+//! reads and discards what the client still sends, for at most
+//! [`LINGER`] and [`LINGER_BYTES`], before the socket is closed. Closing a
+//! socket with unread input makes the kernel answer with a reset, and a
+//! reset makes the client's kernel throw away the close frame it had not
+//! read yet: the lingering close is what lets a flooding client see 3013
+//! rather than a broken pipe.
+//!
+//! - [`subs`]: the session's subscriptions and where each stands.
+//! - [`outbound`]: the bounded queue of shared frames.
+
+pub mod outbound;
+pub mod subs;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::client::Disconnect;
+use proto::token_bucket::TokenBucket;
+use proto::ws::deflate::DeflateParams;
+use proto::ws::{Decoder, SharedFrame};
+
+use crate::effects::{Action, Effects, Sid};
+use outbound::{Flushed, Outbound, Written};
+use subs::Subs;
+
+/// Version string in connect replies.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Longest a closed session reads and discards what its client still sends.
+pub const LINGER: Duration = Duration::from_secs(2);
+
+/// Most bytes a closed session reads and discards before it stops waiting.
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// Why a session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Close reason.
+    pub reason: &'static str,
+}
+
+impl From<Disconnect> for CloseReason {
+    fn from(d: Disconnect) -> Self {
+        CloseReason { code: d.code, reason: d.reason }
+    }
+}
+
+/// A connection lost without a close handshake (never sent: it only ends the session).
+pub const LOST: CloseReason = CloseReason { code: 1006, reason: "" };
+
+/// What permessage-deflate allows on one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Deflate {
+    /// Not negotiated: RSV1 is a protocol error, nothing is compressed.
+    #[default]
+    Off,
+    /// Compressed messages from the client; plain ones to it (it limited the
+    /// server's window below the 15 bits the shared compressor uses).
+    Inbound,
+    /// Both ways: publications reach the session in the core's one
+    /// compressed twin of each frame.
+    Both,
+}
+
+impl Deflate {
+    /// The mode for what the upgrade agreed.
+    pub fn agreed(params: Option<&DeflateParams>) -> Deflate {
+        match params {
+            None => Deflate::Off,
+            Some(p) if p.server_compresses() => Deflate::Both,
+            Some(_) => Deflate::Inbound,
+        }
+    }
+}
+
+/// Where a session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The HTTP upgrade request is being read.
+    Upgrading,
+    /// Upgraded; `connect` not yet accepted.
+    Open,
+    /// `connect` accepted.
+    Connected,
+    /// Ending: what is queued, then the close, is being written.
+    Closing(CloseReason),
+    /// The close is written and the write side shut down; reading and
+    /// discarding until the client closes, [`LINGER`] or [`LINGER_BYTES`].
+    Lingering,
+}
+
+/// Who the connection is, once `connect` succeeded.
+#[derive(Debug, Default)]
+pub struct Identity {
+    /// Connection id sent to the client.
+    pub client: Box<str>,
+    /// User id (`""` anonymous).
+    pub user: Arc<str>,
+    /// `conn_info` from the connection token.
+    pub conn_info: Option<Bytes>,
+}
+
+/// The session's publish budget, made at its first publish (most
+/// connections never publish).
+#[derive(Debug)]
+pub struct PublishBudget {
+    /// Publishes per second.
+    pub bucket: TokenBucket,
+    /// Refused requests (rate limits) so far.
+    pub refusals: u32,
+}
+
+/// A session's deadlines, in core milliseconds (0: none).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Deadlines {
+    /// Upgrading: the upgrade deadline; open: the connect deadline.
+    pub connect_by: u64,
+    /// When the next server ping is due.
+    pub next_ping: u64,
+    /// When the outstanding pong is due.
+    pub pong_due: u64,
+    /// When the connection expires (token `exp`), with its grace added.
+    pub expires_at: u64,
+    /// When a drain closes this session.
+    pub drain_at: u64,
+    /// When a lingering session stops waiting for its client.
+    pub linger_until: u64,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub struct Session {
+    phase: Phase,
+    /// What permessage-deflate allows on this connection.
+    pub deflate: Deflate,
+    /// The echo endpoint (conformance), not the client protocol.
+    pub echo: bool,
+    /// Whether the session is on its user's core (adopted, or its first
+    /// command was handled here): it never moves again.
+    pub placed: bool,
+    /// Whether the session waits in the turn's dirty list.
+    dirty: bool,
+    /// What the socket is watched for: bit 0 read, bit 1 write.
+    watched: u8,
+    /// Decoder state, only while a message is in progress across reads.
+    pub decoder: Option<Box<Decoder>>,
+    /// Bytes of an incomplete frame (or upgrade request) between reads.
+    pub partial: Vec<u8>,
+    /// Bytes read and discarded while lingering.
+    discarded: usize,
+    /// A frame did not fit the queue bound: nothing more is queued, and the
+    /// core closes the session with 3008 (see [`Effects::overflowed`]).
+    overflowed: bool,
+    /// Who, once connected.
+    pub identity: Identity,
+    /// Publish rate, once the session published.
+    pub publish: Option<Box<PublishBudget>>,
+    /// Subscriptions.
+    pub subs: Subs,
+    out: Outbound,
+    /// Deadlines.
+    pub deadlines: Deadlines,
+    /// The timer-wheel tick the session is scheduled at (0: none).
+    pub timer: u64,
+}
+
+impl Session {
+    /// A session whose upgrade request is still to be read by `upgrade_by`.
+    pub fn new(upgrade_by: u64) -> Session {
+        Session {
+            phase: Phase::Upgrading,
+            deflate: Deflate::Off,
+            echo: false,
+            placed: false,
+            dirty: false,
+            watched: 0,
+            decoder: None,
+            partial: Vec::new(),
+            discarded: 0,
+            overflowed: false,
+            identity: Identity::default(),
+            publish: None,
+            subs: Subs::default(),
+            out: Outbound::default(),
+            deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
+            timer: 0,
+        }
+    }
+
+    /// Where the session is in its life.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Whether `connect` succeeded (and the session is not ending).
+    pub fn is_connected(&self) -> bool {
+        self.phase == Phase::Connected
+    }
+
+    /// Whether the session is ending (closing or lingering).
+    pub fn is_ending(&self) -> bool {
+        matches!(self.phase, Phase::Closing(_) | Phase::Lingering)
+    }
+
+    /// The upgrade is done: wait for `connect` until `connect_by`.
+    pub fn upgraded(&mut self, connect_by: u64) {
+        self.phase = Phase::Open;
+        self.deadlines.connect_by = connect_by;
+    }
+
+    /// `connect` succeeded.
+    pub fn connected(&mut self, identity: Identity) {
+        self.phase = Phase::Connected;
+        self.identity = identity;
+        self.deadlines.connect_by = 0;
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.out.bytes()
+    }
+
+    /// The outbound queue (for the shell's writes and hand-overs).
+    pub fn outbound(&mut self) -> &mut Outbound {
+        &mut self.out
+    }
+
+    /// Since when the socket has been full with no progress (0: it is not).
+    pub fn blocked_since(&self) -> u64 {
+        self.out.blocked_since()
+    }
+
+    /// Queues a frame and joins the dirty list. A frame that would take
+    /// the queue past `limit` bytes is not queued, nor is anything after
+    /// it: the session joins [`Effects::overflowed`] and the core closes it
+    /// with 3008 "slow" (what is queued is dropped, the tail of a frame
+    /// already partly written excepted); the client reconnects and
+    /// recovers. Returns whether the frame was queued.
+    pub fn queue(&mut self, sid: Sid, frame: Bytes, limit: usize, fx: &mut Effects) -> bool {
+        if self.is_ending() || self.overflowed {
+            return false;
+        }
+        if self.out.bytes() + frame.len() > limit {
+            fx.metrics().slow_disconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.overflowed = true;
+            fx.overflowed.push(sid);
+            return false;
+        }
+        self.push(sid, frame, fx);
+        true
+    }
+
+    fn push(&mut self, sid: Sid, frame: Bytes, fx: &mut Effects) {
+        fx.metrics().queued_bytes.fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.out.push(frame);
+        self.wants_flush(sid, fx);
+    }
+
+    /// Joins the turn's dirty list, unless already there or waiting for
+    /// writability (the shell flushes it when the socket drains).
+    pub fn wants_flush(&mut self, sid: Sid, fx: &mut Effects) {
+        if !self.dirty && !self.out.blocked() {
+            self.dirty = true;
+            fx.dirty.push(sid);
+        }
+    }
+
+    /// Starts closing with a WebSocket close frame: reading stops, what is
+    /// queued goes out first (a slow session's queue was dropped already).
+    pub fn close(&mut self, sid: Sid, reason: CloseReason, fx: &mut Effects) {
+        if self.is_ending() {
+            return;
+        }
+        if self.overflowed {
+            let dropped = self.out.drop_unstarted();
+            fx.metrics().queued_bytes.fetch_sub(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.phase = Phase::Closing(reason);
+        self.decoder = None;
+        self.partial = Vec::new();
+        self.push(sid, SharedFrame::close(reason.code, reason.reason).into_bytes(), fx);
+        self.watch(sid, fx);
+    }
+
+    /// Whether a frame did not fit (the session is to close with 3008).
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    /// Ends the connection with a final HTTP answer (a refused upgrade).
+    pub fn refuse(&mut self, sid: Sid, answer: Vec<u8>, fx: &mut Effects) {
+        if self.is_ending() {
+            return;
+        }
+        self.phase = Phase::Closing(CloseReason { code: 0, reason: "refused" });
+        self.partial = Vec::new();
+        self.push(sid, Bytes::from(answer), fx);
+        self.watch(sid, fx);
+    }
+
+    /// Accounts for a flush at `now`; returns whether the session is now
+    /// over (the socket failed, or it lingered long enough).
+    pub fn flushed(
+        &mut self,
+        sid: Sid,
+        result: std::io::Result<Flushed>,
+        written: Written,
+        now: u64,
+        fx: &mut Effects,
+    ) -> bool {
+        self.dirty = false;
+        let before = self.out.bytes();
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => {
+                let left = self.out.clear();
+                fx.metrics().queued_bytes.fetch_sub(left as u64, std::sync::atomic::Ordering::Relaxed);
+                return true;
+            }
+        };
+        self.out.wrote(written, result, now);
+        let gone = before - self.out.bytes();
+        fx.metrics().queued_bytes.fetch_sub(gone as u64, std::sync::atomic::Ordering::Relaxed);
+        if result == Flushed::All
+            && let Phase::Closing(_) = self.phase
+        {
+            self.phase = Phase::Lingering;
+            self.deadlines.linger_until = now + LINGER.as_millis() as u64;
+            fx.act(Action::Shutdown { sid });
+        }
+        self.watch(sid, fx);
+        false
+    }
+
+    /// Bytes read from a lingering session's socket; whether it is time to
+    /// stop waiting (past the byte bound).
+    pub fn discard(&mut self, n: usize) -> bool {
+        self.discarded += n;
+        self.discarded > LINGER_BYTES
+    }
+
+    /// Brings what the socket is watched for in line with the phase.
+    pub fn watch(&mut self, sid: Sid, fx: &mut Effects) {
+        let read = !matches!(self.phase, Phase::Closing(_));
+        let write = self.out.blocked();
+        let want = u8::from(read) | (u8::from(write) << 1);
+        if want != self.watched {
+            self.watched = want;
+            fx.act(Action::Watch { sid, read, write });
+        }
+    }
+
+    /// The earliest moment one of the session's deadlines may act (core
+    /// milliseconds), with `write_timeout` for a socket that stays full.
+    pub fn next_deadline(&self, write_timeout: u64) -> Option<u64> {
+        let d = &self.deadlines;
+        let blocked = self.out.blocked_since();
+        let mut candidates = [(blocked != 0).then(|| blocked + write_timeout), None, None, None, None, None];
+        match self.phase {
+            Phase::Upgrading | Phase::Open => {
+                candidates[1] = Some(d.connect_by);
+                candidates[2] = Some(d.drain_at);
+            }
+            Phase::Connected => {
+                candidates[2] = Some(d.drain_at);
+                candidates[3] = Some(d.next_ping);
+                candidates[4] = Some(d.pong_due);
+                candidates[5] = Some(d.expires_at);
+            }
+            Phase::Closing(_) => {}
+            Phase::Lingering => candidates[1] = Some(d.linger_until),
+        }
+        candidates.into_iter().flatten().filter(|t| *t != 0).min()
+    }
+}

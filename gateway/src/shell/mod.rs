@@ -1,0 +1,422 @@
+//! The IO shell around a core's state machine ([`crate::core::Core`]): it
+//! moves bytes and time in and carries the machine's effects out, and
+//! decides nothing itself.
+//!
+//! Per core, on its pinned monoio runtime: a reactor waits for the core's
+//! readiness set ([`poller`]: every established socket and the listener in
+//! one epoll set, a single io_uring POLL_ADD), reads ready sockets with one
+//! non-blocking `recv` each ([`socket`], through rustls for wss: [`tls`])
+//! and accepts from the `SO_REUSEPORT` listener in bounded batches
+//! ([`listener`]); a flusher writes the sessions that queued frames in the
+//! turn and hands the turn's messages to the uplink; an inbox task feeds
+//! the uplink's messages and other cores' hand-overs; a timer ticks the
+//! machine every [`TIMER_TICK`].
+//!
+//! The shell's per-connection state is the socket, the TLS session if any
+//! and what the readiness set watches: a slot of 24 bytes.
+
+pub mod listener;
+pub mod poller;
+pub mod socket;
+pub mod tls;
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crate::bridge::{Handover, Inbox, UpMsg};
+use crate::core::{Core, Got, TIMER_TICK};
+use crate::cores::Lifecycle;
+use crate::effects::{Action, Sid};
+use listener::{ACCEPTS_PER_TURN, Accepted, LISTENER};
+use poller::Poller;
+
+/// A socket the machine has a session for.
+struct Sock {
+    sid: Sid,
+    fd: OwnedFd,
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// What the readiness set watches it for.
+    watched: u32,
+}
+
+/// One core's shell.
+pub struct Shell {
+    core: RefCell<Core>,
+    socks: RefCell<Vec<Option<Sock>>>,
+    poller: Poller,
+    listener: RefCell<Option<std::net::TcpListener>>,
+    listening: Cell<bool>,
+    accept_backoff: Cell<Duration>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    up: flume::Sender<Vec<UpMsg>>,
+    /// Every core's inbox (this one's too), for hand-overs.
+    peers: Vec<flume::Sender<Inbox>>,
+    flush_waker: Cell<Option<std::task::Waker>>,
+    /// The core's buffer for TLS records read (one per core, not per connection).
+    cipher: RefCell<bytes::BytesMut>,
+}
+
+/// The first pause after an accept error (EMFILE…); doubled per error in a row.
+const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
+
+/// The longest pause after accept errors.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+impl Shell {
+    /// A shell around `core`, listening on `listener`.
+    pub fn new(
+        core: Core,
+        listener: std::net::TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        up: flume::Sender<Vec<UpMsg>>,
+        peers: Vec<flume::Sender<Inbox>>,
+    ) -> std::io::Result<Rc<Shell>> {
+        let poller = Poller::new()?;
+        poller.change(listener.as_raw_fd(), LISTENER, 0, poller::READ)?;
+        Ok(Rc::new(Shell {
+            core: RefCell::new(core),
+            socks: RefCell::new(Vec::new()),
+            poller,
+            listener: RefCell::new(Some(listener)),
+            listening: Cell::new(true),
+            accept_backoff: Cell::new(MIN_ACCEPT_BACKOFF),
+            tls,
+            up,
+            peers,
+            flush_waker: Cell::new(None),
+            cipher: RefCell::new(bytes::BytesMut::with_capacity(32 * 1024)),
+        }))
+    }
+
+    fn id(&self) -> usize {
+        self.core.borrow().id()
+    }
+
+    /// Runs the core until it has drained (after `life.drain`).
+    pub async fn run(self: Rc<Self>, inbox: flume::Receiver<Inbox>, life: Arc<Lifecycle>, window: Duration) {
+        monoio::spawn(self.clone().reactor());
+        monoio::spawn(self.clone().flusher());
+        let shell = self.clone();
+        monoio::spawn(async move {
+            while let Ok(msg) = inbox.recv_async().await {
+                shell.inbox(msg);
+            }
+        });
+        self.timer(life, window).await;
+    }
+
+    /// Carries out the machine's actions and wakes the flusher if there is
+    /// something to write.
+    fn apply(&self) {
+        loop {
+            let action = self.core.borrow_mut().effects().actions.pop_front();
+            let Some(action) = action else { break };
+            match action {
+                Action::Watch { sid, read, write } => {
+                    let to = if read { poller::READ } else { 0 } | if write { poller::WRITE } else { 0 };
+                    let mut socks = self.socks.borrow_mut();
+                    let Some(sock) = slot(&mut socks, sid) else { continue };
+                    match self.poller.change(sock.fd.as_raw_fd(), sid.0, sock.watched, to) {
+                        Ok(()) => sock.watched = to,
+                        Err(e) => {
+                            tracing::warn!(core = self.id(), error = %e, "readiness set refused a change")
+                        }
+                    }
+                }
+                Action::Shutdown { sid } => {
+                    let mut socks = self.socks.borrow_mut();
+                    let Some(sock) = slot(&mut socks, sid) else { continue };
+                    if let Some(conn) = sock.tls.as_mut() {
+                        tls::close_notify(conn, sock.fd.as_raw_fd());
+                    }
+                    // SAFETY: plain syscall on our open socket.
+                    unsafe { libc::shutdown(sock.fd.as_raw_fd(), libc::SHUT_WR) };
+                }
+                Action::Release { sid } => {
+                    if let Some(sock) = self.take(sid) {
+                        let _ = self.poller.change(sock.fd.as_raw_fd(), sid.0, sock.watched, 0);
+                    }
+                }
+                Action::HandOver { sid, core, moved } => {
+                    let Some(sock) = self.take(sid) else { continue };
+                    let _ = self.poller.change(sock.fd.as_raw_fd(), sid.0, sock.watched, 0);
+                    let h = Handover { fd: sock.fd, tls: sock.tls, moved };
+                    // A full inbox drops the hand-over, which closes the socket
+                    // (the client reconnects).
+                    if let Some(tx) = self.peers.get(core) {
+                        let _ = tx.try_send(Inbox::Adopt(Box::new(h)));
+                    }
+                }
+            }
+        }
+        let core = self.core.borrow();
+        if core.has_writes() || core.wants_up() {
+            drop(core);
+            if let Some(w) = self.flush_waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    fn take(&self, sid: Sid) -> Option<Sock> {
+        let mut socks = self.socks.borrow_mut();
+        let s = socks.get_mut(sid.index())?;
+        if s.as_ref().is_some_and(|s| s.sid == sid) { s.take() } else { None }
+    }
+
+    fn register(&self, sid: Sid, fd: OwnedFd, tls: Option<Box<rustls::ServerConnection>>) {
+        let mut socks = self.socks.borrow_mut();
+        let i = sid.index();
+        if socks.len() <= i {
+            socks.resize_with(i + 1, || None);
+        }
+        socks[i] = Some(Sock { sid, fd, tls, watched: 0 });
+    }
+
+    /// Reads the established connections whose sockets are ready, and the
+    /// listener: waits for the readiness set itself, then takes a bounded
+    /// number of ready sockets per turn so deliveries get their turns too.
+    async fn reactor(self: Rc<Self>) {
+        let waiter = match self.poller.waiter() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(core = self.id(), error = %e, "cannot poll the readiness set");
+                std::process::exit(2);
+            }
+        };
+        let mut events = poller::events();
+        loop {
+            if let Err(e) = waiter.readable(false).await {
+                tracing::error!(core = self.id(), error = %e, "readiness wait failed");
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            for _ in 0..4 {
+                let n = self.poller.ready(&mut events);
+                for ev in &events[..n] {
+                    let (token, bits) = (ev.u64, ev.events);
+                    if token == LISTENER {
+                        self.accept_ready();
+                        continue;
+                    }
+                    let sid = Sid(token);
+                    if bits & poller::WRITE != 0 {
+                        self.flush(sid, Instant::now());
+                    }
+                    if bits & (poller::READ | poller::HANGUP) != 0 {
+                        self.readable(sid);
+                    }
+                    if bits & poller::HANGUP != 0 {
+                        self.core.borrow_mut().lost(sid, Instant::now());
+                    }
+                    self.apply();
+                }
+                if n < events.len() {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One non-blocking read of a ready socket, handed to the machine.
+    fn readable(&self, sid: Sid) {
+        let mut wants_flush = false;
+        {
+            let mut socks = self.socks.borrow_mut();
+            let Some(sock) = slot(&mut socks, sid) else { return };
+            let fd = sock.fd.as_raw_fd();
+            let tls = &mut sock.tls;
+            let mut core = self.core.borrow_mut();
+            let mut cipher = self.cipher.borrow_mut();
+            core.read(sid, Instant::now(), |b| match tls.as_mut() {
+                None => match socket::recv_into(fd, b) {
+                    Ok(0) => Got::Closed,
+                    Ok(_) => Got::Data,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Got::Nothing,
+                    Err(_) => Got::Failed,
+                },
+                Some(conn) => {
+                    if cipher.capacity() < 16 * 1024 + 512 {
+                        cipher.reserve(16 * 1024 + 512);
+                    }
+                    let got = match tls::read(conn, fd, &mut cipher, b) {
+                        Ok(tls::ReadTls::Data) => Got::Data,
+                        Ok(tls::ReadTls::Closed) => Got::Closed,
+                        Ok(tls::ReadTls::WouldBlock) => Got::Nothing,
+                        Err(_) => {
+                            // Send rustls' alert, best effort.
+                            let _ = tls::flush(conn, fd, &mut Default::default());
+                            Got::Failed
+                        }
+                    };
+                    wants_flush = got != Got::Failed && conn.wants_write();
+                    got
+                }
+            });
+            if wants_flush {
+                // Handshake records, key updates: out with this turn's flush.
+                core.wants_flush(sid);
+            }
+        }
+        self.apply();
+    }
+
+    /// Writes one session's queue (and its TLS records).
+    fn flush(&self, sid: Sid, now: Instant) {
+        let mut socks = self.socks.borrow_mut();
+        let Some(sock) = slot(&mut socks, sid) else { return };
+        let fd = sock.fd.as_raw_fd();
+        let tls = &mut sock.tls;
+        self.core.borrow_mut().flush(sid, now, |frames| match tls.as_mut() {
+            Some(conn) => tls::flush(conn, fd, frames),
+            None => socket::flush_queue(fd, frames),
+        });
+    }
+
+    /// Writes the sessions that queued frames, once per turn: it runs after
+    /// the tasks that were ready when the first frame was queued, so frames
+    /// of one turn leave a socket in one syscall; then hands the turn's
+    /// messages for the routers to the uplink.
+    async fn flusher(self: Rc<Self>) {
+        let mut batch: Vec<Sid> = Vec::new();
+        loop {
+            std::future::poll_fn(|cx| {
+                let core = self.core.borrow();
+                if !core.has_writes() && !core.wants_up() {
+                    self.flush_waker.set(Some(cx.waker().clone()));
+                    std::task::Poll::Pending
+                } else {
+                    std::task::Poll::Ready(())
+                }
+            })
+            .await;
+            std::mem::swap(&mut batch, &mut self.core.borrow_mut().effects().dirty);
+            let now = Instant::now();
+            for sid in batch.drain(..) {
+                self.flush(sid, now);
+            }
+            self.offer_up();
+            self.apply();
+            if batch.capacity() > 4096 {
+                batch = Vec::new();
+            }
+        }
+    }
+
+    fn offer_up(&self) {
+        let up = &self.up;
+        self.core.borrow_mut().flush_up(|b| up.try_send(b).map_err(|e| e.into_inner()));
+    }
+
+    fn inbox(&self, msg: Inbox) {
+        let now = Instant::now();
+        match msg {
+            Inbox::Down(m) => self.core.borrow_mut().down(m, now),
+            Inbox::Adopt(h) => {
+                let Handover { fd, tls, moved } = *h;
+                // The socket is registered before the machine's actions for it run.
+                let sid = self.core.borrow_mut().adopt(moved, now);
+                self.register(sid, fd, tls);
+            }
+        }
+        self.apply();
+    }
+
+    async fn timer(&self, life: Arc<Lifecycle>, window: Duration) {
+        let mut deadline: Option<Instant> = None;
+        loop {
+            monoio::time::sleep(TIMER_TICK).await;
+            let now = Instant::now();
+            if life.drain.load(Ordering::Relaxed) && !self.core.borrow().is_draining() {
+                tracing::info!(core = self.id(), ?window, "draining");
+                // Stop accepting: out of the readiness set, and closed so the
+                // kernel sends new connections to the other listeners.
+                self.set_listening(false);
+                drop(self.listener.borrow_mut().take());
+                self.core.borrow_mut().drain(now, window);
+                deadline = Some(now + window + Duration::from_secs(2));
+            }
+            self.core.borrow_mut().tick(now);
+            self.offer_up();
+            self.apply();
+            if self.core.borrow().drained() || deadline.is_some_and(|d| now >= d) {
+                // Give the last close frames a moment to leave.
+                monoio::time::sleep(Duration::from_millis(100)).await;
+                return;
+            }
+        }
+    }
+
+    /// The listener has connections queued: takes a bounded batch of them.
+    fn accept_ready(self: &Rc<Self>) {
+        for _ in 0..ACCEPTS_PER_TURN {
+            let accepted = match self.listener.borrow().as_ref() {
+                Some(l) => listener::accept(l),
+                None => return,
+            };
+            match accepted {
+                Accepted::Socket(fd) => {
+                    self.accept_backoff.set(MIN_ACCEPT_BACKOFF);
+                    let tls = match &self.tls {
+                        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
+                            Ok(c) => Some(Box::new(c)),
+                            Err(e) => {
+                                tracing::warn!(core = self.id(), error = %e, "cannot start a TLS session");
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
+                    let sid = self.core.borrow_mut().accept(Instant::now());
+                    self.register(sid, fd, tls);
+                    self.apply();
+                }
+                Accepted::Empty => return,
+                Accepted::Exhausted(e) => {
+                    // EMFILE/ENFILE and friends: count, stop listening for a
+                    // while (no busy loop on a listener that stays ready),
+                    // keep serving the connected.
+                    self.core.borrow_mut().effects().metrics().accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let backoff = self.accept_backoff.get();
+                    self.accept_backoff.set((backoff * 2).min(MAX_ACCEPT_BACKOFF));
+                    tracing::warn!(core = self.id(), error = %e, ?backoff, "accept failed");
+                    self.pause_listening(backoff);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes the listener out of the readiness set for `pause`.
+    fn pause_listening(self: &Rc<Self>, pause: Duration) {
+        self.set_listening(false);
+        let shell = self.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep(pause).await;
+            if !shell.core.borrow().is_draining() {
+                shell.set_listening(true);
+            }
+        });
+    }
+
+    fn set_listening(&self, on: bool) {
+        let listener = self.listener.borrow();
+        let Some(l) = listener.as_ref() else { return };
+        if self.listening.get() == on {
+            return;
+        }
+        let (from, to) = if on { (0, poller::READ) } else { (poller::READ, 0) };
+        match self.poller.change(l.as_raw_fd(), LISTENER, from, to) {
+            Ok(()) => self.listening.set(on),
+            Err(e) => tracing::warn!(core = self.id(), error = %e, "readiness set refused the listener"),
+        }
+    }
+}
+
+fn slot(socks: &mut [Option<Sock>], sid: Sid) -> Option<&mut Sock> {
+    socks.get_mut(sid.index())?.as_mut().filter(|s| s.sid == sid)
+}

@@ -1,0 +1,301 @@
+//! The uplink's IO shell: one thread running tokio + quinn, holding a QUIC
+//! connection (mutual TLS) to every configured router, feeding the
+//! [`Uplink`] machine what the links and the cores send and carrying out
+//! what it decides.
+//!
+//! Per link: a control stream (hello/welcome, requests, answers,
+//! heartbeats) and the router's K delivery streams. A link is reset as a
+//! whole when any of its streams fails, or when the router is silent for
+//! [`ROUTER_SILENCE`]: a delivery stream that died alone would otherwise
+//! stop every channel hashed to it while the link looked healthy.
+//! Reconnects use exponential backoff with full jitter.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::BytesMut;
+use proto::backoff::Backoff;
+use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::mpsc;
+
+use super::{Uplink, UplinkIo};
+use crate::bridge::{CoreId, DownMsg, Inbox, UpMsg};
+use crate::config::UplinkConfig;
+use crate::metrics::Metrics;
+
+/// ALPN of the cluster protocol (must match the router's).
+pub const ALPN: &[u8] = b"switchyard-cluster/1";
+
+/// How often the uplink heartbeats each router (the router answers).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// Silence after which a router is treated as lost.
+pub const ROUTER_SILENCE: Duration = Duration::from_secs(10);
+
+/// How often owed messages are retried (a full queue gives no signal when
+/// it drains).
+pub const RETRY_EVERY: Duration = Duration::from_millis(20);
+
+/// Messages queued toward one router at most (its writer batches them into
+/// stream writes); past it the machine reconciles instead.
+pub const LINK_QUEUE: usize = 65_536;
+
+enum Event {
+    Up(usize, mpsc::Sender<ClusterMsg>, u16),
+    Down(usize),
+    Control(usize, ClusterMsg),
+    /// Messages of a router's delivery stream (deliveries, pushes, positions).
+    Deliveries(usize, Vec<ClusterMsg>),
+}
+
+/// The shell's side of [`UplinkIo`]: link queues and core inboxes.
+struct Io {
+    links: Vec<Option<mpsc::Sender<ClusterMsg>>>,
+    cores: Vec<flume::Sender<Inbox>>,
+}
+
+impl UplinkIo for Io {
+    fn to_router(&mut self, router: usize, msg: ClusterMsg) -> bool {
+        self.links[router].as_ref().is_some_and(|tx| tx.try_send(msg).is_ok())
+    }
+
+    fn to_core(&mut self, core: CoreId, msg: DownMsg) -> bool {
+        self.cores.get(core).is_some_and(|tx| tx.try_send(Inbox::Down(msg)).is_ok())
+    }
+}
+
+fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&cfg.ca_cert)
+        .with_context(|| format!("reading {}", cfg.ca_cert.display()))?
+    {
+        roots.add(c?)?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+        .with_context(|| format!("reading {}", cfg.cert.display()))?
+        .collect::<Result<_, _>>()?;
+    let key =
+        PrivateKeyDer::from_pem_file(&cfg.key).with_context(|| format!("reading {}", cfg.key.display()))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut c = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
+    c.transport_config(Arc::new(transport));
+    Ok(c)
+}
+
+/// Starts the uplink thread. `cores` are the per-core inboxes; the returned
+/// join handle ends when every core has dropped its sender.
+pub fn spawn(
+    gateway_id: String,
+    cfg: UplinkConfig,
+    up_rx: flume::Receiver<Vec<UpMsg>>,
+    cores: Vec<flume::Sender<Inbox>>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let client = client_config(&cfg)?;
+    Ok(std::thread::Builder::new().name("uplink".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        rt.block_on(async move {
+            let mut endpoint =
+                quinn::Endpoint::client("0.0.0.0:0".parse().expect("static")).expect("udp socket");
+            endpoint.set_default_client_config(client);
+            let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
+            for (i, addr) in cfg.routers.iter().enumerate() {
+                tokio::spawn(router_link(i, *addr, gateway_id.clone(), endpoint.clone(), ev_tx.clone()));
+            }
+            let names = cfg.routers.iter().map(|a| a.to_string()).collect();
+            let mut up = Uplink::new(cores.len(), names, metrics, proto::seeded::random_seed());
+            let mut io = Io { links: vec![None; cfg.routers.len()], cores };
+            let mut retry = tokio::time::interval(RETRY_EVERY);
+            retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    batch = up_rx.recv_async() => match batch {
+                        Ok(batch) => up.core_batch(batch, &mut io),
+                        Err(_) => break,
+                    },
+                    Some(ev) = ev_rx.recv() => match ev {
+                        Event::Up(i, tx, version) => {
+                            tracing::info!(router = %cfg.routers[i], version, "router link up");
+                            io.links[i] = Some(tx);
+                            up.link_up(i, version, &mut io);
+                        }
+                        Event::Down(i) => {
+                            if io.links[i].take().is_some() {
+                                tracing::warn!(router = %cfg.routers[i], "router link down");
+                            }
+                            up.link_down(i, &mut io);
+                        }
+                        Event::Control(i, msg) => up.control(i, msg, &mut io),
+                        Event::Deliveries(i, msgs) => up.deliveries(i, msgs, &mut io),
+                    },
+                    _ = retry.tick() => up.tick(&mut io),
+                }
+            }
+            tracing::info!(gateway = %gateway_id, "uplink stopping");
+            for l in io.links.iter().flatten() {
+                let _ = l.try_send(ClusterMsg::Drain);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+    })?)
+}
+
+async fn read_msgs(
+    recv: &mut quinn::RecvStream,
+    dec: &mut ClusterDecoder,
+    buf: &mut BytesMut,
+) -> anyhow::Result<Option<Vec<ClusterMsg>>> {
+    loop {
+        let mut out = Vec::new();
+        while let Some(m) = dec.decode(buf)? {
+            out.push(m);
+        }
+        if !out.is_empty() {
+            return Ok(Some(out));
+        }
+        match recv.read_chunk(256 * 1024, true).await? {
+            Some(chunk) => buf.extend_from_slice(&chunk.bytes),
+            None => return Ok(None),
+        }
+    }
+}
+
+async fn router_link(
+    idx: usize,
+    addr: SocketAddr,
+    gateway_id: String,
+    endpoint: quinn::Endpoint,
+    events: mpsc::Sender<Event>,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let instance: u64 = rand::random();
+    loop {
+        match connect_once(idx, addr, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
+            Ok(()) => tracing::info!(%addr, "router link closed"),
+            Err(e) => tracing::debug!(%addr, error = %e, "router link failed"),
+        }
+        if events.send(Event::Down(idx)).await.is_err() {
+            return;
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn connect_once(
+    idx: usize,
+    addr: SocketAddr,
+    gateway_id: &str,
+    instance: u64,
+    endpoint: &quinn::Endpoint,
+    events: &mpsc::Sender<Event>,
+    backoff: &mut Backoff,
+) -> anyhow::Result<()> {
+    let conn = endpoint.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut out = BytesMut::new();
+    ClusterMsg::Hello { version: PROTOCOL_VERSION, gateway_id: gateway_id.to_owned(), instance }
+        .encode(&mut out);
+    send.write_all(&out).await?;
+    let mut dec = ClusterDecoder::default();
+    let mut buf = BytesMut::new();
+    let first =
+        tokio::time::timeout(Duration::from_secs(10), read_msgs(&mut recv, &mut dec, &mut buf)).await??;
+    let (version, mut pending) = match first {
+        Some(mut msgs) => match msgs.first() {
+            Some(ClusterMsg::Welcome { version, .. }) => (*version, msgs.split_off(1)),
+            other => anyhow::bail!("router refused the link: {other:?}"),
+        },
+        None => anyhow::bail!("router closed before welcome"),
+    };
+    backoff.reset();
+    let (tx, mut rx) = mpsc::channel::<ClusterMsg>(LINK_QUEUE);
+    let hb_tx = tx.clone();
+    events.send(Event::Up(idx, tx, version)).await.ok();
+    for m in pending.drain(..) {
+        events.send(Event::Control(idx, m)).await.ok();
+    }
+    // Writer: batch everything queued into one write.
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(1024);
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        while rx.recv_many(&mut batch, 1024).await > 0 {
+            for m in batch.drain(..) {
+                m.encode(&mut out);
+            }
+            send.write_all(&out.split()).await?;
+        }
+        anyhow::Ok(())
+    });
+    // Delivery streams: a reader that ends, for any reason, ends the link.
+    let (broken_tx, mut broken) = mpsc::channel::<anyhow::Error>(1);
+    let conn2 = conn.clone();
+    let ev2 = events.clone();
+    let deliveries = tokio::spawn(async move {
+        while let Ok(mut s) = conn2.accept_uni().await {
+            let (ev, broken_tx) = (ev2.clone(), broken_tx.clone());
+            tokio::spawn(async move {
+                let mut dec = ClusterDecoder::default();
+                let mut buf = BytesMut::new();
+                let why = loop {
+                    match read_msgs(&mut s, &mut dec, &mut buf).await {
+                        Ok(Some(msgs)) => {
+                            if ev.send(Event::Deliveries(idx, msgs)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break anyhow::anyhow!("a delivery stream ended"),
+                        Err(e) => break e.context("a delivery stream failed"),
+                    }
+                };
+                let _ = broken_tx.try_send(why);
+            });
+        }
+    });
+    // Heartbeats: the router answers each; a router silent for
+    // `ROUTER_SILENCE` is treated as lost (channels move, subscribers resync).
+    let heartbeat = tokio::spawn(async move {
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        loop {
+            tick.tick().await;
+            seq += 1;
+            if hb_tx.send(ClusterMsg::Heartbeat { seq, reply: false }).await.is_err() {
+                return;
+            }
+        }
+    });
+    let result = async {
+        loop {
+            let read = tokio::select! {
+                r = tokio::time::timeout(ROUTER_SILENCE, read_msgs(&mut recv, &mut dec, &mut buf)) => r,
+                Some(why) = broken.recv() => return Err(why),
+            };
+            let Ok(read) = read else {
+                anyhow::bail!("router silent for {ROUTER_SILENCE:?}");
+            };
+            let Some(msgs) = read? else { return anyhow::Ok(()) };
+            for m in msgs {
+                events.send(Event::Control(idx, m)).await.ok();
+            }
+        }
+    }
+    .await;
+    heartbeat.abort();
+    writer.abort();
+    deliveries.abort();
+    conn.close(0u32.into(), b"bye");
+    result
+}
