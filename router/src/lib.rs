@@ -14,6 +14,8 @@
 //! - [`config`]: the TOML configuration with development defaults.
 //! - [`shard`]: channel shards (one owner per channel, no lock on the publish
 //!   path) that order publications and send each once per interested gateway.
+//! - [`link`]: what a gateway link's messages mean (which shard, which
+//!   stream), without IO.
 //! - [`server`]: the QUIC endpoint (mutual TLS), hello/version check, one
 //!   control stream and K delivery streams per gateway, batched writes.
 //!
@@ -41,6 +43,7 @@ pub mod certs;
 pub mod channel;
 pub mod cli;
 pub mod config;
+pub mod link;
 pub mod peers;
 pub mod presence;
 pub mod server;

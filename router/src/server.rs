@@ -16,12 +16,12 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::BytesMut;
 use proto::cluster::{ClusterDecoder, ClusterMsg, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
-use proto::rendezvous::stable_hash;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
 use crate::config::RouterConfig;
+use crate::link::Dispatch;
 use crate::peers::Peers;
 use crate::shard::{GatewayId, Metrics, SHARD_TICK, Shard, ShardCmd, ShardSpec};
 
@@ -197,7 +197,7 @@ impl Router {
     }
 
     pub(crate) fn shard_of(&self, channel: &str) -> &mpsc::Sender<ShardCmd> {
-        &self.shards[(stable_hash(channel.as_bytes()) % self.shards.len() as u64) as usize]
+        &self.shards[crate::link::shard_of(channel, self.shards.len())]
     }
 
     /// Binds the QUIC endpoint and serves gateway links until the endpoint closes.
@@ -291,14 +291,9 @@ impl Router {
             let mut bufs: Vec<BytesMut> = (0..k).map(|_| BytesMut::with_capacity(64 * 1024)).collect();
             while rx.recv_many(&mut batch, 1024).await > 0 {
                 for msg in batch.drain(..) {
-                    match &msg {
-                        ClusterMsg::Deliver { channel, .. }
-                        | ClusterMsg::Push { channel, .. }
-                        | ClusterMsg::Position { channel, .. } => {
-                            let i = (stable_hash(channel.as_bytes()) % k as u64) as usize;
-                            msg.encode(&mut bufs[i]);
-                        }
-                        _ => msg.encode(&mut ctl_buf),
+                    match crate::link::stream_of(&msg, k) {
+                        Some(i) => msg.encode(&mut bufs[i]),
+                        None => msg.encode(&mut ctl_buf),
                     }
                 }
                 if !ctl_buf.is_empty() {
@@ -351,73 +346,22 @@ impl Router {
                     return Err(e);
                 }
             };
-            match msg {
-                ClusterMsg::Heartbeat { seq, reply: false } => {
-                    let _ = tx.try_send(ClusterMsg::Heartbeat { seq, reply: true });
+            match crate::link::dispatch(gw, msg, self.shards.len(), &self.cfg.namespaces) {
+                Dispatch::Heartbeat(answer) => {
+                    let _ = tx.try_send(answer);
                 }
-                ClusterMsg::Heartbeat { .. } => {}
-                ClusterMsg::Subscribe { channels } => self.interest(gw, channels, Vec::new(), false).await?,
-                ClusterMsg::Unsubscribe { channels } => {
-                    self.interest(gw, Vec::new(), channels, false).await?
-                }
-                ClusterMsg::Snapshot { channels } => self.interest(gw, channels, Vec::new(), true).await?,
-                ClusterMsg::Drain => tracing::info!(link = gw, "gateway is draining"),
-                m @ (ClusterMsg::PresenceBegin { .. } | ClusterMsg::PresenceEnd { .. }) => {
-                    // A round spans every shard: each holds some of the facts.
-                    for shard in &self.shards {
-                        shard.send(ShardCmd::Request(gw, m.clone())).await?;
+                Dispatch::Nothing => {}
+                Dispatch::Shards(cmds) => {
+                    for (i, cmd) in cmds {
+                        self.shards[i].send(cmd).await?;
                     }
                 }
-                m @ (ClusterMsg::Publish { .. }
-                | ClusterMsg::Recover { .. }
-                | ClusterMsg::History { .. }
-                | ClusterMsg::Presence { .. }
-                | ClusterMsg::PresenceStats { .. }
-                | ClusterMsg::Join { .. }
-                | ClusterMsg::Leave { .. }) => {
-                    let shard =
-                        self.shard_of(m.channel().expect("per-channel requests name a channel")).clone();
-                    shard.send(ShardCmd::Request(gw, m)).await?;
-                }
-                m @ (ClusterMsg::UserOnline { .. } | ClusterMsg::UserOffline { .. }) => {
-                    let (ClusterMsg::UserOnline { user, .. } | ClusterMsg::UserOffline { user, .. }) = &m
-                    else {
-                        unreachable!("matched above")
-                    };
-                    let channel = self.cfg.namespaces.presence_channel(user);
-                    let shard = self.shard_of(&channel).clone();
-                    shard.send(ShardCmd::Request(gw, m)).await?;
-                }
-                other => {
+                Dispatch::Unexpected(name) => {
                     self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
-                    anyhow::bail!("unexpected {} from a gateway", other.name());
+                    anyhow::bail!("unexpected {name} from a gateway");
                 }
             }
         }
-    }
-
-    async fn interest(
-        &self,
-        gw: GatewayId,
-        add: Vec<String>,
-        remove: Vec<String>,
-        snapshot: bool,
-    ) -> anyhow::Result<()> {
-        let n = self.shards.len();
-        let mut adds: Vec<Vec<String>> = vec![Vec::new(); n];
-        let mut removes: Vec<Vec<String>> = vec![Vec::new(); n];
-        for c in add {
-            adds[(stable_hash(c.as_bytes()) % n as u64) as usize].push(c);
-        }
-        for c in remove {
-            removes[(stable_hash(c.as_bytes()) % n as u64) as usize].push(c);
-        }
-        for (i, (a, r)) in adds.into_iter().zip(removes).enumerate() {
-            if snapshot || !a.is_empty() || !r.is_empty() {
-                self.shards[i].send(ShardCmd::Interest { gw, add: a, remove: r, snapshot }).await?;
-            }
-        }
-        Ok(())
     }
 }
 
