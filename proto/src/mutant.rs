@@ -14,7 +14,7 @@ pub enum Mutant {
     DropDelivery = 1,
     /// A relinked uplink forgets to send its interest again.
     NoResubscribe = 2,
-    /// A `UserOffline` that cannot be sent vanishes (no presence round).
+    /// A core's `UserOffline` that the uplink's full queue did not take vanishes.
     LoseOffline = 3,
 }
 

@@ -79,6 +79,17 @@ impl UserPresence {
         self.users.contains_key(user)
     }
 
+    /// The connections (client ids) of `user` known here.
+    pub fn clients(&self, user: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .users
+            .get(user)
+            .map(|s| s.per_gateway.values().flat_map(|c| c.keys().cloned()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     /// Connection `client` of `user` came up on `gateway`, or was confirmed
     /// in presence round `round` (again: no change).
     pub fn connect(&mut self, user: &str, client: &str, gateway: u32, round: u64) -> Option<PresenceChange> {

@@ -230,6 +230,11 @@ impl<L: LinkTx> Shard<L> {
         self.users.is_online(user)
     }
 
+    /// The connections (client ids) of `user` this shard knows.
+    pub fn user_clients(&self, user: &str) -> Vec<String> {
+        self.users.clients(user)
+    }
+
     /// Where `channel`'s stream stands here, if the shard holds it.
     pub fn stream(&self, channel: &str) -> Option<(&str, u64)> {
         self.channels.get(channel).map(|c| (c.epoch(), c.top()))

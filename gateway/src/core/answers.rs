@@ -58,6 +58,7 @@ impl Core {
 
     fn subscribe_answer(&mut self, sid: Sid, channel: &Arc<str>, req: u64, msg: ClusterMsg, now: u64) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        let queued = s.queued_bytes();
         let Some(SubState::Pending(p)) = s.subs.get_mut(channel) else { return };
         if p.req != req {
             return;
@@ -100,19 +101,30 @@ impl Core {
         if p.recover && !recovered && p.flag & FLAG_REJECT_UNRECOVERED != 0 {
             return self.refuse_subscription(sid, channel, ReplyError::UNRECOVERABLE_POSITION);
         }
-        let recovered = p.recover && recovered;
-        let result = SubscribeResult {
+        let result = |recovered: bool, publications: Vec<_>| SubscribeResult {
             recoverable: p.history,
             positioned: true,
             epoch: epoch.clone(),
             offset: if recovered { p.offset } else { top },
-            publications: if recovered { publications } else { Vec::new() },
+            publications,
             recovered,
             was_recovering: p.recover,
             ..Default::default()
         };
+        let mut line = if p.recover && recovered {
+            result(true, publications).reply(p.id)
+        } else {
+            result(false, Vec::new()).reply(p.id)
+        };
+        let room = self.cx.queue_limit().saturating_sub(queued);
+        if line.len() + 16 > room && p.recover && recovered {
+            // The recovery does not fit the session's queue: rather than
+            // closing it as slow (and failing the same way on every
+            // reconnect), say the position cannot be recovered; the client
+            // reloads its state and goes on from the top.
+            line = result(false, Vec::new()).reply(p.id);
+        }
         let held = std::mem::take(&mut p.held);
-        let line = result.reply(p.id);
         self.cx.send_line(s, sid, &line);
         if !positioned {
             if let Some(state) = s.subs.get_mut(channel) {

@@ -61,7 +61,16 @@ impl Upstream {
         let batch = std::mem::take(&mut self.batch);
         match send(batch) {
             Ok(()) => self.blocked = false,
-            Err(back) => {
+            Err(mut back) => {
+                if proto::mutant::active(proto::mutant::Mutant::LoseOffline) {
+                    // The planted bug: a user's offline that did not fit vanishes.
+                    back.retain(|m| {
+                        !matches!(
+                            m,
+                            UpMsg::Forward { msg: proto::cluster::ClusterMsg::UserOffline { .. }, .. }
+                        )
+                    });
+                }
                 self.blocked = true;
                 let newer = std::mem::replace(&mut self.batch, back);
                 self.batch.extend(newer);

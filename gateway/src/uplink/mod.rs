@@ -36,6 +36,7 @@
 
 pub mod quic;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -49,18 +50,25 @@ use proto::ws::SharedFrame;
 use crate::bridge::{CoreId, DownMsg, UpMsg, core_of};
 use crate::metrics::Metrics;
 
+/// Messages the uplink holds for full link queues before it stops taking
+/// the cores' batches (the cores then keep theirs, and refuse new work once
+/// their own backlog is full).
+pub const MAX_HELD: usize = 65_536;
+
 /// Largest frame the uplink packs publications into (well under the 1 MiB
 /// centrifuge-python accepts).
 pub const MAX_PACKED_FRAME: usize = 256 * 1024;
 
-/// Where the uplink's messages go.
+/// Where the uplink's messages go. A message that does not fit comes back
+/// by value, as from a channel's `try_send` (no copy, no allocation).
+#[allow(clippy::result_large_err)]
 pub trait UplinkIo {
-    /// Queues `msg` on router `router`'s link; false when the link is down
-    /// or its queue is full (the message is dropped: the caller reconciles).
-    fn to_router(&mut self, router: usize, msg: ClusterMsg) -> bool;
-    /// Hands `msg` to core `core`'s inbox; false when it is full (the
-    /// message is dropped: the caller owes the core what it stood for).
-    fn to_core(&mut self, core: CoreId, msg: DownMsg) -> bool;
+    /// Queues `msg` on router `router`'s link; the message back when the
+    /// link is down or its queue is full.
+    fn to_router(&mut self, router: usize, msg: ClusterMsg) -> Result<(), ClusterMsg>;
+    /// Hands `msg` to core `core`'s inbox; the message back when it is full
+    /// (the caller owes the core what it stood for).
+    fn to_core(&mut self, core: CoreId, msg: DownMsg) -> Result<(), DownMsg>;
 }
 
 /// One router as the uplink sees it.
@@ -74,13 +82,12 @@ struct RouterLink {
     version: u16,
     /// It announced a drain: linked, but owning nothing new.
     draining: bool,
-    /// Its interest registrations may differ from the routes: send it the
-    /// whole set it should hold.
-    needs_snapshot: bool,
     /// It was told that the current presence round began.
     in_round: bool,
-    /// A round's end it still has to be told.
-    owed_end: Option<u64>,
+    /// Messages waiting for room in its queue, in order: nothing for a
+    /// router is dropped while its link is up (interest, requests, presence
+    /// facts, round begins and ends all keep their order).
+    outbox: VecDeque<ClusterMsg>,
 }
 
 /// What the uplink knows of one channel with local subscribers.
@@ -103,10 +110,13 @@ struct Route {
 struct Owed {
     /// Channels to resync.
     resync: Set<Arc<str>>,
+    /// Positions to tell (after the resync of the channel, if one is owed too).
+    positions: Map<Arc<str>, (Arc<str>, u64)>,
     /// A presence round to announce.
     reannounce: Option<u64>,
-    /// Requests to fail (their answers could not be handed over).
-    failures: Vec<u64>,
+    /// Answers to hand over (the routers' own, or the uplink's error 100
+    /// for a request it could not send), in order.
+    answers: VecDeque<ClusterMsg>,
 }
 
 /// A presence round in progress.
@@ -142,17 +152,17 @@ impl Uplink {
                     up: false,
                     version: 0,
                     draining: false,
-                    needs_snapshot: false,
                     in_round: false,
-                    owed_end: None,
+                    outbox: VecDeque::new(),
                 })
                 .collect(),
             routes: seeded::map(seed),
             owed: (0..cores)
                 .map(|c| Owed {
                     resync: seeded::set(seed ^ c as u64),
+                    positions: seeded::map(seed ^ !(c as u64)),
                     reannounce: None,
-                    failures: Vec::new(),
+                    answers: VecDeque::new(),
                 })
                 .collect(),
             round: 0,
@@ -184,10 +194,43 @@ impl Uplink {
     /// Whether nothing is owed to any core or router and no presence round
     /// is wanted or running (the simulation's quiescence check).
     pub fn settled(&self) -> bool {
-        self.owed.iter().all(|o| o.resync.is_empty() && o.reannounce.is_none() && o.failures.is_empty())
-            && self.links.iter().all(|l| !l.up || (!l.needs_snapshot && l.owed_end.is_none()))
+        self.owed.iter().all(|o| {
+            o.resync.is_empty() && o.positions.is_empty() && o.reannounce.is_none() && o.answers.is_empty()
+        }) && self.links.iter().all(|l| !l.up || l.outbox.is_empty())
             && self.current.is_none()
             && !self.round_wanted
+    }
+
+    /// Whether the uplink takes the cores' batches now (not while it holds
+    /// [`MAX_HELD`] messages for full link queues).
+    pub fn takes_core_batches(&self) -> bool {
+        self.links.iter().map(|l| l.outbox.len()).sum::<usize>() < MAX_HELD
+    }
+
+    /// Sends `msg` to `router` behind what it holds already; a message that
+    /// does not fit waits there.
+    fn send(&mut self, router: usize, msg: ClusterMsg, io: &mut impl UplinkIo) {
+        let l = &mut self.links[router];
+        if !l.up {
+            return;
+        }
+        if !l.outbox.is_empty() {
+            l.outbox.push_back(msg);
+            return;
+        }
+        if let Err(msg) = io.to_router(router, msg) {
+            self.links[router].outbox.push_back(msg);
+        }
+    }
+
+    /// Sends what `router` holds while its queue takes it.
+    fn flush_outbox(&mut self, router: usize, io: &mut impl UplinkIo) {
+        while let Some(msg) = self.links[router].outbox.pop_front() {
+            if let Err(msg) = io.to_router(router, msg) {
+                self.links[router].outbox.push_front(msg);
+                return;
+            }
+        }
     }
 
     /// A batch of a core's messages.
@@ -203,21 +246,14 @@ impl Uplink {
             UpMsg::Interest { core, channel, on } => self.interest(core, channel, on, io),
             UpMsg::Request(msg) => {
                 let (Some(req), Some(key)) = (msg.request_id(), msg.channel()) else { return };
-                let sent = match self.owner(key) {
-                    Some(o) => io.to_router(o, msg),
-                    None => false,
-                };
-                if !sent {
-                    self.fail(req, "no router available", io);
+                match self.owner(key) {
+                    Some(o) => self.send(o, msg, io),
+                    None => self.fail(req, "no router available", io),
                 }
             }
             UpMsg::Forward { key, msg } => {
                 let Some(o) = self.owner(&key) else { return };
-                let offline = matches!(msg, ClusterMsg::UserOffline { .. });
-                let planted = offline && mutant::active(Mutant::LoseOffline);
-                if !(io.to_router(o, msg) || planted) {
-                    self.round_wanted = true;
-                }
+                self.send(o, msg, io);
             }
             UpMsg::Announced { core, round } => {
                 if let Some(r) = &mut self.current
@@ -240,24 +276,20 @@ impl Uplink {
             route.cores &= !bit;
             route.blocked &= !bit;
             self.owed[core].resync.remove(&channel);
+            self.owed[core].positions.remove(&channel);
         }
         let after = route.cores;
         if before == 0 && after != 0 {
             route.owner = owner;
             route.epoch = None;
-            if let Some(o) = owner
-                && !io.to_router(o, ClusterMsg::Subscribe { channels: vec![channel.to_string()] })
-            {
-                self.links[o].needs_snapshot = true;
+            if let Some(o) = owner {
+                self.send(o, ClusterMsg::Subscribe { channels: vec![channel.to_string()] }, io);
             }
         } else if after == 0 {
             let owner = route.owner;
             self.routes.remove(&channel);
-            if let Some(o) = owner
-                && self.links[o].up
-                && !io.to_router(o, ClusterMsg::Unsubscribe { channels: vec![channel.to_string()] })
-            {
-                self.links[o].needs_snapshot = true;
+            if let Some(o) = owner {
+                self.send(o, ClusterMsg::Unsubscribe { channels: vec![channel.to_string()] }, io);
             }
         }
     }
@@ -269,10 +301,19 @@ impl Uplink {
         if core >= self.cores {
             return;
         }
-        let msg = DownMsg::Response(ClusterMsg::RequestError { req, code: 100, message: why.into() });
-        if !io.to_core(core, msg) {
+        self.answer(core, ClusterMsg::RequestError { req, code: 100, message: why.into() }, io);
+    }
+
+    /// Hands an answer to its core: now, or as soon as the core's inbox has
+    /// room (behind the answers it is owed already).
+    fn answer(&mut self, core: CoreId, msg: ClusterMsg, io: &mut impl UplinkIo) {
+        if !self.owed[core].answers.is_empty() {
+            self.owed[core].answers.push_back(msg);
+            return;
+        }
+        if let Err(DownMsg::Response(msg)) = io.to_core(core, DownMsg::Response(msg)) {
             self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
-            self.owed[core].failures.push(req);
+            self.owed[core].answers.push_back(msg);
         }
     }
 
@@ -297,7 +338,7 @@ impl Uplink {
     /// Hands `msg` to `core`; a full inbox makes it a resync of `channel`
     /// owed to that core (or, with the planted bug, nothing at all).
     fn hand_or_owe(&mut self, core: CoreId, channel: &Arc<str>, msg: DownMsg, io: &mut impl UplinkIo) {
-        if !io.to_core(core, msg) {
+        if io.to_core(core, msg).is_err() {
             self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
             if !mutant::active(Mutant::DropDelivery) {
                 self.owe_resync(core, channel);
@@ -315,11 +356,35 @@ impl Uplink {
         l.version = version;
         l.draining = false;
         l.in_round = false;
-        l.owed_end = None;
-        // A fresh link holds no registration: the router gets the whole set
-        // it owns (after the rebalance below moved those channels to it).
-        l.needs_snapshot = true;
+        l.outbox.clear();
+        if mutant::active(Mutant::NoResubscribe) {
+            // The planted bug: the channels this router owns again are taken
+            // as registered there, so neither the rebalance nor a snapshot
+            // tells it.
+            for (name, route) in self.routes.iter_mut() {
+                if route.owner.is_none() || route.owner == Some(router) {
+                    let owner = (0..self.links.len())
+                        .filter(|i| self.links[*i].up && !self.links[*i].draining)
+                        .max_by_key(|i| score(&self.links[*i].name, name));
+                    if owner == Some(router) {
+                        route.owner = owner;
+                    }
+                }
+            }
+        }
         self.rebalance(io);
+        // A fresh link holds no registration: the router gets the whole set
+        // it owns (the rebalance just moved those channels to it), ahead of
+        // anything else.
+        if !mutant::active(Mutant::NoResubscribe) {
+            let channels: Vec<String> = self
+                .routes
+                .iter()
+                .filter(|(_, route)| route.owner == Some(router))
+                .map(|(n, _)| n.to_string())
+                .collect();
+            self.send(router, ClusterMsg::Snapshot { channels }, io);
+        }
         self.round_wanted = true;
         self.settle(io);
     }
@@ -333,9 +398,14 @@ impl Uplink {
         self.metrics.routers_up.fetch_sub(1, Ordering::Relaxed);
         l.up = false;
         l.draining = false;
-        l.needs_snapshot = false;
         l.in_round = false;
-        l.owed_end = None;
+        // Requests waiting for it will not be answered: fail them now.
+        let held = std::mem::take(&mut l.outbox);
+        for m in held {
+            if let Some(req) = m.request_id() {
+                self.fail(req, "router link lost", io);
+            }
+        }
         // Its channels' subscribers may have missed publications; rebalance
         // moves the channels to their next owner and resyncs them.
         for r in self.routes.values_mut() {
@@ -384,12 +454,8 @@ impl Uplink {
             other => {
                 let Some(req) = other.request_id().filter(|_| other.is_answer()) else { return };
                 let core = core_of(req);
-                if core >= self.cores {
-                    return;
-                }
-                if !io.to_core(core, DownMsg::Response(other)) {
-                    self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
-                    self.owed[core].failures.push(req);
+                if core < self.cores {
+                    self.answer(core, other, io);
                 }
             }
         }
@@ -424,16 +490,13 @@ impl Uplink {
             }
         }
         for (o, channels) in unsubscribe.into_iter().enumerate() {
-            if !channels.is_empty() && !io.to_router(o, ClusterMsg::Unsubscribe { channels }) {
-                self.links[o].needs_snapshot = true;
+            if !channels.is_empty() {
+                self.send(o, ClusterMsg::Unsubscribe { channels }, io);
             }
         }
         for (n, channels) in subscribe.into_iter().enumerate() {
-            if channels.is_empty() || self.links[n].needs_snapshot {
-                continue; // the snapshot will carry them
-            }
-            if !io.to_router(n, ClusterMsg::Subscribe { channels }) {
-                self.links[n].needs_snapshot = true;
+            if !channels.is_empty() {
+                self.send(n, ClusterMsg::Subscribe { channels }, io);
             }
         }
     }
@@ -458,13 +521,26 @@ impl Uplink {
             }
             let name = name.clone();
             let targets = route.cores & !route.blocked;
+            let blocked = route.cores & route.blocked;
             match &msgs[i] {
                 ClusterMsg::Position { epoch, top, .. } => {
                     let epoch: Arc<str> = Arc::from(epoch.as_str());
+                    for core in cores_of(blocked, self.cores) {
+                        // Behind what it is owed already: the newer position
+                        // replaces the older.
+                        self.owed[core].positions.insert(name.clone(), (epoch.clone(), *top));
+                    }
                     for core in cores_of(targets, self.cores) {
                         let msg =
                             DownMsg::Position { channel: name.clone(), epoch: epoch.clone(), top: *top };
-                        self.hand_or_owe(core, &name, msg, io);
+                        if io.to_core(core, msg).is_err() {
+                            // Told later, ahead of the channel's next deliveries.
+                            self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
+                            self.owed[core].positions.insert(name.clone(), (epoch.clone(), *top));
+                            if let Some(r) = self.routes.get_mut(&name) {
+                                r.blocked |= 1 << core;
+                            }
+                        }
                     }
                     i += 1;
                 }
@@ -473,13 +549,20 @@ impl Uplink {
                     for core in cores_of(targets, self.cores) {
                         // Outside the offset stream: a full inbox drops it (counted).
                         let msg = DownMsg::Push { channel: name.clone(), frame: frame.clone() };
-                        if !io.to_core(core, msg) {
+                        if io.to_core(core, msg).is_err() {
                             self.metrics.core_queue_full.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     i += 1;
                 }
                 ClusterMsg::Deliver { .. } => {
+                    // A core still owed something of this channel gets none
+                    // of its deliveries until then: it is owed a resync too.
+                    for core in cores_of(blocked, self.cores) {
+                        if !mutant::active(Mutant::DropDelivery) {
+                            self.owe_resync(core, &name);
+                        }
+                    }
                     i = self.deliver_run(&name, &msgs, i, targets, io);
                 }
                 _ => i += 1,
@@ -558,62 +641,47 @@ impl Uplink {
     /// Hands each core what it is owed, while its inbox takes it.
     fn settle_cores(&mut self, io: &mut impl UplinkIo) {
         for core in 0..self.cores {
-            while let Some(req) = self.owed[core].failures.last().copied() {
-                let msg = DownMsg::Response(ClusterMsg::RequestError {
-                    req,
-                    code: 100,
-                    message: "gateway busy".into(),
-                });
-                if !io.to_core(core, msg) {
+            while let Some(msg) = self.owed[core].answers.pop_front() {
+                if let Err(DownMsg::Response(msg)) = io.to_core(core, DownMsg::Response(msg)) {
+                    self.owed[core].answers.push_front(msg);
                     break;
                 }
-                self.owed[core].failures.pop();
             }
-            if !self.owed[core].resync.is_empty() {
-                let channels: Vec<Arc<str>> = self.owed[core].resync.iter().cloned().collect();
-                for channel in channels {
-                    if !io.to_core(core, DownMsg::Resync { channel: channel.clone() }) {
+            let mut channels: Vec<Arc<str>> = self.owed[core].resync.iter().cloned().collect();
+            channels.extend(
+                self.owed[core].positions.keys().filter(|c| !self.owed[core].resync.contains(*c)).cloned(),
+            );
+            for channel in channels {
+                if self.owed[core].resync.contains(&channel) {
+                    if io.to_core(core, DownMsg::Resync { channel: channel.clone() }).is_err() {
                         break;
                     }
                     self.owed[core].resync.remove(&channel);
-                    if let Some(r) = self.routes.get_mut(&channel) {
-                        r.blocked &= !(1 << core);
+                }
+                if let Some((epoch, top)) = self.owed[core].positions.get(&channel).cloned() {
+                    let msg = DownMsg::Position { channel: channel.clone(), epoch, top };
+                    if io.to_core(core, msg).is_err() {
+                        break;
                     }
+                    self.owed[core].positions.remove(&channel);
+                }
+                if let Some(r) = self.routes.get_mut(&channel) {
+                    r.blocked &= !(1 << core);
                 }
             }
             if let Some(round) = self.owed[core].reannounce
-                && io.to_core(core, DownMsg::Reannounce { round })
+                && io.to_core(core, DownMsg::Reannounce { round }).is_ok()
             {
                 self.owed[core].reannounce = None;
             }
         }
     }
 
-    /// Sends each router the interest snapshot or round end it is owed.
+    /// Sends each router what it holds, while its queue takes it.
     fn settle_routers(&mut self, io: &mut impl UplinkIo) {
         for r in 0..self.links.len() {
-            if !self.links[r].up {
-                continue;
-            }
-            if self.links[r].needs_snapshot {
-                if mutant::active(Mutant::NoResubscribe) {
-                    self.links[r].needs_snapshot = false;
-                    continue;
-                }
-                let channels: Vec<String> = self
-                    .routes
-                    .iter()
-                    .filter(|(_, route)| route.owner == Some(r))
-                    .map(|(n, _)| n.to_string())
-                    .collect();
-                if io.to_router(r, ClusterMsg::Snapshot { channels }) {
-                    self.links[r].needs_snapshot = false;
-                }
-            }
-            if let Some(round) = self.links[r].owed_end
-                && io.to_router(r, ClusterMsg::PresenceEnd { round })
-            {
-                self.links[r].owed_end = None;
+            if self.links[r].up {
+                self.flush_outbox(r, io);
             }
         }
     }
@@ -628,33 +696,20 @@ impl Uplink {
             for l in 0..self.links.len() {
                 if self.links[l].up && self.links[l].in_round {
                     self.links[l].in_round = false;
-                    if !io.to_router(l, ClusterMsg::PresenceEnd { round: r.round }) {
-                        self.links[l].owed_end = Some(r.round);
-                    }
+                    self.send(l, ClusterMsg::PresenceEnd { round: r.round }, io);
                 }
             }
         }
         if !self.round_wanted || self.current.is_some() {
             return;
         }
-        let rounds: Vec<usize> = (0..self.links.len())
-            .filter(|l| self.links[*l].up && self.links[*l].version >= PRESENCE_ROUNDS_SINCE)
-            .collect();
-        if rounds.iter().any(|l| self.links[*l].owed_end.is_some()) {
-            return; // the last round's end goes first
-        }
         self.round += 1;
         let round = self.round;
-        for &l in &rounds {
-            if !io.to_router(l, ClusterMsg::PresenceBegin { round }) {
-                // Not begun everywhere: try again on the next tick (a router
-                // that began it just begins the next one).
-                for &k in &rounds {
-                    self.links[k].in_round = false;
-                }
-                return;
+        for l in 0..self.links.len() {
+            if self.links[l].up && self.links[l].version >= PRESENCE_ROUNDS_SINCE {
+                self.links[l].in_round = true;
+                self.send(l, ClusterMsg::PresenceBegin { round }, io);
             }
-            self.links[l].in_round = true;
         }
         self.round_wanted = false;
         let waiting = if self.cores >= 64 { u64::MAX } else { (1u64 << self.cores) - 1 };

@@ -59,12 +59,19 @@ struct Io {
 }
 
 impl UplinkIo for Io {
-    fn to_router(&mut self, router: usize, msg: ClusterMsg) -> bool {
-        self.links[router].as_ref().is_some_and(|tx| tx.try_send(msg).is_ok())
+    fn to_router(&mut self, router: usize, msg: ClusterMsg) -> Result<(), ClusterMsg> {
+        match &self.links[router] {
+            Some(tx) => tx.try_send(msg).map_err(|e| e.into_inner()),
+            None => Err(msg),
+        }
     }
 
-    fn to_core(&mut self, core: CoreId, msg: DownMsg) -> bool {
-        self.cores.get(core).is_some_and(|tx| tx.try_send(Inbox::Down(msg)).is_ok())
+    fn to_core(&mut self, core: CoreId, msg: DownMsg) -> Result<(), DownMsg> {
+        let Some(tx) = self.cores.get(core) else { return Err(msg) };
+        tx.try_send(Inbox::Down(msg)).map_err(|e| match e.into_inner() {
+            Inbox::Down(m) => m,
+            Inbox::Adopt(_) => unreachable!("the uplink hands over no connections"),
+        })
     }
 }
 
@@ -121,7 +128,7 @@ pub fn spawn(
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tokio::select! {
-                    batch = up_rx.recv_async() => match batch {
+                    batch = up_rx.recv_async(), if up.takes_core_batches() => match batch {
                         Ok(batch) => up.core_batch(batch, &mut io),
                         Err(_) => break,
                     },
