@@ -20,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use proto::cluster::ClusterMsg;
 
-use crate::session::Deflate;
+use proto::ws::deflate::DeflateParams;
 
 /// Index of a worker core.
 pub type CoreId = usize;
@@ -154,6 +154,31 @@ pub struct Moved {
     pub unsent: VecDeque<Bytes>,
     /// What permessage-deflate allows on this connection.
     pub deflate: Deflate,
+}
+
+/// What permessage-deflate allows on one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Deflate {
+    /// Not negotiated: RSV1 is a protocol error, nothing is compressed.
+    #[default]
+    Off,
+    /// Compressed messages from the client; plain ones to it (it limited the
+    /// server's window below the 15 bits the shared compressor uses).
+    Inbound,
+    /// Both ways: publications reach the session in the core's one
+    /// compressed twin of each frame.
+    Both,
+}
+
+impl Deflate {
+    /// The mode for what the upgrade agreed.
+    pub fn agreed(params: Option<&DeflateParams>) -> Deflate {
+        match params {
+            None => Deflate::Off,
+            Some(p) if p.server_compresses() => Deflate::Both,
+            Some(_) => Deflate::Inbound,
+        }
+    }
 }
 
 /// A request id that routes the answer back to `core`.

@@ -4,7 +4,6 @@
 //! accept loop, inbox and timer until it has drained.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use crate::auth::Verifier;
@@ -14,12 +13,7 @@ use crate::core::{Core, CoreSpec};
 use crate::metrics::Metrics;
 use crate::shell::Shell;
 
-/// Shared between the cores and the signal handler.
-#[derive(Debug, Default)]
-pub struct Lifecycle {
-    /// SIGTERM: drain.
-    pub drain: AtomicBool,
-}
+pub use crate::shell::Lifecycle;
 
 /// Which I/O driver the cores run on.
 pub fn driver_name() -> &'static str {
@@ -113,6 +107,7 @@ pub fn spawn(
                     seed: proto::seeded::random_seed(),
                     now: Instant::now(),
                     unix_now,
+                    up_backlog: crate::core::upstream::MAX_UP_BACKLOG,
                 });
                 let shell = match Shell::new(core, listener, tls, up, peers) {
                     Ok(s) => s,

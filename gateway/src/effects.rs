@@ -24,6 +24,19 @@ impl Sid {
     }
 }
 
+/// What a read of a session's socket gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Got {
+    /// Bytes (plaintext) were appended.
+    Data,
+    /// The peer closed (after the bytes appended, if any).
+    Closed,
+    /// Nothing yet.
+    Nothing,
+    /// A socket or TLS error.
+    Failed,
+}
+
 /// Something only the IO shell can do.
 #[derive(Debug)]
 pub enum Action {

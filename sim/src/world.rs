@@ -76,6 +76,11 @@ pub struct Spec {
     pub sock_buf: usize,
     /// Delivery streams per link.
     pub streams: usize,
+    /// Messages a core holds for its uplink before it refuses new work.
+    pub up_backlog: usize,
+    /// Messages the uplink holds for full link queues before it stops
+    /// taking the cores' batches.
+    pub uplink_held: usize,
     /// Faults injected.
     pub faults: usize,
     /// Seconds of traffic and faults.
@@ -109,6 +114,8 @@ impl Spec {
             max_queue_bytes: *pick(&mut rng, &[2_048, 8_192, 1 << 20]),
             sock_buf: *pick(&mut rng, &[512, 4_096, 65_536]),
             streams: rng.random_range(1..=3),
+            up_backlog: *pick(&mut rng, &[8, 64, 65_536]),
+            uplink_held: *pick(&mut rng, &[4, 64, 65_536]),
             faults: rng.random_range(0..=10),
             active_secs: rng.random_range(10..=25),
             settle_secs: 45,
@@ -501,7 +508,8 @@ impl World {
         let cores = self.spec.cores;
         let metrics = Arc::new(GatewayMetrics::new(cores));
         let names = (0..self.spec.routers).map(|r| format!("router-{r}")).collect();
-        let uplink = Uplink::new(cores, names, metrics.clone(), self.rng.random());
+        let uplink =
+            Uplink::with_bound(cores, names, metrics.clone(), self.rng.random(), self.spec.uplink_held);
         let cores = (0..cores)
             .map(|id| CoreNode {
                 core: Core::new(CoreSpec {
@@ -513,6 +521,7 @@ impl World {
                     seed: self.rng.random(),
                     now: self.instant(),
                     unix_now: 1_800_000_000 + self.now / SEC,
+                    up_backlog: self.spec.up_backlog,
                 }),
                 inbox: Bounded::new(self.spec.core_inbox),
                 turn: false,

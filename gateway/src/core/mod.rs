@@ -63,7 +63,7 @@ use requests::Requests;
 use sessions::Sessions;
 use upstream::Upstream;
 
-pub use reading::Got;
+pub use crate::effects::Got;
 
 /// The granularity of each core's timer: deadlines are kept to within it.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
@@ -164,12 +164,15 @@ pub struct CoreSpec {
     pub now: Instant,
     /// The wall clock then (Unix seconds).
     pub unix_now: u64,
+    /// Messages the core holds for the uplink before it refuses new work
+    /// ([`upstream::MAX_UP_BACKLOG`] in production).
+    pub up_backlog: usize,
 }
 
 impl Core {
     /// A core with no sessions.
     pub fn new(spec: CoreSpec) -> Core {
-        let CoreSpec { id, cores, cfg, verifier, metrics, seed, now, unix_now } = spec;
+        let CoreSpec { id, cores, cfg, verifier, metrics, seed, now, unix_now, up_backlog } = spec;
         let adm = &cfg.admission;
         Core {
             sessions: Sessions::default(),
@@ -181,7 +184,7 @@ impl Core {
                 rng: SmallRng::seed_from_u64(seed),
                 channels: ChannelIndex::new(seed ^ 0x9e37_79b9),
                 requests: Requests::new(id, seed ^ 0x7f4a_7c15),
-                up: Upstream::default(),
+                up: Upstream::new(up_backlog),
                 timers: TimerWheel::new(now, TIMER_TICK, TIMER_SLOTS),
                 fx: Effects::new(metrics, id),
                 admission: TokenBucket::new(adm.accept_rate, adm.accept_burst, now),

@@ -14,21 +14,8 @@ use proto::ws::{Decoded, Decoder, DecoderConfig, Message, MessageRef, SharedFram
 
 use super::Core;
 use crate::bridge::Moved;
-use crate::effects::{Action, Sid};
+use crate::effects::{Action, Got, Sid};
 use crate::session::{CloseReason, Deflate, Phase};
-
-/// What a read of a session's socket gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Got {
-    /// Bytes (plaintext) were appended.
-    Data,
-    /// The peer closed (after the bytes appended, if any).
-    Closed,
-    /// Nothing yet.
-    Nothing,
-    /// A socket or TLS error.
-    Failed,
-}
 
 /// How a session goes on after a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,17 +18,30 @@ use crate::bridge::UpMsg;
 pub const MAX_UP_BACKLOG: usize = 65_536;
 
 /// The backlog.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Upstream {
     batch: Vec<UpMsg>,
+    /// Messages held before new work is refused.
+    bound: usize,
     /// The uplink's queue was full at the last offer.
     blocked: bool,
 }
 
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream::new(MAX_UP_BACKLOG)
+    }
+}
+
 impl Upstream {
+    /// An empty backlog refusing new work at `bound` messages.
+    pub fn new(bound: usize) -> Upstream {
+        Upstream { batch: Vec::new(), bound: bound.max(1), blocked: false }
+    }
+
     /// Whether work that adds messages may be accepted.
     pub fn has_room(&self) -> bool {
-        self.batch.len() < MAX_UP_BACKLOG
+        self.batch.len() < self.bound
     }
 
     /// Messages waiting.

@@ -25,9 +25,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::client::Disconnect;
 use proto::token_bucket::TokenBucket;
-use proto::ws::deflate::DeflateParams;
 use proto::ws::{Decoder, SharedFrame};
 
+pub use crate::bridge::Deflate;
 use crate::effects::{Action, Effects, Sid};
 use outbound::{Flushed, Outbound, Written};
 use subs::Subs;
@@ -58,31 +58,6 @@ impl From<Disconnect> for CloseReason {
 
 /// A connection lost without a close handshake (never sent: it only ends the session).
 pub const LOST: CloseReason = CloseReason { code: 1006, reason: "" };
-
-/// What permessage-deflate allows on one connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Deflate {
-    /// Not negotiated: RSV1 is a protocol error, nothing is compressed.
-    #[default]
-    Off,
-    /// Compressed messages from the client; plain ones to it (it limited the
-    /// server's window below the 15 bits the shared compressor uses).
-    Inbound,
-    /// Both ways: publications reach the session in the core's one
-    /// compressed twin of each frame.
-    Both,
-}
-
-impl Deflate {
-    /// The mode for what the upgrade agreed.
-    pub fn agreed(params: Option<&DeflateParams>) -> Deflate {
-        match params {
-            None => Deflate::Off,
-            Some(p) if p.server_compresses() => Deflate::Both,
-            Some(_) => Deflate::Inbound,
-        }
-    }
-}
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -24,15 +24,21 @@ use std::cell::{Cell, RefCell};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::bridge::{Handover, Inbox, UpMsg};
 use crate::core::{Core, Got, TIMER_TICK};
-use crate::cores::Lifecycle;
 use crate::effects::{Action, Sid};
 use listener::{ACCEPTS_PER_TURN, Accepted, LISTENER};
 use poller::Poller;
+
+/// Shared between the cores and the signal handler.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// SIGTERM: drain.
+    pub drain: AtomicBool,
+}
 
 /// A socket the machine has a session for.
 struct Sock {

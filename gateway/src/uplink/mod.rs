@@ -136,6 +136,8 @@ pub struct Uplink {
     round: u64,
     current: Option<Round>,
     round_wanted: bool,
+    /// Messages held for full link queues before core batches wait.
+    max_held: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -143,6 +145,18 @@ impl Uplink {
     /// An uplink for `cores` cores and the routers named `routers` (none
     /// linked yet); `seed` seeds its hash tables.
     pub fn new(cores: usize, routers: Vec<String>, metrics: Arc<Metrics>, seed: u64) -> Uplink {
+        Uplink::with_bound(cores, routers, metrics, seed, MAX_HELD)
+    }
+
+    /// The same, holding at most `max_held` messages for full link queues
+    /// before it stops taking the cores' batches.
+    pub fn with_bound(
+        cores: usize,
+        routers: Vec<String>,
+        metrics: Arc<Metrics>,
+        seed: u64,
+        max_held: usize,
+    ) -> Uplink {
         Uplink {
             cores,
             links: routers
@@ -168,6 +182,7 @@ impl Uplink {
             round: 0,
             current: None,
             round_wanted: false,
+            max_held: max_held.max(1),
             metrics,
         }
     }
@@ -204,7 +219,7 @@ impl Uplink {
     /// Whether the uplink takes the cores' batches now (not while it holds
     /// [`MAX_HELD`] messages for full link queues).
     pub fn takes_core_batches(&self) -> bool {
-        self.links.iter().map(|l| l.outbox.len()).sum::<usize>() < MAX_HELD
+        self.links.iter().map(|l| l.outbox.len()).sum::<usize>() < self.max_held
     }
 
     /// Sends `msg` to `router` behind what it holds already; a message that
