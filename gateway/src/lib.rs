@@ -12,23 +12,29 @@
 //! verified there), so all of a user's sessions, and per-user state such as
 //! the publish bucket, live on one core.
 //!
-//! - [`cores`]: spawning and pinning the cores, runtime choice (io_uring or
-//!   epoll fallback), drain lifecycle.
-//! - [`core`]: one core's state: admission control, command handling,
-//!   channel index (with each channel's stream position, so subscribes are
-//!   answered without a router round trip), router requests, the timer
-//!   wheel (pings, pongs, deadlines: work per tick is what is due).
-//! - [`session`]: one connection: bounded upgrade, readiness-first reads into
-//!   a per-core scratch buffer (an idle connection pins no buffer), frames.
-//! - [`listener`]: each core's `SO_REUSEPORT` listener, accepted from in
-//!   bounded batches when the readiness set reports it.
-//! - [`poller`]: the core's readiness set (epoll, keyed by session id).
-//! - [`write`]: the bounded per-session queue of shared frames and its
-//!   non-blocking vectored flush ("slow" close at the bound).
-//! - [`tls`]: wss with rustls driven by hand on the same read/flush paths.
-//! - [`uplink`]: routers, `channel → bitmask of cores`, encode-once framing.
-//! - [`auth`]: JWT verification (HS*, RS*, ES256).
+//! The logic is state machines without IO, driven by IO shells:
+//!
+//! - [`core`]: one core as a state machine — its sessions, channel index
+//!   (with each channel's one stream position, so subscribes are answered
+//!   without a router round trip), router requests with deadlines, the
+//!   backlog for the uplink, the timer wheel. Events in (bytes read, a
+//!   flush, a message from the uplink, a tick, each with `now`), effects out.
+//! - [`session`]: one connection's record: phase (upgrade, open, connected,
+//!   closing, lingering), subscriptions and where each stands, the bounded
+//!   outbound queue of shared frames.
+//! - [`uplink`]: routes (`channel → bitmask of cores`), router links,
+//!   encode-once framing, and what is owed to full queues (resyncs,
+//!   positions, answers) — a state machine; [`uplink::quic`] is its shell.
+//! - [`shell`]: each core's IO — the readiness set, non-blocking reads and
+//!   vectored writes, the listener, TLS, the timer; [`cores`] spawns and
+//!   pins the cores.
+//! - [`bridge`], [`effects`]: the messages between cores and uplink, and
+//!   what a core's machine asks its shell to do.
+//! - [`auth`]: JWT verification (HS*, RS*, ES256), at the machine's time.
 //! - [`config`], [`metrics`], [`admin`], [`cli`]: operations.
+//!
+//! The deterministic simulation (`sim/`) drives these same machines with a
+//! fake clock and a faulty network.
 //!
 //! ## Costs (one core, loopback, BENCHMARKS.md)
 //! A WebSocket upgrade costs ~14 µs of gateway CPU (kernel included); a
@@ -46,17 +52,28 @@
 //! - **Bounded**: queue bytes per session (1 MiB → 3008), message size (64 KiB
 //!   → 1009), subscriptions (128 → 106), publish rate per connection and per
 //!   user (→ 111, then 3013),
-//!   upgrade time and size (→ 408/431), connect deadline (→ 3502).
+//!   upgrade time and size (→ 408/431), connect deadline (→ 3502), the
+//!   core's backlog for the uplink (65,536 → new work refused with error
+//!   100), the uplink's messages held for full link queues (65,536 → core
+//!   batches wait).
+//! - **Nothing lost silently**: a delivery a full queue cannot take becomes
+//!   an explicit resync of exactly the affected subscriptions; interest and
+//!   presence are never dropped (held in order, reconciled after a relink
+//!   by a snapshot and a presence round).
+//! - **Clean closes**: a closed session lingers (reads and discards for up
+//!   to 2 s / 256 KiB after its close frame) so a reset never destroys the
+//!   close code.
 //!
 //! ## Memory budget
 //! Target ≤ 1 KiB of user space per idle, authenticated, subscribed
 //! connection. There is no task, future or buffer per connection: each core
-//! keeps its established sockets in one epoll set ([`poller`]) that its
-//! reactor task waits on, reads a ready socket synchronously into the core's
-//! scratch buffer, and its flusher writes the sessions that queued frames in
-//! the turn ([`write`]). A session is a record: the fd, identity, a short
-//! subscription list, an empty queue, a decoder only while a message is in
-//! progress. The allocator commits memory on demand ([`alloc`]).
+//! keeps its established sockets in one epoll set ([`shell::poller`]) that
+//! its reactor task waits on, reads a ready socket synchronously into the
+//! core's scratch buffer, and its flusher writes the sessions that queued
+//! frames in the turn ([`shell::socket`]). A session is a boxed record in
+//! the core's slab: identity, a short subscription list, an empty queue, a
+//! decoder only while a message is in progress; the shell keeps the socket
+//! and TLS state beside it. The allocator commits memory on demand ([`alloc`]).
 //! Measured (release, 2 cores, `benches/scripts/idle_memory.py`): ~827 B of
 //! RSS growth per open session at 19,000 in one process, ~846 B at 102,000
 //! over six processes and ~849 B at 204,000 over twelve (BENCHMARKS.md);

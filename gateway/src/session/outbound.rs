@@ -2,7 +2,7 @@
 //!
 //! A publication reaches a session as a clone of one `Bytes` (a reference
 //! count); the queue never copies it. The shell writes the queue with one
-//! vectored non-blocking send per batch ([`crate::shell::write`]) and tells
+//! vectored non-blocking send per batch ([`crate::shell::socket`]) and tells
 //! the machine what it wrote. The bound is in bytes: a frame that would pass
 //! it closes the session with 3008 "slow" (see [`super::Session::queue`]).
 

@@ -13,20 +13,21 @@
 //! subscribers are told to resync, so nothing is lost silently.
 //!
 //! Nothing is lost at a full queue either:
-//! - a delivery (or position) that a full core inbox refuses becomes a
-//!   resync of that channel owed to that core, sent as soon as the inbox has
-//!   room; until then that core gets no more of the channel (it would only
-//!   see a gap);
-//! - an answer a full core inbox refuses becomes a failure owed to the core
-//!   (error 100 to the client), so no request waits for its deadline;
-//! - interest a full link queue refuses is reconciled by sending the
-//!   router the whole interest set it should hold ([`ClusterMsg::Snapshot`]);
-//! - a presence fact a full link queue refuses is reconciled by a presence
-//!   round: every router is told a round begins, every core announces every
-//!   fact it holds again, and the round's end makes each router drop what
-//!   this gateway did not confirm. Rounds also follow every change of the
-//!   set of live routers, so facts follow their keys to the new owners and
-//!   the old owners forget them.
+//! - a delivery that a full core inbox refuses becomes a resync of that
+//!   channel owed to that core, handed over as soon as the inbox has room;
+//!   until then that core gets no more of the channel (it would only see a
+//!   gap); a position or an answer a full inbox refuses is owed as it is;
+//! - everything for a router (interest, requests, presence facts, round
+//!   begins and ends) goes through that router's outbox in order; what its
+//!   link queue does not take waits there, and past [`MAX_HELD`] waiting
+//!   messages the uplink stops taking the cores' batches (the cores keep
+//!   theirs and refuse new work when their own backlog is full);
+//! - after a relink the router gets the whole interest set it owns
+//!   ([`ClusterMsg::Snapshot`]), and after every change of the set of live
+//!   routers a presence round runs: every router is told a round begins,
+//!   every core announces every fact it holds again, and the round's end
+//!   makes each router drop what this gateway did not confirm, so facts
+//!   follow their keys to the new owners and the old owners forget them.
 //!
 //! The IO shell ([`quic`]) owns the QUIC connections and the core inboxes
 //! behind [`UplinkIo`]; the simulation drives the same machine through its
