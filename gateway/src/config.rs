@@ -45,7 +45,17 @@ pub struct Limits {
     pub user_publish_rate: f64,
     /// Publish burst per user.
     pub user_publish_burst: u32,
-    /// Refused publishes tolerated before the connection is closed with 3013 (default 50).
+    /// Router-bound commands other than publish (subscribe, history,
+    /// presence, presence_stats) per second per connection (default 20,
+    /// burst 50; above: error 111, counted as a refusal).
+    pub request_rate: f64,
+    /// Burst of router-bound commands per connection.
+    pub request_burst: u32,
+    /// Router requests one connection may have in flight (default 32;
+    /// above: error 111, counted as a refusal).
+    pub max_requests_in_flight: usize,
+    /// Commands refused for a rate or the in-flight bound tolerated before
+    /// the connection is closed with 3013 (default 50).
     pub max_refusals: u32,
     /// Seconds one write may block on a client that does not read (default 1,
     /// as Centrifugo; then the connection is dropped: close 3009 "write error").
@@ -79,6 +89,9 @@ impl Default for Limits {
             publish_burst: 100,
             user_publish_rate: 100.0,
             user_publish_burst: 200,
+            request_rate: 20.0,
+            request_burst: 50,
+            max_requests_in_flight: 32,
             max_refusals: 50,
             write_timeout_secs: 1,
             handshake_timeout_secs: 10,

@@ -24,7 +24,7 @@ use crate::auth::TokenError;
 use crate::bridge::UpMsg;
 use crate::effects::Sid;
 use crate::session::subs::{PendingSub, SubState};
-use crate::session::{Identity, PublishBudget, Session, VERSION};
+use crate::session::{Budget, Identity, Session, VERSION};
 
 /// Why a command was refused.
 enum Refusal {
@@ -62,10 +62,10 @@ impl Core {
                 cx.unsubscribe(s, sid, id, r, replies);
                 Ok(())
             }
-            Method::Publish(r) => cx.publish(s, sid, id, r, replies, now),
+            Method::Publish(r) => cx.publish(s, sid, id, r, now),
             Method::Presence(r) => cx.presence(s, sid, id, r, false, now),
             Method::PresenceStats(r) => cx.presence(s, sid, id, r, true, now),
-            Method::History(r) => cx.history(sid, id, r, now),
+            Method::History(r) => cx.history(s, sid, id, r, now),
             Method::Ping => {
                 replies.push(reply::raw_reply(id, "ping", b"{}"));
                 Ok(())
@@ -82,6 +82,15 @@ impl Core {
         };
         match result {
             Ok(()) => Ok(()),
+            Err(Refusal::Reply(e)) if e == ReplyError::TOO_MANY_REQUESTS => {
+                // A rate or the in-flight bound: tolerated up to a count.
+                replies.push(reply::error_reply(id, e));
+                let max = self.cx.cfg.limits.max_refusals;
+                let s = self.sessions.get_mut(sid).expect("handled above");
+                let b = self.cx.budget(s, now);
+                b.refusals += 1;
+                if b.refusals > max { Err(Disconnect::TOO_MANY_REQUESTS) } else { Ok(()) }
+            }
             Err(Refusal::Reply(e)) => {
                 replies.push(reply::error_reply(id, e));
                 Ok(())
@@ -92,6 +101,29 @@ impl Core {
 }
 
 impl Ctx {
+    /// The session's rate budgets (made on first use).
+    fn budget<'a>(&self, s: &'a mut Session, now: u64) -> &'a mut Budget {
+        let at = self.clock.at(now);
+        let lim = &self.cfg.limits;
+        s.budget.get_or_insert_with(|| {
+            Box::new(Budget {
+                publish: TokenBucket::new(lim.publish_rate, lim.publish_burst, at),
+                requests: TokenBucket::new(lim.request_rate, lim.request_burst, at),
+                refusals: 0,
+            })
+        })
+    }
+
+    /// Takes one router-bound command from the session's budget.
+    fn charge(&self, s: &mut Session, now: u64) -> Result<(), Refusal> {
+        let at = self.clock.at(now);
+        if self.budget(s, now).requests.try_take(1, at) {
+            Ok(())
+        } else {
+            Err(ReplyError::TOO_MANY_REQUESTS.into())
+        }
+    }
+
     fn ttl_of(&self, expires: Option<u64>, now: u64) -> Option<u32> {
         expires.map(|t| t.saturating_sub(self.clock.unix(now)).min(u32::MAX as u64) as u32)
     }
@@ -187,6 +219,7 @@ impl Ctx {
         if !self.up.has_room() {
             return Err(ReplyError::INTERNAL.into());
         }
+        self.charge(s, now)?;
         let user = s.identity.user.clone();
         let mut chan_info = None;
         if !r.token.is_empty() {
@@ -291,7 +324,6 @@ impl Ctx {
         sid: Sid,
         id: u32,
         r: PublishRequest,
-        replies: &mut Replies,
         now: u64,
     ) -> Result<(), Refusal> {
         let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
@@ -304,20 +336,8 @@ impl Ctx {
             _ => {}
         }
         let at = self.clock.at(now);
-        let lim = &self.cfg.limits;
-        let budget = s.publish.get_or_insert_with(|| {
-            Box::new(PublishBudget {
-                bucket: TokenBucket::new(lim.publish_rate, lim.publish_burst, at),
-                refusals: 0,
-            })
-        });
-        let allowed = budget.bucket.try_take(1, at);
+        let allowed = self.budget(s, now).publish.try_take(1, at);
         if !allowed || !self.user_may_publish(&s.identity.user, at) {
-            budget.refusals += 1;
-            if budget.refusals > self.cfg.limits.max_refusals {
-                replies.push(reply::error_reply(id, ReplyError::TOO_MANY_REQUESTS));
-                return Err(Refusal::Close(Disconnect::TOO_MANY_REQUESTS));
-            }
             return Err(ReplyError::TOO_MANY_REQUESTS.into());
         }
         let data = strip_newlines(data.get().as_bytes());
@@ -336,7 +356,7 @@ impl Ctx {
 
     fn presence(
         &mut self,
-        _s: &mut Session,
+        s: &mut Session,
         sid: Sid,
         id: u32,
         r: ChannelRequest,
@@ -347,6 +367,7 @@ impl Ctx {
         if !ns.presence {
             return Err(ReplyError::NOT_AVAILABLE.into());
         }
+        self.charge(s, now)?;
         let channel = r.channel;
         if stats {
             self.request(sid, Kind::PresenceStats { id }, now, |req| ClusterMsg::PresenceStats {
@@ -359,11 +380,19 @@ impl Ctx {
         Ok(())
     }
 
-    fn history(&mut self, sid: Sid, id: u32, r: HistoryRequest, now: u64) -> Result<(), Refusal> {
+    fn history(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        id: u32,
+        r: HistoryRequest,
+        now: u64,
+    ) -> Result<(), Refusal> {
         let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
         if !ns.has_history() || !ns.history_for_clients {
             return Err(ReplyError::NOT_AVAILABLE.into());
         }
+        self.charge(s, now)?;
         let since = r.since.map(|p| (p.offset, p.epoch.to_string()));
         let (channel, limit, reverse) = (r.channel, r.limit, r.reverse);
         self.request(sid, Kind::History { id }, now, |req| ClusterMsg::History {

@@ -511,7 +511,8 @@ impl Ctx {
         self.up.push(UpMsg::Forward { key: channel.to_string(), msg });
     }
 
-    /// A router request for `sid`, or error 100 while the uplink backlog is full.
+    /// A router request for `sid`: error 100 while the uplink backlog is
+    /// full, 111 past the session's requests in flight.
     fn request(
         &mut self,
         sid: Sid,
@@ -522,6 +523,9 @@ impl Ctx {
         if !self.up.has_room() {
             self.fx.metrics().uplink_dropped.fetch_add(1, Ordering::Relaxed);
             return Err(ReplyError::INTERNAL);
+        }
+        if self.requests.of(sid) as usize >= self.cfg.limits.max_requests_in_flight {
+            return Err(ReplyError::TOO_MANY_REQUESTS);
         }
         let req = self.requests.start(sid, kind, now);
         self.up.push(UpMsg::Request(msg_for(req)));

@@ -55,6 +55,8 @@ pub struct Requests {
     core: CoreId,
     next: u64,
     pending: Map<u64, (Sid, Kind)>,
+    /// Requests in flight per session.
+    per_session: Map<Sid, u32>,
     /// (deadline in core milliseconds, request) in the order sent.
     deadlines: VecDeque<(u64, u64)>,
 }
@@ -62,7 +64,13 @@ pub struct Requests {
 impl Requests {
     /// None in flight.
     pub fn new(core: CoreId, seed: u64) -> Requests {
-        Requests { core, next: 1, pending: seeded::map(seed), deadlines: VecDeque::new() }
+        Requests {
+            core,
+            next: 1,
+            pending: seeded::map(seed),
+            per_session: seeded::map(seed ^ 1),
+            deadlines: VecDeque::new(),
+        }
     }
 
     /// Requests in flight.
@@ -75,18 +83,31 @@ impl Requests {
         self.pending.is_empty()
     }
 
+    /// Requests `sid` has in flight.
+    pub fn of(&self, sid: Sid) -> u32 {
+        self.per_session.get(&sid).copied().unwrap_or(0)
+    }
+
     /// A new request of `sid` sent at `now`; its id.
     pub fn start(&mut self, sid: Sid, kind: Kind, now: u64) -> u64 {
         let req = request_id(self.core, self.next);
         self.next += 1;
         self.pending.insert(req, (sid, kind));
+        *self.per_session.entry(sid).or_default() += 1;
         self.deadlines.push_back((now + REQUEST_TIMEOUT.as_millis() as u64, req));
         req
     }
 
     /// The request answered (or failed); `None` if it is not in flight.
     pub fn finish(&mut self, req: u64) -> Option<(Sid, Kind)> {
-        self.pending.remove(&req)
+        let (sid, kind) = self.pending.remove(&req)?;
+        if let Some(n) = self.per_session.get_mut(&sid) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_session.remove(&sid);
+            }
+        }
+        Some((sid, kind))
     }
 
     /// The requests whose deadline passed by `now` and that are still in flight.
@@ -120,5 +141,8 @@ mod tests {
         assert_eq!(r.expired(200 + 10_000), vec![b]);
         assert!(r.expired(u64::MAX).is_empty());
         assert_eq!(r.len(), 1, "expiry reports; the caller finishes it");
+        assert_eq!((r.of(Sid(1)), r.of(Sid(2))), (0, 1));
+        r.finish(b);
+        assert_eq!(r.of(Sid(2)), 0);
     }
 }

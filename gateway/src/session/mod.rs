@@ -86,13 +86,16 @@ pub struct Identity {
     pub conn_info: Option<Bytes>,
 }
 
-/// The session's publish budget, made at its first publish (most
-/// connections never publish).
+/// The session's rate budgets, made at its first command that costs the
+/// routers something (most idle connections never send one).
 #[derive(Debug)]
-pub struct PublishBudget {
+pub struct Budget {
     /// Publishes per second.
-    pub bucket: TokenBucket,
-    /// Refused requests (rate limits) so far.
+    pub publish: TokenBucket,
+    /// Other router-bound commands (subscribe, history, presence,
+    /// presence_stats) per second.
+    pub requests: TokenBucket,
+    /// Commands refused for a rate so far; past `max_refusals`: 3013.
     pub refusals: u32,
 }
 
@@ -139,8 +142,8 @@ pub struct Session {
     overflowed: bool,
     /// Who, once connected.
     pub identity: Identity,
-    /// Publish rate, once the session published.
-    pub publish: Option<Box<PublishBudget>>,
+    /// Rate budgets, once the session needed one.
+    pub budget: Option<Box<Budget>>,
     /// Subscriptions.
     pub subs: Subs,
     out: Outbound,
@@ -165,7 +168,7 @@ impl Session {
             discarded: 0,
             overflowed: false,
             identity: Identity::default(),
-            publish: None,
+            budget: None,
             subs: Subs::default(),
             out: Outbound::default(),
             deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
