@@ -13,7 +13,7 @@ and prints RSS growth per connection per gateway process and for the box.
 """
 import argparse, base64, hashlib, hmac, json, multiprocessing as mp, os, socket, struct, subprocess, sys, tempfile, time
 
-SECRET = b"idle-memory-secret"
+SECRET = b"idle-memory-secret-long-enough-for-hs256"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 

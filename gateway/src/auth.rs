@@ -26,6 +26,8 @@ pub struct Verifier {
     hmac: Option<DecodingKey>,
     rsa: Option<DecodingKey>,
     ec: Option<DecodingKey>,
+    audience: Option<String>,
+    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -41,6 +43,13 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// Loads the configured keys.
     pub fn new(cfg: &AuthConfig) -> anyhow::Result<Self> {
+        if !cfg.hmac_secret.is_empty() && cfg.hmac_secret.len() < crate::config::MIN_HMAC_SECRET {
+            anyhow::bail!(
+                "auth.hmac_secret is {} bytes; it must be at least {} (a short secret is guessed offline from one token)",
+                cfg.hmac_secret.len(),
+                crate::config::MIN_HMAC_SECRET
+            );
+        }
         let hmac =
             (!cfg.hmac_secret.is_empty()).then(|| DecodingKey::from_secret(cfg.hmac_secret.as_bytes()));
         let rsa = match &cfg.rsa_public_key {
@@ -51,7 +60,7 @@ impl Verifier {
             Some(p) => Some(DecodingKey::from_ec_pem(&std::fs::read(p)?)?),
             None => None,
         };
-        Ok(Verifier { hmac, rsa, ec })
+        Ok(Verifier { hmac, rsa, ec, audience: cfg.audience.clone(), issuer: cfg.issuer.clone() })
     }
 
     /// Verifies `token` at Unix time `now` (the caller's clock: the
@@ -71,6 +80,15 @@ impl Verifier {
         // against the caller's time.
         v.required_spec_claims.clear();
         v.validate_aud = false;
+        if let Some(aud) = &self.audience {
+            v.set_audience(&[aud]);
+            v.validate_aud = true;
+            v.required_spec_claims.insert("aud".into());
+        }
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+            v.required_spec_claims.insert("iss".into());
+        }
         v.validate_exp = false;
         v.validate_nbf = false;
         v.leeway = 0;
@@ -120,8 +138,45 @@ mod tests {
         encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
     }
 
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!";
+
     fn verifier() -> Verifier {
-        Verifier::new(&AuthConfig { hmac_secret: "secret".into(), ..AuthConfig::default() }).unwrap()
+        Verifier::new(&AuthConfig { hmac_secret: SECRET.into(), ..AuthConfig::default() }).unwrap()
+    }
+
+    #[test]
+    fn short_secrets_are_refused_at_start() {
+        let e =
+            Verifier::new(&AuthConfig { hmac_secret: "secret".into(), ..AuthConfig::default() }).unwrap_err();
+        assert!(e.to_string().contains("at least 32"), "{e}");
+    }
+
+    #[test]
+    fn audience_and_issuer_are_enforced_when_configured() {
+        let cfg = AuthConfig {
+            hmac_secret: SECRET.into(),
+            audience: Some("chat".into()),
+            issuer: Some("backend".into()),
+            ..AuthConfig::default()
+        };
+        let v = Verifier::new(&cfg).unwrap();
+        let t = |c| hs(c, SECRET, Algorithm::HS256);
+        assert!(v.connection(&t(json!({"sub":"1","aud":"chat","iss":"backend"})), 1).is_ok());
+        assert_eq!(
+            v.connection(&t(json!({"sub":"1","aud":"other","iss":"backend"})), 1).unwrap_err(),
+            TokenError::Invalid
+        );
+        assert_eq!(
+            v.connection(&t(json!({"sub":"1","aud":"chat","iss":"x"})), 1).unwrap_err(),
+            TokenError::Invalid
+        );
+        assert_eq!(
+            v.connection(&t(json!({"sub":"1"})), 1).unwrap_err(),
+            TokenError::Invalid,
+            "missing aud and iss"
+        );
+        // Not configured: not checked.
+        assert!(verifier().connection(&t(json!({"sub":"1","aud":"other"})), 1).is_ok());
     }
 
     #[test]
@@ -130,30 +185,29 @@ mod tests {
         let now = 2_000_000_000u64;
         let c = v
             .connection(
-                &hs(json!({"sub":"42","exp":now + 1,"info":{"name":"A"}}), "secret", Algorithm::HS256),
+                &hs(json!({"sub":"42","exp":now + 1,"info":{"name":"A"}}), SECRET, Algorithm::HS256),
                 now,
             )
             .unwrap();
         assert_eq!(c.sub, "42");
         assert_eq!(c.info.unwrap().get(), r#"{"name":"A"}"#);
         // No exp, anonymous (the centrifuge-js suite's token).
-        assert_eq!(v.connection(&hs(json!({"iat":1}), "secret", Algorithm::HS512), now).unwrap().sub, "");
+        assert_eq!(v.connection(&hs(json!({"iat":1}), SECRET, Algorithm::HS512), now).unwrap().sub, "");
         assert_eq!(
-            v.connection(&hs(json!({"sub":"1","exp":1000}), "secret", Algorithm::HS256), now).unwrap_err(),
+            v.connection(&hs(json!({"sub":"1","exp":1000}), SECRET, Algorithm::HS256), now).unwrap_err(),
             TokenError::Expired
         );
         assert_eq!(
-            v.connection(&hs(json!({"sub":"1","exp":now}), "secret", Algorithm::HS256), now).unwrap_err(),
+            v.connection(&hs(json!({"sub":"1","exp":now}), SECRET, Algorithm::HS256), now).unwrap_err(),
             TokenError::Expired,
             "an exp at the current second has passed"
         );
         assert_eq!(
-            v.connection(&hs(json!({"sub":"1","nbf":now + 60}), "secret", Algorithm::HS256), now)
-                .unwrap_err(),
+            v.connection(&hs(json!({"sub":"1","nbf":now + 60}), SECRET, Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid,
             "not valid yet"
         );
-        assert!(v.connection(&hs(json!({"sub":"1","nbf":now}), "secret", Algorithm::HS256), now).is_ok());
+        assert!(v.connection(&hs(json!({"sub":"1","nbf":now}), SECRET, Algorithm::HS256), now).is_ok());
         assert_eq!(
             v.connection(&hs(json!({"sub":"1"}), "wrong", Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
@@ -161,13 +215,13 @@ mod tests {
         assert_eq!(v.connection("not.a.token", now).unwrap_err(), TokenError::Invalid);
         // Claims of the wrong type.
         assert_eq!(
-            v.connection(&hs(json!({"sub":5}), "secret", Algorithm::HS256), now).unwrap_err(),
+            v.connection(&hs(json!({"sub":5}), SECRET, Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
         );
         // An algorithm family with no key configured.
         let none = Verifier::new(&AuthConfig::default()).unwrap();
         assert_eq!(
-            none.connection(&hs(json!({"sub":"1"}), "secret", Algorithm::HS256), now).unwrap_err(),
+            none.connection(&hs(json!({"sub":"1"}), SECRET, Algorithm::HS256), now).unwrap_err(),
             TokenError::Invalid
         );
     }
@@ -175,12 +229,12 @@ mod tests {
     #[test]
     fn subscription_tokens_are_bound() {
         let v = verifier();
-        let t = hs(json!({"sub":"42","channel":"chat:x"}), "secret", Algorithm::HS256);
+        let t = hs(json!({"sub":"42","channel":"chat:x"}), SECRET, Algorithm::HS256);
         let now = 1_000;
         assert!(v.subscription(&t, "chat:x", "42", "c", now).is_ok());
         assert_eq!(v.subscription(&t, "chat:y", "42", "c", now).unwrap_err(), TokenError::Invalid);
         assert_eq!(v.subscription(&t, "chat:x", "43", "c", now).unwrap_err(), TokenError::Invalid);
-        let bound = hs(json!({"sub":"42","channel":"chat:x","client":"c1"}), "secret", Algorithm::HS256);
+        let bound = hs(json!({"sub":"42","channel":"chat:x","client":"c1"}), SECRET, Algorithm::HS256);
         assert_eq!(v.subscription(&bound, "chat:x", "42", "c2", now).unwrap_err(), TokenError::Invalid);
     }
 }

@@ -60,7 +60,7 @@ pub struct RunArgs {
     /// Overrides `auth.hmac_secret`.
     #[arg(long, env = "SWITCHYARD_HMAC_SECRET")]
     pub hmac_secret: Option<String>,
-    /// Sets `auth.allow_anonymous`.
+    /// Sets `auth.allow_anonymous_connect_without_token`.
     #[arg(long)]
     pub allow_anonymous: bool,
     /// Overrides `echo_path` (turns the echo endpoint on).
@@ -113,7 +113,7 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
         cfg.auth.hmac_secret = v;
     }
     if a.allow_anonymous {
-        cfg.auth.allow_anonymous = true;
+        cfg.auth.allow_anonymous_connect_without_token = true;
     }
     if let Some(v) = a.tls_cert {
         cfg.tls.cert = Some(v);

@@ -14,15 +14,27 @@ use serde::Deserialize;
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HMAC secret for HS256/384/512 tokens (empty: HMAC tokens refused).
+    /// At least [`MIN_HMAC_SECRET`] bytes: a shorter one is refused at
+    /// start (it can be guessed offline from one token).
     pub hmac_secret: String,
     /// PEM file with an RSA public key for RS256/384/512 tokens.
     pub rsa_public_key: Option<PathBuf>,
     /// PEM file with an EC (P-256) public key for ES256 tokens.
     pub ec_public_key: Option<PathBuf>,
-    /// Accept connections without a token (user `""`). Tokens that are
-    /// presented are still verified.
-    pub allow_anonymous: bool,
+    /// Accept a `connect` without any token (user `""`); without it such a
+    /// connection is closed with 3501. Tokens that are presented are still
+    /// verified, and a signed token with an empty `sub` is an anonymous
+    /// user either way (as in Centrifugo). Default false.
+    #[serde(alias = "allow_anonymous")]
+    pub allow_anonymous_connect_without_token: bool,
+    /// When set, every token's `aud` must be this (else: invalid token, 3500).
+    pub audience: Option<String>,
+    /// When set, every token's `iss` must be this (else: invalid token, 3500).
+    pub issuer: Option<String>,
 }
+
+/// The shortest HMAC secret a gateway accepts (bytes).
+pub const MIN_HMAC_SECRET: usize = 32;
 
 /// Per-connection limits; each has a documented answer when exceeded.
 #[derive(Debug, Clone, Deserialize)]
@@ -270,7 +282,7 @@ mod tests {
         let c = GatewayConfig::from_toml("[limits]\nmax_subscriptions = 3\n[auth]\nallow_anonymous = true\n")
             .unwrap();
         assert_eq!(c.limits.max_subscriptions, 3);
-        assert!(c.auth.allow_anonymous);
+        assert!(c.auth.allow_anonymous_connect_without_token);
         assert!(GatewayConfig::from_toml("[limits]\nnope = 1\n").is_err());
     }
 }

@@ -26,7 +26,7 @@ use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
 use crate::zipf::Zipf;
 
 /// Secrets of the development cluster.
-pub const DEMO_SECRET: &str = "switchyard-demo-secret";
+pub const DEMO_SECRET: &str = "switchyard-demo-secret-long-enough-for-hs256";
 /// The development API key.
 pub const DEMO_API_KEY: &str = "switchyard-demo-key";
 

@@ -20,7 +20,7 @@ use proto::ws::{Decoder, DecoderConfig, Message, OpCode, encode_frame};
 use serde_json::Value;
 
 /// The HMAC secret the test gateways accept.
-pub const SECRET: &str = "e2e-secret";
+pub const SECRET: &str = "e2e-secret-that-is-long-enough-for-hs256";
 
 /// The routers' HTTP API key.
 pub const API_KEY: &str = "e2e-api-key";

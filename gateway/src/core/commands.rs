@@ -146,7 +146,7 @@ impl Ctx {
         }
         let unix = self.clock.unix(now);
         let (user, info, expires) = if c.token.is_empty() {
-            if !self.cfg.auth.allow_anonymous {
+            if !self.cfg.auth.allow_anonymous_connect_without_token {
                 return Err(Refusal::Close(Disconnect::BAD_REQUEST));
             }
             (String::new(), None, None)
