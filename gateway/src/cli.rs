@@ -141,7 +141,16 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
 }
 
 /// Runs a gateway until it has drained (SIGTERM, or SIGINT twice to exit at once).
-pub fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
+    let nofile = crate::process::raise_open_files();
+    if cfg.admission.max_connections == 0 {
+        cfg.admission.max_connections = crate::process::connections_for(nofile) as usize;
+    }
+    tracing::info!(
+        open_files = nofile,
+        max_connections = cfg.admission.max_connections,
+        "open-file limit raised to the hard limit; sessions beyond max_connections get 503"
+    );
     let cfg = Arc::new(cfg);
     let metrics = Arc::new(crate::metrics::Metrics::new(cfg.cores));
     let verifier = Arc::new(crate::auth::Verifier::new(&cfg.auth)?);

@@ -125,6 +125,11 @@ pub struct Admission {
     pub accept_burst: u32,
     /// Handshakes in progress per core (default 4,096); beyond: 503.
     pub max_pending_handshakes: usize,
+    /// Sessions the gateway holds at most, over all cores (each core takes
+    /// its share); beyond: 503. 0 (the default): what the open-file limit
+    /// allows, less 256 descriptors kept for the rest (the gateway raises
+    /// its soft limit to the hard one at start and logs the figure).
+    pub max_connections: usize,
     /// Range of the jittered `Retry-After` (seconds) sent with 503.
     pub retry_after_min_secs: u32,
     /// Upper end of the range.
@@ -137,6 +142,7 @@ impl Default for Admission {
             accept_rate: 20_000.0,
             accept_burst: 2_000,
             max_pending_handshakes: 4_096,
+            max_connections: 0,
             retry_after_min_secs: 1,
             retry_after_max_secs: 5,
         }

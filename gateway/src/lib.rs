@@ -31,7 +31,7 @@
 //! - [`bridge`], [`effects`]: the messages between cores and uplink, and
 //!   what a core's machine asks its shell to do.
 //! - [`auth`]: JWT verification (HS*, RS*, ES256), at the machine's time.
-//! - [`config`], [`metrics`], [`admin`], [`cli`]: operations.
+//! - [`config`], [`metrics`], [`admin`], [`cli`], [`process`]: operations.
 //!
 //! The deterministic simulation (`sim/`) drives these same machines with a
 //! fake clock and a faulty network.
@@ -94,6 +94,7 @@ pub mod core;
 pub mod cores;
 pub mod effects;
 pub mod metrics;
+pub mod process;
 pub mod session;
 pub mod shell;
 pub mod uplink;

@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use crate::checker::PublishedLog;
-use crate::orchestrate::{self, ApiClient, MAX_PER_PROCESS, ServerProc, Worker};
+use crate::orchestrate::{self, ApiClient, ServerProc, Worker, per_process};
 use crate::publisher::{ClientPublisher, Publisher};
 use crate::report::{RunReport, Sample, Verdict};
 use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
@@ -246,7 +246,7 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     let router = ServerProc::spawn("router", &router_args, quiet)?;
     let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
     let least = if kind == Scenario::ReconnectWave { 2 } else { 1 };
-    let n = a.connections.div_ceil(MAX_PER_PROCESS).max(a.gateways).max(least);
+    let n = a.connections.div_ceil(per_process()).max(a.gateways).max(least);
     let mut gateways = Vec::new();
     let mut admin_addrs = Vec::new();
     for i in 0..n {
@@ -542,7 +542,7 @@ fn scenario(
     };
     let gw_cpu0 = gw_cpu(&cluster);
     let gw_rss0 = gw_rss(&cluster);
-    let procs = a.connections.div_ceil(MAX_PER_PROCESS).max(1);
+    let procs = a.connections.div_ceil(per_process()).max(1);
     let mut workers = Vec::new();
     let mut specs: Vec<WorkerSpec> = Vec::new();
     let start = Instant::now();
@@ -658,7 +658,7 @@ fn scenario(
     let mut stormers = Vec::new();
     if a.storm_during > 0 && publications > 0 {
         report.phases.push(("storm during fan-out".into(), start.elapsed().as_secs_f64()));
-        let procs = a.storm_during.div_ceil(MAX_PER_PROCESS);
+        let procs = a.storm_during.div_ceil(per_process());
         for p in 0..procs {
             let first = p * a.storm_during / procs;
             let n = (p + 1) * a.storm_during / procs - first;

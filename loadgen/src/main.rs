@@ -71,6 +71,16 @@ fn scenario(kind: Scenario, a: loadgen::demo::DemoArgs) -> anyhow::Result<()> {
 static TUNE_ALLOCATOR: extern "C" fn() = gateway::alloc::tune;
 
 fn main() -> anyhow::Result<()> {
+    // Every client and every gateway connection is a descriptor: take what
+    // the hard limit allows before sizing anything.
+    let nofile = gateway::process::raise_open_files();
+    if nofile < 4096 {
+        eprintln!(
+            "note: the open-file limit is {nofile} (hard limit too): each process holds at most {} connections, \
+             and large runs are spread over more processes",
+            gateway::process::connections_for(nofile)
+        );
+    }
     match Cli::parse().cmd {
         Cmd::Demo(a) => scenario(Scenario::Demo, a),
         Cmd::Storm(a) => scenario(Scenario::Storm, a),

@@ -11,9 +11,17 @@ use std::time::{Duration, Instant};
 use crate::checker::PublishedLog;
 use crate::worker::{Summary, WorkerSpec};
 
-/// Most clients one worker process holds (the per-process open-file limit
-/// here is 20,000).
+/// Most clients one worker process (or gateway process) holds, whatever
+/// the open-file limit allows.
 pub const MAX_PER_PROCESS: usize = 15_000;
+
+/// Clients one process holds here: [`MAX_PER_PROCESS`], or less when the
+/// open-file limit (raised to the hard limit at start: see `main`) does not
+/// allow that many.
+pub fn per_process() -> usize {
+    let limit = gateway::process::raise_open_files();
+    (gateway::process::connections_for(limit) as usize).min(MAX_PER_PROCESS)
+}
 
 /// What the orchestrator knows of one worker.
 #[derive(Debug, Default, Clone)]

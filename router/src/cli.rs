@@ -80,6 +80,8 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             peers,
             drain_secs,
         } => {
+            let nofile = raise_open_files();
+            tracing::info!(open_files = nofile, "open-file limit raised to the hard limit (API connections)");
             let mut cfg = match config {
                 Some(path) => RouterConfig::from_toml(&std::fs::read_to_string(&path)?)?,
                 None => RouterConfig::default(),
@@ -130,4 +132,20 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// Raises the soft open-file limit to the hard one (each HTTP API client is
+/// a descriptor); the soft limit now in force.
+fn raise_open_files() -> u64 {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills `lim`; setrlimit only reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit { rlim_cur: lim.rlim_max, ..lim };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
 }

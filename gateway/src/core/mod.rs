@@ -257,7 +257,7 @@ impl Core {
     /// session waiting for its upgrade request, or one ending with a 503).
     pub fn accept(&mut self, now: Instant) -> Sid {
         let ms = self.cx.clock.ms(now);
-        let refusal = self.cx.admit(now);
+        let refusal = self.cx.admit(now, self.sessions.len());
         let upgrade_by = ms + self.cx.cfg.limits.handshake_timeout_secs * 1000;
         let sid = self.sessions.insert(Session::new(upgrade_by));
         self.cx.fx.metrics().connections.fetch_add(1, Ordering::Relaxed);

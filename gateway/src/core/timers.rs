@@ -131,10 +131,16 @@ impl Ctx {
     }
 
     /// Admission control: `Some(answer)` when a new connection must be refused.
-    pub(super) fn admit(&mut self, now: Instant) -> Option<Vec<u8>> {
+    /// `held`: the sessions the core holds now (its share of
+    /// `admission.max_connections` is the bound).
+    pub(super) fn admit(&mut self, now: Instant, held: usize) -> Option<Vec<u8>> {
         let adm = &self.cfg.admission;
-        let ok =
-            self.handshakes < adm.max_pending_handshakes && !self.draining && self.admission.try_take(1, now);
+        let share =
+            if adm.max_connections == 0 { usize::MAX } else { adm.max_connections.div_ceil(self.cores) };
+        let ok = self.handshakes < adm.max_pending_handshakes
+            && held < share
+            && !self.draining
+            && self.admission.try_take(1, now);
         if ok {
             return None;
         }
