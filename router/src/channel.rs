@@ -87,6 +87,10 @@ pub struct ChannelState {
     idempotency_order: VecDeque<(String, Instant)>,
     /// Gateways (by link index) with at least one online subscriber.
     pub gateways: Set<u32>,
+    /// The shard's id for this channel (its key on the eviction wheel).
+    pub(crate) id: u64,
+    /// The wheel tick its idle check is scheduled at (0: none).
+    pub(crate) check: u64,
 }
 
 impl ChannelState {
@@ -99,6 +103,8 @@ impl ChannelState {
             idempotency: HashMap::new(),
             idempotency_order: VecDeque::new(),
             gateways: seeded::set(seed),
+            id: 0,
+            check: 0,
         }
     }
 
@@ -125,10 +131,27 @@ impl ChannelState {
             .sum()
     }
 
-    /// Whether nothing refers to this channel any more (it may be dropped once
-    /// its history has also expired).
+    /// Whether nothing refers to this channel any more: no gateway has
+    /// subscribers, no history and no idempotency key is left (call
+    /// [`expire`](Self::expire) first). It may be dropped; a later
+    /// subscriber finds a new stream with a new epoch, so an old position is
+    /// never mistaken for a position in it.
     pub fn is_idle(&self) -> bool {
         self.gateways.is_empty() && self.ring.is_empty() && self.idempotency.is_empty()
+    }
+
+    /// When the next publication or idempotency key of this channel
+    /// expires, if any does.
+    pub fn next_expiry(&self, opts: &StreamOptions) -> Option<Instant> {
+        let ring = self.ring.front().map(|s| s.at + opts.history_ttl);
+        let key = self.idempotency_order.front().map(|(_, at)| *at + IDEMPOTENCY_WINDOW);
+        ring.into_iter().chain(key).min()
+    }
+
+    /// Drops what expired by `now` (history past its TTL or beyond its
+    /// size, idempotency keys past their window).
+    pub fn expire(&mut self, now: Instant, opts: &StreamOptions) {
+        self.trim(now, opts);
     }
 
     fn trim(&mut self, now: Instant, opts: &StreamOptions) {

@@ -66,6 +66,14 @@ pub struct RouterConfig {
     pub presence_grace_secs: u64,
     /// Most publications one recovery returns (default 300, as Centrifugo).
     pub max_recover: usize,
+    /// Channels the router holds at most (default 1,000,000, split evenly
+    /// over its shards; ~650 B each). A subscribe, publish or history call
+    /// for a new channel beyond gets error 100 "channel limit reached"
+    /// (temporary), counted in `switchyard_router_channel_limit_refusals_total`
+    /// and logged at most once per 10 s per shard. Idle channels (no
+    /// subscribers, history past its TTL, no idempotency key) are dropped,
+    /// which makes room.
+    pub max_channels: usize,
     /// Seconds a draining router (SIGTERM) keeps answering after telling the
     /// gateways, before it exits (default 5).
     pub drain_secs: u64,
@@ -92,6 +100,7 @@ impl Default for RouterConfig {
             evict_secs: 15,
             presence_grace_secs: 15,
             max_recover: 300,
+            max_channels: 1_000_000,
             drain_secs: 5,
             peers: Vec::new(),
             namespaces: Namespaces::default(),

@@ -97,6 +97,8 @@ impl Router {
                     grace: Duration::from_secs(cfg.presence_grace_secs),
                     metrics: metrics.clone(),
                     seed: proto::seeded::random_seed(),
+                    max_channels: cfg.max_channels.div_ceil(cfg.shards.max(1)),
+                    now: std::time::Instant::now(),
                 });
                 tokio::spawn(run_shard(shard, rx));
                 tx
@@ -177,9 +179,15 @@ impl Router {
             ("switchyard_router_gateway_queue_full_total", &m.gateway_queue_full),
             ("switchyard_router_link_errors_total", &m.link_errors),
             ("switchyard_router_gateway_evictions_total", &m.evictions),
+            ("switchyard_router_channels_evicted_total", &m.channels_evicted),
+            ("switchyard_router_channel_limit_refusals_total", &m.channel_limit_refusals),
         ] {
             out.push_str(&format!("# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
         }
+        out.push_str(&format!(
+            "# TYPE switchyard_router_channels gauge\nswitchyard_router_channels {}\n",
+            m.channels.load(Ordering::Relaxed)
+        ));
         let ready = self.peers.ready_peers().len();
         out.push_str(&format!(
             "# TYPE switchyard_router_peers_ready gauge\nswitchyard_router_peers_ready {ready}\n"

@@ -20,6 +20,7 @@ use proto::client::reply::{join_push, leave_push};
 use proto::cluster::ClusterMsg;
 use proto::namespace::Namespaces;
 use proto::seeded::{self, Map, Set};
+use proto::timer_wheel::TimerWheel;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, oneshot};
@@ -45,6 +46,12 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Gateways evicted for silence (no message within `evict_secs`).
     pub evictions: AtomicU64,
+    /// Channels held (every shard's).
+    pub channels: AtomicU64,
+    /// Idle channels dropped (no subscribers, no history, no idempotency key).
+    pub channels_evicted: AtomicU64,
+    /// Requests for a new channel refused at `max_channels`.
+    pub channel_limit_refusals: AtomicU64,
 }
 
 /// A gateway link's outbound queue, as a shard sees it.
@@ -153,8 +160,16 @@ pub enum ApiOp {
     },
 }
 
-/// How often a shard ticks (presence grace periods, resyncs owed).
+/// How often a shard ticks (presence grace periods, resyncs owed, idle
+/// channels).
 pub const SHARD_TICK: Duration = Duration::from_millis(250);
+
+/// Slots of the eviction wheel (one turn: 64 s).
+const WHEEL_SLOTS: usize = 256;
+
+/// A new channel refused because the shard holds its share of
+/// `max_channels`: temporary (eviction frees room), so clients retry.
+pub const CHANNEL_LIMIT: ReplyError = ReplyError::new(100, "channel limit reached", true);
 
 /// One shard's state.
 pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
@@ -173,6 +188,14 @@ pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
     metrics: Arc<Metrics>,
     rng: SmallRng,
     seed: u64,
+    /// Idle checks of channels (history TTL, idempotency window, no interest).
+    wheel: TimerWheel,
+    /// Channel names by their wheel key.
+    ids: Map<u64, String>,
+    next_id: u64,
+    max_channels: usize,
+    /// When the channel limit was last logged (once per interval).
+    limit_logged: Option<Instant>,
 }
 
 /// What a shard is built from.
@@ -187,12 +210,17 @@ pub struct ShardSpec {
     pub metrics: Arc<Metrics>,
     /// Seed of the shard's epochs and hash tables (random in production).
     pub seed: u64,
+    /// Channels this shard holds at most (its share of the router's
+    /// `max_channels`); a request for a new one beyond gets [`CHANNEL_LIMIT`].
+    pub max_channels: usize,
+    /// When the shard starts.
+    pub now: Instant,
 }
 
 impl<L: LinkTx> Shard<L> {
     /// An empty shard.
     pub fn new(spec: ShardSpec) -> Self {
-        let ShardSpec { namespaces, max_recover, grace, metrics, seed } = spec;
+        let ShardSpec { namespaces, max_recover, grace, metrics, seed, max_channels, now } = spec;
         Shard {
             namespaces,
             max_recover,
@@ -206,6 +234,11 @@ impl<L: LinkTx> Shard<L> {
             metrics,
             rng: SmallRng::seed_from_u64(seed),
             seed,
+            wheel: TimerWheel::new(now, SHARD_TICK, WHEEL_SLOTS),
+            ids: seeded::map(seed ^ 6),
+            next_id: 1,
+            max_channels: max_channels.max(1),
+            limit_logged: None,
         }
     }
 
@@ -217,12 +250,61 @@ impl<L: LinkTx> Shard<L> {
     }
 
     /// The coarse tick: grace periods that ended, resyncs owed to gateways
-    /// whose queue was full.
+    /// whose queue was full, channels that became idle.
     pub fn tick(&mut self, now: Instant) {
         for change in self.users.expire(now) {
             self.publish_presence(change, now);
         }
         self.flush_lagging();
+        let mut due = Vec::new();
+        self.wheel.expire(now, &mut due);
+        for (id, tick) in due {
+            let Some(name) = self.ids.get(&id).cloned() else { continue };
+            let Some(ch) = self.channels.get_mut(&name) else { continue };
+            if ch.check != tick {
+                continue; // rescheduled
+            }
+            ch.check = 0;
+            self.check_idle(&name, now);
+        }
+        // A churn of names leaves the tables' capacity behind: give it back.
+        if self.channels.capacity() > 4 * self.channels.len() + 1024 {
+            self.channels.shrink_to_fit();
+            self.ids.shrink_to_fit();
+        }
+    }
+
+    /// Drops `name` if nothing refers to it any more; otherwise checks again
+    /// when its history or idempotency keys expire (while it has no
+    /// subscribers: losing the last one schedules a check too).
+    fn check_idle(&mut self, name: &str, now: Instant) {
+        let Ok(opts) = self.options(name) else { return };
+        let Some(ch) = self.channels.get_mut(name) else { return };
+        ch.expire(now, &opts);
+        if ch.is_idle() {
+            let id = ch.id;
+            self.channels.remove(name);
+            self.ids.remove(&id);
+            self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.channels_evicted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if ch.gateways.is_empty()
+            && let Some(at) = ch.next_expiry(&opts)
+        {
+            ch.check = self.wheel.insert(ch.id, at);
+        }
+    }
+
+    /// Schedules an idle check of `name` (now, or when what it holds
+    /// expires), unless one is scheduled already.
+    fn watch(&mut self, name: &str, now: Instant) {
+        let Ok(opts) = self.options(name) else { return };
+        let Some(ch) = self.channels.get_mut(name) else { return };
+        if ch.check == 0 && ch.gateways.is_empty() {
+            let at = ch.next_expiry(&opts).unwrap_or(now);
+            ch.check = self.wheel.insert(ch.id, at);
+        }
     }
 
     /// Whether `user` counts as online here (connected, or within grace).
@@ -272,13 +354,34 @@ impl<L: LinkTx> Shard<L> {
         })
     }
 
-    fn channel(&mut self, name: &str) -> &mut ChannelState {
+    /// The channel's state, made (with a fresh epoch) if the shard has
+    /// room for one more; a new channel is checked for idleness at once.
+    fn channel(&mut self, name: &str, now: Instant) -> Result<&mut ChannelState, ReplyError> {
         if !self.channels.contains_key(name) {
+            if self.channels.len() >= self.max_channels {
+                self.metrics.channel_limit_refusals.fetch_add(1, Ordering::Relaxed);
+                if self
+                    .limit_logged
+                    .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(10))
+                {
+                    self.limit_logged = Some(now);
+                    tracing::warn!(
+                        max = self.max_channels,
+                        "shard holds its share of max_channels: new channels refused"
+                    );
+                }
+                return Err(CHANNEL_LIMIT);
+            }
             let epoch = self.new_epoch();
-            let seed = self.seed;
-            self.channels.insert(name.to_owned(), ChannelState::new(epoch, seed));
+            let mut ch = ChannelState::new(epoch, self.seed);
+            ch.id = self.next_id;
+            self.next_id += 1;
+            ch.check = self.wheel.insert(ch.id, now);
+            self.ids.insert(ch.id, name.to_owned());
+            self.channels.insert(name.to_owned(), ch);
+            self.metrics.channels.fetch_add(1, Ordering::Relaxed);
         }
-        self.channels.get_mut(name).expect("just made")
+        Ok(self.channels.get_mut(name).expect("just made"))
     }
 
     fn send(&mut self, gw: GatewayId, msg: ClusterMsg) {
@@ -297,7 +400,7 @@ impl<L: LinkTx> Shard<L> {
         if !self.positioned.contains(&gw) || !self.options(&channel).is_ok_and(|o| o.positioned) {
             return;
         }
-        let ch = self.channel(&channel);
+        let Some(ch) = self.channels.get(&channel) else { return };
         let msg = ClusterMsg::Position { epoch: ch.epoch().to_owned(), top: ch.top(), channel };
         // A full queue drops it (counted): the gateway then asks for positions.
         self.send(gw, msg);
@@ -320,9 +423,7 @@ impl<L: LinkTx> Shard<L> {
                 self.positioned.remove(&gw);
                 self.rounds.remove(&gw);
                 self.lagging.remove(&gw);
-                for ch in self.channels.values_mut() {
-                    ch.gateways.remove(&gw);
-                }
+                self.drop_interest(gw, now);
                 let mut leaves = Vec::new();
                 for (channel, p) in self.presence.iter_mut() {
                     for info in p.gateway_lost(gw) {
@@ -338,22 +439,41 @@ impl<L: LinkTx> Shard<L> {
             }
             ShardCmd::Interest { gw, add, remove, snapshot } => {
                 if snapshot {
-                    for ch in self.channels.values_mut() {
-                        ch.gateways.remove(&gw);
-                    }
+                    self.drop_interest(gw, now);
                 }
                 for c in add {
-                    self.channel(&c).gateways.insert(gw);
-                    self.send_position(gw, c);
+                    // At the channel limit the interest is not kept: the
+                    // subscribe's own request gets the error.
+                    if let Ok(ch) = self.channel(&c, now) {
+                        ch.gateways.insert(gw);
+                        self.send_position(gw, c);
+                    }
                 }
                 for c in remove {
                     if let Some(ch) = self.channels.get_mut(&c) {
                         ch.gateways.remove(&gw);
+                        if ch.gateways.is_empty() {
+                            self.watch(&c, now);
+                        }
                     }
                 }
             }
             ShardCmd::Request(gw, msg) => self.request(gw, msg, now),
             ShardCmd::Api(op) => self.api(op, now),
+        }
+    }
+
+    /// Forgets every interest of `gw`; channels left without subscribers
+    /// are checked for idleness.
+    fn drop_interest(&mut self, gw: GatewayId, now: Instant) {
+        let mut emptied = Vec::new();
+        for (name, ch) in self.channels.iter_mut() {
+            if ch.gateways.remove(&gw) && ch.gateways.is_empty() {
+                emptied.push(name.clone());
+            }
+        }
+        for name in emptied {
+            self.watch(&name, now);
         }
     }
 
@@ -385,7 +505,7 @@ impl<L: LinkTx> Shard<L> {
             ApiOp::History { channel, limit, since, reverse, reply } => {
                 let r = self.options(&channel).and_then(|opts| {
                     let since = since.as_ref().map(|(o, e)| (*o, e.as_str()));
-                    self.channel(&channel).history(limit, since, reverse, usize::MAX, now, &opts)
+                    self.channel(&channel, now)?.history(limit, since, reverse, usize::MAX, now, &opts)
                 });
                 let _ = reply.send(r);
             }
@@ -431,22 +551,24 @@ impl<L: LinkTx> Shard<L> {
             ClusterMsg::Recover { req, channel, recover, epoch, offset } => {
                 let answer = match self.options(&channel) {
                     Err(e) => fail(req, e),
-                    Ok(opts) => {
-                        let ch = self.channel(&channel);
-                        let replay = if recover {
-                            ch.recover(&epoch, offset, now, &opts)
-                        } else {
-                            ch.recover(ch.epoch().to_owned().as_str(), ch.top(), now, &opts)
-                        };
-                        ClusterMsg::Replay {
-                            req,
-                            epoch: replay.epoch,
-                            top: replay.top,
-                            recovered: replay.recovered,
-                            positioned: opts.positioned,
-                            publications: replay.publications,
+                    Ok(opts) => match self.channel(&channel, now) {
+                        Err(e) => fail(req, e),
+                        Ok(ch) => {
+                            let replay = if recover {
+                                ch.recover(&epoch, offset, now, &opts)
+                            } else {
+                                ch.recover(ch.epoch().to_owned().as_str(), ch.top(), now, &opts)
+                            };
+                            ClusterMsg::Replay {
+                                req,
+                                epoch: replay.epoch,
+                                top: replay.top,
+                                recovered: replay.recovered,
+                                positioned: opts.positioned,
+                                publications: replay.publications,
+                            }
                         }
-                    }
+                    },
                 };
                 self.send(gw, answer);
             }
@@ -455,7 +577,10 @@ impl<L: LinkTx> Shard<L> {
                     Err(e) => fail(req, e),
                     Ok(opts) => {
                         let since = since.as_ref().map(|(o, e)| (*o, e.as_str()));
-                        match self.channel(&channel).history(limit, since, reverse, 300, now, &opts) {
+                        match self
+                            .channel(&channel, now)
+                            .and_then(|ch| ch.history(limit, since, reverse, 300, now, &opts))
+                        {
                             Ok((publications, epoch, top)) => {
                                 ClusterMsg::HistoryResult { req, epoch, top, publications }
                             }
@@ -557,7 +682,7 @@ impl<L: LinkTx> Shard<L> {
         now: Instant,
     ) -> Result<(u64, String), ReplyError> {
         let opts = self.options(channel)?;
-        let ch = self.channel(channel);
+        let ch = self.channel(channel, now)?;
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
         match ch.publish(data, info, tags, key, now, &opts) {
             PublishOutcome::Duplicate { offset } => Ok((offset, ch.epoch().to_owned())),
@@ -582,6 +707,7 @@ impl<L: LinkTx> Shard<L> {
                         self.lagging.entry(gw).or_default().insert(channel.to_owned());
                     }
                 }
+                self.watch(channel, now);
                 Ok((offset, epoch))
             }
         }
@@ -626,5 +752,90 @@ impl<L: LinkTx> Shard<L> {
                 _ => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::namespace::NamespaceOptions;
+
+    struct Sink;
+
+    impl LinkTx for Sink {
+        fn try_send(&self, _msg: ClusterMsg) -> bool {
+            true
+        }
+    }
+
+    fn shard(max_channels: usize, t0: Instant) -> Shard<Sink> {
+        let mut ns = Namespaces::default();
+        ns.namespaces
+            .insert("brief".into(), NamespaceOptions { history_ttl_secs: 5, ..NamespaceOptions::default() });
+        Shard::new(ShardSpec {
+            namespaces: Arc::new(ns),
+            max_recover: 300,
+            grace: Duration::from_secs(1),
+            metrics: Arc::new(Metrics::default()),
+            seed: 1,
+            max_channels,
+            now: t0,
+        })
+    }
+
+    fn interest(s: &mut Shard<Sink>, add: &[&str], remove: &[&str], now: Instant) {
+        let cmd = ShardCmd::Interest {
+            gw: 1,
+            add: add.iter().map(|c| c.to_string()).collect(),
+            remove: remove.iter().map(|c| c.to_string()).collect(),
+            snapshot: false,
+        };
+        s.handle(cmd, now);
+    }
+
+    fn tick_until(s: &mut Shard<Sink>, from: Instant, secs: u64) -> Instant {
+        let mut t = from;
+        for _ in 0..secs * 4 {
+            t += SHARD_TICK;
+            s.tick(t);
+        }
+        t
+    }
+
+    #[test]
+    fn idle_channels_are_dropped_and_history_keeps_them_for_its_ttl() {
+        let t0 = Instant::now();
+        let mut s = shard(100, t0);
+        s.handle(ShardCmd::GatewayUp { gw: 1, tx: Sink, version: 3 }, t0);
+        interest(&mut s, &["brief:a", "brief:b"], &[], t0);
+        s.publish("brief:b", Bytes::from_static(b"{}"), None, None, "", t0).unwrap();
+        assert_eq!(s.channel_count(), 2);
+        let t = tick_until(&mut s, t0, 2);
+        assert_eq!(s.channel_count(), 2, "subscribed channels stay");
+        interest(&mut s, &[], &["brief:a", "brief:b"], t);
+        let t = tick_until(&mut s, t, 1);
+        assert_eq!(s.channel_count(), 1, "no subscriber and no history: gone; history keeps b");
+        assert!(s.stream("brief:b").is_some());
+        tick_until(&mut s, t, 5);
+        assert_eq!(s.channel_count(), 0, "b's history expired");
+        assert_eq!(s.metrics.channels.load(Ordering::Relaxed), 0);
+        assert_eq!(s.metrics.channels_evicted.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn new_channels_past_the_limit_are_refused_until_room_is_made() {
+        let t0 = Instant::now();
+        let mut s = shard(2, t0);
+        s.handle(ShardCmd::GatewayUp { gw: 1, tx: Sink, version: 3 }, t0);
+        interest(&mut s, &["chat:a", "chat:b"], &[], t0);
+        assert_eq!(s.publish("chat:c", Bytes::from_static(b"{}"), None, None, "", t0), Err(CHANNEL_LIMIT));
+        assert!(
+            s.publish("chat:a", Bytes::from_static(b"{}"), None, None, "", t0).is_ok(),
+            "known channels go on"
+        );
+        assert_eq!(s.metrics.channel_limit_refusals.load(Ordering::Relaxed), 1);
+        interest(&mut s, &[], &["chat:b"], t0);
+        tick_until(&mut s, t0, 1);
+        assert!(s.publish("chat:c", Bytes::from_static(b"{}"), None, None, "", t0).is_ok(), "b made room");
     }
 }

@@ -497,6 +497,8 @@ impl World {
                     grace: GRACE,
                     metrics: self.router_metrics.clone(),
                     seed: seed ^ i as u64,
+                    max_channels: 1_000_000,
+                    now: self.base + Duration::from_micros(self.now),
                 })
             })
             .collect();

@@ -14,7 +14,8 @@ pub struct ReplyError {
 }
 
 impl ReplyError {
-    const fn new(code: u32, message: &'static str, temporary: bool) -> Self {
+    /// An error with its own message (for a known code).
+    pub const fn new(code: u32, message: &'static str, temporary: bool) -> Self {
         ReplyError { code, message, temporary }
     }
     /// 100, temporary.
