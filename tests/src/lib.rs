@@ -2,7 +2,17 @@
 //! loopback (free ports, fresh development certificates) and speaks real
 //! WebSocket to them with a small blocking client built on `proto`.
 //!
-//! Every wait is bounded; a test never loops without a deadline.
+//! Every wait is bounded; a test never loops without a deadline, and never
+//! asserts elapsed time: it waits for an event or a count.
+//!
+//! - [`Cluster`]: the processes, their addresses, the HTTP API and metrics.
+//! - [`Ws`]: a client; [`Ws::next_by`] tells an event, a passed deadline
+//!   and an ended connection ([`Next`]) apart, [`Ws::event_by`] fails on
+//!   the last. Server pings are answered unless a test asks for them.
+//! - [`StreamCheck`] with [`Published`]: a client's whole view of one
+//!   channel, live and recovered, checked offset by offset (each once, in
+//!   order, recovery exact or explicitly refused) and payload by payload.
+//! - [`wait_until`]: poll a metric or an answer until it reaches a value.
 
 #![warn(missing_docs, unreachable_pub)]
 
