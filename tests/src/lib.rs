@@ -2,11 +2,21 @@
 //! loopback (free ports, fresh development certificates) and speaks real
 //! WebSocket to them with a small blocking client built on `proto`.
 //!
-//! Every wait is bounded; a test never loops without a deadline.
+//! Every wait is bounded; a test never loops without a deadline, and never
+//! asserts elapsed time: it waits for an event or a count.
+//!
+//! - [`Cluster`]: the processes, their addresses, the HTTP API and metrics.
+//! - [`Ws`]: a client; [`Ws::next_by`] tells an event, a passed deadline
+//!   and an ended connection ([`Next`]) apart, [`Ws::event_by`] fails on
+//!   the last. Server pings are answered unless a test asks for them.
+//! - [`StreamCheck`] with [`Published`]: a client's whole view of one
+//!   channel, live and recovered, checked offset by offset (each once, in
+//!   order, recovery exact or explicitly refused) and payload by payload.
+//! - [`wait_until`]: poll a metric or an answer until it reaches a value.
 
 #![warn(missing_docs, unreachable_pub)]
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -24,6 +34,9 @@ pub const SECRET: &str = "e2e-secret-that-is-long-enough-for-hs256";
 
 /// The routers' HTTP API key.
 pub const API_KEY: &str = "e2e-api-key";
+
+/// How long a client's read waits by default.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
@@ -414,7 +427,7 @@ pub fn tls_stream(
     let name = ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let tcp = TcpStream::connect(addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
     tcp.set_nodelay(true).unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
@@ -426,6 +439,13 @@ impl<T: Read + Write + Send> Duplex for T {}
 /// A blocking WebSocket client (masked frames, text JSON lines).
 pub struct Ws {
     stream: Box<dyn Duplex>,
+    /// The same socket as `stream` (or under its TLS), to set read timeouts.
+    tcp: TcpStream,
+    /// Whether the connection ended (EOF or an error other than a timeout).
+    eof: bool,
+    /// Whether the server's pings (`{}`) are answered (with `{}`) as they
+    /// are read, as every SDK does, instead of being handed to the test.
+    answer_pings: bool,
     decoder: Decoder,
     buf: BytesMut,
     queue: std::collections::VecDeque<Event>,
@@ -450,19 +470,23 @@ impl Ws {
     /// `deflate` (the caller then sends compressed frames by hand).
     pub fn connect_with(addr: SocketAddr, path: &str, deflate: bool) -> Result<Ws, ClientHandshakeError> {
         let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Self::upgrade_over(Box::new(stream), addr, path, deflate)
+        let tcp = stream.try_clone().unwrap();
+        Self::upgrade_over(Box::new(stream), tcp, addr, path, deflate)
     }
 
     /// Connects over TLS (wss), trusting the CA in `ca_pem` for the name
     /// `localhost`.
     pub fn connect_tls(addr: SocketAddr, path: &str, ca_pem: &Path) -> Result<Ws, ClientHandshakeError> {
-        Self::upgrade_over(Box::new(tls_stream(addr, ca_pem)), addr, path, false)
+        let stream = tls_stream(addr, ca_pem);
+        let tcp = stream.sock.try_clone().unwrap();
+        Self::upgrade_over(Box::new(stream), tcp, addr, path, false)
     }
 
     fn upgrade_over(
         mut stream: Box<dyn Duplex>,
+        tcp: TcpStream,
         addr: SocketAddr,
         path: &str,
         deflate: bool,
@@ -484,6 +508,9 @@ impl Ws {
         };
         Ok(Ws {
             stream,
+            tcp,
+            eof: false,
+            answer_pings: true,
             decoder: Decoder::new(DecoderConfig {
                 deflate: accepted.deflate.is_some(),
                 ..DecoderConfig::client()
@@ -497,6 +524,13 @@ impl Ws {
             inflater: Inflater::new(),
             next_compressed: false,
         })
+    }
+
+    /// Whether to answer the server's pings by itself (the default, as an
+    /// SDK does; a long test would otherwise be closed with 3012 no pong) or
+    /// hand them over as `Event::Json({})`, unanswered.
+    pub fn set_answer_pings(&mut self, answer: bool) {
+        self.answer_pings = answer;
     }
 
     /// Sends raw bytes.
@@ -523,14 +557,17 @@ impl Ws {
         self.next_id += 1;
         cmd["id"] = id.into();
         self.send_json(&cmd);
-        let end = Instant::now() + Duration::from_secs(10);
+        let end = Instant::now() + READ_TIMEOUT;
         let mut stash = Vec::new();
         let result = loop {
-            assert!(Instant::now() < end, "no reply to {cmd}");
-            match self.next_event() {
-                Some(Event::Json(v)) if v["id"] == id => break v,
-                Some(e) => stash.push(e),
-                None => panic!("connection ended before the reply to {cmd}"),
+            match self.next_by(end) {
+                Next::Event(Event::Json(v)) if v["id"] == id => break v,
+                Next::Event(Event::Closed(code, reason)) => {
+                    panic!("closed ({code:?} {reason:?}) before the reply to {cmd}")
+                }
+                Next::Event(e) => stash.push(e),
+                Next::Deadline => panic!("no reply to {cmd} within {READ_TIMEOUT:?}"),
+                Next::Eof => panic!("the connection ended before the reply to {cmd}"),
             }
         };
         for e in stash.into_iter().rev() {
@@ -539,12 +576,48 @@ impl Ws {
         result
     }
 
-    /// The next event (bounded by the read timeout); `None` on EOF or timeout.
+    /// The next event (bounded by the 10 s read timeout); `None` on EOF or
+    /// timeout (see [`ended`](Self::ended) to tell them apart, or use
+    /// [`next_by`](Self::next_by)).
     pub fn next_event(&mut self) -> Option<Event> {
-        if let Some(e) = self.queue.pop_front() {
-            return Some(e);
+        match self.next_by(Instant::now() + READ_TIMEOUT) {
+            Next::Event(e) => Some(e),
+            Next::Deadline | Next::Eof => None,
         }
-        self.read_event()
+    }
+
+    /// The next event, or why none came before `end`: the deadline passed,
+    /// or the connection ended without a close frame.
+    pub fn next_by(&mut self, end: Instant) -> Next {
+        if let Some(e) = self.queue.pop_front() {
+            return Next::Event(e);
+        }
+        self.read_event(end)
+    }
+
+    /// The next event before `end`, `None` once `end` passes. An ended
+    /// connection (EOF or reset, no close frame) is a failure: it panics,
+    /// naming `watching`.
+    pub fn event_by(&mut self, end: Instant, watching: &str) -> Option<Event> {
+        match self.next_by(end) {
+            Next::Event(e) => Some(e),
+            Next::Deadline => None,
+            Next::Eof => panic!("the connection ended (no close frame) while waiting for {watching}"),
+        }
+    }
+
+    /// Puts events back at the front of what [`next_event`](Self::next_event)
+    /// returns, in their order (a test that looked for one event hands the
+    /// others on).
+    pub fn put_back(&mut self, events: Vec<Event>) {
+        for e in events.into_iter().rev() {
+            self.queue.push_front(e);
+        }
+    }
+
+    /// Whether the connection has ended (EOF or reset).
+    pub fn ended(&self) -> bool {
+        self.eof
     }
 
     /// The next push of a channel's publication, skipping pings.
@@ -558,18 +631,21 @@ impl Ws {
         }
     }
 
-    /// Waits for the close frame; returns its code.
+    /// Waits (15 s at most) for the close frame, skipping everything
+    /// before it; returns its code (`None`: a close frame without one).
+    /// Panics when the connection ends without a close frame or none comes.
     pub fn expect_close(&mut self) -> Option<u16> {
+        let end = Instant::now() + Duration::from_secs(15);
         loop {
-            match self.next_event() {
+            match self.event_by(end, "a close frame") {
                 Some(Event::Closed(code, _)) => return code,
                 Some(_) => continue,
-                None => return None,
+                None => panic!("no close frame within 15 s"),
             }
         }
     }
 
-    fn read_event(&mut self) -> Option<Event> {
+    fn read_event(&mut self, end: Instant) -> Next {
         let mut chunk = [0u8; 65536];
         loop {
             if self.decoder.is_idle()
@@ -583,23 +659,426 @@ impl Ws {
                     self.compressed += usize::from(self.next_compressed);
                     for line in t.split(|b| *b == b'\n') {
                         let v: Value = serde_json::from_slice(line).expect("server sent invalid JSON");
+                        if self.answer_pings && v == Value::Object(Default::default()) {
+                            self.send_frame(OpCode::Text, b"{}");
+                            continue;
+                        }
                         self.queue.push_back(Event::Json(v));
                     }
-                    return self.queue.pop_front();
+                    match self.queue.pop_front() {
+                        Some(e) => return Next::Event(e),
+                        None => continue, // only pings, answered
+                    }
                 }
-                Ok(Some(Message::Binary(_))) => return Some(Event::Binary),
+                Ok(Some(Message::Binary(_))) => return Next::Event(Event::Binary),
                 Ok(Some(Message::Close(c))) => {
                     let (code, reason) = c.map(|c| (Some(c.code), c.reason)).unwrap_or((None, String::new()));
-                    return Some(Event::Closed(code, reason));
+                    return Next::Event(Event::Closed(code, reason));
                 }
                 Ok(Some(_)) => continue,
                 Ok(None) => {}
                 Err(e) => panic!("server broke the framing: {e}"),
             }
+            if self.eof {
+                return Next::Eof;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Next::Deadline;
+            }
+            // The socket's read timeout is per socket: it holds for the TLS
+            // stream over it too. A timed-out read leaves the decoder and
+            // TLS state as they were, so the next read resumes.
+            self.tcp.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
             match self.stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => self.eof = true,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => self.eof = true,
             }
         }
+    }
+}
+
+/// How waiting for a client's next event ended ([`Ws::next_by`]).
+#[derive(Debug)]
+pub enum Next {
+    /// An event arrived.
+    Event(Event),
+    /// The deadline passed first.
+    Deadline,
+    /// The connection ended (EOF or reset) without a close frame.
+    Eof,
+}
+
+/// Polls `value` (every 50 ms) until `done` holds for it, for at most
+/// `within`; returns the value that satisfied it. Panics with `what` and the
+/// last value otherwise. For counts and states that some event moves (a
+/// metric, a gauge, an HTTP answer), never for elapsed time.
+pub fn wait_until<T: std::fmt::Debug>(
+    within: Duration,
+    what: &str,
+    mut value: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let end = Instant::now() + within;
+    loop {
+        let v = value();
+        if done(&v) {
+            return v;
+        }
+        assert!(Instant::now() < end, "{what}: still {v:?} after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// What was published, per channel, epoch and offset, as the router
+/// answered each publish: what every received publication is checked
+/// against ([`StreamCheck::verify`]).
+#[derive(Debug, Default)]
+pub struct Published {
+    log: std::collections::HashMap<(String, String, u64), Value>,
+}
+
+impl Published {
+    /// Publishes `data` on `channel` through the HTTP API at `api` and
+    /// records it; returns its offset.
+    pub fn publish(&mut self, api: SocketAddr, channel: &str, data: Value) -> u64 {
+        let body = serde_json::json!({"channel": channel, "data": data}).to_string();
+        let (st, out) = http_request(api, "POST", "/api/publish", &[("X-API-Key", API_KEY)], &body);
+        assert_eq!(st, 200, "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let offset = v["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        let epoch = v["result"]["epoch"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+        let earlier = self.log.insert((channel.to_owned(), epoch, offset), data);
+        assert!(earlier.is_none(), "the router gave one offset twice: {v}");
+        offset
+    }
+
+    /// What was published at this position, if anything.
+    pub fn get(&self, channel: &str, epoch: &str, offset: u64) -> Option<&Value> {
+        self.log.get(&(channel.to_owned(), epoch.to_owned(), offset))
+    }
+
+    /// The highest offset published in this channel's epoch (0: none).
+    pub fn top(&self, channel: &str, epoch: &str) -> u64 {
+        self.log.keys().filter(|(c, e, _)| c == channel && e == epoch).map(|k| k.2).max().unwrap_or(0)
+    }
+}
+
+/// One publication a client received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The epoch the client was positioned in when it came.
+    pub epoch: String,
+    /// Its offset.
+    pub offset: u64,
+    /// Its data.
+    pub data: Value,
+    /// Whether it came in a subscribe reply (recovered) rather than live.
+    pub recovered: bool,
+}
+
+/// One client's whole view of one channel's stream, checked as it arrives
+/// (invariant 3): from the position of the subscribe reply, each
+/// publication's offset is the previous one plus one (each once, in order,
+/// no gap); a reconnect either recovers every missed offset (the
+/// publications in the subscribe reply, then live pushes go on from there)
+/// or is told explicitly that the position is lost (`was_recovering` without
+/// `recovered`), and then continuity is checked from the new position.
+/// [`verify`](Self::verify) compares every payload with what was published
+/// at its offset.
+#[derive(Debug)]
+pub struct StreamCheck {
+    /// The channel.
+    pub channel: String,
+    /// The epoch the client is positioned in.
+    pub epoch: String,
+    /// The client's position: the last offset received, or where a
+    /// subscribe reply put it.
+    pub offset: u64,
+    /// Everything received, live and recovered, in arrival order.
+    pub received: Vec<Received>,
+    /// Times a resubscribe was told `recovered: false` (an explicit gap).
+    pub unrecovered: u32,
+    /// Times a resubscribe recovered.
+    pub recoveries: u32,
+}
+
+/// How long a [`StreamCheck`] waits for what it is told to wait for.
+const STREAM_WAIT: Duration = Duration::from_secs(30);
+
+/// What stopped a [`StreamCheck`] from reading.
+enum Stop {
+    /// Reached the wanted offset.
+    Through,
+    /// A close frame with this code.
+    Closed(Option<u16>),
+    /// An `unsubscribe` push for the channel with this code.
+    Unsubscribed(u64),
+    /// The connection ended without a close frame.
+    Eof,
+}
+
+impl StreamCheck {
+    /// Subscribes `ws` to `channel` (retrying temporary errors, 30 s) and
+    /// starts checking from the position in the reply.
+    pub fn subscribe(ws: &mut Ws, channel: &str) -> StreamCheck {
+        let r = call_retrying(ws, serde_json::json!({"subscribe": {"channel": channel}}));
+        Self::from_reply(channel, &r)
+    }
+
+    /// Starts checking from a successful subscribe reply (which must
+    /// position the client: an epoch and an offset).
+    pub fn from_reply(channel: &str, reply: &Value) -> StreamCheck {
+        assert!(reply.get("error").is_none(), "{reply}");
+        let sub = &reply["subscribe"];
+        let epoch = sub["epoch"].as_str().unwrap_or_else(|| panic!("not positioned: {reply}"));
+        let mut s = StreamCheck {
+            channel: channel.to_owned(),
+            epoch: epoch.to_owned(),
+            offset: sub["offset"].as_u64().unwrap_or(0),
+            received: Vec::new(),
+            unrecovered: 0,
+            recoveries: 0,
+        };
+        for p in sub["publications"].as_array().into_iter().flatten() {
+            s.apply(p, true);
+        }
+        s
+    }
+
+    /// A subscribe command recovering from the client's position.
+    pub fn recover_command(&self) -> Value {
+        serde_json::json!({"subscribe": {
+            "channel": self.channel, "recover": true, "epoch": self.epoch, "offset": self.offset,
+        }})
+    }
+
+    /// Checks one live publication (a push's `pub`).
+    pub fn publication(&mut self, p: &Value) {
+        self.apply(p, false);
+    }
+
+    fn apply(&mut self, p: &Value, recovered: bool) {
+        let offset = p["offset"].as_u64().unwrap_or_else(|| panic!("{}: no offset: {p}", self.channel));
+        assert_eq!(
+            offset,
+            self.offset + 1,
+            "{}: after offset {} came {offset} ({}): a gap, duplicate or reordering; so far {:?}",
+            self.channel,
+            self.offset,
+            if recovered { "recovered" } else { "live" },
+            self.offsets()
+        );
+        self.offset = offset;
+        self.received.push(Received {
+            epoch: self.epoch.clone(),
+            offset,
+            data: p["data"].clone(),
+            recovered,
+        });
+    }
+
+    /// Checks the reply to [`recover_command`](Self::recover_command):
+    /// either recovered (same epoch; its publications continue the stream
+    /// exactly) or explicitly not (`was_recovering` without `recovered`,
+    /// no publications; the stream goes on from the reply's position).
+    /// Returns whether it recovered.
+    pub fn resubscribed(&mut self, reply: &Value) -> bool {
+        assert!(reply.get("error").is_none(), "{}: {reply}", self.channel);
+        let sub = &reply["subscribe"];
+        assert_eq!(sub["was_recovering"], true, "{}: {reply}", self.channel);
+        if sub["recovered"] == true {
+            assert_eq!(
+                sub["epoch"],
+                self.epoch.as_str(),
+                "{}: recovered across epochs: {reply}",
+                self.channel
+            );
+            for p in sub["publications"].as_array().into_iter().flatten() {
+                self.apply(p, true);
+            }
+            self.recoveries += 1;
+            true
+        } else {
+            assert!(sub.get("recovered").is_none() || sub["recovered"] == false, "{}: {reply}", self.channel);
+            let none = sub.get("publications").is_none_or(|p| p.as_array().is_some_and(Vec::is_empty));
+            assert!(none, "{}: publications with recovered:false: {reply}", self.channel);
+            self.epoch =
+                sub["epoch"].as_str().unwrap_or_else(|| panic!("not positioned: {reply}")).to_owned();
+            self.offset = sub["offset"].as_u64().unwrap_or(0);
+            self.unrecovered += 1;
+            false
+        }
+    }
+
+    /// Sends [`recover_command`](Self::recover_command) on `ws` (retrying
+    /// temporary errors, 30 s) and checks the reply; returns whether it
+    /// recovered.
+    pub fn resubscribe(&mut self, ws: &mut Ws) -> bool {
+        let r = call_retrying(ws, self.recover_command());
+        self.resubscribed(&r)
+    }
+
+    /// Reads `ws` until the stream reaches `offset` (30 s at most). Fails on
+    /// a close, an ended connection, or an `unsubscribe` of the channel.
+    pub fn receive_through(&mut self, ws: &mut Ws, offset: u64) {
+        match self.pump(ws, Some(offset)) {
+            Stop::Through => {}
+            Stop::Closed(code) => panic!("{}: closed ({code:?}) at offset {}", self.channel, self.offset),
+            Stop::Unsubscribed(code) => panic!("{}: unsubscribed ({code}) at {}", self.channel, self.offset),
+            Stop::Eof => panic!("{}: the connection ended at offset {}", self.channel, self.offset),
+        }
+    }
+
+    /// Like [`receive_through`](Self::receive_through), resubscribing with
+    /// recovery (as an SDK does) whenever the server says `unsubscribe`
+    /// 2500 (insufficient state: resubscribe) for the channel; each
+    /// resubscribe is checked by [`resubscribed`](Self::resubscribed) and
+    /// counted in `recoveries` or `unrecovered`. Returns the number of 2500s.
+    pub fn receive_through_resyncing(&mut self, ws: &mut Ws, offset: u64) -> u32 {
+        let mut told = 0;
+        loop {
+            match self.pump(ws, Some(offset)) {
+                Stop::Through => return told,
+                Stop::Unsubscribed(2500) => {
+                    told += 1;
+                    self.resubscribe(ws);
+                }
+                Stop::Unsubscribed(code) => {
+                    panic!("{}: unsubscribed ({code}) at {}", self.channel, self.offset)
+                }
+                Stop::Closed(code) => panic!("{}: closed ({code:?}) at offset {}", self.channel, self.offset),
+                Stop::Eof => panic!("{}: the connection ended at offset {}", self.channel, self.offset),
+            }
+        }
+    }
+
+    /// Reads `ws`, checking every publication, until its close frame;
+    /// returns the code. Fails on an ended connection without a close
+    /// frame, an `unsubscribe` of the channel, or no close in 30 s.
+    pub fn receive_until_close(&mut self, ws: &mut Ws) -> Option<u16> {
+        match self.pump(ws, None) {
+            Stop::Closed(code) => code,
+            Stop::Unsubscribed(code) => panic!("{}: unsubscribed ({code}), not closed", self.channel),
+            Stop::Eof => panic!("{}: the connection ended without a close frame", self.channel),
+            Stop::Through => unreachable!(),
+        }
+    }
+
+    /// Reads `ws`, checking every publication, until an `unsubscribe` push
+    /// of the channel; returns its code. Fails on a close or an ended
+    /// connection.
+    pub fn receive_until_unsubscribed(&mut self, ws: &mut Ws) -> u64 {
+        match self.pump(ws, None) {
+            Stop::Unsubscribed(code) => code,
+            Stop::Closed(code) => panic!("{}: closed ({code:?}), not unsubscribed", self.channel),
+            Stop::Eof => panic!("{}: the connection ended before an unsubscribe", self.channel),
+            Stop::Through => unreachable!(),
+        }
+    }
+
+    /// Reads `ws`, checking every publication, until the connection ends
+    /// without a close frame (the server process died). Fails on a close
+    /// frame or an `unsubscribe`.
+    pub fn receive_until_ended(&mut self, ws: &mut Ws) {
+        match self.pump(ws, None) {
+            Stop::Eof => {}
+            Stop::Closed(code) => panic!("{}: a close frame ({code:?}) from a dead server", self.channel),
+            Stop::Unsubscribed(code) => panic!("{}: unsubscribed ({code})", self.channel),
+            Stop::Through => unreachable!(),
+        }
+    }
+
+    /// Reads `ws` until `through` (or a close, an `unsubscribe` of the
+    /// channel, an ended connection). Other channels' pushes and pings stay
+    /// queued on `ws`, in order, for whoever reads next.
+    fn pump(&mut self, ws: &mut Ws, through: Option<u64>) -> Stop {
+        let mut others = Vec::new();
+        let stop = self.pump_into(ws, through, &mut others);
+        ws.put_back(others);
+        stop
+    }
+
+    fn pump_into(&mut self, ws: &mut Ws, through: Option<u64>, others: &mut Vec<Event>) -> Stop {
+        let end = Instant::now() + STREAM_WAIT;
+        loop {
+            if through.is_some_and(|t| self.offset >= t) {
+                return Stop::Through;
+            }
+            let ev = match ws.next_by(end) {
+                Next::Event(e) => e,
+                Next::Eof => return Stop::Eof,
+                Next::Deadline => panic!(
+                    "{}: nothing more within {STREAM_WAIT:?} (at offset {}, waiting for {through:?})",
+                    self.channel, self.offset
+                ),
+            };
+            let v = match ev {
+                Event::Json(v) => v,
+                Event::Closed(code, _) => return Stop::Closed(code),
+                Event::Binary => panic!("{}: a binary frame", self.channel),
+            };
+            let push = &v["push"];
+            if push["channel"] != self.channel.as_str() {
+                others.push(Event::Json(v));
+                continue;
+            }
+            if let Some(p) = push.get("pub") {
+                self.publication(p);
+            } else if let Some(code) = push["unsubscribe"]["code"].as_u64() {
+                return Stop::Unsubscribed(code);
+            }
+        }
+    }
+
+    /// The offsets received, in order.
+    pub fn offsets(&self) -> Vec<u64> {
+        self.received.iter().map(|r| r.offset).collect()
+    }
+
+    /// The data received, in order.
+    pub fn data(&self) -> Vec<Value> {
+        self.received.iter().map(|r| r.data.clone()).collect()
+    }
+
+    /// Checks every received payload against what was published at its
+    /// epoch and offset.
+    pub fn verify_payloads(&self, published: &Published) {
+        for r in &self.received {
+            let sent = published.get(&self.channel, &r.epoch, r.offset);
+            assert_eq!(sent, Some(&r.data), "{}: payload at {} offset {}", self.channel, r.epoch, r.offset);
+        }
+    }
+
+    /// [`verify_payloads`](Self::verify_payloads), and the client holds
+    /// everything published in its current epoch (its position is that
+    /// epoch's top).
+    pub fn verify(&self, published: &Published) {
+        self.verify_payloads(published);
+        assert_eq!(
+            self.offset,
+            published.top(&self.channel, &self.epoch),
+            "{}: the client is not at the top of its epoch {}",
+            self.channel,
+            self.epoch
+        );
+    }
+}
+
+/// Sends `cmd` with [`Ws::call`], retrying (every 200 ms, 30 s at most)
+/// while the answer is a temporary error (the gateway has no router link
+/// yet, or the owner is moving); returns the first other answer.
+pub fn call_retrying(ws: &mut Ws, cmd: Value) -> Value {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = ws.call(cmd.clone());
+        if r["error"]["temporary"] != true {
+            return r;
+        }
+        assert!(Instant::now() < end, "still a temporary error after 30 s: {cmd} → {r}");
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -98,7 +98,19 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
     for i in 6..=10 {
         publish(&c, channel, i);
     }
-    let st = node.wait().expect("node exits");
+    // The script exits by itself (0 with everything, 2 at its 60 s
+    // deadline); a script still running after 70 s is a hang.
+    let end = Instant::now() + Duration::from_secs(70);
+    let st = loop {
+        if let Some(st) = node.try_wait().expect("node's status") {
+            break st;
+        }
+        if Instant::now() >= end {
+            let _ = node.kill();
+            panic!("the SDK script neither finished nor gave up: {events:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     wait_for(&|e| count(e, "publication") >= 10, "all ten publications");
     assert!(st.success(), "the SDK received everything in time: {events:?}");
 

@@ -47,7 +47,9 @@ fn a_users_connections_all_live_on_the_users_core() {
     let r = held[0].call(json!({"publish": {"channel": "chat:cores", "data": {"hi": 1}}}));
     assert!(r.get("error").is_none(), "{r}");
     for ws in held.iter_mut() {
-        assert_eq!(ws.next_pub().unwrap()["push"]["pub"]["data"]["hi"], 1);
+        let v = ws.next_pub().expect("the publication, on every moved session");
+        assert_eq!(v["push"]["pub"]["data"], json!({"hi": 1}), "{v}");
+        assert_eq!(v["push"]["pub"]["offset"], 1, "{v}");
     }
     // A bad token is refused on the user's core as anywhere else.
     let mut bad = Ws::connect(c.ws_addrs[0], "/connection/websocket").expect("upgrade");

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{Cluster, Event, Ws, metric};
+use e2e::{Cluster, Event, Published, StreamCheck, Ws, call_retrying, metric, wait_until};
 use serde_json::{Value, json};
 
 fn subscribe(ws: &mut Ws, channel: &str) -> Value {
@@ -21,152 +21,166 @@ fn api_publish(c: &Cluster, channel: &str, data: Value) -> u64 {
 
 #[test]
 fn slow_consumer_is_cut_off_and_others_keep_receiving() {
+    // A write timeout far longer than the test needs: the slow client
+    // starts reading well before it, so the session is ended by the 3008
+    // close (behind what was written already), never by the timeout.
     let cfg = std::env::temp_dir().join(format!("sy-slow-{}.toml", std::process::id()));
     std::fs::write(&cfg, "[limits]\nmax_queue_bytes = 65536\nwrite_timeout_secs = 30\n").unwrap();
     let c = Cluster::start(1, 1, &["--config", cfg.to_str().unwrap()]);
+    let (api, ch) = (c.api_addrs[0], "chat:firehose");
+    let mut published = Published::default();
     let mut slow = c.client(0, "slow");
-    subscribe(&mut slow, "chat:firehose");
+    let mut slow_seen = StreamCheck::subscribe(&mut slow, ch);
     let mut fast = c.client(0, "fast");
-    subscribe(&mut fast, "chat:firehose");
-    // Enough to fill the kernel's socket buffers toward the slow client
-    // (several MiB on loopback) and then the 64 KiB queue.
+    let mut fast_seen = StreamCheck::subscribe(&mut fast, ch);
+    let cut_off = || metric(&c.metrics(0), "switchyard_gateway_slow_disconnects_total");
+    // Publish until the gateway cuts the slow client off: first the
+    // kernel's socket buffers toward it fill (whatever their size; the loop
+    // stops at the first cut-off), then its 64 KiB queue. The fast
+    // subscriber reads each as it comes.
     let blob = "x".repeat(16 * 1024);
-    let n = 1500u64;
-    let mut received = 0u64;
-    for i in 0..n {
-        api_publish(&c, "chat:firehose", json!({"i": i, "blob": blob}));
-        // The fast subscriber keeps up: it reads each publication as it comes.
-        while received <= i {
-            let v = fast.next_pub().expect("fast subscriber keeps receiving");
-            assert_eq!(v["push"]["pub"]["offset"], received + 1);
-            received += 1;
+    let mut i = 0u64;
+    loop {
+        assert!(i < 3000, "3000 publications of 16 KiB and the slow client was never cut off");
+        i += 1;
+        let offset = published.publish(api, ch, json!({"i": i, "blob": blob}));
+        fast_seen.receive_through(&mut fast, offset);
+        if i.is_multiple_of(10) && cut_off() >= 1 {
+            break;
         }
     }
-    while received < n {
-        let v = fast.next_pub().expect("fast subscriber gets everything");
-        assert_eq!(v["push"]["pub"]["offset"], received + 1);
-        received += 1;
+    assert_eq!(cut_off(), 1, "only the slow client is cut off");
+    // The fast subscriber keeps receiving after the cut-off. (These ten are
+    // also more than the slow client's queue could take back at once.)
+    for _ in 0..10 {
+        i += 1;
+        let offset = published.publish(api, ch, json!({"i": i, "blob": blob}));
+        fast_seen.receive_through(&mut fast, offset);
     }
-    let m = c.metrics(0);
-    assert!(metric(&m, "switchyard_gateway_slow_disconnects_total") >= 1, "{m}");
-    // The slow client, reading at last, finds its stream ended with 3008 (or cut).
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut outcome = None;
-    while Instant::now() < end {
-        match slow.next_event() {
-            Some(Event::Closed(code, _)) => {
-                outcome = code;
-                break;
-            }
-            Some(_) => continue,
-            None => break,
-        }
-    }
-    assert!(matches!(outcome, Some(3008) | None), "{outcome:?}");
+    // The slow client reads at last: everything the gateway had written,
+    // from the first offset, each once, in order, then the close frame.
+    let code = slow_seen.receive_until_close(&mut slow);
+    assert_eq!(code, Some(3008), "a slow client is closed with 3008 (slow) after {:?}", slow_seen.offsets());
+    slow_seen.verify_payloads(&published);
+    let top = published.top(ch, &slow_seen.epoch);
+    assert!(slow_seen.offset >= 1 && slow_seen.offset + 10 < top, "cut at {} of {top}", slow_seen.offset);
+    // It reconnects: what it missed (at least ten 16 KiB publications) does
+    // not fit its 64 KiB queue as one recovery, so it is told explicitly
+    // that its position is lost, and goes on from the top.
+    let mut slow = c.client(0, "slow");
+    assert!(!slow_seen.resubscribe(&mut slow), "a recovery larger than the queue answers recovered:false");
+    assert_eq!(slow_seen.offset, top);
+    i += 1;
+    let offset = published.publish(api, ch, json!({"i": i}));
+    slow_seen.receive_through(&mut slow, offset);
+    fast_seen.receive_through(&mut fast, offset);
+    slow_seen.verify(&published);
+    fast_seen.verify(&published);
+    assert_eq!(fast_seen.offsets(), (1..=offset).collect::<Vec<_>>(), "the fast subscriber got everything");
+    let _ = std::fs::remove_file(&cfg);
 }
 
 #[test]
 fn gateway_drain_moves_clients_without_loss() {
     let mut c = Cluster::start(1, 2, &["--drain-secs", "2"]);
+    let (api, ch) = (c.api_addrs[0], "chat:drain");
+    let mut published = Published::default();
     let mut ws = c.client(0, "mover");
-    let r = subscribe(&mut ws, "chat:drain");
-    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
-    for i in 0..5 {
-        api_publish(&c, "chat:drain", json!({"i": i}));
+    let mut seen = StreamCheck::subscribe(&mut ws, ch);
+    for i in 1..=5 {
+        published.publish(api, ch, json!({"i": i}));
     }
-    let mut last = 0;
-    for _ in 0..5 {
-        last = ws.next_pub().unwrap()["push"]["pub"]["offset"].as_u64().unwrap();
-    }
+    seen.receive_through(&mut ws, 5);
     c.gateways[0].signal(15);
-    // Publications keep flowing while the client is being moved.
-    for i in 5..10 {
-        api_publish(&c, "chat:drain", json!({"i": i}));
+    // Publications keep flowing while the client is being moved: it gets
+    // some live before the close, and the rest by recovery.
+    for i in 6..=10 {
+        published.publish(api, ch, json!({"i": i}));
     }
-    let mut code = None;
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        match ws.next_event() {
-            Some(Event::Json(v)) if v.get("push").is_some() => {
-                last = v["push"]["pub"]["offset"].as_u64().unwrap();
-            }
-            Some(Event::Closed(c, _)) => {
-                code = c;
-                break;
-            }
-            Some(_) => {}
-            None => break,
-        }
-    }
+    let code = seen.receive_until_close(&mut ws);
     assert_eq!(code, Some(3001), "drain closes with shutdown (reconnect)");
     assert_eq!(c.gateways[0].wait_exit(Duration::from_secs(20)), Some(0), "a drained gateway exits 0");
-    // Reconnect elsewhere and recover exactly what was missed.
+    // Reconnect elsewhere and recover exactly what was missed, then live.
+    let live_before_close = seen.offset;
     let mut ws = c.client(1, "mover");
-    let r = ws.call(
-        json!({"subscribe": {"channel": "chat:drain", "recover": true, "epoch": epoch, "offset": last}}),
-    );
-    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
-    let got: Vec<u64> = r["subscribe"]["publications"]
-        .as_array()
-        .map(|a| a.iter().map(|p| p["offset"].as_u64().unwrap()).collect())
-        .unwrap_or_default();
-    assert_eq!(got, ((last + 1)..=10).collect::<Vec<_>>());
+    assert!(seen.resubscribe(&mut ws), "a drained client recovers its position");
+    assert_eq!(seen.offset, 10, "recovered up to the top");
+    for i in 11..=13 {
+        published.publish(api, ch, json!({"i": i}));
+    }
+    seen.receive_through(&mut ws, 13);
+    assert_eq!(seen.offsets(), (1..=13).collect::<Vec<_>>(), "each once, in order, across the move");
+    let recovered: Vec<u64> = seen.received.iter().filter(|r| r.recovered).map(|r| r.offset).collect();
+    assert_eq!(recovered, ((live_before_close + 1)..=10).collect::<Vec<_>>(), "what the reply recovered");
+    seen.verify(&published);
+    assert_eq!(seen.data(), (1..=13).map(|i| json!({"i": i})).collect::<Vec<_>>());
+    // The cluster still takes a new gateway after the drain.
     c.add_gateway(2, &[]);
 }
 
 #[test]
 fn gateway_crash_clients_recover_from_the_ring() {
     let c = Cluster::start(1, 2, &[]);
+    let (api, ch) = (c.api_addrs[0], "chat:crash");
+    let mut published = Published::default();
     let mut ws = c.client(0, "victim");
-    let r = subscribe(&mut ws, "chat:crash");
-    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
-    api_publish(&c, "chat:crash", json!({"i": 0}));
-    let last = ws.next_pub().unwrap()["push"]["pub"]["offset"].as_u64().unwrap();
+    let mut seen = StreamCheck::subscribe(&mut ws, ch);
+    published.publish(api, ch, json!({"i": 1}));
+    seen.receive_through(&mut ws, 1);
     c.gateways[0].signal(9);
-    for i in 1..4 {
-        api_publish(&c, "chat:crash", json!({"i": i}));
+    // The connection ends without a close frame (the process is gone),
+    // and nothing after offset 1 came on it.
+    seen.receive_until_ended(&mut ws);
+    for i in 2..=4 {
+        published.publish(api, ch, json!({"i": i}));
     }
     let mut ws = c.client(1, "victim");
-    let r = ws.call(
-        json!({"subscribe": {"channel": "chat:crash", "recover": true, "epoch": epoch, "offset": last}}),
-    );
-    assert_eq!(r["subscribe"]["recovered"], true, "{r}");
-    assert_eq!(r["subscribe"]["publications"].as_array().unwrap().len(), 3);
+    assert!(seen.resubscribe(&mut ws), "recovered from the ring after a gateway crash");
+    for i in 5..=6 {
+        published.publish(api, ch, json!({"i": i}));
+    }
+    seen.receive_through(&mut ws, 6);
+    assert_eq!(seen.offsets(), (1..=6).collect::<Vec<_>>(), "each once, in order, across the crash");
+    let recovered: Vec<u64> = seen.received.iter().filter(|r| r.recovered).map(|r| r.offset).collect();
+    assert_eq!(recovered, [2, 3, 4], "the missed ones came in the subscribe reply");
+    seen.verify(&published);
+    assert_eq!(seen.data(), (1..=6).map(|i| json!({"i": i})).collect::<Vec<_>>());
 }
 
 #[test]
 fn router_crash_is_never_a_silent_gap() {
     let mut c = Cluster::start(1, 1, &[]);
+    let ch = "chat:rc";
+    let mut published = Published::default();
     let mut ws = c.client(0, "watcher");
-    let r = subscribe(&mut ws, "chat:rc");
-    let epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
-    api_publish(&c, "chat:rc", json!({"i": 0}));
-    assert_eq!(ws.next_pub().unwrap()["push"]["pub"]["offset"], 1);
+    let mut seen = StreamCheck::subscribe(&mut ws, ch);
+    for i in 1..=3 {
+        published.publish(c.api_addrs[0], ch, json!({"i": i}));
+    }
+    seen.receive_through(&mut ws, 3);
+    let old_epoch = seen.epoch.clone();
     c.restart_router(0);
-    // The gateway tells its subscribers to resubscribe (unsubscribe 2500)…
-    let end = Instant::now() + Duration::from_secs(30);
-    let mut told = false;
-    while Instant::now() < end && !told {
-        if let Some(Event::Json(v)) = ws.next_event() {
-            told = v["push"]["unsubscribe"]["code"] == 2500 && v["push"]["channel"] == "chat:rc";
-        }
-    }
-    assert!(told, "subscribers are told to resync when their router goes away");
+    // The gateway tells its subscribers to resubscribe (unsubscribe 2500),
+    // with nothing else on the channel before…
+    assert_eq!(seen.receive_until_unsubscribed(&mut ws), 2500, "told to resync when the router goes away");
     // …and once the gateway is back on a router, the old position is
-    // explicitly unrecoverable (new epoch), never silently continued.
+    // explicitly unrecoverable (the router restarted empty: a new epoch),
+    // never silently continued.
     e2e::wait_ready(c.admin_addrs[0]);
-    let mut r = Value::Null;
-    for _ in 0..50 {
-        r = ws
-            .call(json!({"subscribe": {"channel": "chat:rc", "recover": true, "epoch": epoch, "offset": 1}}));
-        if r["error"]["temporary"] != true {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    assert!(!seen.resubscribe(&mut ws), "a position on a crashed router is not recovered");
+    assert_ne!(seen.epoch, old_epoch, "a restarted router starts a new epoch");
+    // The stream goes on from the new position, each once, in order.
+    let from = seen.offset;
+    assert_eq!(from, 0, "nothing was published in the new epoch yet");
+    for i in 4..=6 {
+        published.publish(c.api_addrs[0], ch, json!({"i": i}));
     }
-    assert_eq!(r["subscribe"]["was_recovering"], true, "{r}");
-    assert!(r["subscribe"].get("recovered").is_none(), "{r}");
-    assert_ne!(r["subscribe"]["epoch"], json!(epoch));
+    let top = published.top(ch, &seen.epoch);
+    seen.receive_through(&mut ws, top);
+    let expected: Vec<u64> = (1..=3).chain((from + 1)..=top).collect();
+    assert_eq!(seen.offsets(), expected);
+    assert_eq!(seen.data(), (1..=6).map(|i| json!({"i": i})).collect::<Vec<_>>());
+    seen.verify(&published);
 }
 
 #[test]
@@ -181,18 +195,22 @@ fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
         (0..120).filter_map(|_| std::net::TcpStream::connect(c.ws_addrs[0]).ok()).collect();
     assert!(flood.len() > 64, "the kernel queues what the gateway cannot take");
     let errors = |c: &Cluster| metric(&c.metrics(0), "switchyard_gateway_accept_errors_total");
-    let end = Instant::now() + Duration::from_secs(10);
-    while errors(&c) == 0 {
-        assert!(Instant::now() < end, "the gateway never ran out of descriptors");
-        std::thread::sleep(Duration::from_millis(50));
+    let first =
+        wait_until(Duration::from_secs(10), "accept errors (out of descriptors)", || errors(&c), |n| *n > 0);
+    // It keeps trying (the next failed accept comes)…
+    wait_until(Duration::from_secs(10), "another accept attempt", || errors(&c), |n| *n > first);
+    // …backing off (5 ms doubling to 1 s per core), not spinning on a
+    // listener that stays readable. Watch 3 s for a 31st attempt and fail
+    // as soon as it comes: a backing-off core makes at most ~10 attempts in
+    // any 3 s (5 + 10 + … + 640 ms is 1.3 s, then one a second), two cores
+    // ~20, while a busy loop passes 30 within a millisecond — so 3 s is
+    // ample to tell them apart, and a loaded machine only makes fewer.
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end {
+        let retried = errors(&c) - first;
+        assert!(retried <= 30, "{retried} accept errors: the gateway spins on EMFILE");
+        std::thread::sleep(Duration::from_millis(100));
     }
-    let first = errors(&c);
-    std::thread::sleep(Duration::from_secs(3));
-    // Backing off (5 ms doubling to 1 s per core), not spinning on a
-    // listener that stays readable: a handful of attempts in 3 s, where a
-    // busy loop would make millions.
-    let retried = errors(&c) - first;
-    assert!(retried <= 30, "{retried} accept errors in 3 s");
     // The connected are served meanwhile.
     let offset = api_publish(&c, "chat:fd", json!({"n": 1}));
     assert_eq!(reader.next_pub().expect("still served")["push"]["pub"]["offset"], offset);
@@ -209,32 +227,43 @@ fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
 fn a_router_that_stops_answering_gets_clients_a_temporary_error_not_a_hang() {
     let c = Cluster::start(1, 1, &[]);
     let mut ws = c.client(0, "waiter");
-    subscribe(&mut ws, "chat:warm");
+    let mut published = Published::default();
+    let mut warm = StreamCheck::subscribe(&mut ws, "chat:warm");
+    published.publish(c.api_addrs[0], "chat:warm", json!({"before": "stall"}));
+    warm.receive_through(&mut ws, 1);
     // The router process stops (as if wedged): the link stays up for a
     // while, and the subscribe below is never answered by it.
     c.routers[0].signal(libc::SIGSTOP);
     ws.send_json(&json!({"id": 70, "subscribe": {"channel": "chat:stalled"}}));
     let end = Instant::now() + Duration::from_secs(40);
+    let mut others = Vec::new();
     let reply = loop {
-        assert!(Instant::now() < end, "no answer to a subscribe the router never answered");
-        match ws.next_event() {
+        match ws.event_by(end, "the answer to a subscribe the router never answered") {
             Some(Event::Json(v)) if v["id"] == 70 => break v,
             Some(Event::Closed(code, _)) => panic!("closed with {code:?}"),
-            _ => continue,
+            Some(e) => others.push(e), // chat:warm's, checked below
+            None => panic!("no answer within 40 s to a subscribe the router never answered"),
         }
     };
+    ws.put_back(others);
     assert_eq!(reply["error"]["code"], 100, "{reply}");
     assert_eq!(reply["error"]["temporary"], true, "the SDKs retry a temporary error: {reply}");
     c.routers[0].signal(libc::SIGCONT);
-    // Once the router answers again, the retry succeeds.
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        assert!(Instant::now() < end, "the retried subscribe never succeeded");
-        let r = ws.call(json!({"subscribe": {"channel": "chat:stalled"}}));
-        if r.get("error").is_none() {
-            break;
-        }
-        assert_eq!(r["error"]["temporary"], true, "{r}");
-        std::thread::sleep(Duration::from_millis(300));
+    // Once the router answers again, the retry succeeds…
+    let mut stalled = StreamCheck::from_reply(
+        "chat:stalled",
+        &call_retrying(&mut ws, json!({"subscribe": {"channel": "chat:stalled"}})),
+    );
+    // …and the session receives on both channels. chat:warm may have been
+    // told to resubscribe (2500) if the gateway gave the silent link up;
+    // then it recovers from the ring the router kept, without a gap.
+    for ch in ["chat:warm", "chat:stalled"] {
+        published.publish(c.api_addrs[0], ch, json!({"after": "stall"}));
     }
+    warm.receive_through_resyncing(&mut ws, 2);
+    assert_eq!(warm.unrecovered, 0, "the router kept chat:warm's ring: the position is recovered");
+    stalled.receive_through(&mut ws, 1);
+    warm.verify(&published);
+    stalled.verify(&published);
+    assert_eq!(warm.offsets(), [1, 2]);
 }

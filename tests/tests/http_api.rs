@@ -8,6 +8,14 @@ fn parse(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
 }
 
+/// Calls the API and returns the parsed body; a Centrifugo API answers 200
+/// even for a command error (it is in the body).
+fn call(c: &Cluster, method: &str, body: &Value) -> Value {
+    let (st, out) = c.api(0, method, body);
+    assert_eq!(st, 200, "{method}: {out}");
+    parse(&out)
+}
+
 #[test]
 fn publish_broadcast_history_presence_channels_info() {
     let c = Cluster::start(1, 1, &[]);
@@ -26,50 +34,48 @@ fn publish_broadcast_history_presence_channels_info() {
 
     // Idempotency: a repeated key returns the first result and delivers nothing new.
     let p = json!({"channel": "chat:api", "data": {"n": 2}, "idempotency_key": "k1"});
-    let first = parse(&c.api(0, "publish", &p).1);
-    let again = parse(&c.api(0, "publish", &p).1);
+    let first = call(&c, "publish", &p);
+    let again = call(&c, "publish", &p);
     assert_eq!(first["result"], again["result"]);
-    assert_eq!(ws.next_pub().unwrap()["push"]["pub"]["offset"], 2);
+    let pushed = ws.next_pub().unwrap();
+    assert_eq!(pushed["push"]["pub"]["offset"], 2, "{pushed}");
+    assert_eq!(pushed["push"]["pub"]["data"], json!({"n": 2}), "{pushed}");
 
     // Broadcast: one response per channel, errors inline.
-    let (_, body) = c.api(
-        0,
+    let v = call(
+        &c,
         "broadcast",
         &json!({"channels": ["chat:api", "nope:x"], "data": {"n": 3}, "tags": {"k": "v"}}),
     );
-    let v = parse(&body);
     let responses = v["result"]["responses"].as_array().unwrap();
     assert_eq!(responses[0]["result"]["offset"], 3, "{v}");
     assert_eq!(responses[1]["error"]["code"], 102);
     let pushed = ws.next_pub().unwrap();
     assert_eq!(pushed["push"]["pub"]["tags"]["k"], "v");
+    assert_eq!(pushed["push"]["pub"]["offset"], 3, "{pushed}");
+    assert_eq!(pushed["push"]["pub"]["data"], json!({"n": 3}), "{pushed}");
 
-    let (_, body) = c.api(0, "history", &json!({"channel": "chat:api", "limit": -1}));
-    let v = parse(&body);
+    let v = call(&c, "history", &json!({"channel": "chat:api", "limit": -1}));
     assert_eq!(v["result"]["publications"].as_array().unwrap().len(), 3, "{v}");
     assert_eq!(v["result"]["epoch"], epoch);
-    let (_, body) =
-        c.api(0, "history", &json!({"channel": "chat:api", "since": {"offset": 1, "epoch": "other"}}));
-    assert_eq!(parse(&body)["error"]["code"], 112);
+    let v = call(&c, "history", &json!({"channel": "chat:api", "since": {"offset": 1, "epoch": "other"}}));
+    assert_eq!(v["error"]["code"], 112, "{v}");
 
-    let (_, body) = c.api(0, "presence_stats", &json!({"channel": "chat:api"}));
-    assert_eq!(parse(&body)["result"], json!({"num_clients": 1, "num_users": 1}));
-    let (_, body) = c.api(0, "presence", &json!({"channel": "chat:api"}));
-    let v = parse(&body);
+    let v = call(&c, "presence_stats", &json!({"channel": "chat:api"}));
+    assert_eq!(v["result"], json!({"num_clients": 1, "num_users": 1}));
+    let v = call(&c, "presence", &json!({"channel": "chat:api"}));
     let entry = v["result"]["presence"].as_object().unwrap().values().next().unwrap().clone();
     assert_eq!(entry["user"], "42");
-    assert_eq!(parse(&c.api(0, "presence", &json!({"channel": "typing:x"})).1)["error"]["code"], 108);
+    assert_eq!(call(&c, "presence", &json!({"channel": "typing:x"}))["error"]["code"], 108);
 
-    let (_, body) = c.api(0, "channels", &json!({"pattern": "chat:*"}));
-    assert!(parse(&body)["result"]["channels"]["chat:api"].is_object(), "{body}");
-    let (_, body) = c.api(0, "info", &json!({}));
-    let v = parse(&body);
+    let v = call(&c, "channels", &json!({"pattern": "chat:*"}));
+    assert!(v["result"]["channels"]["chat:api"].is_object(), "{v}");
+    let v = call(&c, "info", &json!({}));
     assert_eq!(v["result"]["nodes"][0]["name"], "router-0", "{v}");
 
-    let (_, body) = c.api(0, "history_remove", &json!({"channel": "chat:api"}));
-    assert_eq!(parse(&body)["result"], json!({}));
-    let (_, body) = c.api(0, "history", &json!({"channel": "chat:api", "limit": -1}));
-    let v = parse(&body);
+    let v = call(&c, "history_remove", &json!({"channel": "chat:api"}));
+    assert_eq!(v["result"], json!({}));
+    let v = call(&c, "history", &json!({"channel": "chat:api", "limit": -1}));
     assert_eq!(v["result"]["publications"], json!([]));
     assert_eq!(v["result"]["offset"], 3, "history_remove keeps the position");
 }

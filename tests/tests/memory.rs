@@ -71,17 +71,29 @@ fn ten_thousand_idle_connections_stay_under_2_kib_each() {
     let addr = c.ws_addrs[0];
     // Warm up: per-core scratch buffers, allocator arenas, channel entries.
     let mut held: Vec<TcpStream> = (0..500).map(|i| idle_client(addr, i)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Measured once the gateway counts every connection and has nothing
+    // left to write (each client already had both replies).
+    let settled = |n: u64| {
+        let what = format!("{n} idle connections, nothing queued");
+        let state = || {
+            let m = c.metrics(0);
+            (
+                e2e::metric(&m, "switchyard_gateway_connections"),
+                e2e::metric(&m, "switchyard_gateway_queued_bytes"),
+            )
+        };
+        e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
+    };
+    settled(500);
     let before = rss(pid);
     let n = 10_000;
     for i in 500..500 + n {
         held.push(idle_client(addr, i));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    settled((500 + n) as u64);
     let after = rss(pid);
     let per_conn = (after.saturating_sub(before)) as f64 / n as f64;
     println!("gateway RSS growth: {per_conn:.0} bytes per idle subscribed connection ({n} connections)");
     assert!(per_conn <= 2048.0, "{per_conn:.0} B per idle connection");
-    let m = c.metrics(0);
-    assert_eq!(e2e::metric(&m, "switchyard_gateway_connections"), (n + 500) as u64);
+    assert_eq!(held.len(), n + 500);
 }

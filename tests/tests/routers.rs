@@ -7,107 +7,56 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use e2e::{Cluster, Event, Ws, http_get, metric};
+use e2e::{Cluster, Event, Published, StreamCheck, Ws, call_retrying, http_get, metric, wait_until};
 use proto::rendezvous::ranked;
 use serde_json::{Value, json};
 
-/// What one client saw of one channel.
-#[derive(Debug, Default)]
-struct Stream {
-    epoch: String,
-    last: u64,
-    /// The `i` of every publication received, in order.
-    data: Vec<u64>,
-    /// Times the server said `recovered: false` (an explicit, allowed gap).
-    told: u32,
-}
-
-/// A client subscribed to some channels, checking every push as it comes:
-/// offsets consecutive within an epoch, and an epoch change only after the
-/// server said the position was not recovered.
+/// A client subscribed to some channels, checking every push as it comes
+/// with one [`StreamCheck`] per channel: offsets consecutive from the
+/// position (each once, in order), a resubscribe on `unsubscribe` 2500 that
+/// either recovers exactly or is told explicitly (`recovered: false`), and
+/// nothing for a channel it is not subscribed to.
 struct Subscriber {
     ws: Ws,
-    streams: HashMap<String, Stream>,
+    streams: HashMap<String, StreamCheck>,
 }
 
 impl Subscriber {
-    fn new(ws: Ws, channels: &[String]) -> Subscriber {
-        let mut s = Subscriber { ws, streams: HashMap::new() };
-        for ch in channels {
-            let r = s.ws.call(json!({"subscribe": {"channel": ch, "recover": true}}));
-            assert!(r.get("error").is_none(), "{r}");
-            let st = s.streams.entry(ch.clone()).or_default();
-            st.epoch = r["subscribe"]["epoch"].as_str().unwrap().to_owned();
-            st.last = r["subscribe"]["offset"].as_u64().unwrap_or(0);
-        }
-        s
+    fn new(mut ws: Ws, channels: &[String]) -> Subscriber {
+        let streams = channels.iter().map(|ch| (ch.clone(), StreamCheck::subscribe(&mut ws, ch))).collect();
+        Subscriber { ws, streams }
     }
 
-    fn apply(&mut self, channel: &str, p: &Value) {
-        let st = self.streams.get_mut(channel).expect("subscribed channel");
-        let offset = p["offset"].as_u64().unwrap();
-        assert_eq!(offset, st.last + 1, "{channel}: no gap, duplicate or reordering within an epoch");
-        st.last = offset;
-        st.data.push(p["data"]["i"].as_u64().unwrap());
-    }
-
-    /// Resubscribes after an `unsubscribe` 2500 push, recovering from the
-    /// last position; retries while no router is available.
-    fn resubscribe(&mut self, channel: &str) {
-        let (epoch, last) = {
-            let st = &self.streams[channel];
-            (st.epoch.clone(), st.last)
-        };
-        let mut r = Value::Null;
-        for _ in 0..100 {
-            r = self.ws.call(
-                json!({"subscribe": {"channel": channel, "recover": true, "epoch": epoch, "offset": last}}),
-            );
-            if r["error"]["temporary"] != true {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(r.get("error").is_none(), "{r}");
-        let sub = &r["subscribe"];
-        if sub["recovered"] == true {
-            for p in sub["publications"].as_array().cloned().unwrap_or_default() {
-                self.apply(channel, &p);
-            }
-        } else {
-            let st = self.streams.get_mut(channel).unwrap();
-            st.told += 1;
-            st.epoch = sub["epoch"].as_str().unwrap().to_owned();
-            st.last = sub["offset"].as_u64().unwrap_or(0);
-        }
-    }
-
-    /// Handles pushes until `done` holds or `timeout` passes.
-    fn pump(&mut self, timeout: Duration, done: impl Fn(&HashMap<String, Stream>) -> bool) -> bool {
+    /// Handles pushes until `done` holds or `timeout` passes. A close or an
+    /// ended connection fails the test.
+    fn pump(&mut self, timeout: Duration, done: impl Fn(&HashMap<String, StreamCheck>) -> bool) -> bool {
         let end = Instant::now() + timeout;
         while !done(&self.streams) {
-            if Instant::now() > end {
-                return false;
-            }
-            let Some(ev) = self.ws.next_event() else { continue };
+            let Some(ev) = self.ws.event_by(end, "publications") else { return false };
             let Event::Json(v) = ev else { panic!("unexpected {ev:?}") };
             let push = &v["push"];
-            let Some(channel) = push["channel"].as_str().map(str::to_owned) else { continue };
+            let Some(channel) = push["channel"].as_str() else { continue };
+            let st = self.streams.get_mut(channel).unwrap_or_else(|| panic!("a push for {channel}: {v}"));
             if let Some(p) = push.get("pub") {
-                self.apply(&channel, p);
+                st.publication(p);
             } else if push["unsubscribe"]["code"] == 2500 {
-                self.resubscribe(&channel);
+                let r = call_retrying(&mut self.ws, st.recover_command());
+                st.resubscribed(&r);
+            } else {
+                panic!("unexpected push {v}");
             }
         }
         true
     }
 }
 
-fn publish(c: &Cluster, router: usize, channel: &str, i: u64) {
-    let (st, body) = c.api(router, "publish", &json!({"channel": channel, "data": {"i": i}}));
-    assert_eq!(st, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert!(v["result"]["offset"].as_u64().is_some(), "{v}");
+/// The `i` of every publication a stream received, in order.
+fn indices(st: &StreamCheck) -> Vec<u64> {
+    st.data().iter().map(|d| d["i"].as_u64().unwrap()).collect()
+}
+
+fn publish(c: &Cluster, published: &mut Published, router: usize, channel: &str, i: u64) {
+    published.publish(c.api_addrs[router], channel, json!({"i": i}));
 }
 
 fn router_metric(c: &Cluster, r: usize, name: &str) -> u64 {
@@ -139,20 +88,23 @@ fn three_routers_order_every_channel_across_two_gateways() {
     let channels: Vec<String> = (0..9).map(|i| format!("chat:spread-{i}")).collect();
     let mut a = Subscriber::new(c.client(0, "ann"), &channels);
     let mut b = Subscriber::new(c.client(1, "ben"), &channels);
+    let mut published = Published::default();
     let per_channel = 15u64;
     for i in 0..per_channel {
         for (k, ch) in channels.iter().enumerate() {
             // Any router takes any channel's call; non-owners forward it.
-            publish(&c, (i as usize + k) % 3, ch, i);
+            publish(&c, &mut published, (i as usize + k) % 3, ch, i);
         }
     }
-    let all = |s: &HashMap<String, Stream>| s.values().all(|st| st.data.len() as u64 == per_channel);
+    let all = |s: &HashMap<String, StreamCheck>| s.values().all(|st| st.received.len() as u64 == per_channel);
     assert!(a.pump(Duration::from_secs(30), all), "ann got everything");
     assert!(b.pump(Duration::from_secs(30), all), "ben got everything");
     for s in [&a, &b] {
         for (ch, st) in &s.streams {
-            assert_eq!(st.data, (0..per_channel).collect::<Vec<_>>(), "{ch} in publish order");
-            assert_eq!(st.told, 0);
+            assert_eq!(indices(st), (0..per_channel).collect::<Vec<_>>(), "{ch} in publish order");
+            assert_eq!(st.offsets(), (1..=per_channel).collect::<Vec<_>>(), "{ch}");
+            assert_eq!((st.unrecovered, st.recoveries), (0, 0), "{ch}: no resync");
+            st.verify(&published);
         }
     }
     // Each publication was ordered by exactly one router (plus one presence
@@ -183,32 +135,36 @@ fn a_draining_router_hands_its_channels_over_without_a_silent_gap() {
     let mut a = Subscriber::new(c.client(0, "ann"), &channels);
     let mut b = Subscriber::new(c.client(1, "ben"), &channels);
     let survivors = [0usize, 2];
+    let mut published = Published::default();
 
     let mut i = 0u64;
-    let round = |c: &Cluster, i: &mut u64| {
+    let round = |c: &Cluster, published: &mut Published, i: &mut u64| {
         for ch in &channels {
-            publish(c, survivors[*i as usize % 2], ch, *i);
+            publish(c, published, survivors[*i as usize % 2], ch, *i);
         }
         *i += 1;
     };
     for _ in 0..5 {
-        round(&c, &mut i);
+        round(&c, &mut published, &mut i);
     }
-    let upto = |n: usize| move |s: &HashMap<String, Stream>| s.values().all(|st| st.data.len() >= n);
+    let upto = |n: usize| move |s: &HashMap<String, StreamCheck>| s.values().all(|st| st.received.len() >= n);
     assert!(a.pump(Duration::from_secs(30), upto(5)));
     assert!(b.pump(Duration::from_secs(30), upto(5)));
 
     c.routers[1].signal(15);
-    let end = Instant::now() + Duration::from_secs(5);
-    while !http_get(c.api_addrs[1], "/readyz").contains("draining") {
-        assert!(Instant::now() < end, "a draining router is not ready");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "a draining router's /readyz",
+        || http_get(c.api_addrs[1], "/readyz"),
+        |r| r.contains("draining"),
+    );
     // Traffic goes on while the channels move.
     for _ in 0..5 {
-        round(&c, &mut i);
+        round(&c, &mut published, &mut i);
     }
-    let told = |moved: Vec<String>| move |s: &HashMap<String, Stream>| moved.iter().all(|ch| s[ch].told >= 1);
+    let told = |moved: Vec<String>| {
+        move |s: &HashMap<String, StreamCheck>| moved.iter().all(|ch| s[ch].unrecovered >= 1)
+    };
     assert!(a.pump(Duration::from_secs(30), told(moved.clone())), "ann is told to resync the moved channels");
     assert!(b.pump(Duration::from_secs(30), told(moved.clone())), "ben is told to resync the moved channels");
     assert_eq!(c.routers[1].wait_exit(Duration::from_secs(20)), Some(0), "a drained router exits 0");
@@ -216,19 +172,34 @@ fn a_draining_router_hands_its_channels_over_without_a_silent_gap() {
     // Once settled, everything published reaches everyone, in order.
     let from = i;
     for _ in 0..5 {
-        round(&c, &mut i);
+        round(&c, &mut published, &mut i);
     }
     let last = i - 1;
-    let done = move |s: &HashMap<String, Stream>| s.values().all(|st| st.data.last() == Some(&last));
+    let done = move |s: &HashMap<String, StreamCheck>| {
+        s.values().all(|st| st.received.last().is_some_and(|r| r.data["i"] == last))
+    };
     assert!(a.pump(Duration::from_secs(30), done), "ann gets what was published after the move");
     assert!(b.pump(Duration::from_secs(30), done), "ben gets what was published after the move");
     for s in [&a, &b] {
         for (ch, st) in &s.streams {
-            let tail: Vec<u64> = st.data.iter().copied().filter(|d| *d >= from).collect();
+            // Every payload is what was published at its epoch and offset,
+            // and the client is at the top of its channel's current epoch.
+            st.verify(&published);
+            let got = indices(st);
+            let tail: Vec<u64> = got.iter().copied().filter(|d| *d >= from).collect();
             assert_eq!(tail, (from..i).collect::<Vec<_>>(), "{ch}: nothing lost after the hand-over");
             if stay.contains(ch) {
-                assert_eq!(st.data, (0..i).collect::<Vec<_>>(), "{ch}: untouched by the drain");
-                assert_eq!(st.told, 0, "{ch}: no needless resync");
+                assert_eq!(got, (0..i).collect::<Vec<_>>(), "{ch}: untouched by the drain");
+                assert_eq!(st.offsets(), (1..=i).collect::<Vec<_>>(), "{ch}");
+                assert_eq!((st.unrecovered, st.recoveries), (0, 0), "{ch}: no needless resync");
+            } else {
+                // What a moved channel's client missed is explicit: it was
+                // told (recovered:false), and its indices only jump there.
+                assert!(st.unrecovered >= 1, "{ch}");
+                assert_eq!(got.first(), Some(&0), "{ch}");
+                assert!(got.windows(2).all(|w| w[0] < w[1]), "{ch}: once, in publish order: {got:?}");
+                let jumps = got.windows(2).filter(|w| w[1] != w[0] + 1).count();
+                assert!(jumps <= st.unrecovered as usize, "{ch}: a gap it was not told about: {got:?}");
             }
         }
     }
@@ -237,33 +208,62 @@ fn a_draining_router_hands_its_channels_over_without_a_silent_gap() {
 #[test]
 fn join_and_leave_pushes_where_the_namespace_enables_them() {
     let cfg = std::env::temp_dir().join(format!("sy-jl-{}.toml", std::process::id()));
-    let ns = "[namespaces.namespaces.room]\njoin_leave = true\npresence = true\n";
+    let ns = "[namespaces.namespaces.room]\njoin_leave = true\npresence = true\n[namespaces.namespaces.quiet]\njoin_leave = false\npresence = true\n";
     std::fs::write(&cfg, ns).unwrap();
     let path = cfg.to_str().unwrap();
     let c = Cluster::start_with(1, 2, &["--config", path], &["--config", path]);
+    // quiet: has presence but no join/leave; room: has both.
     let mut ann = c.client(0, "ann");
-    let r = ann.call(json!({"subscribe": {"channel": "room:1"}}));
-    assert!(r.get("error").is_none(), "{r}");
     let mut ben = c.client(1, "ben");
-    let r = ben.call(json!({"subscribe": {"channel": "room:1"}}));
-    assert!(r.get("error").is_none(), "{r}");
-    // Ann sees her own join too (as in Centrifugo), then Ben's.
-    let next = |ws: &mut Ws, kind: &str, user: &str| -> Value {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < end {
-            if let Some(Event::Json(v)) = ws.next_event()
-                && v["push"][kind]["info"]["user"] == user
-            {
-                return v;
+    for ws in [&mut ann, &mut ben] {
+        for ch in ["quiet:1", "room:1"] {
+            let r = ws.call(json!({"subscribe": {"channel": ch}}));
+            assert!(r.get("error").is_none(), "{r}");
+        }
+    }
+    // Ann sees her own join too (as in Centrifugo), then Ben's, then his
+    // leave when he goes, and nothing of the kind on quiet:1.
+    let mut seen: Vec<(String, String, String)> = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    let record = |v: &Value, seen: &mut Vec<_>| {
+        for kind in ["join", "leave"] {
+            if let Some(info) = v["push"].get(kind) {
+                assert!(info["info"]["client"].is_string(), "{v}");
+                let user = info["info"]["user"].as_str().unwrap().to_owned();
+                seen.push((v["push"]["channel"].as_str().unwrap().to_owned(), kind.to_owned(), user));
             }
         }
-        panic!("no {kind} push for {user}");
     };
-    let j = next(&mut ann, "join", "ben");
-    assert_eq!(j["push"]["channel"], "room:1");
-    assert!(j["push"]["join"]["info"]["client"].is_string(), "{j}");
+    let room = |kind: &str, user: &str| ("room:1".to_owned(), kind.to_owned(), user.to_owned());
+    while seen.len() < 2 {
+        match ann.event_by(end, "join pushes") {
+            Some(Event::Json(v)) => record(&v, &mut seen),
+            other => panic!("no join pushes (so far {seen:?}): {other:?}"),
+        }
+    }
+    assert_eq!(seen, [room("join", "ann"), room("join", "ben")]);
     drop(ben);
-    let l = next(&mut ann, "leave", "ben");
-    assert_eq!(l["push"]["leave"]["info"]["user"], "ben");
+    while seen.len() < 3 {
+        match ann.event_by(end, "a leave push") {
+            Some(Event::Json(v)) => record(&v, &mut seen),
+            other => panic!("no leave push (so far {seen:?}): {other:?}"),
+        }
+    }
+    assert_eq!(seen[2], room("leave", "ben"));
+    // A publication on quiet:1, made after Ben's leave reached Ann: a
+    // join or leave of quiet:1 (Ben's subscribe, his disconnect) would
+    // have come from the same channel's owner before it.
+    let (st, body) = c.api(0, "publish", &json!({"channel": "quiet:1", "data": {"sentinel": true}}));
+    assert_eq!(st, 200, "{body}");
+    loop {
+        match ann.event_by(end, "the quiet:1 publication") {
+            Some(Event::Json(v)) if v["push"]["channel"] == "quiet:1" && v["push"]["pub"].is_object() => {
+                break;
+            }
+            Some(Event::Json(v)) => record(&v, &mut seen),
+            other => panic!("no quiet:1 publication: {other:?}"),
+        }
+    }
+    assert_eq!(seen.len(), 3, "join/leave only where the namespace enables them: {seen:?}");
     let _ = std::fs::remove_file(&cfg);
 }

@@ -27,6 +27,19 @@ fn wss_client(c: &Cluster, user: &str) -> Ws {
     ws
 }
 
+/// Asserts a read to the end stopped because the gateway ended the
+/// connection (EOF, a reset, a TLS EOF without close_notify), not because
+/// our 10 s read timeout gave up on a connection it kept open.
+fn closed_by_gateway(r: std::io::Result<usize>, what: &str) {
+    if let Err(e) = &r {
+        use std::io::ErrorKind::{TimedOut, WouldBlock};
+        assert!(
+            !matches!(e.kind(), WouldBlock | TimedOut),
+            "{what}: the gateway kept the connection open: {e}"
+        );
+    }
+}
+
 fn api_publish(c: &Cluster, channel: &str, data: Value) {
     let (st, body) = c.api(0, "publish", &json!({"channel": channel, "data": data}));
     assert_eq!(st, 200, "{body}");
@@ -60,8 +73,9 @@ fn wss_clients_on_both_cores_receive_everything_in_order() {
     let r = clients[0].call(json!({"publish": {"channel": "chat:tls", "data": {"from": "client"}}}));
     assert!(r.get("error").is_none(), "{r}");
     for ws in &mut clients {
-        let v = ws.next_pub().unwrap();
+        let v = ws.next_pub().expect("the client's publication over wss");
         assert_eq!(v["push"]["pub"]["data"]["from"], "client");
+        assert_eq!(v["push"]["pub"]["offset"], 21, "{v}");
     }
 }
 
@@ -80,26 +94,27 @@ fn plain_http_and_garbage_records_on_the_tls_port_close_only_their_connection() 
         .write_all(b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         .unwrap();
     let mut got = Vec::new();
-    let _ = plain.read_to_end(&mut got);
+    closed_by_gateway(plain.read_to_end(&mut got), "a plain upgrade on the TLS port");
     assert!(!got.starts_with(b"HTTP/1.1 101"), "a plain upgrade must not succeed on the TLS port");
 
     // A record of random bytes after a good handshake: closed.
     let mut garbage = e2e::tls_stream(c.ws_addrs[0], &c.certs.join("ca.pem"));
     garbage.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut answer = Vec::new();
-    let _ = garbage.read_to_end(&mut answer);
+    closed_by_gateway(garbage.read_to_end(&mut answer), "a bad upgrade over TLS");
     let text = String::from_utf8_lossy(&answer);
     assert!(text.starts_with("HTTP/1.1 4"), "a bad upgrade over TLS gets its HTTP answer: {text}");
     let mut raw = TcpStream::connect(c.ws_addrs[0]).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     raw.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]).unwrap();
     let mut sink = Vec::new();
-    let _ = raw.read_to_end(&mut sink);
+    closed_by_gateway(raw.read_to_end(&mut sink), "a garbage TLS record");
 
     // The bystander is unaffected.
     api_publish(&c, "chat:tls-bad", json!({"ok": true}));
     let v = bystander.next_pub().expect("bystander keeps receiving");
     assert_eq!(v["push"]["pub"]["data"]["ok"], true);
+    assert_eq!(v["push"]["pub"]["offset"], 1, "{v}");
 }
 
 #[test]
