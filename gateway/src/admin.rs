@@ -42,7 +42,14 @@ pub fn spawn(
             let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
             let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        // Out of descriptors (EMFILE) and friends: no busy loop.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                };
                 let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
                 let (metrics, life) = (metrics.clone(), life.clone());
                 tokio::spawn(async move {

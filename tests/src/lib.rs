@@ -284,8 +284,19 @@ impl Cluster {
 
     /// Connects a client to gateway `i` and sends `connect` with a token for `user`.
     /// Retries while the gateway's uplink is not yet up (publishes need it).
+    /// A 503 (admission control) is retried after its `Retry-After`, as the
+    /// SDKs do, for at most 30 s.
     pub fn client(&self, i: usize, user: &str) -> Ws {
-        let mut ws = Ws::connect(self.ws_addrs[i], "/connection/websocket").expect("upgrade");
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut ws = loop {
+            match Ws::connect(self.ws_addrs[i], "/connection/websocket") {
+                Ok(ws) => break ws,
+                Err(ClientHandshakeError::Rejected { status: 503, retry_after }) if Instant::now() < end => {
+                    std::thread::sleep(Duration::from_secs(retry_after.unwrap_or(1).min(5) as u64));
+                }
+                Err(e) => panic!("upgrade: {e:?}"),
+            }
+        };
         let reply = ws.call(serde_json::json!({"connect": {"token": token(user), "name": "e2e"}}));
         assert!(reply["connect"]["client"].is_string(), "{reply}");
         ws
@@ -305,7 +316,16 @@ impl Cluster {
 
     /// Fetches gateway `i`'s Prometheus metrics.
     pub fn metrics(&self, i: usize) -> String {
-        http_get(self.admin_addrs[i], "/metrics")
+        // A gateway out of descriptors cannot accept the admin connection
+        // either: try again (bounded) rather than read an empty page as zeros.
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = http_get(self.admin_addrs[i], "/metrics");
+            if text.contains("# TYPE") || Instant::now() > end {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 

@@ -366,7 +366,6 @@ impl Shell {
             };
             match accepted {
                 Accepted::Socket(fd) => {
-                    self.accept_backoff.set(MIN_ACCEPT_BACKOFF);
                     let tls = match &self.tls {
                         Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
                             Ok(c) => Some(Box::new(c)),
@@ -381,7 +380,14 @@ impl Shell {
                     self.register(sid, fd, tls);
                     self.apply();
                 }
-                Accepted::Empty => return,
+                Accepted::Empty => {
+                    // The queue drained: the descriptors came back. (One
+                    // accept that succeeds between failures does not reset
+                    // the pause: a descriptor freed now and then is not the
+                    // end of the shortage.)
+                    self.accept_backoff.set(MIN_ACCEPT_BACKOFF);
+                    return;
+                }
                 Accepted::Exhausted(e) => {
                     // EMFILE/ENFILE and friends: count, stop listening for a
                     // while (no busy loop on a listener that stays ready),
