@@ -134,7 +134,7 @@ def main():
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     subprocess.run([LOADGEN, "router", "certs", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
-    quic, api, ws, admin = free_port(), free_port(), free_port(), free_port()
+    quic, api, ws, admin, radmin = free_port(), free_port(), free_port(), free_port(), free_port()
     env = dict(os.environ, RUST_LOG="warn")
     rcfg = os.path.join(tmp, "router.toml")
     with open(rcfg, "w") as f:
@@ -145,7 +145,8 @@ def main():
         f.write("[limits]\nping_secs = 3600\nmax_subscriptions = 100000\nrequest_rate = 1000000.0\nrequest_burst = 1000000\n"
                 "max_requests_in_flight = 100000\n" + NAMESPACES.format(ttl=a.ttl))
     router = subprocess.Popen([LOADGEN, "router", "run", "--quic-listen", f"127.0.0.1:{quic}", "--api-listen",
-                               f"127.0.0.1:{api}", "--certs", tmp, "--config", rcfg], env=env)
+                               f"127.0.0.1:{api}", "--admin-listen", f"127.0.0.1:{radmin}", "--certs", tmp,
+                               "--config", rcfg], env=env)
     gw = subprocess.Popen([LOADGEN, "gateway", "run", "--listen", f"127.0.0.1:{ws}", "--admin-listen",
                            f"127.0.0.1:{admin}", "--router", f"127.0.0.1:{quic}", "--certs", tmp,
                            "--hmac-secret", SECRET.decode(), "--cores", "1", "--no-pin", "--config", gcfg], env=env)
@@ -167,7 +168,7 @@ def main():
             time.sleep(0.2)
         secs = time.time() - t0
         peak = max(peak, rss(router.pid))
-        held_at_end = metric(api, "switchyard_router_channels")
+        held_at_end = metric(radmin, "switchyard_router_channels")
         time.sleep(a.ttl + 3)
         after = rss(router.pid)
         print(json.dumps({
@@ -180,8 +181,8 @@ def main():
             "router_rss_after_ttl_bytes": after,
             "after_over_start": round(after / start_rss, 3),
             "channels_held_when_churn_ended": held_at_end,
-            "channels_held_after_ttl": metric(api, "switchyard_router_channels"),
-            "channels_evicted": metric(api, "switchyard_router_channels_evicted_total"),
+            "channels_held_after_ttl": metric(radmin, "switchyard_router_channels"),
+            "channels_evicted": metric(radmin, "switchyard_router_channels_evicted_total"),
         }))
     finally:
         stop_all(procs)

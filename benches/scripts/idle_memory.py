@@ -127,7 +127,8 @@ def main():
     quic, api, ws = free_port(), free_port(), free_port()
     env = dict(os.environ, RUST_LOG="warn")
     procs = [subprocess.Popen([LOADGEN, "router", "run", "--quic-listen", f"127.0.0.1:{quic}", "--api-listen",
-                               f"127.0.0.1:{api}", "--certs", tmp], env=env)]
+                               f"127.0.0.1:{api}", "--admin-listen", f"127.0.0.1:{free_port()}", "--certs", tmp],
+                              env=env)]
     # The clients here never answer pings: with the default 25 s ping the
     # gateways would (rightly) close them during a long run, so this run
     # pings once an hour. Everything else is the default configuration.

@@ -30,7 +30,7 @@ def holder(ports, channel, first, n, ready, done):
     del held
 
 
-def router_stats(api, pid):
+def router_stats(admin, pid):
     text = urllib.request.urlopen(f"http://{api}/metrics", timeout=10).read().decode()
     sends = pubs = 0
     for line in text.splitlines():
@@ -61,9 +61,10 @@ def main():
     subprocess.run([LOADGEN, "router", "certs", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
     quic, api_port = free_port(), free_port()
     api = f"127.0.0.1:{api_port}"
+    admin = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, RUST_LOG="warn")
     router = subprocess.Popen([LOADGEN, "router", "run", "--quic-listen", f"127.0.0.1:{quic}", "--api-listen", api,
-                               "--api-key", API_KEY, "--certs", tmp], env=env)
+                               "--api-key", API_KEY, "--admin-listen", admin, "--certs", tmp], env=env)
     procs = [router]
     ports = [free_port() for _ in range(3)]
     for g, port in enumerate(ports):
@@ -88,12 +89,12 @@ def main():
                 ready.wait(timeout=600)
             time.sleep(3)  # joins and presence of the new members settle first
             conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=10)
-            s0, p0, c0 = router_stats(api, router.pid)
+            s0, p0, c0 = router_stats(admin, router.pid)
             for i in range(a.pubs):
                 publish(conn, channel, i)
             conn.close()
             time.sleep(1)
-            s1, p1, c1 = router_stats(api, router.pid)
+            s1, p1, c1 = router_stats(admin, router.pid)
             pubs = p1 - p0
             print(f"| {m} | {pubs} | {(s1 - s0) / max(pubs, 1):.2f} | {(c1 - c0) * 1e6 / max(pubs, 1):.0f} |",
                   flush=True)

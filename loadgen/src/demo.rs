@@ -209,6 +209,8 @@ struct Cluster {
     gateways: Vec<ServerProc>,
     ws_addr: SocketAddr,
     api_addr: SocketAddr,
+    /// The router's admin port (`/metrics`).
+    router_admin: SocketAddr,
     admin_addrs: Vec<SocketAddr>,
 }
 
@@ -226,6 +228,7 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     let dir = TempDir(dir);
     let quic = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
     let api_addr = SocketAddr::from(([127, 0, 0, 1], a.api_port.unwrap_or_else(orchestrate::free_port)));
+    let router_admin = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
     let certs = dir.0.to_string_lossy().into_owned();
     let router_args: Vec<String> = [
         "router",
@@ -238,6 +241,8 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
         &api_addr.to_string(),
         "--api-key",
         DEMO_API_KEY,
+        "--admin-listen",
+        &router_admin.to_string(),
         "--certs",
         &certs,
     ]
@@ -294,7 +299,7 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     for admin in &admin_addrs {
         orchestrate::wait_ready(*admin, Duration::from_secs(60))?;
     }
-    Ok(Cluster { _dir: dir, router, router_args, gateways, ws_addr, api_addr, admin_addrs })
+    Ok(Cluster { _dir: dir, router, router_args, gateways, ws_addr, api_addr, router_admin, admin_addrs })
 }
 
 /// `len` bytes of chat-like text (words from a small vocabulary, varied by
@@ -377,7 +382,7 @@ pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<Verdict> {
             "api_key": DEMO_API_KEY,
             "hmac_secret": DEMO_SECRET,
             "token": demo_token("demo-user"),
-            "metrics_urls": cluster.admin_addrs.iter().map(|a| format!("http://{a}/metrics")).chain([format!("http://{}/metrics", cluster.api_addr)]).collect::<Vec<_>>(),
+            "metrics_urls": cluster.admin_addrs.iter().map(|a| format!("http://{a}/metrics")).chain([format!("http://{}/metrics", cluster.router_admin)]).collect::<Vec<_>>(),
         });
         if a.echo {
             line["echo_url"] = format!("ws://{}/echo", cluster.ws_addr).into();
@@ -744,7 +749,7 @@ fn scenario(
                 // Back when every gateway is linked to the new router.
                 let back_by = Instant::now() + Duration::from_secs(60);
                 while Instant::now() < back_by {
-                    let links = orchestrate::http_get(c.api_addr, "/metrics")
+                    let links = orchestrate::http_get(c.router_admin, "/metrics")
                         .map_or(0, |m| orchestrate::metric_sum(&m, "switchyard_router_gateway_links"));
                     if links >= c.gateways.len() as u64 {
                         report.reconnect_secs = Some(at.elapsed().as_secs_f64());

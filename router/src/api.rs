@@ -29,6 +29,16 @@ use crate::peers::{FORWARDED, Owner, call};
 use crate::server::Router;
 use crate::shard::{ApiOp, ShardCmd};
 
+/// Whether `given` is `secret`, in time that does not depend on where they
+/// first differ (only on the length, which a key's owner chooses anyway).
+pub fn same_secret(given: &[u8], secret: &[u8]) -> bool {
+    if given.len() != secret.len() {
+        return false;
+    }
+    let diff = given.iter().zip(secret).fold(0u8, |acc, (a, b)| std::hint::black_box(acc | (a ^ b)));
+    diff == 0
+}
+
 /// Largest API request body (1 MiB; above: 413).
 pub const MAX_BODY: usize = 1 << 20;
 
@@ -365,19 +375,26 @@ impl Router {
         })
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
+    /// Whether the request carries the API key, in `X-API-Key` or
+    /// `Authorization: apikey …` (compared in constant time). A key in the
+    /// URL is refused with a message saying why.
+    fn authorized(&self, req: &Request<Incoming>) -> Result<(), &'static str> {
         let key = self.api_key();
-        if key.is_empty() {
-            return false;
+        if req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.starts_with("api_key="))) {
+            return Err("the API key is taken only from the X-API-Key or Authorization: apikey header, \
+                        never from the URL (access logs keep URLs)");
         }
         let h = req.headers();
-        if let Some(v) = h.get("x-api-key").and_then(|v| v.to_str().ok()) {
-            return v == key;
+        let given = h.get("x-api-key").and_then(|v| v.to_str().ok()).or_else(|| {
+            h.get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("apikey "))
+                .map(str::trim)
+        });
+        match given {
+            Some(g) if !key.is_empty() && same_secret(g.as_bytes(), key.as_bytes()) => Ok(()),
+            _ => Err(""),
         }
-        if let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) {
-            return v.strip_prefix("apikey ").is_some_and(|k| k.trim() == key);
-        }
-        req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv.strip_prefix("api_key=") == Some(key)))
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Reply, std::convert::Infallible> {
@@ -388,7 +405,7 @@ impl Router {
                 return Ok(respond(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
             }
             "/readyz" => return Ok(respond(StatusCode::OK, "ready\n")),
-            "/metrics" => return Ok(respond(StatusCode::OK, self.render_metrics())),
+            "/metrics" if self.metrics_on_api() => return Ok(respond(StatusCode::OK, self.render_metrics())),
             _ => {}
         }
         let Some(method) = path.strip_prefix("/api/").map(str::to_owned) else {
@@ -397,8 +414,8 @@ impl Router {
         if req.method() != Method::POST {
             return Ok(respond(StatusCode::METHOD_NOT_ALLOWED, ""));
         }
-        if !self.authorized(&req) {
-            return Ok(respond(StatusCode::UNAUTHORIZED, ""));
+        if let Err(why) = self.authorized(&req) {
+            return Ok(respond(StatusCode::UNAUTHORIZED, why));
         }
         let forwarded = req.headers().contains_key(FORWARDED);
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -418,6 +435,43 @@ impl Router {
         };
         tracing::debug!(method, elapsed = ?started.elapsed(), "api call");
         Ok(r)
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/readyz` on the admin listener
+    /// `addr` until the task is dropped.
+    pub async fn serve_admin(self: Arc<Self>, addr: SocketAddr) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "router admin listening");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let router = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let router = router.clone();
+                    async move {
+                        let r = match req.uri().path() {
+                            "/metrics" => respond(StatusCode::OK, router.render_metrics()),
+                            "/healthz" => respond(StatusCode::OK, "ok\n"),
+                            "/readyz" if router.peers().draining() => {
+                                respond(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                            }
+                            "/readyz" => respond(StatusCode::OK, "ready\n"),
+                            _ => respond(StatusCode::NOT_FOUND, ""),
+                        };
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(io, svc)
+                    .await;
+            });
+        }
     }
 
     /// Serves the HTTP API on `addr` until the task is dropped.
@@ -450,6 +504,14 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::glob;
+
+    #[test]
+    fn secrets_compare_whole() {
+        assert!(super::same_secret(b"k3y", b"k3y"));
+        assert!(!super::same_secret(b"k3x", b"k3y"));
+        assert!(!super::same_secret(b"k3", b"k3y"));
+        assert!(!super::same_secret(b"", b"k"));
+    }
 
     #[test]
     fn globs() {

@@ -34,6 +34,9 @@ pub enum Cmd {
         /// Overrides `api_listen`.
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
+        /// Overrides `admin_listen` (`/metrics`, `/healthz`, `/readyz`).
+        #[arg(long)]
+        admin_listen: Option<std::net::SocketAddr>,
         /// Overrides `api_key`.
         #[arg(long, env = "SWITCHYARD_API_KEY")]
         api_key: Option<String>,
@@ -75,6 +78,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             id,
             presence_grace_secs,
             api_listen,
+            admin_listen,
             api_key,
             certs,
             peers,
@@ -101,6 +105,9 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(k) = api_key {
                 cfg.api_key = k;
             }
+            if let Some(a) = admin_listen {
+                cfg.admin_listen = a;
+            }
             if !peers.is_empty() {
                 cfg.peers = peers;
             }
@@ -122,8 +129,10 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 // SAFETY: mi_collect only walks the calling thread's heap.
                 .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
                 .build()?;
+            cfg.check()?;
             rt.block_on(async move {
                 let api = cfg.api_listen;
+                let admin = cfg.admin_listen;
                 let router = crate::server::Router::start(cfg);
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let draining = async {
@@ -133,6 +142,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 tokio::select! {
                     r = router.clone().serve_links() => r,
                     r = router.clone().serve_api(api) => r,
+                    r = router.clone().serve_admin(admin) => r,
                     _ = router.peers().probe_forever() => Ok(()),
                     _ = draining => Ok(()),
                     _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); Ok(()) }

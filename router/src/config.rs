@@ -32,6 +32,9 @@ impl Default for TlsFiles {
     }
 }
 
+/// The development API key, accepted only on a loopback API address.
+pub const DEV_API_KEY: &str = "dev-api-key";
+
 /// Everything a router needs.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -42,10 +45,19 @@ pub struct RouterConfig {
     pub quic_listen: SocketAddr,
     /// Link TLS files.
     pub tls: TlsFiles,
-    /// HTTP server API (and /metrics) listener (default 127.0.0.1:8000).
+    /// HTTP server API listener (default 127.0.0.1:8000).
     pub api_listen: SocketAddr,
-    /// Key the HTTP API requires (`X-API-Key`); empty refuses every call
-    /// (default `dev-api-key`: change it anywhere but a laptop).
+    /// Admin listener: `/metrics`, `/healthz`, `/readyz` (default
+    /// 127.0.0.1:9100). Operators' port: keep it off the public network.
+    pub admin_listen: SocketAddr,
+    /// Also serve `/metrics` on the API port (default false: the API port
+    /// faces the app backend, metrics are for operators).
+    pub metrics_on_api: bool,
+    /// Key the HTTP API requires, in `X-API-Key: <key>` or
+    /// `Authorization: apikey <key>` (never in the URL, where access logs
+    /// keep it: a `?api_key=` gets 401); compared in constant time; empty
+    /// refuses every call. The default, [`DEV_API_KEY`], is refused at start
+    /// when `api_listen` is not a loopback address.
     pub api_key: String,
     /// Channel-state shards (worker tasks, each owning the channels that hash
     /// to it). Default: the number of cores.
@@ -92,7 +104,9 @@ impl Default for RouterConfig {
             quic_listen: "127.0.0.1:7100".parse().expect("static address"),
             tls: TlsFiles::default(),
             api_listen: "127.0.0.1:8000".parse().expect("static address"),
-            api_key: "dev-api-key".into(),
+            admin_listen: "127.0.0.1:9100".parse().expect("static address"),
+            metrics_on_api: false,
+            api_key: DEV_API_KEY.into(),
             shards: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             delivery_streams: 8,
             gateway_queue: 65_536,
@@ -109,6 +123,19 @@ impl Default for RouterConfig {
 }
 
 impl RouterConfig {
+    /// Refuses settings that are unsafe where the router listens: the
+    /// well-known development API key on an API address others can reach.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.api_key == DEV_API_KEY && !self.api_listen.ip().is_loopback() {
+            anyhow::bail!(
+                "api_key is the development default ({DEV_API_KEY:?}) and api_listen ({}) is not a loopback \
+                 address: set api_key (config key `api_key`, or --api-key) to a secret",
+                self.api_listen
+            );
+        }
+        Ok(())
+    }
+
     /// Parses a TOML document; unknown keys are errors.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         Ok(toml::from_str(text)?)

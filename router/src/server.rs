@@ -163,6 +163,11 @@ impl Router {
         &self.cfg.api_key
     }
 
+    /// Whether `/metrics` is served on the API port too.
+    pub fn metrics_on_api(&self) -> bool {
+        self.cfg.metrics_on_api
+    }
+
     /// The shards' inboxes.
     pub fn shards(&self) -> &[mpsc::Sender<ShardCmd>] {
         &self.shards

@@ -42,11 +42,13 @@ fn start_router_with(tag: &str, config: &str) -> RouterProc {
     assert!(st.success());
     let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     std::fs::create_dir_all(&certs).unwrap();
     let cfg = certs.join("router.toml");
     std::fs::write(&cfg, config).unwrap();
     let child = Command::new(bin)
-        .args(["run", "--quic-listen", &addr.to_string(), "--api-listen", &api.to_string(), "--certs"])
+        .args(["run", "--quic-listen", &addr.to_string(), "--api-listen", &api.to_string()])
+        .args(["--admin-listen", &admin.to_string(), "--certs"])
         .arg(&certs)
         .arg("--config")
         .arg(&cfg)

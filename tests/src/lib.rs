@@ -129,6 +129,8 @@ pub struct Cluster {
     pub router_addrs: Vec<SocketAddr>,
     /// Router HTTP API addresses.
     pub api_addrs: Vec<SocketAddr>,
+    /// Router admin addresses (`/metrics`).
+    pub router_admin_addrs: Vec<SocketAddr>,
     /// Gateway processes.
     pub gateways: Vec<Proc>,
     /// Gateway WebSocket addresses.
@@ -173,6 +175,7 @@ impl Cluster {
             routers: Vec::new(),
             router_addrs: Vec::new(),
             api_addrs: Vec::new(),
+            router_admin_addrs: Vec::new(),
             gateways: Vec::new(),
             ws_addrs: Vec::new(),
             admin_addrs: Vec::new(),
@@ -181,6 +184,7 @@ impl Cluster {
         for _ in 0..routers {
             c.router_addrs.push(format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
             c.api_addrs.push(format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap());
+            c.router_admin_addrs.push(format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap());
         }
         c.router_extra = router_extra.iter().map(|s| s.to_string()).collect();
         for i in 0..routers {
@@ -201,7 +205,8 @@ impl Cluster {
         let (addr, api) = (self.router_addrs[i], self.api_addrs[i]);
         let mut cmd = Command::new(bin("router"));
         cmd.args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
-            .args(["--api-listen", &api.to_string(), "--api-key", API_KEY, "--certs"])
+            .args(["--api-listen", &api.to_string(), "--api-key", API_KEY])
+            .args(["--admin-listen", &self.router_admin_addrs[i].to_string(), "--certs"])
             .arg(&self.certs)
             .args(&self.router_extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
@@ -315,6 +320,12 @@ impl Cluster {
     }
 
     /// Fetches gateway `i`'s Prometheus metrics.
+    /// Router `r`'s metrics (its admin port).
+    pub fn router_metrics(&self, r: usize) -> String {
+        http_get(self.router_admin_addrs[r], "/metrics")
+    }
+
+    /// Gateway `i`'s metrics (its admin port).
     pub fn metrics(&self, i: usize) -> String {
         // A gateway out of descriptors cannot accept the admin connection
         // either: try again (bounded) rather than read an empty page as zeros.

@@ -149,7 +149,7 @@ fn a_thousand_subscribers_on_three_gateways_cost_three_router_sends_per_publicat
     for ws in subs.iter_mut() {
         subscribe_ok(ws, "chat:all-hands");
     }
-    let router_metrics = || e2e::http_get(c.api_addrs[0], "/metrics");
+    let router_metrics = || c.router_metrics(0);
     let sends_before = metric(&router_metrics(), "switchyard_router_gateway_sends_total");
     let n = 5u64;
     for i in 0..n {

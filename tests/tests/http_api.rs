@@ -92,8 +92,22 @@ fn bad_calls_get_their_status() {
     let (st, _) =
         http_request(addr, "POST", "/api/publish", &[("Authorization", &format!("apikey {API_KEY}"))], &body);
     assert_eq!(st, 200);
-    let (st, _) = http_request(addr, "POST", &format!("/api/publish?api_key={API_KEY}"), &[], &body);
-    assert_eq!(st, 200);
+    // A key in the URL is refused, with the reason (access logs keep URLs).
+    let (st, why) = http_request(addr, "POST", &format!("/api/publish?api_key={API_KEY}"), &[], &body);
+    assert_eq!(st, 401);
+    assert!(why.contains("never from the URL"), "{why}");
+    let (st, _) = http_request(
+        addr,
+        "POST",
+        &format!("/api/publish?api_key={API_KEY}"),
+        &[("X-API-Key", API_KEY)],
+        &body,
+    );
+    assert_eq!(st, 401, "not even beside a good header");
+    // Metrics are on the admin port, not the API port.
+    let (st, _) = http_request(addr, "GET", "/metrics", &[], "");
+    assert_eq!(st, 404);
+    assert!(c.router_metrics(0).contains("switchyard_router_publications_total"));
     let (st, _) = http_request(addr, "GET", "/api/publish", &[("X-API-Key", API_KEY)], "");
     assert_eq!(st, 405);
     let (st, _) = http_request(addr, "POST", "/api/publish", &[("X-API-Key", API_KEY)], "{not json");

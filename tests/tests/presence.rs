@@ -124,7 +124,7 @@ fn a_gateway_crash_does_not_make_its_users_flap() {
     let cfg = std::env::temp_dir().join(format!("sy-flap-{}.toml", std::process::id()));
     std::fs::write(&cfg, "evict_secs = 5\npresence_grace_secs = 8\n").unwrap();
     let c = Cluster::start_with(1, 2, &["--config", cfg.to_str().unwrap()], &[]);
-    let links = || metric(&e2e::http_get(c.api_addrs[0], "/metrics"), "switchyard_router_gateway_links");
+    let links = || metric(&c.router_metrics(0), "switchyard_router_gateway_links");
     let mut watcher = c.client(1, "alice");
     let r = watcher.call(json!({"subscribe": {"channel": "presence:bob"}}));
     assert!(r.get("error").is_none(), "{r}");

@@ -60,7 +60,7 @@ fn publish(c: &Cluster, published: &mut Published, router: usize, channel: &str,
 }
 
 fn router_metric(c: &Cluster, r: usize, name: &str) -> u64 {
-    metric(&http_get(c.api_addrs[r], "/metrics"), name)
+    metric(&c.router_metrics(r), name)
 }
 
 /// Waits until every router sees its peers ready and every gateway is

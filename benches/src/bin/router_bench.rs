@@ -97,8 +97,10 @@ impl RouterProc {
         router::certs::generate(&certs)?;
         let quic: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = Command::new(bin)
-            .args(["run", "--quic-listen", &quic.to_string(), "--api-listen", &api.to_string(), "--certs"])
+            .args(["run", "--quic-listen", &quic.to_string(), "--api-listen", &api.to_string()])
+            .args(["--admin-listen", &admin.to_string(), "--certs"])
             .arg(&certs)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
