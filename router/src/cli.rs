@@ -18,45 +18,49 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Serve gateway links (QUIC, mutual TLS).
-    Run {
-        /// TOML config; without it, development defaults on loopback.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Overrides `quic_listen`.
-        #[arg(long)]
-        quic_listen: Option<std::net::SocketAddr>,
-        /// Overrides `id`.
-        #[arg(long)]
-        id: Option<String>,
-        /// Overrides `presence_grace_secs`.
-        #[arg(long)]
-        presence_grace_secs: Option<u64>,
-        /// Overrides `api_listen`.
-        #[arg(long)]
-        api_listen: Option<std::net::SocketAddr>,
-        /// Overrides `admin_listen` (`/metrics`, `/healthz`, `/readyz`).
-        #[arg(long)]
-        admin_listen: Option<std::net::SocketAddr>,
-        /// Overrides `api_key`.
-        #[arg(long, env = "SWITCHYARD_API_KEY")]
-        api_key: Option<String>,
-        /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
-        #[arg(long)]
-        certs: Option<PathBuf>,
-        /// Another router of the cluster, `QUIC_ADDR,API_ADDR` (repeatable;
-        /// replaces `peers`).
-        #[arg(long = "peer")]
-        peers: Vec<crate::peers::PeerConfig>,
-        /// Overrides `drain_secs`.
-        #[arg(long)]
-        drain_secs: Option<u64>,
-    },
+    Run(Box<RunArgs>),
     /// Write a development CA and router/gateway certificates.
     Certs {
         /// Output directory.
         #[arg(long, default_value = "certs")]
         out: PathBuf,
     },
+}
+
+/// `router run` options.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// TOML config; without it, development defaults on loopback.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Overrides `quic_listen`.
+    #[arg(long)]
+    pub quic_listen: Option<std::net::SocketAddr>,
+    /// Overrides `id`.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Overrides `presence_grace_secs`.
+    #[arg(long)]
+    pub presence_grace_secs: Option<u64>,
+    /// Overrides `api_listen`.
+    #[arg(long)]
+    pub api_listen: Option<std::net::SocketAddr>,
+    /// Overrides `admin_listen` (`/metrics`, `/healthz`, `/readyz`).
+    #[arg(long)]
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// Overrides `api_key`.
+    #[arg(long, env = "SWITCHYARD_API_KEY")]
+    pub api_key: Option<String>,
+    /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// Another router of the cluster, `QUIC_ADDR,API_ADDR` (repeatable;
+    /// replaces `peers`).
+    #[arg(long = "peer")]
+    pub peers: Vec<crate::peers::PeerConfig>,
+    /// Overrides `drain_secs`.
+    #[arg(long)]
+    pub drain_secs: Option<u64>,
 }
 
 /// Parses `args` (program name first) and runs the command.
@@ -72,18 +76,19 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Cmd::Run {
-            config,
-            quic_listen,
-            id,
-            presence_grace_secs,
-            api_listen,
-            admin_listen,
-            api_key,
-            certs,
-            peers,
-            drain_secs,
-        } => {
+        Cmd::Run(args) => {
+            let RunArgs {
+                config,
+                quic_listen,
+                id,
+                presence_grace_secs,
+                api_listen,
+                admin_listen,
+                api_key,
+                certs,
+                peers,
+                drain_secs,
+            } = *args;
             let nofile = raise_open_files();
             tracing::info!(open_files = nofile, "open-file limit raised to the hard limit (API connections)");
             let mut cfg = match config {
