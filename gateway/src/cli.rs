@@ -51,9 +51,11 @@ pub struct RunArgs {
     /// Do not pin cores.
     #[arg(long)]
     pub no_pin: bool,
-    /// Router QUIC address (repeat for several; overrides `uplink.routers`).
+    /// Router as `NAME@QUIC_ADDR` (its certificate must be valid for NAME),
+    /// or `QUIC_ADDR` for the development certificate (repeat for several;
+    /// overrides `uplink.routers`).
     #[arg(long = "router")]
-    pub routers: Vec<SocketAddr>,
+    pub routers: Vec<proto::peer::RouterAddr>,
     /// Directory with ca.pem, gateway.pem, gateway.key (overrides the uplink TLS paths).
     #[arg(long)]
     pub certs: Option<PathBuf>,

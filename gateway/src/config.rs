@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::namespace::Namespaces;
+use proto::peer::RouterAddr;
 use serde::Deserialize;
 
 /// Connection-token verification.
@@ -153,8 +154,12 @@ impl Default for Admission {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// Router QUIC addresses (default one router on 127.0.0.1:7100).
-    pub routers: Vec<SocketAddr>,
+    /// The routers, `"NAME@QUIC_ADDR"` each (default one router,
+    /// `127.0.0.1:7100`). The router's certificate must be valid for NAME, so
+    /// one router cannot pass for another; a bare address expects the
+    /// development certificate's name, `localhost`. The rendezvous hash that
+    /// picks a channel's owner names a router by its QUIC address.
+    pub routers: Vec<RouterAddr>,
     /// CA that signs router certificates.
     pub ca_cert: PathBuf,
     /// This gateway's client certificate.
@@ -172,7 +177,7 @@ pub struct UplinkConfig {
 impl Default for UplinkConfig {
     fn default() -> Self {
         UplinkConfig {
-            routers: vec!["127.0.0.1:7100".parse().expect("static address")],
+            routers: vec![RouterAddr::dev("127.0.0.1:7100".parse().expect("static address"))],
             ca_cert: "certs/ca.pem".into(),
             cert: "certs/gateway.pem".into(),
             key: "certs/gateway.key".into(),

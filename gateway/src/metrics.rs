@@ -57,6 +57,10 @@ pub struct Metrics {
     pub core_queue_full: AtomicU64,
     /// Router links up now.
     pub routers_up: AtomicU64,
+    /// Router link attempts that failed in the TLS handshake: a router
+    /// whose certificate is not valid for the name it is listed by, or one
+    /// that refused this gateway's certificate.
+    pub router_link_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -70,6 +74,7 @@ impl Metrics {
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
+            router_link_refusals: AtomicU64::new(0),
         }
     }
 
@@ -104,6 +109,7 @@ impl Metrics {
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_routers_up", &self.routers_up),
+            ("switchyard_gateway_router_link_refusals_total", &self.router_link_refusals),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }

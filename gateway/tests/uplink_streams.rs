@@ -104,7 +104,7 @@ fn a_delivery_stream_that_dies_resets_the_link() {
         let endpoint = router_endpoint(&dir);
         let addr = endpoint.local_addr().unwrap();
         let cfg = UplinkConfig {
-            routers: vec![addr],
+            routers: vec![proto::peer::RouterAddr::dev(addr)],
             ca_cert: dir.join("ca.pem"),
             cert: dir.join("gateway.pem"),
             key: dir.join("gateway.key"),

@@ -224,7 +224,7 @@ impl Drop for TempDir {
 
 fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cluster> {
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    router::certs::generate(&dir)?;
+    router::certs::generate(&dir, &[])?;
     let dir = TempDir(dir);
     let quic = SocketAddr::from(([127, 0, 0, 1], orchestrate::free_port()));
     let api_addr = SocketAddr::from(([127, 0, 0, 1], a.api_port.unwrap_or_else(orchestrate::free_port)));

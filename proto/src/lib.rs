@@ -18,6 +18,8 @@
 //!   publish and subscribe policies) that gateway and router both apply.
 //! - [`cluster`]: the gateway ⇄ router protocol, versioned length-delimited
 //!   binary frames whose payload fields are zero-copy slices.
+//! - [`peer`]: router names (`NAME@ADDR`) and the router ⇄ router call
+//!   protocol that carries forwarded API calls over mutual TLS.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
 //!   [`token_bucket`], [`rendezvous`] (highest-random-weight hashing),
 //!   [`timer_wheel`] (coarse deadlines for every connection of a core),
@@ -49,6 +51,7 @@ pub mod cluster;
 pub mod fuzzing;
 pub mod mutant;
 pub mod namespace;
+pub mod peer;
 pub mod position;
 pub mod rendezvous;
 pub mod seeded;

@@ -2,8 +2,8 @@
 //! that the `cent` client uses (client-protocol.md section 7).
 //!
 //! `POST /api/<method>` with a JSON body and `X-API-Key` (or
-//! `Authorization: apikey <key>`, or `?api_key=`). A bad key is 401 with an
-//! empty body, a method other than POST 405, an undecodable body 400, an
+//! `Authorization: apikey <key>`; a key in the URL is refused). A bad key is
+//! 401, a method other than POST 405, an undecodable body 400, an
 //! unknown method 404; application outcomes are 200 with `{"result":…}` or
 //! `{"error":{"code","message"}}`. Backend publishes take the same path as
 //! client publishes: the owning shard orders them and fans them out once per
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use crate::peers::{FORWARDED, Owner, call};
+use crate::peers::Owner;
 use crate::server::Router;
 use crate::shard::{ApiOp, ShardCmd};
 
@@ -185,18 +185,14 @@ impl Router {
         match method {
             "publish" | "presence" | "presence_stats" | "history" | "history_remove" => {
                 let r: ChannelReq = serde_json::from_slice(body).ok()?;
-                let Owner::Peer(addr) = self.peers().owner(&r.channel) else { return None };
-                Some(self.forward(addr, method, body.clone()).await)
+                let Owner::Peer(peer) = self.peers().owner(&r.channel) else { return None };
+                Some(self.forward(peer, method, body).await)
             }
             "channels" => {
                 let local = self.dispatch(method, body, true).await.ok()?;
                 let mut merged: serde_json::Value = serde_json::from_slice(&local).ok()?;
-                for addr in self.peers().ready_peers() {
-                    let path = format!("/api/{method}");
-                    let Ok((200, b)) = call(addr, "POST", &path, Some(self.api_key()), body.clone()).await
-                    else {
-                        continue;
-                    };
+                for peer in self.peers().ready_peers() {
+                    let Ok((200, b)) = self.peers().call(peer, method, body).await else { continue };
                     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else { continue };
                     if let (Some(into), Some(from)) = (
                         merged.pointer_mut("/result/channels").and_then(|c| c.as_object_mut()),
@@ -211,15 +207,34 @@ impl Router {
         }
     }
 
-    async fn forward(&self, addr: std::net::SocketAddr, method: &str, body: Bytes) -> Reply {
-        match call(addr, "POST", &format!("/api/{method}"), Some(self.api_key()), body).await {
+    /// One call forwarded to peer `peer`, answered as it answered (error 100
+    /// when it could not be reached in time).
+    async fn forward(&self, peer: usize, method: &str, body: &[u8]) -> Reply {
+        match self.peers().call(peer, method, body).await {
             Ok((status, body)) => {
                 respond(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), body)
             }
             Err(e) => {
-                tracing::warn!(%addr, error = %e, "forwarding an API call failed");
+                tracing::warn!(peer = %self.peers().peers()[peer], error = %e, "forwarding an API call failed");
                 respond(StatusCode::OK, error_body(ReplyError::INTERNAL))
             }
+        }
+    }
+
+    /// Answers a call another router forwarded over the peer link (its
+    /// certificate checked by the caller): always locally, and `readyz` with
+    /// this router's readiness. The status and body, as the HTTP API would.
+    pub async fn peer_call(&self, method: &str, body: &[u8]) -> (u16, Vec<u8>) {
+        if method == proto::peer::READYZ {
+            return if self.peers().draining() {
+                (503, b"draining".to_vec())
+            } else {
+                (200, b"ready".to_vec())
+            };
+        }
+        match self.dispatch(method, body, true).await {
+            Ok(out) => (200, out),
+            Err(status) => (status.as_u16(), Vec::new()),
         }
     }
 
@@ -252,15 +267,15 @@ impl Router {
                         Owner::Local => {
                             self.api_publish(ch, data.clone(), tags.clone(), r.idempotency_key.clone()).await
                         }
-                        Owner::Peer(addr) => {
+                        Owner::Peer(peer) => {
                             let body = serde_json::json!({
                                 "channel": ch,
                                 "data": data_raw(&data),
                                 "tags": r.tags,
                                 "idempotency_key": r.idempotency_key,
                             });
-                            let body = Bytes::from(serde_json::to_vec(&body).expect("serializable"));
-                            match call(addr, "POST", "/api/publish", Some(self.api_key()), body).await {
+                            let body = serde_json::to_vec(&body).expect("serializable");
+                            match self.peers().call(peer, "publish", &body).await {
                                 // `{"result":…}` or `{"error":…}`: one broadcast response as it is.
                                 Ok((200, b)) => b.to_vec(),
                                 _ => error_body(ReplyError::INTERNAL),
@@ -417,19 +432,17 @@ impl Router {
         if let Err(why) = self.authorized(&req) {
             return Ok(respond(StatusCode::UNAUTHORIZED, why));
         }
-        let forwarded = req.headers().contains_key(FORWARDED);
         let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
             Ok(b) => b.to_bytes(),
             Err(_) => return Ok(respond(StatusCode::PAYLOAD_TOO_LARGE, "")),
         };
         let started = Instant::now();
         if self.peers().clustered()
-            && !forwarded
             && let Some(r) = self.route_cluster(&method, &body).await
         {
             return Ok(r);
         }
-        let r = match self.dispatch(&method, &body, forwarded).await {
+        let r = match self.dispatch(&method, &body, false).await {
             Ok(out) => respond(StatusCode::OK, out),
             Err(status) => respond(status, ""),
         };

@@ -19,11 +19,15 @@ pub struct Cli {
 pub enum Cmd {
     /// Serve gateway links (QUIC, mutual TLS).
     Run(Box<RunArgs>),
-    /// Write a development CA and router/gateway certificates.
+    /// Write a development CA, a gateway certificate and router certificates.
     Certs {
         /// Output directory.
         #[arg(long, default_value = "certs")]
         out: PathBuf,
+        /// Router names to issue certificates for (`router-NAME.pem`), comma
+        /// separated; `router.pem` (for `localhost`) is always written.
+        #[arg(long, value_delimiter = ',')]
+        names: Vec<String>,
     },
 }
 
@@ -39,6 +43,9 @@ pub struct RunArgs {
     /// Overrides `id`.
     #[arg(long)]
     pub id: Option<String>,
+    /// Overrides `name` (the DNS name in this router's certificate).
+    #[arg(long)]
+    pub name: Option<String>,
     /// Overrides `presence_grace_secs`.
     #[arg(long)]
     pub presence_grace_secs: Option<u64>,
@@ -51,13 +58,15 @@ pub struct RunArgs {
     /// Overrides `api_key`.
     #[arg(long, env = "SWITCHYARD_API_KEY")]
     pub api_key: Option<String>,
-    /// Directory holding ca.pem, router.pem and router.key (overrides `tls`).
+    /// Directory holding ca.pem and this router's certificate and key
+    /// (`router.pem`, or `router-NAME.pem` for a `name` other than
+    /// `localhost`; overrides `tls`).
     #[arg(long)]
     pub certs: Option<PathBuf>,
-    /// Another router of the cluster, `QUIC_ADDR,API_ADDR` (repeatable;
-    /// replaces `peers`).
+    /// Another router of the cluster, `NAME@QUIC_ADDR` (or `QUIC_ADDR` for
+    /// the development certificate; repeatable; replaces `peers`).
     #[arg(long = "peer")]
-    pub peers: Vec<crate::peers::PeerConfig>,
+    pub peers: Vec<proto::peer::RouterAddr>,
     /// Overrides `drain_secs`.
     #[arg(long)]
     pub drain_secs: Option<u64>,
@@ -66,13 +75,14 @@ pub struct RunArgs {
 /// Parses `args` (program name first) and runs the command.
 pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     match Cli::parse_from(args).cmd {
-        Cmd::Certs { out } => {
-            let p = crate::certs::generate(&out)?;
+        Cmd::Certs { out, names } => {
+            let p = crate::certs::generate(&out, &names)?;
             println!(
-                "wrote {} (CA), {} and {}",
+                "wrote {} (CA), {}, {} and {} more router certificates",
                 p.ca_cert.display(),
                 p.router_cert.display(),
-                p.gateway_cert.display()
+                p.gateway_cert.display(),
+                names.len()
             );
             Ok(())
         }
@@ -81,6 +91,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 config,
                 quic_listen,
                 id,
+                name,
                 presence_grace_secs,
                 api_listen,
                 admin_listen,
@@ -101,6 +112,9 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(i) = id {
                 cfg.id = i;
             }
+            if let Some(n) = name {
+                cfg.name = n;
+            }
             if let Some(g) = presence_grace_secs {
                 cfg.presence_grace_secs = g;
             }
@@ -120,10 +134,10 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 cfg.drain_secs = d;
             }
             if let Some(dir) = certs {
-                let p = crate::certs::CertPaths::in_dir(&dir);
-                cfg.tls.ca_cert = p.ca_cert;
-                cfg.tls.cert = p.router_cert;
-                cfg.tls.key = p.router_key;
+                let (cert, key) = crate::certs::CertPaths::router_in_dir(&dir, &cfg.name);
+                cfg.tls.ca_cert = crate::certs::CertPaths::in_dir(&dir).ca_cert;
+                cfg.tls.cert = cert;
+                cfg.tls.key = key;
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -138,7 +152,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             rt.block_on(async move {
                 let api = cfg.api_listen;
                 let admin = cfg.admin_listen;
-                let router = crate::server::Router::start(cfg);
+                let router = crate::server::Router::start(cfg)?;
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let draining = async {
                     term.recv().await;

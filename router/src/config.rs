@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use proto::namespace::Namespaces;
 
-use crate::peers::PeerConfig;
+use proto::peer::RouterAddr;
 use serde::Deserialize;
 
 /// Paths of the link's mutual-TLS material (see [`crate::certs`]).
@@ -39,8 +39,15 @@ pub const DEV_API_KEY: &str = "dev-api-key";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
-    /// Stable id; also its name in the rendezvous hash (default `router-1`).
+    /// Stable id, told to gateways and in logs (default `router-1`). The
+    /// rendezvous hash names a router by its QUIC address.
     pub id: String,
+    /// The DNS name this router's link certificate is issued for (default
+    /// `localhost`, the development certificate's). Gateways list the router
+    /// as `NAME@ADDR` and verify its certificate against the name; peers do
+    /// the same, and accept forwarded calls only from certificates of their
+    /// configured peers' names. Checked against `tls.cert` at start.
+    pub name: String,
     /// UDP address of the QUIC endpoint gateways connect to (default 127.0.0.1:7100).
     pub quic_listen: SocketAddr,
     /// Link TLS files.
@@ -89,10 +96,11 @@ pub struct RouterConfig {
     /// Seconds a draining router (SIGTERM) keeps answering after telling the
     /// gateways, before it exits (default 5).
     pub drain_secs: u64,
-    /// The other routers of the cluster (`[[peers]]` with `quic` and `api`
-    /// addresses); empty for a single router. The HTTP API forwards a call
-    /// for a channel to its owner among the ready routers.
-    pub peers: Vec<PeerConfig>,
+    /// The other routers of the cluster, `"NAME@QUIC_ADDR"` each (a bare
+    /// address for the development certificate); empty for a single router.
+    /// The HTTP API forwards a call for a channel to its owner among the
+    /// ready routers over QUIC with mutual TLS (see `proto::peer`).
+    pub peers: Vec<RouterAddr>,
     /// Channel namespaces.
     pub namespaces: Namespaces,
 }
@@ -101,6 +109,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         RouterConfig {
             id: "router-1".into(),
+            name: proto::peer::DEV_NAME.into(),
             quic_listen: "127.0.0.1:7100".parse().expect("static address"),
             tls: TlsFiles::default(),
             api_listen: "127.0.0.1:8000".parse().expect("static address"),
@@ -126,6 +135,7 @@ impl RouterConfig {
     /// Refuses settings that are unsafe where the router listens: the
     /// well-known development API key on an API address others can reach.
     pub fn check(&self) -> anyhow::Result<()> {
+        proto::peer::valid_name(&self.name).map_err(|e| anyhow::anyhow!("config key `name`: {e}"))?;
         if self.api_key == DEV_API_KEY && !self.api_listen.ip().is_loopback() {
             anyhow::bail!(
                 "api_key is the development default ({DEV_API_KEY:?}) and api_listen ({}) is not a loopback \

@@ -16,17 +16,27 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::BytesMut;
 use proto::cluster::{ClusterDecoder, ClusterMsg, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use proto::peer::{HEADER_MAX, PEER_ALPN, decode_request, encode_reply};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
 use crate::config::RouterConfig;
 use crate::link::Dispatch;
-use crate::peers::Peers;
+use crate::peers::{PeerTls, Peers};
 use crate::shard::{GatewayId, Metrics, SHARD_TICK, Shard, ShardCmd, ShardSpec};
 
 /// ALPN of the cluster protocol.
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
+
+/// QUIC application close code for a peer call from a certificate that is
+/// not a configured peer's.
+pub const NOT_A_PEER: u32 = 0x5045;
+
+/// The ALPN a connection agreed on.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
 
 /// A running router: the shards and the endpoint.
 pub struct Router {
@@ -41,6 +51,9 @@ pub struct Router {
     links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
 }
 
+/// The endpoint's TLS: router certificate (checked to be valid for the
+/// router's `name`), client certificates required from the CA, ALPN of
+/// gateway links and of peer calls.
 fn load_tls(cfg: &RouterConfig) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -53,12 +66,22 @@ fn load_tls(cfg: &RouterConfig) -> anyhow::Result<rustls::ServerConfig> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.tls.cert)
         .with_context(|| path_ctx(&cfg.tls.cert))?
         .collect::<Result<_, _>>()?;
+    let Some(leaf) = certs.first() else { anyhow::bail!("{} holds no certificate", cfg.tls.cert.display()) };
+    if !crate::peers::cert_is_for(leaf, &cfg.name) {
+        anyhow::bail!(
+            "the certificate {} is not valid for this router's name {:?} (config key `name`; \
+             `router certs --names {}` issues one)",
+            cfg.tls.cert.display(),
+            cfg.name,
+            cfg.name
+        );
+    }
     let key = PrivateKeyDer::from_pem_file(&cfg.tls.key).with_context(|| path_ctx(&cfg.tls.key))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![ALPN.to_vec(), PEER_ALPN.to_vec()];
     Ok(tls)
 }
 
@@ -84,8 +107,9 @@ fn path_ctx(p: &Path) -> String {
 }
 
 impl Router {
-    /// Builds the shards (spawned on the current tokio runtime).
-    pub fn start(cfg: RouterConfig) -> Arc<Router> {
+    /// Builds the shards (spawned on the current tokio runtime) and the
+    /// client side of peer calls.
+    pub fn start(cfg: RouterConfig) -> anyhow::Result<Arc<Router>> {
         let metrics = Arc::new(Metrics::default());
         let namespaces = Arc::new(cfg.namespaces.clone());
         let shards = (0..cfg.shards.max(1))
@@ -104,8 +128,9 @@ impl Router {
                 tx
             })
             .collect();
-        let peers = Peers::new(cfg.quic_listen, cfg.peers.clone());
-        Arc::new(Router {
+        let tls = PeerTls { ca_cert: &cfg.tls.ca_cert, cert: &cfg.tls.cert, key: &cfg.tls.key };
+        let peers = Peers::new(cfg.quic_listen, cfg.peers.clone(), Some(tls))?;
+        Ok(Arc::new(Router {
             cfg,
             shards,
             metrics,
@@ -114,7 +139,7 @@ impl Router {
             started: std::time::Instant::now(),
             peers,
             links: std::sync::Mutex::new(HashMap::new()),
-        })
+        }))
     }
 
     /// The cluster as the HTTP API sees it.
@@ -186,6 +211,7 @@ impl Router {
             ("switchyard_router_gateway_evictions_total", &m.evictions),
             ("switchyard_router_channels_evicted_total", &m.channels_evicted),
             ("switchyard_router_channel_limit_refusals_total", &m.channel_limit_refusals),
+            ("switchyard_router_peer_refusals_total", &m.peer_refusals),
         ] {
             out.push_str(&format!("# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
         }
@@ -196,6 +222,10 @@ impl Router {
         let ready = self.peers.ready_peers().len();
         out.push_str(&format!(
             "# TYPE switchyard_router_peers_ready gauge\nswitchyard_router_peers_ready {ready}\n"
+        ));
+        out.push_str(&format!(
+            "# TYPE switchyard_router_peer_call_failures_total counter\nswitchyard_router_peer_call_failures_total {}\n",
+            self.peers.call_failures()
         ));
         let links = self.links.lock().expect("not poisoned").len();
         out.push_str(&format!(
@@ -222,6 +252,7 @@ impl Router {
         transport.max_idle_timeout(Some(self.cfg.evict_after().try_into()?));
         transport.keep_alive_interval(Some(self.cfg.heartbeat()));
         transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_concurrent_bidi_streams(crate::peers::MAX_CALLS_IN_FLIGHT.into());
         server.transport_config(Arc::new(transport));
         // Stateless resets from a stable key: a router restarted on the same
         // address answers packets of its predecessor's connections with a
@@ -237,17 +268,52 @@ impl Router {
             let router = self.clone();
             tokio::spawn(async move {
                 match incoming.await {
+                    Ok(conn) if alpn(&conn).as_deref() == Some(PEER_ALPN) => router.serve_peer(conn).await,
                     Ok(conn) => {
                         let remote = conn.remote_address();
                         if let Err(e) = router.clone().link(conn).await {
                             tracing::info!(%remote, error = %e, "gateway link ended");
                         }
                     }
-                    Err(e) => tracing::info!(error = %e, "gateway handshake failed"),
+                    Err(e) => tracing::info!(error = %e, "link handshake failed"),
                 }
             });
         }
         Ok(())
+    }
+
+    /// Serves calls from another router: only when its certificate is valid
+    /// for the name of a configured peer (any other is closed with
+    /// [`NOT_A_PEER`]). Each call is one bidirectional stream; at most
+    /// `MAX_CALLS_IN_FLIGHT` at once per peer (QUIC stream credit).
+    async fn serve_peer(self: Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let cert = conn
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| chain.first().cloned());
+        if !cert.is_some_and(|c| self.peers.is_peer(&c)) {
+            self.metrics.peer_refusals.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, "refused a peer call: the certificate is not a configured peer's");
+            conn.close(NOT_A_PEER.into(), b"not a configured peer");
+            return;
+        }
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let router = self.clone();
+            tokio::spawn(async move {
+                let (status, body) = match recv.read_to_end(crate::api::MAX_BODY + HEADER_MAX).await {
+                    Ok(req) => match decode_request(&req) {
+                        Ok((method, body)) => router.peer_call(method, body).await,
+                        Err(e) => (400, e.to_string().into_bytes()),
+                    },
+                    Err(quinn::ReadToEndError::TooLong) => (413, Vec::new()),
+                    Err(_) => return,
+                };
+                if send.write_all(&encode_reply(status, &body)).await.is_ok() {
+                    let _ = send.finish();
+                }
+            });
+        }
     }
 
     async fn link(self: Arc<Self>, conn: quinn::Connection) -> anyhow::Result<()> {

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub channels_evicted: AtomicU64,
     /// Requests for a new channel refused at `max_channels`.
     pub channel_limit_refusals: AtomicU64,
+    /// Peer-call connections refused (certificate not a configured peer's).
+    pub peer_refusals: AtomicU64,
 }
 
 /// A gateway link's outbound queue, as a shard sees it.
@@ -169,7 +171,7 @@ const WHEEL_SLOTS: usize = 256;
 
 /// A new channel refused because the shard holds its share of
 /// `max_channels`: temporary (eviction frees room), so clients retry.
-pub const CHANNEL_LIMIT: ReplyError = ReplyError::new(100, "channel limit reached", true);
+pub const CHANNEL_LIMIT: ReplyError = ReplyError::CHANNEL_LIMIT;
 
 /// One shard's state.
 pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {

@@ -119,6 +119,11 @@ impl Drop for Proc {
     }
 }
 
+/// The name (and certificate name) of the cluster's router `i`.
+pub fn router_name(i: usize) -> String {
+    format!("router-{i}.switchyard.test")
+}
+
 /// A router and gateways on loopback.
 pub struct Cluster {
     /// Certificates directory.
@@ -163,9 +168,13 @@ impl Cluster {
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        // Each router has a name of its own and a certificate for it only;
+        // gateways and peers check it against that name.
+        let names: Vec<String> = (0..routers).map(router_name).collect();
         let st = Command::new(bin("router"))
             .args(["certs", "--out"])
             .arg(&certs)
+            .args(["--names", &names.join(",")])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -204,18 +213,40 @@ impl Cluster {
     fn spawn_router(&self, i: usize) -> Proc {
         let (addr, api) = (self.router_addrs[i], self.api_addrs[i]);
         let mut cmd = Command::new(bin("router"));
-        cmd.args(["run", "--id", &format!("router-{i}"), "--quic-listen", &addr.to_string()])
+        cmd.args(["run", "--id", &format!("router-{i}"), "--name", &router_name(i)])
+            .args(["--quic-listen", &addr.to_string()])
             .args(["--api-listen", &api.to_string(), "--api-key", API_KEY])
             .args(["--admin-listen", &self.router_admin_addrs[i].to_string(), "--certs"])
             .arg(&self.certs)
             .args(&self.router_extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
-        for (j, (q, a)) in self.router_addrs.iter().zip(&self.api_addrs).enumerate() {
+        for (j, q) in self.router_addrs.iter().enumerate() {
             if j != i {
-                cmd.args(["--peer", &format!("{q},{a}")]);
+                cmd.args(["--peer", &format!("{}@{q}", router_name(j))]);
             }
         }
         Proc { child: cmd.spawn().unwrap() }
+    }
+
+    /// Starts a router outside the cluster's list (nobody links to it): named
+    /// `name` with that name's certificate from the cluster's directory
+    /// (`localhost`: the development one), calling `peers` (`NAME@ADDR`).
+    /// Returns the process and its admin address.
+    pub fn spawn_stray_router(&self, name: &str, peers: &[String]) -> (Proc, SocketAddr) {
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        let mut cmd = Command::new(bin("router"));
+        cmd.args(["run", "--id", &format!("stray-{name}"), "--name", name])
+            .args(["--quic-listen", &format!("127.0.0.1:{}", free_udp_port())])
+            .args(["--api-listen", &format!("127.0.0.1:{}", free_tcp_port()), "--api-key", API_KEY])
+            .args(["--admin-listen", &admin.to_string(), "--certs"])
+            .arg(&self.certs)
+            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
+        for p in peers {
+            cmd.args(["--peer", p]);
+        }
+        let p = Proc { child: cmd.spawn().unwrap() };
+        wait_tcp(admin);
+        (p, admin)
     }
 
     /// Kills router `i` (SIGKILL) and starts a fresh one on the same addresses.
@@ -236,17 +267,31 @@ impl Cluster {
     /// share (`SO_REUSEPORT`): clients of a drained one reconnect to the other
     /// at the same address.
     pub fn add_gateway_at(&mut self, i: usize, ws: SocketAddr, extra: &[&str]) {
-        self.spawn_gateway(i, ws, extra, None);
+        self.spawn_gateway(i, ws, extra, None, None);
+    }
+
+    /// Starts one more gateway linked to exactly `routers` (`NAME@ADDR`
+    /// each) instead of the cluster's routers.
+    pub fn add_gateway_routed(&mut self, i: usize, routers: &[String], extra: &[&str]) {
+        let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
+        self.spawn_gateway(i, ws, extra, None, Some(routers));
     }
 
     /// Starts one more gateway whose open-file limit is `nofile` (soft and
     /// hard), to run it out of descriptors.
     pub fn add_gateway_with_fd_limit(&mut self, i: usize, nofile: u64, extra: &[&str]) {
         let ws: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
-        self.spawn_gateway(i, ws, extra, Some(nofile));
+        self.spawn_gateway(i, ws, extra, Some(nofile), None);
     }
 
-    fn spawn_gateway(&mut self, i: usize, ws: SocketAddr, extra: &[&str], nofile: Option<u64>) {
+    fn spawn_gateway(
+        &mut self,
+        i: usize,
+        ws: SocketAddr,
+        extra: &[&str],
+        nofile: Option<u64>,
+        routers: Option<&[String]>,
+    ) {
         let admin: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap();
         let mut cmd = Command::new(bin("gateway"));
         cmd.args([
@@ -262,8 +307,14 @@ impl Cluster {
         .arg(&self.certs)
         .args(extra)
         .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
-        for r in &self.router_addrs {
-            cmd.args(["--router", &r.to_string()]);
+        let listed: Vec<String> = match routers {
+            Some(r) => r.to_vec(),
+            None => {
+                self.router_addrs.iter().enumerate().map(|(j, r)| format!("{}@{r}", router_name(j))).collect()
+            }
+        };
+        for r in listed {
+            cmd.args(["--router", &r]);
         }
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;

@@ -378,3 +378,190 @@ fn deadlines_close_with_their_codes() {
     assert_eq!(idle.expect_close(), Some(3502));
     assert_eq!(deaf.expect_close(), Some(3012));
 }
+
+/// The bystander's channel and what was published on it.
+struct Log<'a> {
+    api: std::net::SocketAddr,
+    channel: &'a str,
+    published: e2e::Published,
+    step: u64,
+}
+
+impl Log<'_> {
+    /// Publishes the next step through the API (recorded); its offset.
+    fn publish(&mut self, after: &str) -> u64 {
+        self.step += 1;
+        self.published.publish(self.api, self.channel, json!({"step": self.step, "after": after}))
+    }
+}
+
+/// Every hardening bound answered as documented while a bystander on the
+/// same gateway keeps receiving every offset of its channel, once, in order,
+/// with the payloads published: tokens (`nbf`, `aud`, `iss`, an empty
+/// `sub`), the router-bound request budget and in-flight cap (111, then
+/// 3013), a publish flood's 3013 surviving the close, API keys (headers
+/// only; the old forwarded marker carries no authority), and the router's
+/// channel cap (error 100, temporary).
+#[test]
+fn hardening_bounds_answer_and_a_bystander_receives_every_offset_in_order() {
+    let dir = std::env::temp_dir().join(format!("sy-hardening-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let router_cfg = dir.join("router.toml");
+    std::fs::write(&router_cfg, "shards = 1\nmax_channels = 24\n").unwrap();
+    let budget = dir.join("budget.toml");
+    std::fs::write(
+        &budget,
+        "[limits]\nrequest_rate = 0.01\nrequest_burst = 3\nmax_refusals = 6\npublish_rate = 0.01\npublish_burst = 5\n",
+    )
+    .unwrap();
+    let claims = dir.join("claims.toml");
+    std::fs::write(&claims, "[auth]\naudience = \"chat\"\nissuer = \"backend\"\n").unwrap();
+    // Gateway 0: defaults; 1: a tight budget (the bystander's); 2: aud and iss.
+    let mut c = Cluster::start_with(1, 1, &["--config", router_cfg.to_str().unwrap()], &[]);
+    c.add_gateway(1, &["--config", budget.to_str().unwrap()]);
+    c.add_gateway(2, &["--config", claims.to_str().unwrap()]);
+
+    let mut log =
+        Log { api: c.api_addrs[0], channel: "chat:bystander", published: Default::default(), step: 0 };
+    let mut bystander = c.client(1, "bystander");
+    let mut stream = e2e::StreamCheck::subscribe(&mut bystander, log.channel);
+    log.publish("start");
+
+    // Tokens. `nbf` in the future: invalid (3500). A signed token with an
+    // empty `sub` is an anonymous user, as in Centrifugo.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut ws = Ws::connect(c.ws_addrs[1], "/connection/websocket").unwrap();
+    ws.send_json(&json!({"id": 1, "connect": {"token": token_with(json!({"sub": "u", "nbf": now + 3600}))}}));
+    assert_eq!(ws.expect_close(), Some(3500), "nbf in the future");
+    let mut anon = Ws::connect(c.ws_addrs[1], "/connection/websocket").unwrap();
+    let r = anon.call(json!({"connect": {"token": token_with(json!({"sub": ""}))}}));
+    assert!(r["connect"]["client"].is_string(), "an empty sub connects anonymously: {r}");
+    // With `aud` and `iss` configured, a token must carry both, right.
+    for (claims, ok) in [
+        (json!({"sub": "u"}), false),
+        (json!({"sub": "u", "aud": "chat"}), false),
+        (json!({"sub": "u", "aud": "other", "iss": "backend"}), false),
+        (json!({"sub": "u", "aud": "chat", "iss": "someone"}), false),
+        (json!({"sub": "u", "aud": "chat", "iss": "backend"}), true),
+    ] {
+        let mut ws = Ws::connect(c.ws_addrs[2], "/connection/websocket").unwrap();
+        if ok {
+            let r = ws.call(json!({"connect": {"token": token_with(claims.clone())}}));
+            assert!(r["connect"]["client"].is_string(), "{claims}: {r}");
+        } else {
+            ws.send_json(&json!({"id": 1, "connect": {"token": token_with(claims.clone())}}));
+            assert_eq!(ws.expect_close(), Some(3500), "{claims}");
+        }
+    }
+    log.publish("tokens");
+
+    // Requests in flight: 40 history requests in one frame, all read in one
+    // turn before any answer can come back: the first 32 (the default cap)
+    // go to the router, the other 8 are refused with 111 (temporary).
+    let mut eager = c.client(0, "eager");
+    let lines: Vec<String> = (0..40)
+        .map(|i| json!({"id": 100 + i, "history": {"channel": log.channel, "limit": 1}}).to_string())
+        .collect();
+    eager.send_frame(OpCode::Text, lines.join("\n").as_bytes());
+    let (mut answered, mut refused) = (0, 0);
+    while answered + refused < 40 {
+        match eager.next_event() {
+            Some(e2e::Event::Json(v)) if v["id"].as_u64().is_some_and(|id| (100..140).contains(&id)) => {
+                if v["error"]["code"] == 111 {
+                    assert_eq!(v["error"]["temporary"], true, "{v}");
+                    refused += 1;
+                } else {
+                    assert!(v["history"].is_object(), "{v}");
+                    answered += 1;
+                }
+            }
+            Some(e2e::Event::Json(_)) => {}
+            other => panic!("expected history answers, got {other:?}"),
+        }
+    }
+    assert_eq!((answered, refused), (32, 8), "the in-flight cap");
+    log.publish("in flight");
+
+    // The request budget (burst 3, no refill while the test runs): one
+    // request at a time, 3 answered, then 111 until `max_refusals` (6),
+    // then 3013 — and the close frame arrives (no reset destroys it).
+    let mut greedy = c.client(1, "greedy");
+    let mut codes = Vec::new();
+    for _ in 0..9 {
+        let r = greedy.call(json!({"history": {"channel": log.channel, "limit": 1}}));
+        codes.push(r["error"]["code"].as_u64().unwrap_or(0));
+    }
+    assert_eq!(codes, [0, 0, 0, 111, 111, 111, 111, 111, 111], "{codes:?}");
+    greedy.send_json(&json!({"id": 999, "presence_stats": {"channel": log.channel}}));
+    assert_eq!(greedy.expect_close(), Some(3013));
+    log.publish("budget");
+
+    // A publish flood: 3013, and the close frame survives the close.
+    let mut flood = c.client(1, "flood");
+    assert!(flood.call(json!({"subscribe": {"channel": "chat:flood"}})).get("error").is_none());
+    let mut frames = Vec::new();
+    for i in 0..2000 {
+        let cmd = json!({"id": i + 1, "publish": {"channel": "chat:flood", "data": {"i": i}}}).to_string();
+        proto::ws::encode_frame(&mut frames, true, OpCode::Text, cmd.as_bytes(), Some(rand::random()));
+    }
+    flood.send_raw(&frames);
+    assert_eq!(flood.expect_close(), Some(3013), "publish flood");
+    log.publish("flood");
+
+    // API keys: only from headers, compared whole; the old forwarded marker
+    // gives a caller nothing (no key: 401; with the key: an ordinary call,
+    // answered by the owner).
+    let body = json!({"channel": log.channel, "data": {"step": "never"}}).to_string();
+    let short = &e2e::API_KEY[..e2e::API_KEY.len() - 1];
+    for (path, headers) in [
+        (format!("/api/publish?api_key={}", e2e::API_KEY), vec![]),
+        ("/api/publish".to_owned(), vec![("X-API-Key", "dev-api-key")]),
+        ("/api/publish".to_owned(), vec![("X-API-Key", short)]),
+        ("/api/publish".to_owned(), vec![("x-switchyard-forwarded", "1")]),
+    ] {
+        let (st, _) = e2e::http_request(log.api, "POST", &path, &headers, &body);
+        assert_eq!(st, 401, "{path} {headers:?}");
+    }
+    let marked = json!({"step": "marked"});
+    let (st, out) = e2e::http_request(
+        log.api,
+        "POST",
+        "/api/publish",
+        &[("X-API-Key", e2e::API_KEY), ("x-switchyard-forwarded", "1")],
+        &json!({"channel": log.channel, "data": marked}).to_string(),
+    );
+    assert_eq!(st, 200, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let marked_offset = v["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    let epoch = v["result"]["epoch"].as_str().unwrap();
+    assert_eq!(marked_offset, log.published.top(log.channel, epoch) + 1);
+
+    // The router's channel cap: fresh names until error 100 (temporary).
+    let mut hog = c.client(0, "hog");
+    let mut made = 0;
+    let refusal = loop {
+        let r = hog.call(json!({"subscribe": {"channel": format!("chat:hog-{made}")}}));
+        if r.get("error").is_some() {
+            break r;
+        }
+        made += 1;
+        assert!(made < 24, "the cap never answered");
+    };
+    assert_eq!(refusal["error"]["code"], 100, "{refusal}");
+    assert_eq!(refusal["error"]["message"], "channel limit reached", "{refusal}");
+    assert_eq!(refusal["error"]["temporary"], true, "{refusal}");
+    assert!(e2e::metric(&c.router_metrics(0), "switchyard_router_channel_limit_refusals_total") >= 1);
+    // The bystander's channel exists: it keeps working at the cap.
+    let last = log.publish("channel cap");
+
+    // Everything, in order, once, with its payload.
+    stream.receive_through(&mut bystander, last);
+    let marked_got: Vec<_> = stream.received.iter().filter(|r| r.offset == marked_offset).collect();
+    assert_eq!(marked_got.len(), 1);
+    assert_eq!(marked_got[0].data, marked);
+    stream.received.retain(|r| r.offset != marked_offset);
+    stream.verify_payloads(&log.published);
+    assert_eq!(stream.received.len() as u64, last - 1, "every other offset, once");
+    assert_eq!(stream.offset, last);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -7,7 +7,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use e2e::{Cluster, Event, Published, StreamCheck, Ws, call_retrying, http_get, metric, wait_until};
+use e2e::{
+    Cluster, Event, Published, StreamCheck, Ws, call_retrying, http_get, metric, router_name, wait_until,
+};
 use proto::rendezvous::ranked;
 use serde_json::{Value, json};
 
@@ -266,4 +268,65 @@ fn join_and_leave_pushes_where_the_namespace_enables_them() {
     }
     assert_eq!(seen.len(), 3, "join/leave only where the namespace enables them: {seen:?}");
     let _ = std::fs::remove_file(&cfg);
+}
+
+/// Each router has a name and a certificate for that name only. A gateway
+/// that lists router 0's name at router 1's address refuses router 1 (its
+/// certificate is not router 0's) and is served by the genuine router 0; a
+/// router calling router 0 as a peer with a certificate that is not one of
+/// router 0's peers' is refused by router 0; a router expecting router 1 at
+/// router 0's address refuses router 0's certificate. The cluster itself
+/// stays whole throughout.
+#[test]
+fn a_router_with_another_routers_certificate_is_refused_by_gateways_and_peers() {
+    let mut c = Cluster::start(2, 1, &[]);
+    settle(&c);
+    let (n0, n1) = (router_name(0), router_name(1));
+    let (a0, a1) = (c.router_addrs[0], c.router_addrs[1]);
+
+    c.add_gateway_routed(1, &[format!("{n0}@{a0}"), format!("{n0}@{a1}")], &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the gateway refuses router 1 posing as router 0",
+        || metric(&c.metrics(1), "switchyard_gateway_router_link_refusals_total"),
+        |n| *n >= 2,
+    );
+    assert_eq!(metric(&c.metrics(1), "switchyard_gateway_routers_up"), 1, "only the genuine router 0");
+    assert_eq!(router_metric(&c, 1, "switchyard_router_gateway_links"), 1, "router 1 serves only gateway 0");
+    // The refusing gateway's clients are served by router 0 (on a channel
+    // router 0 owns: this gateway knows no other router).
+    let names = [a0.to_string(), a1.to_string()];
+    let channel = (0..).map(|i| format!("chat:identity-{i}")).find(|ch| ranked(ch, &names)[0] == 0).unwrap();
+    let mut ws = c.client(1, "careful");
+    let mut st = StreamCheck::subscribe(&mut ws, &channel);
+    let mut published = Published::default();
+    let top = published.publish(c.api_addrs[1], &channel, serde_json::json!({"n": 1}));
+    st.receive_through(&mut ws, top);
+    st.verify(&published);
+
+    // A stranger (the development certificate, `localhost`) calling router 0.
+    let (_stranger, stranger_admin) = c.spawn_stray_router("localhost", &[format!("{n0}@{a0}")]);
+    wait_until(
+        Duration::from_secs(30),
+        "router 0 refuses a caller that is not its peer",
+        || router_metric(&c, 0, "switchyard_router_peer_refusals_total"),
+        |n| *n >= 2,
+    );
+    assert_eq!(metric(&http_get(stranger_admin, "/metrics"), "switchyard_router_peers_ready"), 0);
+
+    // A router that expects router 1 at router 0's address.
+    let (_fooled, fooled_admin) = c.spawn_stray_router(&n1, &[format!("{n1}@{a0}")]);
+    let failures = wait_until(
+        Duration::from_secs(30),
+        "router 0's certificate is refused for router 1's name",
+        || metric(&http_get(fooled_admin, "/metrics"), "switchyard_router_peer_call_failures_total"),
+        |n| *n >= 2,
+    );
+    assert!(failures >= 2);
+    assert_eq!(metric(&http_get(fooled_admin, "/metrics"), "switchyard_router_peers_ready"), 0);
+
+    // The cluster's own routers still see each other.
+    for r in 0..2 {
+        assert_eq!(router_metric(&c, r, "switchyard_router_peers_ready"), 1, "router {r}");
+    }
 }

@@ -94,7 +94,7 @@ fn free_port() -> u16 {
 impl RouterProc {
     fn start(bin: &PathBuf) -> anyhow::Result<RouterProc> {
         let certs = std::env::temp_dir().join(format!("sy-router-bench-{}", std::process::id()));
-        router::certs::generate(&certs)?;
+        router::certs::generate(&certs, &[])?;
         let quic: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
         let api = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;

@@ -37,7 +37,9 @@ impl Core {
             | Kind::PresenceStats { id } => id,
         };
         let line = match msg {
-            ClusterMsg::RequestError { code, .. } => reply::error_reply(id, ReplyError::from_code(code)),
+            ClusterMsg::RequestError { code, message, .. } => {
+                reply::error_reply(id, ReplyError::from_router(code, &message))
+            }
             ClusterMsg::PublishOk { .. } => reply::raw_reply(id, "publish", b"{}"),
             ClusterMsg::HistoryResult { epoch, top, publications, .. } => {
                 reply::raw_reply(id, "history", &reply::history_result(&publications, &epoch, top))
@@ -67,8 +69,8 @@ impl Core {
             ClusterMsg::Replay { epoch, top, recovered, positioned, publications, .. } => {
                 (epoch, top, recovered, positioned, publications)
             }
-            ClusterMsg::RequestError { code, .. } => {
-                return self.refuse_subscription(sid, channel, ReplyError::from_code(code));
+            ClusterMsg::RequestError { code, message, .. } => {
+                return self.refuse_subscription(sid, channel, ReplyError::from_router(code, &message));
             }
             _ => return,
         };

@@ -10,7 +10,6 @@
 //! stop every channel hashed to it while the link looked healthy.
 //! Reconnects use exponential backoff with full jitter.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use anyhow::Context;
 use bytes::BytesMut;
 use proto::backoff::Backoff;
 use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use proto::peer::RouterAddr;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
@@ -118,10 +118,11 @@ pub fn spawn(
                 quinn::Endpoint::client("0.0.0.0:0".parse().expect("static")).expect("udp socket");
             endpoint.set_default_client_config(client);
             let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
-            for (i, addr) in cfg.routers.iter().enumerate() {
-                tokio::spawn(router_link(i, *addr, gateway_id.clone(), endpoint.clone(), ev_tx.clone()));
+            for (i, router) in cfg.routers.iter().enumerate() {
+                let (id, ep, ev) = (gateway_id.clone(), endpoint.clone(), ev_tx.clone());
+                tokio::spawn(router_link(i, router.clone(), id, ep, ev, metrics.clone()));
             }
-            let names = cfg.routers.iter().map(|a| a.to_string()).collect();
+            let names = cfg.routers.iter().map(|r| r.addr.to_string()).collect();
             let mut up = Uplink::new(cores.len(), names, metrics, proto::seeded::random_seed());
             let mut io = Io { links: vec![None; cfg.routers.len()], cores };
             let mut retry = tokio::time::interval(RETRY_EVERY);
@@ -181,17 +182,24 @@ async fn read_msgs(
 
 async fn router_link(
     idx: usize,
-    addr: SocketAddr,
+    router: RouterAddr,
     gateway_id: String,
     endpoint: quinn::Endpoint,
     events: mpsc::Sender<Event>,
+    metrics: Arc<Metrics>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let instance: u64 = rand::random();
     loop {
-        match connect_once(idx, addr, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
-            Ok(()) => tracing::info!(%addr, "router link closed"),
-            Err(e) => tracing::debug!(%addr, error = %e, "router link failed"),
+        match connect_once(idx, &router, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
+            Ok(()) => tracing::info!(%router, "router link closed"),
+            // A certificate that is not the named router's is refused at
+            // every attempt: say so where it is seen.
+            Err(e) if is_bad_certificate(&e) => {
+                metrics.router_link_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(%router, error = %e, "router link refused in the TLS handshake");
+            }
+            Err(e) => tracing::debug!(%router, error = %e, "router link failed"),
         }
         if events.send(Event::Down(idx)).await.is_err() {
             return;
@@ -201,16 +209,30 @@ async fn router_link(
     }
 }
 
+/// Whether a link failed in the TLS handshake (a certificate refused on
+/// either side): QUIC carries TLS alerts as transport errors 0x100–0x1ff.
+fn is_bad_certificate(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let code = match c.downcast_ref::<quinn::ConnectionError>() {
+            Some(quinn::ConnectionError::TransportError(t)) => t.code,
+            Some(quinn::ConnectionError::ConnectionClosed(close)) => close.error_code,
+            _ => return false,
+        };
+        (0x100..0x200).contains(&u64::from(code))
+    })
+}
+
 async fn connect_once(
     idx: usize,
-    addr: SocketAddr,
+    router: &RouterAddr,
     gateway_id: &str,
     instance: u64,
     endpoint: &quinn::Endpoint,
     events: &mpsc::Sender<Event>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let conn = endpoint.connect(addr, "localhost")?.await?;
+    // The router's certificate must be valid for the name it is listed by.
+    let conn = endpoint.connect(router.addr, &router.name)?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     let mut out = BytesMut::new();
     ClusterMsg::Hello { version: PROTOCOL_VERSION, gateway_id: gateway_id.to_owned(), instance }

@@ -45,6 +45,19 @@ impl ReplyError {
     /// 112.
     pub const UNRECOVERABLE_POSITION: ReplyError = ReplyError::new(112, "unrecoverable position", false);
 
+    /// 100, temporary: the router holds its `max_channels` and refuses a
+    /// new channel until idle ones are evicted.
+    pub const CHANNEL_LIMIT: ReplyError = ReplyError::new(100, "channel limit reached", true);
+
+    /// Looks up an error received from the router, keeping its semantics and,
+    /// for the errors with a message of their own, that message.
+    pub fn from_router(code: u32, message: &str) -> ReplyError {
+        match (code, message) {
+            (100, m) if m == Self::CHANNEL_LIMIT.message => Self::CHANNEL_LIMIT,
+            _ => Self::from_code(code),
+        }
+    }
+
     /// Looks up a code received from elsewhere (the router), keeping its semantics.
     pub fn from_code(code: u32) -> ReplyError {
         match code {
@@ -156,5 +169,13 @@ mod tests {
             assert!(serde_json::from_str::<serde_json::Value>(d.reason).is_err());
             assert!(d.reason.len() < 123);
         }
+    }
+
+    #[test]
+    fn router_errors_keep_their_own_messages() {
+        assert_eq!(ReplyError::from_router(100, "channel limit reached"), ReplyError::CHANNEL_LIMIT);
+        assert_eq!(ReplyError::from_router(100, "whatever"), ReplyError::INTERNAL);
+        assert_eq!(ReplyError::from_router(103, "permission denied"), ReplyError::PERMISSION_DENIED);
+        assert_eq!(ReplyError::from_router(999, ""), ReplyError::INTERNAL);
     }
 }
