@@ -18,6 +18,10 @@
 //!   publish and subscribe policies) that gateway and router both apply.
 //! - [`cluster`]: the gateway ⇄ router protocol, versioned length-delimited
 //!   binary frames whose payload fields are zero-copy slices.
+//! - [`membership`]: the routers registered in etcd as a [`membership::View`]
+//!   at a store revision, ownership over it, and the lease clock behind the
+//!   fencing rule (a router acknowledges only while its lease is certainly
+//!   alive).
 //! - [`peer`]: router names (`NAME@ADDR`) and the router ⇄ router call
 //!   protocol that carries forwarded API calls over mutual TLS.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
@@ -49,6 +53,7 @@ pub mod client;
 pub mod cluster;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod membership;
 pub mod mutant;
 pub mod namespace;
 pub mod peer;

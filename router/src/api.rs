@@ -28,6 +28,7 @@ use tokio::sync::oneshot;
 use crate::peers::Owner;
 use crate::server::Router;
 use crate::shard::{ApiOp, ShardCmd};
+use proto::peer::RouterAddr;
 
 /// Whether `given` is `secret`, in time that does not depend on where they
 /// first differ (only on the length, which a key's owner chooses anyway).
@@ -186,13 +187,13 @@ impl Router {
             "publish" | "presence" | "presence_stats" | "history" | "history_remove" => {
                 let r: ChannelReq = serde_json::from_slice(body).ok()?;
                 let Owner::Peer(peer) = self.peers().owner(&r.channel) else { return None };
-                Some(self.forward(peer, method, body).await)
+                Some(self.forward(&peer, method, body).await)
             }
             "channels" => {
                 let local = self.dispatch(method, body, true).await.ok()?;
                 let mut merged: serde_json::Value = serde_json::from_slice(&local).ok()?;
                 for peer in self.peers().ready_peers() {
-                    let Ok((200, b)) = self.peers().call(peer, method, body).await else { continue };
+                    let Ok((200, b)) = self.peers().call(&peer, method, body).await else { continue };
                     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else { continue };
                     if let (Some(into), Some(from)) = (
                         merged.pointer_mut("/result/channels").and_then(|c| c.as_object_mut()),
@@ -209,13 +210,13 @@ impl Router {
 
     /// One call forwarded to peer `peer`, answered as it answered (error 100
     /// when it could not be reached in time).
-    async fn forward(&self, peer: usize, method: &str, body: &[u8]) -> Reply {
+    async fn forward(&self, peer: &RouterAddr, method: &str, body: &[u8]) -> Reply {
         match self.peers().call(peer, method, body).await {
             Ok((status, body)) => {
                 respond(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), body)
             }
             Err(e) => {
-                tracing::warn!(peer = %self.peers().peers()[peer], error = %e, "forwarding an API call failed");
+                tracing::warn!(%peer, error = %e, "forwarding an API call failed");
                 respond(StatusCode::OK, error_body(ReplyError::INTERNAL))
             }
         }
@@ -275,7 +276,7 @@ impl Router {
                                 "idempotency_key": r.idempotency_key,
                             });
                             let body = serde_json::to_vec(&body).expect("serializable");
-                            match self.peers().call(peer, "publish", &body).await {
+                            match self.peers().call(&peer, "publish", &body).await {
                                 // `{"result":…}` or `{"error":…}`: one broadcast response as it is.
                                 Ok((200, b)) => b.to_vec(),
                                 _ => error_body(ReplyError::INTERNAL),
@@ -390,6 +391,23 @@ impl Router {
         })
     }
 
+    /// `/readyz`: 200 when this router serves (not draining; in etcd mode
+    /// registered in its newest view under a live lease), else 503 saying why.
+    fn readyz(&self) -> Reply {
+        let p = self.peers();
+        if p.ready() {
+            return respond(StatusCode::OK, "ready\n");
+        }
+        let why = if p.draining() {
+            "draining\n"
+        } else if !p.lease_live(Instant::now()) {
+            "no live etcd lease\n"
+        } else {
+            "not in the membership view yet\n"
+        };
+        respond(StatusCode::SERVICE_UNAVAILABLE, why)
+    }
+
     /// Whether the request carries the API key, in `X-API-Key` or
     /// `Authorization: apikey …` (compared in constant time). A key in the
     /// URL is refused with a message saying why.
@@ -416,10 +434,7 @@ impl Router {
         let path = req.uri().path().to_owned();
         match path.as_str() {
             "/healthz" => return Ok(respond(StatusCode::OK, "ok\n")),
-            "/readyz" if self.peers().draining() => {
-                return Ok(respond(StatusCode::SERVICE_UNAVAILABLE, "draining\n"));
-            }
-            "/readyz" => return Ok(respond(StatusCode::OK, "ready\n")),
+            "/readyz" => return Ok(self.readyz()),
             "/metrics" if self.metrics_on_api() => return Ok(respond(StatusCode::OK, self.render_metrics())),
             _ => {}
         }
@@ -468,10 +483,7 @@ impl Router {
                         let r = match req.uri().path() {
                             "/metrics" => respond(StatusCode::OK, router.render_metrics()),
                             "/healthz" => respond(StatusCode::OK, "ok\n"),
-                            "/readyz" if router.peers().draining() => {
-                                respond(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                            }
-                            "/readyz" => respond(StatusCode::OK, "ready\n"),
+                            "/readyz" => router.readyz(),
                             _ => respond(StatusCode::NOT_FOUND, ""),
                         };
                         Ok::<_, std::convert::Infallible>(r)

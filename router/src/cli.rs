@@ -153,6 +153,8 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 let api = cfg.api_listen;
                 let admin = cfg.admin_listen;
                 let router = crate::server::Router::start(cfg)?;
+                #[cfg(feature = "etcd")]
+                crate::membership::spawn(&router);
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let draining = async {
                     term.recv().await;

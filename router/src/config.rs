@@ -101,6 +101,19 @@ pub struct RouterConfig {
     /// The HTTP API forwards a call for a channel to its owner among the
     /// ready routers over QUIC with mutual TLS (see `proto::peer`).
     pub peers: Vec<RouterAddr>,
+    /// The QUIC address gateways and peers reach this router at when it is
+    /// not `quic_listen` (a wildcard bind, a pod behind a Service): its name
+    /// in the rendezvous hash and what it registers in etcd (default
+    /// `quic_listen`).
+    pub advertise_quic: Option<SocketAddr>,
+    /// The API address it registers in etcd (default `api_listen`).
+    pub advertise_api: Option<SocketAddr>,
+    /// Membership and ownership from etcd (`[etcd]`; default off: one
+    /// router, or the static `peers`). With it, `peers` must be empty; the
+    /// router registers `{name, quic, api}` under a lease and acknowledges a
+    /// publication only for channels it owns in its newest view while the
+    /// lease is certainly alive (see `proto::membership`).
+    pub etcd: discovery::EtcdConfig,
     /// Channel namespaces.
     pub namespaces: Namespaces,
 }
@@ -126,6 +139,9 @@ impl Default for RouterConfig {
             max_channels: 1_000_000,
             drain_secs: 5,
             peers: Vec::new(),
+            advertise_quic: None,
+            advertise_api: None,
+            etcd: discovery::EtcdConfig::default(),
             namespaces: Namespaces::default(),
         }
     }
@@ -136,6 +152,10 @@ impl RouterConfig {
     /// well-known development API key on an API address others can reach.
     pub fn check(&self) -> anyhow::Result<()> {
         proto::peer::valid_name(&self.name).map_err(|e| anyhow::anyhow!("config key `name`: {e}"))?;
+        self.etcd.check().map_err(anyhow::Error::msg)?;
+        if self.etcd.enabled() && !self.peers.is_empty() {
+            anyhow::bail!("`peers` and `[etcd]` are both set: with etcd, the view says who the peers are");
+        }
         if self.api_key == DEV_API_KEY && !self.api_listen.ip().is_loopback() {
             anyhow::bail!(
                 "api_key is the development default ({DEV_API_KEY:?}) and api_listen ({}) is not a loopback \
@@ -149,6 +169,21 @@ impl RouterConfig {
     /// Parses a TOML document; unknown keys are errors.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         Ok(toml::from_str(text)?)
+    }
+
+    /// This router's QUIC address as others reach it (`advertise_quic`, or
+    /// `quic_listen`).
+    pub fn me_quic(&self) -> SocketAddr {
+        self.advertise_quic.unwrap_or(self.quic_listen)
+    }
+
+    /// What this router registers in etcd.
+    pub fn member(&self) -> proto::membership::Member {
+        proto::membership::Member {
+            name: self.name.clone(),
+            quic: self.me_quic(),
+            api: self.advertise_api.unwrap_or(self.api_listen),
+        }
     }
 
     /// Heartbeat interval.

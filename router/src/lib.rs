@@ -27,8 +27,10 @@
 //! timer and publishes changes on that channel.
 //!
 //! - [`peers`]: the other routers; the HTTP API forwards a call for a
-//!   channel to its owner among the ready routers (rendezvous over their
-//!   QUIC addresses, as the gateways compute it).
+//!   channel to its owner (rendezvous over their QUIC addresses, as the
+//!   gateways compute it) over QUIC with mutual TLS.
+//! - [`membership`] (cargo feature `etcd`): registration in etcd under a
+//!   lease, the view of every router, and the fencing rule's timing.
 //!
 //! Liveness: gateways heartbeat every 2 s; a gateway silent for
 //! `evict_secs` is evicted (its users enter the presence grace period).
@@ -44,6 +46,8 @@ pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod link;
+#[cfg(feature = "etcd")]
+pub mod membership;
 pub mod peers;
 pub mod presence;
 pub mod server;

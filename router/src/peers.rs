@@ -1,10 +1,18 @@
 //! The other routers of the cluster, as the HTTP API sees them.
 //!
 //! Gateways decide a channel's owner by the rendezvous hash of the channel
-//! over the routers' QUIC addresses (those they are linked to and that are
-//! not draining). The HTTP API must reach the same owner, so a router knows
-//! its peers (`NAME@QUIC_ADDR`), asks each for its readiness twice a second,
-//! and forwards an API call for a channel it does not own to the owner.
+//! over the routers' QUIC addresses. The HTTP API must reach the same
+//! owner, and forwards an API call for a channel it does not own to the
+//! owner. Who the routers are comes from one of two sources:
+//!
+//! - a static list (`peers`, `NAME@QUIC_ADDR` each): the router asks each
+//!   peer for its readiness twice a second, and the owner is the rendezvous
+//!   hash over itself and the ready peers, as gateways compute it over the
+//!   routers they are linked to;
+//! - etcd (`[etcd]`): the owner is the rendezvous hash over the newest
+//!   [`View`] of registered routers, the view gateways watch too, and this
+//!   router answers for a channel only while its lease is certainly alive
+//!   (the shards enforce that: `proto::membership`'s fencing rule).
 //!
 //! Calls between routers travel over QUIC with mutual TLS on the routers'
 //! own endpoints (ALPN [`PEER_ALPN`], framing in [`proto::peer`]): the caller
@@ -15,18 +23,21 @@
 //! never forwarded again, so views that disagree for a moment never loop;
 //! nothing on the public HTTP API can ask for that.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
+use proto::membership::View;
 use proto::peer::{PEER_ALPN, READYZ, RouterAddr, decode_reply, encode_request};
 use proto::rendezvous::ranked;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::sync::watch;
 
 /// How often peers' readiness is asked.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
@@ -44,12 +55,12 @@ pub const MAX_REPLY: usize = 16 << 20;
 pub const MAX_CALLS_IN_FLIGHT: u32 = 256;
 
 /// Where an API call for a channel goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner {
     /// This router.
     Local,
-    /// The peer with this index in [`Peers::peers`].
-    Peer(usize),
+    /// Another router.
+    Peer(RouterAddr),
 }
 
 /// Whether the certificate `cert` is valid for the DNS name `name` (its
@@ -61,17 +72,33 @@ pub fn cert_is_for(cert: &CertificateDer<'_>, name: &str) -> bool {
         .is_ok_and(|c| c.verify_is_valid_for_subject_name(&server_name).is_ok())
 }
 
+/// Who the other routers are.
+enum Source {
+    /// A static list, with each peer's readiness as last asked.
+    Static {
+        /// Rendezvous names: this router first, then the peers.
+        names: Vec<String>,
+        peers: Vec<RouterAddr>,
+        ready: Vec<AtomicBool>,
+    },
+    /// The routers registered in etcd, and this router's lease.
+    Etcd {
+        view: watch::Sender<Arc<View>>,
+        /// Lease id (0: none) and until when it is certainly alive.
+        lease: Mutex<(i64, Option<Instant>)>,
+    },
+}
+
 /// This router and its peers.
 pub struct Peers {
-    /// Rendezvous names: this router first, then the peers.
-    names: Vec<String>,
-    peers: Vec<RouterAddr>,
-    ready: Vec<AtomicBool>,
+    /// This router's QUIC address as gateways list it.
+    me: SocketAddr,
+    source: Source,
     draining: AtomicBool,
-    /// Client side of peer calls: `None` without peers.
+    /// Client side of peer calls: `None` without TLS files (unit tests).
     client: Option<(quinn::Endpoint, quinn::ClientConfig)>,
     /// One cached connection per peer, opened on first use.
-    conns: Vec<Mutex<Option<quinn::Connection>>>,
+    conns: Mutex<HashMap<RouterAddr, quinn::Connection>>,
     /// Calls (probes included) that got no answer: unreachable, too slow,
     /// or refused in the TLS handshake.
     failures: AtomicU64,
@@ -79,10 +106,7 @@ pub struct Peers {
 
 impl std::fmt::Debug for Peers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peers")
-            .field("names", &self.names)
-            .field("peers", &self.peers)
-            .finish_non_exhaustive()
+        f.debug_struct("Peers").field("me", &self.me).finish_non_exhaustive()
     }
 }
 
@@ -126,17 +150,26 @@ fn client_config(tls: PeerTls<'_>) -> anyhow::Result<quinn::ClientConfig> {
 }
 
 impl Peers {
-    /// `me` is this router's QUIC address as the gateways list it. With
-    /// peers, `tls` gives the files calls to them are made with, and a
-    /// client endpoint is bound on `me`'s IP (so must be called within a
-    /// tokio runtime).
-    pub fn new(me: SocketAddr, peers: Vec<RouterAddr>, tls: Option<PeerTls<'_>>) -> anyhow::Result<Self> {
-        let mut names = vec![me.to_string()];
-        names.extend(peers.iter().map(|p| p.addr.to_string()));
-        let ready = peers.iter().map(|_| AtomicBool::new(false)).collect();
-        let conns = peers.iter().map(|_| Mutex::new(None)).collect();
+    /// `me` is this router's QUIC address as the gateways list it; `peers`
+    /// the static list (ignored with `etcd`, which takes the view instead).
+    /// With `tls`, calls to peers are made with those files from a client
+    /// endpoint bound on `me`'s IP (so this must run within a tokio runtime).
+    pub fn new(
+        me: SocketAddr,
+        peers: Vec<RouterAddr>,
+        tls: Option<PeerTls<'_>>,
+        etcd: bool,
+    ) -> anyhow::Result<Self> {
+        let source = if etcd {
+            Source::Etcd { view: watch::Sender::new(Arc::new(View::default())), lease: Mutex::new((0, None)) }
+        } else {
+            let mut names = vec![me.to_string()];
+            names.extend(peers.iter().map(|p| p.addr.to_string()));
+            let ready = peers.iter().map(|_| AtomicBool::new(false)).collect();
+            Source::Static { names, peers, ready }
+        };
         let client = match tls {
-            Some(tls) if !peers.is_empty() => {
+            Some(tls) if etcd || matches!(&source, Source::Static { peers, .. } if !peers.is_empty()) => {
                 let endpoint = quinn::Endpoint::client(SocketAddr::new(me.ip(), 0))
                     .context("binding the UDP socket peer calls leave from")?;
                 Some((endpoint, client_config(tls)?))
@@ -144,12 +177,11 @@ impl Peers {
             _ => None,
         };
         Ok(Peers {
-            names,
-            peers,
-            ready,
+            me,
+            source,
             draining: AtomicBool::new(false),
             client,
-            conns,
+            conns: Mutex::new(HashMap::new()),
             failures: AtomicU64::new(0),
         })
     }
@@ -159,20 +191,69 @@ impl Peers {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Whether any peer is configured.
+    /// Whether other routers may own channels (a static list with peers, or etcd).
     pub fn clustered(&self) -> bool {
-        !self.peers.is_empty()
+        match &self.source {
+            Source::Static { peers, .. } => !peers.is_empty(),
+            Source::Etcd { .. } => true,
+        }
     }
 
-    /// The configured peers.
-    pub fn peers(&self) -> &[RouterAddr] {
-        &self.peers
+    /// The newest membership view (etcd mode; empty otherwise).
+    pub fn view(&self) -> Arc<View> {
+        match &self.source {
+            Source::Etcd { view, .. } => view.borrow().clone(),
+            Source::Static { .. } => Arc::new(View::default()),
+        }
     }
 
-    /// Whether a client certificate belongs to one of the configured peers:
-    /// only those may call this router's API as a peer.
+    /// Where the membership watch writes views (etcd mode).
+    pub fn view_sender(&self) -> Option<&watch::Sender<Arc<View>>> {
+        match &self.source {
+            Source::Etcd { view, .. } => Some(view),
+            Source::Static { .. } => None,
+        }
+    }
+
+    /// Records this router's lease (etcd mode).
+    pub fn set_lease(&self, id: i64, deadline: Option<Instant>) {
+        if let Source::Etcd { lease, .. } = &self.source {
+            *lease.lock().expect("not poisoned") = (id, deadline);
+        }
+    }
+
+    /// Whether this router holds a lease that is certainly alive at `now`
+    /// (always, without etcd).
+    pub fn lease_live(&self, now: Instant) -> bool {
+        match &self.source {
+            Source::Etcd { lease, .. } => {
+                let (id, deadline) = *lease.lock().expect("not poisoned");
+                id != 0 && deadline.is_some_and(|d| now < d)
+            }
+            Source::Static { .. } => true,
+        }
+    }
+
+    /// Whether this router is ready to serve: not draining, and in etcd
+    /// mode registered in its newest view under a live lease.
+    pub fn ready(&self) -> bool {
+        !self.draining()
+            && match &self.source {
+                Source::Etcd { .. } => self.lease_live(Instant::now()) && self.view().contains(self.me),
+                Source::Static { .. } => true,
+            }
+    }
+
+    /// Whether a client certificate belongs to one of the other routers:
+    /// only those may call this router's API as a peer (the configured
+    /// peers, or the routers registered in the view).
     pub fn is_peer(&self, cert: &CertificateDer<'_>) -> bool {
-        self.peers.iter().any(|p| cert_is_for(cert, &p.name))
+        match &self.source {
+            Source::Static { peers, .. } => peers.iter().any(|p| cert_is_for(cert, &p.name)),
+            Source::Etcd { view, .. } => {
+                view.borrow().members().filter(|m| m.quic != self.me).any(|m| cert_is_for(cert, &m.name))
+            }
+        }
     }
 
     /// Marks this router as draining: it owns nothing from now on.
@@ -185,69 +266,95 @@ impl Peers {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// The owner of `key` among the live routers; this router when nobody
-    /// else is live (a call is answered rather than refused).
+    /// The owner of `key`. Static list: among the live routers, this router
+    /// when nobody else is live (a call is answered rather than refused).
+    /// etcd: the view's owner; this router when the view is empty (its
+    /// shards then refuse what needs a live lease).
     pub fn owner(&self, key: &str) -> Owner {
-        for i in ranked(key, &self.names) {
-            if i == 0 && !self.draining() {
-                return Owner::Local;
+        match &self.source {
+            Source::Static { names, peers, ready } => {
+                for i in ranked(key, names) {
+                    if i == 0 && !self.draining() {
+                        return Owner::Local;
+                    }
+                    if i > 0 && ready[i - 1].load(Ordering::Relaxed) {
+                        return Owner::Peer(peers[i - 1].clone());
+                    }
+                }
+                Owner::Local
             }
-            if i > 0 && self.ready[i - 1].load(Ordering::Relaxed) {
-                return Owner::Peer(i - 1);
+            Source::Etcd { view, .. } => match view.borrow().owner(key) {
+                Some(m) if m.quic != self.me => Owner::Peer(m.router_addr()),
+                _ => Owner::Local,
+            },
+        }
+    }
+
+    /// The other routers currently ready (static: answered their last
+    /// readiness probe; etcd: registered in the view).
+    pub fn ready_peers(&self) -> Vec<RouterAddr> {
+        match &self.source {
+            Source::Static { peers, ready, .. } => peers
+                .iter()
+                .zip(ready)
+                .filter(|(_, r)| r.load(Ordering::Relaxed))
+                .map(|(p, _)| p.clone())
+                .collect(),
+            Source::Etcd { view, .. } => {
+                view.borrow().members().filter(|m| m.quic != self.me).map(|m| m.router_addr()).collect()
             }
         }
-        Owner::Local
     }
 
-    /// Indices of the peers currently ready.
-    pub fn ready_peers(&self) -> Vec<usize> {
-        (0..self.peers.len()).filter(|&i| self.ready[i].load(Ordering::Relaxed)).collect()
-    }
-
-    /// Asks every peer for its readiness forever.
+    /// Asks every statically listed peer for its readiness forever (etcd
+    /// mode: the view says who is there; nothing to ask).
     pub async fn probe_forever(&self) {
+        let Source::Static { peers, ready, .. } = &self.source else {
+            return std::future::pending().await;
+        };
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             let answers = futures_util::future::join_all(
-                (0..self.peers.len()).map(|i| async move { (i, self.call(i, READYZ, &[]).await) }),
+                peers.iter().map(|p| async move { (p, self.call(p, READYZ, &[]).await) }),
             )
             .await;
-            for (i, answer) in answers {
+            for ((peer, answer), ready) in answers.into_iter().zip(ready) {
                 let ok = matches!(answer, Ok((200, _)));
-                if self.ready[i].swap(ok, Ordering::Relaxed) != ok {
+                if ready.swap(ok, Ordering::Relaxed) != ok {
                     match answer {
                         Err(e) => {
-                            tracing::info!(peer = %self.peers[i], ready = ok, error = %e, "peer router readiness changed")
+                            tracing::info!(%peer, ready = ok, error = %e, "peer router readiness changed")
                         }
-                        Ok(_) => {
-                            tracing::info!(peer = %self.peers[i], ready = ok, "peer router readiness changed")
-                        }
+                        Ok(_) => tracing::info!(%peer, ready = ok, "peer router readiness changed"),
                     }
                 }
             }
         }
     }
 
-    async fn connection(&self, i: usize) -> anyhow::Result<quinn::Connection> {
-        if let Some(c) = self.conns[i].lock().expect("not poisoned").as_ref()
-            && c.close_reason().is_none()
+    async fn connection(&self, peer: &RouterAddr) -> anyhow::Result<quinn::Connection> {
         {
-            return Ok(c.clone());
+            let mut conns = self.conns.lock().expect("not poisoned");
+            if let Some(c) = conns.get(peer)
+                && c.close_reason().is_none()
+            {
+                return Ok(c.clone());
+            }
+            // Bounded by the routers there are: closed ones go.
+            conns.retain(|_, c| c.close_reason().is_none());
         }
         let (endpoint, cfg) = self.client.as_ref().context("no peer TLS configured")?;
-        let peer = &self.peers[i];
         let conn = endpoint.connect_with(cfg.clone(), peer.addr, &peer.name)?.await?;
-        *self.conns[i].lock().expect("not poisoned") = Some(conn.clone());
+        self.conns.lock().expect("not poisoned").insert(peer.clone(), conn.clone());
         Ok(conn)
     }
 
-    /// Calls `method` with `body` on peer `i`; the status and body it answered.
-    pub async fn call(&self, i: usize, method: &str, body: &[u8]) -> anyhow::Result<(u16, Bytes)> {
-        let peer = &self.peers[i];
+    /// Calls `method` with `body` on `peer`; the status and body it answered.
+    pub async fn call(&self, peer: &RouterAddr, method: &str, body: &[u8]) -> anyhow::Result<(u16, Bytes)> {
         let answer = tokio::time::timeout(CALL_TIMEOUT, async {
-            let conn = self.connection(i).await?;
+            let conn = self.connection(peer).await?;
             let (mut send, mut recv) = conn.open_bi().await?;
             send.write_all(&encode_request(method, body)).await?;
             send.finish()?;
@@ -274,17 +381,18 @@ mod tests {
         let me: SocketAddr = "127.0.0.1:7100".parse().unwrap();
         let peers: Vec<RouterAddr> =
             vec!["r1@127.0.0.1:7101".parse().unwrap(), "r2@127.0.0.1:7102".parse().unwrap()];
-        let p = Peers::new(me, peers, None).unwrap();
+        let p = Peers::new(me, peers.clone(), None, false).unwrap();
         // No peer ready: everything is local.
         assert!((0..100).all(|i| p.owner(&format!("chat:{i}")) == Owner::Local));
-        for r in &p.ready {
+        let Source::Static { ready, .. } = &p.source else { unreachable!() };
+        for r in ready {
             r.store(true, Ordering::Relaxed);
         }
         let local = (0..300).filter(|i| p.owner(&format!("chat:{i}")) == Owner::Local).count();
         assert!((50..150).contains(&local), "about a third is local: {local}");
         p.set_draining();
         assert!((0..100).all(|i| p.owner(&format!("chat:{i}")) != Owner::Local));
-        assert!(p.call(0, READYZ, b"").await.is_err(), "no TLS, no call");
+        assert!(p.call(&peers[0], READYZ, b"").await.is_err(), "no TLS, no call");
     }
 
     #[test]
@@ -305,11 +413,32 @@ mod tests {
             .unwrap()
             .unwrap();
         let me: SocketAddr = "127.0.0.1:7100".parse().unwrap();
-        let p = Peers::new(me, vec!["r2@127.0.0.1:7102".parse().unwrap()], None).unwrap();
+        let p = Peers::new(me, vec!["r2@127.0.0.1:7102".parse().unwrap()], None, false).unwrap();
         assert!(p.is_peer(&r2));
         assert!(!p.is_peer(&r1), "a router that is not a configured peer");
         assert!(!p.is_peer(&gw), "a gateway's certificate");
         assert!(!p.is_peer(&dev));
+        // In etcd mode the view says who the peers are.
+        let e = Peers::new(me, Vec::new(), None, true).unwrap();
+        assert!(!e.is_peer(&r2));
+        let member = |name: &str, port: u16| {
+            let m = proto::membership::Member {
+                name: name.into(),
+                quic: SocketAddr::from(([127, 0, 0, 1], port)),
+                api: SocketAddr::from(([127, 0, 0, 1], port + 900)),
+            };
+            (format!("/r/{name}"), m)
+        };
+        e.view_sender()
+            .unwrap()
+            .send_replace(Arc::new(View::new(3, [member("r2", 7102), member("me", 7100)])));
+        assert!(e.is_peer(&r2) && !e.is_peer(&r1) && !e.is_peer(&gw));
+        assert!(!e.ready(), "no lease");
+        e.set_lease(5, Some(Instant::now() + Duration::from_secs(5)));
+        assert!(e.ready());
+        assert_eq!(e.ready_peers(), vec!["r2@127.0.0.1:7102".parse::<RouterAddr>().unwrap()]);
+        let owned = (0..200).filter(|i| e.owner(&format!("c{i}")) == Owner::Local).count();
+        assert!((60..140).contains(&owned), "about half: {owned}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -49,6 +49,8 @@ pub struct Router {
     peers: Peers,
     /// Control queues of the connected gateways (for the drain notice).
     links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
+    /// Turns true when the router leaves (drain): its etcd lease is revoked.
+    leave: tokio::sync::watch::Sender<bool>,
 }
 
 /// The endpoint's TLS: router certificate (checked to be valid for the
@@ -123,13 +125,14 @@ impl Router {
                     seed: proto::seeded::random_seed(),
                     max_channels: cfg.max_channels.div_ceil(cfg.shards.max(1)),
                     now: std::time::Instant::now(),
+                    fence: cfg.etcd.enabled().then(|| cfg.me_quic()),
                 });
                 tokio::spawn(run_shard(shard, rx));
                 tx
             })
             .collect();
         let tls = PeerTls { ca_cert: &cfg.tls.ca_cert, cert: &cfg.tls.cert, key: &cfg.tls.key };
-        let peers = Peers::new(cfg.quic_listen, cfg.peers.clone(), Some(tls))?;
+        let peers = Peers::new(cfg.me_quic(), cfg.peers.clone(), Some(tls), cfg.etcd.enabled())?;
         Ok(Arc::new(Router {
             cfg,
             shards,
@@ -139,7 +142,18 @@ impl Router {
             started: std::time::Instant::now(),
             peers,
             links: std::sync::Mutex::new(HashMap::new()),
+            leave: tokio::sync::watch::Sender::new(false),
         }))
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// Turns true when the router leaves the cluster.
+    pub fn leave_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.leave.subscribe()
     }
 
     /// The cluster as the HTTP API sees it.
@@ -155,6 +169,7 @@ impl Router {
     /// then the router exits.
     pub async fn drain(&self) {
         self.peers.set_draining();
+        self.leave.send_replace(true);
         let links: Vec<_> = self.links.lock().expect("not poisoned").values().cloned().collect();
         tracing::info!(gateways = links.len(), window = ?self.cfg.drain(), "draining");
         for tx in links {
@@ -219,6 +234,23 @@ impl Router {
             "# TYPE switchyard_router_channels gauge\nswitchyard_router_channels {}\n",
             m.channels.load(Ordering::Relaxed)
         ));
+        if self.cfg.etcd.enabled() {
+            let view = self.peers.view();
+            let live = self.peers.lease_live(std::time::Instant::now());
+            for (name, kind, v) in [
+                ("switchyard_router_membership_revision", "gauge", view.revision.max(0) as u64),
+                ("switchyard_router_membership_routers", "gauge", view.len() as u64),
+                ("switchyard_router_lease_live", "gauge", u64::from(live)),
+                (
+                    "switchyard_router_ownership_moves_total",
+                    "counter",
+                    m.ownership_moves.load(Ordering::Relaxed),
+                ),
+                ("switchyard_router_fenced_publications_total", "counter", m.fenced.load(Ordering::Relaxed)),
+            ] {
+                out.push_str(&format!("# TYPE {name} {kind}\n{name} {v}\n"));
+            }
+        }
         let ready = self.peers.ready_peers().len();
         out.push_str(&format!(
             "# TYPE switchyard_router_peers_ready gauge\nswitchyard_router_peers_ready {ready}\n"

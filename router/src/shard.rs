@@ -10,6 +10,7 @@
 //! for it: a delivery becomes a resync of that channel for that gateway,
 //! sent as soon as the queue has room.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +19,7 @@ use bytes::Bytes;
 use proto::client::ReplyError;
 use proto::client::reply::{join_push, leave_push};
 use proto::cluster::ClusterMsg;
+use proto::membership::View;
 use proto::namespace::Namespaces;
 use proto::seeded::{self, Map, Set};
 use proto::timer_wheel::TimerWheel;
@@ -54,6 +56,12 @@ pub struct Metrics {
     pub channel_limit_refusals: AtomicU64,
     /// Peer-call connections refused (certificate not a configured peer's).
     pub peer_refusals: AtomicU64,
+    /// Channels dropped because their ownership moved away, or may have
+    /// (etcd mode: a new view, or the lease lost).
+    pub ownership_moves: AtomicU64,
+    /// Publications refused because this router did not own the channel
+    /// under a live lease (etcd mode).
+    pub fenced: AtomicU64,
 }
 
 /// A gateway link's outbound queue, as a shard sees it.
@@ -98,6 +106,17 @@ pub enum ShardCmd<L = mpsc::Sender<ClusterMsg>> {
     Request(GatewayId, ClusterMsg),
     /// A request from the HTTP server API.
     Api(ApiOp),
+    /// The newest membership view (etcd mode): channels this router no
+    /// longer owns are dropped, so a channel it owns again starts a new epoch.
+    View(Arc<View>),
+    /// This router's lease (etcd mode): id 0 means none, and every channel
+    /// is dropped (another router may have taken any of them over).
+    Lease {
+        /// Lease id (0: none held).
+        id: i64,
+        /// Until when the lease is certainly alive.
+        deadline: Option<Instant>,
+    },
 }
 
 /// A publish result: (offset, epoch).
@@ -198,6 +217,27 @@ pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
     max_channels: usize,
     /// When the channel limit was last logged (once per interval).
     limit_logged: Option<Instant>,
+    /// Ownership fencing (etcd mode); `None`: every channel asked of this
+    /// shard is its own (one router, or a static list).
+    fence: Option<Fence>,
+}
+
+/// What decides, in etcd mode, whether this router may acknowledge a
+/// publication of a channel (the rule in `proto::membership`): it owns the
+/// channel in its newest view, and its lease is certainly alive.
+#[derive(Debug)]
+struct Fence {
+    /// This router's QUIC address as registered (its rendezvous name).
+    me: SocketAddr,
+    view: Arc<View>,
+    lease: i64,
+    deadline: Option<Instant>,
+}
+
+impl Fence {
+    fn may_publish(&self, channel: &str, now: Instant) -> bool {
+        self.lease != 0 && self.deadline.is_some_and(|d| now < d) && self.view.owns(self.me, channel)
+    }
 }
 
 /// What a shard is built from.
@@ -217,12 +257,15 @@ pub struct ShardSpec {
     pub max_channels: usize,
     /// When the shard starts.
     pub now: Instant,
+    /// In etcd mode, this router's QUIC address as registered: publications
+    /// are acknowledged only for channels it owns under a live lease.
+    pub fence: Option<SocketAddr>,
 }
 
 impl<L: LinkTx> Shard<L> {
     /// An empty shard.
     pub fn new(spec: ShardSpec) -> Self {
-        let ShardSpec { namespaces, max_recover, grace, metrics, seed, max_channels, now } = spec;
+        let ShardSpec { namespaces, max_recover, grace, metrics, seed, max_channels, now, fence } = spec;
         Shard {
             namespaces,
             max_recover,
@@ -241,6 +284,7 @@ impl<L: LinkTx> Shard<L> {
             next_id: 1,
             max_channels: max_channels.max(1),
             limit_logged: None,
+            fence: fence.map(|me| Fence { me, view: Arc::new(View::default()), lease: 0, deadline: None }),
         }
     }
 
@@ -462,6 +506,33 @@ impl<L: LinkTx> Shard<L> {
             }
             ShardCmd::Request(gw, msg) => self.request(gw, msg, now),
             ShardCmd::Api(op) => self.api(op, now),
+            ShardCmd::View(view) => {
+                let Some(f) = &mut self.fence else { return };
+                f.view = view;
+                let (me, view) = (f.me, f.view.clone());
+                self.drop_channels(|name| !view.owns(me, name));
+            }
+            ShardCmd::Lease { id, deadline } => {
+                let Some(f) = &mut self.fence else { return };
+                (f.lease, f.deadline) = (id, deadline);
+                if id == 0 {
+                    self.drop_channels(|_| true);
+                }
+            }
+        }
+    }
+
+    /// Drops the channels `gone` names (their ownership moved away, or may
+    /// have): a later publication here starts a new epoch, never one a
+    /// subscriber may hold from before. Counted as ownership moves.
+    fn drop_channels(&mut self, gone: impl Fn(&str) -> bool) {
+        let names: Vec<String> = self.channels.keys().filter(|n| gone(n)).cloned().collect();
+        for name in names {
+            if let Some(ch) = self.channels.remove(&name) {
+                self.ids.remove(&ch.id);
+                self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.ownership_moves.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -684,6 +755,10 @@ impl<L: LinkTx> Shard<L> {
         now: Instant,
     ) -> Result<(u64, String), ReplyError> {
         let opts = self.options(channel)?;
+        if self.fence.as_ref().is_some_and(|f| !f.may_publish(channel, now)) {
+            self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
+            return Err(ReplyError::NOT_OWNER);
+        }
         let ch = self.channel(channel, now)?;
         let key = (!idempotency_key.is_empty()).then_some(idempotency_key);
         match ch.publish(data, info, tags, key, now, &opts) {
@@ -782,6 +857,7 @@ mod tests {
             seed: 1,
             max_channels,
             now: t0,
+            fence: None,
         })
     }
 

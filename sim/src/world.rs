@@ -499,6 +499,7 @@ impl World {
                     seed: seed ^ i as u64,
                     max_channels: 1_000_000,
                     now: self.base + Duration::from_micros(self.now),
+                    fence: None,
                 })
             })
             .collect();

@@ -49,11 +49,16 @@ impl ReplyError {
     /// new channel until idle ones are evicted.
     pub const CHANNEL_LIMIT: ReplyError = ReplyError::new(100, "channel limit reached", true);
 
+    /// 100, temporary: the router asked does not own the channel under a
+    /// live lease (its ownership is moving); a retry finds the new owner.
+    pub const NOT_OWNER: ReplyError = ReplyError::new(100, "channel owner moving", true);
+
     /// Looks up an error received from the router, keeping its semantics and,
     /// for the errors with a message of their own, that message.
     pub fn from_router(code: u32, message: &str) -> ReplyError {
         match (code, message) {
             (100, m) if m == Self::CHANNEL_LIMIT.message => Self::CHANNEL_LIMIT,
+            (100, m) if m == Self::NOT_OWNER.message => Self::NOT_OWNER,
             _ => Self::from_code(code),
         }
     }
