@@ -3,7 +3,8 @@
 # simulation-regression and end-to-end tests. It installs or checks what the
 # tests need first:
 #   - cargo-nextest (cargo install, if missing);
-#   - node, npm and python3 with venv for the compatibility tests (through
+#   - node, npm and python3 with venv for the compatibility tests, etcd for
+#     the membership tests and protoc for the etcd client's build (through
 #     apt-get when run as root; otherwise one line naming what is missing);
 #   - an open-file limit high enough for the 10,000-connection memory test
 #     (the soft limit is raised to the hard limit here).
@@ -17,6 +18,8 @@ command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 need_apt=()
 command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if ! command -v python3 >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
@@ -30,7 +33,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "scripts/test.sh: missing ${missing[*]} (install them, e.g. apt-get install ${missing[*]}): the compatibility tests need them" >&2
+  echo "scripts/test.sh: missing ${missing[*]} (install them, e.g. apt-get install ${missing[*]}): the compatibility and membership tests need them" >&2
   exit 1
 fi
 
@@ -41,5 +44,7 @@ if [ "$hard" != unlimited ] && [ "$hard" -lt 12000 ]; then
   exit 1
 fi
 
-cargo build --workspace --bins
-cargo nextest run --workspace --no-fail-fast "$@"
+# The tests run the binaries with etcd support (cargo feature `etcd`).
+features=(--features router/etcd,gateway/etcd)
+cargo build --workspace --bins "${features[@]}"
+cargo nextest run --workspace --no-fail-fast "${features[@]}" "$@"

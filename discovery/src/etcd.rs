@@ -41,10 +41,15 @@ impl LeaseStatus {
     }
 }
 
+/// HTTP/2 keep-alive pings on the etcd connection: etcd refuses clients
+/// that ping more often than its `--grpc-keepalive-min-time` (5 s by
+/// default) with a GOAWAY, so not more often than that.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+
 async fn connect(cfg: &EtcdConfig) -> anyhow::Result<Client> {
     let opts = ConnectOptions::new()
         .with_connect_timeout(cfg.request_timeout())
-        .with_keep_alive(Duration::from_secs(2), cfg.request_timeout());
+        .with_keep_alive(PING_EVERY, cfg.request_timeout());
     tokio::time::timeout(cfg.request_timeout(), Client::connect(&cfg.endpoints, Some(opts)))
         .await
         .context("connecting to etcd timed out")?

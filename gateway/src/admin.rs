@@ -101,7 +101,19 @@ fn answer(path: &str, metrics: &Metrics, life: &Lifecycle) -> (&'static str, Str
         "/readyz" if metrics.routers_up.load(Ordering::Relaxed) == 0 => {
             ("503 Service Unavailable", "no router link\n".to_owned())
         }
-        "/readyz" => ("200 OK", "ready\n".to_owned()),
+        "/readyz" => {
+            // Routers of the membership this gateway is not linked to: with
+            // etcd their channels have no router here.
+            let unlinked = metrics.unlinked_routers.lock().expect("not poisoned").join(", ");
+            if unlinked.is_empty() {
+                ("200 OK", "ready\n".to_owned())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    format!("no link to routers {unlinked}: their channels have no router here\n"),
+                )
+            }
+        }
         _ => ("404 Not Found", "not found\n".to_owned()),
     }
 }

@@ -80,6 +80,19 @@ pub struct RunArgs {
     /// Overrides `drain_secs`.
     #[arg(long)]
     pub drain_secs: Option<u64>,
+    /// An etcd endpoint (repeatable; overrides `etcd.endpoints`): the routers
+    /// registered there, instead of `uplink.routers`.
+    #[arg(long = "etcd")]
+    pub etcd: Vec<String>,
+    /// Overrides `uplink.dns`: the routers are what this `host:port` resolves to.
+    #[arg(long)]
+    pub dns: Option<String>,
+    /// Overrides `uplink.dns_name`.
+    #[arg(long)]
+    pub dns_name: Option<String>,
+    /// Prints the effective configuration (TOML, secrets redacted) and exits.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Builds the configuration from a file and flags.
@@ -132,6 +145,15 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
     if let Some(v) = a.drain_secs {
         cfg.drain_secs = v;
     }
+    if !a.etcd.is_empty() {
+        cfg.etcd.endpoints = a.etcd;
+    }
+    if let Some(v) = a.dns {
+        cfg.uplink.dns = Some(v);
+    }
+    if let Some(v) = a.dns_name {
+        cfg.uplink.dns_name = v;
+    }
     cfg.cores = cfg.cores.clamp(1, crate::bridge::MAX_CORES);
     Ok(cfg)
 }
@@ -139,11 +161,18 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
 /// Parses `args` (program name first) and runs the gateway until it has drained.
 pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let Cmd::Run(args) = Cli::parse_from(args).cmd;
-    run(load(args)?)
+    let print = args.print_config;
+    let cfg = load(args)?;
+    if print {
+        print!("{}", cfg.to_toml_redacted()?);
+        return Ok(());
+    }
+    run(cfg)
 }
 
 /// Runs a gateway until it has drained (SIGTERM, or SIGINT twice to exit at once).
 pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
+    cfg.etcd.check().map_err(anyhow::Error::msg)?;
     let nofile = crate::process::raise_open_files();
     if cfg.admission.max_connections == 0 {
         cfg.admission.max_connections = crate::process::connections_for(nofile) as usize;
@@ -169,8 +198,14 @@ pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
         inbox_rx.push(rx);
     }
     let peers = inbox_tx.clone();
-    let uplink =
-        crate::uplink::quic::spawn(cfg.id.clone(), cfg.uplink.clone(), up_rx, inbox_tx, metrics.clone())?;
+    let uplink = crate::uplink::quic::spawn(
+        cfg.id.clone(),
+        cfg.uplink.clone(),
+        cfg.etcd.clone(),
+        up_rx,
+        inbox_tx,
+        metrics.clone(),
+    )?;
     let admin = std::net::TcpListener::bind(cfg.admin_listen)?;
     crate::admin::spawn(admin, metrics.clone(), life.clone())?;
     let cores = crate::cores::spawn(

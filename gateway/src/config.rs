@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use proto::namespace::Namespaces;
 use proto::peer::RouterAddr;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Connection-token verification.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// HMAC secret for HS256/384/512 tokens (empty: HMAC tokens refused).
@@ -38,7 +38,7 @@ pub struct AuthConfig {
 pub const MIN_HMAC_SECRET: usize = 32;
 
 /// Per-connection limits; each has a documented answer when exceeded.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest incoming message (bytes, after reassembly and inflation;
@@ -117,7 +117,7 @@ impl Default for Limits {
 }
 
 /// Storm protection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Admission {
     /// New connections accepted per second per core (default 20,000).
@@ -151,7 +151,7 @@ impl Default for Admission {
 }
 
 /// The link to the routers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UplinkConfig {
     /// The routers, `"NAME@QUIC_ADDR"` each (default one router,
@@ -172,6 +172,24 @@ pub struct UplinkConfig {
     /// most `core::MAX_UP_BACKLOG` (65,536); past that, requests get error 100
     /// and other messages are dropped and counted (`uplink_dropped`).
     pub queue: usize,
+    /// Routers from DNS instead of `routers`: a `host:port` whose A/AAAA
+    /// records are the routers (a Kubernetes headless Service), resolved
+    /// every `dns_interval_secs`; a failed lookup keeps the last answer.
+    /// Ignored when `[etcd]` is set.
+    pub dns: Option<String>,
+    /// The certificate name every router found through `dns` must present
+    /// (default `localhost`, the development certificate's).
+    pub dns_name: String,
+    /// Seconds between DNS lookups (default 5): a router that joins or
+    /// leaves is seen within this.
+    pub dns_interval_secs: u64,
+}
+
+impl UplinkConfig {
+    /// The DNS re-resolution interval.
+    pub fn dns_interval(&self) -> Duration {
+        Duration::from_secs(self.dns_interval_secs.max(1))
+    }
 }
 
 impl Default for UplinkConfig {
@@ -182,12 +200,15 @@ impl Default for UplinkConfig {
             cert: "certs/gateway.pem".into(),
             key: "certs/gateway.key".into(),
             queue: 65_536,
+            dns: None,
+            dns_name: proto::peer::DEV_NAME.into(),
+            dns_interval_secs: 5,
         }
     }
 }
 
 /// TLS (wss) on the client listener.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain served to clients (unset: plain `ws://`).
@@ -204,7 +225,7 @@ impl TlsConfig {
 }
 
 /// Everything a gateway needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Gateway id, unique per process (default `gw-<pid>`).
@@ -243,6 +264,12 @@ pub struct GatewayConfig {
     /// rustls' connection state on top of the plain session (measured in
     /// BENCHMARKS.md); its buffers are bounded by rustls' 64 KiB limit.
     pub tls: TlsConfig,
+    /// Routers from etcd (`[etcd]`, the routers' own section: endpoints and
+    /// prefix; default off). The uplink watches the prefix, links to every
+    /// registered router and computes ownership over that view as the
+    /// routers do; a channel whose owner is not linked from here has no
+    /// router until it is (`/readyz` names such routers).
+    pub etcd: discovery::EtcdConfig,
     /// Channel namespaces (must match the routers').
     pub namespaces: Namespaces,
 }
@@ -264,6 +291,7 @@ impl Default for GatewayConfig {
             admission: Admission::default(),
             uplink: UplinkConfig::default(),
             tls: TlsConfig::default(),
+            etcd: discovery::EtcdConfig::default(),
             namespaces: Namespaces::default(),
         }
     }
@@ -279,11 +307,35 @@ impl GatewayConfig {
     pub fn drain_window(&self) -> Duration {
         Duration::from_secs(self.drain_secs)
     }
+
+    /// The configuration as TOML with the HMAC secret replaced by
+    /// `<redacted>` (`gateway run --print-config`).
+    pub fn to_toml_redacted(&self) -> anyhow::Result<String> {
+        let mut c = self.clone();
+        if !c.auth.hmac_secret.is_empty() {
+            c.auth.hmac_secret = "<redacted>".into();
+        }
+        Ok(toml::to_string(&c)?)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_printed_configuration_reads_back_without_its_secret() {
+        let mut c =
+            GatewayConfig::from_toml("[uplink]\nrouters = [\"r1@127.0.0.1:7100\"]\ndns_interval_secs = 9\n")
+                .unwrap();
+        c.auth.hmac_secret = "a-secret-of-at-least-thirty-two-bytes".into();
+        let text = c.to_toml_redacted().unwrap();
+        assert!(!text.contains("a-secret-of") && text.contains("<redacted>"), "{text}");
+        let back = GatewayConfig::from_toml(&text).unwrap();
+        assert_eq!(back.uplink.routers, c.uplink.routers);
+        assert_eq!(back.uplink.dns_interval_secs, 9);
+        assert_eq!(back.limits.max_subscriptions, c.limits.max_subscriptions);
+    }
 
     #[test]
     fn defaults_and_overrides() {

@@ -61,6 +61,13 @@ pub struct Metrics {
     /// whose certificate is not valid for the name it is listed by, or one
     /// that refused this gateway's certificate.
     pub router_link_refusals: AtomicU64,
+    /// Routers the gateway knows of (the list, the DNS answer, or the view).
+    pub routers_known: AtomicU64,
+    /// The etcd revision of the membership view the uplink follows.
+    pub membership_revision: AtomicU64,
+    /// Routers of the membership whose link is down (with etcd their
+    /// channels have no router here: `/readyz` names them).
+    pub unlinked_routers: std::sync::Mutex<Vec<String>>,
 }
 
 impl Metrics {
@@ -75,6 +82,9 @@ impl Metrics {
             core_queue_full: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
             router_link_refusals: AtomicU64::new(0),
+            routers_known: AtomicU64::new(0),
+            membership_revision: AtomicU64::new(0),
+            unlinked_routers: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -110,6 +120,8 @@ impl Metrics {
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_routers_up", &self.routers_up),
             ("switchyard_gateway_router_link_refusals_total", &self.router_link_refusals),
+            ("switchyard_gateway_routers_known", &self.routers_known),
+            ("switchyard_gateway_membership_revision", &self.membership_revision),
         ] {
             let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
         }

@@ -109,13 +109,20 @@ fn a_delivery_stream_that_dies_resets_the_link() {
             cert: dir.join("gateway.pem"),
             key: dir.join("gateway.key"),
             queue: 1024,
+            ..UplinkConfig::default()
         };
         let (_up_tx, up_rx) = flume::bounded::<Vec<UpMsg>>(16);
         let (inbox_tx, _inbox_rx) = flume::bounded::<Inbox>(1024);
         let metrics = Arc::new(Metrics::new(1));
-        let _uplink =
-            gateway::uplink::quic::spawn("gw-test".into(), cfg, up_rx, vec![inbox_tx], metrics.clone())
-                .unwrap();
+        let _uplink = gateway::uplink::quic::spawn(
+            "gw-test".into(),
+            cfg,
+            Default::default(),
+            up_rx,
+            vec![inbox_tx],
+            metrics.clone(),
+        )
+        .unwrap();
 
         // First link: welcome, open the delivery streams, answer every
         // heartbeat, then reset one delivery stream.

@@ -10,13 +10,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::client::ReplyError;
 use crate::client::channel::ChannelName;
 
 /// Who may publish from a client connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum PublishPolicy {
     /// Only the backend (HTTP API) and the router itself.
@@ -29,7 +29,7 @@ pub enum PublishPolicy {
 }
 
 /// Who may subscribe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum SubscribePolicy {
     /// Any connected client.
@@ -43,7 +43,7 @@ pub enum SubscribePolicy {
 
 /// Options of one namespace. Every field has a default, so a TOML table may
 /// name only what it changes.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespaceOptions {
     /// Publications kept per channel for recovery and history (0: none).
@@ -98,7 +98,7 @@ impl NamespaceOptions {
 }
 
 /// All namespaces of a deployment.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Namespaces {
     /// Channels without a namespace.

@@ -70,6 +70,19 @@ pub struct RunArgs {
     /// Overrides `drain_secs`.
     #[arg(long)]
     pub drain_secs: Option<u64>,
+    /// An etcd endpoint (repeatable; overrides `etcd.endpoints`): membership
+    /// and ownership from etcd instead of `peers`.
+    #[arg(long = "etcd")]
+    pub etcd: Vec<String>,
+    /// Overrides `etcd.lease_ttl_secs`.
+    #[arg(long)]
+    pub etcd_lease_ttl_secs: Option<u64>,
+    /// Overrides `advertise_quic`.
+    #[arg(long)]
+    pub advertise_quic: Option<std::net::SocketAddr>,
+    /// Prints the effective configuration (TOML, secrets redacted) and exits.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Parses `args` (program name first) and runs the command.
@@ -99,6 +112,10 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 certs,
                 peers,
                 drain_secs,
+                etcd,
+                etcd_lease_ttl_secs,
+                advertise_quic,
+                print_config,
             } = *args;
             let nofile = raise_open_files();
             tracing::info!(open_files = nofile, "open-file limit raised to the hard limit (API connections)");
@@ -133,11 +150,24 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(d) = drain_secs {
                 cfg.drain_secs = d;
             }
+            if !etcd.is_empty() {
+                cfg.etcd.endpoints = etcd;
+            }
+            if let Some(t) = etcd_lease_ttl_secs {
+                cfg.etcd.lease_ttl_secs = t;
+            }
+            if let Some(a) = advertise_quic {
+                cfg.advertise_quic = Some(a);
+            }
             if let Some(dir) = certs {
                 let (cert, key) = crate::certs::CertPaths::router_in_dir(&dir, &cfg.name);
                 cfg.tls.ca_cert = crate::certs::CertPaths::in_dir(&dir).ca_cert;
                 cfg.tls.cert = cert;
                 cfg.tls.key = key;
+            }
+            if print_config {
+                print!("{}", cfg.to_toml_redacted()?);
+                return Ok(());
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

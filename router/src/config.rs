@@ -8,10 +8,10 @@ use std::time::Duration;
 use proto::namespace::Namespaces;
 
 use proto::peer::RouterAddr;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Paths of the link's mutual-TLS material (see [`crate::certs`]).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsFiles {
     /// CA whose gateway certificates are accepted.
@@ -36,7 +36,7 @@ impl Default for TlsFiles {
 pub const DEV_API_KEY: &str = "dev-api-key";
 
 /// Everything a router needs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RouterConfig {
     /// Stable id, told to gateways and in logs (default `router-1`). The
@@ -166,6 +166,14 @@ impl RouterConfig {
         Ok(())
     }
 
+    /// The configuration as TOML, with the API key replaced by `<redacted>`
+    /// (`router run --print-config`).
+    pub fn to_toml_redacted(&self) -> anyhow::Result<String> {
+        let mut c = self.clone();
+        c.api_key = "<redacted>".into();
+        Ok(toml::to_string(&c)?)
+    }
+
     /// Parses a TOML document; unknown keys are errors.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         Ok(toml::from_str(text)?)
@@ -216,5 +224,18 @@ mod tests {
         assert_eq!(c.id, "r2");
         assert_eq!(c.namespaces.resolve_str("chat:x").unwrap().history_size, 7);
         assert!(RouterConfig::from_toml("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn the_printed_configuration_reads_back_without_its_secret() {
+        let mut c =
+            RouterConfig::from_toml("peers = [\"r2@127.0.0.1:7101\"]\n[etcd]\nlease_ttl_secs = 7\n").unwrap();
+        c.api_key = "s3cret-key".into();
+        let text = c.to_toml_redacted().unwrap();
+        assert!(!text.contains("s3cret-key") && text.contains("<redacted>"), "{text}");
+        let back = RouterConfig::from_toml(&text).unwrap();
+        assert_eq!(back.peers, c.peers);
+        assert_eq!(back.etcd, c.etcd);
+        assert_eq!(back.quic_listen, c.quic_listen);
     }
 }

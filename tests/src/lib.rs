@@ -119,6 +119,54 @@ impl Drop for Proc {
     }
 }
 
+/// Routers a cluster has certificates for (those it starts and those a
+/// test adds).
+pub const MAX_ROUTERS: usize = 8;
+
+/// A real etcd server (Debian's `etcd-server`, which `scripts/test.sh`
+/// installs) on loopback ports of this test process's block, its data in a
+/// fresh directory; killed and removed on drop.
+pub struct Etcd {
+    proc: Proc,
+    dir: PathBuf,
+    /// Its client endpoint, `127.0.0.1:PORT`.
+    pub endpoint: String,
+}
+
+impl Etcd {
+    /// Starts it and waits until it takes connections.
+    pub fn start() -> Etcd {
+        let (client, peer) = (free_tcp_port(), free_tcp_port());
+        let dir = std::env::temp_dir().join(format!(
+            "sy-etcd-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (c, p) = (format!("http://127.0.0.1:{client}"), format!("http://127.0.0.1:{peer}"));
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--name", "e2e", "--listen-client-urls", &c, "--advertise-client-urls", &c])
+            .args(["--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p])
+            .args(["--initial-cluster", &format!("e2e={p}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting etcd ({e}): scripts/test.sh installs Debian's etcd-server"));
+        let endpoint = format!("127.0.0.1:{client}");
+        wait_tcp(endpoint.parse().unwrap());
+        Etcd { proc: Proc { child }, dir, endpoint }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The name (and certificate name) of the cluster's router `i`.
 pub fn router_name(i: usize) -> String {
     format!("router-{i}.switchyard.test")
@@ -144,6 +192,8 @@ pub struct Cluster {
     pub admin_addrs: Vec<SocketAddr>,
     /// Extra arguments of every router.
     router_extra: Vec<String>,
+    /// The etcd endpoint membership comes from (`None`: static lists).
+    etcd: Option<String>,
 }
 
 impl Drop for Cluster {
@@ -163,6 +213,28 @@ impl Cluster {
 
     /// Like [`start`](Self::start), with extra arguments for every router too.
     pub fn start_with(routers: usize, gateways: usize, router_extra: &[&str], extra: &[&str]) -> Cluster {
+        Self::start_inner(routers, gateways, router_extra, extra, None)
+    }
+
+    /// Routers and gateways whose membership comes from `etcd`: routers
+    /// register there (no peer lists), gateways watch it (no router lists).
+    pub fn start_with_etcd(
+        etcd: &Etcd,
+        routers: usize,
+        gateways: usize,
+        router_extra: &[&str],
+        extra: &[&str],
+    ) -> Cluster {
+        Self::start_inner(routers, gateways, router_extra, extra, Some(etcd.endpoint.clone()))
+    }
+
+    fn start_inner(
+        routers: usize,
+        gateways: usize,
+        router_extra: &[&str],
+        extra: &[&str],
+        etcd: Option<String>,
+    ) -> Cluster {
         let certs = std::env::temp_dir().join(format!(
             "sy-e2e-{}-{}",
             std::process::id(),
@@ -170,7 +242,8 @@ impl Cluster {
         ));
         // Each router has a name of its own and a certificate for it only;
         // gateways and peers check it against that name.
-        let names: Vec<String> = (0..routers).map(router_name).collect();
+        // Spare names for routers a test adds later.
+        let names: Vec<String> = (0..routers.max(MAX_ROUTERS)).map(router_name).collect();
         let st = Command::new(bin("router"))
             .args(["certs", "--out"])
             .arg(&certs)
@@ -189,6 +262,7 @@ impl Cluster {
             ws_addrs: Vec::new(),
             admin_addrs: Vec::new(),
             router_extra: Vec::new(),
+            etcd,
         };
         for _ in 0..routers {
             c.router_addrs.push(format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
@@ -220,12 +294,34 @@ impl Cluster {
             .arg(&self.certs)
             .args(&self.router_extra)
             .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
-        for (j, q) in self.router_addrs.iter().enumerate() {
-            if j != i {
-                cmd.args(["--peer", &format!("{}@{q}", router_name(j))]);
+        match &self.etcd {
+            Some(e) => {
+                cmd.args(["--etcd", e]);
+            }
+            None => {
+                for (j, q) in self.router_addrs.iter().enumerate() {
+                    if j != i {
+                        cmd.args(["--peer", &format!("{}@{q}", router_name(j))]);
+                    }
+                }
             }
         }
         Proc { child: cmd.spawn().unwrap() }
+    }
+
+    /// Starts one more router (the next name, fresh addresses); with etcd it
+    /// registers and everyone sees it, without etcd nobody lists it.
+    /// Returns its index.
+    pub fn add_router(&mut self) -> usize {
+        let i = self.router_addrs.len();
+        assert!(i < MAX_ROUTERS, "the cluster's certificates cover {MAX_ROUTERS} routers");
+        self.router_addrs.push(format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
+        self.api_addrs.push(format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap());
+        self.router_admin_addrs.push(format!("127.0.0.1:{}", free_tcp_port()).parse().unwrap());
+        let p = self.spawn_router(i);
+        self.routers.push(p);
+        wait_tcp(self.api_addrs[i]);
+        i
     }
 
     /// Starts a router outside the cluster's list (nobody links to it): named
@@ -307,14 +403,20 @@ impl Cluster {
         .arg(&self.certs)
         .args(extra)
         .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()));
-        let listed: Vec<String> = match routers {
-            Some(r) => r.to_vec(),
-            None => {
-                self.router_addrs.iter().enumerate().map(|(j, r)| format!("{}@{r}", router_name(j))).collect()
+        match (routers, &self.etcd) {
+            (Some(r), _) => {
+                for r in r {
+                    cmd.args(["--router", r]);
+                }
             }
-        };
-        for r in listed {
-            cmd.args(["--router", &r]);
+            (None, Some(e)) => {
+                cmd.args(["--etcd", e]);
+            }
+            (None, None) => {
+                for (j, r) in self.router_addrs.iter().enumerate() {
+                    cmd.args(["--router", &format!("{}@{r}", router_name(j))]);
+                }
+            }
         }
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
@@ -836,6 +938,38 @@ impl Published {
         let earlier = self.log.insert((channel.to_owned(), epoch, offset), data);
         assert!(earlier.is_none(), "the router gave one offset twice: {v}");
         offset
+    }
+
+    /// Publishes `data` on `channel` through the HTTP API at `api` with an
+    /// idempotency key; records it and returns `(epoch, offset)` when the
+    /// router acknowledged it, or the answer when it refused (an error in the
+    /// body). Fails on a second acknowledgement of one position.
+    pub fn try_publish(
+        &mut self,
+        api: SocketAddr,
+        channel: &str,
+        data: Value,
+        key: &str,
+    ) -> Result<(String, u64), Value> {
+        let body = serde_json::json!({"channel": channel, "data": data, "idempotency_key": key}).to_string();
+        let (st, out) = http_request(api, "POST", "/api/publish", &[("X-API-Key", API_KEY)], &body);
+        assert_eq!(st, 200, "{out}");
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let (Some(offset), Some(epoch)) = (v["result"]["offset"].as_u64(), v["result"]["epoch"].as_str())
+        else {
+            return Err(v);
+        };
+        let earlier = self.log.insert((channel.to_owned(), epoch.to_owned(), offset), data.clone());
+        assert!(earlier.is_none_or(|e| e == data), "the router gave one offset twice: {v}");
+        Ok((epoch.to_owned(), offset))
+    }
+
+    /// Every acknowledged position of `channel`: (epoch, offset).
+    pub fn positions(&self, channel: &str) -> Vec<(String, u64)> {
+        let mut p: Vec<_> =
+            self.log.keys().filter(|(c, _, _)| c == channel).map(|(_, e, o)| (e.clone(), *o)).collect();
+        p.sort();
+        p
     }
 
     /// What was published at this position, if anything.

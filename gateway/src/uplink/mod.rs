@@ -10,7 +10,14 @@
 //! Ownership is the rendezvous hash of the channel over the routers that are
 //! linked and not draining; when a router comes or goes, the channels whose
 //! owner changed are re-subscribed at their new owner and their local
-//! subscribers are told to resync, so nothing is lost silently.
+//! subscribers are told to resync, so nothing is lost silently. With a
+//! membership view (etcd: [`Uplink::strict`]) the hash runs over the routers
+//! in the view instead, as the routers compute it: a channel whose owner in
+//! the view is not linked from here has no router until it is (its
+//! subscribers resync, its requests fail with a temporary error), rather
+//! than being registered at a router that does not own it. Routers join the
+//! uplink as they are discovered ([`Uplink::add_router`]) and leave the
+//! view without losing their slot ([`Uplink::set_in_view`]).
 //!
 //! Nothing is lost at a full queue either:
 //! - a delivery that a full core inbox refuses becomes a resync of that
@@ -83,6 +90,8 @@ struct RouterLink {
     version: u16,
     /// It announced a drain: linked, but owning nothing new.
     draining: bool,
+    /// It is in the membership (always, with a static list).
+    in_view: bool,
     /// It was told that the current presence round began.
     in_round: bool,
     /// Messages waiting for room in its queue, in order: nothing for a
@@ -139,7 +148,21 @@ pub struct Uplink {
     round_wanted: bool,
     /// Messages held for full link queues before core batches wait.
     max_held: usize,
+    /// Ownership over the view, not over the linked routers (etcd).
+    strict: bool,
     metrics: Arc<Metrics>,
+}
+
+fn new_link(name: String) -> RouterLink {
+    RouterLink {
+        name,
+        up: false,
+        version: 0,
+        draining: false,
+        in_view: true,
+        in_round: false,
+        outbox: VecDeque::new(),
+    }
 }
 
 impl Uplink {
@@ -160,17 +183,7 @@ impl Uplink {
     ) -> Uplink {
         Uplink {
             cores,
-            links: routers
-                .into_iter()
-                .map(|name| RouterLink {
-                    name,
-                    up: false,
-                    version: 0,
-                    draining: false,
-                    in_round: false,
-                    outbox: VecDeque::new(),
-                })
-                .collect(),
+            links: routers.into_iter().map(new_link).collect(),
             routes: seeded::map(seed),
             owed: (0..cores)
                 .map(|c| Owed {
@@ -184,17 +197,58 @@ impl Uplink {
             current: None,
             round_wanted: false,
             max_held: max_held.max(1),
+            strict: false,
             metrics,
         }
     }
 
-    fn live(&self, i: usize) -> bool {
-        self.links[i].up && !self.links[i].draining
+    /// Ownership over the membership view (etcd) rather than over the
+    /// linked routers: set once, before any router is linked.
+    pub fn strict(mut self) -> Uplink {
+        self.strict = true;
+        self
     }
 
-    /// The owner of `key` among the live routers.
+    fn candidate(&self, i: usize) -> bool {
+        let l = &self.links[i];
+        l.in_view && !l.draining && (self.strict || l.up)
+    }
+
+    /// The owner of `key`: the highest rendezvous score among the linked
+    /// routers that are not draining; in strict mode among the routers of
+    /// the view, and `None` while that owner is not linked.
     pub fn owner(&self, key: &str) -> Option<usize> {
-        (0..self.links.len()).filter(|i| self.live(*i)).max_by_key(|i| score(&self.links[*i].name, key))
+        (0..self.links.len())
+            .filter(|i| self.candidate(*i))
+            .max_by_key(|i| score(&self.links[*i].name, key))
+            .filter(|i| self.links[*i].up)
+    }
+
+    /// A router discovered (its rendezvous name, the QUIC address it is
+    /// listed by): a new slot, in the view, not linked yet.
+    pub fn add_router(&mut self, name: String, io: &mut impl UplinkIo) -> usize {
+        self.links.push(new_link(name));
+        self.rebalance(io);
+        self.links.len() - 1
+    }
+
+    /// Router `router` entered or left the membership view. Leaving moves
+    /// its channels (to their next owner, with a resync) even while its
+    /// link is still up.
+    pub fn set_in_view(&mut self, router: usize, in_view: bool, io: &mut impl UplinkIo) {
+        if self.links[router].in_view == in_view {
+            return;
+        }
+        self.links[router].in_view = in_view;
+        self.rebalance(io);
+        self.round_wanted = true;
+        self.settle(io);
+    }
+
+    /// Routers of the view whose link is down: in strict mode their
+    /// channels have no router here (the gateway's `/readyz` names them).
+    pub fn unlinked_in_view(&self) -> Vec<&str> {
+        self.links.iter().filter(|l| l.in_view && !l.up).map(|l| l.name.as_str()).collect()
     }
 
     /// Whether any router link is up.

@@ -11,6 +11,7 @@
 //! Reconnects use exponential backoff with full jitter.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -44,12 +45,13 @@ pub const RETRY_EVERY: Duration = Duration::from_millis(20);
 /// stream writes); past it the machine reconciles instead.
 pub const LINK_QUEUE: usize = 65_536;
 
+/// What a link task reports: its router's slot and the slot's generation.
 enum Event {
-    Up(usize, mpsc::Sender<ClusterMsg>, u16),
-    Down(usize),
-    Control(usize, ClusterMsg),
+    Up(usize, u64, mpsc::Sender<ClusterMsg>, u16),
+    Down(usize, u64),
+    Control(usize, u64, ClusterMsg),
     /// Messages of a router's delivery stream (deliveries, pushes, positions).
-    Deliveries(usize, Vec<ClusterMsg>),
+    Deliveries(usize, u64, Vec<ClusterMsg>),
 }
 
 /// The shell's side of [`UplinkIo`]: link queues and core inboxes.
@@ -101,11 +103,65 @@ fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
     Ok(c)
 }
 
+/// Who the routers are, as this gateway learns it.
+enum Source {
+    /// The configured list (`uplink.routers`).
+    Static(Vec<RouterAddr>),
+    /// A name re-resolved on an interval; every address gets the
+    /// configured certificate name.
+    Dns { name: String, addrs: tokio::sync::watch::Receiver<Vec<std::net::SocketAddr>> },
+    /// The view of the routers registered in etcd.
+    #[cfg(feature = "etcd")]
+    Etcd(tokio::sync::watch::Receiver<Arc<proto::membership::View>>),
+}
+
+impl Source {
+    /// The routers wanted now, and the membership revision (etcd).
+    fn wanted(&mut self) -> (Vec<RouterAddr>, Option<i64>) {
+        match self {
+            Source::Static(r) => (r.clone(), None),
+            Source::Dns { name, addrs } => {
+                let a = addrs.borrow_and_update();
+                (a.iter().map(|addr| RouterAddr { name: name.clone(), addr: *addr }).collect(), None)
+            }
+            #[cfg(feature = "etcd")]
+            Source::Etcd(view) => {
+                let v = view.borrow_and_update();
+                (v.members().map(|m| m.router_addr()).collect(), Some(v.revision))
+            }
+        }
+    }
+
+    /// Resolves when the wanted set may have changed (never, for a static list).
+    async fn changed(&mut self) {
+        let ok = match self {
+            Source::Static(_) => return std::future::pending().await,
+            Source::Dns { addrs, .. } => addrs.changed().await.is_ok(),
+            #[cfg(feature = "etcd")]
+            Source::Etcd(view) => view.changed().await.is_ok(),
+        };
+        if !ok {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One router's slot: its address, and the task keeping its link (with a
+/// generation, so events of an aborted task are recognised and ignored).
+struct Slot {
+    router: RouterAddr,
+    task: Option<tokio::task::AbortHandle>,
+    generation: u64,
+}
+
 /// Starts the uplink thread. `cores` are the per-core inboxes; the returned
-/// join handle ends when every core has dropped its sender.
+/// join handle ends when every core has dropped its sender. The routers are
+/// `cfg.routers`, or those `cfg.dns` resolves to, or (with `etcd`) the
+/// routers registered in etcd, with ownership over that view.
 pub fn spawn(
     gateway_id: String,
     cfg: UplinkConfig,
+    etcd: discovery::EtcdConfig,
     up_rx: flume::Receiver<Vec<UpMsg>>,
     cores: Vec<flume::Sender<Inbox>>,
     metrics: Arc<Metrics>,
@@ -118,15 +174,54 @@ pub fn spawn(
                 quinn::Endpoint::client("0.0.0.0:0".parse().expect("static")).expect("udp socket");
             endpoint.set_default_client_config(client);
             let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
-            for (i, router) in cfg.routers.iter().enumerate() {
-                let (id, ep, ev) = (gateway_id.clone(), endpoint.clone(), ev_tx.clone());
-                tokio::spawn(router_link(i, router.clone(), id, ep, ev, metrics.clone()));
+            let mut source = source(&cfg, &etcd);
+            let mut up = Uplink::new(cores.len(), Vec::new(), metrics.clone(), proto::seeded::random_seed());
+            if !matches!(source, Source::Static(_) | Source::Dns { .. }) {
+                up = up.strict();
             }
-            let names = cfg.routers.iter().map(|r| r.addr.to_string()).collect();
-            let mut up = Uplink::new(cores.len(), names, metrics, proto::seeded::random_seed());
-            let mut io = Io { links: vec![None; cfg.routers.len()], cores };
+            let mut io = Io { links: Vec::new(), cores };
+            let mut slots: Vec<Slot> = Vec::new();
+            let spawn_link = |slot: &mut Slot, idx: usize| {
+                slot.generation += 1;
+                let (id, ep, ev, m) = (gateway_id.clone(), endpoint.clone(), ev_tx.clone(), metrics.clone());
+                let task = tokio::spawn(router_link(idx, slot.generation, slot.router.clone(), id, ep, ev, m));
+                slot.task = Some(task.abort_handle());
+            };
+            let apply = |source: &mut Source, up: &mut Uplink, io: &mut Io, slots: &mut Vec<Slot>| {
+                let (wanted, revision) = source.wanted();
+                for r in &wanted {
+                    if !slots.iter().any(|s| s.router == *r) {
+                        io.links.push(None);
+                        let i = up.add_router(r.addr.to_string(), io);
+                        debug_assert_eq!(i, slots.len());
+                        slots.push(Slot { router: r.clone(), task: None, generation: 0 });
+                    }
+                }
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    let in_view = wanted.contains(&slot.router);
+                    up.set_in_view(i, in_view, io);
+                    match (in_view, slot.task.is_some()) {
+                        (true, false) => spawn_link(slot, i),
+                        (false, true) => {
+                            tracing::info!(router = %slot.router, "router left the membership: unlinking");
+                            slot.task.take().expect("checked").abort();
+                            slot.generation += 1;
+                            io.links[i] = None;
+                            up.link_down(i, io);
+                        }
+                        _ => {}
+                    }
+                }
+                metrics.routers_known.store(wanted.len() as u64, Ordering::Relaxed);
+                if let Some(rev) = revision {
+                    metrics.membership_revision.store(rev.max(0) as u64, Ordering::Relaxed);
+                }
+            };
+            apply(&mut source, &mut up, &mut io, &mut slots);
+            publish_unlinked(&up, &metrics);
             let mut retry = tokio::time::interval(RETRY_EVERY);
             retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let current = |slots: &[Slot], i: usize, g: u64| slots.get(i).is_some_and(|s| s.generation == g);
             loop {
                 tokio::select! {
                     batch = up_rx.recv_async(), if up.takes_core_batches() => match batch {
@@ -134,20 +229,27 @@ pub fn spawn(
                         Err(_) => break,
                     },
                     Some(ev) = ev_rx.recv() => match ev {
-                        Event::Up(i, tx, version) => {
-                            tracing::info!(router = %cfg.routers[i], version, "router link up");
+                        Event::Up(i, g, tx, version) if current(&slots, i, g) => {
+                            tracing::info!(router = %slots[i].router, version, "router link up");
                             io.links[i] = Some(tx);
                             up.link_up(i, version, &mut io);
+                            publish_unlinked(&up, &metrics);
                         }
-                        Event::Down(i) => {
+                        Event::Down(i, g) if current(&slots, i, g) => {
                             if io.links[i].take().is_some() {
-                                tracing::warn!(router = %cfg.routers[i], "router link down");
+                                tracing::warn!(router = %slots[i].router, "router link down");
                             }
                             up.link_down(i, &mut io);
+                            publish_unlinked(&up, &metrics);
                         }
-                        Event::Control(i, msg) => up.control(i, msg, &mut io),
-                        Event::Deliveries(i, msgs) => up.deliveries(i, msgs, &mut io),
+                        Event::Control(i, g, msg) if current(&slots, i, g) => up.control(i, msg, &mut io),
+                        Event::Deliveries(i, g, msgs) if current(&slots, i, g) => up.deliveries(i, msgs, &mut io),
+                        _ => {} // from a link this uplink has since dropped
                     },
+                    _ = source.changed() => {
+                        apply(&mut source, &mut up, &mut io, &mut slots);
+                        publish_unlinked(&up, &metrics);
+                    }
                     _ = retry.tick() => up.tick(&mut io),
                 }
             }
@@ -158,6 +260,30 @@ pub fn spawn(
             tokio::time::sleep(Duration::from_millis(100)).await;
         });
     })?)
+}
+
+/// Where the routers come from: etcd when configured, else DNS, else the list.
+fn source(cfg: &UplinkConfig, etcd: &discovery::EtcdConfig) -> Source {
+    #[cfg(feature = "etcd")]
+    if etcd.enabled() {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(proto::membership::View::default()));
+        tokio::spawn(discovery::etcd::watch_views(etcd.clone(), tx));
+        return Source::Etcd(rx);
+    }
+    #[cfg(not(feature = "etcd"))]
+    let _ = etcd;
+    if let Some(target) = &cfg.dns {
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        tokio::spawn(discovery::dns::watch_addresses(target.clone(), cfg.dns_interval(), tx));
+        return Source::Dns { name: cfg.dns_name.clone(), addrs: rx };
+    }
+    Source::Static(cfg.routers.clone())
+}
+
+/// Tells the admin port which routers of the membership are not linked.
+fn publish_unlinked(up: &Uplink, metrics: &Metrics) {
+    let names: Vec<String> = up.unlinked_in_view().into_iter().map(str::to_owned).collect();
+    *metrics.unlinked_routers.lock().expect("not poisoned") = names;
 }
 
 async fn read_msgs(
@@ -182,6 +308,7 @@ async fn read_msgs(
 
 async fn router_link(
     idx: usize,
+    generation: u64,
     router: RouterAddr,
     gateway_id: String,
     endpoint: quinn::Endpoint,
@@ -191,7 +318,8 @@ async fn router_link(
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let instance: u64 = rand::random();
     loop {
-        match connect_once(idx, &router, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
+        let at = (idx, generation);
+        match connect_once(at, &router, &gateway_id, instance, &endpoint, &events, &mut backoff).await {
             Ok(()) => tracing::info!(%router, "router link closed"),
             // A certificate that is not the named router's is refused at
             // every attempt: say so where it is seen.
@@ -201,7 +329,7 @@ async fn router_link(
             }
             Err(e) => tracing::debug!(%router, error = %e, "router link failed"),
         }
-        if events.send(Event::Down(idx)).await.is_err() {
+        if events.send(Event::Down(idx, generation)).await.is_err() {
             return;
         }
         let delay = backoff.next_delay(&mut rand::rng());
@@ -223,7 +351,7 @@ fn is_bad_certificate(e: &anyhow::Error) -> bool {
 }
 
 async fn connect_once(
-    idx: usize,
+    (idx, generation): (usize, u64),
     router: &RouterAddr,
     gateway_id: &str,
     instance: u64,
@@ -252,9 +380,9 @@ async fn connect_once(
     backoff.reset();
     let (tx, mut rx) = mpsc::channel::<ClusterMsg>(LINK_QUEUE);
     let hb_tx = tx.clone();
-    events.send(Event::Up(idx, tx, version)).await.ok();
+    events.send(Event::Up(idx, generation, tx, version)).await.ok();
     for m in pending.drain(..) {
-        events.send(Event::Control(idx, m)).await.ok();
+        events.send(Event::Control(idx, generation, m)).await.ok();
     }
     // Writer: batch everything queued into one write.
     let writer = tokio::spawn(async move {
@@ -281,7 +409,7 @@ async fn connect_once(
                 let why = loop {
                     match read_msgs(&mut s, &mut dec, &mut buf).await {
                         Ok(Some(msgs)) => {
-                            if ev.send(Event::Deliveries(idx, msgs)).await.is_err() {
+                            if ev.send(Event::Deliveries(idx, generation, msgs)).await.is_err() {
                                 return;
                             }
                         }
@@ -317,7 +445,7 @@ async fn connect_once(
             };
             let Some(msgs) = read? else { return anyhow::Ok(()) };
             for m in msgs {
-                events.send(Event::Control(idx, m)).await.ok();
+                events.send(Event::Control(idx, generation, m)).await.ok();
             }
         }
     }
