@@ -183,6 +183,12 @@ pub struct UplinkConfig {
     /// Seconds between DNS lookups (default 5): a router that joins or
     /// leaves is seen within this.
     pub dns_interval_secs: u64,
+    /// Congestion controller of this side of the links (requests,
+    /// interest, client publications; default `bbr`): see
+    /// `proto::cluster::LinkCongestion`. The link's keep-alive is 2 s and
+    /// its idle timeout 10 s (a router silent that long is lost: its
+    /// channels move and their subscribers resync).
+    pub congestion: proto::cluster::LinkCongestion,
 }
 
 impl UplinkConfig {
@@ -203,6 +209,7 @@ impl Default for UplinkConfig {
             dns: None,
             dns_name: proto::peer::DEV_NAME.into(),
             dns_interval_secs: 5,
+            congestion: Default::default(),
         }
     }
 }

@@ -114,6 +114,13 @@ pub struct RouterConfig {
     /// publication only for channels it owns in its newest view while the
     /// lease is certainly alive (see `proto::membership`).
     pub etcd: discovery::EtcdConfig,
+    /// Congestion controller of the gateway links' deliveries (default
+    /// `bbr`; `cubic`). Matters across a lossy WAN: see
+    /// `proto::cluster::LinkCongestion` for the measured difference. The
+    /// other QUIC settings of the link: keep-alive every `heartbeat_secs`,
+    /// idle timeout `evict_secs`, quinn's default windows (1.25 MB per
+    /// stream: 100 ms at 100 Mbit/s, far above a delivery stream's rate).
+    pub link_congestion: proto::cluster::LinkCongestion,
     /// Channel namespaces.
     pub namespaces: Namespaces,
 }
@@ -142,6 +149,7 @@ impl Default for RouterConfig {
             advertise_quic: None,
             advertise_api: None,
             etcd: discovery::EtcdConfig::default(),
+            link_congestion: Default::default(),
             namespaces: Namespaces::default(),
         }
     }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::BytesMut;
-use proto::cluster::{ClusterDecoder, ClusterMsg, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use proto::cluster::{ClusterDecoder, ClusterMsg, LinkCongestion, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use proto::peer::{HEADER_MAX, PEER_ALPN, decode_request, encode_reply};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -285,6 +285,14 @@ impl Router {
         transport.keep_alive_interval(Some(self.cfg.heartbeat()));
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_concurrent_bidi_streams(crate::peers::MAX_CALLS_IN_FLIGHT.into());
+        match self.cfg.link_congestion {
+            LinkCongestion::Bbr => {
+                transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            }
+            LinkCongestion::Cubic => {
+                transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+            }
+        };
         server.transport_config(Arc::new(transport));
         // Stateless resets from a stable key: a router restarted on the same
         // address answers packets of its predecessor's connections with a

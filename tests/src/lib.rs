@@ -13,8 +13,13 @@
 //!   channel, live and recovered, checked offset by offset (each once, in
 //!   order, recovery exact or explicitly refused) and payload by payload.
 //! - [`wait_until`]: poll a metric or an answer until it reaches a value.
+//! - [`Etcd`]: a real etcd server for the membership tests.
+//! - [`wan::Relay`]: a WAN (delay, jitter, loss, reordering, blackhole)
+//!   between a gateway and a router, as a UDP relay.
 
 #![warn(missing_docs, unreachable_pub)]
+
+pub mod wan;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -529,6 +534,62 @@ pub fn wait_ready(admin: SocketAddr) {
     panic!("gateway at {admin} never became ready");
 }
 
+/// A kept-alive HTTP/1.1 connection to a router's API (for publishing
+/// thousands per second without a connection each).
+pub struct ApiConn {
+    s: std::io::BufReader<TcpStream>,
+}
+
+impl ApiConn {
+    /// Connects to the API at `addr`.
+    pub fn connect(addr: SocketAddr) -> ApiConn {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        ApiConn { s: std::io::BufReader::new(s) }
+    }
+
+    /// `POST /api/<method>` with the key; (status, body).
+    pub fn call(&mut self, method: &str, body: &Value) -> (u16, Value) {
+        use std::io::BufRead;
+        let body = body.to_string();
+        let req = format!(
+            "POST /api/{method} HTTP/1.1\r\nHost: x\r\nX-API-Key: {API_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.s.get_mut().write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.s.read_line(&mut line).unwrap();
+        let status = line.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            self.s.read_line(&mut line).unwrap();
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut out = vec![0u8; len];
+        self.s.read_exact(&mut out).unwrap();
+        (status, serde_json::from_slice(&out).unwrap_or(Value::Null))
+    }
+
+    /// Publishes `data` and records it in `log`; its (epoch, offset).
+    pub fn publish(&mut self, log: &mut Published, channel: &str, data: Value) -> (String, u64) {
+        let (st, v) = self.call("publish", &serde_json::json!({"channel": channel, "data": data}));
+        assert_eq!(st, 200, "{v}");
+        let offset = v["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{v}"));
+        let epoch = v["result"]["epoch"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+        log.record(channel, &epoch, offset, data);
+        (epoch, offset)
+    }
+}
+
 /// One HTTP/1.1 request; returns (status, body).
 pub fn http_request(
     addr: SocketAddr,
@@ -962,6 +1023,13 @@ impl Published {
         let earlier = self.log.insert((channel.to_owned(), epoch.to_owned(), offset), data.clone());
         assert!(earlier.is_none_or(|e| e == data), "the router gave one offset twice: {v}");
         Ok((epoch.to_owned(), offset))
+    }
+
+    /// Records a publication acknowledged elsewhere (another client of the
+    /// API) at `epoch`/`offset`. Fails on a second one at that position.
+    pub fn record(&mut self, channel: &str, epoch: &str, offset: u64, data: Value) {
+        let earlier = self.log.insert((channel.to_owned(), epoch.to_owned(), offset), data);
+        assert!(earlier.is_none(), "the router gave {channel} {epoch}/{offset} twice");
     }
 
     /// Every acknowledged position of `channel`: (epoch, offset).

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bytes::BytesMut;
 use proto::backoff::Backoff;
-use proto::cluster::{ClusterDecoder, ClusterMsg, PROTOCOL_VERSION};
+use proto::cluster::{ClusterDecoder, ClusterMsg, LinkCongestion, PROTOCOL_VERSION};
 use proto::peer::RouterAddr;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -99,6 +99,14 @@ fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(2)));
     transport.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
+    match cfg.congestion {
+        LinkCongestion::Bbr => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        LinkCongestion::Cubic => {
+            transport.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     c.transport_config(Arc::new(transport));
     Ok(c)
 }
