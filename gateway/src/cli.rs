@@ -164,6 +164,8 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let print = args.print_config;
     let cfg = load(args)?;
     if print {
+        cfg.etcd.check().map_err(anyhow::Error::msg)?;
+        crate::auth::Verifier::new(&cfg.auth)?;
         print!("{}", cfg.to_toml_redacted()?);
         return Ok(());
     }

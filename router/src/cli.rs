@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// Overrides `advertise_quic`.
     #[arg(long)]
     pub advertise_quic: Option<std::net::SocketAddr>,
+    /// Overrides `advertise_api`.
+    #[arg(long)]
+    pub advertise_api: Option<std::net::SocketAddr>,
     /// Prints the effective configuration (TOML, secrets redacted) and exits.
     #[arg(long)]
     pub print_config: bool,
@@ -115,6 +118,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 etcd,
                 etcd_lease_ttl_secs,
                 advertise_quic,
+                advertise_api,
                 print_config,
             } = *args;
             let nofile = raise_open_files();
@@ -159,6 +163,9 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
             if let Some(a) = advertise_quic {
                 cfg.advertise_quic = Some(a);
             }
+            if let Some(a) = advertise_api {
+                cfg.advertise_api = Some(a);
+            }
             if let Some(dir) = certs {
                 let (cert, key) = crate::certs::CertPaths::router_in_dir(&dir, &cfg.name);
                 cfg.tls.ca_cert = crate::certs::CertPaths::in_dir(&dir).ca_cert;
@@ -166,6 +173,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
                 cfg.tls.key = key;
             }
             if print_config {
+                cfg.check()?;
                 print!("{}", cfg.to_toml_redacted()?);
                 return Ok(());
             }
