@@ -300,3 +300,24 @@ fn a_fifth_router_moves_exactly_the_channels_the_hash_moves() {
     eprintln!("a fifth router moved {} of {} channels ({fraction:.2})", expected.len(), channels.len());
     assert!((0.08..=0.35).contains(&fraction), "about a fifth: {fraction}");
 }
+
+/// Gateways can find their routers by DNS instead (A/AAAA records
+/// re-resolved on an interval, a Kubernetes headless Service's way): a
+/// gateway given `localhost:PORT` links to the router listening there and
+/// serves its clients, checking the router's certificate against the
+/// configured name.
+#[test]
+fn a_gateway_finds_its_router_by_dns() {
+    let mut c = Cluster::start(1, 0, &[]);
+    let port = c.router_addrs[0].port();
+    let name = e2e::router_name(0);
+    c.add_gateway_routed(0, &[], &["--dns", &format!("localhost:{port}"), "--dns-name", &name]);
+    let mut ws = c.client(0, "resolved");
+    let mut st = StreamCheck::subscribe(&mut ws, "chat:dns");
+    let mut log = Published::default();
+    let top = log.publish(c.api_addrs[0], "chat:dns", json!({"via": "dns"}));
+    st.receive_through(&mut ws, top);
+    st.verify(&log);
+    assert!(metric(&c.metrics(0), "switchyard_gateway_routers_known") >= 1);
+    assert_eq!(metric(&c.metrics(0), "switchyard_gateway_routers_up"), 1);
+}

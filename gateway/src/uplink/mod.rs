@@ -245,9 +245,13 @@ impl Uplink {
         self.settle(io);
     }
 
-    /// Routers of the view whose link is down: in strict mode their
-    /// channels have no router here (the gateway's `/readyz` names them).
+    /// Routers of the view whose link is down, in strict mode (their
+    /// channels have no router here: the gateway's `/readyz` names them);
+    /// none otherwise (their channels moved to the linked routers).
     pub fn unlinked_in_view(&self) -> Vec<&str> {
+        if !self.strict {
+            return Vec::new();
+        }
         self.links.iter().filter(|l| l.in_view && !l.up).map(|l| l.name.as_str()).collect()
     }
 
