@@ -233,6 +233,21 @@ mod tests {
     fn the_relay_delays_drops_reorders_and_blackholes() {
         let router = UdpSocket::bind("127.0.0.1:0").unwrap();
         router.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        // Room for every datagram even if this thread is slow to read (the
+        // relay releases them in a burst); as root past rmem_max.
+        let size: libc::c_int = 4 << 20;
+        for opt in [libc::SO_RCVBUF, libc::SO_RCVBUFFORCE] {
+            // SAFETY: setsockopt reads one int from `size` for the socket's fd.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&router),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
         let spec = WanSpec {
             delay: Duration::from_millis(20),
             jitter: Duration::from_millis(10),
@@ -242,7 +257,7 @@ mod tests {
         let relay = Relay::start("127.0.0.1:0".parse().unwrap(), router.local_addr().unwrap(), spec);
         let gw = UdpSocket::bind("127.0.0.1:0").unwrap();
         let sent_at = Instant::now();
-        for i in 0..400u32 {
+        for i in 0..200u32 {
             gw.send_to(&i.to_be_bytes(), relay.addr()).unwrap();
         }
         let mut got = Vec::new();
@@ -254,8 +269,8 @@ mod tests {
             relay_side = Some(from);
         }
         let lost = relay.counts().lost.load(Ordering::Relaxed) as usize;
-        assert_eq!(got.len() + lost, 400);
-        assert!((5..=45).contains(&lost), "about 5 %: {lost}");
+        assert_eq!(got.len() + lost, 200, "every datagram forwarded or dropped by the loss draw");
+        assert!((1..=25).contains(&lost), "about 5 %: {lost}");
         assert!(got.windows(2).any(|w| w[0] > w[1]), "reordered within the jitter");
         // Back toward the gateway (the loss draw may take it: try a few).
         gw.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
