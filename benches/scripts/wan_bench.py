@@ -6,7 +6,9 @@ WAN relay (`target/release/wan_relay`, from `tests/src/wan.rs`: 40 ms ± 10 ms
 one way, 1 % loss each way, reordering within the jitter), then `loadgen
 fanout` against that gateway: 1,000 publications/s over 10 channels to
 `--subscribers` clients. Beside it, in the same run, the same load with the
-gateway linked to the router directly: the WAN's cost is the difference.
+gateway linked to the router directly: the WAN's cost is the difference; and
+the WAN again with the gateway asking for datagram copies of the deliveries
+(`uplink.datagram_copies`).
 Prints p50/p99/p99.9 for both and the p99 over the one-way delay.
 
     cargo build --release -p loadgen -p router -p gateway -p e2e
@@ -39,7 +41,7 @@ def wait_ready(admin, what):
     sys.exit(f"{what} never became ready")
 
 
-def run(a, wan):
+def run(a, wan, copies=False):
     tmp = tempfile.mkdtemp()
     subprocess.run([f"{REL}/router", "certs", "--out", tmp, "--names", "wan-router"], check=True,
                    stdout=subprocess.DEVNULL)
@@ -58,7 +60,8 @@ def run(a, wan):
         target = relay
     procs.append(subprocess.Popen([f"{REL}/gateway", "run", "--certs", tmp, "--router", f"wan-router@{target}",
                                    "--listen", ws, "--admin-listen", gadmin, "--hmac-secret", SECRET,
-                                   "--cores", "1", "--no-pin"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                   "--cores", "1", "--no-pin"] + (["--datagram-copies"] if copies else []),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         wait_ready(gadmin, "the gateway")
         out = subprocess.run([f"{REL}/loadgen", "fanout", "--ws", ws, "--api", api, "--api-key", API_KEY,
@@ -91,10 +94,11 @@ def main():
     ap.add_argument("--jitter-ms", type=int, default=10)
     ap.add_argument("--loss", type=float, default=0.01)
     a = ap.parse_args()
-    for wan in (False, True):
-        v = run(a, wan)
+    for wan, copies in ((False, False), (True, False), (True, True)):
+        v = run(a, wan, copies)
         l = v["latency_ms"]
         what = f"WAN {a.delay_ms} ± {a.jitter_ms} ms, {a.loss:.0%} loss" if wan else "direct (loopback)"
+        what += ", datagram copies" if copies else ""
         print(f"{what:34} {v['deliveries']:>9,} deliveries, lost {v['lost']}: "
               f"p50 {l['p50']:.1f} ms, p99 {l['p99']:.1f} ms, p99.9 {l['p999']:.1f} ms"
               + (f"; p99 − one-way delay = {l['p99'] - a.delay_ms:.1f} ms (goal ≤ 15)" if wan else ""))

@@ -90,6 +90,10 @@ pub struct RunArgs {
     /// Overrides `uplink.dns_name`.
     #[arg(long)]
     pub dns_name: Option<String>,
+    /// Sets `uplink.datagram_copies` (a datagram copy of every delivery, for
+    /// a lossy WAN to the routers).
+    #[arg(long)]
+    pub datagram_copies: bool,
     /// Prints the effective configuration (TOML, secrets redacted) and exits.
     #[arg(long)]
     pub print_config: bool,
@@ -153,6 +157,9 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
     }
     if let Some(v) = a.dns_name {
         cfg.uplink.dns_name = v;
+    }
+    if a.datagram_copies {
+        cfg.uplink.datagram_copies = true;
     }
     cfg.cores = cfg.cores.clamp(1, crate::bridge::MAX_CORES);
     Ok(cfg)

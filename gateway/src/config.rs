@@ -189,6 +189,13 @@ pub struct UplinkConfig {
     /// its idle timeout 10 s (a router silent that long is lost: its
     /// channels move and their subscribers resync).
     pub congestion: proto::cluster::LinkCongestion,
+    /// Ask the routers for a datagram copy of every positioned delivery
+    /// (default off). Across a lossy WAN a publication then reaches the
+    /// cores with the first copy that arrives in order, instead of waiting
+    /// for the ordered stream's retransmission and the publications stuck
+    /// behind it; costs the link's delivery bytes twice. Measured in
+    /// BENCHMARKS.md ("An edge POP across a WAN").
+    pub datagram_copies: bool,
 }
 
 impl UplinkConfig {
@@ -210,6 +217,7 @@ impl Default for UplinkConfig {
             dns_name: proto::peer::DEV_NAME.into(),
             dns_interval_secs: 5,
             congestion: Default::default(),
+            datagram_copies: false,
         }
     }
 }

@@ -61,6 +61,11 @@ pub struct Metrics {
     /// whose certificate is not valid for the name it is listed by, or one
     /// that refused this gateway's certificate.
     pub router_link_refusals: AtomicU64,
+    /// Publications handed over from a router's datagram copy before the
+    /// ordered stream brought them (`uplink.datagram_copies`).
+    pub datagram_deliveries: AtomicU64,
+    /// Stream copies skipped because their datagram copy came first.
+    pub duplicate_copies: AtomicU64,
     /// Routers the gateway knows of (the list, the DNS answer, or the view).
     pub routers_known: AtomicU64,
     /// The etcd revision of the membership view the uplink follows.
@@ -82,6 +87,8 @@ impl Metrics {
             core_queue_full: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
             router_link_refusals: AtomicU64::new(0),
+            datagram_deliveries: AtomicU64::new(0),
+            duplicate_copies: AtomicU64::new(0),
             routers_known: AtomicU64::new(0),
             membership_revision: AtomicU64::new(0),
             unlinked_routers: std::sync::Mutex::new(Vec::new()),
@@ -120,6 +127,8 @@ impl Metrics {
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_routers_up", &self.routers_up),
             ("switchyard_gateway_router_link_refusals_total", &self.router_link_refusals),
+            ("switchyard_gateway_datagram_deliveries_total", &self.datagram_deliveries),
+            ("switchyard_gateway_duplicate_copies_total", &self.duplicate_copies),
             ("switchyard_gateway_routers_known", &self.routers_known),
             ("switchyard_gateway_membership_revision", &self.membership_revision),
         ] {

@@ -26,6 +26,9 @@ use crate::link::Dispatch;
 use crate::peers::{PeerTls, Peers};
 use crate::shard::{GatewayId, Metrics, SHARD_TICK, Shard, ShardCmd, ShardSpec};
 
+/// How long after its stream copy a delivery's datagram copy leaves.
+pub const COPY_DELAY: Duration = Duration::from_millis(1);
+
 /// ALPN of the cluster protocol.
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
 
@@ -404,16 +407,59 @@ impl Router {
         for _ in 0..k {
             delivery.push(conn.open_uni().await?);
         }
+        // A gateway that accepts datagrams (its transport parameters) gets a
+        // datagram copy of every positioned delivery besides the ordered
+        // stream: across a lossy WAN it takes whichever copy comes first.
+        let copies = conn.clone();
+        // The copies leave a moment after the stream's bytes, so that the two
+        // copies of a publication never share a packet (one loss would take
+        // both; measured: sent at once, the copies did not lower the WAN's
+        // p99 at all): a task of their own sends them COPY_DELAY after they
+        // are queued.
+        let (copy_tx, mut copy_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+        let datagram_conn = conn.clone();
+        let copier = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while copy_rx.recv_many(&mut held, 256).await > 0 {
+                tokio::time::sleep(COPY_DELAY).await;
+                while let Ok(d) = copy_rx.try_recv() {
+                    held.push(d);
+                }
+                for d in held.drain(..) {
+                    let _ = datagram_conn.send_datagram(d);
+                }
+            }
+        });
         let writer = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(1024);
             let mut ctl_buf = BytesMut::with_capacity(64 * 1024);
             let mut bufs: Vec<BytesMut> = (0..k).map(|_| BytesMut::with_capacity(64 * 1024)).collect();
+            let mut datagram = BytesMut::new();
             while rx.recv_many(&mut batch, 1024).await > 0 {
+                let max = copies.max_datagram_size();
                 for msg in batch.drain(..) {
                     match crate::link::stream_of(&msg, k) {
-                        Some(i) => msg.encode(&mut bufs[i]),
+                        Some(i) => {
+                            let at = bufs[i].len();
+                            msg.encode(&mut bufs[i]);
+                            if let (Some(max), ClusterMsg::Deliver { publication, .. }) = (max, &msg)
+                                && publication.offset != 0
+                            {
+                                let encoded = &bufs[i][at..];
+                                if datagram.len() + encoded.len() > max && !datagram.is_empty() {
+                                    let _ = copy_tx.send(datagram.split().freeze());
+                                }
+                                // Larger than a datagram: the stream alone carries it.
+                                if encoded.len() <= max {
+                                    datagram.extend_from_slice(encoded);
+                                }
+                            }
+                        }
                         None => msg.encode(&mut ctl_buf),
                     }
+                }
+                if !datagram.is_empty() {
+                    let _ = copy_tx.send(datagram.split().freeze());
                 }
                 if !ctl_buf.is_empty() {
                     ctl_send.write_all(&ctl_buf.split()).await?;
@@ -436,6 +482,7 @@ impl Router {
             let _ = s.send(ShardCmd::GatewayDown(gw)).await;
         }
         writer.abort();
+        copier.abort();
         tracing::info!(gateway = %gateway_id, link = gw, "gateway disconnected");
         result
     }

@@ -3,7 +3,9 @@
 //! reordering within the jitter (`e2e::wan`). At 1,000 publications/s every
 //! subscriber receives every publication once and in order; a 5-second
 //! blackhole of the link ends with every subscriber holding every
-//! publication, live or recovered (`recovered: true`), none forgiven. (The
+//! publication, live or recovered (`recovered: true`), none forgiven. The
+//! gateway asks for datagram copies of the deliveries, so both paths (copy
+//! first, stream first) are exercised. (The
 //! latency over the WAN is a benchmark: `benches/scripts/wan_bench.py`.)
 
 use std::time::{Duration, Instant};
@@ -49,7 +51,9 @@ fn drain(subs: &mut [(Ws, Vec<StreamCheck>)], log: &Published) -> (u32, u32) {
 fn an_edge_pop_over_a_lossy_wan_delivers_everything_in_order_and_rides_out_a_blackhole() {
     let mut c = Cluster::start(1, 0, &[]);
     let relay = Relay::start("127.0.0.1:0".parse().unwrap(), c.router_addrs[0], WanSpec::edge_pop(7));
-    c.add_gateway_routed(0, &[format!("{}@{}", router_name(0), relay.addr())], &[]);
+    // With datagram copies of the deliveries (the WAN's fast path): order and
+    // once-only must hold whichever copy comes first.
+    c.add_gateway_routed(0, &[format!("{}@{}", router_name(0), relay.addr())], &["--datagram-copies"]);
     let mut subs = subscribers(&c, 3);
     let mut api = ApiConn::connect(c.api_addrs[0]);
     let mut log = Published::default();
@@ -67,6 +71,13 @@ fn an_edge_pop_over_a_lossy_wan_delivers_everything_in_order_and_rides_out_a_bla
     let (resyncs, _) = drain(&mut subs, &log);
     let lost = relay.counts().lost.load(std::sync::atomic::Ordering::Relaxed);
     assert!(lost > 0, "the WAN lost datagrams ({lost}); QUIC retransmitted them");
+    let m = c.metrics(0);
+    let fast = e2e::metric(&m, "switchyard_gateway_datagram_deliveries_total");
+    let dup = e2e::metric(&m, "switchyard_gateway_duplicate_copies_total");
+    assert!(
+        fast > 0 && dup > 0,
+        "datagram copies came first ({fast}) and their stream copies were skipped ({dup})"
+    );
     eprintln!("3,000 publications over the WAN: {lost} datagrams lost on the way, {resyncs} resyncs");
 
     // A 5-second blackhole while publications go on.

@@ -63,6 +63,10 @@ use crate::metrics::Metrics;
 /// their own backlog is full).
 pub const MAX_HELD: usize = 65_536;
 
+/// Datagram copies a channel holds at most while an earlier publication is
+/// missing (past it the highest offsets go: the stream brings them).
+pub const MAX_HELD_COPIES: usize = 256;
+
 /// Largest frame the uplink packs publications into (well under the 1 MiB
 /// centrifuge-python accepts).
 pub const MAX_PACKED_FRAME: usize = 256 * 1024;
@@ -113,6 +117,22 @@ struct Route {
     /// The epoch of the last delivery, shared by the frames handed to the
     /// cores (one allocation per epoch, not per delivery).
     epoch: Option<Arc<str>>,
+    /// The last offset handed to the cores in `epoch` (0: unknown, or an
+    /// ephemeral channel): a copy of a publication that arrives again (its
+    /// datagram copy first, then the stream's) is handed over once.
+    last: u64,
+    /// Datagram copies that came ahead of an earlier publication, by
+    /// offset (at most [`MAX_HELD_COPIES`]): handed over as soon as the
+    /// publications before them are, from either path.
+    held: std::collections::BTreeMap<u64, ClusterMsg>,
+}
+
+impl Route {
+    /// Whether the publication at `offset` of `epoch` was handed over
+    /// already (ephemeral publications, offset 0, never count as such).
+    fn delivered(&self, epoch: &str, offset: u64) -> bool {
+        offset != 0 && offset <= self.last && self.epoch.as_deref() == Some(epoch)
+    }
 }
 
 /// What one core is owed.
@@ -355,7 +375,8 @@ impl Uplink {
         let after = route.cores;
         if before == 0 && after != 0 {
             route.owner = owner;
-            route.epoch = None;
+            (route.epoch, route.last) = (None, 0);
+            route.held.clear();
             if let Some(o) = owner {
                 self.send(o, ClusterMsg::Subscribe { channels: vec![channel.to_string()] }, io);
             }
@@ -557,7 +578,8 @@ impl Uplink {
             }
             if let Some(route) = self.routes.get_mut(&name) {
                 route.owner = new;
-                route.epoch = None;
+                (route.epoch, route.last) = (None, 0);
+                route.held.clear();
             }
             if old.is_some() {
                 self.resync(&name, mask, io);
@@ -599,6 +621,10 @@ impl Uplink {
             match &msgs[i] {
                 ClusterMsg::Position { epoch, top, .. } => {
                     let epoch: Arc<str> = Arc::from(epoch.as_str());
+                    if let Some(r) = self.routes.get_mut(&name) {
+                        (r.epoch, r.last) = (Some(epoch.clone()), *top);
+                        r.held.clear();
+                    }
                     for core in cores_of(blocked, self.cores) {
                         // Behind what it is owed already: the newer position
                         // replaces the older.
@@ -629,6 +655,13 @@ impl Uplink {
                     }
                     i += 1;
                 }
+                ClusterMsg::Deliver { epoch, publication, .. }
+                    if route.delivered(epoch, publication.offset) =>
+                {
+                    // Handed over already, from its datagram copy.
+                    self.metrics.duplicate_copies.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
                 ClusterMsg::Deliver { .. } => {
                     // A core still owed something of this channel gets none
                     // of its deliveries until then: it is owed a resync too.
@@ -638,11 +671,102 @@ impl Uplink {
                         }
                     }
                     i = self.deliver_run(&name, &msgs, i, targets, io);
+                    self.release_held(&name, io);
                 }
                 _ => i += 1,
             }
         }
         self.settle(io);
+    }
+
+    /// Datagram copies of a router's deliveries (the WAN's fast path,
+    /// `uplink.datagram_copies`): a copy is handed over only when it is the
+    /// very next publication of its channel in the epoch the uplink follows
+    /// (the stream then skips it); anything else — an unknown position, a
+    /// gap, another epoch — is left to the ordered stream, so order and the
+    /// once-only rule never depend on which copy came first.
+    pub fn datagram_deliveries(&mut self, router: usize, msgs: Vec<ClusterMsg>, io: &mut impl UplinkIo) {
+        let mut i = 0;
+        while i < msgs.len() {
+            let ClusterMsg::Deliver { channel, epoch, publication } = &msgs[i] else {
+                i += 1;
+                continue;
+            };
+            let Some((name, route)) = self.routes.get_key_value(channel.as_str()) else {
+                i += 1;
+                continue;
+            };
+            let ours = route.owner == Some(router)
+                && route.last != 0
+                && publication.offset > route.last
+                && route.epoch.as_deref() == Some(epoch.as_str());
+            if !ours {
+                i += 1;
+                continue;
+            }
+            let name = name.clone();
+            if publication.offset > route.last + 1 {
+                // Ahead of a publication still on its way: held until it comes.
+                let offset = publication.offset;
+                if let Some(r) = self.routes.get_mut(&name) {
+                    let held = &mut r.held;
+                    held.insert(offset, msgs[i].clone());
+                    if held.len() > MAX_HELD_COPIES {
+                        held.pop_last();
+                    }
+                }
+                i += 1;
+                continue;
+            }
+            let j = self.deliver_from(&name, &msgs, i, io);
+            self.metrics.datagram_deliveries.fetch_add((j - i) as u64, Ordering::Relaxed);
+            i = j;
+            self.release_held(&name, io);
+        }
+        self.settle(io);
+    }
+
+    /// Hands over the run at `msgs[i]` as the stream path does (a core owed
+    /// something of the channel is owed a resync instead); the index after it.
+    fn deliver_from(
+        &mut self,
+        name: &Arc<str>,
+        msgs: &[ClusterMsg],
+        i: usize,
+        io: &mut impl UplinkIo,
+    ) -> usize {
+        let Some(route) = self.routes.get(name) else { return i + 1 };
+        let (targets, blocked) = (route.cores & !route.blocked, route.cores & route.blocked);
+        for core in cores_of(blocked, self.cores) {
+            self.owe_resync(core, name);
+        }
+        self.deliver_run(name, msgs, i, targets, io)
+    }
+
+    /// Hands over the held datagram copies of `name` that now come next,
+    /// and forgets those the stream brought already.
+    fn release_held(&mut self, name: &Arc<str>, io: &mut impl UplinkIo) {
+        loop {
+            let Some(route) = self.routes.get_mut(name) else { return };
+            let last = route.last;
+            let held = &mut route.held;
+            while held.first_key_value().is_some_and(|(o, _)| *o <= last) {
+                held.pop_first();
+            }
+            let mut run = Vec::new();
+            while let Some(entry) = held.first_entry() {
+                if *entry.key() != last + 1 + run.len() as u64 {
+                    break;
+                }
+                run.push(entry.remove());
+            }
+            if run.is_empty() {
+                return;
+            }
+            let n = run.len();
+            self.deliver_from(name, &run, 0, io);
+            self.metrics.datagram_deliveries.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     /// Frames the run of consecutive publications of one channel and epoch
@@ -685,6 +809,7 @@ impl Uplink {
                 e
             }
         };
+        route.last = last;
         let frame = SharedFrame::text_lines(pushes.iter().map(|p| p.as_slice())).into_bytes();
         self.metrics.frames_encoded.fetch_add(1, Ordering::Relaxed);
         for core in cores_of(targets, self.cores) {
@@ -801,4 +926,90 @@ type Move = (Arc<str>, Option<usize>, Option<usize>, u64);
 /// The cores whose bits are set in `mask`.
 fn cores_of(mask: u64, cores: usize) -> impl Iterator<Item = CoreId> {
     (0..cores).filter(move |c| mask & (1 << c) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::client::Publication;
+
+    /// Core inboxes and link queues that take everything, recorded.
+    #[derive(Default)]
+    struct Recorder {
+        cores: Vec<DownMsg>,
+        routers: Vec<ClusterMsg>,
+    }
+
+    impl UplinkIo for Recorder {
+        fn to_router(&mut self, _: usize, msg: ClusterMsg) -> Result<(), ClusterMsg> {
+            self.routers.push(msg);
+            Ok(())
+        }
+        fn to_core(&mut self, _: CoreId, msg: DownMsg) -> Result<(), DownMsg> {
+            self.cores.push(msg);
+            Ok(())
+        }
+    }
+
+    fn deliver(epoch: &str, offset: u64) -> ClusterMsg {
+        let publication =
+            Publication { offset, data: bytes::Bytes::from_static(b"{}"), info: None, tags: None };
+        ClusterMsg::Deliver { channel: "chat:x".into(), epoch: epoch.into(), publication }
+    }
+
+    /// What the core was handed: (first, last) of each delivery.
+    fn handed(io: &mut Recorder) -> Vec<(u64, u64)> {
+        io.cores
+            .drain(..)
+            .filter_map(|m| match m {
+                DownMsg::Deliver { first, last, .. } => Some((first, last)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn datagram_copies_are_taken_only_in_order_and_handed_over_once() {
+        let metrics = Arc::new(Metrics::new(1));
+        let mut up = Uplink::new(1, vec!["r0".into()], metrics.clone(), 1);
+        let mut io = Recorder::default();
+        up.link_up(0, proto::cluster::PROTOCOL_VERSION, &mut io);
+        up.core_batch(vec![UpMsg::Interest { core: 0, channel: "chat:x".into(), on: true }], &mut io);
+        // Before the stream told a position, a copy is not trusted.
+        up.datagram_deliveries(0, vec![deliver("E", 6)], &mut io);
+        assert!(handed(&mut io).is_empty());
+        up.deliveries(
+            0,
+            vec![ClusterMsg::Position { channel: "chat:x".into(), epoch: "E".into(), top: 5 }],
+            &mut io,
+        );
+        io.cores.clear();
+        // 6 by datagram first; the stream's 6 is skipped, its 7 handed over.
+        up.datagram_deliveries(0, vec![deliver("E", 6)], &mut io);
+        up.deliveries(0, vec![deliver("E", 6), deliver("E", 7)], &mut io);
+        assert_eq!(handed(&mut io), vec![(6, 6), (7, 7)]);
+        // A copy of another epoch, or unpositioned: left to the stream; one
+        // past a gap is held until the publication before it comes.
+        up.datagram_deliveries(0, vec![deliver("E", 9), deliver("F", 8), deliver("E", 0)], &mut io);
+        assert!(handed(&mut io).is_empty());
+        up.deliveries(0, vec![deliver("E", 8)], &mut io);
+        assert_eq!(handed(&mut io), vec![(8, 8), (9, 9)], "8 from the stream releases the held 9");
+        up.deliveries(0, vec![deliver("E", 9)], &mut io);
+        assert!(handed(&mut io).is_empty(), "the stream's 9 came second");
+        // Two consecutive copies in one datagram make one run.
+        up.datagram_deliveries(0, vec![deliver("E", 10), deliver("E", 11)], &mut io);
+        up.deliveries(0, vec![deliver("E", 10), deliver("E", 11), deliver("E", 12)], &mut io);
+        assert_eq!(handed(&mut io), vec![(10, 11), (12, 12)]);
+        assert_eq!(metrics.datagram_deliveries.load(Ordering::Relaxed), 4);
+        assert_eq!(metrics.duplicate_copies.load(Ordering::Relaxed), 4);
+        // Copies out of order: 14 and 15 wait for 13, then all go at once.
+        up.datagram_deliveries(0, vec![deliver("E", 15)], &mut io);
+        up.datagram_deliveries(0, vec![deliver("E", 14)], &mut io);
+        assert!(handed(&mut io).is_empty());
+        up.datagram_deliveries(0, vec![deliver("E", 13)], &mut io);
+        assert_eq!(handed(&mut io), vec![(13, 13), (14, 15)]);
+        // A copy from a router that does not own the channel: ignored.
+        up.datagram_deliveries(1, vec![deliver("E", 16)], &mut io);
+        assert!(handed(&mut io).is_empty());
+    }
 }

@@ -41,6 +41,10 @@ pub const ROUTER_SILENCE: Duration = Duration::from_secs(10);
 /// it drains).
 pub const RETRY_EVERY: Duration = Duration::from_millis(20);
 
+/// Bytes of datagram copies a link holds unread at most (past it quinn
+/// drops the oldest: the stream still brings them).
+pub const DATAGRAM_BUFFER: usize = 1 << 20;
+
 /// Messages queued toward one router at most (its writer batches them into
 /// stream writes); past it the machine reconciles instead.
 pub const LINK_QUEUE: usize = 65_536;
@@ -52,6 +56,8 @@ enum Event {
     Control(usize, u64, ClusterMsg),
     /// Messages of a router's delivery stream (deliveries, pushes, positions).
     Deliveries(usize, u64, Vec<ClusterMsg>),
+    /// Datagram copies of a router's deliveries.
+    Datagrams(usize, u64, Vec<ClusterMsg>),
 }
 
 /// The shell's side of [`UplinkIo`]: link queues and core inboxes.
@@ -99,6 +105,9 @@ fn client_config(cfg: &UplinkConfig) -> anyhow::Result<quinn::ClientConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(2)));
     transport.max_idle_timeout(Some(Duration::from_secs(10).try_into()?));
+    // Datagrams are how a router offers its copies: accepting them (the
+    // transport parameter) asks for them.
+    transport.datagram_receive_buffer_size(cfg.datagram_copies.then_some(DATAGRAM_BUFFER));
     match cfg.congestion {
         LinkCongestion::Bbr => {
             transport.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
@@ -252,6 +261,9 @@ pub fn spawn(
                         }
                         Event::Control(i, g, msg) if current(&slots, i, g) => up.control(i, msg, &mut io),
                         Event::Deliveries(i, g, msgs) if current(&slots, i, g) => up.deliveries(i, msgs, &mut io),
+                        Event::Datagrams(i, g, msgs) if current(&slots, i, g) => {
+                            up.datagram_deliveries(i, msgs, &mut io)
+                        }
                         _ => {} // from a link this uplink has since dropped
                     },
                     _ = source.changed() => {
@@ -429,6 +441,23 @@ async fn connect_once(
             });
         }
     });
+    // Datagram copies (when this gateway asked for them): each datagram is
+    // whole messages; one that does not decode is dropped (the stream
+    // brings what it held).
+    let (conn3, ev3) = (conn.clone(), events.clone());
+    let datagrams = tokio::spawn(async move {
+        while let Ok(d) = conn3.read_datagram().await {
+            let mut dec = ClusterDecoder::default();
+            let mut buf = BytesMut::from(&d[..]);
+            let mut msgs = Vec::new();
+            while let Ok(Some(m)) = dec.decode(&mut buf) {
+                msgs.push(m);
+            }
+            if !msgs.is_empty() && ev3.send(Event::Datagrams(idx, generation, msgs)).await.is_err() {
+                return;
+            }
+        }
+    });
     // Heartbeats: the router answers each; a router silent for
     // `ROUTER_SILENCE` is treated as lost (channels move, subscribers resync).
     let heartbeat = tokio::spawn(async move {
@@ -461,6 +490,7 @@ async fn connect_once(
     heartbeat.abort();
     writer.abort();
     deliveries.abort();
+    datagrams.abort();
     conn.close(0u32.into(), b"bye");
     result
 }
