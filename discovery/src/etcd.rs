@@ -70,11 +70,15 @@ async fn within<T, E: std::error::Error + Send + Sync + 'static>(
 /// Keeps `tx` at the newest view of the routers registered under the
 /// prefix: a read of the whole prefix, then a watch from the revision after
 /// it; a watch that fails or is cancelled (compaction) starts over with a
-/// new read, after a backoff. Runs until every receiver is gone.
-pub async fn watch_views(cfg: EtcdConfig, tx: watch::Sender<Arc<View>>) {
+/// new read, after a backoff. With `confirm_every`, the prefix is also read
+/// again on that interval (linearizably) and the view sent with
+/// [`View::confirmed`] set to when that read was sent: the freshness a
+/// router's fencing needs (a stuck watch cannot hide a newer registration
+/// for longer than that). Runs until every receiver is gone.
+pub async fn watch_views(cfg: EtcdConfig, tx: watch::Sender<Arc<View>>, confirm_every: Option<Duration>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     while !tx.is_closed() {
-        if let Err(e) = watch_once(&cfg, &tx, &mut backoff).await {
+        if let Err(e) = watch_once(&cfg, &tx, &mut backoff, confirm_every).await {
             tracing::warn!(error = %format!("{e:#}"), "etcd watch failed; reading the view again");
         }
         let delay = backoff.next_delay(&mut rand::rng());
@@ -82,12 +86,9 @@ pub async fn watch_views(cfg: EtcdConfig, tx: watch::Sender<Arc<View>>) {
     }
 }
 
-async fn watch_once(
-    cfg: &EtcdConfig,
-    tx: &watch::Sender<Arc<View>>,
-    backoff: &mut Backoff,
-) -> anyhow::Result<()> {
-    let mut client = connect(cfg).await?;
+/// The view of the whole prefix now, confirmed as of when the read was sent.
+async fn read_view(cfg: &EtcdConfig, client: &mut Client) -> anyhow::Result<View> {
+    let sent = Instant::now();
     let resp =
         within(cfg, "get", client.get(cfg.prefix.as_str(), Some(GetOptions::new().with_prefix()))).await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -98,35 +99,65 @@ async fn watch_once(
             tracing::warn!(%key, error = %e, "a malformed router registration is ignored");
         }
     }
+    view.confirmed = Some(sent);
+    Ok(view)
+}
+
+async fn watch_once(
+    cfg: &EtcdConfig,
+    tx: &watch::Sender<Arc<View>>,
+    backoff: &mut Backoff,
+    confirm_every: Option<Duration>,
+) -> anyhow::Result<()> {
+    let mut client = connect(cfg).await?;
+    let mut view = read_view(cfg, &mut client).await?;
     tx.send_replace(Arc::new(view.clone()));
     backoff.reset();
-    let opts = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+    let opts = WatchOptions::new().with_prefix().with_start_revision(view.revision + 1);
     let mut stream = client.watch(cfg.prefix.as_str(), Some(opts)).await?;
-    while let Some(resp) = stream.message().await? {
-        if resp.canceled() {
-            anyhow::bail!("watch cancelled: {}", resp.cancel_reason());
-        }
-        let before = view.revision;
-        for ev in resp.events() {
-            let Some(kv) = ev.kv() else { continue };
-            let key = String::from_utf8_lossy(kv.key());
-            match ev.event_type() {
-                EventType::Put => {
-                    if let Err(e) = view.put(&key, kv.value(), kv.mod_revision()) {
-                        tracing::warn!(%key, error = %e, "a malformed router registration is ignored");
+    let mut confirm = tokio::time::interval(confirm_every.unwrap_or(Duration::from_secs(3600)));
+    confirm.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    confirm.tick().await;
+    loop {
+        tokio::select! {
+            resp = stream.message() => {
+                let Some(resp) = resp? else { anyhow::bail!("the watch stream ended") };
+                if resp.canceled() {
+                    anyhow::bail!("watch cancelled: {}", resp.cancel_reason());
+                }
+                let before = view.revision;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let key = String::from_utf8_lossy(kv.key());
+                    match ev.event_type() {
+                        EventType::Put => {
+                            if let Err(e) = view.put(&key, kv.value(), kv.mod_revision()) {
+                                tracing::warn!(%key, error = %e, "a malformed router registration is ignored");
+                            }
+                        }
+                        EventType::Delete => view.delete(&key, kv.mod_revision()),
                     }
                 }
-                EventType::Delete => view.delete(&key, kv.mod_revision()),
+                if view.revision != before {
+                    view.confirmed = None;
+                    tx.send_replace(Arc::new(view.clone()));
+                }
             }
-        }
-        if view.revision != before {
-            tx.send_replace(Arc::new(view.clone()));
+            _ = confirm.tick(), if confirm_every.is_some() => {
+                // What etcd holds now replaces what the watch built: the
+                // same routers (usually) with a fresh confirmation, or the
+                // newer set a lagging watch had not told yet.
+                let read = read_view(cfg, &mut client).await?;
+                if read.revision >= view.revision {
+                    view = read;
+                    tx.send_replace(Arc::new(view.clone()));
+                }
+            }
         }
         if tx.is_closed() {
             return Ok(());
         }
     }
-    anyhow::bail!("the watch stream ended")
 }
 
 /// Registers `me` under `PREFIX + name` with a lease of `lease_ttl_secs`,
@@ -186,7 +217,13 @@ where
 {
     let mut client = connect(cfg).await?;
     let key = format!("{}{}", cfg.prefix, me.name);
-    if !clock.live(Instant::now()) {
+    if clock.live(Instant::now()) {
+        // Still certainly alive (a reconnect): put the key again under the
+        // same lease (idempotent), in case an earlier put never landed.
+        let value = serde_json::to_vec(me).expect("a member serializes");
+        within(cfg, "put", client.put(key.as_str(), value, Some(PutOptions::new().with_lease(clock.id()))))
+            .await?;
+    } else {
         if clock.id() != 0 {
             // Not certainly alive any more: etcd may have expired it and
             // another router taken the channels over. Start again.
@@ -196,10 +233,12 @@ where
         }
         let sent = Instant::now();
         let grant = within(cfg, "lease grant", client.lease_grant(cfg.ttl().as_secs() as i64, None)).await?;
-        clock.answered(grant.id(), sent, grant.ttl());
         let value = serde_json::to_vec(me).expect("a member serializes");
         within(cfg, "put", client.put(key.as_str(), value, Some(PutOptions::new().with_lease(grant.id()))))
             .await?;
+        // Only a lease whose key landed counts: after a failed put the clock
+        // holds none, and the next session grants again.
+        clock.answered(grant.id(), sent, grant.ttl());
         tracing::info!(router = %me.name, lease = grant.id(), ttl = grant.ttl(), %key, "registered in etcd");
         on_lease(LeaseStatus::of(clock)).await;
     }

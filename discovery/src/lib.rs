@@ -84,8 +84,11 @@ impl EtcdConfig {
         Duration::from_secs(self.request_timeout_secs.max(1))
     }
 
-    /// Refuses settings that cannot work, naming the key.
-    pub fn check(&self) -> Result<(), String> {
+    /// Refuses settings that cannot work, naming the key. `built_with_etcd`
+    /// is the calling binary's own `cfg!(feature = "etcd")` (cargo unifies
+    /// this crate's features across a workspace build, so its own flag does
+    /// not say whether the binary runs the etcd code).
+    pub fn check(&self, built_with_etcd: bool) -> Result<(), String> {
         if !self.enabled() {
             return Ok(());
         }
@@ -95,7 +98,7 @@ impl EtcdConfig {
         if self.lease_ttl_secs < 2 {
             return Err(format!("etcd.lease_ttl_secs is {}; at least 2", self.lease_ttl_secs));
         }
-        if !cfg!(feature = "etcd") {
+        if !built_with_etcd {
             return Err("etcd.endpoints is set but this binary was built without etcd support \
                         (build with `--features etcd`; etcd-client needs protoc)"
                 .into());
@@ -111,12 +114,14 @@ mod tests {
     #[test]
     fn defaults_are_off_and_timings_follow_the_ttl() {
         let c = EtcdConfig::default();
-        assert!(!c.enabled() && c.check().is_ok());
+        assert!(!c.enabled() && c.check(false).is_ok());
         assert_eq!(c.keep_alive_every(), Duration::from_secs(5) / 3);
         assert_eq!(c.fence_margin(), Duration::from_secs(1));
         let short = EtcdConfig { endpoints: vec!["127.0.0.1:2379".into()], lease_ttl_secs: 1, ..c.clone() };
-        assert!(short.check().is_err());
+        assert!(short.check(true).is_err());
+        let on = EtcdConfig { endpoints: vec!["127.0.0.1:2379".into()], ..c.clone() };
+        assert!(on.check(true).is_ok() && on.check(false).unwrap_err().contains("--features etcd"));
         let bad = EtcdConfig { endpoints: vec!["127.0.0.1:2379".into()], prefix: "/x".into(), ..c };
-        assert!(bad.check().unwrap_err().contains("prefix"));
+        assert!(bad.check(true).unwrap_err().contains("prefix"));
     }
 }

@@ -132,7 +132,8 @@ impl Metrics {
             ("switchyard_gateway_routers_known", &self.routers_known),
             ("switchyard_gateway_membership_revision", &self.membership_revision),
         ] {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
         out
     }

@@ -14,22 +14,40 @@
 //!
 //! # Fencing
 //!
-//! A router may acknowledge a publication only for a channel it owns in its
-//! newest view **and** while [`LeaseClock::live`] holds. The clock's deadline
-//! is computed from when the last answered keep-alive was **sent**, plus the
-//! TTL etcd answered, minus a margin: etcd received that request no earlier
-//! than it was sent, so etcd's own expiry of the lease is no earlier than the
-//! deadline (the margin covers clock-rate differences and the time between
-//! the check and the offset it guards). Another router takes a channel over
-//! only after it sees the old owner's key deleted, which etcd does only once
-//! the lease expired — after the old owner's deadline. So two routers never
-//! both assign offsets to one channel: the old owner's last acknowledged
-//! offset precedes the new owner's first, and the new owner starts a new
-//! epoch (it never held the channel, or dropped it when it lost it). A
-//! router that was stopped (SIGSTOP, a long pause) past its deadline wakes
-//! up refusing publishes, and takes the channels back only under a new
-//! lease, whose registration is a newer revision.
-
+//! A router may acknowledge a publication of a channel only when all of
+//! these hold (the shards check them on every publish, with the clock read
+//! then):
+//!
+//! 1. **Its lease is certainly alive** ([`LeaseClock::live`]). The deadline
+//!    counts from when the last answered keep-alive was **sent**, plus the
+//!    TTL etcd answered, minus a margin: etcd received that request no
+//!    earlier than it was sent, so etcd's own expiry of the lease is no
+//!    earlier than the deadline. Others take a departed router's channels
+//!    only once they see its key deleted, which etcd does only after expiry
+//!    (or a revoke, which a draining router sends after it stopped
+//!    acknowledging). So a router that left never acknowledges after
+//!    anyone else took its channels.
+//! 2. **Its view is fresh**: a linearizable read of the prefix, sent at
+//!    `t`, confirmed that no newer registration existed ([`View::confirmed`]),
+//!    and `t` is less than the freshness window `S` ago. A router whose
+//!    watch is stuck or cut off stops acknowledging after `S`.
+//! 3. **It owns the channel in its newest view.**
+//! 4. **No other router still present may act on an older view**: for
+//!    [`claim_delay`] (`S` plus the margin) after its view changed, a
+//!    router acknowledges a channel only if, in every view it held during
+//!    that time, the channel's owner was itself or a router that has since
+//!    left. A router that joins (or comes back with a new lease) waits
+//!    `claim_delay` before acknowledging anything. Why this is enough: the
+//!    joiner B gains channel X at revision R. The former owner A still
+//!    present acknowledges X only under a confirmation sent before R was
+//!    committed (a later one would show B), hence only until
+//!    `commit(R) + S`; B starts at `seen(R) + S + margin`, later.
+//!
+//! Together: two routers never assign offsets to one channel in
+//! overlapping time, and a channel a router held before it lost its lease
+//! or the channel (it drops its state then) starts a new epoch when it
+//! comes back, so an epoch never continues across another owner's.
+//!
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -38,14 +56,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::rendezvous::score;
 
-/// What a router registers about itself.
+/// What a router registers about itself. Unknown fields are ignored, so
+/// that a newer router's registration stays readable during an upgrade.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Member {
-    /// Its name (the DNS name in its link certificate).
+    /// Its name (the DNS name in its link certificate; also its name in the
+    /// rendezvous hash, so ownership stays put when its address changes).
     pub name: String,
-    /// UDP address of its QUIC endpoint (gateways and peers connect there;
-    /// also its name in the rendezvous hash).
+    /// UDP address of its QUIC endpoint (gateways and peers connect there).
     pub quic: SocketAddr,
     /// Its HTTP server API address.
     pub api: SocketAddr,
@@ -56,11 +74,6 @@ impl Member {
     pub fn router_addr(&self) -> crate::peer::RouterAddr {
         crate::peer::RouterAddr { name: self.name.clone(), addr: self.quic }
     }
-
-    /// Its name in the rendezvous hash.
-    pub fn hash_name(&self) -> String {
-        self.quic.to_string()
-    }
 }
 
 /// The routers registered at a revision of the store.
@@ -70,12 +83,22 @@ pub struct View {
     pub revision: i64,
     /// Members by their key in the store.
     members: BTreeMap<String, Member>,
+    /// When a linearizable read that produced (or matched) this view was
+    /// sent: nothing newer was registered then. `None` for views built from
+    /// watch events alone.
+    pub confirmed: Option<Instant>,
 }
 
 impl View {
     /// A view of `members` (key → member) at `revision`.
     pub fn new(revision: i64, members: impl IntoIterator<Item = (String, Member)>) -> View {
-        View { revision, members: members.into_iter().collect() }
+        View { revision, members: members.into_iter().collect(), confirmed: None }
+    }
+
+    /// Whether two views register the same routers (revisions and
+    /// confirmations aside).
+    pub fn same_members(&self, other: &View) -> bool {
+        self.members == other.members
     }
 
     /// The members, in key order.
@@ -93,9 +116,9 @@ impl View {
         self.members.is_empty()
     }
 
-    /// Whether a router with this QUIC address is registered.
-    pub fn contains(&self, quic: SocketAddr) -> bool {
-        self.members.values().any(|m| m.quic == quic)
+    /// Whether a router with this name is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.members.values().any(|m| m.name == name)
     }
 
     /// A key was put at `revision` (a malformed value is refused: it names
@@ -122,18 +145,18 @@ impl View {
     }
 
     /// The owner of `key`: the highest rendezvous score over the members'
-    /// QUIC addresses (ties, practically impossible, to the smaller address).
+    /// names (ties, practically impossible, to the smaller name).
     pub fn owner(&self, key: &str) -> Option<&Member> {
-        self.members.values().max_by(|a, b| {
-            score(&a.hash_name(), key)
-                .cmp(&score(&b.hash_name(), key))
-                .then_with(|| b.hash_name().cmp(&a.hash_name()))
-        })
+        self.members
+            .values()
+            .map(|m| (score(&m.name, key), std::cmp::Reverse(&m.name), m))
+            .max_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)))
+            .map(|(_, _, m)| m)
     }
 
-    /// Whether the router at `quic` owns `key` in this view.
-    pub fn owns(&self, quic: SocketAddr, key: &str) -> bool {
-        self.owner(key).is_some_and(|m| m.quic == quic)
+    /// Whether the router named `name` owns `key` in this view.
+    pub fn owns(&self, name: &str, key: &str) -> bool {
+        self.owner(key).is_some_and(|m| m.name == name)
     }
 }
 
@@ -142,11 +165,19 @@ pub fn moved_fraction<'a>(before: &View, after: &View, keys: impl IntoIterator<I
     let (mut n, mut moved) = (0usize, 0usize);
     for k in keys {
         n += 1;
-        if before.owner(k).map(|m| m.quic) != after.owner(k).map(|m| m.quic) {
+        if before.owner(k).map(|m| &m.name) != after.owner(k).map(|m| &m.name) {
             moved += 1;
         }
     }
     if n == 0 { 0.0 } else { moved as f64 / n as f64 }
+}
+
+/// How long after its view changed a router acknowledges only channels
+/// whose owner in every view of that time was itself or a router that
+/// left (rule 4 of the module's fencing): the freshness window plus the
+/// margin.
+pub fn claim_delay(freshness: Duration, margin: Duration) -> Duration {
+    freshness + margin
 }
 
 /// Whether this router's lease is certainly alive at etcd, from the
@@ -234,9 +265,12 @@ mod tests {
         assert_eq!(v.len(), 1, "stale");
         v.delete(&k1, 7);
         assert_eq!((v.revision, v.len()), (7, 1));
-        assert!(v.contains(m2.quic) && !v.contains(m1.quic));
+        assert!(v.contains(&m2.name) && !v.contains(&m1.name));
         assert!(v.put("/x", b"not json", 8).is_err());
         assert_eq!(v.revision, 7, "a malformed value is not applied");
+        // A newer router's registration with a field this one does not know.
+        v.put("/r9", br#"{"name":"r9","quic":"10.0.0.9:7100","api":"10.0.0.9:8000","zone":"b"}"#, 9).unwrap();
+        assert!(v.contains("r9"));
     }
 
     #[test]
@@ -247,17 +281,17 @@ mod tests {
         let moved = moved_fraction(&four, &five, keys.iter().map(String::as_str));
         assert!((0.17..0.23).contains(&moved), "about 1/5 moves to the newcomer: {moved}");
         // Only to the newcomer.
-        let newcomer = member(5).1.quic;
+        let newcomer = member(5).1.name;
         for k in &keys {
-            let (a, b) = (four.owner(k).unwrap().quic, five.owner(k).unwrap().quic);
-            assert!(a == b || b == newcomer, "{k} moved between old members");
+            let (a, b) = (&four.owner(k).unwrap().name, &five.owner(k).unwrap().name);
+            assert!(a == b || *b == newcomer, "{k} moved between old members");
         }
-        // Same hash as the gateways' over the same addresses.
-        let names: Vec<String> = five.members().map(Member::hash_name).collect();
+        // Same hash as the gateways' over the same names.
+        let names: Vec<String> = five.members().map(|m| m.name.clone()).collect();
         for k in keys.iter().take(500) {
             let i = crate::rendezvous::owner(k, &names).unwrap();
-            assert_eq!(five.owner(k).unwrap().hash_name(), names[i]);
-            assert!(five.owns(five.owner(k).unwrap().quic, k));
+            assert_eq!(five.owner(k).unwrap().name, names[i]);
+            assert!(five.owns(&names[i], k));
         }
         assert!(View::default().owner("chat:x").is_none());
     }

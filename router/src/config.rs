@@ -160,7 +160,7 @@ impl RouterConfig {
     /// well-known development API key on an API address others can reach.
     pub fn check(&self) -> anyhow::Result<()> {
         proto::peer::valid_name(&self.name).map_err(|e| anyhow::anyhow!("config key `name`: {e}"))?;
-        self.etcd.check().map_err(anyhow::Error::msg)?;
+        self.etcd.check(cfg!(feature = "etcd")).map_err(anyhow::Error::msg)?;
         if self.etcd.enabled() && !self.peers.is_empty() {
             anyhow::bail!("`peers` and `[etcd]` are both set: with etcd, the view says who the peers are");
         }

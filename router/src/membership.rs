@@ -33,7 +33,7 @@ pub fn spawn(router: &Arc<Router>) {
             tracing::info!(
                 revision = view.revision,
                 routers = view.len(),
-                registered = view.contains(r.config().me_quic()),
+                registered = view.contains(&r.config().name),
                 "membership view"
             );
             for s in r.shards() {
@@ -41,16 +41,22 @@ pub fn spawn(router: &Arc<Router>) {
             }
         }
     });
-    tokio::spawn(discovery::etcd::watch_views(cfg.clone(), views));
+    // Confirmed by a linearizable read three times per freshness window.
+    tokio::spawn(discovery::etcd::watch_views(cfg.clone(), views, Some(cfg.ttl() / 3)));
     let r = router.clone();
     let on_lease = move |status: discovery::etcd::LeaseStatus| {
         let r = r.clone();
         async move {
-            r.peers().set_lease(status.id, status.deadline);
-            // Into every shard's queue before `register` goes on: a lost
-            // lease's drop comes before anything that follows a new one.
-            for s in r.shards() {
-                let _ = s.send(ShardCmd::Lease { id: status.id, deadline: status.deadline }).await;
+            // The shards read the lease where it is written: a keep-alive
+            // never waits on a busy shard's queue.
+            r.lease().set(status.id, status.deadline);
+            if status.id == 0 {
+                // Into every shard's queue before `register` goes on: the
+                // reset of a lost lease comes before anything that follows
+                // a new one.
+                for s in r.shards() {
+                    let _ = s.send(ShardCmd::LeaseLost).await;
+                }
             }
         }
     };

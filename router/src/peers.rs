@@ -39,6 +39,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::watch;
 
+use crate::shard::LeaseCell;
+
 /// How often peers' readiness is asked.
 pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 
@@ -81,12 +83,9 @@ enum Source {
         peers: Vec<RouterAddr>,
         ready: Vec<AtomicBool>,
     },
-    /// The routers registered in etcd, and this router's lease.
-    Etcd {
-        view: watch::Sender<Arc<View>>,
-        /// Lease id (0: none) and until when it is certainly alive.
-        lease: Mutex<(i64, Option<Instant>)>,
-    },
+    /// The routers registered in etcd, this router's name among them, and
+    /// its lease.
+    Etcd { view: watch::Sender<Arc<View>>, me: String, lease: Arc<LeaseCell> },
 }
 
 /// This router and its peers.
@@ -151,17 +150,21 @@ fn client_config(tls: PeerTls<'_>) -> anyhow::Result<quinn::ClientConfig> {
 
 impl Peers {
     /// `me` is this router's QUIC address as the gateways list it; `peers`
-    /// the static list (ignored with `etcd`, which takes the view instead).
-    /// With `tls`, calls to peers are made with those files from a client
-    /// endpoint bound on `me`'s IP (so this must run within a tokio runtime).
+    /// the static list (ignored with `etcd`: this router's name and lease,
+    /// and the view instead). With `tls`, calls to peers are made with those
+    /// files from a client endpoint bound on `bind`'s IP (its own listen
+    /// address, which may differ from the advertised one; so this must run
+    /// within a tokio runtime).
     pub fn new(
         me: SocketAddr,
+        bind: SocketAddr,
         peers: Vec<RouterAddr>,
         tls: Option<PeerTls<'_>>,
-        etcd: bool,
+        etcd: Option<(String, Arc<LeaseCell>)>,
     ) -> anyhow::Result<Self> {
-        let source = if etcd {
-            Source::Etcd { view: watch::Sender::new(Arc::new(View::default())), lease: Mutex::new((0, None)) }
+        let is_etcd = etcd.is_some();
+        let source = if let Some((name, lease)) = etcd {
+            Source::Etcd { view: watch::Sender::new(Arc::new(View::default())), me: name, lease }
         } else {
             let mut names = vec![me.to_string()];
             names.extend(peers.iter().map(|p| p.addr.to_string()));
@@ -169,8 +172,8 @@ impl Peers {
             Source::Static { names, peers, ready }
         };
         let client = match tls {
-            Some(tls) if etcd || matches!(&source, Source::Static { peers, .. } if !peers.is_empty()) => {
-                let endpoint = quinn::Endpoint::client(SocketAddr::new(me.ip(), 0))
+            Some(tls) if is_etcd || matches!(&source, Source::Static { peers, .. } if !peers.is_empty()) => {
+                let endpoint = quinn::Endpoint::client(SocketAddr::new(bind.ip(), 0))
                     .context("binding the UDP socket peer calls leave from")?;
                 Some((endpoint, client_config(tls)?))
             }
@@ -215,21 +218,11 @@ impl Peers {
         }
     }
 
-    /// Records this router's lease (etcd mode).
-    pub fn set_lease(&self, id: i64, deadline: Option<Instant>) {
-        if let Source::Etcd { lease, .. } = &self.source {
-            *lease.lock().expect("not poisoned") = (id, deadline);
-        }
-    }
-
     /// Whether this router holds a lease that is certainly alive at `now`
     /// (always, without etcd).
     pub fn lease_live(&self, now: Instant) -> bool {
         match &self.source {
-            Source::Etcd { lease, .. } => {
-                let (id, deadline) = *lease.lock().expect("not poisoned");
-                id != 0 && deadline.is_some_and(|d| now < d)
-            }
+            Source::Etcd { lease, .. } => lease.live(now),
             Source::Static { .. } => true,
         }
     }
@@ -239,7 +232,7 @@ impl Peers {
     pub fn ready(&self) -> bool {
         !self.draining()
             && match &self.source {
-                Source::Etcd { .. } => self.lease_live(Instant::now()) && self.view().contains(self.me),
+                Source::Etcd { me, .. } => self.lease_live(Instant::now()) && self.view().contains(me),
                 Source::Static { .. } => true,
             }
     }
@@ -250,8 +243,8 @@ impl Peers {
     pub fn is_peer(&self, cert: &CertificateDer<'_>) -> bool {
         match &self.source {
             Source::Static { peers, .. } => peers.iter().any(|p| cert_is_for(cert, &p.name)),
-            Source::Etcd { view, .. } => {
-                view.borrow().members().filter(|m| m.quic != self.me).any(|m| cert_is_for(cert, &m.name))
+            Source::Etcd { view, me, .. } => {
+                view.borrow().members().filter(|m| m.name != *me).any(|m| cert_is_for(cert, &m.name))
             }
         }
     }
@@ -283,8 +276,8 @@ impl Peers {
                 }
                 Owner::Local
             }
-            Source::Etcd { view, .. } => match view.borrow().owner(key) {
-                Some(m) if m.quic != self.me => Owner::Peer(m.router_addr()),
+            Source::Etcd { view, me, .. } => match view.borrow().owner(key) {
+                Some(m) if m.name != *me => Owner::Peer(m.router_addr()),
                 _ => Owner::Local,
             },
         }
@@ -300,8 +293,8 @@ impl Peers {
                 .filter(|(_, r)| r.load(Ordering::Relaxed))
                 .map(|(p, _)| p.clone())
                 .collect(),
-            Source::Etcd { view, .. } => {
-                view.borrow().members().filter(|m| m.quic != self.me).map(|m| m.router_addr()).collect()
+            Source::Etcd { view, me, .. } => {
+                view.borrow().members().filter(|m| m.name != *me).map(|m| m.router_addr()).collect()
             }
         }
     }
@@ -381,7 +374,7 @@ mod tests {
         let me: SocketAddr = "127.0.0.1:7100".parse().unwrap();
         let peers: Vec<RouterAddr> =
             vec!["r1@127.0.0.1:7101".parse().unwrap(), "r2@127.0.0.1:7102".parse().unwrap()];
-        let p = Peers::new(me, peers.clone(), None, false).unwrap();
+        let p = Peers::new(me, me, peers.clone(), None, None).unwrap();
         // No peer ready: everything is local.
         assert!((0..100).all(|i| p.owner(&format!("chat:{i}")) == Owner::Local));
         let Source::Static { ready, .. } = &p.source else { unreachable!() };
@@ -413,13 +406,14 @@ mod tests {
             .unwrap()
             .unwrap();
         let me: SocketAddr = "127.0.0.1:7100".parse().unwrap();
-        let p = Peers::new(me, vec!["r2@127.0.0.1:7102".parse().unwrap()], None, false).unwrap();
+        let p = Peers::new(me, me, vec!["r2@127.0.0.1:7102".parse().unwrap()], None, None).unwrap();
         assert!(p.is_peer(&r2));
         assert!(!p.is_peer(&r1), "a router that is not a configured peer");
         assert!(!p.is_peer(&gw), "a gateway's certificate");
         assert!(!p.is_peer(&dev));
         // In etcd mode the view says who the peers are.
-        let e = Peers::new(me, Vec::new(), None, true).unwrap();
+        let lease = Arc::new(LeaseCell::new(Instant::now()));
+        let e = Peers::new(me, me, Vec::new(), None, Some(("me".into(), lease.clone()))).unwrap();
         assert!(!e.is_peer(&r2));
         let member = |name: &str, port: u16| {
             let m = proto::membership::Member {
@@ -434,7 +428,7 @@ mod tests {
             .send_replace(Arc::new(View::new(3, [member("r2", 7102), member("me", 7100)])));
         assert!(e.is_peer(&r2) && !e.is_peer(&r1) && !e.is_peer(&gw));
         assert!(!e.ready(), "no lease");
-        e.set_lease(5, Some(Instant::now() + Duration::from_secs(5)));
+        lease.set(5, Some(Instant::now() + Duration::from_secs(5)));
         assert!(e.ready());
         assert_eq!(e.ready_peers(), vec!["r2@127.0.0.1:7102".parse::<RouterAddr>().unwrap()]);
         let owned = (0..200).filter(|i| e.owner(&format!("c{i}")) == Owner::Local).count();

@@ -26,8 +26,13 @@ use crate::link::Dispatch;
 use crate::peers::{PeerTls, Peers};
 use crate::shard::{GatewayId, Metrics, SHARD_TICK, Shard, ShardCmd, ShardSpec};
 
-/// How long after its stream copy a delivery's datagram copy leaves.
+/// How long after its stream copy is queued a delivery's datagram copy
+/// leaves.
 pub const COPY_DELAY: Duration = Duration::from_millis(1);
+
+/// Datagrams of copies queued toward one gateway at most (past it copies
+/// are dropped; the stream carries everything).
+pub const COPY_QUEUE: usize = 4096;
 
 /// ALPN of the cluster protocol.
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
@@ -54,6 +59,8 @@ pub struct Router {
     links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
     /// Turns true when the router leaves (drain): its etcd lease is revoked.
     leave: tokio::sync::watch::Sender<bool>,
+    /// Its etcd lease, as the shards read it.
+    lease: Arc<crate::shard::LeaseCell>,
 }
 
 /// The endpoint's TLS: router certificate (checked to be valid for the
@@ -117,6 +124,13 @@ impl Router {
     pub fn start(cfg: RouterConfig) -> anyhow::Result<Arc<Router>> {
         let metrics = Arc::new(Metrics::default());
         let namespaces = Arc::new(cfg.namespaces.clone());
+        let lease = Arc::new(crate::shard::LeaseCell::new(std::time::Instant::now()));
+        let fence = cfg.etcd.enabled().then(|| crate::shard::FenceSpec {
+            me: cfg.name.clone(),
+            lease: lease.clone(),
+            freshness: cfg.etcd.ttl(),
+            claim_delay: proto::membership::claim_delay(cfg.etcd.ttl(), cfg.etcd.fence_margin()),
+        });
         let shards = (0..cfg.shards.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(16_384);
@@ -128,15 +142,17 @@ impl Router {
                     seed: proto::seeded::random_seed(),
                     max_channels: cfg.max_channels.div_ceil(cfg.shards.max(1)),
                     now: std::time::Instant::now(),
-                    fence: cfg.etcd.enabled().then(|| cfg.me_quic()),
+                    fence: fence.clone(),
                 });
                 tokio::spawn(run_shard(shard, rx));
                 tx
             })
             .collect();
         let tls = PeerTls { ca_cert: &cfg.tls.ca_cert, cert: &cfg.tls.cert, key: &cfg.tls.key };
-        let peers = Peers::new(cfg.me_quic(), cfg.peers.clone(), Some(tls), cfg.etcd.enabled())?;
+        let etcd = cfg.etcd.enabled().then(|| (cfg.name.clone(), lease.clone()));
+        let peers = Peers::new(cfg.me_quic(), cfg.quic_listen, cfg.peers.clone(), Some(tls), etcd)?;
         Ok(Arc::new(Router {
+            lease,
             cfg,
             shards,
             metrics,
@@ -152,6 +168,11 @@ impl Router {
     /// The configuration it runs with.
     pub fn config(&self) -> &RouterConfig {
         &self.cfg
+    }
+
+    /// Its etcd lease (written by the registration, read by the shards).
+    pub fn lease(&self) -> &Arc<crate::shard::LeaseCell> {
+        &self.lease
     }
 
     /// Turns true when the router leaves the cluster.
@@ -411,12 +432,13 @@ impl Router {
         // datagram copy of every positioned delivery besides the ordered
         // stream: across a lossy WAN it takes whichever copy comes first.
         let copies = conn.clone();
-        // The copies leave a moment after the stream's bytes, so that the two
-        // copies of a publication never share a packet (one loss would take
-        // both; measured: sent at once, the copies did not lower the WAN's
-        // p99 at all): a task of their own sends them COPY_DELAY after they
-        // are queued.
-        let (copy_tx, mut copy_rx) = mpsc::unbounded_channel::<bytes::Bytes>();
+        // The copies leave a moment after the stream's bytes are handed to
+        // quinn, so that the two copies of a publication rarely share a
+        // packet (one loss would take both; measured: sent at once, the
+        // copies did not lower the WAN's p99 at all): a task of their own
+        // sends them COPY_DELAY after they are queued. A copy that does not
+        // fit its bounded queue is dropped: the stream still carries it.
+        let (copy_tx, mut copy_rx) = mpsc::channel::<bytes::Bytes>(COPY_QUEUE);
         let datagram_conn = conn.clone();
         let copier = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -447,7 +469,7 @@ impl Router {
                             {
                                 let encoded = &bufs[i][at..];
                                 if datagram.len() + encoded.len() > max && !datagram.is_empty() {
-                                    let _ = copy_tx.send(datagram.split().freeze());
+                                    let _ = copy_tx.try_send(datagram.split().freeze());
                                 }
                                 // Larger than a datagram: the stream alone carries it.
                                 if encoded.len() <= max {
@@ -459,7 +481,7 @@ impl Router {
                     }
                 }
                 if !datagram.is_empty() {
-                    let _ = copy_tx.send(datagram.split().freeze());
+                    let _ = copy_tx.try_send(datagram.split().freeze());
                 }
                 if !ctl_buf.is_empty() {
                     ctl_send.write_all(&ctl_buf.split()).await?;

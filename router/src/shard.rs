@@ -10,7 +10,6 @@
 //! for it: a delivery becomes a resync of that channel for that gateway,
 //! sent as soon as the queue has room.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -106,17 +105,63 @@ pub enum ShardCmd<L = mpsc::Sender<ClusterMsg>> {
     Request(GatewayId, ClusterMsg),
     /// A request from the HTTP server API.
     Api(ApiOp),
-    /// The newest membership view (etcd mode): channels this router no
-    /// longer owns are dropped, so a channel it owns again starts a new epoch.
+    /// The newest membership view (etcd mode), with its confirmation if a
+    /// linearizable read made it: channels this router no longer owns are
+    /// reset (a new epoch if they come back).
     View(Arc<View>),
-    /// This router's lease (etcd mode): id 0 means none, and every channel
-    /// is dropped (another router may have taken any of them over).
-    Lease {
-        /// Lease id (0: none held).
-        id: i64,
-        /// Until when the lease is certainly alive.
-        deadline: Option<Instant>,
-    },
+    /// This router lost its lease (etcd mode): every channel is reset, as
+    /// another router may have taken any of them over.
+    LeaseLost,
+}
+
+/// This router's lease as every shard reads it (etcd mode), written by the
+/// registration task: the id (0: none) and the deadline until which it is
+/// certainly alive, in nanoseconds after `origin`. Atomics, so a keep-alive
+/// never waits on a busy shard's queue.
+#[derive(Debug)]
+pub struct LeaseCell {
+    origin: Instant,
+    id: std::sync::atomic::AtomicI64,
+    deadline: AtomicU64,
+}
+
+impl LeaseCell {
+    /// No lease yet.
+    pub fn new(origin: Instant) -> LeaseCell {
+        LeaseCell { origin, id: std::sync::atomic::AtomicI64::new(0), deadline: AtomicU64::new(0) }
+    }
+
+    /// Records the lease `id` (0: none) certainly alive until `deadline`.
+    pub fn set(&self, id: i64, deadline: Option<Instant>) {
+        let d = deadline.map_or(0, |d| d.saturating_duration_since(self.origin).as_nanos() as u64);
+        self.deadline.store(d, Ordering::SeqCst);
+        self.id.store(id, Ordering::SeqCst);
+    }
+
+    /// The lease id (0: none).
+    pub fn id(&self) -> i64 {
+        self.id.load(Ordering::SeqCst)
+    }
+
+    /// Whether the lease is certainly alive at `now`.
+    pub fn live(&self, now: Instant) -> bool {
+        let d = self.deadline.load(Ordering::SeqCst);
+        self.id() != 0 && d != 0 && (now.saturating_duration_since(self.origin).as_nanos() as u64) < d
+    }
+}
+
+/// What a shard fences with in etcd mode.
+#[derive(Debug, Clone)]
+pub struct FenceSpec {
+    /// This router's name (its name in the membership's rendezvous hash).
+    pub me: String,
+    /// Its lease.
+    pub lease: Arc<LeaseCell>,
+    /// How long a confirmed view stays fresh.
+    pub freshness: Duration,
+    /// How long after a view change the claim rule applies
+    /// (`proto::membership::claim_delay`).
+    pub claim_delay: Duration,
 }
 
 /// A publish result: (offset, epoch).
@@ -223,20 +268,70 @@ pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
 }
 
 /// What decides, in etcd mode, whether this router may acknowledge a
-/// publication of a channel (the rule in `proto::membership`): it owns the
-/// channel in its newest view, and its lease is certainly alive.
+/// publication of a channel: the four rules of `proto::membership`'s
+/// fencing (live lease, fresh view, owner in the newest view, and no router
+/// still present that owned it in a view of the last `claim_delay`).
 #[derive(Debug)]
 struct Fence {
-    /// This router's QUIC address as registered (its rendezvous name).
-    me: SocketAddr,
+    spec: FenceSpec,
     view: Arc<View>,
-    lease: i64,
-    deadline: Option<Instant>,
+    /// Until when the view is confirmed fresh.
+    fresh_until: Option<Instant>,
+    /// Views replaced within the last `claim_delay`, with when they were
+    /// replaced; `None` stands for "not known" (before the first view, or
+    /// before the current lease), under which nothing may be claimed.
+    earlier: std::collections::VecDeque<(Instant, Option<Arc<View>>)>,
+    /// The lease id the claim rule last saw: a new lease restarts it.
+    lease_seen: i64,
 }
 
 impl Fence {
-    fn may_publish(&self, channel: &str, now: Instant) -> bool {
-        self.lease != 0 && self.deadline.is_some_and(|d| now < d) && self.view.owns(self.me, channel)
+    fn new(spec: FenceSpec, now: Instant) -> Fence {
+        let mut earlier = std::collections::VecDeque::new();
+        earlier.push_back((now, None));
+        Fence { spec, view: Arc::new(View::default()), fresh_until: None, earlier, lease_seen: 0 }
+    }
+
+    /// Takes a newer view (and its confirmation, if it has one).
+    fn view(&mut self, view: Arc<View>, now: Instant) {
+        if let Some(at) = view.confirmed {
+            self.fresh_until = Some(at + self.spec.freshness);
+        }
+        if !view.same_members(&self.view) {
+            let old = std::mem::replace(&mut self.view, view);
+            self.earlier.push_back((now, Some(old)));
+        } else {
+            self.view = view;
+        }
+    }
+
+    /// Forgets every view before now: nothing can be claimed for a
+    /// `claim_delay` (the lease was lost, or a new one taken).
+    fn unknown_since(&mut self, now: Instant) {
+        self.earlier.clear();
+        self.earlier.push_back((now, None));
+    }
+
+    fn may_publish(&mut self, channel: &str, now: Instant) -> bool {
+        let lease = self.spec.lease.id();
+        if lease != self.lease_seen {
+            self.lease_seen = lease;
+            self.unknown_since(now);
+        }
+        if !self.spec.lease.live(now)
+            || self.fresh_until.is_none_or(|f| now >= f)
+            || !self.view.owns(&self.spec.me, channel)
+        {
+            return false;
+        }
+        while self.earlier.front().is_some_and(|(t, _)| now >= *t + self.spec.claim_delay) {
+            self.earlier.pop_front();
+        }
+        let (me, view) = (&self.spec.me, &self.view);
+        self.earlier.iter().all(|(_, v)| match v {
+            None => false,
+            Some(v) => v.owner(channel).is_none_or(|o| o.name == *me || !view.contains(&o.name)),
+        })
     }
 }
 
@@ -257,9 +352,8 @@ pub struct ShardSpec {
     pub max_channels: usize,
     /// When the shard starts.
     pub now: Instant,
-    /// In etcd mode, this router's QUIC address as registered: publications
-    /// are acknowledged only for channels it owns under a live lease.
-    pub fence: Option<SocketAddr>,
+    /// In etcd mode, what fences this router's acknowledgements.
+    pub fence: Option<FenceSpec>,
 }
 
 impl<L: LinkTx> Shard<L> {
@@ -284,7 +378,7 @@ impl<L: LinkTx> Shard<L> {
             next_id: 1,
             max_channels: max_channels.max(1),
             limit_logged: None,
-            fence: fence.map(|me| Fence { me, view: Arc::new(View::default()), lease: 0, deadline: None }),
+            fence: fence.map(|spec| Fence::new(spec, now)),
         }
     }
 
@@ -508,30 +602,49 @@ impl<L: LinkTx> Shard<L> {
             ShardCmd::Api(op) => self.api(op, now),
             ShardCmd::View(view) => {
                 let Some(f) = &mut self.fence else { return };
-                f.view = view;
-                let (me, view) = (f.me, f.view.clone());
-                self.drop_channels(|name| !view.owns(me, name));
+                f.view(view, now);
+                let (me, view) = (f.spec.me.clone(), f.view.clone());
+                self.reset_channels(|name| !view.owns(&me, name), now);
             }
-            ShardCmd::Lease { id, deadline } => {
+            ShardCmd::LeaseLost => {
                 let Some(f) = &mut self.fence else { return };
-                (f.lease, f.deadline) = (id, deadline);
-                if id == 0 {
-                    self.drop_channels(|_| true);
-                }
+                f.unknown_since(now);
+                self.reset_channels(|_| true, now);
             }
         }
     }
 
-    /// Drops the channels `gone` names (their ownership moved away, or may
-    /// have): a later publication here starts a new epoch, never one a
-    /// subscriber may hold from before. Counted as ownership moves.
-    fn drop_channels(&mut self, gone: impl Fn(&str) -> bool) {
+    /// Resets the channels `gone` names (their ownership moved away, or may
+    /// have): their stream starts over in a new epoch, so a publication here
+    /// never continues one a subscriber may hold from before another
+    /// owner's. The gateways interested stay registered (a gateway whose
+    /// view still names this router keeps getting what it publishes when it
+    /// owns the channel again) and are told to resync, so their subscribers
+    /// learn the position is gone instead of waiting. Counted as ownership
+    /// moves.
+    fn reset_channels(&mut self, gone: impl Fn(&str) -> bool, now: Instant) {
         let names: Vec<String> = self.channels.keys().filter(|n| gone(n)).cloned().collect();
+        let mut told: Map<GatewayId, Vec<String>> = seeded::map(self.seed ^ 7);
         for name in names {
-            if let Some(ch) = self.channels.remove(&name) {
-                self.ids.remove(&ch.id);
-                self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.ownership_moves.fetch_add(1, Ordering::Relaxed);
+            let Some(old) = self.channels.remove(&name) else { continue };
+            self.ids.remove(&old.id);
+            self.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.ownership_moves.fetch_add(1, Ordering::Relaxed);
+            if old.gateways.is_empty() {
+                continue;
+            }
+            for gw in &old.gateways {
+                told.entry(*gw).or_default().push(name.clone());
+            }
+            if let Ok(ch) = self.channel(&name, now) {
+                ch.gateways = old.gateways;
+            }
+        }
+        for (gw, channels) in told {
+            let positioned: Vec<String> = channels.clone();
+            self.send(gw, ClusterMsg::Resync { channels });
+            for c in positioned {
+                self.send_position(gw, c);
             }
         }
     }
@@ -755,7 +868,9 @@ impl<L: LinkTx> Shard<L> {
         now: Instant,
     ) -> Result<(u64, String), ReplyError> {
         let opts = self.options(channel)?;
-        if self.fence.as_ref().is_some_and(|f| !f.may_publish(channel, now)) {
+        // The clock read now, not (only) the batch's: a pause since must count.
+        let at = now.max(Instant::now());
+        if self.fence.as_mut().is_some_and(|f| !f.may_publish(channel, at)) {
             self.metrics.fenced.fetch_add(1, Ordering::Relaxed);
             return Err(ReplyError::NOT_OWNER);
         }
@@ -915,5 +1030,117 @@ mod tests {
         interest(&mut s, &[], &["chat:b"], t0);
         tick_until(&mut s, t0, 1);
         assert!(s.publish("chat:c", Bytes::from_static(b"{}"), None, None, "", t0).is_ok(), "b made room");
+    }
+
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<std::sync::Mutex<Vec<ClusterMsg>>>);
+
+    impl LinkTx for Recorder {
+        fn try_send(&self, msg: ClusterMsg) -> bool {
+            self.0.lock().unwrap().push(msg);
+            true
+        }
+    }
+
+    fn member(name: &str, i: u8) -> (String, proto::membership::Member) {
+        let m = proto::membership::Member {
+            name: name.into(),
+            quic: std::net::SocketAddr::from(([10, 0, 0, i], 7100)),
+            api: std::net::SocketAddr::from(([10, 0, 0, i], 8000)),
+        };
+        (format!("/r/{name}"), m)
+    }
+
+    fn view(rev: i64, names: &[&str], confirmed: Option<Instant>) -> ShardCmd<Recorder> {
+        let mut v = View::new(rev, names.iter().enumerate().map(|(i, n)| member(n, i as u8 + 1)));
+        v.confirmed = confirmed;
+        ShardCmd::View(Arc::new(v))
+    }
+
+    /// The fencing rules of `proto::membership`, one by one, with the clock
+    /// the test drives (ahead of the real one).
+    #[test]
+    fn fencing_acknowledges_only_under_a_live_lease_a_fresh_view_and_a_settled_claim() {
+        let t0 = Instant::now() + Duration::from_secs(1000);
+        let lease = Arc::new(LeaseCell::new(t0));
+        let sec = |n: u64| t0 + Duration::from_secs(n);
+        let fence = FenceSpec {
+            me: "a".into(),
+            lease: lease.clone(),
+            freshness: Duration::from_secs(5),
+            claim_delay: Duration::from_secs(6),
+        };
+        let metrics = Arc::new(Metrics::default());
+        let mut s: Shard<Recorder> = Shard::new(ShardSpec {
+            namespaces: Arc::new(Namespaces::default()),
+            max_recover: 300,
+            grace: Duration::from_secs(1),
+            metrics: metrics.clone(),
+            seed: 1,
+            max_channels: 1000,
+            now: t0,
+            fence: Some(fence),
+        });
+        let link = Recorder::default();
+        s.handle(ShardCmd::GatewayUp { gw: 1, tx: link.clone(), version: 3 }, t0);
+        let two = View::new(1, [member("a", 1), member("b", 2)]);
+        let ours = |v: &View, who: &str| (0..).map(|i| format!("chat:{i}")).find(|c| v.owns(who, c)).unwrap();
+        let x = ours(&two, "a");
+        let y = ours(&two, "b");
+        let publish = |s: &mut Shard<Recorder>, c: &str, at: Instant| {
+            s.publish(c, Bytes::from_static(b"{}"), None, None, "", at)
+        };
+
+        // No lease, no view: refused.
+        assert_eq!(publish(&mut s, &x, sec(1)), Err(ReplyError::NOT_OWNER));
+        lease.set(1, Some(sec(100)));
+        s.handle(view(1, &["a", "b"], Some(sec(1))), sec(1));
+        // Owner, lease, fresh view: still refused while the claim rule holds
+        // (nothing is known of the views before this router's first one).
+        assert_eq!(publish(&mut s, &x, sec(2)), Err(ReplyError::NOT_OWNER));
+        // After the claim delay, but the view is no longer fresh: refused.
+        assert_eq!(publish(&mut s, &x, sec(8)), Err(ReplyError::NOT_OWNER));
+        s.handle(view(1, &["a", "b"], Some(sec(8))), sec(8));
+        assert!(publish(&mut s, &x, sec(8)).is_ok(), "owner, live lease, fresh, settled");
+        assert_eq!(publish(&mut s, &y, sec(8)), Err(ReplyError::NOT_OWNER), "b's channel");
+        interest_of(&mut s, &x, sec(8));
+        let epoch = s.stream(&x).unwrap().0.to_owned();
+
+        // b leaves: its channels are ours at once (a router that left
+        // acknowledges nothing any more).
+        s.handle(view(2, &["a"], None), sec(9));
+        assert!(publish(&mut s, &y, sec(9)).is_ok());
+
+        // b comes back: y is b's again, and our state of y is reset.
+        s.handle(view(3, &["a", "b"], Some(sec(10))), sec(10));
+        assert_eq!(publish(&mut s, &y, sec(10)), Err(ReplyError::NOT_OWNER));
+        assert!(s.stream(&y).is_none(), "no interest: dropped");
+
+        // The lease is lost: everything is reset, interest kept, the
+        // gateway told to resync; nothing acknowledged until a new lease's
+        // claim delay has passed.
+        link.0.lock().unwrap().clear();
+        lease.set(0, None);
+        s.handle(ShardCmd::LeaseLost, sec(11));
+        let (new_epoch, top) = s.stream(&x).map(|(e, t)| (e.to_owned(), t)).unwrap();
+        assert!(new_epoch != epoch && top == 0, "a new epoch, kept for the interested gateway");
+        let sent = link.0.lock().unwrap().clone();
+        assert!(
+            sent.iter().any(|m| matches!(m, ClusterMsg::Resync { channels } if channels.contains(&x))),
+            "{sent:?}"
+        );
+        assert_eq!(publish(&mut s, &x, sec(11)), Err(ReplyError::NOT_OWNER));
+        lease.set(2, Some(sec(100)));
+        s.handle(view(4, &["a", "b"], Some(sec(12))), sec(12));
+        assert_eq!(publish(&mut s, &x, sec(12)), Err(ReplyError::NOT_OWNER), "a new lease waits");
+        s.handle(view(4, &["a", "b"], Some(sec(18))), sec(18));
+        assert!(publish(&mut s, &x, sec(18)).is_ok());
+        assert!(metrics.fenced.load(Ordering::Relaxed) >= 7);
+    }
+
+    fn interest_of(s: &mut Shard<Recorder>, channel: &str, now: Instant) {
+        let cmd =
+            ShardCmd::Interest { gw: 1, add: vec![channel.to_owned()], remove: Vec::new(), snapshot: false };
+        s.handle(cmd, now);
     }
 }

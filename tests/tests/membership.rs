@@ -107,13 +107,21 @@ impl Pump {
     }
 }
 
+/// When each epoch of each channel had its first and last acknowledgement.
+type AckTimes = HashMap<(String, String), (Instant, Instant)>;
+
 /// Publishes through router 0's API until acknowledged (a refusal while
-/// ownership moves is temporary), with an idempotency key per message.
-fn publish(c: &Cluster, log: &mut Published, channel: &str, i: u64) -> (String, u64) {
+/// ownership moves is temporary), with an idempotency key per message, and
+/// records when its epoch was acknowledged.
+fn publish(c: &Cluster, log: &mut Published, acks: &mut AckTimes, channel: &str, i: u64) -> (String, u64) {
     let end = Instant::now() + Duration::from_secs(60);
     loop {
         match log.try_publish(c.api_addrs[0], channel, json!({"i": i}), &format!("{channel}-{i}")) {
-            Ok(at) => return at,
+            Ok(at) => {
+                let now = Instant::now();
+                acks.entry((channel.to_owned(), at.0.clone())).or_insert((now, now)).1 = now;
+                return at;
+            }
             Err(v) => {
                 // 100: internal (a peer that did not answer in time) or the
                 // owner moving; both temporary.
@@ -130,7 +138,8 @@ fn a_router_stopped_past_its_lease_loses_its_channels_and_nothing_acknowledged_i
     let etcd = Etcd::start();
     let c = Cluster::start_with_etcd(&etcd, 3, 1, &["--etcd-lease-ttl-secs", "2"], &[]);
     settled(&c, &[0, 1, 2]);
-    let names: Vec<String> = c.router_addrs.iter().map(|a| a.to_string()).collect();
+    // Routers hash by name in a membership view.
+    let names: Vec<String> = (0..3).map(e2e::router_name).collect();
     // Three channels router 1 owns, three the others own.
     let (mut theirs, mut others) = (Vec::new(), Vec::new());
     for i in 0.. {
@@ -148,9 +157,10 @@ fn a_router_stopped_past_its_lease_loses_its_channels_and_nothing_acknowledged_i
     let mut log = Published::default();
     let mut last: HashMap<String, (String, u64)> = HashMap::new();
     let mut i = 0u64;
-    let round = |log: &mut Published, last: &mut HashMap<String, (String, u64)>, i: &mut u64| {
+    let mut acks = AckTimes::new();
+    let mut round = |log: &mut Published, last: &mut HashMap<String, (String, u64)>, i: &mut u64| {
         for ch in &channels {
-            last.insert(ch.clone(), publish(&c, log, ch, *i));
+            last.insert(ch.clone(), publish(&c, log, &mut acks, ch, *i));
         }
         *i += 1;
     };
@@ -193,6 +203,24 @@ fn a_router_stopped_past_its_lease_loses_its_channels_and_nothing_acknowledged_i
         })
         .collect();
     let streams = pump.finish(goal);
+    // Fencing: no two epochs of a channel were acknowledged in overlapping
+    // time (one router at a time assigned its offsets).
+    for ch in &channels {
+        let mut spans: Vec<(Instant, Instant, &str)> =
+            acks.iter().filter(|((c, _), _)| c == ch).map(|((_, e), (a, b))| (*a, *b, e.as_str())).collect();
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(
+                w[0].1 < w[1].0,
+                "{ch}: epochs {} and {} were acknowledged in overlapping time",
+                w[0].2,
+                w[1].2
+            );
+        }
+        if theirs.contains(ch) {
+            assert!(spans.len() >= 3, "{ch} moved away and back: {} epochs", spans.len());
+        }
+    }
 
     let mut forgiven = 0u64;
     for ch in &channels {
@@ -236,7 +264,9 @@ fn a_router_stopped_past_its_lease_loses_its_channels_and_nothing_acknowledged_i
 #[test]
 fn a_fifth_router_moves_exactly_the_channels_the_hash_moves() {
     let etcd = Etcd::start();
-    let mut c = Cluster::start_with_etcd(&etcd, 4, 1, &[], &[]);
+    // A short lease: the newcomer waits its claim delay (TTL + margin)
+    // before it acknowledges, and the clients wait with it.
+    let mut c = Cluster::start_with_etcd(&etcd, 4, 1, &["--etcd-lease-ttl-secs", "2"], &[]);
     settled(&c, &[0, 1, 2, 3]);
     let channels: Vec<String> = (0..100).map(|i| format!("chat:move-{i}")).collect();
     let mut subs: Vec<(Ws, HashMap<String, StreamCheck>)> = channels
@@ -248,10 +278,11 @@ fn a_fifth_router_moves_exactly_the_channels_the_hash_moves() {
             (ws, streams)
         })
         .collect();
-    let four: Vec<String> = c.router_addrs.iter().map(|a| a.to_string()).collect();
+    // Routers hash by name in a membership view.
+    let four: Vec<String> = (0..4).map(e2e::router_name).collect();
     c.add_router();
     settled(&c, &[0, 1, 2, 3, 4]);
-    let five: Vec<String> = c.router_addrs.iter().map(|a| a.to_string()).collect();
+    let five: Vec<String> = (0..5).map(e2e::router_name).collect();
     let expected: HashSet<String> =
         channels.iter().filter(|ch| owner(ch, &four) != owner(ch, &five)).cloned().collect();
     assert!(expected.iter().all(|ch| owner(ch, &five) == Some(4)), "only to the newcomer");
@@ -285,6 +316,16 @@ fn a_fifth_router_moves_exactly_the_channels_the_hash_moves() {
                 Ok(_) => break,
                 Err(v) => {
                     assert!(Instant::now() < end, "{ch}: {v}");
+                    // Keep the clients answering pings while the newcomer
+                    // waits out its claim delay.
+                    for (ws, _) in &mut subs {
+                        let mut seen = Vec::new();
+                        while let Some(ev) = ws.event_by(Instant::now() + Duration::from_millis(20), "pings")
+                        {
+                            seen.push(ev);
+                        }
+                        ws.put_back(seen);
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }

@@ -622,8 +622,15 @@ impl Uplink {
                 ClusterMsg::Position { epoch, top, .. } => {
                     let epoch: Arc<str> = Arc::from(epoch.as_str());
                     if let Some(r) = self.routes.get_mut(&name) {
-                        (r.epoch, r.last) = (Some(epoch.clone()), *top);
-                        r.held.clear();
+                        // A second position of the same epoch (the answer to
+                        // a snapshot after a subscribe) never moves `last`
+                        // back past what datagram copies handed over.
+                        if r.epoch.as_deref() == Some(&*epoch) {
+                            r.last = r.last.max(*top);
+                        } else {
+                            (r.epoch, r.last) = (Some(epoch.clone()), *top);
+                            r.held.clear();
+                        }
                     }
                     for core in cores_of(blocked, self.cores) {
                         // Behind what it is owed already: the newer position
@@ -806,6 +813,8 @@ impl Uplink {
             _ => {
                 let e: Arc<str> = Arc::from(run_epoch.as_str());
                 route.epoch = Some(e.clone());
+                // Copies held for the old epoch mean nothing in the new one.
+                route.held.clear();
                 e
             }
         };

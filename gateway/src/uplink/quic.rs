@@ -193,7 +193,9 @@ pub fn spawn(
             let (ev_tx, mut ev_rx) = mpsc::channel::<Event>(4096);
             let mut source = source(&cfg, &etcd);
             let mut up = Uplink::new(cores.len(), Vec::new(), metrics.clone(), proto::seeded::random_seed());
-            if !matches!(source, Source::Static(_) | Source::Dns { .. }) {
+            // A membership view: ownership over it, by name.
+            let by_name = !matches!(source, Source::Static(_) | Source::Dns { .. });
+            if by_name {
                 up = up.strict();
             }
             let mut io = Io { links: Vec::new(), cores };
@@ -209,7 +211,10 @@ pub fn spawn(
                 for r in &wanted {
                     if !slots.iter().any(|s| s.router == *r) {
                         io.links.push(None);
-                        let i = up.add_router(r.addr.to_string(), io);
+                        // With etcd the routers hash by name, as they do among
+                        // themselves; otherwise by the address listed.
+                        let hash = if by_name { r.name.clone() } else { r.addr.to_string() };
+                        let i = up.add_router(hash, io);
                         debug_assert_eq!(i, slots.len());
                         slots.push(Slot { router: r.clone(), task: None, generation: 0 });
                     }
@@ -287,7 +292,7 @@ fn source(cfg: &UplinkConfig, etcd: &discovery::EtcdConfig) -> Source {
     #[cfg(feature = "etcd")]
     if etcd.enabled() {
         let (tx, rx) = tokio::sync::watch::channel(Arc::new(proto::membership::View::default()));
-        tokio::spawn(discovery::etcd::watch_views(etcd.clone(), tx));
+        tokio::spawn(discovery::etcd::watch_views(etcd.clone(), tx, None));
         return Source::Etcd(rx);
     }
     #[cfg(not(feature = "etcd"))]
