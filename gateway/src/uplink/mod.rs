@@ -252,6 +252,22 @@ impl Uplink {
         self.links.len() - 1
     }
 
+    /// Whether slot `router` can be given to another router: out of the
+    /// view, unlinked, holding nothing (no channel names it as owner then).
+    pub fn slot_free(&self, router: usize) -> bool {
+        let l = &self.links[router];
+        !l.in_view && !l.up && l.outbox.is_empty() && !self.routes.values().any(|r| r.owner == Some(router))
+    }
+
+    /// Gives the free slot `router` ([`Uplink::slot_free`]) to a newly
+    /// discovered router named `name`, in the view: slots do not pile up as
+    /// routers come and go with new addresses.
+    pub fn reuse_router(&mut self, router: usize, name: String, io: &mut impl UplinkIo) {
+        debug_assert!(self.slot_free(router));
+        self.links[router] = new_link(name);
+        self.rebalance(io);
+    }
+
     /// Router `router` entered or left the membership view. Leaving moves
     /// its channels (to their next owner, with a resync) even while its
     /// link is still up.
@@ -1020,5 +1036,25 @@ mod tests {
         // A copy from a router that does not own the channel: ignored.
         up.datagram_deliveries(1, vec![deliver("E", 16)], &mut io);
         assert!(handed(&mut io).is_empty());
+    }
+
+    #[test]
+    fn a_slot_is_reused_only_once_its_router_left_for_good() {
+        let metrics = Arc::new(Metrics::new(1));
+        let mut up = Uplink::new(1, Vec::new(), metrics, 1).strict();
+        let mut io = Recorder::default();
+        let r0 = up.add_router("r0".into(), &mut io);
+        up.link_up(r0, proto::cluster::PROTOCOL_VERSION, &mut io);
+        up.core_batch(vec![UpMsg::Interest { core: 0, channel: "chat:x".into(), on: true }], &mut io);
+        assert_eq!(up.owner("chat:x"), Some(r0));
+        assert!(!up.slot_free(r0), "in the view and linked");
+        up.set_in_view(r0, false, &mut io);
+        assert!(!up.slot_free(r0), "still linked");
+        up.link_down(r0, &mut io);
+        assert!(up.slot_free(r0));
+        up.reuse_router(r0, "r1".into(), &mut io);
+        up.link_up(r0, proto::cluster::PROTOCOL_VERSION, &mut io);
+        assert_eq!(up.owner("chat:x"), Some(r0), "the newcomer owns it in that slot");
+        assert_eq!(up.unlinked_in_view(), Vec::<&str>::new());
     }
 }

@@ -210,13 +210,25 @@ pub fn spawn(
                 let (wanted, revision) = source.wanted();
                 for r in &wanted {
                     if !slots.iter().any(|s| s.router == *r) {
-                        io.links.push(None);
                         // With etcd the routers hash by name, as they do among
                         // themselves; otherwise by the address listed.
                         let hash = if by_name { r.name.clone() } else { r.addr.to_string() };
-                        let i = up.add_router(hash, io);
-                        debug_assert_eq!(i, slots.len());
-                        slots.push(Slot { router: r.clone(), task: None, generation: 0 });
+                        // A slot of a router gone for good is taken over.
+                        let free = (0..slots.len())
+                            .find(|&i| slots[i].task.is_none() && !wanted.contains(&slots[i].router) && up.slot_free(i));
+                        match free {
+                            Some(i) => {
+                                up.reuse_router(i, hash, io);
+                                slots[i].router = r.clone();
+                                slots[i].generation += 1;
+                            }
+                            None => {
+                                io.links.push(None);
+                                let i = up.add_router(hash, io);
+                                debug_assert_eq!(i, slots.len());
+                                slots.push(Slot { router: r.clone(), task: None, generation: 0 });
+                            }
+                        }
                     }
                 }
                 for (i, slot) in slots.iter_mut().enumerate() {
