@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 
 
-def run(*args):
-    out = subprocess.run([LOADGEN, *args, "--json", "--gateway-cores", "1", "--report", "/dev/null"],
+def loadgen_json(*args):
+    """Runs `loadgen ARGS --json`; its report, after checking nothing was lost."""
+    out = subprocess.run([LOADGEN, *args, "--json", "--report", "/dev/null"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if not lines:
@@ -39,6 +40,10 @@ def run(*args):
     if v["lost"] or v["duplicated"] or v["reordered"]:
         sys.exit(f"silent loss in {' '.join(args)}: {v['lost']} lost")
     return v
+
+
+def run(*args):
+    return loadgen_json(*args, "--gateway-cores", "1")
 
 
 def lat(v):

@@ -14,19 +14,15 @@ Prints p50/p99/p99.9 for both and the p99 over the one-way delay.
     cargo build --release -p loadgen -p router -p gateway -p e2e
     python3 benches/scripts/wan_bench.py [--subscribers 200] [--publications 20000] [--loss 0.01]
 """
-import argparse, json, os, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, subprocess, sys, tempfile, time, urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gateway_bench import ROOT, loadgen_json  # noqa: E402
+from idle_memory import free_port, stop_all  # noqa: E402
+
 REL = os.path.join(ROOT, "target", "release")
 SECRET = "wan-bench-secret-long-enough-for-hs256"
 API_KEY = "wan-bench-key"
-
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(admin, what):
@@ -64,26 +60,11 @@ def run(a, wan, copies=False):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     try:
         wait_ready(gadmin, "the gateway")
-        out = subprocess.run([f"{REL}/loadgen", "fanout", "--ws", ws, "--api", api, "--api-key", API_KEY,
-                              "--hmac-secret", SECRET, "--connections", str(a.subscribers),
-                              "--channels", "10", "--subs-per-conn", "1", "--publications", str(a.publications),
-                              "--rate", "1000", "--json", "--report", "/dev/null"],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        if not lines:
-            sys.exit(f"loadgen failed (exit {out.returncode})")
-        v = json.loads(lines[-1])
-        if v["lost"] or v["duplicated"] or v["reordered"]:
-            sys.exit(f"silent loss over {'the WAN' if wan else 'loopback'}: {v['lost']} lost")
-        return v
+        return loadgen_json("fanout", "--ws", ws, "--api", api, "--api-key", API_KEY, "--hmac-secret", SECRET,
+                            "--connections", str(a.subscribers), "--channels", "10", "--subs-per-conn", "1",
+                            "--publications", str(a.publications), "--rate", "1000")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 def main():

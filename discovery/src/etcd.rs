@@ -18,7 +18,8 @@ use crate::EtcdConfig;
 
 /// A router's lease as it must assume it: `id` 0 means none (every channel
 /// it held may have moved), and `deadline` is when it stops being certainly
-/// alive ([`LeaseClock::live`]).
+/// alive ([`LeaseClock::live`]; the router's shards read it from their
+/// `LeaseCell`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseStatus {
     /// Lease id (0: none held).
@@ -33,11 +34,6 @@ impl LeaseStatus {
 
     fn of(c: &LeaseClock) -> LeaseStatus {
         LeaseStatus { id: c.id(), deadline: c.deadline() }
-    }
-
-    /// Whether the lease is certainly alive at `now`.
-    pub fn live(&self, now: Instant) -> bool {
-        self.id != 0 && self.deadline.is_some_and(|d| now < d)
     }
 }
 

@@ -160,18 +160,6 @@ impl View {
     }
 }
 
-/// The share of `keys` whose owner differs between two views (0.0–1.0).
-pub fn moved_fraction<'a>(before: &View, after: &View, keys: impl IntoIterator<Item = &'a str>) -> f64 {
-    let (mut n, mut moved) = (0usize, 0usize);
-    for k in keys {
-        n += 1;
-        if before.owner(k).map(|m| &m.name) != after.owner(k).map(|m| &m.name) {
-            moved += 1;
-        }
-    }
-    if n == 0 { 0.0 } else { moved as f64 / n as f64 }
-}
-
 /// How long after its view changed a router acknowledges only channels
 /// whose owner in every view of that time was itself or a router that
 /// left (rule 4 of the module's fencing): the freshness window plus the
@@ -239,6 +227,18 @@ impl LeaseClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The share of `keys` whose owner differs between two views (0.0–1.0).
+    fn moved_fraction<'a>(before: &View, after: &View, keys: impl IntoIterator<Item = &'a str>) -> f64 {
+        let (mut n, mut moved) = (0usize, 0usize);
+        for k in keys {
+            n += 1;
+            if before.owner(k).map(|m| &m.name) != after.owner(k).map(|m| &m.name) {
+                moved += 1;
+            }
+        }
+        if n == 0 { 0.0 } else { moved as f64 / n as f64 }
+    }
 
     fn member(i: u16) -> (String, Member) {
         let m = Member {

@@ -641,11 +641,13 @@ impl<L: LinkTx> Shard<L> {
             }
         }
         for (gw, channels) in told {
-            let positioned: Vec<String> = channels.clone();
-            self.send(gw, ClusterMsg::Resync { channels });
-            for c in positioned {
-                self.send_position(gw, c);
+            // The new position (delivery stream) and the resync (control
+            // stream) may arrive in either order: either way the subscribers
+            // resubscribe into the new epoch.
+            for c in &channels {
+                self.send_position(gw, c.clone());
             }
+            self.send(gw, ClusterMsg::Resync { channels });
         }
     }
 

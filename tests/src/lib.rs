@@ -583,8 +583,7 @@ impl ApiConn {
     pub fn publish(&mut self, log: &mut Published, channel: &str, data: Value) -> (String, u64) {
         let (st, v) = self.call("publish", &serde_json::json!({"channel": channel, "data": data}));
         assert_eq!(st, 200, "{v}");
-        let offset = v["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{v}"));
-        let epoch = v["result"]["epoch"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+        let (epoch, offset) = acknowledged(&v).unwrap_or_else(|| panic!("{v}"));
         log.record(channel, &epoch, offset, data);
         (epoch, offset)
     }
@@ -978,6 +977,11 @@ pub fn wait_until<T: std::fmt::Debug>(
     }
 }
 
+/// The (epoch, offset) an API publish answer acknowledges, if it does.
+fn acknowledged(v: &Value) -> Option<(String, u64)> {
+    Some((v["result"]["epoch"].as_str()?.to_owned(), v["result"]["offset"].as_u64()?))
+}
+
 /// What was published, per channel, epoch and offset, as the router
 /// answered each publish: what every received publication is checked
 /// against ([`StreamCheck::verify`]).
@@ -994,8 +998,7 @@ impl Published {
         let (st, out) = http_request(api, "POST", "/api/publish", &[("X-API-Key", API_KEY)], &body);
         assert_eq!(st, 200, "{out}");
         let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let offset = v["result"]["offset"].as_u64().unwrap_or_else(|| panic!("{v}"));
-        let epoch = v["result"]["epoch"].as_str().unwrap_or_else(|| panic!("{v}")).to_owned();
+        let (epoch, offset) = acknowledged(&v).unwrap_or_else(|| panic!("{v}"));
         let earlier = self.log.insert((channel.to_owned(), epoch, offset), data);
         assert!(earlier.is_none(), "the router gave one offset twice: {v}");
         offset
@@ -1016,13 +1019,10 @@ impl Published {
         let (st, out) = http_request(api, "POST", "/api/publish", &[("X-API-Key", API_KEY)], &body);
         assert_eq!(st, 200, "{out}");
         let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-        let (Some(offset), Some(epoch)) = (v["result"]["offset"].as_u64(), v["result"]["epoch"].as_str())
-        else {
-            return Err(v);
-        };
-        let earlier = self.log.insert((channel.to_owned(), epoch.to_owned(), offset), data.clone());
+        let Some((epoch, offset)) = acknowledged(&v) else { return Err(v) };
+        let earlier = self.log.insert((channel.to_owned(), epoch.clone(), offset), data.clone());
         assert!(earlier.is_none_or(|e| e == data), "the router gave one offset twice: {v}");
-        Ok((epoch.to_owned(), offset))
+        Ok((epoch, offset))
     }
 
     /// Records a publication acknowledged elsewhere (another client of the

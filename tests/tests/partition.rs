@@ -78,7 +78,7 @@ fn a_partitioned_gateway_recovers_everything_once_the_link_is_back() {
         if std::env::var("CI").as_deref() == Ok("true") {
             panic!("CI=true and the partition cannot be made: {why}");
         }
-        eprintln!("SKIPPED: {why}");
+        eprintln!("SKIPPED (outside CI; under CI=true this fails): {why}");
         return;
     };
     let certs = std::env::temp_dir().join(format!("sy-part-{}", std::process::id()));

@@ -693,8 +693,11 @@ impl Uplink {
                             self.owe_resync(core, &name);
                         }
                     }
-                    i = self.deliver_run(&name, &msgs, i, targets, io);
-                    self.release_held(&name, io);
+                    let (j, held) = self.deliver_run(&name, &msgs, i, targets, io);
+                    i = j;
+                    if held {
+                        self.release_held(&name, io);
+                    }
                 }
                 _ => i += 1,
             }
@@ -741,24 +744,27 @@ impl Uplink {
                 i += 1;
                 continue;
             }
-            let j = self.deliver_from(&name, &msgs, i, io);
+            let (j, held) = self.deliver_from(&name, &msgs, i, io);
             self.metrics.datagram_deliveries.fetch_add((j - i) as u64, Ordering::Relaxed);
             i = j;
-            self.release_held(&name, io);
+            if held {
+                self.release_held(&name, io);
+            }
         }
         self.settle(io);
     }
 
     /// Hands over the run at `msgs[i]` as the stream path does (a core owed
-    /// something of the channel is owed a resync instead); the index after it.
+    /// something of the channel is owed a resync instead); the index after
+    /// it, and whether copies are held for the channel.
     fn deliver_from(
         &mut self,
         name: &Arc<str>,
         msgs: &[ClusterMsg],
         i: usize,
         io: &mut impl UplinkIo,
-    ) -> usize {
-        let Some(route) = self.routes.get(name) else { return i + 1 };
+    ) -> (usize, bool) {
+        let Some(route) = self.routes.get(name) else { return (i + 1, false) };
         let (targets, blocked) = (route.cores & !route.blocked, route.cores & route.blocked);
         for core in cores_of(blocked, self.cores) {
             self.owe_resync(core, name);
@@ -794,7 +800,8 @@ impl Uplink {
 
     /// Frames the run of consecutive publications of one channel and epoch
     /// starting at `msgs[i]` once, and hands the frame to `targets`;
-    /// returns the index after the run.
+    /// returns the index after the run, and whether datagram copies are
+    /// held for the channel (to release, now that `last` moved).
     fn deliver_run(
         &mut self,
         name: &Arc<str>,
@@ -802,8 +809,10 @@ impl Uplink {
         i: usize,
         targets: u64,
         io: &mut impl UplinkIo,
-    ) -> usize {
-        let ClusterMsg::Deliver { epoch: run_epoch, publication: p0, .. } = &msgs[i] else { return i + 1 };
+    ) -> (usize, bool) {
+        let ClusterMsg::Deliver { epoch: run_epoch, publication: p0, .. } = &msgs[i] else {
+            return (i + 1, false);
+        };
         let (first, mut last) = (p0.offset, p0.offset);
         let mut pushes: Vec<Vec<u8>> = Vec::new();
         let mut size = 0;
@@ -823,7 +832,7 @@ impl Uplink {
             j += 1;
         }
         self.metrics.publications_in.fetch_add((j - i) as u64, Ordering::Relaxed);
-        let Some(route) = self.routes.get_mut(&**name) else { return j };
+        let Some(route) = self.routes.get_mut(&**name) else { return (j, false) };
         let epoch = match &route.epoch {
             Some(e) if **e == **run_epoch => e.clone(),
             _ => {
@@ -835,6 +844,7 @@ impl Uplink {
             }
         };
         route.last = last;
+        let held = !route.held.is_empty();
         let frame = SharedFrame::text_lines(pushes.iter().map(|p| p.as_slice())).into_bytes();
         self.metrics.frames_encoded.fetch_add(1, Ordering::Relaxed);
         for core in cores_of(targets, self.cores) {
@@ -847,7 +857,7 @@ impl Uplink {
             };
             self.hand_or_owe(core, name, msg, io);
         }
-        j
+        (j, held)
     }
 
     /// Retries what is owed (call it on a timer too: a full inbox or link
