@@ -830,6 +830,19 @@ impl Ws {
         }
     }
 
+    /// Reads for `wait`, answering the server's pings and keeping every
+    /// other event queued for [`next_event`](Self::next_event): a test that
+    /// waits on something else for longer than the ping interval keeps the
+    /// session alive as an SDK would.
+    pub fn serve_pings(&mut self, wait: Duration) {
+        let end = Instant::now() + wait;
+        let mut stash = Vec::new();
+        while let Next::Event(e) = self.read_event(end) {
+            stash.push(e);
+        }
+        self.queue.extend(stash);
+    }
+
     /// The next event, or why none came before `end`: the deadline passed,
     /// or the connection ended without a close frame.
     pub fn next_by(&mut self, end: Instant) -> Next {

@@ -194,11 +194,21 @@ fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
     let flood: Vec<std::net::TcpStream> =
         (0..120).filter_map(|_| std::net::TcpStream::connect(c.ws_addrs[0]).ok()).collect();
     assert!(flood.len() > 64, "the kernel queues what the gateway cannot take");
-    let errors = |c: &Cluster| metric(&c.metrics(0), "switchyard_gateway_accept_errors_total");
-    let first =
-        wait_until(Duration::from_secs(10), "accept errors (out of descriptors)", || errors(&c), |n| *n > 0);
+    // Reading the metrics may wait for a descriptor; the reader answers the
+    // gateway's pings meanwhile (as an SDK does), or it would be closed with
+    // 3012 before the publication below.
+    let errors = |c: &Cluster, reader: &mut Ws| {
+        reader.serve_pings(Duration::from_millis(10));
+        metric(&c.metrics(0), "switchyard_gateway_accept_errors_total")
+    };
+    let first = wait_until(
+        Duration::from_secs(10),
+        "accept errors (out of descriptors)",
+        || errors(&c, &mut reader),
+        |n| *n > 0,
+    );
     // It keeps trying (the next failed accept comes)…
-    wait_until(Duration::from_secs(10), "another accept attempt", || errors(&c), |n| *n > first);
+    wait_until(Duration::from_secs(10), "another accept attempt", || errors(&c, &mut reader), |n| *n > first);
     // …backing off (5 ms doubling to 1 s per core), not spinning on a
     // listener that stays readable. A backing-off core makes at most ~10
     // attempts in its first 1.3 s (5 + 10 + … + 640 ms) and then one a
@@ -206,10 +216,10 @@ fn running_out_of_descriptors_backs_off_and_keeps_the_connected_served() {
     // a second. The bound is taken over the time that really passed between
     // two reads of the counter (a read waits while the gateway has no
     // descriptor for the admin connection either).
-    let (t0, base) = (Instant::now(), errors(&c));
+    let (t0, base) = (Instant::now(), errors(&c, &mut reader));
     while t0.elapsed() < Duration::from_secs(3) {
-        std::thread::sleep(Duration::from_millis(100));
-        let n = errors(&c);
+        reader.serve_pings(Duration::from_millis(100));
+        let n = errors(&c, &mut reader);
         let allowed = 20 + 2 * t0.elapsed().as_secs() + 2;
         let retried = n.saturating_sub(base);
         assert!(
