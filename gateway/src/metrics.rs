@@ -37,6 +37,12 @@ pub struct CoreMetrics {
     /// Router requests unanswered within `core::REQUEST_TIMEOUT` (the
     /// client got error 100, temporary).
     pub router_timeouts: AtomicU64,
+    /// Server API commands for a user (subscribe, unsubscribe, disconnect,
+    /// refresh) applied to one of this core's sessions.
+    pub user_commands: AtomicU64,
+    /// Server-side subscriptions not made: the session was at its
+    /// subscription limit or the channel's namespace is unknown.
+    pub server_subscribes_refused: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -55,6 +61,9 @@ pub struct Metrics {
     pub resyncs: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
     pub core_queue_full: AtomicU64,
+    /// Server API user commands dropped: the user's core was owed
+    /// [`crate::uplink::MAX_OWED_USER_COMMANDS`] already.
+    pub user_commands_dropped: AtomicU64,
     /// Router links up now.
     pub routers_up: AtomicU64,
     /// Router link attempts that failed in the TLS handshake: a router
@@ -85,6 +94,7 @@ impl Metrics {
             frames_deflated: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
+            user_commands_dropped: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
             router_link_refusals: AtomicU64::new(0),
             datagram_deliveries: AtomicU64::new(0),
@@ -99,7 +109,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 12] = [
+        let per_core: [(&str, &str, Field); 14] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -112,6 +122,10 @@ impl Metrics {
             ("switchyard_gateway_local_subscribes_total", "counter", |c| &c.local_subscribes),
             ("switchyard_gateway_uplink_dropped_total", "counter", |c| &c.uplink_dropped),
             ("switchyard_gateway_router_timeouts_total", "counter", |c| &c.router_timeouts),
+            ("switchyard_gateway_user_commands_total", "counter", |c| &c.user_commands),
+            ("switchyard_gateway_server_subscribes_refused_total", "counter", |c| {
+                &c.server_subscribes_refused
+            }),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -125,6 +139,7 @@ impl Metrics {
             ("switchyard_gateway_frames_deflated_total", &self.frames_deflated),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
+            ("switchyard_gateway_user_commands_dropped_total", &self.user_commands_dropped),
             ("switchyard_gateway_routers_up", &self.routers_up),
             ("switchyard_gateway_router_link_refusals_total", &self.router_link_refusals),
             ("switchyard_gateway_datagram_deliveries_total", &self.datagram_deliveries),

@@ -22,8 +22,11 @@ use crate::client::Publication;
 /// [`ClusterMsg::Position`]; version 3 added presence rounds
 /// ([`ClusterMsg::PresenceBegin`], [`ClusterMsg::PresenceEnd`]). A router
 /// still accepts version-1 and -2 gateways (it sends version 1 no positions;
-/// neither sends rounds).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// neither sends rounds). Version 4 added the user commands of the server
+/// API ([`ClusterMsg::SubscribeUser`], [`ClusterMsg::UnsubscribeUser`],
+/// [`ClusterMsg::DisconnectUser`], [`ClusterMsg::RefreshUser`]), sent only
+/// to gateways of version ≥ [`USER_COMMANDS_SINCE`].
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest version a router accepts on a link.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -50,6 +53,9 @@ pub const POSITIONS_SINCE: u16 = 2;
 
 /// The first version whose gateways send presence rounds.
 pub const PRESENCE_ROUNDS_SINCE: u16 = 3;
+
+/// The first version whose gateways take the user commands.
+pub const USER_COMMANDS_SINCE: u16 = 4;
 
 /// Default bound on one frame's body (16 MiB; a replay answer is capped below it).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -267,7 +273,9 @@ pub enum ClusterMsg {
         /// Channels.
         channels: Vec<String>,
     },
-    /// Router → gateway: disconnect a user's connections (server API).
+    /// Router → gateway: disconnect a user's connections (server API
+    /// `disconnect`), sent by the router owning the user's presence to the
+    /// gateways holding the user.
     DisconnectUser {
         /// User id.
         user: String,
@@ -278,12 +286,44 @@ pub enum ClusterMsg {
         /// Close reason.
         reason: String,
     },
-    /// Router → gateway: unsubscribe a user from a channel (server API).
+    /// Router → gateway: unsubscribe a user's connections from a channel
+    /// (server API `unsubscribe`; the clients get unsubscribe push 2000).
     UnsubscribeUser {
         /// User id.
         user: String,
         /// Channel.
         channel: String,
+        /// Only this client, if non-empty.
+        client: String,
+    },
+    /// Router → gateway: subscribe a user's connections to a channel (server
+    /// API `subscribe`; the clients get a `subscribe` push, then the
+    /// channel's publications, from (`epoch`, `offset`) when `recover`).
+    SubscribeUser {
+        /// User id.
+        user: String,
+        /// Channel.
+        channel: String,
+        /// Only this client, if non-empty.
+        client: String,
+        /// Whether to recover from (`epoch`, `offset`).
+        recover: bool,
+        /// Epoch to recover from.
+        epoch: String,
+        /// Offset to recover from.
+        offset: u64,
+    },
+    /// Router → gateway: a user's connections expire at `expire_at` (unix
+    /// seconds; 0: never), or now when `expired` (server API `refresh`).
+    RefreshUser {
+        /// User id.
+        user: String,
+        /// Only this client, if non-empty.
+        client: String,
+        /// Expired now: close 3005.
+        expired: bool,
+        /// New expiry (unix seconds, 0: none).
+        expire_at: u64,
     },
     /// Router → gateway: a client push outside the offset stream (join and
     /// leave), already serialized as one client-protocol line, delivered to
@@ -370,6 +410,8 @@ mod tag {
     pub(super) const POSITION: u8 = 29;
     pub(super) const PRESENCE_BEGIN: u8 = 30;
     pub(super) const PRESENCE_END: u8 = 31;
+    pub(super) const SUBSCRIBE_USER: u8 = 32;
+    pub(super) const REFRESH_USER: u8 = 33;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -527,6 +569,8 @@ impl ClusterMsg {
             ClusterMsg::Resync { .. } => "resync",
             ClusterMsg::DisconnectUser { .. } => "disconnect_user",
             ClusterMsg::UnsubscribeUser { .. } => "unsubscribe_user",
+            ClusterMsg::SubscribeUser { .. } => "subscribe_user",
+            ClusterMsg::RefreshUser { .. } => "refresh_user",
             ClusterMsg::Push { .. } => "push",
             ClusterMsg::Position { .. } => "position",
             ClusterMsg::PresenceBegin { .. } => "presence_begin",
@@ -745,10 +789,27 @@ impl ClusterMsg {
                 w.0.put_u16(*code);
                 w.str(reason);
             }
-            ClusterMsg::UnsubscribeUser { user, channel } => {
+            ClusterMsg::UnsubscribeUser { user, channel, client } => {
                 w.0.put_u8(tag::UNSUBSCRIBE_USER);
                 w.str(user);
                 w.str(channel);
+                w.str(client);
+            }
+            ClusterMsg::SubscribeUser { user, channel, client, recover, epoch, offset } => {
+                w.0.put_u8(tag::SUBSCRIBE_USER);
+                w.str(user);
+                w.str(channel);
+                w.str(client);
+                w.0.put_u8(u8::from(*recover));
+                w.str(epoch);
+                w.0.put_u64(*offset);
+            }
+            ClusterMsg::RefreshUser { user, client, expired, expire_at } => {
+                w.0.put_u8(tag::REFRESH_USER);
+                w.str(user);
+                w.str(client);
+                w.0.put_u8(u8::from(*expired));
+                w.0.put_u64(*expire_at);
             }
             ClusterMsg::Push { channel, push } => {
                 w.0.put_u8(tag::PUSH);
@@ -925,7 +986,27 @@ impl ClusterMsg {
             }
             tag::UNSUBSCRIBE_USER => {
                 r.what = "unsubscribe_user";
-                ClusterMsg::UnsubscribeUser { user: r.str()?, channel: r.str()? }
+                ClusterMsg::UnsubscribeUser { user: r.str()?, channel: r.str()?, client: r.str()? }
+            }
+            tag::SUBSCRIBE_USER => {
+                r.what = "subscribe_user";
+                ClusterMsg::SubscribeUser {
+                    user: r.str()?,
+                    channel: r.str()?,
+                    client: r.str()?,
+                    recover: r.bool()?,
+                    epoch: r.str()?,
+                    offset: r.u64()?,
+                }
+            }
+            tag::REFRESH_USER => {
+                r.what = "refresh_user";
+                ClusterMsg::RefreshUser {
+                    user: r.str()?,
+                    client: r.str()?,
+                    expired: r.bool()?,
+                    expire_at: r.u64()?,
+                }
             }
             tag::PUSH => {
                 r.what = "push";
@@ -1102,7 +1183,24 @@ mod tests {
             (s(), s(), any::<u16>(), s()).prop_map(|(user, client, code, reason)| {
                 ClusterMsg::DisconnectUser { user, client, code, reason }
             }),
-            (s(), s()).prop_map(|(user, channel)| ClusterMsg::UnsubscribeUser { user, channel }),
+            (s(), s(), s()).prop_map(|(user, channel, client)| ClusterMsg::UnsubscribeUser {
+                user,
+                channel,
+                client
+            }),
+            (s(), s(), s(), any::<bool>(), s(), any::<u64>()).prop_map(
+                |(user, channel, client, recover, epoch, offset)| ClusterMsg::SubscribeUser {
+                    user,
+                    channel,
+                    client,
+                    recover,
+                    epoch,
+                    offset
+                }
+            ),
+            (s(), s(), any::<bool>(), any::<u64>()).prop_map(|(user, client, expired, expire_at)| {
+                ClusterMsg::RefreshUser { user, client, expired, expire_at }
+            }),
         ]
     }
 

@@ -19,8 +19,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use proto::client::ReplyError;
 use proto::client::reply::{Publication, strip_newlines, write_str};
+use proto::client::{Disconnect, ReplyError};
+use proto::cluster::ClusterMsg;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
@@ -116,6 +117,80 @@ struct HistoryReq {
     reverse: bool,
 }
 
+/// `subscribe`, `unsubscribe`, `disconnect`, `refresh`: a user (all its
+/// connections, or one `client`/`session`: a session id is its client id
+/// here).
+#[derive(Deserialize, Default)]
+struct UserReq {
+    #[serde(default)]
+    user: String,
+    #[serde(default)]
+    channel: String,
+    #[serde(default)]
+    client: String,
+    #[serde(default)]
+    session: String,
+    #[serde(default)]
+    recover_since: Option<Since>,
+    #[serde(default)]
+    disconnect: Option<DisconnectReq>,
+    #[serde(default)]
+    expired: bool,
+    #[serde(default)]
+    expire_at: u64,
+}
+
+#[derive(Deserialize, Default)]
+struct DisconnectReq {
+    #[serde(default)]
+    code: u32,
+    #[serde(default)]
+    reason: String,
+}
+
+impl UserReq {
+    /// The command for the user's gateways; `Err`: error 107.
+    fn command(self, method: &str) -> Result<ClusterMsg, ReplyError> {
+        if self.user.is_empty() {
+            return Err(ReplyError::BAD_REQUEST);
+        }
+        let client = if self.client.is_empty() { self.session } else { self.client };
+        let channel = || {
+            proto::client::channel::ChannelName::parse(&self.channel)
+                .map(|_| self.channel.clone())
+                .map_err(|_| ReplyError::BAD_REQUEST)
+        };
+        Ok(match method {
+            "subscribe" => {
+                let since = self.recover_since.as_ref();
+                ClusterMsg::SubscribeUser {
+                    channel: channel()?,
+                    recover: since.is_some(),
+                    epoch: since.map(|s| s.epoch.clone()).unwrap_or_default(),
+                    offset: since.map_or(0, |s| s.offset),
+                    user: self.user,
+                    client,
+                }
+            }
+            "unsubscribe" => ClusterMsg::UnsubscribeUser { channel: channel()?, user: self.user, client },
+            "disconnect" => {
+                let d = self.disconnect.unwrap_or_default();
+                let code = if d.code == 0 { Disconnect::FORCE_DISCONNECT.code as u32 } else { d.code };
+                if !(3000..=4999).contains(&code) || d.reason.len() > 123 {
+                    return Err(ReplyError::BAD_REQUEST);
+                }
+                ClusterMsg::DisconnectUser { user: self.user, client, code: code as u16, reason: d.reason }
+            }
+            _ => ClusterMsg::RefreshUser {
+                user: self.user,
+                client,
+                expired: self.expired,
+                expire_at: self.expire_at,
+            },
+        })
+    }
+}
+
 #[derive(Deserialize, Default)]
 struct ChannelsReq {
     #[serde(default)]
@@ -184,6 +259,12 @@ impl Router {
     /// there, and merges `channels` over the cluster; `None`: answer locally.
     async fn route_cluster(&self, method: &str, body: &Bytes) -> Option<Reply> {
         match method {
+            "subscribe" | "unsubscribe" | "disconnect" | "refresh" => {
+                let r: UserReq = serde_json::from_slice(body).ok()?;
+                let key = self.namespaces().presence_channel(&r.user);
+                let Owner::Peer(peer) = self.peers().owner(&key) else { return None };
+                Some(self.forward(&peer, method, body).await)
+            }
             "publish" | "presence" | "presence_stats" | "history" | "history_remove" => {
                 let r: ChannelReq = serde_json::from_slice(body).ok()?;
                 let Owner::Peer(peer) = self.peers().owner(&r.channel) else { return None };
@@ -287,6 +368,19 @@ impl Router {
                 }
                 out.extend_from_slice(b"]}");
                 result_body(&out)
+            }
+            "subscribe" | "unsubscribe" | "disconnect" | "refresh" => {
+                // The router owning the user's presence knows the gateways
+                // holding the user: one message to each of them.
+                let r: UserReq = serde_json::from_slice(body).map_err(bad)?;
+                let key = self.namespaces().presence_channel(&r.user);
+                match r.command(method) {
+                    Ok(msg) => match self.api_call(&key, |reply| ApiOp::User { msg, reply }).await {
+                        Some(_) => result_body(b"{}"),
+                        None => error_body(ReplyError::INTERNAL),
+                    },
+                    Err(e) => error_body(e),
+                }
             }
             "presence" => {
                 let r: ChannelReq = serde_json::from_slice(body).map_err(bad)?;

@@ -90,6 +90,11 @@ impl UserPresence {
         out
     }
 
+    /// The gateway links holding connections of `user`.
+    pub fn gateways(&self, user: &str) -> Vec<u32> {
+        self.users.get(user).map(|s| s.per_gateway.keys().copied().collect()).unwrap_or_default()
+    }
+
     /// Connection `client` of `user` came up on `gateway`, or was confirmed
     /// in presence round `round` (again: no change).
     pub fn connect(&mut self, user: &str, client: &str, gateway: u32, round: u64) -> Option<PresenceChange> {

@@ -249,6 +249,7 @@ impl Router {
             ("switchyard_router_link_errors_total", &m.link_errors),
             ("switchyard_router_gateway_evictions_total", &m.evictions),
             ("switchyard_router_channels_evicted_total", &m.channels_evicted),
+            ("switchyard_router_user_commands_total", &m.user_commands),
             ("switchyard_router_channel_limit_refusals_total", &m.channel_limit_refusals),
             ("switchyard_router_peer_refusals_total", &m.peer_refusals),
         ] {
@@ -293,6 +294,11 @@ impl Router {
     /// Counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// The channel namespaces.
+    pub(crate) fn namespaces(&self) -> &proto::namespace::Namespaces {
+        &self.cfg.namespaces
     }
 
     pub(crate) fn shard_of(&self, channel: &str) -> &mpsc::Sender<ShardCmd> {

@@ -61,6 +61,9 @@ pub struct Metrics {
     /// Publications refused because this router did not own the channel
     /// under a live lease (etcd mode).
     pub fenced: AtomicU64,
+    /// Server API user commands sent to gateways (one per gateway holding
+    /// the user, never one per gateway of the cluster).
+    pub user_commands: AtomicU64,
 }
 
 /// A gateway link's outbound queue, as a shard sees it.
@@ -185,6 +188,14 @@ pub enum ApiOp {
         /// Answer.
         reply: oneshot::Sender<PublishResult>,
     },
+    /// A server API command for a user (`subscribe`, `unsubscribe`,
+    /// `disconnect`, `refresh`): sent to each gateway holding the user.
+    User {
+        /// The command (its user is the key of this shard's presence).
+        msg: ClusterMsg,
+        /// Answer: the gateways it was sent to.
+        reply: oneshot::Sender<usize>,
+    },
     /// `presence`.
     Presence {
         /// Channel.
@@ -247,6 +258,8 @@ pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
     gateways: Map<GatewayId, L>,
     /// Gateways that take [`ClusterMsg::Position`] (protocol version ≥ 2).
     positioned: Set<GatewayId>,
+    /// Gateways that take the server API's user commands.
+    user_commands: Set<GatewayId>,
     /// Each gateway's current presence round (facts it sends are stamped
     /// with it).
     rounds: Map<GatewayId, u64>,
@@ -368,6 +381,7 @@ impl<L: LinkTx> Shard<L> {
             users: UserPresence::new(grace),
             gateways: seeded::map(seed ^ 2),
             positioned: seeded::set(seed ^ 3),
+            user_commands: seeded::set(seed ^ 5),
             rounds: seeded::map(seed ^ 4),
             lagging: seeded::map(seed ^ 5),
             metrics,
@@ -554,6 +568,9 @@ impl<L: LinkTx> Shard<L> {
                 if version >= proto::cluster::POSITIONS_SINCE {
                     self.positioned.insert(gw);
                 }
+                if version >= proto::cluster::USER_COMMANDS_SINCE {
+                    self.user_commands.insert(gw);
+                }
             }
             ShardCmd::GatewayDown(gw) => {
                 // Its users enter the grace period; they are away only if no
@@ -561,6 +578,7 @@ impl<L: LinkTx> Shard<L> {
                 self.users.gateway_lost(gw, now);
                 self.gateways.remove(&gw);
                 self.positioned.remove(&gw);
+                self.user_commands.remove(&gw);
                 self.rounds.remove(&gw);
                 self.lagging.remove(&gw);
                 self.drop_interest(gw, now);
@@ -669,6 +687,26 @@ impl<L: LinkTx> Shard<L> {
         match op {
             ApiOp::Publish { channel, data, tags, idempotency_key, reply } => {
                 let _ = reply.send(self.publish(&channel, data, None, tags, &idempotency_key, now));
+            }
+            ApiOp::User { msg, reply } => {
+                let user = match &msg {
+                    ClusterMsg::SubscribeUser { user, .. }
+                    | ClusterMsg::UnsubscribeUser { user, .. }
+                    | ClusterMsg::DisconnectUser { user, .. }
+                    | ClusterMsg::RefreshUser { user, .. } => user.as_str(),
+                    _ => "",
+                };
+                let gateways: Vec<GatewayId> = self
+                    .users
+                    .gateways(user)
+                    .into_iter()
+                    .filter(|gw| self.user_commands.contains(gw))
+                    .collect();
+                for gw in &gateways {
+                    self.send(*gw, msg.clone());
+                }
+                self.metrics.user_commands.fetch_add(gateways.len() as u64, Ordering::Relaxed);
+                let _ = reply.send(gateways.len());
             }
             ApiOp::Presence { channel, reply } => {
                 let r = match self.namespaces.resolve_str(&channel) {

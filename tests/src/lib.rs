@@ -450,6 +450,11 @@ impl Cluster {
     /// A 503 (admission control) is retried after its `Retry-After`, as the
     /// SDKs do, for at most 30 s.
     pub fn client(&self, i: usize, user: &str) -> Ws {
+        self.client_with_id(i, user).0
+    }
+
+    /// [`client`](Self::client), and the client id its connect reply gave.
+    pub fn client_with_id(&self, i: usize, user: &str) -> (Ws, String) {
         let end = Instant::now() + Duration::from_secs(30);
         let mut ws = loop {
             match Ws::connect(self.ws_addrs[i], "/connection/websocket") {
@@ -461,8 +466,8 @@ impl Cluster {
             }
         };
         let reply = ws.call(serde_json::json!({"connect": {"token": token(user), "name": "e2e"}}));
-        assert!(reply["connect"]["client"].is_string(), "{reply}");
-        ws
+        let id = reply["connect"]["client"].as_str().unwrap_or_else(|| panic!("{reply}")).to_owned();
+        (ws, id)
     }
 
     /// Calls router `r`'s HTTP API: `POST /api/<method>` with `X-API-Key`.

@@ -10,9 +10,9 @@
 
 use std::sync::Arc;
 
-use proto::client::ReplyError;
 use proto::client::command::FLAG_REJECT_UNRECOVERED;
 use proto::client::reply::{self, PresenceStatsResult, SubscribeResult};
+use proto::client::{Disconnect, ReplyError};
 use proto::cluster::ClusterMsg;
 use proto::position::{Follow, StreamPosition};
 
@@ -27,6 +27,9 @@ const MAX_SUBSCRIBE_RETRIES: u8 = 3;
 impl Core {
     /// A router answered request `msg.request_id()`.
     pub(super) fn answer(&mut self, msg: ClusterMsg, now: u64) {
+        if Self::is_user_command(&msg) {
+            return self.user_command(msg, now);
+        }
         let Some(req) = msg.request_id().filter(|_| msg.is_answer()) else { return };
         let Some((sid, kind)) = self.cx.requests.finish(req) else { return };
         let id = match kind {
@@ -113,10 +116,12 @@ impl Core {
             was_recovering: p.recover,
             ..Default::default()
         };
+        let (server, id) = (p.server, p.id);
+        let answer = |r: SubscribeResult| if server { r.push(channel) } else { r.reply(id) };
         let mut line = if p.recover && recovered {
-            result(true, publications).reply(p.id)
+            answer(result(true, publications))
         } else {
-            result(false, Vec::new()).reply(p.id)
+            answer(result(false, Vec::new()))
         };
         let room = self.cx.queue_limit().saturating_sub(queued);
         if line.len() + 16 > room && p.recover && recovered {
@@ -124,7 +129,7 @@ impl Core {
             // closing it as slow (and failing the same way on every
             // reconnect), say the position cannot be recovered; the client
             // reloads its state and goes on from the top.
-            line = result(false, Vec::new()).reply(p.id);
+            line = answer(result(false, Vec::new()));
         }
         let held = std::mem::take(&mut p.held);
         self.cx.send_line(s, sid, &line);
@@ -180,8 +185,14 @@ impl Core {
 
     /// A subscribe that cannot go on: the error reply, and the subscription
     /// leaves the index (and the channel's presence).
+    /// A server-side subscription has no command to answer: its session
+    /// closes with 3010 and the client reconnects.
     fn refuse_subscription(&mut self, sid: Sid, channel: &str, e: ReplyError) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if s.is_server_sub(channel) {
+            tracing::debug!(channel, code = e.code, "a server-side subscription failed");
+            return self.close(sid, Disconnect::INSUFFICIENT_STATE.into());
+        }
         let Some((name, state)) = s.subs.remove(channel) else { return };
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);

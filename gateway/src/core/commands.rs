@@ -26,8 +26,18 @@ use crate::effects::Sid;
 use crate::session::subs::{PendingSub, SubState};
 use crate::session::{Budget, Identity, Session, VERSION};
 
+/// Who asked for a subscription.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Origin {
+    /// The client, with its command id.
+    Client(u32),
+    /// The server (the token's `subs`, the server API): answered with a
+    /// `subscribe` push.
+    Server,
+}
+
 /// Why a command was refused.
-enum Refusal {
+pub(super) enum Refusal {
     /// An error reply; the connection goes on.
     Reply(ReplyError),
     /// The connection ends with this code.
@@ -167,6 +177,7 @@ impl Ctx {
         let client = self.client_id();
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
+        self.users.add(&user, sid);
         let cfg = self.cfg.clone();
         let lim = &cfg.limits;
         // First ping after a random ½–1 interval, so pings of a storm's
@@ -239,53 +250,102 @@ impl Ctx {
             }
             SubscribePolicy::Personal => {}
         }
-        let channel = self.channels.name(&r.channel);
+        let line = self.start_subscription(
+            s,
+            sid,
+            &r.channel,
+            &ns,
+            chan_info.as_deref(),
+            Origin::Client(id),
+            (r.recover, r.epoch, r.offset, r.flag),
+            now,
+        )?;
+        replies.extend(line);
+        Ok(())
+    }
+
+    /// Subscribes session `sid` to `channel` (checked, within the limit),
+    /// for the client's command `id` or server-side. The answer's line when
+    /// it is known here (an ephemeral channel, or the core knows the
+    /// stream's position): the reply, or the `subscribe` push of a
+    /// server-side subscription; `None` when a router answers later.
+    /// `recovery`: (recover, epoch, offset, flag).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_subscription(
+        &mut self,
+        s: &mut Session,
+        sid: Sid,
+        name: &str,
+        ns: &proto::namespace::NamespaceOptions,
+        chan_info: Option<&[u8]>,
+        origin: Origin,
+        recovery: (bool, String, u64, u64),
+        now: u64,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let (recover, epoch, offset, flag) = recovery;
+        let channel = self.channels.name(name);
+        if let Origin::Server = origin {
+            s.mark_server_sub(channel.clone());
+        }
+        let answer = |r: SubscribeResult| match origin {
+            Origin::Client(id) => r.reply(id),
+            Origin::Server => r.push(&channel),
+        };
         let presence = ns.presence || ns.join_leave;
         if !ns.positioned() {
             s.subs.insert(channel.clone(), SubState::Follows);
             self.index(&channel, sid, true);
             if presence {
-                self.join(s, &channel, chan_info.as_deref());
+                self.join(s, &channel, chan_info);
             }
-            replies.push(SubscribeResult::default().reply(id));
-            return Ok(());
+            return Ok(Some(answer(SubscribeResult::default())));
         }
         // The channel's position is known here: answer without a router
         // round trip, as the router would (a recovery from the very top
         // recovers nothing and is complete).
         if let Some(p) = self.channels.position(&channel)
-            && (!r.recover || p.is(&r.epoch, r.offset))
+            && (!recover || p.is(&epoch, offset))
         {
             let result = SubscribeResult {
                 recoverable: ns.has_history(),
                 positioned: true,
                 epoch: p.epoch.to_string(),
                 offset: p.offset,
-                recovered: r.recover,
-                was_recovering: r.recover,
+                recovered: recover,
+                was_recovering: recover,
                 ..Default::default()
             };
             s.subs.insert(channel.clone(), SubState::Follows);
             self.index(&channel, sid, true);
             if presence {
-                self.join(s, &channel, chan_info.as_deref());
+                self.join(s, &channel, chan_info);
             }
             self.fx.metrics().local_subscribes.fetch_add(1, Ordering::Relaxed);
-            replies.push(result.reply(id));
-            return Ok(());
+            return Ok(Some(answer(result)));
         }
         let ch = channel.to_string();
-        let (recover, epoch, offset) = (r.recover, r.epoch.clone(), r.offset);
+        let ep = epoch.clone();
         let req = self.request(sid, Kind::Subscribe { channel: channel.clone() }, now, |req| {
-            ClusterMsg::Recover { req, channel: ch, recover, epoch, offset }
-        })?;
+            ClusterMsg::Recover { req, channel: ch, recover, epoch: ep, offset }
+        });
+        let req = match req {
+            Ok(req) => req,
+            Err(e) => {
+                s.unmark_server_sub(&channel);
+                return Err(e.into());
+            }
+        };
         let pending = PendingSub {
             req,
-            id,
-            recover: r.recover,
-            epoch: r.epoch,
-            offset: r.offset,
-            flag: r.flag,
+            id: match origin {
+                Origin::Client(id) => id,
+                Origin::Server => 0,
+            },
+            server: matches!(origin, Origin::Server),
+            recover,
+            epoch,
+            offset,
+            flag,
             history: ns.has_history(),
             held: Vec::new(),
             held_bytes: 0,
@@ -295,9 +355,9 @@ impl Ctx {
         s.subs.insert(channel.clone(), SubState::Pending(Box::new(pending)));
         self.index(&channel, sid, false);
         if presence {
-            self.join(s, &channel, chan_info.as_deref());
+            self.join(s, &channel, chan_info);
         }
-        Ok(())
+        Ok(None)
     }
 
     fn unsubscribe(
@@ -308,6 +368,7 @@ impl Ctx {
         r: UnsubscribeRequest,
         replies: &mut Replies,
     ) {
+        s.unmark_server_sub(&r.channel);
         if let Some((name, state)) = s.subs.remove(&r.channel) {
             if let SubState::Pending(p) = &state {
                 self.requests.finish(p.req);

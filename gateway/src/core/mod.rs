@@ -22,6 +22,7 @@
 //! - [`answers`]: the routers' answers to requests.
 //! - [`timers`]: deadlines on the timer wheel, admission control, drain.
 //! - [`requests`], [`upstream`]: requests in flight; the uplink backlog.
+//! - [`users`]: the server API's commands for a user's sessions.
 
 pub mod answers;
 pub mod channels;
@@ -32,6 +33,7 @@ pub mod requests;
 pub mod sessions;
 pub mod timers;
 pub mod upstream;
+pub mod users;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use proto::client::reply::{self, client_info, unsubscribe_push};
-use proto::client::{ReplyError, codes::unsubscribe_code};
+use proto::client::{Disconnect, ReplyError, codes::unsubscribe_code};
 use proto::cluster::ClusterMsg;
 use proto::seeded::{self, Map};
 use proto::timer_wheel::TimerWheel;
@@ -137,6 +139,7 @@ pub struct Ctx {
     deflater: Deflater,
     ping: Bytes,
     user_buckets: Map<Arc<str>, TokenBucket>,
+    users: users::UserIndex,
     scratch: Vec<BytesMut>,
 }
 
@@ -194,6 +197,7 @@ impl Core {
                 deflater: Deflater::default(),
                 ping: SharedFrame::text(reply::PING).into_bytes(),
                 user_buckets: seeded::map(seed ^ 0x3c6e_f372),
+                users: users::UserIndex::new(seed ^ 0x5be0_cd19),
                 scratch: Vec::new(),
                 cfg,
             },
@@ -401,6 +405,7 @@ impl Core {
         }
         if connected {
             let user = s.identity.user.clone();
+            self.cx.users.remove(&user, sid);
             if !user.is_empty() {
                 let key = self.cx.cfg.namespaces.presence_channel(&user);
                 let msg =
@@ -412,8 +417,13 @@ impl Core {
 
     /// Tells one session to resubscribe a channel (unsubscribe push 2500):
     /// it recovers from its own position through a router.
+    /// A server-side subscription is the server's to restore: its session
+    /// closes with 3010 (the client reconnects and recovers).
     fn resync_session(&mut self, sid: Sid, channel: &str) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if s.is_server_sub(channel) {
+            return self.close(sid, Disconnect::INSUFFICIENT_STATE.into());
+        }
         let Some((name, state)) = s.subs.remove(channel) else { return };
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);

@@ -146,6 +146,11 @@ pub struct Session {
     pub budget: Option<Box<Budget>>,
     /// Subscriptions.
     pub subs: Subs,
+    /// The channels subscribed server-side (the server API, the token's
+    /// `subs`), if any: the server restores them, not the client, so one
+    /// whose stream broke closes the session with 3010 (the client
+    /// reconnects and recovers) instead of asking it to resubscribe.
+    server_subs: Option<Box<[Arc<str>]>>,
     out: Outbound,
     /// Deadlines.
     pub deadlines: Deadlines,
@@ -170,10 +175,36 @@ impl Session {
             identity: Identity::default(),
             budget: None,
             subs: Subs::default(),
+            server_subs: None,
             out: Outbound::default(),
             deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
             timer: 0,
         }
+    }
+
+    /// Marks `channel` as subscribed server-side.
+    pub fn mark_server_sub(&mut self, channel: Arc<str>) {
+        if self.is_server_sub(&channel) {
+            return;
+        }
+        let mut list = self.server_subs.take().map(Vec::from).unwrap_or_default();
+        list.push(channel);
+        self.server_subs = Some(list.into_boxed_slice());
+    }
+
+    /// `channel` is no longer subscribed server-side.
+    pub fn unmark_server_sub(&mut self, channel: &str) {
+        if !self.is_server_sub(channel) {
+            return;
+        }
+        let mut list = self.server_subs.take().map(Vec::from).unwrap_or_default();
+        list.retain(|c| &**c != channel);
+        self.server_subs = (!list.is_empty()).then(|| list.into_boxed_slice());
+    }
+
+    /// Whether `channel` is subscribed server-side.
+    pub fn is_server_sub(&self, channel: &str) -> bool {
+        self.server_subs.as_ref().is_some_and(|l| l.iter().any(|c| &**c == channel))
     }
 
     /// Where the session is in its life.

@@ -29,8 +29,10 @@ pub enum SubState {
 pub struct PendingSub {
     /// Router request id.
     pub req: u64,
-    /// The client's command id.
+    /// The client's command id (0 for a server-side subscription).
     pub id: u32,
+    /// A server-side subscription: answered with a `subscribe` push.
+    pub server: bool,
     /// The client asked to recover from (`epoch`, `offset`).
     pub recover: bool,
     /// The client's epoch.

@@ -135,6 +135,11 @@ impl Route {
     }
 }
 
+/// Server API user commands a core's full inbox may be owed (behind the
+/// answers to its own requests, which its request bound limits); past it a
+/// command is dropped and counted (`user_commands_dropped_total`).
+pub const MAX_OWED_USER_COMMANDS: usize = 4096;
+
 /// What one core is owed.
 #[derive(Debug)]
 struct Owed {
@@ -561,7 +566,19 @@ impl Uplink {
                 }
             }
             ClusterMsg::Heartbeat { .. } | ClusterMsg::Welcome { .. } => {}
-            ClusterMsg::DisconnectUser { .. } | ClusterMsg::UnsubscribeUser { .. } => {}
+            ClusterMsg::SubscribeUser { ref user, .. }
+            | ClusterMsg::UnsubscribeUser { ref user, .. }
+            | ClusterMsg::DisconnectUser { ref user, .. }
+            | ClusterMsg::RefreshUser { ref user, .. } => {
+                // The user's connected sessions live on the user's core; on
+                // its queue behind the answers owed to it.
+                let core = crate::core::reading::core_of_user(user, self.cores);
+                if self.owed[core].answers.len() >= MAX_OWED_USER_COMMANDS {
+                    self.metrics.user_commands_dropped.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.answer(core, msg, io);
+                }
+            }
             other => {
                 let Some(req) = other.request_id().filter(|_| other.is_answer()) else { return };
                 let core = core_of(req);

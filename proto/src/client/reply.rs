@@ -313,6 +313,34 @@ impl SubscribeResult {
         w.finish();
     }
 
+    /// A server-side subscription's lines, as one frame: the `subscribe`
+    /// push (`{"push":{"channel":"c","subscribe":{…}}}`: `recoverable`,
+    /// `epoch`, `offset`, `positioned`; the push carries no publications),
+    /// then each recovered publication as a `pub` push, newline-separated.
+    pub fn push(&self, channel: &str) -> Vec<u8> {
+        let mut out = push_with(Some(channel), "subscribe", |o| {
+            let mut w = ObjWriter::new(o);
+            if self.recoverable {
+                w.raw("recoverable", b"true");
+            }
+            if !self.epoch.is_empty() {
+                w.string("epoch", &self.epoch);
+            }
+            if self.offset > 0 {
+                w.raw("offset", self.offset.to_string().as_bytes());
+            }
+            if self.positioned {
+                w.raw("positioned", b"true");
+            }
+            w.finish();
+        });
+        for p in &self.publications {
+            out.push(b'\n');
+            out.extend_from_slice(&pub_push(channel, p));
+        }
+        out
+    }
+
     /// The whole reply line.
     pub fn reply(&self, id: u32) -> Vec<u8> {
         let mut body = Vec::with_capacity(64);
@@ -432,6 +460,16 @@ mod tests {
             parse(&r.reply(2)),
             json!({"id":2,"subscribe":{"recoverable":true,"positioned":true,"epoch":"Xq3a","offset":41,
                 "was_recovering":true,"recovered":true,"publications":[{"data":{},"offset":42}]}})
+        );
+        // Server-side: the subscribe push, then the recovered publications as pushes.
+        let push = r.push("chat:1");
+        let lines: Vec<Value> = push.split(|b| *b == b'\n').map(parse).collect();
+        assert_eq!(
+            lines,
+            vec![
+                json!({"push":{"channel":"chat:1","subscribe":{"recoverable":true,"epoch":"Xq3a","offset":41,"positioned":true}}}),
+                json!({"push":{"channel":"chat:1","pub":{"data":{},"offset":42}}}),
+            ]
         );
     }
 

@@ -1,0 +1,261 @@
+//! The server API's commands for a user: `subscribe`, `unsubscribe`,
+//! `disconnect` and `refresh` act on every connection of the user.
+//!
+//! The router that owns the user's presence knows which gateways hold the
+//! user and sends each of them one [`ClusterMsg`]; the uplink hands it to
+//! the user's core (connected sessions live on their user's core), which
+//! finds the user's sessions in its [`UserIndex`] and acts on each: a
+//! server-side subscription (the `subscribe` push, then the channel's
+//! publications, recovered from a position when one is given), an
+//! unsubscribe push 2000, a close with the given code, a new expiry.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use proto::client::Disconnect;
+use proto::client::channel::ChannelName;
+use proto::client::codes::unsubscribe_code;
+use proto::client::reply::unsubscribe_push;
+use proto::cluster::ClusterMsg;
+use proto::seeded::{self, Map};
+
+use super::Core;
+use super::commands::Origin;
+use crate::effects::Sid;
+use crate::session::CloseReason;
+use crate::session::subs::SubState;
+
+/// The connected sessions of each user on one core (anonymous sessions are
+/// not addressable and not indexed).
+#[derive(Debug)]
+pub struct UserIndex(Map<Arc<str>, Vec<Sid>>);
+
+impl UserIndex {
+    /// An empty index.
+    pub fn new(seed: u64) -> Self {
+        UserIndex(seeded::map(seed))
+    }
+
+    /// Session `sid` of `user` connected.
+    pub fn add(&mut self, user: &Arc<str>, sid: Sid) {
+        if user.is_empty() {
+            return;
+        }
+        let sids = self.0.entry(user.clone()).or_default();
+        sids.reserve_exact(1);
+        sids.push(sid);
+    }
+
+    /// Session `sid` of `user` is gone.
+    pub fn remove(&mut self, user: &str, sid: Sid) {
+        let Some(sids) = self.0.get_mut(user) else { return };
+        sids.retain(|s| *s != sid);
+        if sids.is_empty() {
+            self.0.remove(user);
+        }
+    }
+
+    /// The user's sessions on this core.
+    pub fn sessions(&self, user: &str) -> &[Sid] {
+        self.0.get(user).map_or(&[], Vec::as_slice)
+    }
+
+    /// Users indexed.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no user is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Close reasons given through the server API, kept for the process's life
+/// (a close reason is `&'static str` all the way to the frame): at most
+/// this many distinct ones; past it, the code's standard reason is used.
+const MAX_CUSTOM_REASONS: usize = 256;
+
+/// A close reason is at most 123 bytes (RFC 6455 §5.5: 125 with the code).
+const MAX_REASON_BYTES: usize = 123;
+
+fn close_reason(code: u16, reason: &str) -> &'static str {
+    static REASONS: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+    let mut end = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason[..end];
+    if reason.is_empty() {
+        return if code == Disconnect::FORCE_DISCONNECT.code {
+            Disconnect::FORCE_DISCONNECT.reason
+        } else {
+            ""
+        };
+    }
+    let mut guard = REASONS.lock().unwrap_or_else(|e| e.into_inner());
+    let set = guard.get_or_insert_with(HashSet::new);
+    if let Some(r) = set.get(reason) {
+        return r;
+    }
+    if set.len() >= MAX_CUSTOM_REASONS {
+        return "disconnected by server";
+    }
+    let r: &'static str = Box::leak(reason.to_owned().into_boxed_str());
+    set.insert(r);
+    r
+}
+
+impl Core {
+    /// Whether `msg` is a command for a user's sessions (handled by
+    /// [`Core::user_command`]).
+    pub(super) fn is_user_command(msg: &ClusterMsg) -> bool {
+        matches!(
+            msg,
+            ClusterMsg::SubscribeUser { .. }
+                | ClusterMsg::UnsubscribeUser { .. }
+                | ClusterMsg::DisconnectUser { .. }
+                | ClusterMsg::RefreshUser { .. }
+        )
+    }
+
+    /// The sessions of `user` (all, or the one whose client id is `client`).
+    fn targets(&self, user: &str, client: &str) -> Vec<Sid> {
+        self.cx
+            .users
+            .sessions(user)
+            .iter()
+            .copied()
+            .filter(|sid| {
+                client.is_empty() || self.sessions.get(*sid).is_some_and(|s| &*s.identity.client == client)
+            })
+            .collect()
+    }
+
+    /// Acts on a server API command for a user, on each of the user's
+    /// sessions on this core.
+    pub(super) fn user_command(&mut self, msg: ClusterMsg, now: u64) {
+        let (user, client) = match &msg {
+            ClusterMsg::SubscribeUser { user, client, .. }
+            | ClusterMsg::UnsubscribeUser { user, client, .. }
+            | ClusterMsg::DisconnectUser { user, client, .. }
+            | ClusterMsg::RefreshUser { user, client, .. } => (user.as_str(), client.as_str()),
+            _ => return,
+        };
+        let targets = self.targets(user, client);
+        self.cx.fx.metrics().user_commands.fetch_add(targets.len() as u64, Ordering::Relaxed);
+        for sid in targets {
+            match &msg {
+                ClusterMsg::SubscribeUser { channel, recover, epoch, offset, .. } => {
+                    self.server_subscribe(sid, channel, (*recover, epoch.clone(), *offset), now)
+                }
+                ClusterMsg::UnsubscribeUser { channel, .. } => self.server_unsubscribe(sid, channel),
+                ClusterMsg::DisconnectUser { code, reason, .. } => {
+                    self.close(sid, CloseReason { code: *code, reason: close_reason(*code, reason) })
+                }
+                ClusterMsg::RefreshUser { expired, expire_at, .. } => {
+                    self.server_refresh(sid, *expired, *expire_at, now)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes one session server-side; a session already subscribed
+    /// stays as it is. Refused (counted) past the subscription limit or for
+    /// an unknown namespace; a router request that cannot be made closes
+    /// the session with 3010 (it reconnects and the server subscribes it
+    /// again from the token's `subs`).
+    fn server_subscribe(&mut self, sid: Sid, channel: &str, recovery: (bool, String, u64), now: u64) {
+        let ns = match ChannelName::parse(channel).map(|n| self.cx.cfg.namespaces.resolve(&n).cloned()) {
+            Ok(Ok(ns)) => ns,
+            _ => {
+                self.cx.fx.metrics().server_subscribes_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        if !s.is_connected() || s.subs.contains(channel) {
+            return;
+        }
+        if s.subs.len() >= self.cx.cfg.limits.max_subscriptions {
+            self.cx.fx.metrics().server_subscribes_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (recover, epoch, offset) = recovery;
+        let cx = &mut self.cx;
+        match cx.start_subscription(
+            s,
+            sid,
+            channel,
+            &ns,
+            None,
+            Origin::Server,
+            (recover, epoch, offset, 0),
+            now,
+        ) {
+            Ok(Some(line)) => cx.send_line(s, sid, &line),
+            Ok(None) => {}
+            Err(_) => self.close(sid, Disconnect::INSUFFICIENT_STATE.into()),
+        }
+    }
+
+    /// Unsubscribes one session (push 2000 "server unsubscribe"), if it is
+    /// subscribed.
+    fn server_unsubscribe(&mut self, sid: Sid, channel: &str) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        s.unmark_server_sub(channel);
+        let Some((name, state)) = s.subs.remove(channel) else { return };
+        if let SubState::Pending(p) = &state {
+            self.cx.requests.finish(p.req);
+        }
+        let push = unsubscribe_push(channel, unsubscribe_code::SERVER, "server unsubscribe");
+        self.cx.send_line(s, sid, &push);
+        let client = s.is_connected().then(|| s.identity.client.clone());
+        self.cx.unindex(&name, sid, client.as_deref());
+    }
+
+    /// A new expiry for one session: closed with 3005 when `expired` or
+    /// the time has passed; no expiry when `expire_at` is 0.
+    fn server_refresh(&mut self, sid: Sid, expired: bool, expire_at: u64, now: u64) {
+        let unix = self.cx.clock.unix(now);
+        if expired || (expire_at != 0 && expire_at <= unix) {
+            return self.close(sid, Disconnect::EXPIRED.into());
+        }
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        s.deadlines.expires_at = if expire_at == 0 { 0 } else { now + (expire_at - unix) * 1000 };
+        self.cx.rearm(s, sid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_bounded_and_reused() {
+        let a = close_reason(4000, "moved to another workspace");
+        let b = close_reason(4000, "moved to another workspace");
+        assert!(std::ptr::eq(a, b), "one copy of each reason");
+        assert_eq!(close_reason(3503, ""), "force disconnect");
+        let long = "é".repeat(100);
+        let r = close_reason(4001, &long);
+        assert!(r.len() <= MAX_REASON_BYTES && long.starts_with(r));
+    }
+
+    #[test]
+    fn the_index_follows_sessions() {
+        let mut ix = UserIndex::new(1);
+        let u: Arc<str> = Arc::from("42");
+        ix.add(&u, Sid(1));
+        ix.add(&u, Sid(2));
+        ix.add(&Arc::from(""), Sid(3));
+        assert_eq!(ix.sessions("42"), &[Sid(1), Sid(2)]);
+        assert_eq!(ix.len(), 1, "anonymous sessions are not indexed");
+        ix.remove("42", Sid(1));
+        ix.remove("42", Sid(2));
+        assert!(ix.is_empty());
+        assert_eq!(ix.sessions("42"), &[] as &[Sid]);
+    }
+}

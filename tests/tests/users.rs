@@ -1,0 +1,220 @@
+//! The server API acting on a user everywhere: `subscribe`, `unsubscribe`,
+//! `disconnect` and `refresh` reach every connection of the user on every
+//! gateway, through the router that owns the user's presence, with one
+//! router → gateway message per gateway holding the user.
+//!
+//! The latency from the call to its effect on all three gateways is
+//! printed (p50/p99; BENCHMARKS.md has a release run); the test asserts the
+//! effects and the message counts, never a time.
+
+use std::time::{Duration, Instant};
+
+use e2e::{Cluster, Event, Ws, metric};
+use serde_json::{Value, json};
+
+/// Waits for the next event of `ws` that `pick` accepts, skipping the
+/// others; panics after 15 s or on a close.
+fn wait_for(ws: &mut Ws, what: &str, pick: impl Fn(&Value) -> bool) -> Value {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        match ws.event_by(end, what) {
+            Some(Event::Json(v)) if pick(&v) => return v,
+            Some(Event::Json(_)) => continue,
+            Some(other) => panic!("waiting for {what}, got {other:?}"),
+            None => panic!("no {what} within 15 s"),
+        }
+    }
+}
+
+fn api_ok(c: &Cluster, r: usize, method: &str, body: Value) {
+    let (status, text) = c.api(r, method, &body);
+    assert_eq!(status, 200, "{method}: {text}");
+    let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{method}: {text}"));
+    assert_eq!(v, json!({"result": {}}), "{method} {body}: {text}");
+}
+
+fn user_commands(c: &Cluster) -> u64 {
+    (0..c.router_admin_addrs.len())
+        .map(|r| metric(&c.router_metrics(r), "switchyard_router_user_commands_total"))
+        .sum()
+}
+
+/// Waits until the router owning `user`'s presence knows the user on
+/// `gateways` gateways (a presence fact travels on its own after a
+/// connect): a refresh that changes nothing, sent until it reaches them all.
+fn wait_known(c: &Cluster, user: &str, gateways: u64) {
+    let far = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 7200;
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let before = user_commands(c);
+        api_ok(c, 0, "refresh", json!({"user": user, "expire_at": far}));
+        if user_commands(c) - before == gateways {
+            return;
+        }
+        assert!(Instant::now() < end, "{user} not known on {gateways} gateways within 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+#[test]
+fn api_commands_reach_a_user_on_every_gateway() {
+    // Two routers: the user's presence has one owner; a call made at the
+    // other is forwarded to it.
+    let c = Cluster::start(2, 3, &[]);
+    let mut alice: Vec<(Ws, String)> = (0..3).map(|g| c.client_with_id(g, "alice")).collect();
+    let mut bob = c.client(0, "bob");
+    let r = bob.call(json!({"subscribe": {"channel": "chat:bob"}}));
+    assert!(r.get("error").is_none(), "{r}");
+
+    // History before alice is subscribed, to recover later.
+    let mut epoch = String::new();
+    for i in 1..=3 {
+        let (s, t) = c.api(0, "publish", &json!({"channel": "chat:room", "data": {"i": i}}));
+        assert_eq!(s, 200, "{t}");
+        let v: Value = serde_json::from_str(&t).unwrap();
+        epoch = v["result"]["epoch"].as_str().unwrap().to_owned();
+    }
+
+    wait_known(&c, "alice", 3);
+
+    // Subscribe and unsubscribe, timed call → effect on all three.
+    let mut subscribe_times = Vec::new();
+    let mut unsubscribe_times = Vec::new();
+    let rounds = 30;
+    for i in 0..rounds {
+        let ch = format!("chat:join-{i}");
+        let before = user_commands(&c);
+        let t0 = Instant::now();
+        api_ok(&c, i % 2, "subscribe", json!({"user": "alice", "channel": ch}));
+        for (ws, _) in &mut alice {
+            let v = wait_for(ws, "the subscribe push", |v| v["push"]["channel"] == ch.as_str());
+            assert!(v["push"]["subscribe"].is_object(), "{v}");
+        }
+        subscribe_times.push(t0.elapsed());
+        assert_eq!(user_commands(&c) - before, 3, "one message per gateway holding the user");
+        // The subscription is live: a publication reaches all three.
+        let (_, t) = c.api(0, "publish", &json!({"channel": ch, "data": {"round": i}}));
+        assert!(t.contains("offset"), "{t}");
+        for (ws, _) in &mut alice {
+            let v = wait_for(ws, "the publication", |v| v["push"]["channel"] == ch.as_str());
+            assert_eq!(v["push"]["pub"]["data"], json!({"round": i}), "{v}");
+        }
+        let t0 = Instant::now();
+        api_ok(&c, (i + 1) % 2, "unsubscribe", json!({"user": "alice", "channel": ch}));
+        for (ws, _) in &mut alice {
+            let v = wait_for(ws, "the unsubscribe push", |v| v["push"]["channel"] == ch.as_str());
+            assert_eq!(v["push"]["unsubscribe"]["code"], 2000, "{v}");
+        }
+        unsubscribe_times.push(t0.elapsed());
+    }
+    for (name, times) in [("subscribe", &mut subscribe_times), ("unsubscribe", &mut unsubscribe_times)] {
+        times.sort();
+        println!(
+            "user-wide {name}, call → effect on all 3 gateways over {rounds} calls: p50 {:?} p99 {:?} max {:?}",
+            percentile(times, 0.5),
+            percentile(times, 0.99),
+            times.last().unwrap()
+        );
+    }
+
+    // A subscribe that recovers from a position: the push, then what was missed.
+    api_ok(
+        &c,
+        1,
+        "subscribe",
+        json!({"user": "alice", "channel": "chat:room", "recover_since": {"offset": 1, "epoch": epoch}}),
+    );
+    for (ws, _) in &mut alice {
+        let v = wait_for(ws, "the subscribe push", |v| v["push"]["channel"] == "chat:room");
+        assert_eq!(v["push"]["subscribe"]["epoch"], epoch.as_str(), "{v}");
+        for offset in [2, 3] {
+            let v = wait_for(ws, "a recovered publication", |v| v["push"]["channel"] == "chat:room");
+            assert_eq!(v["push"]["pub"]["offset"], offset, "{v}");
+            assert_eq!(v["push"]["pub"]["data"], json!({"i": offset}), "{v}");
+        }
+    }
+    let (_, t) = c.api(0, "publish", &json!({"channel": "chat:room", "data": {"i": 4}}));
+    assert!(t.contains("\"offset\":4"), "{t}");
+    for (ws, _) in &mut alice {
+        let v = wait_for(ws, "the next publication", |v| v["push"]["channel"] == "chat:room");
+        assert_eq!(v["push"]["pub"]["offset"], 4, "{v}");
+    }
+
+    // Refresh: one client expired now (3005), the others given a new expiry.
+    let later = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    api_ok(&c, 0, "refresh", json!({"user": "alice", "expire_at": later}));
+    let target = alice[2].1.clone();
+    api_ok(&c, 1, "refresh", json!({"user": "alice", "client": target, "expired": true}));
+    let (mut gone, _) = alice.pop().unwrap();
+    assert_eq!(gone.expect_close(), Some(3005));
+
+    // Disconnect with the backend's code and reason: the user's other two.
+    let before = user_commands(&c);
+    let t0 = Instant::now();
+    api_ok(&c, 0, "disconnect", json!({"user": "alice", "disconnect": {"code": 4001, "reason": "moved"}}));
+    for (ws, _) in &mut alice {
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            match ws.event_by(end, "the close") {
+                Some(Event::Closed(code, reason)) => {
+                    assert_eq!((code, reason.as_str()), (Some(4001), "moved"));
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("not closed"),
+            }
+        }
+    }
+    println!("user-wide disconnect, call → both closed: {:?}", t0.elapsed());
+    // One message per gateway that held the user then: the two left (the
+    // third's gateway may still list alice until its offline lands).
+    let sent = user_commands(&c) - before;
+    assert!((2..=3).contains(&sent), "{sent} messages for a user on 2 gateways");
+
+    // Bob, on one of the same gateways, saw none of it and is served.
+    let (_, t) = c.api(1, "publish", &json!({"channel": "chat:bob", "data": {"still": "here"}}));
+    assert!(t.contains("offset"), "{t}");
+    let v = bob.next_pub().expect("bob's publication");
+    assert_eq!(v["push"]["channel"], "chat:bob", "bob got only his own channel: {v}");
+    assert_eq!(v["push"]["pub"]["data"], json!({"still": "here"}));
+}
+
+#[test]
+fn bad_user_commands_get_error_107_and_change_nothing() {
+    let c = Cluster::start(1, 1, &[]);
+    let mut alice = c.client(0, "alice");
+    let r = alice.call(json!({"subscribe": {"channel": "chat:keep"}}));
+    assert!(r.get("error").is_none(), "{r}");
+    wait_known(&c, "alice", 1);
+    for (method, body) in [
+        ("subscribe", json!({"channel": "chat:x"})),
+        ("subscribe", json!({"user": "alice"})),
+        ("subscribe", json!({"user": "alice", "channel": ""})),
+        ("unsubscribe", json!({"user": "", "channel": "chat:keep"})),
+        ("disconnect", json!({"user": "alice", "disconnect": {"code": 1000, "reason": "x"}})),
+        ("disconnect", json!({"user": "alice", "disconnect": {"code": 4000, "reason": "x".repeat(200)}})),
+        ("refresh", json!({"expired": true})),
+    ] {
+        let (status, text) = c.api(0, method, &body);
+        assert_eq!(status, 200, "{method} {body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], 107, "{method} {body}: {text}");
+    }
+    let (status, _) = c.api(0, "subscribe", &json!("not an object"));
+    assert_eq!(status, 400);
+    // A user with no connection: accepted, nothing to do.
+    api_ok(&c, 0, "disconnect", json!({"user": "nobody"}));
+    // An unknown namespace is not subscribed (the session is not closed).
+    api_ok(&c, 0, "subscribe", json!({"user": "alice", "channel": "nope:x"}));
+    // Alice kept her connection and subscription through all of it.
+    let (_, t) = c.api(0, "publish", &json!({"channel": "chat:keep", "data": {"n": 1}}));
+    assert!(t.contains("offset"), "{t}");
+    let v = alice.next_pub().expect("still subscribed");
+    assert_eq!(v["push"]["channel"], "chat:keep", "{v}");
+    let refused = metric(&c.metrics(0), "switchyard_gateway_server_subscribes_refused_total");
+    assert_eq!(refused, 1, "the unknown namespace was refused and counted");
+}
