@@ -482,6 +482,25 @@ impl Cluster {
         )
     }
 
+    /// Waits until every router sees its peers ready and every gateway is
+    /// linked to every router (both compute owners over what they see; a
+    /// gateway is ready once one router is linked).
+    pub fn settle(&self) {
+        let n = self.routers.len() as u64;
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let routers = (0..self.routers.len())
+                .all(|r| metric(&self.router_metrics(r), "switchyard_router_peers_ready") == n - 1);
+            let gateways = (0..self.gateways.len())
+                .all(|g| metric(&self.metrics(g), "switchyard_gateway_routers_up") == n);
+            if routers && gateways {
+                return;
+            }
+            assert!(Instant::now() < end, "the cluster did not settle");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Fetches gateway `i`'s Prometheus metrics.
     /// Router `r`'s metrics (its admin port).
     pub fn router_metrics(&self, r: usize) -> String {

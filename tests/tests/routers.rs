@@ -65,22 +65,8 @@ fn router_metric(c: &Cluster, r: usize, name: &str) -> u64 {
     metric(&c.router_metrics(r), name)
 }
 
-/// Waits until every router sees its peers ready and every gateway is
-/// linked to every router (both compute owners over what they see).
 fn settle(c: &Cluster) {
-    let n = c.routers.len() as u64;
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let routers =
-            (0..c.routers.len()).all(|r| router_metric(c, r, "switchyard_router_peers_ready") == n - 1);
-        let gateways =
-            (0..c.gateways.len()).all(|g| metric(&c.metrics(g), "switchyard_gateway_routers_up") == n);
-        if routers && gateways {
-            return;
-        }
-        assert!(Instant::now() < end, "the cluster did not settle");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.settle();
 }
 
 #[test]

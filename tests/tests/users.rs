@@ -65,6 +65,7 @@ fn api_commands_reach_a_user_on_every_gateway() {
     // Two routers: the user's presence has one owner; a call made at the
     // other is forwarded to it.
     let c = Cluster::start(2, 3, &[]);
+    c.settle();
     let mut alice: Vec<(Ws, String)> = (0..3).map(|g| c.client_with_id(g, "alice")).collect();
     let mut bob = c.client(0, "bob");
     let r = bob.call(json!({"subscribe": {"channel": "chat:bob"}}));
@@ -217,4 +218,115 @@ fn bad_user_commands_get_error_107_and_change_nothing() {
     assert_eq!(v["push"]["channel"], "chat:keep", "{v}");
     let refused = metric(&c.metrics(0), "switchyard_gateway_server_subscribes_refused_total");
     assert_eq!(refused, 1, "the unknown namespace was refused and counted");
+}
+
+/// Connects to gateway `g` with `token` and `subs` (the SDKs' recovery
+/// positions for server-side subscriptions); returns the socket and, per
+/// expected channel, its result: from the connect reply's `subs`, or from
+/// the `subscribe` push that follows it.
+fn connect_server_side(
+    c: &Cluster,
+    g: usize,
+    token: &str,
+    subs: Value,
+    channels: &[&str],
+) -> (Ws, Vec<Value>) {
+    let mut ws = Ws::connect(c.ws_addrs[g], "/connection/websocket").expect("upgrade");
+    let reply = ws.call(json!({"connect": {"token": token, "subs": subs}}));
+    assert!(reply["connect"]["client"].is_string(), "{reply}");
+    let mut results = Vec::new();
+    for ch in channels {
+        let r = match reply["connect"]["subs"].get(*ch) {
+            Some(r) => r.clone(),
+            None => {
+                let v = wait_for(&mut ws, "the subscribe push", |v| v["push"]["channel"] == *ch);
+                assert!(
+                    v["push"]["subscribe"].is_object(),
+                    "{ch}: expected the subscribe push first, got {v}"
+                );
+                v["push"]["subscribe"].clone()
+            }
+        };
+        results.push(r);
+    }
+    (ws, results)
+}
+
+#[test]
+fn token_channels_are_subscribed_at_connect_and_recovered_after_a_drain() {
+    let c = Cluster::start(1, 2, &[]);
+    let publish = |ch: &str, i: u64| {
+        let (_, t) = c.api(0, "publish", &json!({"channel": ch, "data": {"i": i}}));
+        let v: Value = serde_json::from_str(&t).unwrap();
+        assert_eq!(v["result"]["offset"], i, "{t}");
+        v["result"]["epoch"].as_str().unwrap().to_owned()
+    };
+    let epoch = publish("chat:srv-a", 1);
+    let token = e2e::token_with(json!({
+        "sub": "carol",
+        "channels": ["chat:srv-a"],
+        "subs": {"chat:srv-b": {"info": {"role": "reader"}}},
+    }));
+    let (mut ws, results) = connect_server_side(&c, 0, &token, json!({}), &["chat:srv-a", "chat:srv-b"]);
+    assert_eq!(results[0]["epoch"], epoch.as_str(), "{results:?}");
+    assert_eq!(results[0]["offset"], 1, "{results:?}");
+    // A second connection of the token on the same gateway: the positions
+    // are known there now, and the results come in the connect reply.
+    let mut second = Ws::connect(c.ws_addrs[0], "/connection/websocket").expect("upgrade");
+    let reply = second.call(json!({"connect": {"token": token}}));
+    assert_eq!(reply["connect"]["subs"]["chat:srv-a"]["offset"], 1, "{reply}");
+    assert!(reply["connect"]["subs"]["chat:srv-b"].is_object(), "{reply}");
+    drop(second);
+    for i in 2..=3 {
+        publish("chat:srv-a", i);
+        let v = wait_for(&mut ws, "a publication", |v| v["push"]["channel"] == "chat:srv-a");
+        assert_eq!(v["push"]["pub"]["offset"], i, "{v}");
+    }
+    // The gateway drains: the client comes back on the other one and
+    // recovers what was published while it was away.
+    c.gateways[0].signal(libc::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ws.event_by(end, "the drain's close") {
+            Some(Event::Closed(code, _)) => {
+                assert_eq!(code, Some(3001));
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("not closed by the drain"),
+        }
+    }
+    for i in 4..=5 {
+        publish("chat:srv-a", i);
+    }
+    let positions = json!({"chat:srv-a": {"recover": true, "epoch": epoch, "offset": 3}});
+    let (mut ws, results) = connect_server_side(&c, 1, &token, positions, &["chat:srv-a"]);
+    let r = &results[0];
+    // Recovered in the result (publications) or as pushes after it.
+    let mut got: Vec<u64> = r["publications"]
+        .as_array()
+        .map(|p| p.iter().map(|p| p["offset"].as_u64().unwrap()).collect())
+        .unwrap_or_default();
+    while got.len() < 2 {
+        let v = wait_for(&mut ws, "a recovered publication", |v| v["push"]["channel"] == "chat:srv-a");
+        got.push(v["push"]["pub"]["offset"].as_u64().unwrap());
+    }
+    assert_eq!(got, vec![4, 5], "missed publications recovered in order: {r}");
+    publish("chat:srv-a", 6);
+    let v = wait_for(&mut ws, "the next publication", |v| v["push"]["channel"] == "chat:srv-a");
+    assert_eq!(v["push"]["pub"]["offset"], 6, "{v}");
+}
+
+#[test]
+fn a_token_with_more_channels_than_the_limit_is_closed_with_3505() {
+    let c = Cluster::start(1, 1, &[]);
+    let channels: Vec<String> = (0..129).map(|i| format!("chat:many-{i}")).collect();
+    let token = e2e::token_with(json!({"sub": "dave", "channels": channels}));
+    let mut ws = Ws::connect(c.ws_addrs[0], "/connection/websocket").expect("upgrade");
+    ws.send_json(&json!({"id": 1, "connect": {"token": token}}));
+    assert_eq!(ws.expect_close(), Some(3505));
+    // 128 is within the limit.
+    let token = e2e::token_with(json!({"sub": "dave", "channels": channels[..128]}));
+    let (_ws, results) = connect_server_side(&c, 0, &token, json!({}), &[channels[0].as_str()]);
+    assert!(results[0].is_object());
 }

@@ -31,9 +31,11 @@ use crate::session::{Budget, Identity, Session, VERSION};
 pub(super) enum Origin {
     /// The client, with its command id.
     Client(u32),
-    /// The server (the token's `subs`, the server API): answered with a
-    /// `subscribe` push.
+    /// The server API: answered with a `subscribe` push.
     Server,
+    /// The connection token (`channels`, `subs`): answered in the connect
+    /// reply's `subs` when known at once, else with a `subscribe` push.
+    Connect,
 }
 
 /// Why a command was refused.
@@ -155,6 +157,9 @@ impl Ctx {
             return Err(Refusal::Reply(ReplyError::INTERNAL));
         }
         let unix = self.clock.unix(now);
+        // Server-side subscriptions: the token's `channels` and `subs`, in
+        // name order, each once, with the `subs` entry's `info` as chan_info.
+        let mut server_subs: Vec<(String, Option<bytes::Bytes>)> = Vec::new();
         let (user, info, expires) = if c.token.is_empty() {
             if !self.cfg.auth.allow_anonymous_connect_without_token {
                 return Err(Refusal::Close(Disconnect::BAD_REQUEST));
@@ -164,6 +169,14 @@ impl Ctx {
             match self.verifier.connection(&c.token, unix) {
                 Ok(claims) => {
                     let exp = claims.expires_at();
+                    for (ch, sub) in claims.subs {
+                        server_subs.push((ch, sub.info.map(|i| strip_newlines(i.get().as_bytes()))));
+                    }
+                    for ch in claims.channels {
+                        server_subs.push((ch, None));
+                    }
+                    server_subs.sort_by(|a, b| a.0.cmp(&b.0));
+                    server_subs.dedup_by(|a, b| a.0 == b.0);
                     (claims.sub, claims.info.map(|i| strip_newlines(i.get().as_bytes())), exp)
                 }
                 Err(TokenError::Expired) => return Err(Refusal::Reply(ReplyError::TOKEN_EXPIRED)),
@@ -172,6 +185,11 @@ impl Ctx {
         };
         if expires.is_some_and(|t| t <= unix) {
             return Err(Refusal::Reply(ReplyError::TOKEN_EXPIRED));
+        }
+        if server_subs.len() > self.cfg.limits.max_subscriptions {
+            // More than a connection may hold: the token is wrong, and a
+            // reconnect would not help (3505 is terminal for the SDKs).
+            return Err(Refusal::Close(Disconnect::CHANNEL_LIMIT));
         }
         let ttl = self.ttl_of(expires, now);
         let client = self.client_id();
@@ -186,6 +204,50 @@ impl Ctx {
         s.deadlines.next_ping = now + (ping as f64 * self.rng.random_range(0.5..1.0)) as u64;
         s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + 25) * 1000);
         self.rearm(s, sid);
+        // Subscribed before the reply goes out: the results known here go in
+        // its `subs`; a router's answer comes later as a `subscribe` push
+        // followed by what it recovered (nothing of a channel reaches the
+        // client before its result).
+        let mut subs_json = b"{".to_vec();
+        for (channel, chan_info) in server_subs {
+            let ns = match ChannelName::parse(&channel).map(|n| self.cfg.namespaces.resolve(&n).cloned()) {
+                Ok(Ok(ns)) => ns,
+                _ => {
+                    self.fx.metrics().server_subscribes_refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            };
+            let recovery = c
+                .subs
+                .get(&channel)
+                .map_or((false, String::new(), 0, 0), |r| (r.recover, r.epoch.clone(), r.offset, 0));
+            let started = self.start_subscription(
+                s,
+                sid,
+                &channel,
+                &ns,
+                chan_info.as_deref(),
+                Origin::Connect,
+                recovery,
+                now,
+            );
+            match started {
+                Ok(Some(result)) => {
+                    if subs_json.len() > 1 {
+                        subs_json.push(b',');
+                    }
+                    reply::write_str(&mut subs_json, &channel);
+                    subs_json.push(b':');
+                    subs_json.extend_from_slice(&result);
+                }
+                Ok(None) => {}
+                Err(_) => return Err(Refusal::Close(Disconnect::INSUFFICIENT_STATE)),
+            }
+        }
+        subs_json.push(b'}');
+        let subs = (subs_json.len() > 2)
+            .then(|| serde_json::value::RawValue::from_string(String::from_utf8(subs_json).ok()?).ok())
+            .flatten();
         replies.push(reply::reply(
             id,
             "connect",
@@ -194,9 +256,9 @@ impl Ctx {
                 version: VERSION.to_owned(),
                 expires: ttl.is_some(),
                 ttl: ttl.unwrap_or(0),
+                subs,
                 ping: lim.ping_secs,
                 pong: true,
-                ..Default::default()
             },
         ));
         if !user.is_empty() {
@@ -265,10 +327,11 @@ impl Ctx {
     }
 
     /// Subscribes session `sid` to `channel` (checked, within the limit),
-    /// for the client's command `id` or server-side. The answer's line when
-    /// it is known here (an ephemeral channel, or the core knows the
-    /// stream's position): the reply, or the `subscribe` push of a
-    /// server-side subscription; `None` when a router answers later.
+    /// for the client's command `id` or server-side. The answer when it is
+    /// known here (an ephemeral channel, or the core knows the stream's
+    /// position): the reply line, the `subscribe` push of a server API
+    /// subscription, or the result object for the connect reply's `subs`;
+    /// `None` when a router answers later (a server-side one with a push).
     /// `recovery`: (recover, epoch, offset, flag).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_subscription(
@@ -284,12 +347,17 @@ impl Ctx {
     ) -> Result<Option<Vec<u8>>, Refusal> {
         let (recover, epoch, offset, flag) = recovery;
         let channel = self.channels.name(name);
-        if let Origin::Server = origin {
+        if !matches!(origin, Origin::Client(_)) {
             s.mark_server_sub(channel.clone());
         }
         let answer = |r: SubscribeResult| match origin {
             Origin::Client(id) => r.reply(id),
             Origin::Server => r.push(&channel),
+            Origin::Connect => {
+                let mut body = Vec::with_capacity(64);
+                r.write(&mut body);
+                body
+            }
         };
         let presence = ns.presence || ns.join_leave;
         if !ns.positioned() {
@@ -325,8 +393,18 @@ impl Ctx {
         }
         let ch = channel.to_string();
         let ep = epoch.clone();
-        let req = self.request(sid, Kind::Subscribe { channel: channel.clone() }, now, |req| {
-            ClusterMsg::Recover { req, channel: ch, recover, epoch: ep, offset }
+        let lim = &self.cfg.limits;
+        let limit = match origin {
+            Origin::Client(_) => lim.max_requests_in_flight,
+            Origin::Server | Origin::Connect => lim.max_requests_in_flight + lim.max_subscriptions,
+        };
+        let kind = Kind::Subscribe { channel: channel.clone() };
+        let req = self.request_within(sid, kind, now, limit, |req| ClusterMsg::Recover {
+            req,
+            channel: ch,
+            recover,
+            epoch: ep,
+            offset,
         });
         let req = match req {
             Ok(req) => req,
@@ -339,9 +417,9 @@ impl Ctx {
             req,
             id: match origin {
                 Origin::Client(id) => id,
-                Origin::Server => 0,
+                Origin::Server | Origin::Connect => 0,
             },
-            server: matches!(origin, Origin::Server),
+            server: !matches!(origin, Origin::Client(_)),
             recover,
             epoch,
             offset,

@@ -530,11 +530,26 @@ impl Ctx {
         now: u64,
         msg_for: impl FnOnce(u64) -> ClusterMsg,
     ) -> Result<u64, ReplyError> {
+        let limit = self.cfg.limits.max_requests_in_flight;
+        self.request_within(sid, kind, now, limit, msg_for)
+    }
+
+    /// [`request`](Self::request) with a session bound of `limit` requests
+    /// in flight (server-side subscriptions, bounded by the subscription
+    /// limit, may add that many to the client's own).
+    fn request_within(
+        &mut self,
+        sid: Sid,
+        kind: requests::Kind,
+        now: u64,
+        limit: usize,
+        msg_for: impl FnOnce(u64) -> ClusterMsg,
+    ) -> Result<u64, ReplyError> {
         if !self.up.has_room() {
             self.fx.metrics().uplink_dropped.fetch_add(1, Ordering::Relaxed);
             return Err(ReplyError::INTERNAL);
         }
-        if self.requests.of(sid) as usize >= self.cfg.limits.max_requests_in_flight {
+        if self.requests.of(sid) as usize >= limit {
             return Err(ReplyError::TOO_MANY_REQUESTS);
         }
         let req = self.requests.start(sid, kind, now);
