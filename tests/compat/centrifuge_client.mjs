@@ -3,11 +3,16 @@
 // Rust test (tests/tests/compat.rs) to check; the script exits 0 once it has
 // received `expect` publications, 2 on its deadline.
 //
-// usage: node centrifuge_client.mjs <ws_url> <token> <channel> <expect>
+// With `server` as the fifth argument the script subscribes to nothing: the
+// token's `channels` claim makes the channel a server-side subscription,
+// and the client-level events report it.
+//
+// usage: node centrifuge_client.mjs <ws_url> <token> <channel> <expect> [server]
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
 
-const [url, token, channel, expectArg] = process.argv.slice(2);
+const [url, token, channel, expectArg, mode] = process.argv.slice(2);
+const serverSide = mode === 'server';
 const expect = Number(expectArg);
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 
@@ -24,20 +29,26 @@ client.on('connected', (ctx) => out({ event: 'connected', client: ctx.client }))
 client.on('disconnected', (ctx) => out({ event: 'disconnected', code: ctx.code, reason: ctx.reason }));
 client.on('error', (ctx) => out({ event: 'error', error: String(ctx.error?.message ?? ctx.error) }));
 
-const sub = client.newSubscription(channel, { recoverable: true, positioned: true });
+// The same events for a client-side subscription and for the client's
+// server-side ones.
+const source = serverSide ? client : client.newSubscription(channel, { recoverable: true, positioned: true });
 let received = 0;
-sub.on('subscribed', (ctx) =>
+source.on('subscribed', (ctx) =>
   out({
     event: 'subscribed',
+    channel: ctx.channel ?? channel,
     recovered: ctx.recovered,
     wasRecovering: ctx.wasRecovering,
     offset: ctx.streamPosition?.offset,
     epoch: ctx.streamPosition?.epoch,
   }),
 );
-sub.on('subscribing', (ctx) => out({ event: 'subscribing', code: ctx.code, reason: ctx.reason }));
-sub.on('error', (ctx) => out({ event: 'sub_error', error: String(ctx.error?.message ?? ctx.error) }));
-sub.on('publication', (ctx) => {
+source.on('subscribing', (ctx) => out({ event: 'subscribing', code: ctx.code, reason: ctx.reason }));
+if (!serverSide) {
+  source.on('error', (ctx) => out({ event: 'sub_error', error: String(ctx.error?.message ?? ctx.error) }));
+}
+source.on('publication', (ctx) => {
+  if ((ctx.channel ?? channel) !== channel) return;
   out({ event: 'publication', offset: ctx.offset, data: ctx.data });
   received += 1;
   if (received >= expect) {
@@ -45,7 +56,9 @@ sub.on('publication', (ctx) => {
     setTimeout(() => process.exit(0), 50);
   }
 });
-sub.subscribe();
+if (!serverSide) {
+  source.subscribe();
+}
 client.connect();
 setTimeout(() => {
   out({ event: 'timeout', received });

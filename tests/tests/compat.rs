@@ -41,6 +41,17 @@ fn publish(c: &Cluster, channel: &str, i: u64) {
 
 #[test]
 fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
+    js_receives_and_recovers_after_a_gateway_drain(false);
+}
+
+/// The channel comes from the token's `channels` claim: a server-side
+/// subscription the SDK did not ask for, recovered through `connect.subs`.
+#[test]
+fn centrifuge_js_server_side_subscription_recovers_after_a_gateway_drain() {
+    js_receives_and_recovers_after_a_gateway_drain(true);
+}
+
+fn js_receives_and_recovers_after_a_gateway_drain(server_side: bool) {
     setup();
     let mut c = Cluster::start(1, 0, &[]);
     // Two gateways on one address: the SDK's reconnect after the drain lands
@@ -48,13 +59,19 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
     let ws: std::net::SocketAddr = format!("127.0.0.1:{}", e2e::free_tcp_port()).parse().unwrap();
     c.add_gateway_at(0, ws, &["--drain-secs", "1"]);
     c.add_gateway_at(1, ws, &["--drain-secs", "1"]);
-    let channel = "chat:compat-js";
+    let channel = if server_side { "chat:compat-js-server" } else { "chat:compat-js" };
+    let token = if server_side {
+        e2e::token_with(json!({"sub": "js-user", "channels": [channel]}))
+    } else {
+        token("js-user")
+    };
     let mut node = Command::new("node")
         .arg(root().join("tests/compat/centrifuge_client.mjs"))
         .arg(format!("ws://{ws}/connection/websocket"))
-        .arg(token("js-user"))
+        .arg(token)
         .arg(channel)
         .arg("10")
+        .arg(if server_side { "server" } else { "client" })
         .current_dir(root().join("tests/compat"))
         .stdout(Stdio::piped())
         .spawn()

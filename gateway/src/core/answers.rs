@@ -19,10 +19,49 @@ use proto::position::{Follow, StreamPosition};
 use super::Core;
 use super::requests::Kind;
 use crate::effects::Sid;
-use crate::session::subs::SubState;
+use crate::session::PendingConnect;
+use crate::session::subs::{PendingSub, SubState};
 
 /// Times a subscribe is asked again after its answer could not be used.
 const MAX_SUBSCRIBE_RETRIES: u8 = 3;
+
+/// A router's answer to a subscribe.
+#[derive(Debug)]
+pub struct Answered {
+    epoch: String,
+    top: u64,
+    recovered: bool,
+    positioned: bool,
+    publications: Vec<proto::client::Publication>,
+}
+
+impl Answered {
+    /// The subscribe result for `p`, its recovered publications included
+    /// when they fit in `room` bytes of the session's queue (if not, it
+    /// says the position cannot be recovered: rather than closing the
+    /// session as slow, and failing the same way on every reconnect, the
+    /// client reloads its state and goes on from the top).
+    fn result(&self, p: &PendingSub, room: usize) -> SubscribeResult {
+        let result = |recovered: bool, publications: Vec<_>| SubscribeResult {
+            recoverable: p.history,
+            positioned: true,
+            epoch: self.epoch.clone(),
+            offset: if recovered { p.offset } else { self.top },
+            publications,
+            recovered,
+            was_recovering: p.recover,
+            ..Default::default()
+        };
+        if !(p.recover && self.recovered) {
+            return result(false, Vec::new());
+        }
+        let size: usize = self.publications.iter().map(|p| p.data.len() + 64).sum();
+        if size + 128 > room {
+            return result(false, Vec::new());
+        }
+        result(true, self.publications.clone())
+    }
+}
 
 impl Core {
     /// A router answered request `msg.request_id()`.
@@ -106,33 +145,71 @@ impl Core {
         if p.recover && !recovered && p.flag & FLAG_REJECT_UNRECOVERED != 0 {
             return self.refuse_subscription(sid, channel, ReplyError::UNRECOVERABLE_POSITION);
         }
-        let result = |recovered: bool, publications: Vec<_>| SubscribeResult {
-            recoverable: p.history,
-            positioned: true,
-            epoch: epoch.clone(),
-            offset: if recovered { p.offset } else { top },
-            publications,
-            recovered,
-            was_recovering: p.recover,
-            ..Default::default()
-        };
-        let (server, id) = (p.server, p.id);
-        let answer = |r: SubscribeResult| if server { r.push(channel) } else { r.reply(id) };
-        let mut line = if p.recover && recovered {
-            answer(result(true, publications))
-        } else {
-            answer(result(false, Vec::new()))
-        };
-        let room = self.cx.queue_limit().saturating_sub(queued);
-        if line.len() + 16 > room && p.recover && recovered {
-            // The recovery does not fit the session's queue: rather than
-            // closing it as slow (and failing the same way on every
-            // reconnect), say the position cannot be recovered; the client
-            // reloads its state and goes on from the top.
-            line = answer(result(false, Vec::new()));
+        let answer = Answered { epoch, top, recovered, positioned, publications };
+        // A subscription of the connection token, while the connect reply
+        // waits for it: its result goes in the reply's `subs`.
+        if let Some(pc) = s.connecting.as_mut()
+            && let Some(i) = pc.waiting.iter().position(|c| **c == **channel)
+        {
+            pc.waiting.swap_remove(i);
+            pc.answered.push((channel.clone(), answer));
+            if pc.waiting.is_empty() {
+                self.finish_connect(sid);
+            }
+            return;
         }
-        let held = std::mem::take(&mut p.held);
+        let room = self.cx.queue_limit().saturating_sub(queued);
+        let result = answer.result(p, room);
+        let line = if p.server { result.push(channel) } else { result.reply(p.id) };
         self.cx.send_line(s, sid, &line);
+        self.complete_subscription(sid, channel, answer.epoch, answer.top, answer.positioned);
+    }
+
+    /// Every token subscription of a pending connect is answered: the
+    /// connect reply goes out with their results, then each subscription
+    /// takes what was held for it.
+    fn finish_connect(&mut self, sid: Sid) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        let Some(pc) = s.connecting.take() else { return };
+        let PendingConnect { id, mut result, mut subs_json, answered, .. } = *pc;
+        let mut room = self.cx.queue_limit().saturating_sub(s.queued_bytes());
+        for (channel, answer) in &answered {
+            let Some(SubState::Pending(p)) = s.subs.get(channel) else { continue };
+            let r = answer.result(p, room);
+            if subs_json.len() > 1 {
+                subs_json.push(b',');
+            }
+            reply::write_str(&mut subs_json, channel);
+            subs_json.push(b':');
+            let before = subs_json.len();
+            r.write(&mut subs_json);
+            room = room.saturating_sub(subs_json.len() - before);
+        }
+        subs_json.push(b'}');
+        result.subs =
+            serde_json::value::RawValue::from_string(String::from_utf8_lossy(&subs_json).into_owned()).ok();
+        let line = reply::reply(id, "connect", &result);
+        self.cx.send_line(s, sid, &line);
+        for (channel, a) in answered {
+            self.complete_subscription(sid, &channel, a.epoch, a.top, a.positioned);
+        }
+    }
+
+    /// After a subscription's answer went out: what arrived meanwhile is
+    /// merged behind it (what the answer covered skipped; a gap or a
+    /// duplicate resyncs), and the subscription follows the channel's
+    /// stream or keeps its own position.
+    fn complete_subscription(
+        &mut self,
+        sid: Sid,
+        channel: &Arc<str>,
+        epoch: String,
+        top: u64,
+        positioned: bool,
+    ) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        let Some(SubState::Pending(p)) = s.subs.get_mut(channel) else { return };
+        let held = std::mem::take(&mut p.held);
         if !positioned {
             if let Some(state) = s.subs.get_mut(channel) {
                 *state = SubState::Follows;
@@ -183,8 +260,6 @@ impl Core {
         }
     }
 
-    /// A subscribe that cannot go on: the error reply, and the subscription
-    /// leaves the index (and the channel's presence).
     /// A server-side subscription has no command to answer: its session
     /// closes with 3010 and the client reconnects.
     fn refuse_subscription(&mut self, sid: Sid, channel: &str, e: ReplyError) {

@@ -24,7 +24,7 @@ use crate::auth::TokenError;
 use crate::bridge::UpMsg;
 use crate::effects::Sid;
 use crate::session::subs::{PendingSub, SubState};
-use crate::session::{Budget, Identity, Session, VERSION};
+use crate::session::{Budget, Identity, PendingConnect, Session, VERSION};
 
 /// Who asked for a subscription.
 #[derive(Debug, Clone, Copy)]
@@ -34,8 +34,13 @@ pub(super) enum Origin {
     /// The server API: answered with a `subscribe` push.
     Server,
     /// The connection token (`channels`, `subs`): answered in the connect
-    /// reply's `subs` when known at once, else with a `subscribe` push.
-    Connect,
+    /// reply's `subs`, at once when `local` and the core knows the answer,
+    /// else once every router answered (the reply waits; nothing of the
+    /// channels reaches the client before it).
+    Connect {
+        /// Whether the core may answer from what it knows.
+        local: bool,
+    },
 }
 
 /// Why a command was refused.
@@ -209,6 +214,21 @@ impl Ctx {
         // followed by what it recovered (nothing of a channel reaches the
         // client before its result).
         let mut subs_json = b"{".to_vec();
+        let mut waiting = Vec::new();
+        // Answered here only if every one of them can be: else a publication
+        // of one answered here could reach the client before the reply.
+        let local = server_subs.iter().all(|(channel, _)| {
+            let ns = ChannelName::parse(channel).ok().and_then(|n| self.cfg.namespaces.resolve(&n).ok());
+            let recovery = c.subs.get(channel);
+            match ns {
+                None => true,
+                Some(ns) if !ns.positioned() => true,
+                Some(_) => self
+                    .channels
+                    .position(channel)
+                    .is_some_and(|p| recovery.is_none_or(|r| !r.recover || p.is(&r.epoch, r.offset))),
+            }
+        });
         for (channel, chan_info) in server_subs {
             let ns = match ChannelName::parse(&channel).map(|n| self.cfg.namespaces.resolve(&n).cloned()) {
                 Ok(Ok(ns)) => ns,
@@ -227,7 +247,7 @@ impl Ctx {
                 &channel,
                 &ns,
                 chan_info.as_deref(),
-                Origin::Connect,
+                Origin::Connect { local },
                 recovery,
                 now,
             );
@@ -240,27 +260,31 @@ impl Ctx {
                     subs_json.push(b':');
                     subs_json.extend_from_slice(&result);
                 }
-                Ok(None) => {}
+                Ok(None) => waiting.push(self.channels.name(&channel)),
                 Err(_) => return Err(Refusal::Close(Disconnect::INSUFFICIENT_STATE)),
             }
         }
-        subs_json.push(b'}');
-        let subs = (subs_json.len() > 2)
-            .then(|| serde_json::value::RawValue::from_string(String::from_utf8(subs_json).ok()?).ok())
-            .flatten();
-        replies.push(reply::reply(
-            id,
-            "connect",
-            &ConnectResult {
-                client: client.clone(),
-                version: VERSION.to_owned(),
-                expires: ttl.is_some(),
-                ttl: ttl.unwrap_or(0),
-                subs,
-                ping: lim.ping_secs,
-                pong: true,
-            },
-        ));
+        let result = ConnectResult {
+            client: client.clone(),
+            version: VERSION.to_owned(),
+            expires: ttl.is_some(),
+            ttl: ttl.unwrap_or(0),
+            subs: None,
+            ping: lim.ping_secs,
+            pong: true,
+        };
+        if waiting.is_empty() {
+            subs_json.push(b'}');
+            let subs = (subs_json.len() > 2)
+                .then(|| serde_json::value::RawValue::from_string(String::from_utf8(subs_json).ok()?).ok())
+                .flatten();
+            replies.push(reply::reply(id, "connect", &ConnectResult { subs, ..result }));
+        } else {
+            // The reply waits for the routers' answers (a request times
+            // out into an error: the session then closes with 3010).
+            let answered = Vec::with_capacity(waiting.len());
+            s.connecting = Some(Box::new(PendingConnect { id, result, subs_json, waiting, answered }));
+        }
         if !user.is_empty() {
             let key = self.cfg.namespaces.presence_channel(&user);
             let msg = ClusterMsg::UserOnline { user: user.to_string(), client };
@@ -353,14 +377,15 @@ impl Ctx {
         let answer = |r: SubscribeResult| match origin {
             Origin::Client(id) => r.reply(id),
             Origin::Server => r.push(&channel),
-            Origin::Connect => {
+            Origin::Connect { .. } => {
                 let mut body = Vec::with_capacity(64);
                 r.write(&mut body);
                 body
             }
         };
         let presence = ns.presence || ns.join_leave;
-        if !ns.positioned() {
+        let local = !matches!(origin, Origin::Connect { local: false });
+        if local && !ns.positioned() {
             s.subs.insert(channel.clone(), SubState::Follows);
             self.index(&channel, sid, true);
             if presence {
@@ -371,7 +396,8 @@ impl Ctx {
         // The channel's position is known here: answer without a router
         // round trip, as the router would (a recovery from the very top
         // recovers nothing and is complete).
-        if let Some(p) = self.channels.position(&channel)
+        if local
+            && let Some(p) = self.channels.position(&channel)
             && (!recover || p.is(&epoch, offset))
         {
             let result = SubscribeResult {
@@ -396,7 +422,7 @@ impl Ctx {
         let lim = &self.cfg.limits;
         let limit = match origin {
             Origin::Client(_) => lim.max_requests_in_flight,
-            Origin::Server | Origin::Connect => lim.max_requests_in_flight + lim.max_subscriptions,
+            Origin::Server | Origin::Connect { .. } => lim.max_requests_in_flight + lim.max_subscriptions,
         };
         let kind = Kind::Subscribe { channel: channel.clone() };
         let req = self.request_within(sid, kind, now, limit, |req| ClusterMsg::Recover {
@@ -417,7 +443,7 @@ impl Ctx {
             req,
             id: match origin {
                 Origin::Client(id) => id,
-                Origin::Server | Origin::Connect => 0,
+                Origin::Server | Origin::Connect { .. } => 0,
             },
             server: !matches!(origin, Origin::Client(_)),
             recover,

@@ -116,6 +116,22 @@ pub struct Deadlines {
     pub linger_until: u64,
 }
 
+/// A connect reply that waits for the token's subscriptions: sent, with
+/// every result in its `subs`, once the last router answer is in.
+#[derive(Debug)]
+pub struct PendingConnect {
+    /// The connect command's id.
+    pub id: u32,
+    /// The reply, but for `subs`.
+    pub result: proto::client::reply::ConnectResult,
+    /// The `subs` object so far (`{` and the results known at connect).
+    pub subs_json: Vec<u8>,
+    /// Channels whose answer is awaited.
+    pub waiting: Vec<Arc<str>>,
+    /// Answers in, held until the reply goes out.
+    pub answered: Vec<(Arc<str>, crate::core::answers::Answered)>,
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Session {
@@ -151,6 +167,9 @@ pub struct Session {
     /// whose stream broke closes the session with 3010 (the client
     /// reconnects and recovers) instead of asking it to resubscribe.
     server_subs: Option<Box<[Arc<str>]>>,
+    /// A connect reply waiting for the routers' answers to the token's
+    /// subscriptions (their results go in it).
+    pub connecting: Option<Box<PendingConnect>>,
     out: Outbound,
     /// Deadlines.
     pub deadlines: Deadlines,
@@ -176,6 +195,7 @@ impl Session {
             budget: None,
             subs: Subs::default(),
             server_subs: None,
+            connecting: None,
             out: Outbound::default(),
             deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
             timer: 0,
