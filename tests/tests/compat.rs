@@ -39,19 +39,32 @@ fn publish(c: &Cluster, channel: &str, i: u64) {
     assert_eq!(st, 200, "{body}");
 }
 
+/// Which SDK, and whether its channel is a client-side subscription or a
+/// server-side one from the token's `channels` claim (which the SDK did not
+/// ask for, and recovers through `connect.subs`).
+#[derive(Clone, Copy, PartialEq)]
+enum Sdk {
+    Js,
+    JsServerSide,
+    PythonServerSide,
+}
+
 #[test]
 fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
-    js_receives_and_recovers_after_a_gateway_drain(false);
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::Js);
 }
 
-/// The channel comes from the token's `channels` claim: a server-side
-/// subscription the SDK did not ask for, recovered through `connect.subs`.
 #[test]
 fn centrifuge_js_server_side_subscription_recovers_after_a_gateway_drain() {
-    js_receives_and_recovers_after_a_gateway_drain(true);
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::JsServerSide);
 }
 
-fn js_receives_and_recovers_after_a_gateway_drain(server_side: bool) {
+#[test]
+fn centrifuge_python_server_side_subscription_recovers_after_a_gateway_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::PythonServerSide);
+}
+
+fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     setup();
     let mut c = Cluster::start(1, 0, &[]);
     // Two gateways on one address: the SDK's reconnect after the drain lands
@@ -59,23 +72,39 @@ fn js_receives_and_recovers_after_a_gateway_drain(server_side: bool) {
     let ws: std::net::SocketAddr = format!("127.0.0.1:{}", e2e::free_tcp_port()).parse().unwrap();
     c.add_gateway_at(0, ws, &["--drain-secs", "1"]);
     c.add_gateway_at(1, ws, &["--drain-secs", "1"]);
-    let channel = if server_side { "chat:compat-js-server" } else { "chat:compat-js" };
-    let token = if server_side {
-        e2e::token_with(json!({"sub": "js-user", "channels": [channel]}))
-    } else {
-        token("js-user")
+    let (channel, token) = match sdk {
+        Sdk::Js => ("chat:compat-js", token("js-user")),
+        Sdk::JsServerSide => {
+            let ch = "chat:compat-js-server";
+            (ch, e2e::token_with(json!({"sub": "js-user", "channels": [ch]})))
+        }
+        Sdk::PythonServerSide => {
+            let ch = "chat:compat-py-server";
+            (ch, e2e::token_with(json!({"sub": "py-user", "channels": [ch]})))
+        }
     };
-    let mut node = Command::new("node")
-        .arg(root().join("tests/compat/centrifuge_client.mjs"))
-        .arg(format!("ws://{ws}/connection/websocket"))
-        .arg(token)
-        .arg(channel)
-        .arg("10")
-        .arg(if server_side { "server" } else { "client" })
+    let url = format!("ws://{ws}/connection/websocket");
+    let mut cmd = match sdk {
+        Sdk::Js | Sdk::JsServerSide => {
+            let mut c = Command::new("node");
+            c.arg(root().join("tests/compat/centrifuge_client.mjs"));
+            c
+        }
+        Sdk::PythonServerSide => {
+            let mut c = Command::new(root().join("target/compat-venv/bin/python"));
+            c.arg(root().join("tests/compat/centrifuge_python_client.py"));
+            c
+        }
+    };
+    cmd.args([url.as_str(), &token, channel, "10"]);
+    if sdk == Sdk::JsServerSide {
+        cmd.arg("server");
+    }
+    let mut node = cmd
         .current_dir(root().join("tests/compat"))
         .stdout(Stdio::piped())
         .spawn()
-        .expect("node");
+        .expect("the SDK's script");
     let (tx, rx) = mpsc::channel::<Value>();
     let stdout = node.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -111,7 +140,10 @@ fn js_receives_and_recovers_after_a_gateway_drain(server_side: bool) {
     c.gateways[holder].signal(15);
     // Publish while the SDK is away (it waits ≥ ½ s before reconnecting): it
     // must get these back by recovery.
-    wait_for(&|e| e.iter().any(|v| v["event"] == "connecting" && v["code"] == 3001), "drain disconnect");
+    // (centrifuge-js reports it as `connecting` with the code, Python as
+    // `disconnected` with the code, then reconnects: 3001 is not terminal.)
+    let drained = |v: &Value| (v["event"] == "connecting" || v["event"] == "disconnected") && v["code"] == 3001;
+    wait_for(&|e| e.iter().any(drained), "drain disconnect");
     for i in 6..=10 {
         publish(&c, channel, i);
     }
@@ -145,7 +177,7 @@ fn js_receives_and_recovers_after_a_gateway_drain(server_side: bool) {
     assert_eq!(data, (1..=10).collect::<Vec<_>>());
     // The SDK was moved by the drain (3001 shutdown → reconnect) and resubscribed with recovery.
     assert!(
-        events.iter().any(|v| v["event"] == "connecting" && v["code"] == 3001),
+        events.iter().any(drained),
         "the drain's disconnect code reached the SDK: {events:?}"
     );
     let resub: Vec<&Value> = events.iter().filter(|v| v["event"] == "subscribed").collect();
