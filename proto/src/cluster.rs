@@ -285,6 +285,8 @@ pub enum ClusterMsg {
         code: u16,
         /// Close reason.
         reason: String,
+        /// Clients to keep connected.
+        whitelist: Vec<String>,
     },
     /// Router → gateway: unsubscribe a user's connections from a channel
     /// (server API `unsubscribe`; the clients get unsubscribe push 2000).
@@ -782,12 +784,13 @@ impl ClusterMsg {
                 w.0.put_u8(tag::RESYNC);
                 w.strs(channels);
             }
-            ClusterMsg::DisconnectUser { user, client, code, reason } => {
+            ClusterMsg::DisconnectUser { user, client, code, reason, whitelist } => {
                 w.0.put_u8(tag::DISCONNECT_USER);
                 w.str(user);
                 w.str(client);
                 w.0.put_u16(*code);
                 w.str(reason);
+                w.strs(whitelist);
             }
             ClusterMsg::UnsubscribeUser { user, channel, client } => {
                 w.0.put_u8(tag::UNSUBSCRIBE_USER);
@@ -982,6 +985,7 @@ impl ClusterMsg {
                     client: r.str()?,
                     code: r.u16()?,
                     reason: r.str()?,
+                    whitelist: r.strs()?,
                 }
             }
             tag::UNSUBSCRIBE_USER => {
@@ -1180,9 +1184,15 @@ mod tests {
             }),
             any::<u64>().prop_map(|round| ClusterMsg::PresenceBegin { round }),
             any::<u64>().prop_map(|round| ClusterMsg::PresenceEnd { round }),
-            (s(), s(), any::<u16>(), s()).prop_map(|(user, client, code, reason)| {
-                ClusterMsg::DisconnectUser { user, client, code, reason }
-            }),
+            (s(), s(), any::<u16>(), s(), proptest::collection::vec(s(), 0..3)).prop_map(
+                |(user, client, code, reason, whitelist)| ClusterMsg::DisconnectUser {
+                    user,
+                    client,
+                    code,
+                    reason,
+                    whitelist
+                }
+            ),
             (s(), s(), s()).prop_map(|(user, channel, client)| ClusterMsg::UnsubscribeUser {
                 user,
                 channel,

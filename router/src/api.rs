@@ -123,21 +123,23 @@ struct HistoryReq {
 #[derive(Deserialize, Default)]
 struct UserReq {
     #[serde(default)]
-    user: String,
+    user: Option<String>,
     #[serde(default)]
-    channel: String,
+    channel: Option<String>,
     #[serde(default)]
-    client: String,
+    client: Option<String>,
     #[serde(default)]
-    session: String,
+    session: Option<String>,
     #[serde(default)]
     recover_since: Option<Since>,
     #[serde(default)]
     disconnect: Option<DisconnectReq>,
     #[serde(default)]
-    expired: bool,
+    whitelist: Option<Vec<String>>,
     #[serde(default)]
-    expire_at: u64,
+    expired: Option<bool>,
+    #[serde(default)]
+    expire_at: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -148,16 +150,21 @@ struct DisconnectReq {
     reason: String,
 }
 
+/// Client ids a `disconnect` may keep (more: error 107).
+const MAX_WHITELIST: usize = 1024;
+
 impl UserReq {
     /// The command for the user's gateways; `Err`: error 107.
     fn command(self, method: &str) -> Result<ClusterMsg, ReplyError> {
-        if self.user.is_empty() {
+        let user = self.user.unwrap_or_default();
+        if user.is_empty() {
             return Err(ReplyError::BAD_REQUEST);
         }
-        let client = if self.client.is_empty() { self.session } else { self.client };
+        let client = self.client.filter(|c| !c.is_empty()).or(self.session).unwrap_or_default();
+        let name = self.channel.unwrap_or_default();
         let channel = || {
-            proto::client::channel::ChannelName::parse(&self.channel)
-                .map(|_| self.channel.clone())
+            proto::client::channel::ChannelName::parse(&name)
+                .map(|_| name.clone())
                 .map_err(|_| ReplyError::BAD_REQUEST)
         };
         Ok(match method {
@@ -168,24 +175,28 @@ impl UserReq {
                     recover: since.is_some(),
                     epoch: since.map(|s| s.epoch.clone()).unwrap_or_default(),
                     offset: since.map_or(0, |s| s.offset),
-                    user: self.user,
+                    user,
                     client,
                 }
             }
-            "unsubscribe" => ClusterMsg::UnsubscribeUser { channel: channel()?, user: self.user, client },
+            "unsubscribe" => ClusterMsg::UnsubscribeUser { channel: channel()?, user, client },
             "disconnect" => {
                 let d = self.disconnect.unwrap_or_default();
                 let code = if d.code == 0 { Disconnect::FORCE_DISCONNECT.code as u32 } else { d.code };
                 if !(3000..=4999).contains(&code) || d.reason.len() > 123 {
                     return Err(ReplyError::BAD_REQUEST);
                 }
-                ClusterMsg::DisconnectUser { user: self.user, client, code: code as u16, reason: d.reason }
+                let whitelist = self.whitelist.unwrap_or_default();
+                if whitelist.len() > MAX_WHITELIST {
+                    return Err(ReplyError::BAD_REQUEST);
+                }
+                ClusterMsg::DisconnectUser { user, client, code: code as u16, reason: d.reason, whitelist }
             }
             _ => ClusterMsg::RefreshUser {
-                user: self.user,
+                user,
                 client,
-                expired: self.expired,
-                expire_at: self.expire_at,
+                expired: self.expired.unwrap_or(false),
+                expire_at: self.expire_at.unwrap_or(0),
             },
         })
     }
@@ -261,7 +272,7 @@ impl Router {
         match method {
             "subscribe" | "unsubscribe" | "disconnect" | "refresh" => {
                 let r: UserReq = serde_json::from_slice(body).ok()?;
-                let key = self.namespaces().presence_channel(&r.user);
+                let key = self.namespaces().presence_channel(r.user.as_deref().unwrap_or_default());
                 let Owner::Peer(peer) = self.peers().owner(&key) else { return None };
                 Some(self.forward(&peer, method, body).await)
             }
@@ -373,7 +384,7 @@ impl Router {
                 // The router owning the user's presence knows the gateways
                 // holding the user: one message to each of them.
                 let r: UserReq = serde_json::from_slice(body).map_err(bad)?;
-                let key = self.namespaces().presence_channel(&r.user);
+                let key = self.namespaces().presence_channel(r.user.as_deref().unwrap_or_default());
                 match r.command(method) {
                     Ok(msg) => match self.api_call(&key, |reply| ApiOp::User { msg, reply }).await {
                         Some(_) => result_body(b"{}"),

@@ -8,17 +8,23 @@ usage: python cent_client.py <api_url> <api_key> <channel>
 
 import json
 import sys
+import time
 
 from cent import (
     BroadcastRequest,
     ChannelsRequest,
     Client,
+    Disconnect,
+    DisconnectRequest,
     HistoryRemoveRequest,
     HistoryRequest,
     InfoRequest,
     PresenceRequest,
     PresenceStatsRequest,
     PublishRequest,
+    RefreshRequest,
+    SubscribeRequest,
+    UnsubscribeRequest,
 )
 
 api_url, api_key, channel = sys.argv[1:4]
@@ -56,5 +62,14 @@ try:
     out["unknown_namespace"] = "accepted"
 except Exception as e:
     out["unknown_namespace"] = [type(e).__name__, getattr(e, "code", None)]
+
+# The user-wide commands, on the watcher (user "py-watcher"): a server-side
+# subscription, a new expiry, an unsubscribe, then a disconnect.
+user = "py-watcher"
+client.subscribe(SubscribeRequest(user=user, channel=channel + "-srv"))
+client.refresh(RefreshRequest(user=user, expire_at=int(time.time()) + 3600))
+client.unsubscribe(UnsubscribeRequest(user=user, channel=channel + "-srv"))
+client.disconnect(DisconnectRequest(user=user, disconnect=Disconnect(code=4000, reason="cent")))
+out["user_commands"] = "sent"
 
 print(json.dumps(out))

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use e2e::{API_KEY, Cluster, metric, token};
+use e2e::{API_KEY, Cluster, Event, metric, token};
 use serde_json::{Value, json};
 
 fn root() -> PathBuf {
@@ -142,7 +142,8 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     // must get these back by recovery.
     // (centrifuge-js reports it as `connecting` with the code, Python as
     // `disconnected` with the code, then reconnects: 3001 is not terminal.)
-    let drained = |v: &Value| (v["event"] == "connecting" || v["event"] == "disconnected") && v["code"] == 3001;
+    let drained =
+        |v: &Value| (v["event"] == "connecting" || v["event"] == "disconnected") && v["code"] == 3001;
     wait_for(&|e| e.iter().any(drained), "drain disconnect");
     for i in 6..=10 {
         publish(&c, channel, i);
@@ -176,10 +177,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
         .collect();
     assert_eq!(data, (1..=10).collect::<Vec<_>>());
     // The SDK was moved by the drain (3001 shutdown → reconnect) and resubscribed with recovery.
-    assert!(
-        events.iter().any(drained),
-        "the drain's disconnect code reached the SDK: {events:?}"
-    );
+    assert!(events.iter().any(drained), "the drain's disconnect code reached the SDK: {events:?}");
     let resub: Vec<&Value> = events.iter().filter(|v| v["event"] == "subscribed").collect();
     assert!(resub.len() >= 2, "{events:?}");
     assert_eq!(resub.last().unwrap()["wasRecovering"], true, "{events:?}");
@@ -218,10 +216,31 @@ fn cent_python_client_drives_the_http_api() {
     assert_eq!(v["history_after_remove"], 0, "{v}");
     assert_eq!(v["bad_key"], "CentUnauthorizedError", "{v}");
     assert_eq!(v["unknown_namespace"][1], 102, "{v}");
-    // The subscriber got the three publications cent made, in order.
-    for (offset, i) in [(1, 1), (2, 1), (3, 2)] {
-        let p = ws.next_pub().expect("publication");
+    assert_eq!(v["user_commands"], "sent", "{v}");
+    // The subscriber got the three publications cent made, in order, then
+    // the user-wide commands' effects: subscribed to `-srv`, unsubscribed
+    // from it (2000), closed with cent's code and reason.
+    let srv = format!("{channel}-srv");
+    let mut pubs = Vec::new();
+    let mut pushes = Vec::new();
+    let end = Instant::now() + Duration::from_secs(15);
+    let close = loop {
+        match ws.event_by(end, "cent's disconnect") {
+            Some(Event::Json(p)) if p["push"]["channel"] == channel => pubs.push(p),
+            Some(Event::Json(p)) if p["push"]["channel"] == srv.as_str() => pushes.push(p),
+            Some(Event::Json(_)) => {}
+            Some(Event::Closed(code, reason)) => break (code, reason),
+            Some(other) => panic!("{other:?}"),
+            None => panic!("not disconnected by cent; pushes {pushes:?}"),
+        }
+    };
+    assert_eq!(close, (Some(4000), "cent".to_owned()));
+    assert_eq!(pubs.len(), 3, "{pubs:?}");
+    for ((offset, i), p) in [(1, 1), (2, 1), (3, 2)].into_iter().zip(&pubs) {
         assert_eq!(p["push"]["pub"]["offset"], offset, "{p}");
         assert_eq!(p["push"]["pub"]["data"], json!({"from": "cent", "i": i}));
     }
+    assert_eq!(pushes.len(), 2, "{pushes:?}");
+    assert!(pushes[0]["push"]["subscribe"].is_object(), "{pushes:?}");
+    assert_eq!(pushes[1]["push"]["unsubscribe"]["code"], 2000, "{pushes:?}");
 }

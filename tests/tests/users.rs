@@ -153,28 +153,35 @@ fn api_commands_reach_a_user_on_every_gateway() {
     let (mut gone, _) = alice.pop().unwrap();
     assert_eq!(gone.expect_close(), Some(3005));
 
-    // Disconnect with the backend's code and reason: the user's other two.
-    let before = user_commands(&c);
-    let t0 = Instant::now();
-    api_ok(&c, 0, "disconnect", json!({"user": "alice", "disconnect": {"code": 4001, "reason": "moved"}}));
-    for (ws, _) in &mut alice {
+    // Disconnect with the backend's code and reason, keeping one client (the
+    // whitelist), then without: the user's other two, one after the other.
+    let closed = |ws: &mut Ws| {
         let end = Instant::now() + Duration::from_secs(15);
         loop {
             match ws.event_by(end, "the close") {
-                Some(Event::Closed(code, reason)) => {
-                    assert_eq!((code, reason.as_str()), (Some(4001), "moved"));
-                    break;
-                }
+                Some(Event::Closed(code, reason)) => return (code, reason),
                 Some(_) => continue,
                 None => panic!("not closed"),
             }
         }
-    }
-    println!("user-wide disconnect, call → both closed: {:?}", t0.elapsed());
+    };
+    let kept = alice[0].1.clone();
+    let before = user_commands(&c);
+    let t0 = Instant::now();
+    api_ok(
+        &c,
+        0,
+        "disconnect",
+        json!({"user": "alice", "whitelist": [kept], "disconnect": {"code": 4001, "reason": "moved"}}),
+    );
+    assert_eq!(closed(&mut alice[1].0), (Some(4001), "moved".to_owned()));
+    println!("user-wide disconnect, call → closed: {:?}", t0.elapsed());
     // One message per gateway that held the user then: the two left (the
     // third's gateway may still list alice until its offline lands).
     let sent = user_commands(&c) - before;
     assert!((2..=3).contains(&sent), "{sent} messages for a user on 2 gateways");
+    api_ok(&c, 1, "disconnect", json!({"user": "alice"}));
+    assert_eq!(closed(&mut alice[0].0), (Some(3503), "force disconnect".to_owned()), "the default code");
 
     // Bob, on one of the same gateways, saw none of it and is served.
     let (_, t) = c.api(1, "publish", &json!({"channel": "chat:bob", "data": {"still": "here"}}));
@@ -254,7 +261,7 @@ fn connect_server_side(
 
 #[test]
 fn token_channels_are_subscribed_at_connect_and_recovered_after_a_drain() {
-    let c = Cluster::start(1, 2, &[]);
+    let c = Cluster::start(1, 2, &["--drain-secs", "1"]);
     let publish = |ch: &str, i: u64| {
         let (_, t) = c.api(0, "publish", &json!({"channel": ch, "data": {"i": i}}));
         let v: Value = serde_json::from_str(&t).unwrap();

@@ -151,8 +151,14 @@ impl Core {
                     self.server_subscribe(sid, channel, (*recover, epoch.clone(), *offset), now)
                 }
                 ClusterMsg::UnsubscribeUser { channel, .. } => self.server_unsubscribe(sid, channel),
-                ClusterMsg::DisconnectUser { code, reason, .. } => {
-                    self.close(sid, CloseReason { code: *code, reason: close_reason(*code, reason) })
+                ClusterMsg::DisconnectUser { code, reason, whitelist, .. } => {
+                    let kept = self
+                        .sessions
+                        .get(sid)
+                        .is_some_and(|s| whitelist.iter().any(|c| **c == *s.identity.client));
+                    if !kept {
+                        self.close(sid, CloseReason { code: *code, reason: close_reason(*code, reason) })
+                    }
                 }
                 ClusterMsg::RefreshUser { expired, expire_at, .. } => {
                     self.server_refresh(sid, *expired, *expire_at, now)
