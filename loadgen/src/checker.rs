@@ -187,6 +187,9 @@ enum Status {
     Ephemeral,
     /// Refused (or ended by the server) with this code.
     Failed(u32),
+    /// A server-side subscription the backend ended (a user left the
+    /// channel: unsubscribe push 2000): checked up to there.
+    Left,
 }
 
 /// Where the stream is: an index into `epochs` and the last offset accepted.
@@ -346,6 +349,16 @@ impl StreamChecker {
         self.status = Status::Failed(code);
     }
 
+    /// The backend ended a server-side subscription (the user left the
+    /// channel): what the stream received until then was checked; what
+    /// was published after is not its to receive. Anything still arriving
+    /// for the channel is the worker's `stray`.
+    pub fn left(&mut self) {
+        if matches!(self.status, Status::Live | Status::Ephemeral) {
+            self.status = Status::Left;
+        }
+    }
+
     /// The connection closed (WebSocket close `code`, 1006 without one); the
     /// client resubscribes with recovery when it reconnects.
     pub fn disconnected(&mut self, _code: u16) {
@@ -360,7 +373,7 @@ impl StreamChecker {
     /// Whether the stream still waits for publications up to the final
     /// position `(top, epoch)` (a subscription that failed waits for nothing).
     pub fn behind(&self, fin: (u64, &str)) -> bool {
-        !matches!(self.status, Status::Failed(_)) && self.tail(fin).0 > 0
+        !matches!(self.status, Status::Failed(_) | Status::Left) && self.tail(fin).0 > 0
     }
 
     /// The stream's counts at the end, given the channel's final position
@@ -378,7 +391,7 @@ impl StreamChecker {
             (_, None) => t.unpositioned = 1,
             _ => {}
         }
-        if let Some(fin) = fin {
+        if let Some(fin) = fin.filter(|_| self.status != Status::Left) {
             let (lost, forgiven) = self.tail(fin);
             t.lost += lost;
             t.forgiven += forgiven;
@@ -653,6 +666,29 @@ mod tests {
         let t = c.finish(Some((5, "e")), Some(&log(&[("e", 1..=5)])));
         assert_eq!(t, Tally { streams: 1, payload_verified: 5, ..Default::default() });
         assert!(t.is_clean());
+    }
+
+    #[test]
+    fn a_joined_channel_left_is_checked_up_to_the_leave() {
+        // Joined at 3 (the subscribe push), left after 6: the tail past the
+        // leave is not the stream's, what came before it is checked.
+        let mut c = at("e", 3);
+        feed(&mut c, 4..=6);
+        c.left();
+        let t = c.finish(Some((9, "e")), Some(&log(&[("e", 1..=9)])));
+        assert_eq!(t, Tally { streams: 1, payload_verified: 3, ..Default::default() });
+        assert!(t.is_clean() && !c.behind((9, "e")));
+        // A gap, a duplicate or a reordering while joined is still red.
+        let mut c = at("e", 3);
+        feed(&mut c, [4, 6, 6, 5]);
+        c.left();
+        let t = c.finish(Some((9, "e")), None);
+        assert_eq!((t.lost, t.duplicated, t.reordered), (1, 1, 1));
+        assert!(!t.is_clean());
+        // A channel left without ever being positioned was never checked.
+        let mut c = StreamChecker::new();
+        c.left();
+        assert_eq!(c.finish(Some((9, "e")), None).unpositioned, 1);
     }
 
     #[test]

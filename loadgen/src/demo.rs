@@ -158,7 +158,20 @@ pub struct DemoArgs {
     /// `chat`: typing events before each message.
     #[arg(long, default_value_t = 2)]
     pub typing_per_msg: usize,
+    /// `chat`: channel joins per second, done as the backend does them (the
+    /// server API's `subscribe` for a user: every device of the user gets
+    /// the channel at once); each is left (`unsubscribe`) `--join-secs`
+    /// later. 0: none.
+    #[arg(long, default_value_t = 2.0)]
+    pub joins_per_sec: f64,
+    /// `chat`: seconds a joined channel is kept before the leave.
+    #[arg(long, default_value_t = 3.0)]
+    pub join_secs: f64,
 }
+
+/// `chat`: channels per workspace that users join and leave during the run
+/// (`chat:w<W>-join<J>`; nobody subscribes to them by themselves).
+const JOIN_CHANNELS: usize = 4;
 
 /// What a run does after the storm.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -684,7 +697,53 @@ fn scenario(
         report.phases.push(("chat".into(), start.elapsed().as_secs_f64()));
         let mut personal = 0u64;
         let end = fan_start + Duration::from_secs(a.duration);
+        // Joins in flight: (when to leave, user, channel).
+        let mut joined: std::collections::VecDeque<(Instant, String, String)> = Default::default();
+        let (mut join_seq, mut joins_paced) = (0u64, 0u64);
         while Instant::now() < end {
+            // The Slack "join channel" path: the backend subscribes a user's
+            // every connection to a channel, publishes there, and later takes
+            // the user out again. The clients check each joined stream.
+            let due_joins = (fan_start.elapsed().as_secs_f64() * a.joins_per_sec.max(0.0)) as u64;
+            while joins_paced < due_joins {
+                joins_paced += 1;
+                let i = rng.random_range(0..a.connections.max(1));
+                let w = i % a.workspaces.max(1);
+                let ch = format!("chat:w{w}-join{}", rng.random_range(0..JOIN_CHANNELS));
+                let user = format!("u{i}");
+                if joined.iter().any(|(_, u, c)| *u == user && *c == ch) {
+                    continue;
+                }
+                report.join_calls += 1;
+                match api.call("subscribe", &serde_json::json!({"user": user, "channel": ch})) {
+                    Ok(r) if r.get("result").is_some() => {
+                        joined.push_back((Instant::now() + Duration::from_secs_f64(a.join_secs), user, ch))
+                    }
+                    _ => report.api_errors += 1,
+                }
+            }
+            while joined.front().is_some_and(|(at, _, _)| *at <= Instant::now()) {
+                let (_, user, ch) = joined.pop_front().expect("checked");
+                report.leave_calls += 1;
+                match api.call("unsubscribe", &serde_json::json!({"user": user, "channel": ch})) {
+                    Ok(r) if r.get("result").is_some() => {}
+                    _ => report.api_errors += 1,
+                }
+            }
+            if a.joins_per_sec > 0.0 {
+                let w = rng.random_range(0..a.workspaces.max(1));
+                let ch = format!("chat:w{w}-join{}", rng.random_range(0..JOIN_CHANNELS));
+                let r = api.call(
+                    "publish",
+                    &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": join_seq}}),
+                )?;
+                if let Some(off) = r["result"]["offset"].as_u64() {
+                    let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
+                    published.record(&ch, &epoch, off, join_seq);
+                    tops.insert(ch, (off, epoch));
+                }
+                join_seq += 1;
+            }
             // The backend syncs read-state to a random user's devices.
             let due = fan_start + Duration::from_secs_f64(personal as f64 / a.rate.max(1e-3));
             if let Some(wait) = due.checked_duration_since(Instant::now()) {

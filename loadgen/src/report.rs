@@ -160,6 +160,18 @@ pub struct RunReport {
     pub client_publications: u64,
     /// Client publishes refused by the server.
     pub publish_errors: u64,
+    /// Channel joins the backend made through the server API (`subscribe`
+    /// for a user: every connection of the user gets the channel), and
+    /// leaves (`unsubscribe`); API calls that failed are in `api_errors`.
+    pub join_calls: u64,
+    /// Leave calls.
+    pub leave_calls: u64,
+    /// Joins the clients saw (a `subscribe` push each), and leaves (an
+    /// unsubscribe push 2000 of a joined channel); each joined stream is
+    /// checked like any other until its leave.
+    pub joins: u64,
+    /// Leaves seen.
+    pub leaves: u64,
     /// When each phase began (seconds since start).
     pub phases: Vec<(String, f64)>,
     /// Timeline.
@@ -194,6 +206,8 @@ impl RunReport {
             self.reconnects += s.reconnects;
             self.client_publications += s.published;
             self.publish_errors += s.publish_errors;
+            self.joins += s.joins;
+            self.leaves += s.leaves;
             for (dst, src) in [(&mut up, &s.upgrade_us), (&mut con, &s.connect_us), (&mut lat, &s.latency_us)]
             {
                 if let Some(h) = decode_hist(src) {
@@ -276,6 +290,13 @@ impl RunReport {
                 s,
                 "chat         {} messages from clients ({} refused)",
                 self.client_publications, self.publish_errors
+            );
+        }
+        if self.join_calls > 0 {
+            let _ = writeln!(
+                s,
+                "joins        {} join and {} leave calls; clients saw {} joins, {} leaves",
+                self.join_calls, self.leave_calls, self.joins, self.leaves
             );
         }
         if self.storm_during > 0 {
@@ -401,6 +422,10 @@ impl RunReport {
             ("gateway CPU per connection (storm)", format!("{:.0} µs", self.gateway_cpu_us_per_conn)),
             ("reconnects", self.reconnects.to_string()),
             ("client messages (refused)", format!("{} ({})", self.client_publications, self.publish_errors)),
+            (
+                "channel joins / leaves (calls; seen)",
+                format!("{} / {}; {} / {}", self.join_calls, self.leave_calls, self.joins, self.leaves),
+            ),
             (
                 "phases",
                 self.phases.iter().map(|(n, t)| format!("{n} @ {t:.1} s")).collect::<Vec<_>>().join(", "),

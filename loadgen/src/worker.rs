@@ -223,6 +223,12 @@ pub struct Summary {
     /// Client publishes the server refused.
     #[serde(default)]
     pub publish_errors: u64,
+    /// Channels the backend joined clients to (subscribe pushes seen).
+    #[serde(default)]
+    pub joins: u64,
+    /// Joined channels the backend took them out of again.
+    #[serde(default)]
+    pub leaves: u64,
     /// CPU seconds (user + system) this worker used.
     pub cpu_secs: f64,
     /// TCP connect + upgrade latency (µs), hdrhistogram V2, base64.
@@ -250,6 +256,9 @@ struct Shared {
     /// Client publishes sent (chat) and refused.
     published: AtomicU64,
     publish_errors: AtomicU64,
+    /// Channels joined (subscribe pushes) and left (unsubscribe 2000 of a join).
+    joins: AtomicU64,
+    leaves: AtomicU64,
     quiet: AtomicBool,
     /// Publish→deliver latency since the last progress line (µs), merged
     /// from the threads' own windows every 250 ms.
@@ -424,6 +433,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         reconnects: s.reconnects.load(Ordering::Relaxed),
         published: s.published.load(Ordering::Relaxed),
         publish_errors: s.publish_errors.load(Ordering::Relaxed),
+        joins: s.joins.load(Ordering::Relaxed),
+        leaves: s.leaves.load(Ordering::Relaxed),
         cpu_secs: cpu_secs(),
         upgrade_us: encode_hist(&hists.upgrade),
         connect_us: encode_hist(&hists.connect),
@@ -618,6 +629,12 @@ async fn upgrade(ctx: &ThreadCtx, index: usize) -> Result<Upgraded, ConnectError
 struct Subscription {
     channel: String,
     check: StreamChecker,
+    /// Subscribed server-side (the backend's `subscribe` for this user: a
+    /// channel join), not by the client.
+    joined: bool,
+    /// The backend ended the join (unsubscribe push 2000): not
+    /// resubscribed on a reconnect.
+    left: bool,
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -712,8 +729,10 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
             chosen.iter().map(|c| ctx.spec.channels[*c].clone()).collect()
         }
     };
-    let mut subs: Vec<Subscription> =
-        names.into_iter().map(|channel| Subscription { channel, check: StreamChecker::new() }).collect();
+    let mut subs: Vec<Subscription> = names
+        .into_iter()
+        .map(|channel| Subscription { channel, check: StreamChecker::new(), joined: false, left: false })
+        .collect();
     let mut ever_connected = false;
     let mut first = true;
     let mut last_end = None;
@@ -786,7 +805,7 @@ async fn session(
     ctx: &ThreadCtx,
     index: usize,
     upgraded: Upgraded,
-    subs: &mut [Subscription],
+    subs: &mut Vec<Subscription>,
     deadline: Instant,
     first: bool,
 ) -> (SessionEnd, bool) {
@@ -798,7 +817,10 @@ async fn session(
     let upgraded_at = Instant::now();
     let user = format!("u{index}");
     let mut lines = vec![serde_json::json!({"id": 1, "connect": {"token": token(&ctx.spec.hmac_secret, &user), "name": "loadgen"}}).to_string()];
-    for (k, s) in subs.iter().enumerate() {
+    // A channel the user joined (server-side) and has not left is
+    // resubscribed by the client after a reconnect (a server API
+    // subscription lasts as long as the connection), with recovery.
+    for (k, s) in subs.iter().enumerate().filter(|(_, s)| !s.left) {
         lines.push(subscribe_cmd(2 + k, s));
     }
     let (res, _) = stream.write_all(frame(lines.join("\n").as_bytes())).await;
@@ -1047,11 +1069,26 @@ fn received(ctx: &ThreadCtx, p: &serde_json::Value) -> Delivery {
 
 /// Handles a push; returns the index of a subscription the server asked to
 /// resubscribe (unsubscribe ≥ 2500), which is resubscribed with recovery.
-fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Value) -> Option<usize> {
+fn handle_push(ctx: &ThreadCtx, subs: &mut Vec<Subscription>, push: &serde_json::Value) -> Option<usize> {
     let sh = &ctx.shared;
     let channel = push["channel"].as_str().unwrap_or("");
-    let k = subs.iter().position(|s| s.channel == channel);
-    if let Some(p) = push.get("pub") {
+    let k = subs.iter().position(|s| s.channel == channel && !s.left);
+    if let Some(r) = push.get("subscribe") {
+        // The user joined the channel (the backend's server API call): a
+        // new stream, positioned by the push, checked like any other.
+        if k.is_none() {
+            sh.joins.fetch_add(1, Ordering::Relaxed);
+            let mut sub = Subscription {
+                channel: channel.to_owned(),
+                check: StreamChecker::new(),
+                joined: true,
+                left: false,
+            };
+            subscribed(ctx, &mut sub, r);
+            subs.push(sub);
+        }
+        None
+    } else if let Some(p) = push.get("pub") {
         let d = received(ctx, p);
         match k {
             Some(k) => subs[k].check.publication(d),
@@ -1067,6 +1104,12 @@ fn handle_push(ctx: &ThreadCtx, subs: &mut [Subscription], push: &serde_json::Va
         if code >= 2500 {
             subs[k].check.resync_asked();
             Some(k)
+        } else if subs[k].joined {
+            // The user left the channel: checked up to here.
+            sh.leaves.fetch_add(1, Ordering::Relaxed);
+            subs[k].check.left();
+            subs[k].left = true;
+            None
         } else {
             subs[k].check.unsubscribed(code as u32);
             None

@@ -106,9 +106,19 @@ fn chat_day_with_client_messages_presence_and_read_state_loses_nothing() {
         "2",
         "--msgs-per-min",
         "60",
+        "--joins-per-sec",
+        "10",
+        "--join-secs",
+        "1",
     ]);
     assert_clean(&v);
     assert_eq!(v["connected"], 200, "{v}");
+    // Channel joins and leaves through the server API: every one reached
+    // its user's connection (a subscribe push, an unsubscribe 2000), and
+    // each joined stream was checked (assert_clean) until its leave.
+    let calls = (v["join_calls"].as_u64().unwrap(), v["leave_calls"].as_u64().unwrap());
+    assert!(calls.0 >= 20 && calls.1 >= 10, "{v}");
+    assert_eq!((v["joins"].as_u64().unwrap(), v["leaves"].as_u64().unwrap()), calls, "{v}");
     assert!(v["client_publications"].as_u64().unwrap() > 0, "active users talked: {v}");
     assert!(v["publications"].as_u64().unwrap() > 0, "the backend synced read-state: {v}");
     // Every read-state publication reached its user's device(s) and was
