@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Switchyard beside uWebSockets.js and node `ws`, in the same run, with the
+same client: each server (Switchyard's whole serve tree — one gateway core
+and its router — or the peer's node process, `benches/peers/server.mjs`) is
+pinned to CPU 0, the load generator to CPU 1, and the servers take turns
+(the order alternates between rounds). The peers are installed by this
+script (`npm ci` in benches/peers: `@trufflesuite/uws-js-unofficial`, `ws`).
+
+Measured per server, each on a freshly started one:
+
+1. fan-out capacity: one channel, 10,000 subscribers, publications offered
+   faster than they can be delivered: deliveries/s (0 lost is checked);
+2. publish→deliver latency, p50/p99, at 100 publications/s × 1,000
+   subscribers and at 10/s × 10,000;
+3. server CPU (user + system of the server's processes, from /proc) per
+   connection of a storm, for the bare WebSocket upgrade
+   (`--upgrade-only`) and for the whole session start (upgrade, JWT
+   `connect`, one subscribe), the connection's close included.
+
+Ratios are Switchyard / peer (for latency and CPU, lower is better).
+
+    cargo build --release -p loadgen
+    python3 benches/scripts/peers.py [--rounds 2] [--json]
+"""
+import argparse, json, os, signal, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
+PEERS = os.path.join(ROOT, "benches", "peers")
+SECRET = "peers-bench-secret-0123456789abcdef"
+KEY = "peers-bench-key"
+SERVER_CPU, CLIENT_CPU = "0", "1"
+
+
+def install():
+    if not os.path.isdir(os.path.join(PEERS, "node_modules", "@trufflesuite", "uws-js-unofficial")):
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=PEERS, check=True)
+
+
+def tree(pid):
+    """pid and its descendants."""
+    kids = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def cpu_secs(pid):
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / tick
+
+
+class Server:
+    def __init__(self, name):
+        self.name = name
+        if name == "switchyard":
+            cmd = [LOADGEN, "demo", "--serve", "--gateway-cores", "1"]
+        else:
+            port = 20000 + os.getpid() % 10000
+            cmd = ["node", os.path.join(PEERS, "server.mjs"), name, str(port), SECRET, KEY]
+        self.p = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True)
+        line = json.loads(self.p.stdout.readline())
+        if name == "switchyard":
+            self.ws = line["ws_url"].split("//")[1].split("/")[0]
+            self.api = line["api_url"].split("//")[1].split("/")[0]
+            self.key, self.secret = line["api_key"], line["hmac_secret"]
+        else:
+            self.ws = self.api = f"127.0.0.1:{line['port']}"
+            self.key, self.secret = KEY, SECRET
+        time.sleep(0.5)
+
+    def loadgen(self, *args):
+        cmd = ["taskset", "-c", CLIENT_CPU, LOADGEN, *args, "--ws", self.ws, "--api", self.api,
+               "--api-key", self.key, "--hmac-secret", self.secret, "--json", "--report", "/dev/null"]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if not lines:
+            sys.exit(f"{self.name}: loadgen {' '.join(args)} failed (exit {out.returncode})")
+        v = json.loads(lines[-1])
+        if v["lost"] or v["duplicated"] or v["reordered"]:
+            sys.exit(f"{self.name}: silent loss in {' '.join(args)}: {v['lost']} lost")
+        return v
+
+    def stop(self):
+        os.killpg(self.p.pid, signal.SIGTERM)
+        try:
+            self.p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+
+
+def fresh(name, f):
+    s = Server(name)
+    try:
+        return f(s)
+    finally:
+        s.stop()
+
+
+def measure(name, a):
+    r = {}
+    v = fresh(name, lambda s: s.loadgen("fanout", "--connections", str(a.subscribers), "--channels", "1",
+                                       "--subs-per-conn", "1", "--publications", str(a.saturate_pubs),
+                                       "--rate", "100000"))
+    r["fanout_deliveries_per_sec"] = v["deliveries_per_sec"]
+    for label, conns, rate, pubs in (("100x1000", 1000, 100, 1000), ("10x10000", a.subscribers, 10, 100)):
+        v = fresh(name, lambda s: s.loadgen("fanout", "--connections", str(conns), "--channels", "1",
+                                           "--subs-per-conn", "1", "--publications", str(pubs),
+                                           "--rate", str(rate)))
+        r[f"latency_{label}"] = {"p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"]}
+    for label, extra in (("upgrade", ["--upgrade-only"]), ("session", ["--subs-per-conn", "1"])):
+        def storm(s):
+            before = cpu_secs(s.p.pid)
+            v = s.loadgen("storm", "--connections", str(a.storm), "--channels", "1", *extra)
+            time.sleep(1)  # closes handled
+            return (cpu_secs(s.p.pid) - before) / max(v["connected"], 1) * 1e6
+        r[f"cpu_us_per_{label}"] = fresh(name, storm)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--subscribers", type=int, default=10000)
+    ap.add_argument("--saturate-pubs", type=int, default=400)
+    ap.add_argument("--storm", type=int, default=5000)
+    ap.add_argument("--peers", default="uws,ws")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    install()
+    names = ["switchyard", *a.peers.split(",")]
+    runs = {n: [] for n in names}
+    for i in range(a.rounds):
+        for n in (names if i % 2 == 0 else list(reversed(names))):
+            runs[n].append(measure(n, a))
+            print(f"round {i + 1} {n}: {json.dumps(runs[n][-1])}", file=sys.stderr)
+
+    def med(n, key, sub=None):
+        xs = sorted(r[key][sub] if sub else r[key] for r in runs[n])
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    rows = [("fan-out deliveries/s (10,000 subscribers, saturated)", "fanout_deliveries_per_sec", None),
+            ("latency p50 ms, 100/s x 1,000", "latency_100x1000", "p50"),
+            ("latency p99 ms, 100/s x 1,000", "latency_100x1000", "p99"),
+            ("latency p50 ms, 10/s x 10,000", "latency_10x10000", "p50"),
+            ("latency p99 ms, 10/s x 10,000", "latency_10x10000", "p99"),
+            ("server CPU us per bare upgrade", "cpu_us_per_upgrade", None),
+            ("server CPU us per session start", "cpu_us_per_session", None)]
+    out = {"rounds": a.rounds, "runs": runs, "medians": {}}
+    for label, key, sub in rows:
+        out["medians"][label] = {n: med(n, key, sub) for n in names}
+    if a.json:
+        print(json.dumps(out))
+        return
+    print(f"medians over {a.rounds} rounds (servers on CPU {SERVER_CPU}, loadgen on CPU {CLIENT_CPU}):")
+    for label, _, _ in rows:
+        m = out["medians"][label]
+        cells = "  ".join(f"{n} {m[n]:,.1f}" for n in names)
+        ratios = "  ".join(f"/{n} {m['switchyard'] / m[n]:.2f}" for n in names[1:] if m[n])
+        print(f"  {label:55} {cells}   ratio {ratios}")
+
+
+if __name__ == "__main__":
+    main()
