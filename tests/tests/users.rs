@@ -85,7 +85,7 @@ fn api_commands_reach_a_user_on_every_gateway() {
     // Subscribe and unsubscribe, timed call → effect on all three.
     let mut subscribe_times = Vec::new();
     let mut unsubscribe_times = Vec::new();
-    let rounds = 30;
+    let rounds = 100;
     for i in 0..rounds {
         let ch = format!("chat:join-{i}");
         let before = user_commands(&c);
