@@ -3,7 +3,7 @@
 # simulation-regression and end-to-end tests. It installs or checks what the
 # tests need first:
 #   - cargo-nextest (cargo install, if missing);
-#   - node, npm and python3 with venv for the compatibility tests, etcd for
+#   - node, npm, python3 with venv and chromium for the compatibility tests, etcd for
 #     the membership tests and protoc for the etcd client's build (through
 #     apt-get when run as root; otherwise one line naming what is missing);
 #   - an open-file limit high enough for the 10,000-connection memory test
@@ -20,6 +20,7 @@ command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
 if ! command -v python3 >/dev/null 2>&1; then
   need_apt+=(python3 python3-venv)
 elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then

@@ -46,6 +46,8 @@ fn publish(c: &Cluster, channel: &str, i: u64) {
 enum Sdk {
     Js,
     JsServerSide,
+    Browser,
+    BrowserServerSide,
     PythonServerSide,
 }
 
@@ -57,6 +59,18 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
 #[test]
 fn centrifuge_js_server_side_subscription_recovers_after_a_gateway_drain() {
     sdk_receives_and_recovers_after_a_gateway_drain(Sdk::JsServerSide);
+}
+
+/// The SDK's browser bundle in headless Chromium, with the browser's own
+/// WebSocket.
+#[test]
+fn centrifuge_js_in_chromium_subscribes_receives_and_recovers_after_a_gateway_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::Browser);
+}
+
+#[test]
+fn centrifuge_js_in_chromium_server_side_subscription_recovers_after_a_gateway_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::BrowserServerSide);
 }
 
 #[test]
@@ -74,8 +88,10 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     c.add_gateway_at(1, ws, &["--drain-secs", "1"]);
     let (channel, token) = match sdk {
         Sdk::Js => ("chat:compat-js", token("js-user")),
-        Sdk::JsServerSide => {
-            let ch = "chat:compat-js-server";
+        Sdk::Browser => ("chat:compat-browser", token("js-user")),
+        Sdk::JsServerSide | Sdk::BrowserServerSide => {
+            let ch =
+                if sdk == Sdk::JsServerSide { "chat:compat-js-server" } else { "chat:compat-browser-server" };
             (ch, e2e::token_with(json!({"sub": "js-user", "channels": [ch]})))
         }
         Sdk::PythonServerSide => {
@@ -90,6 +106,11 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
             c.arg(root().join("tests/compat/centrifuge_client.mjs"));
             c
         }
+        Sdk::Browser | Sdk::BrowserServerSide => {
+            let mut c = Command::new("node");
+            c.arg(root().join("tests/compat/centrifuge_browser.mjs"));
+            c
+        }
         Sdk::PythonServerSide => {
             let mut c = Command::new(root().join("target/compat-venv/bin/python"));
             c.arg(root().join("tests/compat/centrifuge_python_client.py"));
@@ -97,7 +118,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
         }
     };
     cmd.args([url.as_str(), &token, channel, "10"]);
-    if sdk == Sdk::JsServerSide {
+    if matches!(sdk, Sdk::JsServerSide | Sdk::BrowserServerSide) {
         cmd.arg("server");
     }
     let mut node = cmd
@@ -178,6 +199,13 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     assert_eq!(data, (1..=10).collect::<Vec<_>>());
     // The SDK was moved by the drain (3001 shutdown → reconnect) and resubscribed with recovery.
     assert!(events.iter().any(drained), "the drain's disconnect code reached the SDK: {events:?}");
+    if matches!(sdk, Sdk::Browser | Sdk::BrowserServerSide) {
+        assert!(
+            events.iter().any(|v| v["event"] == "browser"
+                && v["userAgent"].as_str().is_some_and(|ua| ua.contains("HeadlessChrome"))),
+            "the SDK ran in headless Chromium: {events:?}"
+        );
+    }
     let resub: Vec<&Value> = events.iter().filter(|v| v["event"] == "subscribed").collect();
     assert!(resub.len() >= 2, "{events:?}");
     assert_eq!(resub.last().unwrap()["wasRecovering"], true, "{events:?}");
