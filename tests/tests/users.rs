@@ -337,3 +337,45 @@ fn a_token_with_more_channels_than_the_limit_is_closed_with_3505() {
     let (_ws, results) = connect_server_side(&c, 0, &token, json!({}), &[channels[0].as_str()]);
     assert!(results[0].is_object());
 }
+
+/// centrifuge-js sends its subscribes in the connect's frame: while the
+/// connect reply waits for the routers (the token's channel), the other
+/// replies wait behind it, so the connect reply comes first.
+#[test]
+fn the_connect_reply_comes_first_when_it_waits_for_token_channels() {
+    let c = Cluster::start(1, 1, &[]);
+    let (_, t) = c.api(0, "publish", &json!({"channel": "chat:tok", "data": {"i": 1}}));
+    assert!(t.contains("\"offset\":1"), "{t}");
+    let token = e2e::token_with(json!({"sub": "erin", "channels": ["chat:tok"]}));
+    let mut ws = Ws::connect(c.ws_addrs[0], "/connection/websocket").expect("upgrade");
+    let frame = [
+        json!({"id": 1, "connect": {"token": token}}).to_string(),
+        json!({"id": 2, "subscribe": {"channel": "chat:own"}}).to_string(),
+        json!({"id": 3, "ping": {}}).to_string(),
+    ]
+    .join("\n");
+    ws.send_frame(proto::ws::OpCode::Text, frame.as_bytes());
+    let mut ids = Vec::new();
+    let end = Instant::now() + Duration::from_secs(15);
+    while ids.len() < 3 {
+        match ws.event_by(end, "the replies") {
+            Some(Event::Json(v)) if v.get("id").is_some() => {
+                if v["id"] == 1 {
+                    assert_eq!(v["connect"]["subs"]["chat:tok"]["offset"], 1, "{v}");
+                }
+                ids.push(v["id"].as_u64().unwrap());
+            }
+            Some(Event::Json(v)) => panic!("a push before the replies: {v}"),
+            Some(other) => panic!("{other:?}"),
+            None => panic!("replies missing: {ids:?}"),
+        }
+    }
+    assert_eq!(ids[0], 1, "the connect reply first: {ids:?}");
+    // Both subscriptions are live.
+    for ch in ["chat:tok", "chat:own"] {
+        let (_, t) = c.api(0, "publish", &json!({"channel": ch, "data": {"to": ch}}));
+        assert!(t.contains("offset"), "{t}");
+        let v = wait_for(&mut ws, "a publication", |v| v["push"]["channel"] == ch);
+        assert_eq!(v["push"]["pub"]["data"], json!({"to": ch}), "{v}");
+    }
+}

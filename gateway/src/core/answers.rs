@@ -55,11 +55,11 @@ impl Answered {
         if !(p.recover && self.recovered) {
             return result(false, Vec::new());
         }
-        let size: usize = self.publications.iter().map(|p| p.data.len() + 64).sum();
-        if size + 128 > room {
-            return result(false, Vec::new());
-        }
-        result(true, self.publications.clone())
+        let full = result(true, self.publications.clone());
+        // Measured as written (publications with their info and tags).
+        let mut body = Vec::new();
+        full.write(&mut body);
+        if body.len() + 64 > room { result(false, Vec::new()) } else { full }
     }
 }
 
@@ -96,7 +96,10 @@ impl Core {
             _ => return,
         };
         if let Some(s) = self.sessions.get_mut(sid) {
-            self.cx.send_line(s, sid, &line);
+            match s.connecting.as_mut() {
+                Some(pc) => pc.replies.push(line), // after the connect reply
+                None => self.cx.send_line(s, sid, &line),
+            }
         }
     }
 
@@ -117,44 +120,19 @@ impl Core {
             _ => return,
         };
         if p.broken {
-            if p.retries >= MAX_SUBSCRIBE_RETRIES {
-                return self.refuse_subscription(sid, channel, ReplyError::INTERNAL);
-            }
-            // Ask again: what arrives from now on is held anew.
-            let (recover, ep, offset) = (p.recover, p.epoch.clone(), p.offset);
-            let ch = channel.to_string();
-            let kind = Kind::Subscribe { channel: channel.clone() };
-            match self.cx.request(sid, kind, now, |req| ClusterMsg::Recover {
-                req,
-                channel: ch,
-                recover,
-                epoch: ep,
-                offset,
-            }) {
-                Ok(req) => {
-                    p.req = req;
-                    p.retries += 1;
-                    p.broken = false;
-                    p.held = Vec::new();
-                    p.held_bytes = 0;
-                }
-                Err(e) => self.refuse_subscription(sid, channel, e),
-            }
-            return;
+            return self.retry_subscription(sid, channel, now);
         }
         if p.recover && !recovered && p.flag & FLAG_REJECT_UNRECOVERED != 0 {
             return self.refuse_subscription(sid, channel, ReplyError::UNRECOVERABLE_POSITION);
         }
         let answer = Answered { epoch, top, recovered, positioned, publications };
-        // A subscription of the connection token, while the connect reply
-        // waits for it: its result goes in the reply's `subs`.
-        if let Some(pc) = s.connecting.as_mut()
-            && let Some(i) = pc.waiting.iter().position(|c| **c == **channel)
-        {
-            pc.waiting.swap_remove(i);
-            pc.answered.push((channel.clone(), answer));
+        // While the connect reply waits: a token channel's result goes in
+        // it, any other subscription's answer after it.
+        if let Some(pc) = s.connecting.as_mut() {
+            let token = pc.waiting.iter().position(|c| **c == **channel).map(|i| pc.waiting.swap_remove(i));
+            pc.answered.push((channel.clone(), answer, token.is_some()));
             if pc.waiting.is_empty() {
-                self.finish_connect(sid);
+                self.finish_connect(sid, now);
             }
             return;
         }
@@ -165,15 +143,71 @@ impl Core {
         self.complete_subscription(sid, channel, answer.epoch, answer.top, answer.positioned);
     }
 
+    /// Asks a router again for a pending subscription whose answer cannot
+    /// make it whole (something was not held, or a resync hit it): what
+    /// arrives from now on is held anew. After a few tries, or when the
+    /// request cannot be made, the subscription is refused.
+    fn retry_subscription(&mut self, sid: Sid, channel: &Arc<str>, now: u64) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        let Some(SubState::Pending(p)) = s.subs.get_mut(channel) else { return };
+        if p.retries >= MAX_SUBSCRIBE_RETRIES {
+            return self.refuse_subscription(sid, channel, ReplyError::INTERNAL);
+        }
+        let (recover, ep, offset) = (p.recover, p.epoch.clone(), p.offset);
+        let ch = channel.to_string();
+        let kind = Kind::Subscribe { channel: channel.clone() };
+        let lim = &self.cx.cfg.limits;
+        let limit = lim.max_requests_in_flight + if p.server { lim.max_subscriptions } else { 0 };
+        match self.cx.request_within(sid, kind, now, limit, |req| ClusterMsg::Recover {
+            req,
+            channel: ch,
+            recover,
+            epoch: ep,
+            offset,
+        }) {
+            Ok(req) => {
+                p.req = req;
+                p.retries += 1;
+                p.broken = false;
+                p.held = Vec::new();
+                p.held_bytes = 0;
+            }
+            Err(e) => self.refuse_subscription(sid, channel, e),
+        }
+    }
+
     /// Every token subscription of a pending connect is answered: the
     /// connect reply goes out with their results, then each subscription
     /// takes what was held for it.
-    fn finish_connect(&mut self, sid: Sid) {
+    pub(super) fn finish_connect(&mut self, sid: Sid, now: u64) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        // An answer held here that a resync or the hold bound broke since
+        // cannot be used: asked again (a token channel's is waited for anew).
+        let broken: Vec<(Arc<str>, bool)> = s.connecting.as_ref().map_or(Vec::new(), |pc| {
+            pc.answered
+                .iter()
+                .filter(|a| matches!(s.subs.get(&a.0), Some(SubState::Pending(p)) if p.broken))
+                .map(|a| (a.0.clone(), a.2))
+                .collect()
+        });
+        if !broken.is_empty() {
+            if let Some(pc) = s.connecting.as_mut() {
+                pc.answered.retain(|a| !broken.iter().any(|b| b.0 == a.0));
+                pc.waiting.extend(broken.iter().filter(|b| b.1).map(|b| b.0.clone()));
+            }
+            for (channel, _) in &broken {
+                self.retry_subscription(sid, channel, now);
+            }
+            let Some(s) = self.sessions.get_mut(sid) else { return };
+            if s.connecting.as_ref().is_none_or(|pc| !pc.waiting.is_empty()) {
+                return;
+            }
+        }
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let Some(pc) = s.connecting.take() else { return };
-        let PendingConnect { id, mut result, mut subs_json, answered, .. } = *pc;
+        let PendingConnect { id, mut result, mut subs_json, answered, replies, .. } = *pc;
         let mut room = self.cx.queue_limit().saturating_sub(s.queued_bytes());
-        for (channel, answer) in &answered {
+        for (channel, answer, _) in answered.iter().filter(|a| a.2) {
             let Some(SubState::Pending(p)) = s.subs.get(channel) else { continue };
             let r = answer.result(p, room);
             if subs_json.len() > 1 {
@@ -190,7 +224,20 @@ impl Core {
             serde_json::value::RawValue::from_string(String::from_utf8_lossy(&subs_json).into_owned()).ok();
         let line = reply::reply(id, "connect", &result);
         self.cx.send_line(s, sid, &line);
-        for (channel, a) in answered {
+        if !replies.is_empty() {
+            let frame = proto::ws::SharedFrame::text_lines(replies.iter().map(|r| r.as_slice()));
+            self.cx.send_own(s, sid, frame);
+        }
+        for (channel, a, in_reply) in answered {
+            if !in_reply {
+                // Another subscription answered meanwhile: its own line now.
+                let Some(s) = self.sessions.get_mut(sid) else { return };
+                let room = self.cx.queue_limit().saturating_sub(s.queued_bytes());
+                let Some(SubState::Pending(p)) = s.subs.get(&channel) else { continue };
+                let r = a.result(p, room);
+                let line = if p.server { r.push(&channel) } else { r.reply(p.id) };
+                self.cx.send_line(s, sid, &line);
+            }
             self.complete_subscription(sid, &channel, a.epoch, a.top, a.positioned);
         }
     }
@@ -211,6 +258,11 @@ impl Core {
         let Some(SubState::Pending(p)) = s.subs.get_mut(channel) else { return };
         let held = std::mem::take(&mut p.held);
         if !positioned {
+            // No offsets to merge by: what was held follows the answer as it came.
+            let limit = self.cx.queue_limit();
+            for (_, _, _, frame) in held {
+                s.queue(sid, frame, limit, &mut self.cx.fx);
+            }
             if let Some(state) = s.subs.get_mut(channel) {
                 *state = SubState::Follows;
             }
@@ -272,7 +324,10 @@ impl Core {
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);
             let line = reply::error_reply(p.id, e);
-            self.cx.send_line(s, sid, &line);
+            match s.connecting.as_mut() {
+                Some(pc) => pc.replies.push(line), // after the connect reply
+                None => self.cx.send_line(s, sid, &line),
+            }
         }
         let client = s.is_connected().then(|| s.identity.client.clone());
         self.cx.unindex(&name, sid, client.as_deref());

@@ -77,7 +77,11 @@ impl Core {
             Method::Subscribe(r) => cx.subscribe(s, sid, id, r, replies, now),
             Method::Unsubscribe(r) => {
                 cx.unsubscribe(s, sid, id, r, replies);
-                Ok(())
+                // A waiting connect reply may have waited for that channel only.
+                if s.connecting.as_ref().is_some_and(|pc| pc.waiting.is_empty()) {
+                    self.finish_connect(sid, now);
+                }
+                return Ok(());
             }
             Method::Publish(r) => cx.publish(s, sid, id, r, now),
             Method::Presence(r) => cx.presence(s, sid, id, r, false, now),
@@ -201,6 +205,13 @@ impl Ctx {
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
         self.users.add(&user, sid);
+        if !user.is_empty() {
+            // Before anything that can fail below: the retire that follows
+            // a failure sends the matching offline.
+            let key = self.cfg.namespaces.presence_channel(&user);
+            let msg = ClusterMsg::UserOnline { user: user.to_string(), client: client.clone() };
+            self.up.push(UpMsg::Forward { key, msg });
+        }
         let cfg = self.cfg.clone();
         let lim = &cfg.limits;
         // First ping after a random ½–1 interval, so pings of a storm's
@@ -283,13 +294,11 @@ impl Ctx {
             // The reply waits for the routers' answers (a request times
             // out into an error: the session then closes with 3010).
             let answered = Vec::with_capacity(waiting.len());
-            s.connecting = Some(Box::new(PendingConnect { id, result, subs_json, waiting, answered }));
+            let replies = Vec::new();
+            s.connecting =
+                Some(Box::new(PendingConnect { id, result, subs_json, waiting, answered, replies }));
         }
-        if !user.is_empty() {
-            let key = self.cfg.namespaces.presence_channel(&user);
-            let msg = ClusterMsg::UserOnline { user: user.to_string(), client };
-            self.up.push(UpMsg::Forward { key, msg });
-        }
+
         Ok(())
     }
 
@@ -384,7 +393,9 @@ impl Ctx {
             }
         };
         let presence = ns.presence || ns.join_leave;
-        let local = !matches!(origin, Origin::Connect { local: false });
+        // While a connect reply waits for routers, every subscription is
+        // answered through a router and held behind it.
+        let local = !matches!(origin, Origin::Connect { local: false }) && s.connecting.is_none();
         if local && !ns.positioned() {
             s.subs.insert(channel.clone(), SubState::Follows);
             self.index(&channel, sid, true);
@@ -473,6 +484,11 @@ impl Ctx {
         replies: &mut Replies,
     ) {
         s.unmark_server_sub(&r.channel);
+        if let Some(pc) = s.connecting.as_mut() {
+            // A token channel of the waiting connect reply leaves it.
+            pc.waiting.retain(|c| **c != *r.channel);
+            pc.answered.retain(|a| *a.0 != *r.channel);
+        }
         if let Some((name, state)) = s.subs.remove(&r.channel) {
             if let SubState::Pending(p) = &state {
                 self.requests.finish(p.req);

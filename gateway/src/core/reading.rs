@@ -29,6 +29,10 @@ pub(super) enum Flow {
     Move(usize),
 }
 
+/// Replies to a client's commands held behind its connect reply while
+/// that waits for the routers' answers to the token's subscriptions.
+const MAX_HELD_REPLIES: usize = 256;
+
 impl Core {
     /// The session's socket is readable: `fill` appends what it has (one
     /// non-blocking read) to the buffer and says how it went.
@@ -315,8 +319,21 @@ impl Core {
         if let Some(s) = self.sessions.get_mut(sid)
             && !replies.is_empty()
         {
-            let frame = SharedFrame::text_lines(replies.iter().map(|r| r.as_slice()));
-            self.cx.send_own(s, sid, frame);
+            match s.connecting.as_mut() {
+                // The connect reply waits for routers: these go after it
+                // (at most MAX_HELD_REPLIES; a client that sends more
+                // before its connect is answered is closed with 3013).
+                Some(pc) => {
+                    pc.replies.extend(replies);
+                    if pc.replies.len() > MAX_HELD_REPLIES {
+                        end = Some(Disconnect::TOO_MANY_REQUESTS);
+                    }
+                }
+                None => {
+                    let frame = SharedFrame::text_lines(replies.iter().map(|r| r.as_slice()));
+                    self.cx.send_own(s, sid, frame);
+                }
+            }
         }
         match end {
             Some(d) => {

@@ -42,15 +42,15 @@ impl UserIndex {
         if user.is_empty() {
             return;
         }
-        let sids = self.0.entry(user.clone()).or_default();
-        sids.reserve_exact(1);
-        sids.push(sid);
+        self.0.entry(user.clone()).or_default().push(sid);
     }
 
     /// Session `sid` of `user` is gone.
     pub fn remove(&mut self, user: &str, sid: Sid) {
         let Some(sids) = self.0.get_mut(user) else { return };
-        sids.retain(|s| *s != sid);
+        if let Some(i) = sids.iter().position(|s| *s == sid) {
+            sids.swap_remove(i);
+        }
         if sids.is_empty() {
             self.0.remove(user);
         }
@@ -150,7 +150,7 @@ impl Core {
                 ClusterMsg::SubscribeUser { channel, recover, epoch, offset, .. } => {
                     self.server_subscribe(sid, channel, (*recover, epoch.clone(), *offset), now)
                 }
-                ClusterMsg::UnsubscribeUser { channel, .. } => self.server_unsubscribe(sid, channel),
+                ClusterMsg::UnsubscribeUser { channel, .. } => self.server_unsubscribe(sid, channel, now),
                 ClusterMsg::DisconnectUser { code, reason, whitelist, .. } => {
                     let kept = self
                         .sessions
@@ -209,7 +209,7 @@ impl Core {
 
     /// Unsubscribes one session (push 2000 "server unsubscribe"), if it is
     /// subscribed.
-    fn server_unsubscribe(&mut self, sid: Sid, channel: &str) {
+    fn server_unsubscribe(&mut self, sid: Sid, channel: &str, now: u64) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         s.unmark_server_sub(channel);
         let Some((name, state)) = s.subs.remove(channel) else { return };
@@ -217,7 +217,24 @@ impl Core {
             self.cx.requests.finish(p.req);
         }
         let push = unsubscribe_push(channel, unsubscribe_code::SERVER, "server unsubscribe");
-        self.cx.send_line(s, sid, &push);
+        match s.connecting.as_mut() {
+            // A channel of the waiting connect reply: it leaves the reply
+            // (the client never heard of it); another: after the reply.
+            Some(pc) => {
+                let waited = pc.waiting.len() + pc.answered.iter().filter(|a| a.2).count();
+                pc.waiting.retain(|c| **c != *channel);
+                pc.answered.retain(|a| *a.0 != *channel);
+                if waited == pc.waiting.len() + pc.answered.iter().filter(|a| a.2).count() {
+                    pc.replies.push(push);
+                }
+                if pc.waiting.is_empty() {
+                    let client = s.is_connected().then(|| s.identity.client.clone());
+                    self.cx.unindex(&name, sid, client.as_deref());
+                    return self.finish_connect(sid, now);
+                }
+            }
+            None => self.cx.send_line(s, sid, &push),
+        }
         let client = s.is_connected().then(|| s.identity.client.clone());
         self.cx.unindex(&name, sid, client.as_deref());
     }
@@ -230,7 +247,8 @@ impl Core {
             return self.close(sid, Disconnect::EXPIRED.into());
         }
         let Some(s) = self.sessions.get_mut(sid) else { return };
-        s.deadlines.expires_at = if expire_at == 0 { 0 } else { now + (expire_at - unix) * 1000 };
+        let ms = expire_at.saturating_sub(unix).min(u32::MAX as u64).saturating_mul(1000);
+        s.deadlines.expires_at = if expire_at == 0 { 0 } else { now.saturating_add(ms) };
         self.cx.rearm(s, sid);
     }
 }

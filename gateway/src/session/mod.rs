@@ -126,10 +126,15 @@ pub struct PendingConnect {
     pub result: proto::client::reply::ConnectResult,
     /// The `subs` object so far (`{` and the results known at connect).
     pub subs_json: Vec<u8>,
-    /// Channels whose answer is awaited.
+    /// Channels of the token whose answer is awaited.
     pub waiting: Vec<Arc<str>>,
-    /// Answers in, held until the reply goes out.
-    pub answered: Vec<(Arc<str>, crate::core::answers::Answered)>,
+    /// Subscription answers in, held until the reply goes out: those of
+    /// the token's channels (`true`: their results go in the reply) and
+    /// any other subscription's (its reply or push follows the reply).
+    pub answered: Vec<(Arc<str>, crate::core::answers::Answered, bool)>,
+    /// Replies to the client's other commands meanwhile (centrifuge-js
+    /// sends its subscribes in the connect's frame): after the reply.
+    pub replies: Vec<Vec<u8>>,
 }
 
 /// One connection.
