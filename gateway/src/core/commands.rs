@@ -432,7 +432,7 @@ impl Ctx {
         let ep = epoch.clone();
         let lim = &self.cfg.limits;
         let limit = match origin {
-            Origin::Client(_) => lim.max_requests_in_flight,
+            Origin::Client(_) => lim.max_requests_in_flight + s.subs.pending_server(),
             Origin::Server | Origin::Connect { .. } => lim.max_requests_in_flight + lim.max_subscriptions,
         };
         let kind = Kind::Subscribe { channel: channel.clone() };
@@ -525,7 +525,7 @@ impl Ctx {
         let id_ = &s.identity;
         let info = client_info(&id_.user, &id_.client, id_.conn_info.as_deref(), None);
         let channel = r.channel;
-        self.request(sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
+        self.request(s, sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
             req,
             channel,
             data,
@@ -551,12 +551,12 @@ impl Ctx {
         self.charge(s, now)?;
         let channel = r.channel;
         if stats {
-            self.request(sid, Kind::PresenceStats { id }, now, |req| ClusterMsg::PresenceStats {
+            self.request(s, sid, Kind::PresenceStats { id }, now, |req| ClusterMsg::PresenceStats {
                 req,
                 channel,
             })?;
         } else {
-            self.request(sid, Kind::Presence { id }, now, |req| ClusterMsg::Presence { req, channel })?;
+            self.request(s, sid, Kind::Presence { id }, now, |req| ClusterMsg::Presence { req, channel })?;
         }
         Ok(())
     }
@@ -576,7 +576,7 @@ impl Ctx {
         self.charge(s, now)?;
         let since = r.since.map(|p| (p.offset, p.epoch.to_string()));
         let (channel, limit, reverse) = (r.channel, r.limit, r.reverse);
-        self.request(sid, Kind::History { id }, now, |req| ClusterMsg::History {
+        self.request(s, sid, Kind::History { id }, now, |req| ClusterMsg::History {
             req,
             channel,
             limit,

@@ -523,14 +523,17 @@ impl Ctx {
 
     /// A router request for `sid`: error 100 while the uplink backlog is
     /// full, 111 past the session's requests in flight.
+    /// The client's requests are bounded apart from the server-side
+    /// subscriptions the session is waiting for.
     fn request(
         &mut self,
+        s: &Session,
         sid: Sid,
         kind: requests::Kind,
         now: u64,
         msg_for: impl FnOnce(u64) -> ClusterMsg,
     ) -> Result<u64, ReplyError> {
-        let limit = self.cfg.limits.max_requests_in_flight;
+        let limit = self.cfg.limits.max_requests_in_flight + s.subs.pending_server();
         self.request_within(sid, kind, now, limit, msg_for)
     }
 

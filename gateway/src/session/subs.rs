@@ -78,6 +78,12 @@ impl Subs {
         self.0.is_empty()
     }
 
+    /// Server-side subscriptions waiting for a router's answer (they do not
+    /// count against the client's own requests in flight).
+    pub fn pending_server(&self) -> usize {
+        self.0.iter().filter(|(_, st)| matches!(st, SubState::Pending(p) if p.server)).count()
+    }
+
     /// Whether `channel` is subscribed.
     pub fn contains(&self, channel: &str) -> bool {
         self.index(channel).is_some()
