@@ -29,9 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 
 
-def loadgen_json(*args):
-    """Runs `loadgen ARGS --json`; its report, after checking nothing was lost."""
-    out = subprocess.run([LOADGEN, *args, "--json", "--report", "/dev/null"],
+def loadgen_json(*args, prefix=()):
+    """Runs `loadgen ARGS --json` (behind `prefix`, e.g. a `taskset`); its
+    report, after checking nothing was lost."""
+    out = subprocess.run([*prefix, LOADGEN, *args, "--json", "--report", "/dev/null"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
     if not lines:

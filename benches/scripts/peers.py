@@ -24,6 +24,9 @@ Ratios are Switchyard / peer (for latency and CPU, lower is better).
 """
 import argparse, json, os, signal, subprocess, sys, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gateway_bench import loadgen_json  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 PEERS = os.path.join(ROOT, "benches", "peers")
@@ -90,16 +93,9 @@ class Server:
         time.sleep(0.5)
 
     def loadgen(self, *args):
-        cmd = ["taskset", "-c", CLIENT_CPU, LOADGEN, *args, "--ws", self.ws, "--api", self.api,
-               "--api-key", self.key, "--hmac-secret", self.secret, "--json", "--report", "/dev/null"]
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
-        lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
-        if not lines:
-            sys.exit(f"{self.name}: loadgen {' '.join(args)} failed (exit {out.returncode})")
-        v = json.loads(lines[-1])
-        if v["lost"] or v["duplicated"] or v["reordered"]:
-            sys.exit(f"{self.name}: silent loss in {' '.join(args)}: {v['lost']} lost")
-        return v
+        """The same client against this server, on the client's CPU."""
+        return loadgen_json(*args, "--ws", self.ws, "--api", self.api, "--api-key", self.key,
+                            "--hmac-secret", self.secret, prefix=("taskset", "-c", CLIENT_CPU))
 
     def stop(self):
         os.killpg(self.p.pid, signal.SIGTERM)

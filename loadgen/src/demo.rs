@@ -535,6 +535,26 @@ impl Wave {
     }
 }
 
+/// Publishes `data` to `ch` through the HTTP API and records what the API
+/// answered (offset, epoch) for the checker: in the publisher's log and as
+/// the channel's latest position.
+fn publish_recorded(
+    api: &mut ApiClient,
+    published: &mut PublishedLog,
+    tops: &mut HashMap<String, (u64, String)>,
+    ch: String,
+    data: serde_json::Value,
+    seq: u64,
+) -> anyhow::Result<()> {
+    let r = api.call("publish", &serde_json::json!({"channel": ch, "data": data}))?;
+    if let Some(off) = r["result"]["offset"].as_u64() {
+        let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
+        published.record(&ch, &epoch, off, seq);
+        tops.insert(ch, (off, epoch));
+    }
+    Ok(())
+}
+
 fn scenario(
     kind: Scenario,
     a: &DemoArgs,
@@ -733,15 +753,8 @@ fn scenario(
             if a.joins_per_sec > 0.0 {
                 let w = rng.random_range(0..a.workspaces.max(1));
                 let ch = format!("chat:w{w}-join{}", rng.random_range(0..JOIN_CHANNELS));
-                let r = api.call(
-                    "publish",
-                    &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "seq": join_seq}}),
-                )?;
-                if let Some(off) = r["result"]["offset"].as_u64() {
-                    let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
-                    published.record(&ch, &epoch, off, join_seq);
-                    tops.insert(ch, (off, epoch));
-                }
+                let data = serde_json::json!({"ts": unix_micros(), "seq": join_seq});
+                publish_recorded(&mut api, &mut published, &mut tops, ch, data, join_seq)?;
                 join_seq += 1;
             }
             // The backend syncs read-state to a random user's devices.
@@ -750,15 +763,8 @@ fn scenario(
                 std::thread::sleep(wait.min(end.saturating_duration_since(Instant::now())));
             }
             let ch = format!("#u{}", rng.random_range(0..a.connections.max(1)));
-            let r = api.call(
-                "publish",
-                &serde_json::json!({"channel": ch, "data": {"ts": unix_micros(), "read": personal, "seq": personal}}),
-            )?;
-            if let Some(off) = r["result"]["offset"].as_u64() {
-                let epoch = r["result"]["epoch"].as_str().unwrap_or("").to_owned();
-                published.record(&ch, &epoch, off, personal);
-                tops.insert(ch, (off, epoch));
-            }
+            let data = serde_json::json!({"ts": unix_micros(), "read": personal, "seq": personal});
+            publish_recorded(&mut api, &mut published, &mut tops, ch, data, personal)?;
             personal += 1;
             if last_sample.elapsed() >= Duration::from_millis(250) {
                 last_sample = Instant::now();
