@@ -580,6 +580,18 @@ impl ClusterMsg {
         }
     }
 
+    /// A server API command for a user's connections: (user, client; empty
+    /// for all of the user's).
+    pub fn user_target(&self) -> Option<(&str, &str)> {
+        match self {
+            ClusterMsg::SubscribeUser { user, client, .. }
+            | ClusterMsg::UnsubscribeUser { user, client, .. }
+            | ClusterMsg::DisconnectUser { user, client, .. }
+            | ClusterMsg::RefreshUser { user, client, .. } => Some((user, client)),
+            _ => None,
+        }
+    }
+
     /// The id of a request to a router, or of its answer.
     pub fn request_id(&self) -> Option<u64> {
         match self {

@@ -689,13 +689,7 @@ impl<L: LinkTx> Shard<L> {
                 let _ = reply.send(self.publish(&channel, data, None, tags, &idempotency_key, now));
             }
             ApiOp::User { msg, reply } => {
-                let user = match &msg {
-                    ClusterMsg::SubscribeUser { user, .. }
-                    | ClusterMsg::UnsubscribeUser { user, .. }
-                    | ClusterMsg::DisconnectUser { user, .. }
-                    | ClusterMsg::RefreshUser { user, .. } => user.as_str(),
-                    _ => "",
-                };
+                let user = msg.user_target().map_or("", |(user, _)| user);
                 let gateways: Vec<GatewayId> = self
                     .users
                     .gateways(user)

@@ -66,7 +66,7 @@ impl Answered {
 impl Core {
     /// A router answered request `msg.request_id()`.
     pub(super) fn answer(&mut self, msg: ClusterMsg, now: u64) {
-        if Self::is_user_command(&msg) {
+        if msg.user_target().is_some() {
             return self.user_command(msg, now);
         }
         let Some(req) = msg.request_id().filter(|_| msg.is_answer()) else { return };

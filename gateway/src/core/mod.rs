@@ -533,7 +533,11 @@ impl Ctx {
         now: u64,
         msg_for: impl FnOnce(u64) -> ClusterMsg,
     ) -> Result<u64, ReplyError> {
-        let limit = self.cfg.limits.max_requests_in_flight + s.subs.pending_server();
+        // The subscriptions are looked at only when the client's own bound is reached.
+        let mut limit = self.cfg.limits.max_requests_in_flight;
+        if self.requests.of(sid) as usize >= limit {
+            limit += s.subs.pending_server();
+        }
         self.request_within(sid, kind, now, limit, msg_for)
     }
 

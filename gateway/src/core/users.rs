@@ -108,18 +108,6 @@ fn close_reason(code: u16, reason: &str) -> &'static str {
 }
 
 impl Core {
-    /// Whether `msg` is a command for a user's sessions (handled by
-    /// [`Core::user_command`]).
-    pub(super) fn is_user_command(msg: &ClusterMsg) -> bool {
-        matches!(
-            msg,
-            ClusterMsg::SubscribeUser { .. }
-                | ClusterMsg::UnsubscribeUser { .. }
-                | ClusterMsg::DisconnectUser { .. }
-                | ClusterMsg::RefreshUser { .. }
-        )
-    }
-
     /// The sessions of `user` (all, or the one whose client id is `client`).
     fn targets(&self, user: &str, client: &str) -> Vec<Sid> {
         self.cx
@@ -136,13 +124,7 @@ impl Core {
     /// Acts on a server API command for a user, on each of the user's
     /// sessions on this core.
     pub(super) fn user_command(&mut self, msg: ClusterMsg, now: u64) {
-        let (user, client) = match &msg {
-            ClusterMsg::SubscribeUser { user, client, .. }
-            | ClusterMsg::UnsubscribeUser { user, client, .. }
-            | ClusterMsg::DisconnectUser { user, client, .. }
-            | ClusterMsg::RefreshUser { user, client, .. } => (user.as_str(), client.as_str()),
-            _ => return,
-        };
+        let Some((user, client)) = msg.user_target() else { return };
         let targets = self.targets(user, client);
         self.cx.fx.metrics().user_commands.fetch_add(targets.len() as u64, Ordering::Relaxed);
         for sid in targets {

@@ -566,10 +566,7 @@ impl Uplink {
                 }
             }
             ClusterMsg::Heartbeat { .. } | ClusterMsg::Welcome { .. } => {}
-            ClusterMsg::SubscribeUser { ref user, .. }
-            | ClusterMsg::UnsubscribeUser { ref user, .. }
-            | ClusterMsg::DisconnectUser { ref user, .. }
-            | ClusterMsg::RefreshUser { ref user, .. } => {
+            ref m if let Some((user, _)) = m.user_target() => {
                 // The user's connected sessions live on the user's core; on
                 // its queue behind the answers owed to it.
                 let core = crate::core::reading::core_of_user(user, self.cores);
