@@ -125,6 +125,8 @@ pub enum Inbox {
     Down(DownMsg),
     /// A connection whose user lives on this core.
     Adopt(Box<Handover>),
+    /// The answer to one of this core's proxy calls.
+    Proxy(crate::proxy::ProxyAnswer),
 }
 
 /// A connection moving to its user's core, before anything was done for it
@@ -154,6 +156,9 @@ pub struct Moved {
     pub unsent: VecDeque<Bytes>,
     /// What permessage-deflate allows on this connection.
     pub deflate: Deflate,
+    /// The proxy state: forwarded headers, and the connect hook's answer
+    /// that placed the connection on its user's core.
+    pub proxy: Option<Box<crate::session::SessionProxy>>,
 }
 
 /// What permessage-deflate allows on one connection.

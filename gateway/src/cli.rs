@@ -172,6 +172,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let cfg = load(args)?;
     if print {
         cfg.etcd.check(cfg!(feature = "etcd")).map_err(anyhow::Error::msg)?;
+        cfg.proxy.check().map_err(anyhow::Error::msg)?;
         crate::auth::Verifier::new(&cfg.auth)?;
         print!("{}", cfg.to_toml_redacted()?);
         return Ok(());
@@ -182,6 +183,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
 /// Runs a gateway until it has drained (SIGTERM, or SIGINT twice to exit at once).
 pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
     cfg.etcd.check(cfg!(feature = "etcd")).map_err(anyhow::Error::msg)?;
+    cfg.proxy.check().map_err(anyhow::Error::msg)?;
     let nofile = crate::process::raise_open_files();
     if cfg.admission.max_connections == 0 {
         cfg.admission.max_connections = crate::process::connections_for(nofile) as usize;
@@ -207,6 +209,15 @@ pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
         inbox_rx.push(rx);
     }
     let peers = inbox_tx.clone();
+    // The proxy thread takes every core's calls; each core bounds its own
+    // in flight, so this queue never holds more than their sum.
+    let proxy = if cfg.proxy.enabled() {
+        let (tx, rx) = flume::bounded(cfg.cores * cfg.proxy.max_in_flight.max(1));
+        crate::proxy::spawn(cfg.proxy.clone(), rx, inbox_tx.clone(), metrics.clone())?;
+        Some(tx)
+    } else {
+        None
+    };
     let uplink = crate::uplink::quic::spawn(
         cfg.id.clone(),
         cfg.uplink.clone(),
@@ -220,7 +231,7 @@ pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
     let cores = crate::cores::spawn(
         cfg.clone(),
         verifier,
-        crate::cores::Wiring { up: up_tx, inboxes: inbox_rx, peers },
+        crate::cores::Wiring { up: up_tx, inboxes: inbox_rx, peers, proxy },
         metrics,
         life.clone(),
         tls,

@@ -222,6 +222,168 @@ impl Default for UplinkConfig {
     }
 }
 
+/// One proxy hook's endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyEndpoint {
+    /// `http://host:port/path` the request is POSTed to.
+    pub endpoint: String,
+    /// Milliseconds the backend has to answer (default 1,000); then the
+    /// call fails: error 100 (temporary) to the client.
+    pub timeout_ms: u64,
+}
+
+impl Default for ProxyEndpoint {
+    fn default() -> Self {
+        ProxyEndpoint { endpoint: String::new(), timeout_ms: 1_000 }
+    }
+}
+
+/// The channel hooks of one namespace.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespaceProxy {
+    /// Subscribe hook of the namespace's channels.
+    pub subscribe: Option<ProxyEndpoint>,
+    /// Publish hook.
+    pub publish: Option<ProxyEndpoint>,
+    /// Sub-refresh hook.
+    pub sub_refresh: Option<ProxyEndpoint>,
+}
+
+/// The proxy hooks: the app backend answers over HTTP (the Centrifugo
+/// proxy protocol, `proto::proxy`). Every hook is off unless its endpoint
+/// is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// A `connect` without a token asks this hook who the client is (a
+    /// connect with a token is verified as a JWT, as before).
+    pub connect: Option<ProxyEndpoint>,
+    /// A connection's `expire_at` passes: the gateway asks this hook (the
+    /// client is not asked to refresh: its connect reply says it does not
+    /// expire). Without it, the client refreshes with a new token.
+    pub refresh: Option<ProxyEndpoint>,
+    /// `rpc` commands (without it: error 108).
+    pub rpc: Option<ProxyEndpoint>,
+    /// Subscribes without a subscription token, in every namespace not
+    /// listed in `namespaces` (instead of the namespace's subscribe policy).
+    pub subscribe: Option<ProxyEndpoint>,
+    /// Client publishes, in every namespace not listed in `namespaces`
+    /// (instead of the namespace's publish policy; the answer may replace
+    /// the data).
+    pub publish: Option<ProxyEndpoint>,
+    /// Subscriptions whose subscribe answer gave an `expire_at` are
+    /// refreshed through this hook when it passes (without it they end then).
+    pub sub_refresh: Option<ProxyEndpoint>,
+    /// Per-namespace channel hooks (the key is the namespace, `""` the
+    /// default one): a listed namespace uses its own three, none of the
+    /// global ones.
+    pub namespaces: std::collections::BTreeMap<String, NamespaceProxy>,
+    /// Headers of the client's upgrade request forwarded with every call
+    /// (`Cookie` forwards its cookies). Kept per session only when set.
+    pub http_headers: Vec<String>,
+    /// Calls one core may have in flight (default 1,024); past it a
+    /// command that needs one gets error 100 (temporary).
+    pub max_in_flight: usize,
+    /// Calls to one endpoint failed in a row (transport error, timeout,
+    /// 5xx) that open its circuit breaker (default 5): then every call
+    /// fails at once (error 100, temporary) for `breaker_open_ms`, after
+    /// which one call probes the backend.
+    pub breaker_failures: u32,
+    /// Milliseconds an open breaker stays open (default 2,000).
+    pub breaker_open_ms: u64,
+    /// Largest answer body read (default 1 MiB; larger: a failed call).
+    pub max_answer_bytes: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect: None,
+            refresh: None,
+            rpc: None,
+            subscribe: None,
+            publish: None,
+            sub_refresh: None,
+            namespaces: Default::default(),
+            http_headers: Vec::new(),
+            max_in_flight: 1_024,
+            breaker_failures: 5,
+            breaker_open_ms: 2_000,
+            max_answer_bytes: 1 << 20,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Every endpoint set, with its hook.
+    pub fn endpoints(&self) -> Vec<(proto::proxy::Hook, &ProxyEndpoint)> {
+        use proto::proxy::Hook;
+        let mut out = Vec::new();
+        let global = [
+            (Hook::Connect, &self.connect),
+            (Hook::Refresh, &self.refresh),
+            (Hook::Rpc, &self.rpc),
+            (Hook::Subscribe, &self.subscribe),
+            (Hook::Publish, &self.publish),
+            (Hook::SubRefresh, &self.sub_refresh),
+        ];
+        out.extend(global.into_iter().filter_map(|(h, e)| Some((h, e.as_ref()?))));
+        for ns in self.namespaces.values() {
+            let each = [
+                (Hook::Subscribe, &ns.subscribe),
+                (Hook::Publish, &ns.publish),
+                (Hook::SubRefresh, &ns.sub_refresh),
+            ];
+            out.extend(each.into_iter().filter_map(|(h, e)| Some((h, e.as_ref()?))));
+        }
+        out
+    }
+
+    /// Whether any hook is on.
+    pub fn enabled(&self) -> bool {
+        !self.endpoints().is_empty()
+    }
+
+    /// Refuses endpoints that are not `http://` URLs with a host.
+    pub fn check(&self) -> Result<(), String> {
+        for (hook, e) in self.endpoints() {
+            let ok = e.endpoint.strip_prefix("http://").is_some_and(|rest| {
+                let host = rest.split('/').next().unwrap_or("");
+                !host.is_empty() && !rest.contains(char::is_whitespace)
+            });
+            if !ok {
+                return Err(format!(
+                    "proxy {} endpoint {:?} must be an http:// URL with a host",
+                    hook.name(),
+                    e.endpoint
+                ));
+            }
+            if e.timeout_ms == 0 {
+                return Err(format!("proxy {} timeout_ms must be above 0", hook.name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The channel hook `hook` (subscribe, publish or sub_refresh) of a
+    /// channel in namespace `ns`.
+    pub fn channel_hook(&self, hook: proto::proxy::Hook, ns: &str) -> Option<&ProxyEndpoint> {
+        use proto::proxy::Hook;
+        let (subscribe, publish, sub_refresh) = match self.namespaces.get(ns) {
+            Some(n) => (&n.subscribe, &n.publish, &n.sub_refresh),
+            None => (&self.subscribe, &self.publish, &self.sub_refresh),
+        };
+        match hook {
+            Hook::Subscribe => subscribe.as_ref(),
+            Hook::Publish => publish.as_ref(),
+            Hook::SubRefresh => sub_refresh.as_ref(),
+            Hook::Connect | Hook::Refresh | Hook::Rpc => None,
+        }
+    }
+}
+
 /// TLS (wss) on the client listener.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -287,6 +449,8 @@ pub struct GatewayConfig {
     pub etcd: discovery::EtcdConfig,
     /// Channel namespaces (must match the routers').
     pub namespaces: Namespaces,
+    /// Proxy hooks to the app backend (default: none).
+    pub proxy: ProxyConfig,
 }
 
 impl Default for GatewayConfig {
@@ -308,6 +472,7 @@ impl Default for GatewayConfig {
             tls: TlsConfig::default(),
             etcd: discovery::EtcdConfig::default(),
             namespaces: Namespaces::default(),
+            proxy: ProxyConfig::default(),
         }
     }
 }

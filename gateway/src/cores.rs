@@ -57,6 +57,8 @@ pub struct Wiring {
     pub inboxes: Vec<flume::Receiver<Inbox>>,
     /// Every core's inbox, for hand-overs.
     pub peers: Vec<flume::Sender<Inbox>>,
+    /// Toward the proxy thread (when a proxy hook is on).
+    pub proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
 }
 
 /// Spawns `cfg.cores` worker threads; each returns when it has drained.
@@ -68,12 +70,12 @@ pub fn spawn(
     life: Arc<Lifecycle>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
-    let Wiring { up, inboxes, peers } = wiring;
+    let Wiring { up, inboxes, peers, proxy } = wiring;
     tracing::info!(cores = cfg.cores, driver = driver_name(), listen = %cfg.listen, "starting cores");
     let mut handles = Vec::new();
     let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     for (id, inbox) in inboxes.into_iter().enumerate() {
-        let (cfg, verifier, up, metrics, life, peers, tls) = (
+        let (cfg, verifier, up, metrics, life, peers, tls, proxy) = (
             cfg.clone(),
             verifier.clone(),
             up.clone(),
@@ -81,6 +83,7 @@ pub fn spawn(
             life.clone(),
             peers.clone(),
             tls.clone(),
+            proxy.clone(),
         );
         let h = std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
             if cfg.pin_cores {
@@ -109,7 +112,7 @@ pub fn spawn(
                     unix_now,
                     up_backlog: crate::core::upstream::MAX_UP_BACKLOG,
                 });
-                let shell = match Shell::new(core, listener, tls, up, peers) {
+                let shell = match Shell::new(core, listener, tls, up, peers, proxy) {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::error!(core = id, error = %e, "cannot make the core's readiness set");

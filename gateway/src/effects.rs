@@ -72,6 +72,9 @@ pub enum Action {
         /// What the new core needs.
         moved: Moved,
     },
+    /// Send a call to the app backend's proxy hook (the answer comes back
+    /// through the core's inbox).
+    Proxy(crate::proxy::ProxyCall),
 }
 
 /// The machine's outputs of one event, drained by the shell.
@@ -98,6 +101,11 @@ impl Effects {
     /// This core's counters.
     pub fn metrics(&self) -> &CoreMetrics {
         &self.metrics.cores[self.core]
+    }
+
+    /// The gateway's counters.
+    pub fn metrics_all(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// The gateway's counters.

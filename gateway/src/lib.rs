@@ -31,6 +31,9 @@
 //! - [`bridge`], [`effects`]: the messages between cores and uplink, and
 //!   what a core's machine asks its shell to do.
 //! - [`auth`]: JWT verification (HS*, RS*, ES256), at the machine's time.
+//! - [`proxy`]: the proxy hooks' HTTP client thread (the app backend
+//!   decides connects, refreshes, subscribes, publishes, RPCs), with
+//!   timeouts and a circuit breaker per endpoint.
 //! - [`config`], [`metrics`], [`admin`], [`cli`], [`process`]: operations.
 //!
 //! The deterministic simulation (`sim/`) drives these same machines with a
@@ -95,6 +98,7 @@ pub mod cores;
 pub mod effects;
 pub mod metrics;
 pub mod process;
+pub mod proxy;
 pub mod session;
 pub mod shell;
 pub mod uplink;

@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Routers of the membership whose link is down (with etcd their
     /// channels have no router here: `/readyz` names them).
     pub unlinked_routers: std::sync::Mutex<Vec<String>>,
+    /// The proxy hooks' calls, failures and latency.
+    pub proxy: crate::proxy::ProxyMetrics,
 }
 
 impl Metrics {
@@ -102,6 +104,7 @@ impl Metrics {
             routers_known: AtomicU64::new(0),
             membership_revision: AtomicU64::new(0),
             unlinked_routers: std::sync::Mutex::new(Vec::new()),
+            proxy: Default::default(),
         }
     }
 
@@ -150,6 +153,7 @@ impl Metrics {
             let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
             let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
+        self.proxy.render(&mut out);
         out
     }
 }

@@ -22,6 +22,9 @@
 //!   at a store revision, ownership over it, and the lease clock behind the
 //!   fencing rule (a router acknowledges only while its lease is certainly
 //!   alive).
+//! - [`proxy`]: the Centrifugo proxy protocol (JSON over HTTP) the gateway
+//!   speaks to the app backend's hooks (connect, refresh, subscribe,
+//!   publish, sub_refresh, rpc).
 //! - [`peer`]: router names (`NAME@ADDR`) and the router ⇄ router call
 //!   protocol that carries forwarded API calls over mutual TLS.
 //! - Small shared units: [`backoff`] (exponential, full jitter),
@@ -58,6 +61,7 @@ pub mod mutant;
 pub mod namespace;
 pub mod peer;
 pub mod position;
+pub mod proxy;
 pub mod rendezvous;
 pub mod seeded;
 pub mod timer_wheel;

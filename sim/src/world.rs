@@ -804,7 +804,8 @@ impl World {
 
     fn action(&mut self, g: usize, c: usize, a: Action) {
         match a {
-            Action::Watch { .. } => {}
+            // The simulated gateways have no proxy hooks configured.
+            Action::Watch { .. } | Action::Proxy(_) => {}
             Action::Shutdown { sid } | Action::Release { sid } => {
                 let release = matches!(a, Action::Release { .. });
                 let conn = if release {

@@ -47,6 +47,16 @@ pub(super) enum Origin {
 pub(super) enum Refusal {
     /// An error reply; the connection goes on.
     Reply(ReplyError),
+    /// An error reply of the app backend's (a proxy hook's); the
+    /// connection goes on.
+    Custom {
+        /// Code.
+        code: u32,
+        /// Message.
+        message: String,
+        /// Whether the client should retry.
+        temporary: bool,
+    },
     /// The connection ends with this code.
     Close(Disconnect),
 }
@@ -96,7 +106,7 @@ impl Core {
                 Ok(())
             }
             Method::Send(_) => Ok(()),
-            Method::Rpc(_) => Err(Refusal::Reply(ReplyError::NOT_AVAILABLE)),
+            Method::Rpc(r) => cx.rpc(s, sid, id, r, now),
             Method::Refresh(r) => cx.refresh(s, sid, id, r, replies, now),
             Method::SubRefresh(r) => cx.sub_refresh(s, id, r, replies, now),
             Method::Unknown => Err(Refusal::Reply(ReplyError::METHOD_NOT_FOUND)),
@@ -114,6 +124,10 @@ impl Core {
             }
             Err(Refusal::Reply(e)) => {
                 replies.push(reply::error_reply(id, e));
+                Ok(())
+            }
+            Err(Refusal::Custom { code, message, temporary }) => {
+                replies.push(reply::error_reply_with(id, code, &message, temporary));
                 Ok(())
             }
             Err(Refusal::Close(d)) => Err(d),
@@ -136,7 +150,7 @@ impl Ctx {
     }
 
     /// Takes one router-bound command from the session's budget.
-    fn charge(&self, s: &mut Session, now: u64) -> Result<(), Refusal> {
+    pub(super) fn charge(&self, s: &mut Session, now: u64) -> Result<(), Refusal> {
         let at = self.clock.at(now);
         if self.budget(s, now).requests.try_take(1, at) {
             Ok(())
@@ -169,7 +183,21 @@ impl Ctx {
         // Server-side subscriptions: the token's `channels` and `subs`, in
         // name order, each once, with the `subs` entry's `info` as chan_info.
         let mut server_subs: Vec<(String, Option<bytes::Bytes>)> = Vec::new();
-        let (user, info, expires) = if c.token.is_empty() {
+        let mut client = None;
+        let mut data = None;
+        let (user, info, expires) = if let Some(answer) = self.take_connect_answer(s) {
+            // The connect hook answered: it, not a token, says who this is.
+            let a = answer.outcome.map_err(Refusal::from)?;
+            server_subs = a.subs;
+            server_subs.sort_by(|a, b| a.0.cmp(&b.0));
+            server_subs.dedup_by(|a, b| a.0 == b.0);
+            client = Some(a.client);
+            data = a.data;
+            (a.user, a.info, (a.expire_at != 0).then_some(a.expire_at))
+        } else if c.token.is_empty() && self.cfg.proxy.connect.is_some() {
+            let endpoint = self.cfg.proxy.connect.clone().expect("checked");
+            return self.connect_hook(s, sid, &c, &endpoint);
+        } else if c.token.is_empty() {
             if !self.cfg.auth.allow_anonymous_connect_without_token {
                 return Err(Refusal::Close(Disconnect::BAD_REQUEST));
             }
@@ -201,7 +229,7 @@ impl Ctx {
             return Err(Refusal::Close(Disconnect::CHANNEL_LIMIT));
         }
         let ttl = self.ttl_of(expires, now);
-        let client = self.client_id();
+        let client = client.unwrap_or_else(|| self.client_id());
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
         self.users.add(&user, sid);
@@ -218,7 +246,12 @@ impl Ctx {
         // connections spread out.
         let ping = lim.ping_secs.max(1) as u64 * 1000;
         s.deadlines.next_ping = now + (ping as f64 * self.rng.random_range(0.5..1.0)) as u64;
-        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + 25) * 1000);
+        // With the refresh hook the server refreshes the connection when it
+        // expires (the client is told it does not); else the client has
+        // 25 s past the expiry to send a new token.
+        let server_refresh = self.cfg.proxy.refresh.is_some();
+        let grace = if server_refresh { 0 } else { 25 };
+        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + grace) * 1000);
         self.rearm(s, sid);
         // Subscribed before the reply goes out: the results known here go in
         // its `subs`; a router's answer comes later as a `subscribe` push
@@ -278,9 +311,10 @@ impl Ctx {
         let result = ConnectResult {
             client: client.clone(),
             version: VERSION.to_owned(),
-            expires: ttl.is_some(),
-            ttl: ttl.unwrap_or(0),
+            expires: ttl.is_some() && !server_refresh,
+            ttl: if server_refresh { 0 } else { ttl.unwrap_or(0) },
             subs: None,
+            data: data.as_ref().and_then(super::proxied::raw),
             ping: lim.ping_secs,
             pong: true,
         };
@@ -316,16 +350,23 @@ impl Ctx {
         if r.kind != 0 {
             return Err(ReplyError::NOT_AVAILABLE.into());
         }
-        if s.subs.contains(&r.channel) {
+        let subscribing = s.proxy.as_ref().map_or(&[][..], |p| &p.subscribing[..]);
+        if s.subs.contains(&r.channel) || subscribing.iter().any(|c| **c == *r.channel) {
             return Err(ReplyError::ALREADY_SUBSCRIBED.into());
         }
-        if s.subs.len() >= self.cfg.limits.max_subscriptions {
+        if s.subs.len() + subscribing.len() >= self.cfg.limits.max_subscriptions {
             return Err(ReplyError::LIMIT_EXCEEDED.into());
         }
         if !self.up.has_room() {
             return Err(ReplyError::INTERNAL.into());
         }
         self.charge(s, now)?;
+        if r.token.is_empty()
+            && let Some(endpoint) = self.channel_hook(proto::proxy::Hook::Subscribe, &r.channel)
+        {
+            // The app backend decides, instead of the namespace's policy.
+            return self.subscribe_hook(s, sid, id, r, &endpoint);
+        }
         let user = s.identity.user.clone();
         let mut chan_info = None;
         if !r.token.is_empty() {
@@ -484,6 +525,11 @@ impl Ctx {
         replies: &mut Replies,
     ) {
         s.unmark_server_sub(&r.channel);
+        if let Some(p) = s.proxy.as_mut() {
+            // A subscribe hook's answer for it, or its expiry, no longer matters.
+            p.subscribing.retain(|c| **c != *r.channel);
+            p.expiring.retain(|c| *c.0 != *r.channel);
+        }
         if let Some(pc) = s.connecting.as_mut() {
             // A token channel of the waiting connect reply leaves it.
             pc.waiting.retain(|c| **c != *r.channel);
@@ -508,8 +554,13 @@ impl Ctx {
         now: u64,
     ) -> Result<(), Refusal> {
         let ns = self.cfg.namespaces.resolve_str(&r.channel)?;
-        let data = r.data.ok_or(ReplyError::BAD_REQUEST)?;
+        if r.data.is_none() {
+            return Err(ReplyError::BAD_REQUEST.into());
+        }
+        let hook = self.channel_hook(proto::proxy::Hook::Publish, &r.channel);
         match ns.publish {
+            // The app backend decides, instead of the namespace's policy.
+            _ if hook.is_some() => {}
             PublishPolicy::Backend => return Err(ReplyError::PERMISSION_DENIED.into()),
             PublishPolicy::Subscribers if !s.subs.contains(&r.channel) => {
                 return Err(ReplyError::PERMISSION_DENIED.into());
@@ -521,7 +572,10 @@ impl Ctx {
         if !allowed || !self.user_may_publish(&s.identity.user, at) {
             return Err(ReplyError::TOO_MANY_REQUESTS.into());
         }
-        let data = strip_newlines(data.get().as_bytes());
+        if let Some(endpoint) = hook {
+            return self.publish_hook(s, sid, id, r, &endpoint);
+        }
+        let data = strip_newlines(r.data.expect("checked above").get().as_bytes());
         let id_ = &s.identity;
         let info = client_info(&id_.user, &id_.client, id_.conn_info.as_deref(), None);
         let channel = r.channel;

@@ -23,11 +23,13 @@
 //! - [`timers`]: deadlines on the timer wheel, admission control, drain.
 //! - [`requests`], [`upstream`]: requests in flight; the uplink backlog.
 //! - [`users`]: the server API's commands for a user's sessions.
+//! - [`proxied`]: the proxy hooks' calls and what their answers do.
 
 pub mod answers;
 pub mod channels;
 pub mod commands;
 pub mod fanout;
+pub mod proxied;
 pub mod reading;
 pub mod requests;
 pub mod sessions;
@@ -140,6 +142,7 @@ pub struct Ctx {
     ping: Bytes,
     user_buckets: Map<Arc<str>, TokenBucket>,
     users: users::UserIndex,
+    proxied: proxied::Proxied,
     scratch: Vec<BytesMut>,
 }
 
@@ -198,6 +201,7 @@ impl Core {
                 ping: SharedFrame::text(reply::PING).into_bytes(),
                 user_buckets: seeded::map(seed ^ 0x3c6e_f372),
                 users: users::UserIndex::new(seed ^ 0x5be0_cd19),
+                proxied: proxied::Proxied::new(seed ^ 0x1f83_d9ab),
                 scratch: Vec::new(),
                 cfg,
             },
@@ -287,6 +291,7 @@ impl Core {
         let mut s = Session::new(0);
         s.upgraded(ms + self.cx.cfg.limits.connect_timeout_secs * 1000);
         s.deflate = moved.deflate;
+        s.proxy = moved.proxy;
         s.placed = true;
         let sid = self.sessions.insert(s);
         self.cx.fx.metrics().connections.fetch_add(1, Ordering::Relaxed);

@@ -29,6 +29,10 @@ pub(super) enum Flow {
     Move(usize),
 }
 
+/// Bytes a client may send while the connect hook has not answered its
+/// connect (they wait, unread); beyond: close 3013.
+const MAX_HELD_INPUT: usize = 64 * 1024;
+
 /// Replies to a client's commands held behind its connect reply while
 /// that waits for the routers' answers to the token's subscriptions.
 const MAX_HELD_REPLIES: usize = 256;
@@ -130,7 +134,15 @@ impl Core {
         let deflate = if cfg.deflate { req.negotiate_deflate() } else { None };
         let protocol = req.select_protocol(&["centrifuge-json"]);
         let response = handshake::switching_protocols(&req.key, protocol, deflate.as_ref());
+        let headers = &cfg.proxy.http_headers;
+        let forwarded = (!headers.is_empty() && cfg.proxy.enabled())
+            .then(|| handshake::headers_named(&b[..consumed], headers))
+            .filter(|h| !h.is_empty());
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if let Some(h) = forwarded {
+            s.proxy =
+                Some(Box::new(crate::session::SessionProxy { headers: h.into(), ..Default::default() }));
+        }
         s.echo = echo;
         s.deflate = Deflate::agreed(deflate.as_ref());
         s.upgraded(now + cfg.limits.connect_timeout_secs * 1000);
@@ -155,6 +167,18 @@ impl Core {
             return;
         };
         let limits = &self.cx.cfg.limits;
+        if s.connect_waits() {
+            // The connect hook has not answered: what follows waits, as
+            // read, to be handled after the connect (bounded).
+            if b.len() > MAX_HELD_INPUT {
+                self.cx.give_scratch(b);
+                self.close(sid, Disconnect::TOO_MANY_REQUESTS.into());
+                return;
+            }
+            s.partial = b.to_vec();
+            self.cx.give_scratch(b);
+            return;
+        }
         let mut decoder = s.decoder.take().unwrap_or_else(|| {
             Box::new(Decoder::new(DecoderConfig {
                 max_frame: limits.max_message,
@@ -220,6 +244,10 @@ impl Core {
                 }
             };
             bytes::Buf::advance(buf, consumed);
+            if self.sessions.get(sid).is_some_and(|s| s.connect_waits()) {
+                // The rest waits for the connect hook's answer.
+                return Flow::Go;
+            }
             match flow {
                 Flow::Go => {}
                 Flow::Stop => return Flow::Stop,
@@ -315,6 +343,14 @@ impl Core {
                 end = Some(d);
                 break;
             }
+            if let Some(p) = self.sessions.get_mut(sid).and_then(|s| s.proxy.as_mut())
+                && let crate::session::ConnectHook::Waiting(held) = &mut p.connect
+            {
+                // The connect hook was asked: this frame is handled again,
+                // whole, once it answers.
+                *held = Bytes::copy_from_slice(frame);
+                break;
+            }
         }
         if let Some(s) = self.sessions.get_mut(sid)
             && !replies.is_empty()
@@ -348,7 +384,7 @@ impl Core {
     /// Gives the connection to its user's core. Nothing was done for it
     /// since the upgrade but queueing the upgrade's answer, which travels
     /// with it.
-    fn hand_over(&mut self, sid: Sid, core: usize, message: Bytes, pending: Bytes) {
+    pub(super) fn hand_over(&mut self, sid: Sid, core: usize, message: Bytes, pending: Bytes) {
         let Some(mut s) = self.sessions.remove(sid) else { return };
         let out = s.outbound();
         let queued = out.bytes();
@@ -356,7 +392,7 @@ impl Core {
         self.cx.fx.metrics().queued_bytes.fetch_sub(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().handovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let moved = Moved { message, pending, unsent, deflate: s.deflate };
+        let moved = Moved { message, pending, unsent, deflate: s.deflate, proxy: s.proxy.take() };
         self.cx.fx.act(Action::HandOver { sid, core, moved });
     }
 }

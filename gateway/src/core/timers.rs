@@ -68,7 +68,13 @@ impl Core {
             }
             Phase::Upgrading | Phase::Open => {}
             Phase::Connected if passed(d.pong_due) => self.close(sid, Disconnect::NO_PONG.into()),
+            Phase::Connected if passed(d.expires_at) && self.cx.cfg.proxy.refresh.is_some() => {
+                self.refresh_hook(sid, now)
+            }
             Phase::Connected if passed(d.expires_at) => self.close(sid, Disconnect::EXPIRED.into()),
+            Phase::Connected if s.proxy.as_ref().and_then(|p| p.next_expiry()).is_some_and(passed) => {
+                self.subscriptions_expired(sid, now)
+            }
             Phase::Connected => {
                 if passed(d.next_ping) {
                     let lim = &self.cx.cfg.limits;

@@ -80,7 +80,7 @@ const MAX_CUSTOM_REASONS: usize = 256;
 /// A close reason is at most 123 bytes (RFC 6455 §5.5: 125 with the code).
 const MAX_REASON_BYTES: usize = 123;
 
-fn close_reason(code: u16, reason: &str) -> &'static str {
+pub(super) fn close_reason(code: u16, reason: &str) -> &'static str {
     static REASONS: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
     let mut end = reason.len().min(MAX_REASON_BYTES);
     while !reason.is_char_boundary(end) {
@@ -192,13 +192,29 @@ impl Core {
     /// Unsubscribes one session (push 2000 "server unsubscribe"), if it is
     /// subscribed.
     fn server_unsubscribe(&mut self, sid: Sid, channel: &str, now: u64) {
+        self.server_unsubscribe_with(sid, channel, unsubscribe_code::SERVER, "server unsubscribe", now)
+    }
+
+    /// Unsubscribes one session with an unsubscribe push of `code`, if it
+    /// is subscribed.
+    pub(super) fn server_unsubscribe_with(
+        &mut self,
+        sid: Sid,
+        channel: &str,
+        code: u32,
+        reason: &str,
+        now: u64,
+    ) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if let Some(p) = s.proxy.as_mut() {
+            p.expiring.retain(|e| *e.0 != *channel);
+        }
         s.unmark_server_sub(channel);
         let Some((name, state)) = s.subs.remove(channel) else { return };
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);
         }
-        let push = unsubscribe_push(channel, unsubscribe_code::SERVER, "server unsubscribe");
+        let push = unsubscribe_push(channel, code, reason);
         match s.connecting.as_mut() {
             // A channel of the waiting connect reply: it leaves the reply
             // (the client never heard of it); another: after the reply.
@@ -223,7 +239,7 @@ impl Core {
 
     /// A new expiry for one session: closed with 3005 when `expired` or
     /// the time has passed; no expiry when `expire_at` is 0.
-    fn server_refresh(&mut self, sid: Sid, expired: bool, expire_at: u64, now: u64) {
+    pub(super) fn server_refresh(&mut self, sid: Sid, expired: bool, expire_at: u64, now: u64) {
         let unix = self.cx.clock.unix(now);
         if expired || (expire_at != 0 && expire_at <= unix) {
             return self.close(sid, Disconnect::EXPIRED.into());

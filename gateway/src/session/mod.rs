@@ -137,6 +137,49 @@ pub struct PendingConnect {
     pub replies: Vec<Vec<u8>>,
 }
 
+/// Where a session's connect stands with the connect hook.
+#[derive(Debug, Default)]
+pub enum ConnectHook {
+    /// Not asked.
+    #[default]
+    None,
+    /// Asked: the text frame holding the `connect` (and what followed it
+    /// in the frame) waits, handled again once the answer is in.
+    Waiting(Bytes),
+    /// Answered: the frame is being handled again with this.
+    Answered(Box<crate::core::proxied::ConnectAnswer>),
+}
+
+/// A session's proxy state, kept only when the proxy has something of it:
+/// forwarded headers, a connect hook in progress, subscribe hooks not yet
+/// answered, subscriptions that expire (sub_refresh).
+#[derive(Debug, Default)]
+pub struct SessionProxy {
+    /// Headers of the upgrade request forwarded with every call.
+    pub headers: Arc<[(String, String)]>,
+    /// The connect hook.
+    pub connect: ConnectHook,
+    /// Channels whose subscribe hook has not answered yet (they count
+    /// toward the subscription limit and refuse a second subscribe).
+    pub subscribing: Vec<Arc<str>>,
+    /// Subscriptions that expire (the subscribe hook gave `expire_at`):
+    /// channel and core milliseconds; refreshed through the sub_refresh
+    /// hook, or ended, when it passes.
+    pub expiring: Vec<(Arc<str>, u64)>,
+}
+
+impl SessionProxy {
+    /// Whether the connect hook has not answered yet.
+    pub fn connect_waits(&self) -> bool {
+        matches!(self.connect, ConnectHook::Waiting(_))
+    }
+
+    /// The earliest subscription expiry (core ms), if any.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiring.iter().map(|e| e.1).min()
+    }
+}
+
 /// One connection.
 #[derive(Debug)]
 pub struct Session {
@@ -175,6 +218,8 @@ pub struct Session {
     /// A connect reply waiting for the routers' answers to the token's
     /// subscriptions (their results go in it).
     pub connecting: Option<Box<PendingConnect>>,
+    /// Proxy hook state (forwarded headers, calls in progress), if any.
+    pub proxy: Option<Box<SessionProxy>>,
     out: Outbound,
     /// Deadlines.
     pub deadlines: Deadlines,
@@ -201,6 +246,7 @@ impl Session {
             subs: Subs::default(),
             server_subs: None,
             connecting: None,
+            proxy: None,
             out: Outbound::default(),
             deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
             timer: 0,
@@ -235,6 +281,12 @@ impl Session {
     /// Where the session is in its life.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// Whether the connect hook has not answered this session's connect yet
+    /// (its input waits, unread, meanwhile).
+    pub fn connect_waits(&self) -> bool {
+        self.proxy.as_ref().is_some_and(|p| p.connect_waits())
     }
 
     /// Whether `connect` succeeded (and the session is not ending).
@@ -400,7 +452,8 @@ impl Session {
     pub fn next_deadline(&self, write_timeout: u64) -> Option<u64> {
         let d = &self.deadlines;
         let blocked = self.out.blocked_since();
-        let mut candidates = [(blocked != 0).then(|| blocked + write_timeout), None, None, None, None, None];
+        let mut candidates =
+            [(blocked != 0).then(|| blocked + write_timeout), None, None, None, None, None, None];
         match self.phase {
             Phase::Upgrading | Phase::Open => {
                 candidates[1] = Some(d.connect_by);
@@ -411,6 +464,7 @@ impl Session {
                 candidates[3] = Some(d.next_ping);
                 candidates[4] = Some(d.pong_due);
                 candidates[5] = Some(d.expires_at);
+                candidates[6] = self.proxy.as_ref().and_then(|p| p.next_expiry());
             }
             Phase::Closing(_) => {}
             Phase::Lingering => candidates[1] = Some(d.linger_until),

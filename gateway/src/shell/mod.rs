@@ -64,6 +64,8 @@ pub struct Shell {
     flush_waker: Cell<Option<std::task::Waker>>,
     /// The core's buffer for TLS records read (one per core, not per connection).
     cipher: RefCell<bytes::BytesMut>,
+    /// Toward the proxy thread, when a proxy hook is on.
+    proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
 }
 
 /// The first pause after an accept error (EMFILE…); doubled per error in a row.
@@ -80,6 +82,7 @@ impl Shell {
         tls: Option<Arc<rustls::ServerConfig>>,
         up: flume::Sender<Vec<UpMsg>>,
         peers: Vec<flume::Sender<Inbox>>,
+        proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
     ) -> std::io::Result<Rc<Shell>> {
         let poller = Poller::new()?;
         poller.change(listener.as_raw_fd(), LISTENER, 0, poller::READ)?;
@@ -95,6 +98,7 @@ impl Shell {
             peers,
             flush_waker: Cell::new(None),
             cipher: RefCell::new(bytes::BytesMut::with_capacity(32 * 1024)),
+            proxy,
         }))
     }
 
@@ -155,6 +159,17 @@ impl Shell {
                     // (the client reconnects).
                     if let Some(tx) = self.peers.get(core) {
                         let _ = tx.try_send(Inbox::Adopt(Box::new(h)));
+                    }
+                }
+                Action::Proxy(call) => {
+                    let id = call.id;
+                    let sent = self.proxy.as_ref().map(|tx| tx.try_send(call));
+                    if !matches!(sent, Some(Ok(()))) {
+                        // Cannot happen with the queue sized to every core's
+                        // bound; answered as a failed call if it does.
+                        let outcome = Err(crate::proxy::Failure::Transport);
+                        let answer = crate::proxy::ProxyAnswer { id, outcome };
+                        self.core.borrow_mut().proxy_answer(answer, Instant::now());
                     }
                 }
             }
@@ -322,6 +337,7 @@ impl Shell {
         let now = Instant::now();
         match msg {
             Inbox::Down(m) => self.core.borrow_mut().down(m, now),
+            Inbox::Proxy(a) => self.core.borrow_mut().proxy_answer(a, now),
             Inbox::Adopt(h) => {
                 let Handover { fd, tls, moved } = *h;
                 // The socket is registered before the machine's actions for it run.

@@ -157,10 +157,15 @@ pub const PING: &[u8] = b"{}";
 
 /// `{"id":N,"error":{…}}`.
 pub fn error_reply(id: u32, e: ReplyError) -> Vec<u8> {
-    let mut out = Vec::with_capacity(80);
-    out.extend_from_slice(format!("{{\"id\":{id},\"error\":{{\"code\":{},\"message\":", e.code).as_bytes());
-    write_str(&mut out, e.message);
-    if e.temporary {
+    error_reply_with(id, e.code, e.message, e.temporary)
+}
+
+/// An error reply with a message of the app backend's (a proxy hook's).
+pub fn error_reply_with(id: u32, code: u32, message: &str, temporary: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + message.len());
+    out.extend_from_slice(format!("{{\"id\":{id},\"error\":{{\"code\":{code},\"message\":").as_bytes());
+    write_str(&mut out, message);
+    if temporary {
         out.extend_from_slice(b",\"temporary\":true");
     }
     out.extend_from_slice(b"}}");
@@ -207,6 +212,9 @@ pub struct ConnectResult {
     /// Server-side subscriptions, raw JSON `SubscribeResult`s keyed by channel.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subs: Option<Box<serde_json::value::RawValue>>,
+    /// Data for the client from the app backend (the connect hook's `data`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<Box<serde_json::value::RawValue>>,
     /// Seconds between server pings.
     #[serde(skip_serializing_if = "is_zero")]
     pub ping: u32,

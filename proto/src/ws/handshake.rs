@@ -277,6 +277,27 @@ pub fn parse_request(
     Ok(Some((UpgradeRequest { path, key: key.to_owned(), protocols, extensions, origin, host }, consumed)))
 }
 
+/// The values of the headers named in `names` (any case) in a complete
+/// upgrade request (what [`parse_request`] accepted, so already bounded),
+/// in request order, each as `(name as listed, value)`; a header that occurs
+/// twice is listed twice. The gateway forwards these to the app backend's
+/// proxy hooks (`Cookie`, `Authorization`, `X-Forwarded-For`, ...).
+pub fn headers_named(buf: &[u8], names: &[String]) -> Vec<(String, String)> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for h in req.headers.iter() {
+        let Some(name) = names.iter().find(|n| n.eq_ignore_ascii_case(h.name)) else { continue };
+        if let Ok(value) = std::str::from_utf8(h.value) {
+            out.push((name.clone(), value.to_owned()));
+        }
+    }
+    out
+}
+
 /// The client side of the upgrade (loadgen and tests).
 pub mod client {
     use super::*;
@@ -411,6 +432,16 @@ mod tests {
         assert_eq!(req.query_param("cf_ws_frame_ping_pong"), Some("true"));
         assert_eq!(req.select_protocol(&["centrifuge-json"]), Some("centrifuge-json"));
         assert_eq!(req.origin.as_deref(), Some("http://example.com"));
+    }
+
+    #[test]
+    fn named_headers_are_kept_for_the_proxy() {
+        let req = REQ.replace("\r\n\r\n", "\r\ncookie: a=1\r\nCookie: b=2\r\nX-Other: no\r\n\r\n");
+        let names = vec!["Cookie".to_string(), "Origin".to_string()];
+        let got = headers_named(req.as_bytes(), &names);
+        let want = [("Origin", "http://example.com"), ("Cookie", "a=1"), ("Cookie", "b=2")];
+        assert_eq!(got, want.map(|(n, v)| (n.to_string(), v.to_string())));
+        assert!(headers_named(&req.as_bytes()[..20], &names).is_empty(), "an incomplete request has none");
     }
 
     fn refuse(req: &str) -> u16 {
