@@ -19,6 +19,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod backend;
 pub mod wan;
 
 use std::io::{ErrorKind, Read, Write};
@@ -737,11 +738,22 @@ impl Ws {
     /// Like [`connect`](Self::connect), offering permessage-deflate when
     /// `deflate` (the caller then sends compressed frames by hand).
     pub fn connect_with(addr: SocketAddr, path: &str, deflate: bool) -> Result<Ws, ClientHandshakeError> {
+        Self::connect_with_headers(addr, path, deflate, &[])
+    }
+
+    /// Like [`connect_with`](Self::connect_with), with extra headers in the
+    /// upgrade request (cookies, authorization, ...).
+    pub fn connect_with_headers(
+        addr: SocketAddr,
+        path: &str,
+        deflate: bool,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, ClientHandshakeError> {
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         let tcp = stream.try_clone().unwrap();
-        Self::upgrade_over(Box::new(stream), tcp, addr, path, deflate)
+        Self::upgrade_over(Box::new(stream), tcp, addr, path, deflate, headers)
     }
 
     /// Connects over TLS (wss), trusting the CA in `ca_pem` for the name
@@ -749,7 +761,7 @@ impl Ws {
     pub fn connect_tls(addr: SocketAddr, path: &str, ca_pem: &Path) -> Result<Ws, ClientHandshakeError> {
         let stream = tls_stream(addr, ca_pem);
         let tcp = stream.sock.try_clone().unwrap();
-        Self::upgrade_over(Box::new(stream), tcp, addr, path, false)
+        Self::upgrade_over(Box::new(stream), tcp, addr, path, false, &[])
     }
 
     fn upgrade_over(
@@ -758,8 +770,15 @@ impl Ws {
         addr: SocketAddr,
         path: &str,
         deflate: bool,
+        headers: &[(&str, &str)],
     ) -> Result<Ws, ClientHandshakeError> {
-        let (req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], deflate);
+        let (mut req, hs) = client::request(&addr.to_string(), path, rand::random(), &[], deflate);
+        // The request ends with its empty line: the extra headers go before it.
+        req.truncate(req.len() - 2);
+        for (name, value) in headers {
+            req.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
         stream.write_all(&req).unwrap();
         let mut buf = BytesMut::new();
         let mut chunk = [0u8; 4096];
