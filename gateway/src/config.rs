@@ -518,6 +518,30 @@ mod tests {
     }
 
     #[test]
+    fn proxy_endpoints_are_checked_and_namespaces_choose_their_hooks() {
+        use proto::proxy::Hook;
+        let c = GatewayConfig::from_toml(
+            "[proxy.subscribe]\nendpoint = \"http://b:1/sub\"\n[proxy.namespaces.chat.publish]\nendpoint = \"http://b:1/pub\"\ntimeout_ms = 50\n",
+        )
+        .unwrap();
+        assert!(c.proxy.check().is_ok() && c.proxy.enabled());
+        assert_eq!(c.proxy.channel_hook(Hook::Subscribe, "").unwrap().endpoint, "http://b:1/sub");
+        assert!(
+            c.proxy.channel_hook(Hook::Subscribe, "chat").is_none(),
+            "a listed namespace has only its own"
+        );
+        assert_eq!(c.proxy.channel_hook(Hook::Publish, "chat").unwrap().timeout_ms, 50);
+        assert!(!GatewayConfig::default().proxy.enabled());
+        for bad in ["https://b/x", "b:1/x", "http:///x", "http://b/ x"] {
+            let c = GatewayConfig::from_toml(&format!("[proxy.connect]\nendpoint = \"{bad}\"\n")).unwrap();
+            assert!(c.proxy.check().is_err(), "{bad}");
+        }
+        let c = GatewayConfig::from_toml("[proxy.rpc]\nendpoint = \"http://b/\"\ntimeout_ms = 0\n").unwrap();
+        assert!(c.proxy.check().is_err(), "a zero timeout");
+        assert!(GatewayConfig::from_toml("[proxy.connect]\nendpont = \"http://b/\"\n").is_err());
+    }
+
+    #[test]
     fn defaults_and_overrides() {
         let c = GatewayConfig::from_toml("").unwrap();
         assert_eq!(c.limits.max_subscriptions, 128);

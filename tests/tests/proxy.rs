@@ -44,6 +44,9 @@ fn connect_backend() -> Backend {
             "ban" => Reply::json(json!({"disconnect": {"code": 4501, "reason": "banned"}})),
             "garbage" => Reply { status: 200, body: "not json".into(), delay: Duration::ZERO },
             "crash" => Reply { status: 500, body: "{}".into(), delay: Duration::ZERO },
+            "slow" => {
+                Reply { delay: Duration::from_secs(2), ..Reply::json(json!({"result": {"user": "slow"}})) }
+            }
             user => Reply::json(json!({"result": {
                 "user": user,
                 "info": {"name": user},
@@ -147,16 +150,33 @@ fn the_connect_hook_says_who_connects_and_every_outcome_reaches_the_client() {
         assert_eq!(r["error"]["code"], 100, "{who}: {r}");
         assert_eq!(r["error"]["temporary"], true, "{who}: {r}");
     }
+    // While the hook has not answered, what the client sends waits, up to
+    // 64 KiB: more closes the connection with 3013.
+    let mut ws = Ws::connect(c.ws_addrs[0], PATH).unwrap();
+    ws.send_json(&json!({"id": 1, "connect": {"data": {"as": "slow"}}}));
+    let filler =
+        json!({"id": 2, "publish": {"channel": "chat:news", "data": "x".repeat(30_000)}}).to_string();
+    for _ in 0..3 {
+        ws.send_frame(OpCode::Text, filler.as_bytes());
+    }
+    assert_eq!(ws.expect_close(), Some(3013));
+    let slow_seen = || backend.calls_to("/connect").iter().any(|c| c.body["data"]["as"] == "slow");
+    wait_until(Duration::from_secs(5), "the slow call reached the backend", slow_seen, |seen| *seen);
     // A token is still verified as a JWT, without the hook.
     let before = backend.calls_to("/connect").len();
     let _jwt = c.client(0, "jwt-user");
     assert_eq!(backend.calls_to("/connect").len(), before, "a connect with a token does not ask the hook");
-    assert_eq!(calls(&c, 0, "connect"), 16 + 4);
+    assert_eq!(calls(&c, 0, "connect"), 16 + 5);
     assert_eq!(errors(&c, 0, "connect", "bad_answer"), 1);
     assert_eq!(errors(&c, 0, "connect", "status"), 1);
-    let m = c.metrics(0);
-    let answered = metric(&m, "switchyard_gateway_proxy_duration_seconds_count{hook=\"connect\"}");
-    assert_eq!(answered, 16 + 3, "latency of every call the backend answered (the 5xx too): {m}");
+    // The latency of every call the backend answered in time (not the 5xx).
+    let count = |c: &Cluster| {
+        metric(&c.metrics(0), "switchyard_gateway_proxy_duration_seconds_count{hook=\"connect\"}")
+    };
+    wait_until(Duration::from_secs(10), "every answer timed", || count(&c), |n| *n == 16 + 3);
+    // The slow one (2 s) outlived the default timeout (1 s).
+    let timeouts = || errors(&c, 0, "connect", "timeout");
+    wait_until(Duration::from_secs(10), "the slow call timed out", timeouts, |n| *n == 1);
     // Everyone connected through the hook is still served.
     for (who, ws) in &mut clients {
         let r = ws.call(json!({"presence_stats": {"channel": "chat:news"}}));
