@@ -46,6 +46,9 @@ fn publish(c: &Cluster, channel: &str, i: u64) {
 enum Sdk {
     Js,
     JsServerSide,
+    /// No token: the gateway's connect hook (an HTTP backend started by
+    /// the test) names the user and the server-side channel.
+    JsConnectHook,
     Browser,
     BrowserServerSide,
     PythonServerSide,
@@ -59,6 +62,11 @@ fn centrifuge_js_subscribes_receives_and_recovers_after_a_gateway_drain() {
 #[test]
 fn centrifuge_js_server_side_subscription_recovers_after_a_gateway_drain() {
     sdk_receives_and_recovers_after_a_gateway_drain(Sdk::JsServerSide);
+}
+
+#[test]
+fn centrifuge_js_without_a_token_is_connected_by_the_connect_hook_and_recovers_after_a_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::JsConnectHook);
 }
 
 /// The SDK's browser bundle in headless Chromium, with the browser's own
@@ -84,8 +92,19 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     // Two gateways on one address: the SDK's reconnect after the drain lands
     // on the survivor.
     let ws: std::net::SocketAddr = format!("127.0.0.1:{}", e2e::free_tcp_port()).parse().unwrap();
-    c.add_gateway_at(0, ws, &["--drain-secs", "1"]);
-    c.add_gateway_at(1, ws, &["--drain-secs", "1"]);
+    let hook_channel = "chat:compat-js-hook";
+    let backend = e2e::backend::Backend::start(move |_| {
+        e2e::backend::Reply::json(json!({"result": {"user": "js-user", "channels": [hook_channel]}}))
+    });
+    let hook_cfg = std::env::temp_dir().join(format!("sy-compat-hook-{}.toml", std::process::id()));
+    std::fs::write(&hook_cfg, format!("[proxy.connect]\nendpoint = \"{}\"\n", backend.url("connect")))
+        .unwrap();
+    let mut extra = vec!["--drain-secs", "1"];
+    if sdk == Sdk::JsConnectHook {
+        extra.extend(["--config", hook_cfg.to_str().unwrap()]);
+    }
+    c.add_gateway_at(0, ws, &extra);
+    c.add_gateway_at(1, ws, &extra);
     let (channel, token) = match sdk {
         Sdk::Js => ("chat:compat-js", token("js-user")),
         Sdk::Browser => ("chat:compat-browser", token("js-user")),
@@ -94,6 +113,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
                 if sdk == Sdk::JsServerSide { "chat:compat-js-server" } else { "chat:compat-browser-server" };
             (ch, e2e::token_with(json!({"sub": "js-user", "channels": [ch]})))
         }
+        Sdk::JsConnectHook => (hook_channel, String::new()),
         Sdk::PythonServerSide => {
             let ch = "chat:compat-py-server";
             (ch, e2e::token_with(json!({"sub": "py-user", "channels": [ch]})))
@@ -101,7 +121,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     };
     let url = format!("ws://{ws}/connection/websocket");
     let mut cmd = match sdk {
-        Sdk::Js | Sdk::JsServerSide => {
+        Sdk::Js | Sdk::JsServerSide | Sdk::JsConnectHook => {
             let mut c = Command::new("node");
             c.arg(root().join("tests/compat/centrifuge_client.mjs"));
             c
@@ -118,7 +138,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
         }
     };
     cmd.args([url.as_str(), &token, channel, "10"]);
-    if matches!(sdk, Sdk::JsServerSide | Sdk::BrowserServerSide) {
+    if matches!(sdk, Sdk::JsServerSide | Sdk::BrowserServerSide | Sdk::JsConnectHook) {
         cmd.arg("server");
     }
     let mut node = cmd
@@ -211,6 +231,13 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     assert_eq!(resub.last().unwrap()["wasRecovering"], true, "{events:?}");
     assert_eq!(resub.last().unwrap()["recovered"], true, "{events:?}");
     assert_eq!(c.gateways[holder].wait_exit(Duration::from_secs(20)), Some(0));
+    if sdk == Sdk::JsConnectHook {
+        // Both connects (the first, and the reconnect after the drain)
+        // were the hook's, without a token.
+        let calls = backend.calls_to("/connect");
+        assert!(calls.len() >= 2, "{calls:?}");
+        assert!(calls.iter().all(|c| c.body["transport"] == "websocket" && c.body["client"].is_string()));
+    }
 }
 
 #[test]
