@@ -105,6 +105,28 @@ impl Proc {
         let _ = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status();
     }
 
+    /// Stops the process (SIGSTOP) and waits until the kernel shows every
+    /// thread stopped (bounded: 5 s), so nothing it does races what the
+    /// caller does next.
+    pub fn stop(&self) {
+        self.signal(libc::SIGSTOP);
+        let pid = self.child.id();
+        let end = Instant::now() + Duration::from_secs(5);
+        let stopped = |t: &std::fs::DirEntry| {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        };
+        while Instant::now() < end {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return };
+            if tasks.flatten().all(|t| stopped(&t)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("process {pid} did not stop within 5 s of SIGSTOP");
+    }
+
     /// Waits up to `timeout` for the process to exit; returns its code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let end = Instant::now() + timeout;

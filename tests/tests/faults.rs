@@ -250,7 +250,7 @@ fn a_router_that_stops_answering_gets_clients_a_temporary_error_not_a_hang() {
     warm.receive_through(&mut ws, 1);
     // The router process stops (as if wedged): the link stays up for a
     // while, and the subscribe below is never answered by it.
-    c.routers[0].signal(libc::SIGSTOP);
+    c.routers[0].stop();
     ws.send_json(&json!({"id": 70, "subscribe": {"channel": "chat:stalled"}}));
     let end = Instant::now() + Duration::from_secs(40);
     let mut others = Vec::new();

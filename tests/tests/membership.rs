@@ -171,7 +171,7 @@ fn a_router_stopped_past_its_lease_loses_its_channels_and_nothing_acknowledged_i
         theirs.iter().map(|ch| (ch.clone(), log.positions(ch)[0].0.clone())).collect();
 
     // Router 1 stops; publishes go on until the others see it gone.
-    c.routers[1].signal(libc::SIGSTOP);
+    c.routers[1].stop();
     let seen_gone = || router_metric(&c, 0, "switchyard_router_membership_routers") == 2;
     let end = Instant::now() + Duration::from_secs(60);
     while !seen_gone() {

@@ -251,7 +251,16 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
                 Reply::json(json!({"disconnect": {"code": 4403, "reason": "kicked"}}))
             }
             ("/subscribe", "chat:short", _) => Reply::json(json!({"result": {"expire_at": unix() + 1}})),
+            ("/subscribe", "chat:broken", _) => {
+                Reply { status: 500, body: "{}".into(), delay: Duration::ZERO }
+            }
             ("/subscribe", _, _) => Reply::json(json!({"result": {"info": {"role": "member"}}})),
+            ("/publish", _, _) if b["data"]["text"] == "kick" => {
+                Reply::json(json!({"disconnect": {"code": 4501, "reason": "spam"}}))
+            }
+            ("/publish", _, _) if b["data"]["text"] == "broken" => {
+                Reply { status: 200, body: "{}".into(), delay: Duration::ZERO }
+            }
             ("/publish", _, _) if b["data"]["text"] == "deny" => {
                 Reply::json(json!({"error": {"code": 1500, "message": "moderated"}}))
             }
@@ -262,6 +271,7 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
             ("/rpc", _, "echo") => {
                 Reply::json(json!({"result": {"data": {"echo": b["data"], "user": user}}}))
             }
+            ("/rpc", _, "broken") => Reply { status: 503, body: String::new(), delay: Duration::ZERO },
             ("/rpc", _, "kick") => Reply::json(json!({"disconnect": {"code": 4600, "reason": "rpc kick"}})),
             ("/rpc", _, _) => Reply::json(json!({"error": {"code": 1600, "message": "no such method"}})),
             ("/sub_refresh", _, _) if r2.fetch_add(1, Ordering::Relaxed) == 0 => {
@@ -299,6 +309,25 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     // Refused: the error reply is the backend's; the session goes on.
     let r = alice.call(json!({"subscribe": {"channel": "chat:deny"}}));
     assert_eq!(r["error"], json!({"code": 1403, "message": "not a member"}), "{r}");
+    // A failed call (a 5xx, a body that is no answer): error 100, temporary.
+    let r = alice.call(json!({"subscribe": {"channel": "chat:broken"}}));
+    assert_eq!(
+        (r["error"]["code"].as_u64(), r["error"]["temporary"].as_bool()),
+        (Some(100), Some(true)),
+        "{r}"
+    );
+    let r = alice.call(json!({"publish": {"channel": "chat:ok", "data": {"text": "broken"}}}));
+    assert_eq!(
+        (r["error"]["code"].as_u64(), r["error"]["temporary"].as_bool()),
+        (Some(100), Some(true)),
+        "{r}"
+    );
+    let r = alice.call(json!({"rpc": {"method": "broken"}}));
+    assert_eq!(
+        (r["error"]["code"].as_u64(), r["error"]["temporary"].as_bool()),
+        (Some(100), Some(true)),
+        "{r}"
+    );
     // Publish: the backend's data replaces the client's.
     let r = alice.call(json!({"publish": {"channel": "chat:ok", "data": {"text": "hi"}}}));
     assert!(r.get("error").is_none(), "{r}");
@@ -342,14 +371,24 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     let mut dave = c.client(0, "dave");
     dave.send_json(&json!({"id": 9, "rpc": {"method": "kick"}}));
     assert_eq!(dave.expect_close(), Some(4600));
+    let mut erin = c.client(0, "erin");
+    erin.send_json(&json!({"id": 9, "publish": {"channel": "chat:ok", "data": {"text": "kick"}}}));
+    assert_eq!(erin.expect_close(), Some(4501));
     let m = c.metrics(0);
     let calls = |hook: &str| metric(&m, &format!("switchyard_gateway_proxy_calls_total{{hook=\"{hook}\"}}"));
     assert_eq!(
         (calls("subscribe"), calls("publish"), calls("rpc"), calls("sub_refresh")),
-        (5, 4, 3, 2),
+        (6, 6, 4, 2),
         "{m}"
     );
     assert_eq!(calls("connect"), 0);
+    let failed = |hook: &str, kind: &str| {
+        metric(&m, &format!("switchyard_gateway_proxy_errors_total{{hook=\"{hook}\",kind=\"{kind}\"}}"))
+    };
+    assert_eq!(
+        (failed("subscribe", "status"), failed("publish", "bad_answer"), failed("rpc", "status")),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -357,7 +396,13 @@ fn the_refresh_hook_extends_a_connection_then_ends_it() {
     let refreshes = Arc::new(AtomicU32::new(0));
     let r2 = refreshes.clone();
     let backend = Backend::start(move |call: &Call| match call.path.as_str() {
-        "/connect" => Reply::json(json!({"result": {"user": "eve", "expire_at": unix() + 1}})),
+        "/connect" => {
+            let user = call.body["data"]["user"].as_str().unwrap_or("eve");
+            Reply::json(json!({"result": {"user": user, "expire_at": unix() + 1}}))
+        }
+        _ if call.body["user"] == "frank" => {
+            Reply::json(json!({"disconnect": {"code": 4700, "reason": "gone"}}))
+        }
         _ if r2.fetch_add(1, Ordering::Relaxed) == 0 => {
             assert_eq!(call.body["user"], "eve");
             Reply::json(json!({"result": {"expire_at": unix() + 1, "info": {"fresh": true}}}))
@@ -378,7 +423,11 @@ fn the_refresh_hook_extends_a_connection_then_ends_it() {
     let r = ws.call(json!({"connect": {}}));
     assert!(r["connect"]["client"].is_string(), "{r}");
     assert!(r["connect"].get("expires").is_none(), "the server refreshes, not the client: {r}");
+    let mut frank = Ws::connect(c.ws_addrs[0], PATH).unwrap();
+    let r = frank.call(json!({"connect": {"data": {"user": "frank"}}}));
+    assert!(r["connect"]["client"].is_string(), "{r}");
     assert_eq!(ws.expect_close(), Some(3005), "expired after one refresh");
     assert_eq!(refreshes.load(Ordering::Relaxed), 2);
-    wait_until(Duration::from_secs(5), "the refresh calls counted", || calls(&c, 0, "refresh"), |n| *n == 2);
+    assert_eq!(frank.expect_close(), Some(4700), "a disconnect answer ends the connection");
+    wait_until(Duration::from_secs(5), "the refresh calls counted", || calls(&c, 0, "refresh"), |n| *n == 3);
 }

@@ -540,6 +540,8 @@ impl Core {
     pub(super) fn subscriptions_expired(&mut self, sid: Sid, now: u64) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let Some(p) = s.proxy.as_mut() else { return };
+        // A subscription that ended some other way (a resync) expires with it.
+        p.expiring.retain(|e| s.subs.contains(&e.0));
         let due: Vec<Arc<str>> = p.expiring.iter().filter(|e| e.1 <= now).map(|e| e.0.clone()).collect();
         for channel in due {
             let hook = self.cx.channel_hook(Hook::SubRefresh, &channel);
