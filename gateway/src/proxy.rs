@@ -54,7 +54,9 @@ pub struct ProxyCall {
     pub headers: Arc<[(String, String)]>,
 }
 
-/// Why a call has no usable answer.
+/// Why a call has no usable answer. A 5xx is `Status` (it counts against
+/// the breaker); another non-2xx status is `BadAnswer` (the backend is up
+/// and answered, wrongly), as is a body that is no proxy answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
     /// The backend did not answer within the hook's timeout.
@@ -63,7 +65,7 @@ pub enum Failure {
     BreakerOpen,
     /// Connecting or talking to the backend failed.
     Transport,
-    /// The backend answered with a status other than 2xx.
+    /// The backend answered with a 5xx status.
     Status,
     /// The answer was not a proxy answer (or too large).
     BadAnswer,
@@ -115,7 +117,9 @@ pub const BUCKETS: [f64; 11] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 /// Counters of one hook.
 #[derive(Debug, Default)]
 pub struct HookMetrics {
-    /// Calls made (each answered, one way or another).
+    /// Calls handed to the proxy thread (each answered, one way or
+    /// another); those refused before, at an in-flight bound, are only in
+    /// `failures` (`in_flight`).
     pub calls: AtomicU64,
     /// Failed calls, by [`Failure::ALL`] kind.
     pub failures: [AtomicU64; 6],
@@ -182,41 +186,52 @@ impl ProxyMetrics {
     }
 }
 
-/// One endpoint's circuit breaker.
+/// One endpoint's circuit breaker. Each state (closed, open, the probe)
+/// has a generation: a call's outcome counts only in the generation it
+/// was let through in, so the late answers of calls sent before the
+/// breaker opened neither extend the open time nor close it unprobed.
 #[derive(Debug, Clone, Default)]
 pub struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     probing: bool,
+    generation: u64,
 }
 
 impl Breaker {
-    /// Whether a call may go out now (an open breaker lets one probe
-    /// through once its time is up).
-    pub fn allow(&mut self, now: Instant) -> bool {
+    /// Whether a call may go out now, and in which generation (an open
+    /// breaker lets one probe through once its time is up).
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
         match self.open_until {
-            None => true,
-            Some(t) if now < t => false,
-            Some(_) if self.probing => false,
+            None => Some(self.generation),
+            Some(t) if now < t => None,
+            Some(_) if self.probing => None,
             Some(_) => {
                 self.probing = true;
-                true
+                self.generation += 1;
+                Some(self.generation)
             }
         }
     }
 
-    /// A call's outcome: `ok`, or a failure that counts against the
-    /// endpoint. Opens after `threshold` failures in a row (or a failed
-    /// probe) for `open`.
-    pub fn record(&mut self, ok: bool, now: Instant, threshold: u32, open: Duration) {
+    /// The outcome of a call let through in `generation`: `ok`, or a
+    /// failure that counts against the endpoint. Opens after `threshold`
+    /// failures in a row (or a failed probe) for `open`.
+    pub fn record(&mut self, generation: u64, ok: bool, now: Instant, threshold: u32, open: Duration) {
+        if generation != self.generation {
+            return;
+        }
         if ok {
-            *self = Breaker::default();
+            if self.open_until.is_some() || self.failures > 0 {
+                *self = Breaker { generation: self.generation + 1, ..Breaker::default() };
+            }
             return;
         }
         self.failures = self.failures.saturating_add(1);
         if self.probing || self.failures >= threshold.max(1) {
             self.open_until = Some(now + open);
             self.probing = false;
+            self.generation += 1;
         }
     }
 
@@ -282,9 +297,9 @@ async fn call_once(
     call: ProxyCall,
 ) -> Result<Bytes, Failure> {
     let lock = || breakers.lock().unwrap_or_else(|e| e.into_inner());
-    if !lock().entry(call.endpoint.clone()).or_default().allow(Instant::now()) {
+    let Some(generation) = lock().entry(call.endpoint.clone()).or_default().allow(Instant::now()) else {
         return Err(Failure::BreakerOpen);
-    }
+    };
     let start = Instant::now();
     let outcome =
         tokio::time::timeout(call.timeout, post(client, cfg, &call)).await.unwrap_or(Err(Failure::Timeout));
@@ -294,7 +309,7 @@ async fn call_once(
     }
     let ok = !outcome.as_ref().is_err_and(|f| f.trips());
     let open = Duration::from_millis(cfg.breaker_open_ms);
-    lock().entry(call.endpoint.clone()).or_default().record(ok, now, cfg.breaker_failures, open);
+    lock().entry(call.endpoint.clone()).or_default().record(generation, ok, now, cfg.breaker_failures, open);
     outcome
 }
 
@@ -331,27 +346,35 @@ mod tests {
         let t0 = Instant::now();
         let open = Duration::from_millis(100);
         let mut b = Breaker::default();
-        for i in 0..4 {
-            assert!(b.allow(t0), "call {i} goes out");
-            b.record(false, t0, 5, open);
-        }
-        b.record(true, t0, 5, open);
+        let g = b.allow(t0).expect("closed");
         for _ in 0..4 {
-            b.record(false, t0, 5, open);
+            b.record(g, false, t0, 5, open);
         }
-        assert!(b.allow(t0), "a success reset the count");
-        b.record(false, t0, 5, open);
-        assert!(!b.allow(t0) && b.is_open(t0), "five in a row open it");
-        assert!(!b.allow(t0 + Duration::from_millis(99)));
+        b.record(g, true, t0, 5, open);
+        let g = b.allow(t0).expect("a success reset the count");
+        for _ in 0..4 {
+            b.record(g, false, t0, 5, open);
+        }
+        assert!(b.allow(t0).is_some(), "four in a row do not open it");
+        let late = g; // a call sent now whose answer comes after the breaker opened
+        b.record(g, false, t0, 5, open);
+        assert!(b.allow(t0).is_none() && b.is_open(t0), "five in a row open it");
+        assert!(b.allow(t0 + Duration::from_millis(99)).is_none());
+        b.record(late, true, t0, 5, open);
+        assert!(b.is_open(t0), "a late success of an earlier call does not close it");
+        b.record(late, false, t0 + Duration::from_millis(90), 5, open);
         let later = t0 + open;
-        assert!(b.allow(later), "one probe once the time is up");
-        assert!(!b.allow(later), "only one");
-        b.record(false, later, 5, open);
-        assert!(!b.allow(later + Duration::from_millis(50)), "a failed probe opens it again");
+        let probe = b.allow(later).expect("a late failure did not extend it: one probe once the time is up");
+        assert!(b.allow(later).is_none(), "only one");
+        b.record(probe, false, later, 5, open);
+        assert!(b.allow(later + Duration::from_millis(50)).is_none(), "a failed probe opens it again");
         let again = later + open;
-        assert!(b.allow(again));
-        b.record(true, again, 5, open);
-        assert!(b.allow(again) && b.allow(again) && !b.is_open(again), "a good probe closes it");
+        let probe = b.allow(again).expect("the next probe");
+        b.record(probe, true, again, 5, open);
+        assert!(
+            b.allow(again).is_some() && b.allow(again).is_some() && !b.is_open(again),
+            "a good probe closes it"
+        );
     }
 
     #[test]

@@ -86,6 +86,9 @@ pub struct Request<'a> {
     /// The client's version (connect).
     #[serde(skip_serializing_if = "str::is_empty")]
     pub version: &'a str,
+    /// The channels the client asks to recover at connect (its `subs`).
+    #[serde(skip_serializing_if = "<[&str]>::is_empty")]
+    pub channels: Vec<&'a str>,
     /// The command's `data` (connect, subscribe, publish, rpc).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<&'a RawValue>,

@@ -139,6 +139,25 @@ fn the_connect_hook_says_who_connects_and_every_outcome_reaches_the_client() {
     let mut ws = Ws::connect(c.ws_addrs[0], PATH).unwrap();
     let r = ws.call(json!({"connect": {"data": {"as": "refuse"}}}));
     assert_eq!(r["error"], json!({"code": 1001, "message": "bad credentials"}), "{r}");
+    // Two connects in one frame, both refused: each asks the hook once and
+    // gets its own answer (the frame resumes at the connect that asked).
+    let refusals =
+        || backend.calls_to("/connect").iter().filter(|c| c.body["data"]["as"] == "refuse").count();
+    let before = refusals();
+    let mut ws = Ws::connect(c.ws_addrs[0], PATH).unwrap();
+    let both = format!(
+        "{}\n{}",
+        json!({"id": 1, "connect": {"data": {"as": "refuse"}}}),
+        json!({"id": 2, "connect": {"data": {"as": "refuse"}}})
+    );
+    ws.send_frame(OpCode::Text, both.as_bytes());
+    for id in [1, 2] {
+        let r = ws.next_event();
+        let Some(Event::Json(r)) = r else { panic!("{r:?}") };
+        assert_eq!((r["id"].as_u64(), r["error"]["code"].as_u64()), (Some(id), Some(1001)), "{r}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(refusals() - before, 2, "one call per connect, no loop");
     // A disconnect answer closes with its code.
     let mut ws = Ws::connect(c.ws_addrs[0], PATH).unwrap();
     ws.send_json(&json!({"id": 1, "connect": {"data": {"as": "ban"}}}));
@@ -166,14 +185,14 @@ fn the_connect_hook_says_who_connects_and_every_outcome_reaches_the_client() {
     let before = backend.calls_to("/connect").len();
     let _jwt = c.client(0, "jwt-user");
     assert_eq!(backend.calls_to("/connect").len(), before, "a connect with a token does not ask the hook");
-    assert_eq!(calls(&c, 0, "connect"), 16 + 5);
+    assert_eq!(calls(&c, 0, "connect"), 16 + 7);
     assert_eq!(errors(&c, 0, "connect", "bad_answer"), 1);
     assert_eq!(errors(&c, 0, "connect", "status"), 1);
     // The latency of every call the backend answered in time (not the 5xx).
     let count = |c: &Cluster| {
         metric(&c.metrics(0), "switchyard_gateway_proxy_duration_seconds_count{hook=\"connect\"}")
     };
-    wait_until(Duration::from_secs(10), "every answer timed", || count(&c), |n| *n == 16 + 3);
+    wait_until(Duration::from_secs(10), "every answer timed", || count(&c), |n| *n == 16 + 5);
     // The slow one (2 s) outlived the default timeout (1 s).
     let timeouts = || errors(&c, 0, "connect", "timeout");
     wait_until(Duration::from_secs(10), "the slow call timed out", timeouts, |n| *n == 1);
@@ -240,6 +259,7 @@ fn a_slow_backend_times_out_and_a_dead_one_opens_the_breaker_and_others_are_serv
 fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     let refreshes = Arc::new(AtomicU32::new(0));
     let r2 = refreshes.clone();
+    let slow_calls = AtomicU32::new(0);
     let backend = Backend::start(move |call: &Call| {
         let b = &call.body;
         let user = b["user"].as_str().unwrap_or("");
@@ -250,7 +270,14 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
             ("/subscribe", "chat:kick", _) => {
                 Reply::json(json!({"disconnect": {"code": 4403, "reason": "kicked"}}))
             }
-            ("/subscribe", "chat:short", _) => Reply::json(json!({"result": {"expire_at": unix() + 1}})),
+            ("/subscribe", "chat:short", _) => Reply::json(json!({"result": {"expire_at": unix() + 2}})),
+            // The first subscribe allows, late; the second refuses at once.
+            ("/subscribe", "chat:slow", _) if slow_calls.fetch_add(1, Ordering::Relaxed) == 0 => {
+                Reply { delay: Duration::from_millis(600), ..Reply::json(json!({"result": {}})) }
+            }
+            ("/subscribe", "chat:slow", _) => {
+                Reply::json(json!({"error": {"code": 1404, "message": "left"}}))
+            }
             ("/subscribe", "chat:broken", _) => {
                 Reply { status: 500, body: "{}".into(), delay: Duration::ZERO }
             }
@@ -275,7 +302,7 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
             ("/rpc", _, "kick") => Reply::json(json!({"disconnect": {"code": 4600, "reason": "rpc kick"}})),
             ("/rpc", _, _) => Reply::json(json!({"error": {"code": 1600, "message": "no such method"}})),
             ("/sub_refresh", _, _) if r2.fetch_add(1, Ordering::Relaxed) == 0 => {
-                Reply::json(json!({"result": {"expire_at": unix() + 1}}))
+                Reply::json(json!({"result": {"expire_at": unix() + 2}}))
             }
             ("/sub_refresh", _, _) => Reply::json(json!({"result": {"expired": true}})),
             _ => Reply { status: 404, body: String::new(), delay: Duration::ZERO },
@@ -309,6 +336,28 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     // Refused: the error reply is the backend's; the session goes on.
     let r = alice.call(json!({"subscribe": {"channel": "chat:deny"}}));
     assert_eq!(r["error"], json!({"code": 1403, "message": "not a member"}), "{r}");
+    // Subscribe, unsubscribe and subscribe again while the first call is
+    // out: each answer counts for its own request only (the late "allow"
+    // of the first does not subscribe the second, refused one).
+    alice.send_json(&json!({"id": 101, "subscribe": {"channel": "chat:slow"}}));
+    alice.send_json(&json!({"id": 102, "unsubscribe": {"channel": "chat:slow"}}));
+    alice.send_json(&json!({"id": 103, "subscribe": {"channel": "chat:slow"}}));
+    let end = Instant::now() + Duration::from_secs(2);
+    let mut seen = Vec::new();
+    while let Some(e) = alice.event_by(end, "the replies of the subscribe race") {
+        if let Event::Json(v) = e
+            && v["id"].as_u64().is_some()
+        {
+            seen.push(v);
+        }
+    }
+    let by_id = |id: u64| seen.iter().find(|v| v["id"] == id).cloned();
+    assert!(by_id(102).is_some_and(|v| v.get("error").is_none()), "{seen:?}");
+    assert_eq!(by_id(103).map(|v| v["error"]["code"].clone()), Some(json!(1404)), "{seen:?}");
+    assert!(by_id(101).is_none(), "the unsubscribed request is not answered after its unsubscribe: {seen:?}");
+    let r = alice.call(json!({"presence": {"channel": "chat:slow"}}));
+    let present = r["presence"]["presence"].as_object().map_or(0, |m| m.len());
+    assert_eq!(present, 0, "not subscribed: {r}");
     // A failed call (a 5xx, a body that is no answer): error 100, temporary.
     let r = alice.call(json!({"subscribe": {"channel": "chat:broken"}}));
     assert_eq!(
@@ -378,7 +427,7 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     let calls = |hook: &str| metric(&m, &format!("switchyard_gateway_proxy_calls_total{{hook=\"{hook}\"}}"));
     assert_eq!(
         (calls("subscribe"), calls("publish"), calls("rpc"), calls("sub_refresh")),
-        (6, 6, 4, 2),
+        (8, 6, 4, 2),
         "{m}"
     );
     assert_eq!(calls("connect"), 0);
@@ -398,14 +447,18 @@ fn the_refresh_hook_extends_a_connection_then_ends_it() {
     let backend = Backend::start(move |call: &Call| match call.path.as_str() {
         "/connect" => {
             let user = call.body["data"]["user"].as_str().unwrap_or("eve");
-            Reply::json(json!({"result": {"user": user, "expire_at": unix() + 1}}))
+            Reply::json(json!({"result": {"user": user, "expire_at": unix() + 2}}))
         }
         _ if call.body["user"] == "frank" => {
             Reply::json(json!({"disconnect": {"code": 4700, "reason": "gone"}}))
         }
+        // Eve's first refresh extends her connection; a wrong request
+        // ends it with 4999, which fails the test below.
+        _ if call.body["user"] != "eve" || call.body["client"].as_str().is_none() => {
+            Reply::json(json!({"disconnect": {"code": 4999, "reason": "bad refresh request"}}))
+        }
         _ if r2.fetch_add(1, Ordering::Relaxed) == 0 => {
-            assert_eq!(call.body["user"], "eve");
-            Reply::json(json!({"result": {"expire_at": unix() + 1, "info": {"fresh": true}}}))
+            Reply::json(json!({"result": {"expire_at": unix() + 2, "info": {"fresh": true}}}))
         }
         _ => Reply::json(json!({"result": {"expired": true}})),
     });

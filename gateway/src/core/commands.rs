@@ -175,6 +175,9 @@ impl Ctx {
         if s.is_connected() {
             return Err(Refusal::Close(Disconnect::BAD_REQUEST));
         }
+        // The connect hook's answer, when this frame is handled again with
+        // one: only a connect without a token takes it.
+        let answer = if c.token.is_empty() { self.take_connect_answer(s) } else { None };
         if !self.up.has_room() {
             // The routers cannot be told about this user now: try later.
             return Err(Refusal::Reply(ReplyError::INTERNAL));
@@ -185,7 +188,7 @@ impl Ctx {
         let mut server_subs: Vec<(String, Option<bytes::Bytes>)> = Vec::new();
         let mut client = None;
         let mut data = None;
-        let (user, info, expires) = if let Some(answer) = self.take_connect_answer(s) {
+        let (user, info, expires) = if let Some(answer) = answer {
             // The connect hook answered: it, not a token, says who this is.
             let a = answer.outcome.map_err(Refusal::from)?;
             server_subs = a.subs;
@@ -351,7 +354,7 @@ impl Ctx {
             return Err(ReplyError::NOT_AVAILABLE.into());
         }
         let subscribing = s.proxy.as_ref().map_or(&[][..], |p| &p.subscribing[..]);
-        if s.subs.contains(&r.channel) || subscribing.iter().any(|c| **c == *r.channel) {
+        if s.subs.contains(&r.channel) || subscribing.iter().any(|c| *c.0 == *r.channel) {
             return Err(ReplyError::ALREADY_SUBSCRIBED.into());
         }
         if s.subs.len() + subscribing.len() >= self.cfg.limits.max_subscriptions {
@@ -527,8 +530,7 @@ impl Ctx {
         s.unmark_server_sub(&r.channel);
         if let Some(p) = s.proxy.as_mut() {
             // A subscribe hook's answer for it, or its expiry, no longer matters.
-            p.subscribing.retain(|c| **c != *r.channel);
-            p.expiring.retain(|c| *c.0 != *r.channel);
+            p.forget(&r.channel);
         }
         if let Some(pc) = s.connecting.as_mut() {
             // A token channel of the waiting connect reply leaves it.
@@ -658,7 +660,10 @@ impl Ctx {
             return Err(Refusal::Close(Disconnect::INVALID_TOKEN));
         }
         let ttl = self.ttl_of(claims.expires_at(), now);
-        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + 25) * 1000);
+        // With the refresh hook the server refreshes (no grace, no expiry told).
+        let server_refresh = self.cfg.proxy.refresh.is_some();
+        let grace = if server_refresh { 0 } else { 25 };
+        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + grace) * 1000);
         self.rearm(s, sid);
         replies.push(reply::reply(
             id,
@@ -666,8 +671,8 @@ impl Ctx {
             &RefreshResult {
                 client: s.identity.client.to_string(),
                 version: VERSION.to_owned(),
-                expires: ttl.is_some(),
-                ttl: ttl.unwrap_or(0),
+                expires: ttl.is_some() && !server_refresh,
+                ttl: if server_refresh { 0 } else { ttl.unwrap_or(0) },
             },
         ));
         Ok(())

@@ -301,7 +301,13 @@ impl Core {
             s.queue(sid, f, usize::MAX, &mut self.cx.fx);
         }
         self.cx.rearm(s, sid);
-        self.handle_frame(sid, &moved.message, ms);
+        // A connection moved with the connect hook's answer resumes at the
+        // connect that asked.
+        let from = match s.proxy.as_ref().map(|p| &p.connect) {
+            Some(crate::session::ConnectHook::Answered { from, .. }) => *from,
+            _ => 0,
+        };
+        self.handle_frame_from(sid, &moved.message, from, ms);
         if !moved.pending.is_empty() && self.sessions.get(sid).is_some_and(|s| !s.is_ending()) {
             let mut b = self.cx.take_scratch();
             b.extend_from_slice(&moved.pending);

@@ -44,7 +44,7 @@ use super::{Core, Ctx};
 use crate::config::ProxyEndpoint;
 use crate::effects::{Action, Sid};
 use crate::proxy::{Failure, ProxyAnswer, ProxyCall};
-use crate::session::{ConnectHook, Session, SessionProxy};
+use crate::session::{ConnectHook, Expiring, Session, SessionProxy};
 
 /// Milliseconds before a failed refresh or sub_refresh call is made again.
 pub const RETRY_MS: u64 = 10_000;
@@ -173,17 +173,24 @@ fn stripped(v: &Option<Box<RawValue>>) -> Option<Bytes> {
 }
 
 impl Ctx {
-    /// Sends a call for session `s` to `endpoint`; error 100 (temporary)
-    /// past the core's in-flight bound.
+    /// Sends a call for session `s` to `endpoint`; returns its id. Past the
+    /// session's bound (`limits.max_requests_in_flight`): error 111, a
+    /// refusal; past the core's (`proxy.max_in_flight`): error 100 — both
+    /// temporary, both counted (`kind="in_flight"`).
     fn call(
         &mut self,
-        s: &Session,
+        s: &mut Session,
         sid: Sid,
         hook: Hook,
         endpoint: &ProxyEndpoint,
         body: Vec<u8>,
         what: What,
-    ) -> Result<(), Refusal> {
+    ) -> Result<u64, Refusal> {
+        let own = s.proxy.as_ref().map_or(0, |p| p.in_flight);
+        if own >= self.cfg.limits.max_requests_in_flight {
+            self.fx.metrics_all().proxy.failed(hook, Failure::InFlight);
+            return Err(ReplyError::TOO_MANY_REQUESTS.into());
+        }
         if self.proxied.in_flight() >= self.cfg.proxy.max_in_flight {
             self.fx.metrics_all().proxy.failed(hook, Failure::InFlight);
             return Err(ReplyError::INTERNAL.into());
@@ -191,7 +198,9 @@ impl Ctx {
         self.proxied.next += 1;
         let id = self.proxied.next;
         self.proxied.calls.insert(id, Call { sid, what });
-        let headers = s.proxy.as_ref().map(|p| p.headers.clone()).unwrap_or_else(|| Arc::from(Vec::new()));
+        let p = self.proxy_state(s);
+        p.in_flight += 1;
+        let headers = p.headers.clone();
         self.fx.act(Action::Proxy(ProxyCall {
             core: self.id,
             id,
@@ -201,7 +210,7 @@ impl Ctx {
             body,
             headers,
         }));
-        Ok(())
+        Ok(id)
     }
 
     /// The session's proxy state, made on first use.
@@ -223,11 +232,12 @@ impl Ctx {
             name: &c.name,
             version: &c.version,
             data: c.data.as_deref(),
+            channels: c.subs.keys().map(String::as_str).collect(),
             ..Request::new(&client, "")
         }
         .to_body();
         self.call(s, sid, Hook::Connect, endpoint, body, What::Connect { client })?;
-        self.proxy_state(s).connect = ConnectHook::Waiting(Bytes::new());
+        self.proxy_state(s).connect = ConnectHook::Waiting { frame: Bytes::new(), from: 0 };
         Ok(())
     }
 
@@ -236,7 +246,7 @@ impl Ctx {
     pub(super) fn take_connect_answer(&mut self, s: &mut Session) -> Option<Box<ConnectAnswer>> {
         let p = s.proxy.as_mut()?;
         match std::mem::take(&mut p.connect) {
-            ConnectHook::Answered(a) => Some(a),
+            ConnectHook::Answered { answer, .. } => Some(answer),
             other => {
                 p.connect = other;
                 None
@@ -261,15 +271,9 @@ impl Ctx {
                 .to_body();
         let channel: Arc<str> = Arc::from(r.channel.as_str());
         let recovery = (r.recover, r.epoch, r.offset, r.flag);
-        self.call(
-            s,
-            sid,
-            Hook::Subscribe,
-            endpoint,
-            body,
-            What::Subscribe { id, channel: channel.clone(), recovery },
-        )?;
-        self.proxy_state(s).subscribing.push(channel);
+        let what = What::Subscribe { id, channel: channel.clone(), recovery };
+        let call = self.call(s, sid, Hook::Subscribe, endpoint, body, what)?;
+        self.proxy_state(s).subscribing.push((channel, call));
         Ok(())
     }
 
@@ -288,7 +292,8 @@ impl Ctx {
         let body = Request { channel: &r.channel, data: Some(data), ..Request::new(&id_.client, &id_.user) }
             .to_body();
         let data = strip_newlines(data.get().as_bytes());
-        self.call(s, sid, Hook::Publish, endpoint, body, What::Publish { id, channel: r.channel, data })
+        self.call(s, sid, Hook::Publish, endpoint, body, What::Publish { id, channel: r.channel, data })?;
+        Ok(())
     }
 
     /// A client `rpc`: error 108 without the rpc hook.
@@ -308,7 +313,8 @@ impl Ctx {
         let body =
             Request { method: &r.method, data: r.data.as_deref(), ..Request::new(&id_.client, &id_.user) }
                 .to_body();
-        self.call(s, sid, Hook::Rpc, &endpoint, body, What::Rpc { id })
+        self.call(s, sid, Hook::Rpc, &endpoint, body, What::Rpc { id })?;
+        Ok(())
     }
 
     /// The channel hook `hook` of `channel`, if its namespace has one.
@@ -324,14 +330,18 @@ impl Core {
     pub fn proxy_answer(&mut self, a: ProxyAnswer, now: Instant) {
         let ms = self.cx.clock.ms(now);
         let Some(Call { sid, what }) = self.cx.proxied.calls.remove(&a.id) else { return };
-        if self.sessions.get(sid).is_none_or(|s| s.is_ending()) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        if let Some(p) = s.proxy.as_mut() {
+            p.in_flight = p.in_flight.saturating_sub(1);
+        }
+        if s.is_ending() {
             return;
         }
         match what {
             What::Connect { client } => self.connect_answered(sid, client, a.outcome, ms),
-            What::Refresh => self.refresh_answered(sid, a.outcome, ms),
+            What::Refresh => self.refresh_answered(sid, a.id, a.outcome, ms),
             What::Subscribe { id, channel, recovery } => {
-                self.subscribe_answered(sid, id, channel, recovery, a.outcome, ms)
+                self.subscribe_answered(sid, a.id, id, channel, recovery, a.outcome, ms)
             }
             What::Publish { id, channel, data } => {
                 self.publish_answered(sid, id, channel, data, a.outcome, ms)
@@ -349,7 +359,7 @@ impl Core {
                 };
                 self.after_hook(sid, id, line);
             }
-            What::SubRefresh { channel } => self.sub_refresh_answered(sid, channel, a.outcome, ms),
+            What::SubRefresh { channel } => self.sub_refresh_answered(sid, a.id, channel, a.outcome, ms),
         }
         self.settle();
     }
@@ -387,43 +397,59 @@ impl Core {
         });
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let Some(p) = s.proxy.as_mut() else { return };
-        let ConnectHook::Waiting(frame) = std::mem::take(&mut p.connect) else { return };
+        let ConnectHook::Waiting { frame, from } = std::mem::take(&mut p.connect) else { return };
         let target = match &outcome {
             Ok(c) if self.cx.cores > 1 => {
                 Some(super::reading::core_of_user(&c.user, self.cx.cores)).filter(|t| *t != self.cx.id)
             }
             _ => None,
         };
-        p.connect = ConnectHook::Answered(Box::new(ConnectAnswer { outcome }));
-        let pending = Bytes::from(std::mem::take(&mut s.partial));
+        p.connect = ConnectHook::Answered { answer: Box::new(ConnectAnswer { outcome }), from };
+        let pending = std::mem::take(&mut s.partial);
         if let Some(core) = target {
             // The user's sessions live on its core: the connection moves
             // there with the answer and is handled there.
-            return self.hand_over(sid, core, frame, pending);
+            return self.hand_over(sid, core, frame, Bytes::from(pending));
         }
-        self.handle_frame(sid, &frame, now);
-        if !pending.is_empty() && self.sessions.get(sid).is_some_and(|s| !s.is_ending() && !s.connect_waits())
-        {
-            let mut b = self.cx.take_scratch();
-            b.extend_from_slice(&pending);
-            self.feed(sid, b, now);
+        self.handle_frame_from(sid, &frame, from, now);
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        if s.is_ending() || pending.is_empty() {
+            return;
         }
+        if s.connect_waits() {
+            // A later connect of the frame asked again: what the client
+            // sent since still waits.
+            s.partial = pending;
+            return;
+        }
+        let mut b = self.cx.take_scratch();
+        b.extend_from_slice(&pending);
+        self.feed(sid, b, now);
     }
 
     /// A connected session's `expire_at` passed with the refresh hook on.
     pub(super) fn refresh_hook(&mut self, sid: Sid, now: u64) {
         let Some(endpoint) = self.cx.cfg.proxy.refresh.clone() else { return };
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if s.proxy.as_ref().is_some_and(|p| p.refreshing != 0) {
+            return; // asked already: its answer sets the next expiry
+        }
         let body = Request::new(&s.identity.client, &s.identity.user).to_body();
-        // Not again before the answer (a call always gets one within its timeout).
-        s.deadlines.expires_at = now + endpoint.timeout_ms + RETRY_MS;
-        if self.cx.call(s, sid, Hook::Refresh, &endpoint, body, What::Refresh).is_err() {
-            s.deadlines.expires_at = now + RETRY_MS;
+        // No deadline while the call is in flight; its answer sets the next.
+        s.deadlines.expires_at = 0;
+        match self.cx.call(s, sid, Hook::Refresh, &endpoint, body, What::Refresh) {
+            Ok(call) => self.cx.proxy_state(s).refreshing = call,
+            Err(_) => s.deadlines.expires_at = now + RETRY_MS,
         }
         self.cx.rearm(s, sid);
     }
 
-    fn refresh_answered(&mut self, sid: Sid, outcome: Result<Bytes, Failure>, now: u64) {
+    fn refresh_answered(&mut self, sid: Sid, call: u64, outcome: Result<Bytes, Failure>, now: u64) {
+        let Some(p) = self.sessions.get_mut(sid).and_then(|s| s.proxy.as_mut()) else { return };
+        if p.refreshing != call {
+            return;
+        }
+        p.refreshing = 0;
         match read::<wire::RefreshResult>(Hook::Refresh, outcome, &self.cx) {
             Ok(r) => {
                 if let Some(s) = self.sessions.get_mut(sid)
@@ -443,9 +469,11 @@ impl Core {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn subscribe_answered(
         &mut self,
         sid: Sid,
+        call: u64,
         id: u32,
         channel: Arc<str>,
         recovery: (bool, String, u64, u64),
@@ -454,10 +482,14 @@ impl Core {
     ) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let Some(p) = s.proxy.as_mut() else { return };
-        let Some(i) = p.subscribing.iter().position(|c| *c == channel) else {
-            return; // unsubscribed meanwhile
+        let Some(i) = p.subscribing.iter().position(|c| c.1 == call) else {
+            return; // unsubscribed meanwhile (its reply was the unsubscribe's)
         };
         p.subscribing.swap_remove(i);
+        if s.subs.contains(&channel) {
+            // Subscribed server-side meanwhile.
+            return self.after_hook(sid, id, Err(refused(ReplyError::ALREADY_SUBSCRIBED)));
+        }
         let r = match read::<wire::SubscribeResult>(Hook::Subscribe, outcome, &self.cx) {
             Ok(r) => r,
             Err(e) => return self.after_hook(sid, id, Err(e)),
@@ -480,12 +512,14 @@ impl Core {
         );
         match started {
             Ok(line) => {
-                if r.expire_at > 0 {
-                    let at = self.expiry_ms(r.expire_at, now);
-                    let s = self.sessions.get_mut(sid).expect("looked up above");
-                    let p = self.cx.proxy_state(s);
-                    p.expiring.retain(|e| e.0 != channel);
-                    p.expiring.push((self.cx.channels.name(&channel), at));
+                let at = (r.expire_at > 0).then(|| self.expiry_ms(r.expire_at, now));
+                let s = self.sessions.get_mut(sid).expect("looked up above");
+                if let Some(p) = s.proxy.as_mut() {
+                    p.expiring.retain(|e| e.channel != channel);
+                }
+                if let Some(at) = at {
+                    let channel = self.cx.channels.name(&channel);
+                    self.cx.proxy_state(s).expiring.push(Expiring { channel, at, call: 0 });
                     self.cx.rearm(s, sid);
                 }
                 if let Some(line) = line {
@@ -540,35 +574,30 @@ impl Core {
     pub(super) fn subscriptions_expired(&mut self, sid: Sid, now: u64) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let Some(p) = s.proxy.as_mut() else { return };
-        // A subscription that ended some other way (a resync) expires with it.
-        p.expiring.retain(|e| s.subs.contains(&e.0));
-        let due: Vec<Arc<str>> = p.expiring.iter().filter(|e| e.1 <= now).map(|e| e.0.clone()).collect();
+        // A subscription that ended some other way (a resync, a refusal)
+        // expires with it.
+        p.expiring.retain(|e| s.subs.contains(&e.channel));
+        let due: Vec<Arc<str>> =
+            p.expiring.iter().filter(|e| e.call == 0 && e.at <= now).map(|e| e.channel.clone()).collect();
         for channel in due {
             let hook = self.cx.channel_hook(Hook::SubRefresh, &channel);
             let Some(s) = self.sessions.get_mut(sid) else { return };
             let Some(endpoint) = hook else {
-                s.proxy.as_mut().expect("had it").expiring.retain(|e| e.0 != channel);
-                self.server_unsubscribe_with(
-                    sid,
-                    &channel,
-                    unsubscribe_code::EXPIRED,
-                    "subscription expired",
-                    now,
-                );
+                let reason = "subscription expired";
+                self.server_unsubscribe_with(sid, &channel, unsubscribe_code::EXPIRED, reason, now);
                 continue;
             };
             let id_ = &s.identity;
             let body = Request { channel: &channel, ..Request::new(&id_.client, &id_.user) }.to_body();
-            let called = self.cx.call(
-                s,
-                sid,
-                Hook::SubRefresh,
-                &endpoint,
-                body,
-                What::SubRefresh { channel: channel.clone() },
-            );
-            let next = if called.is_ok() { now + endpoint.timeout_ms + RETRY_MS } else { now + RETRY_MS };
-            set_expiry(s, &channel, next);
+            let what = What::SubRefresh { channel: channel.clone() };
+            let called = self.cx.call(s, sid, Hook::SubRefresh, &endpoint, body, what);
+            let e = s.proxy.as_mut().and_then(|p| p.expiring.iter_mut().find(|e| e.channel == channel));
+            if let Some(e) = e {
+                match called {
+                    Ok(call) => e.call = call,
+                    Err(_) => e.at = now + RETRY_MS,
+                }
+            }
         }
         if let Some(s) = self.sessions.get_mut(sid) {
             self.cx.rearm(s, sid);
@@ -578,48 +607,39 @@ impl Core {
     fn sub_refresh_answered(
         &mut self,
         sid: Sid,
+        call: u64,
         channel: Arc<str>,
         outcome: Result<Bytes, Failure>,
         now: u64,
     ) {
+        let Some(s) = self.sessions.get_mut(sid) else { return };
+        if !s.proxy.as_ref().is_some_and(|p| p.expiring.iter().any(|e| e.call == call)) {
+            return; // that subscription ended meanwhile
+        }
         let r = read::<wire::RefreshResult>(Hook::SubRefresh, outcome, &self.cx);
         let unix = self.cx.clock.unix(now);
-        let Some(s) = self.sessions.get_mut(sid) else { return };
-        if !s.proxy.as_ref().is_some_and(|p| p.expiring.iter().any(|e| e.0 == channel)) {
-            return; // unsubscribed meanwhile
-        }
-        match r {
+        let at = match r {
             Ok(r) if r.expired || (r.expire_at != 0 && r.expire_at <= unix) => {
-                s.proxy.as_mut().expect("checked").expiring.retain(|e| e.0 != channel);
-                self.server_unsubscribe_with(
-                    sid,
-                    &channel,
-                    unsubscribe_code::EXPIRED,
-                    "subscription expired",
-                    now,
-                );
+                let reason = "subscription expired";
+                return self.server_unsubscribe_with(sid, &channel, unsubscribe_code::EXPIRED, reason, now);
             }
-            Ok(r) if r.expire_at == 0 => {
-                s.proxy.as_mut().expect("checked").expiring.retain(|e| e.0 != channel)
-            }
-            Ok(r) => {
-                let at = self.expiry_ms(r.expire_at, now);
-                let s = self.sessions.get_mut(sid).expect("looked up above");
-                set_expiry(s, &channel, at);
-                self.cx.rearm(s, sid);
-            }
-            Err(Refused::Close(d)) => self.close(sid, d.into()),
-            Err(Refused::Reply { .. }) => {
-                set_expiry(s, &channel, now + RETRY_MS);
-                self.cx.rearm(s, sid);
+            Ok(r) if r.expire_at == 0 => None,
+            Ok(r) => Some(self.expiry_ms(r.expire_at, now)),
+            Err(Refused::Close(d)) => return self.close(sid, d.into()),
+            // The backend could not say: asked again later.
+            Err(Refused::Reply { .. }) => Some(now + RETRY_MS),
+        };
+        let s = self.sessions.get_mut(sid).expect("looked up above");
+        let p = s.proxy.as_mut().expect("checked above");
+        match at {
+            None => p.expiring.retain(|e| e.call != call),
+            Some(at) => {
+                if let Some(e) = p.expiring.iter_mut().find(|e| e.call == call) {
+                    (e.at, e.call) = (at, 0);
+                }
             }
         }
-    }
-}
-
-fn set_expiry(s: &mut Session, channel: &Arc<str>, at: u64) {
-    if let Some(e) = s.proxy.as_mut().and_then(|p| p.expiring.iter_mut().find(|e| e.0 == *channel)) {
-        e.1 = at;
+        self.cx.rearm(s, sid);
     }
 }
 

@@ -324,9 +324,15 @@ impl Core {
         if let Some(target) = self.destination(sid, frame) {
             return Flow::Move(target);
         }
+        self.handle_frame_from(sid, frame, 0, now)
+    }
+
+    /// Handles the commands of one text frame from its `from`th on (a
+    /// frame held for the connect hook resumes at the connect that asked).
+    pub(super) fn handle_frame_from(&mut self, sid: Sid, frame: &[u8], from: usize, now: u64) -> Flow {
         let mut replies: Vec<Vec<u8>> = Vec::new();
         let mut end = None;
-        for cmd in proto::client::decode_frame(frame) {
+        for (i, cmd) in proto::client::decode_frame(frame).enumerate().skip(from) {
             let cmd = match cmd {
                 Ok(c) => c,
                 Err(e) => {
@@ -344,11 +350,12 @@ impl Core {
                 break;
             }
             if let Some(p) = self.sessions.get_mut(sid).and_then(|s| s.proxy.as_mut())
-                && let crate::session::ConnectHook::Waiting(held) = &mut p.connect
+                && let crate::session::ConnectHook::Waiting { frame: held, from } = &mut p.connect
             {
-                // The connect hook was asked: this frame is handled again,
-                // whole, once it answers.
+                // The connect hook was asked: this frame is handled again
+                // from this command once it answers.
                 *held = Bytes::copy_from_slice(frame);
+                *from = i;
                 break;
             }
         }

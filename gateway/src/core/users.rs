@@ -207,7 +207,7 @@ impl Core {
     ) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         if let Some(p) = s.proxy.as_mut() {
-            p.expiring.retain(|e| *e.0 != *channel);
+            p.forget(channel);
         }
         s.unmark_server_sub(channel);
         let Some((name, state)) = s.subs.remove(channel) else { return };

@@ -143,40 +143,73 @@ pub enum ConnectHook {
     /// Not asked.
     #[default]
     None,
-    /// Asked: the text frame holding the `connect` (and what followed it
-    /// in the frame) waits, handled again once the answer is in.
-    Waiting(Bytes),
-    /// Answered: the frame is being handled again with this.
-    Answered(Box<crate::core::proxied::ConnectAnswer>),
+    /// Asked by the `from`th command of the text frame `frame`: that
+    /// command and the ones after it wait, handled again once the answer
+    /// is in.
+    Waiting {
+        /// The frame.
+        frame: Bytes,
+        /// Index of the `connect` that asked.
+        from: usize,
+    },
+    /// Answered: the frame is handled again from command `from`, whose
+    /// `connect` takes the answer.
+    Answered {
+        /// The answer.
+        answer: Box<crate::core::proxied::ConnectAnswer>,
+        /// Index of the `connect` that asked.
+        from: usize,
+    },
+}
+
+/// A subscription that expires (the subscribe hook gave `expire_at`).
+#[derive(Debug, Clone)]
+pub struct Expiring {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// When, in core milliseconds.
+    pub at: u64,
+    /// The sub_refresh call in flight for it (0: none).
+    pub call: u64,
 }
 
 /// A session's proxy state, kept only when the proxy has something of it:
 /// forwarded headers, a connect hook in progress, subscribe hooks not yet
-/// answered, subscriptions that expire (sub_refresh).
+/// answered, subscriptions that expire (sub_refresh), calls in flight.
 #[derive(Debug, Default)]
 pub struct SessionProxy {
     /// Headers of the upgrade request forwarded with every call.
     pub headers: Arc<[(String, String)]>,
     /// The connect hook.
     pub connect: ConnectHook,
-    /// Channels whose subscribe hook has not answered yet (they count
-    /// toward the subscription limit and refuse a second subscribe).
-    pub subscribing: Vec<Arc<str>>,
-    /// Subscriptions that expire (the subscribe hook gave `expire_at`):
-    /// channel and core milliseconds; refreshed through the sub_refresh
-    /// hook, or ended, when it passes.
-    pub expiring: Vec<(Arc<str>, u64)>,
+    /// Channels whose subscribe hook has not answered yet, with the call
+    /// (they count toward the subscription limit and refuse a second
+    /// subscribe; an answer counts only for the call that asked).
+    pub subscribing: Vec<(Arc<str>, u64)>,
+    /// Subscriptions that expire, refreshed through the sub_refresh hook,
+    /// or ended, when their time passes.
+    pub expiring: Vec<Expiring>,
+    /// The refresh call in flight for the connection (0: none).
+    pub refreshing: u64,
+    /// Calls of this session in flight (at most `limits.max_requests_in_flight`).
+    pub in_flight: usize,
 }
 
 impl SessionProxy {
     /// Whether the connect hook has not answered yet.
     pub fn connect_waits(&self) -> bool {
-        matches!(self.connect, ConnectHook::Waiting(_))
+        matches!(self.connect, ConnectHook::Waiting { .. })
     }
 
-    /// The earliest subscription expiry (core ms), if any.
+    /// The earliest expiry of a subscription with no call in flight (core ms).
     pub fn next_expiry(&self) -> Option<u64> {
-        self.expiring.iter().map(|e| e.1).min()
+        self.expiring.iter().filter(|e| e.call == 0).map(|e| e.at).min()
+    }
+
+    /// A subscription ended: nothing of the proxy's follows it any more.
+    pub fn forget(&mut self, channel: &str) {
+        self.subscribing.retain(|c| *c.0 != *channel);
+        self.expiring.retain(|e| *e.channel != *channel);
     }
 }
 

@@ -162,12 +162,18 @@ impl Shell {
                     }
                 }
                 Action::Proxy(call) => {
-                    let id = call.id;
+                    let (id, hook) = (call.id, call.hook);
                     let sent = self.proxy.as_ref().map(|tx| tx.try_send(call));
                     if !matches!(sent, Some(Ok(()))) {
                         // Cannot happen with the queue sized to every core's
                         // bound; answered as a failed call if it does.
                         let outcome = Err(crate::proxy::Failure::Transport);
+                        self.core
+                            .borrow_mut()
+                            .effects()
+                            .metrics_all()
+                            .proxy
+                            .failed(hook, crate::proxy::Failure::Transport);
                         let answer = crate::proxy::ProxyAnswer { id, outcome };
                         self.core.borrow_mut().proxy_answer(answer, Instant::now());
                     }
