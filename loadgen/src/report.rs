@@ -354,12 +354,29 @@ impl RunReport {
             let _ = writeln!(s, "phases       {}", list.join(", "));
         }
         if self.publications > 0 {
-            let _ = writeln!(
-                s,
-                "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
-                self.publications, self.deliveries, self.fanout_secs, self.deliveries_per_sec, self.frames
-            );
-            let _ = writeln!(s, "latency      {}", p(&self.latency_ms));
+            let ramp: u64 = self.ramp.iter().map(|s| s.measure.publications).sum();
+            if ramp > 0 {
+                let _ = writeln!(
+                    s,
+                    "fan-out      {} publications ({ramp} in the ramp) → {} deliveries, {} frames; the steady part {:.1} s at {:.0} deliveries/s",
+                    self.publications,
+                    self.deliveries,
+                    self.frames,
+                    self.fanout_secs,
+                    self.deliveries_per_sec
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
+                    self.publications,
+                    self.deliveries,
+                    self.fanout_secs,
+                    self.deliveries_per_sec,
+                    self.frames
+                );
+            }
+            let _ = writeln!(s, "latency      {} (whole run)", p(&self.latency_ms));
         }
         if !self.ramp.is_empty() {
             let _ = writeln!(
@@ -454,7 +471,7 @@ impl RunReport {
             "<!doctype html><html><head><meta charset=utf-8><title>Switchyard {}</title>",
             self.scenario
         );
-        h.push_str("<style>body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}svg{background:#fafafa;border:1px solid #eee}.bad{color:#b00}</style></head><body>");
+        h.push_str("<style>body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}svg{background:#fafafa;border:1px solid #eee}td:last-child{white-space:nowrap}.bad{color:#b00}</style></head><body>");
         let _ = write!(h, "<h1>Switchyard — {}</h1>", self.scenario);
         let verdict = self.verdict();
         let _ = write!(
@@ -490,7 +507,10 @@ impl RunReport {
                     )
                 },
             ),
-            ("deliveries", format!("{} ({:.0}/s)", self.deliveries, self.deliveries_per_sec)),
+            (
+                "deliveries (per second over the steady fan-out)",
+                format!("{} ({:.0}/s)", self.deliveries, self.deliveries_per_sec),
+            ),
             (
                 "lost / duplicated / reordered",
                 format!("{} / {} / {}", self.lost, self.duplicated, self.reordered),
