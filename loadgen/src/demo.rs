@@ -3,11 +3,16 @@
 //! `loadgen demo` writes development certificates and secrets, starts a
 //! router and as many gateway processes as the connection count needs (they
 //! share one port with SO_REUSEPORT; each process stays under the open-file
-//! limit), runs a storm of N clients subscribed to Zipf-sized channels, then a
-//! fan-out of timestamped, numbered publications through the HTTP API
-//! (recording the offset each one got), checks that every subscriber got
+//! limit), runs a storm of N clients subscribed to Zipf-sized channels, then
+//! a capacity ramp ([`crate::ramp`]: short steps of rising publication
+//! rates, each waited out and judged, until the box falls behind) and a
+//! steady fan-out at 70 % of the capacity it found (or at `--rate`, which
+//! skips the ramp). Every publication, the ramp's too, is timestamped,
+//! numbered, tagged with its phase and sent through the HTTP API (recording
+//! the offset each one got); the checker verifies that every subscriber got
 //! every publication once, in order and with the payload published at that
-//! offset ([`crate::checker`]), prints the report, its verdict and the HTML
+//! offset ([`crate::checker`]). Then it prints the report (the ramp's steps,
+//! the capacity, the steady rate and its latency), its verdict and the HTML
 //! path, and drains everything.
 
 use std::collections::HashMap;
