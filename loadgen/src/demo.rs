@@ -689,6 +689,9 @@ fn run_ramp(
         let n = plan.publications(rate);
         let mut hist = latency_histogram();
         let mut asked = 0u64;
+        // The lag is measured from the last publish, not from the end of
+        // its slot: a slow step's longer slot is not a shorter drain.
+        let mut last_publish_us = 0;
         let step_start = Instant::now();
         for i in 0..=n {
             let due = step_start + Duration::from_secs_f64(i as f64 / rate);
@@ -702,12 +705,12 @@ fn run_ramp(
             }
             let ch = pick();
             asked += subscribers.get(&ch).copied().unwrap_or(0);
-            out.send(&ch, serde_json::json!({"ts": unix_micros(), "seq": seq, "ph": tag}), seq, report);
+            last_publish_us = unix_micros();
+            out.send(&ch, serde_json::json!({"ts": last_publish_us, "seq": seq, "ph": tag}), seq, report);
             seq += 1;
             tick(&mut hist, report);
         }
         let publish_secs = step_start.elapsed().as_secs_f64();
-        let end_us = unix_micros();
         let drain_by = Instant::now() + Duration::from_secs_f64(plan.max_drain_secs);
         while phase_progress(workers, tag).0 < asked && Instant::now() < drain_by {
             std::thread::sleep(Duration::from_millis(20));
@@ -721,8 +724,11 @@ fn run_ramp(
             tick(&mut hist, report);
         }
         let (delivered, last_us) = phase_progress(workers, tag);
-        let drain_secs =
-            if delivered < asked { plan.max_drain_secs } else { last_us.saturating_sub(end_us) as f64 / 1e6 };
+        let drain_secs = if delivered < asked {
+            plan.max_drain_secs
+        } else {
+            last_us.saturating_sub(last_publish_us) as f64 / 1e6
+        };
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         let step = ramp::judge(
             &steps,

@@ -15,8 +15,8 @@
 //!
 //! - **Rate**: a step asks `asked` deliveries (the subscribers of every
 //!   channel it published to) in `publish_secs`. The box took
-//!   `publish_secs` plus however long the last of them lagged behind the
-//!   step's end (`drain_secs`); the first step's lag is the unloaded
+//!   `publish_secs` plus however long the last of them lagged behind its
+//!   last publish (`drain_secs`); the first step's lag is the unloaded
 //!   latency tail, not a backlog, so it is subtracted. A box that keeps up
 //!   delivers at the asked rate; one that does not builds a backlog that
 //!   shows as a longer drain. Delivered below [`KEEP_UP`] of asked is
