@@ -471,7 +471,7 @@ impl RunReport {
             "<!doctype html><html><head><meta charset=utf-8><title>Switchyard {}</title>",
             self.scenario
         );
-        h.push_str("<style>body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}svg{background:#fafafa;border:1px solid #eee}td:last-child{white-space:nowrap}.bad{color:#b00}</style></head><body>");
+        h.push_str("<style>body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child{text-align:left}svg{background:#fafafa;border:1px solid #eee}.bad{color:#b00}</style></head><body>");
         let _ = write!(h, "<h1>Switchyard — {}</h1>", self.scenario);
         let verdict = self.verdict();
         let _ = write!(
