@@ -3,11 +3,16 @@
 //! `loadgen demo` writes development certificates and secrets, starts a
 //! router and as many gateway processes as the connection count needs (they
 //! share one port with SO_REUSEPORT; each process stays under the open-file
-//! limit), runs a storm of N clients subscribed to Zipf-sized channels, then a
-//! fan-out of timestamped, numbered publications through the HTTP API
-//! (recording the offset each one got), checks that every subscriber got
+//! limit), runs a storm of N clients subscribed to Zipf-sized channels, then
+//! a capacity ramp ([`crate::ramp`]: short steps of rising publication
+//! rates, each waited out and judged, until the box falls behind) and a
+//! steady fan-out at 70 % of the capacity it found (or at `--rate`, which
+//! skips the ramp). Every publication, the ramp's too, is timestamped,
+//! numbered, tagged with its phase and sent through the HTTP API (recording
+//! the offset each one got); the checker verifies that every subscriber got
 //! every publication once, in order and with the payload published at that
-//! offset ([`crate::checker`]), prints the report, its verdict and the HTML
+//! offset ([`crate::checker`]). Then it prints the report (the ramp's steps,
+//! the capacity, the steady rate and its latency), its verdict and the HTML
 //! path, and drains everything.
 
 use std::collections::HashMap;
@@ -15,14 +20,16 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use crate::checker::PublishedLog;
 use crate::orchestrate::{self, ApiClient, ServerProc, Worker, per_process};
 use crate::publisher::{ClientPublisher, Publisher};
+use crate::ramp::{self, RampPlan, STEADY_FRACTION, Step, StepMeasure};
 use crate::report::{RunReport, Sample, Verdict};
-use crate::worker::{ChatSpec, WorkerSpec, unix_micros};
+use crate::worker::{ChatSpec, MAX_PHASES, WorkerSpec, latency_histogram, unix_micros};
 use crate::zipf::Zipf;
 
 /// Secrets of the development cluster.
@@ -51,14 +58,28 @@ pub struct DemoArgs {
     /// Publications in the fan-out.
     #[arg(long, default_value_t = 500)]
     pub publications: usize,
-    /// Publications per second. Each reaches ~8,000 of the demo's 50,000
-    /// clients on average, so the rate sets the deliveries asked of the box:
-    /// on a 2-core box running the clients too, 50/s asked more than it
-    /// delivers (~300,000/s: a backlog, p99 2.6 s) and 20/s stays under it
-    /// (~143,000/s, p99 1.3 s, what a fan-out to tens of thousands of
-    /// sockets on one core costs).
-    #[arg(long, default_value_t = 20.0)]
-    pub rate: f64,
+    /// Publications per second of the fan-out. Each reaches ~8,000 of the
+    /// demo's 50,000 clients on average, so the rate sets the deliveries
+    /// asked of the box. `demo` without it finds the rate with a capacity
+    /// ramp (`--ramp-*`, [`crate::ramp`]: ~20 s of rising steps) and runs
+    /// the steady fan-out at 70 % of the highest step the box kept up with;
+    /// giving it skips the ramp. Other scenarios: 20 by default.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// `demo`: publications per second of the ramp's first step; each next
+    /// step is 1.5× the one before.
+    #[arg(long, default_value_t = 4.0)]
+    pub ramp_first_rate: f64,
+    /// `demo`: ramp steps at most (the first the box does not keep up with
+    /// ends the ramp; at most 15).
+    #[arg(long, default_value_t = 8)]
+    pub ramp_steps: usize,
+    /// `demo`: seconds of publishing per ramp step. Each step then waits
+    /// for its deliveries (at most 2 s or a step's length) and half a
+    /// second for the latency windows: shorter steps are quicker and
+    /// noisier.
+    #[arg(long, default_value_t = 2.0)]
+    pub ramp_step_secs: f64,
     /// Keep the cluster running until Ctrl-C and print how to reach it.
     #[arg(long)]
     pub serve: bool,
@@ -172,6 +193,14 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 3.0)]
     pub join_secs: f64,
 }
+
+/// Publications per second of every scenario but `demo` when `--rate` is
+/// not given.
+pub const DEFAULT_RATE: f64 = 20.0;
+
+/// The ramp stops starting new steps after this long (the steps' own
+/// bounds keep each one short).
+const RAMP_BUDGET: Duration = Duration::from_secs(30);
 
 /// `chat`: channels per workspace that users join and leave during the run
 /// (`chat:w<W>-join<J>`; nobody subscribes to them by themselves).
@@ -459,38 +488,53 @@ struct Totals {
     online: u64,
     /// Every worker attempted every client.
     ready: bool,
-    /// Latency of the last window: count-weighted p50, worst p99 (ms).
-    p50_ms: f64,
-    p99_ms: f64,
 }
 
 fn totals(ws: &[Worker]) -> Totals {
-    let mut t = Totals { settled: 0, deliveries: 0, online: 0, ready: true, p50_ms: 0.0, p99_ms: 0.0 };
-    let mut weight = 0u64;
+    let mut t = Totals { settled: 0, deliveries: 0, online: 0, ready: true };
     for w in ws {
         let s = w.state.lock().expect("state");
         t.settled += s.connected + s.failed;
         t.deliveries += s.deliveries;
         t.online += s.online;
         t.ready &= s.ready;
-        let (p50, p99, n) = s.window;
-        t.p50_ms += p50 as f64 / 1000.0 * n as f64;
-        weight += n;
-        t.p99_ms = t.p99_ms.max(p99 as f64 / 1000.0);
     }
-    t.p50_ms /= weight.max(1) as f64;
     t
 }
 
-impl Totals {
-    fn sample(&self, t: f64) -> Sample {
-        Sample {
-            t,
-            connected: self.online,
-            deliveries: self.deliveries,
-            p50_ms: self.p50_ms,
-            p99_ms: self.p99_ms,
+/// The publish→deliver latency (µs) of every delivery the workers reported
+/// since the last call, all workers merged (`None`: no deliveries).
+fn take_window(ws: &[Worker]) -> Option<Histogram<u64>> {
+    let mut merged: Option<Histogram<u64>> = None;
+    for w in ws {
+        let Some(h) = w.state.lock().expect("state").pending_window.take() else { continue };
+        match merged.as_mut() {
+            Some(m) => {
+                let _ = m.add(&h);
+            }
+            None => merged = Some(h),
         }
+    }
+    merged
+}
+
+/// Deliveries of phase `tag`'s publications so far, and when the latest
+/// arrived (µs since the Unix epoch; 0: none yet).
+fn phase_progress(ws: &[Worker], tag: usize) -> (u64, u64) {
+    ws.iter().fold((0, 0), |(n, last), w| {
+        let s = w.state.lock().expect("state");
+        (
+            n + s.phase_deliveries.get(tag).copied().unwrap_or(0),
+            last.max(s.phase_last_us.get(tag).copied().unwrap_or(0)),
+        )
+    })
+}
+
+impl Totals {
+    /// The timeline's sample at `t`, with the latency of `window`.
+    fn sample(&self, t: f64, window: Option<&Histogram<u64>>) -> Sample {
+        let ms = |q: f64| window.map_or(0.0, |h| h.value_at_quantile(q) as f64 / 1000.0);
+        Sample { t, connected: self.online, deliveries: self.deliveries, p50_ms: ms(0.5), p99_ms: ms(0.99) }
     }
 }
 
@@ -559,6 +603,180 @@ fn publish_recorded(
     Ok(())
 }
 
+/// A channel for the next fan-out publication: half Zipf (the big channels
+/// get more), half uniform.
+fn pick_channel<'c>(channels: &'c [String], zipf: &Zipf, rng: &mut impl Rng) -> &'c String {
+    &channels[if rng.random_bool(0.5) { zipf.sample(rng) } else { rng.random_range(0..channels.len()) }]
+}
+
+/// Where the fan-out's publications go, and what the checker learns of
+/// them: the position each got (the publisher's log) and each channel's
+/// latest (the final positions the workers wait for).
+struct Outbox<'a> {
+    publisher: &'a mut Publisher,
+    published: &'a mut PublishedLog,
+    tops: &'a mut HashMap<String, (u64, String)>,
+}
+
+impl Outbox<'_> {
+    /// Publishes `data` (whose `seq` is `seq`) to `ch`. A publish the API
+    /// refuses or cannot take (a router wave) is counted in `api_errors`;
+    /// it is not in the final positions the checker waits for.
+    fn send(&mut self, ch: &str, data: serde_json::Value, seq: u64, report: &mut RunReport) {
+        match self.publisher.publish(ch, data) {
+            Ok(Some((offset, epoch))) => {
+                self.published.record(ch, &epoch, offset, seq);
+                self.tops.insert(ch.to_owned(), (offset, epoch));
+            }
+            Ok(None) => {}
+            Err(_) => report.api_errors += 1,
+        }
+    }
+}
+
+/// Samples the timeline (and a reconnect wave) once; answers the latency
+/// window it took.
+type Sampler<'a> = dyn FnMut(&[Worker], &mut RunReport) -> Option<Histogram<u64>> + 'a;
+
+/// The capacity ramp ([`crate::ramp`]). Each step publishes at its rate for
+/// `plan.step_secs` through the same `out` as the steady fan-out (so the
+/// checker follows every one of its publications), tagged `"ph": k`; then
+/// waits, bounded, until its deliveries (its channels' subscribers, as the
+/// workers counted them) are in, and half a second more for the latency
+/// windows. Steps are marked as phases; the first the box does not keep up
+/// with ends the ramp. Fills `report.ramp` and `report.capacity`; answers
+/// the publications sent (their `seq`s are `0..n`).
+#[allow(clippy::too_many_arguments)]
+fn run_ramp(
+    plan: &RampPlan,
+    workers: &[Worker],
+    out: &mut Outbox<'_>,
+    pick: &mut dyn FnMut() -> String,
+    report: &mut RunReport,
+    start: Instant,
+    json: bool,
+    sample: &mut Sampler<'_>,
+) -> u64 {
+    let mut subscribers: HashMap<String, u64> = HashMap::new();
+    for w in workers {
+        for (ch, n) in &w.state.lock().expect("state").subscribers {
+            *subscribers.entry(ch.clone()).or_default() += n;
+        }
+    }
+    let ramp_start = Instant::now();
+    let mut seq = 0u64;
+    let mut steps: Vec<Step> = Vec::new();
+    let mut last_sample = Instant::now();
+    // Samples the timeline every 250 ms; the step's latency histogram gets
+    // every window.
+    let mut tick = |hist: &mut Histogram<u64>, report: &mut RunReport| {
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            if let Some(w) = sample(workers, report) {
+                let _ = hist.add(&w);
+            }
+        }
+    };
+    let mut unfinished = None;
+    for rate in ramp::rates(plan) {
+        if ramp_start.elapsed() > RAMP_BUDGET {
+            break;
+        }
+        let name = format!("ramp {rate:.1}/s");
+        report.phases.push((name.clone(), start.elapsed().as_secs_f64()));
+        let tag = report.phase_tags.len();
+        report.phase_tags.push(name);
+        let n = plan.publications(rate);
+        let mut hist = latency_histogram();
+        let mut asked = 0u64;
+        // The lag is measured from the last publish, not from the end of
+        // its slot: a slow step's longer slot is not a shorter drain.
+        let mut last_publish_us = 0;
+        let step_start = Instant::now();
+        for i in 0..=n {
+            let due = step_start + Duration::from_secs_f64(i as f64 / rate);
+            while let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait.min(Duration::from_millis(50)));
+                tick(&mut hist, report);
+            }
+            // The last round only waits out the step's last slot.
+            if i == n {
+                break;
+            }
+            let ch = pick();
+            asked += subscribers.get(&ch).copied().unwrap_or(0);
+            last_publish_us = unix_micros();
+            out.send(&ch, serde_json::json!({"ts": last_publish_us, "seq": seq, "ph": tag}), seq, report);
+            seq += 1;
+            tick(&mut hist, report);
+        }
+        let publish_secs = step_start.elapsed().as_secs_f64();
+        let drain_by = Instant::now() + Duration::from_secs_f64(plan.max_drain_secs);
+        while phase_progress(workers, tag).0 < asked && Instant::now() < drain_by {
+            std::thread::sleep(Duration::from_millis(20));
+            tick(&mut hist, report);
+        }
+        // Latency windows reach the orchestrator up to two reporting
+        // periods after their deliveries.
+        let windows_by = Instant::now() + Duration::from_millis(600);
+        while Instant::now() < windows_by {
+            std::thread::sleep(Duration::from_millis(50));
+            tick(&mut hist, report);
+        }
+        let (delivered, last_us) = phase_progress(workers, tag);
+        let drain_secs = if delivered < asked {
+            plan.max_drain_secs
+        } else {
+            last_us.saturating_sub(last_publish_us) as f64 / 1e6
+        };
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        let step = ramp::judge(
+            &steps,
+            StepMeasure {
+                rate,
+                publications: n as u64,
+                publish_secs,
+                asked,
+                delivered,
+                drain_secs,
+                p50_ms: ms(0.5),
+                p99_ms: ms(0.99),
+            },
+        );
+        if !json {
+            eprintln!(
+                "ramp {rate:5.1} publications/s: {:.0} deliveries/s asked, {:.0} delivered, drain {drain_secs:.2} s, p50 {:.0} ms, p99 {:.0} ms: {}",
+                step.asked_per_sec,
+                step.delivered_per_sec,
+                step.measure.p50_ms,
+                step.measure.p99_ms,
+                step.reason.as_deref().unwrap_or("kept up")
+            );
+        }
+        let stop = !step.kept_up;
+        if delivered < asked {
+            unfinished = Some((tag, asked));
+        }
+        steps.push(step);
+        if stop {
+            break;
+        }
+    }
+    // A step behind leaves a backlog: the steady fan-out starts without it
+    // (bounded).
+    if let Some((tag, asked)) = unfinished {
+        let by = Instant::now() + Duration::from_secs(30);
+        let mut hist = latency_histogram();
+        while phase_progress(workers, tag).0 < asked && Instant::now() < by {
+            std::thread::sleep(Duration::from_millis(50));
+            tick(&mut hist, report);
+        }
+    }
+    report.capacity = ramp::capacity(&steps);
+    report.ramp = steps;
+    seq
+}
+
 fn scenario(
     kind: Scenario,
     a: &DemoArgs,
@@ -566,9 +784,10 @@ fn scenario(
     mut cluster: Option<&mut Cluster>,
 ) -> anyhow::Result<RunReport> {
     let channels: Vec<String> = (0..a.channels.max(1)).map(|i| format!("chat:demo-{i}")).collect();
+    let fixed_rate = a.rate.unwrap_or(DEFAULT_RATE);
     let publications = match kind {
         Scenario::Storm | Scenario::Chat => 0,
-        Scenario::Soak => (a.rate * a.duration as f64).round() as usize,
+        Scenario::Soak => (fixed_rate * a.duration as f64).round() as usize,
         _ => a.publications,
     };
     let mut report = RunReport {
@@ -629,7 +848,7 @@ fn scenario(
     loop {
         let t = totals(&workers);
         pb.set_position(t.settled);
-        let sample = t.sample(start.elapsed().as_secs_f64());
+        let sample = t.sample(start.elapsed().as_secs_f64(), take_window(&workers).as_ref());
         if last_line.elapsed() >= Duration::from_secs(2) {
             last_line = Instant::now();
             plain_progress(a.json, "storm", &sample);
@@ -660,8 +879,7 @@ fn scenario(
     // What each publication's `seq` got as `(offset, epoch)`: the workers
     // compare payloads against it.
     let mut published = PublishedLog::default();
-    let pb = bar(publications as u64, "publishing", a.json);
-    let fan_start = Instant::now();
+    let mut fan_start = Instant::now();
     let gw_counter = |c: &Option<&mut Cluster>, name: &str| -> u64 {
         c.as_ref().map_or(0, |c| {
             c.admin_addrs
@@ -683,7 +901,8 @@ fn scenario(
                       wave: &mut Option<Wave>,
                       cluster: &Option<&mut Cluster>| {
         let t = totals(workers);
-        let s = t.sample(start.elapsed().as_secs_f64());
+        let window = take_window(workers);
+        let s = t.sample(start.elapsed().as_secs_f64(), window.as_ref());
         if last_line.elapsed() >= Duration::from_secs(2) {
             last_line = Instant::now();
             plain_progress(a.json, "traffic", &s);
@@ -692,10 +911,50 @@ fn scenario(
         if let (Some(w), Some(c)) = (wave.as_mut(), cluster.as_deref()) {
             w.sample(c, t.online, report);
         }
+        window
     };
-    if publications > 0 {
+    // The capacity ramp, then the steady fan-out at a share of what it
+    // found (the demo without `--rate`).
+    let mut rate = fixed_rate;
+    let mut first_seq = 0u64;
+    let mut steady_tag = None;
+    if kind == Scenario::Demo && publications > 0 {
+        if a.rate.is_none() {
+            let plan = RampPlan {
+                first_rate: a.ramp_first_rate.max(0.1),
+                factor: 1.5,
+                steps: a.ramp_steps.clamp(1, MAX_PHASES - 1),
+                step_secs: a.ramp_step_secs.clamp(0.1, 10.0),
+                max_drain_secs: a.ramp_step_secs.clamp(2.0, 10.0),
+            };
+            let mut out = Outbox { publisher: &mut publisher, published: &mut published, tops: &mut tops };
+            let mut pick = || pick_channel(&channels, &zipf, &mut rng).clone();
+            let mut ramp_sample = |w: &[Worker], r: &mut RunReport| sample(w, r, &mut wave, &cluster);
+            first_seq =
+                run_ramp(&plan, &workers, &mut out, &mut pick, &mut report, start, a.json, &mut ramp_sample);
+            match &report.capacity {
+                Some(c) => {
+                    rate = c.publications_per_sec * STEADY_FRACTION;
+                    report.steady_rate_from =
+                        format!("{:.0} % of the capacity the ramp found", STEADY_FRACTION * 100.0);
+                }
+                None => report.steady_rate_from = "no ramp step finished: the default".into(),
+            }
+        } else {
+            report.steady_rate_from = "--rate: no ramp".into();
+        }
+        report.steady_rate = rate;
+        steady_tag = Some(report.phase_tags.len());
+        let name = if report.ramp.is_empty() { "fan-out" } else { "steady fan-out" };
+        report.phase_tags.push(name.into());
+        report.phases.push((name.into(), start.elapsed().as_secs_f64()));
+        fan_start = Instant::now();
+    } else if publications > 0 {
         report.phases.push(("fan-out".into(), start.elapsed().as_secs_f64()));
     }
+    let deliveries_before_steady = totals(&workers).deliveries;
+    report.publications += first_seq;
+    let pb = bar(publications as u64, "publishing", a.json);
     // A storm of other clients during the fan-out, if asked for.
     let mut stormers = Vec::new();
     if a.storm_during > 0 && publications > 0 {
@@ -762,7 +1021,7 @@ fn scenario(
                 join_seq += 1;
             }
             // The backend syncs read-state to a random user's devices.
-            let due = fan_start + Duration::from_secs_f64(personal as f64 / a.rate.max(1e-3));
+            let due = fan_start + Duration::from_secs_f64(personal as f64 / fixed_rate.max(1e-3));
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait.min(end.saturating_duration_since(Instant::now())));
             }
@@ -793,7 +1052,7 @@ fn scenario(
         }
     }
     for i in 0..publications {
-        let due = fan_start + Duration::from_secs_f64(i as f64 / a.rate.max(1e-3));
+        let due = fan_start + Duration::from_secs_f64(i as f64 / rate.max(1e-3));
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
@@ -833,23 +1092,21 @@ fn scenario(
             }
             sample(&workers, &mut report, &mut wave, &cluster);
         }
-        let ch = &channels
-            [if rng.random_bool(0.5) { zipf.sample(&mut rng) } else { rng.random_range(0..channels.len()) }];
-        // A publish the API refuses or cannot take (a router wave) is
-        // counted; it is not in the final positions the checker waits for.
-        let data = if a.payload_bytes > 0 {
-            serde_json::json!({"ts": unix_micros(), "seq": i, "text": chat_text(a.payload_bytes, i)})
-        } else {
-            serde_json::json!({"ts": unix_micros(), "seq": i})
-        };
-        match publisher.publish(ch, data) {
-            Ok(Some((offset, epoch))) => {
-                published.record(ch, &epoch, offset, i as u64);
-                tops.insert(ch.clone(), (offset, epoch));
-            }
-            Ok(None) => {}
-            Err(_) => report.api_errors += 1,
+        let ch = pick_channel(&channels, &zipf, &mut rng);
+        let seq = first_seq + i as u64;
+        let mut data = serde_json::json!({"ts": unix_micros(), "seq": seq});
+        if a.payload_bytes > 0 {
+            data["text"] = chat_text(a.payload_bytes, i).into();
         }
+        if let Some(tag) = steady_tag {
+            data["ph"] = tag.into();
+        }
+        Outbox { publisher: &mut publisher, published: &mut published, tops: &mut tops }.send(
+            ch,
+            data,
+            seq,
+            &mut report,
+        );
         pb.set_position(i as u64 + 1);
         if last_sample.elapsed() >= Duration::from_millis(250) {
             last_sample = Instant::now();
@@ -910,7 +1167,12 @@ fn scenario(
     if summaries.len() < procs {
         anyhow::bail!("{} of {procs} worker processes did not report", procs - summaries.len());
     }
-    report.deliveries_per_sec = report.deliveries as f64 / report.fanout_secs.max(1e-3);
+    // The steady fan-out's rate: the ramp's deliveries came before it.
+    report.deliveries_per_sec =
+        report.deliveries.saturating_sub(deliveries_before_steady) as f64 / report.fanout_secs.max(1e-3);
+    if let Some(p) = steady_tag.and_then(|t| report.phase_latency.get(t)) {
+        report.steady_latency_ms = p.latency_ms.clone();
+    }
     let per100k = |cpu: f64| cpu / (report.deliveries.max(1) as f64 / 100_000.0);
     report.loadgen_cpu_per_100k = per100k(loadgen_cpu);
     if cluster.is_some() {

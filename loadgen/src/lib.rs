@@ -22,7 +22,12 @@
 //!   recovery, as the SDKs do.
 //! - [`publisher`]: fan-out publications through the HTTP API or, with
 //!   `--client-publish`, as a client through a gateway.
-//! - [`report`]: terminal table, `--json`, HTML report.
+//! - [`ramp`]: the demo's capacity ramp: steps of rising fan-out rates,
+//!   judged (pure) on whether the box kept up; the steady fan-out runs at
+//!   [`ramp::STEADY_FRACTION`] of the highest step it did.
+//! - [`report`]: terminal table, `--json`, HTML report, whose line charts
+//!   ([`chart`]: inline SVG, axes with units, gridlines, phases as bands)
+//!   show connections, deliveries/s and latency over time.
 //! - [`zipf`]: Zipf-distributed channel sizes.
 //!
 //! A run exits non-zero, and its report's headline says why
@@ -35,10 +40,12 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod chart;
 pub mod checker;
 pub mod demo;
 pub mod orchestrate;
 pub mod publisher;
+pub mod ramp;
 pub mod report;
 pub mod worker;
 pub mod zipf;

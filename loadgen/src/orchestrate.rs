@@ -8,8 +8,10 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
+
 use crate::checker::PublishedLog;
-use crate::worker::{Summary, WorkerSpec};
+use crate::worker::{Summary, WorkerSpec, decode_hist};
 
 /// Most clients one worker process (or gateway process) holds, whatever
 /// the open-file limit allows.
@@ -40,6 +42,17 @@ pub struct WorkerState {
     pub reconnects: u64,
     /// Latency of the deliveries in the last progress window: (p50 µs, p99 µs, count).
     pub window: (u64, u64, u64),
+    /// Latency (µs) of the deliveries since the orchestrator last took it:
+    /// every progress window added up, so none is missed between samples.
+    pub pending_window: Option<Histogram<u64>>,
+    /// Deliveries of each phase tag's publications so far, and when the
+    /// latest arrived (µs since the Unix epoch).
+    pub phase_deliveries: Vec<u64>,
+    /// See `phase_deliveries`.
+    pub phase_last_us: Vec<u64>,
+    /// Clients subscribing to each channel (told once every client was
+    /// attempted; not for chat's channels).
+    pub subscribers: HashMap<String, u64>,
     /// Every client attempted.
     pub ready: bool,
     /// The final report.
@@ -86,8 +99,25 @@ impl Worker {
                         w["p99_us"].as_u64().unwrap_or(0),
                         w["count"].as_u64().unwrap_or(0),
                     );
+                    let numbers = |k: &str| -> Vec<u64> {
+                        p[k].as_array()
+                            .map_or(Vec::new(), |a| a.iter().map(|n| n.as_u64().unwrap_or(0)).collect())
+                    };
+                    s.phase_deliveries = numbers("phase_deliveries");
+                    s.phase_last_us = numbers("phase_last_us");
+                    if let Some(h) = w["hist"].as_str().filter(|h| !h.is_empty()).and_then(decode_hist) {
+                        match s.pending_window.as_mut() {
+                            Some(acc) => {
+                                let _ = acc.add(&h);
+                            }
+                            None => s.pending_window = Some(h),
+                        }
+                    }
                 } else if v.get("ready").is_some() {
                     s.ready = true;
+                    if let Ok(subs) = serde_json::from_value(v["subscribers"].clone()) {
+                        s.subscribers = subs;
+                    }
                 } else if let Some(sum) = v.get("summary") {
                     s.summary = serde_json::from_value(sum.clone()).ok();
                 }

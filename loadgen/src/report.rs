@@ -8,6 +8,8 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::chart::{Band, Chart, Series};
+use crate::ramp::{Capacity, STEADY_FRACTION, Step};
 use crate::worker::{Summary, decode_hist};
 
 /// Latency percentiles in milliseconds.
@@ -42,6 +44,16 @@ impl Percentiles {
     }
 }
 
+/// Latency of the publications of one phase (a ramp step, the steady
+/// fan-out), whenever they were delivered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhaseLatency {
+    /// The phase.
+    pub phase: String,
+    /// Its publications' publish → deliver latency.
+    pub latency_ms: Percentiles,
+}
+
 /// One sample of the run's timeline.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Sample {
@@ -53,7 +65,7 @@ pub struct Sample {
     pub deliveries: u64,
     /// Publish → deliver p50 of the deliveries in the last window (ms).
     pub p50_ms: f64,
-    /// Publish → deliver p99 (the worst worker's) in the last window (ms).
+    /// Publish → deliver p99 of the deliveries in the last window (ms).
     pub p99_ms: f64,
 }
 
@@ -172,6 +184,24 @@ pub struct RunReport {
     pub joins: u64,
     /// Leaves seen.
     pub leaves: u64,
+    /// The demo's capacity ramp, step by step ([`crate::ramp`]); empty when
+    /// `--rate` was given.
+    pub ramp: Vec<Step>,
+    /// The highest fan-out rate the ramp saw the box keep up with.
+    pub capacity: Option<Capacity>,
+    /// Publications per second of the (steady) fan-out.
+    pub steady_rate: f64,
+    /// Where that rate came from: a share of the capacity, or `--rate`.
+    pub steady_rate_from: String,
+    /// Publish → deliver latency of the steady fan-out's publications alone
+    /// (the ramp's are in `phase_latency`).
+    pub steady_latency_ms: Percentiles,
+    /// Publish → deliver latency of each tagged phase's publications.
+    pub phase_latency: Vec<PhaseLatency>,
+    /// Names of the phase tags publications carry (`"ph": k` is
+    /// `phase_tags[k]`), for [`RunReport::add_summaries`].
+    #[serde(skip)]
+    pub phase_tags: Vec<String>,
     /// When each phase began (seconds since start).
     pub phases: Vec<(String, f64)>,
     /// Timeline.
@@ -184,7 +214,14 @@ impl RunReport {
         let mut up = Histogram::<u64>::new(3).expect("hist");
         let mut con = Histogram::<u64>::new(3).expect("hist");
         let mut lat = Histogram::<u64>::new(3).expect("hist");
+        let mut phases: Vec<Histogram<u64>> =
+            self.phase_tags.iter().map(|_| Histogram::new(3).expect("hist")).collect();
         for s in summaries {
+            for (dst, src) in phases.iter_mut().zip(&s.phase_latency_us) {
+                if let Some(h) = decode_hist(src) {
+                    let _ = dst.add(&h);
+                }
+            }
             self.connected += s.connected;
             self.rejected += s.rejected;
             self.failed += s.failed;
@@ -218,6 +255,12 @@ impl RunReport {
         self.upgrade_ms = Percentiles::of(&up);
         self.connect_ms = Percentiles::of(&con);
         self.latency_ms = Percentiles::of(&lat);
+        self.phase_latency = self
+            .phase_tags
+            .iter()
+            .zip(&phases)
+            .map(|(phase, h)| PhaseLatency { phase: phase.clone(), latency_ms: Percentiles::of(h) })
+            .collect();
     }
 
     /// Whether the run passed, and if not, every reason why. Red: anything
@@ -311,12 +354,62 @@ impl RunReport {
             let _ = writeln!(s, "phases       {}", list.join(", "));
         }
         if self.publications > 0 {
+            let ramp: u64 = self.ramp.iter().map(|s| s.measure.publications).sum();
+            if ramp > 0 {
+                let _ = writeln!(
+                    s,
+                    "fan-out      {} publications ({ramp} in the ramp) → {} deliveries, {} frames; the steady part {:.1} s at {:.0} deliveries/s",
+                    self.publications,
+                    self.deliveries,
+                    self.frames,
+                    self.fanout_secs,
+                    self.deliveries_per_sec
+                );
+            } else {
+                let _ = writeln!(
+                    s,
+                    "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
+                    self.publications,
+                    self.deliveries,
+                    self.fanout_secs,
+                    self.deliveries_per_sec,
+                    self.frames
+                );
+            }
+            let _ = writeln!(s, "latency      {} (whole run)", p(&self.latency_ms));
+        }
+        if !self.ramp.is_empty() {
             let _ = writeln!(
                 s,
-                "fan-out      {} publications → {} deliveries in {:.1} s ({:.0}/s, {} frames)",
-                self.publications, self.deliveries, self.fanout_secs, self.deliveries_per_sec, self.frames
+                "ramp         {:>8} {:>5} {:>11} {:>11} {:>7} {:>9} {:>9}",
+                "pubs/s", "pubs", "asked/s", "delivered/s", "drain", "p50", "p99"
             );
-            let _ = writeln!(s, "latency      {}", p(&self.latency_ms));
+            for st in &self.ramp {
+                let m = &st.measure;
+                let _ = writeln!(
+                    s,
+                    "             {:>8.1} {:>5} {:>11.0} {:>11.0} {:>5.1} s {:>6.0} ms {:>6.0} ms  {}",
+                    m.rate,
+                    m.publications,
+                    st.asked_per_sec,
+                    st.delivered_per_sec,
+                    m.drain_secs,
+                    m.p50_ms,
+                    m.p99_ms,
+                    st.reason.as_deref().unwrap_or("kept up")
+                );
+            }
+        }
+        if let Some(c) = &self.capacity {
+            let _ = writeln!(s, "capacity     {}", capacity_text(c));
+        }
+        if !self.steady_rate_from.is_empty() {
+            let _ = writeln!(
+                s,
+                "steady       {:.1} publications/s ({})",
+                self.steady_rate, self.steady_rate_from
+            );
+            let _ = writeln!(s, "steady lat.  {}", p(&self.steady_latency_ms));
         }
         let _ = writeln!(
             s,
@@ -393,7 +486,31 @@ impl RunReport {
             ("rejected (503, retried)", self.rejected.to_string()),
             ("storm", format!("{:.1} s, {:.0} connections/s", self.storm_secs, self.accept_rate)),
             ("publications", self.publications.to_string()),
-            ("deliveries", format!("{} ({:.0}/s)", self.deliveries, self.deliveries_per_sec)),
+            ("capacity (ramp)", self.capacity.as_ref().map_or("not measured".to_owned(), capacity_text)),
+            (
+                "steady fan-out rate",
+                if self.steady_rate_from.is_empty() {
+                    "—".to_owned()
+                } else {
+                    format!("{:.1} publications/s ({})", self.steady_rate, self.steady_rate_from)
+                },
+            ),
+            (
+                "steady fan-out latency",
+                if self.steady_rate_from.is_empty() {
+                    "—".to_owned()
+                } else {
+                    let p = &self.steady_latency_ms;
+                    format!(
+                        "p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                        p.p50, p.p90, p.p99, p.max
+                    )
+                },
+            ),
+            (
+                "deliveries (per second over the steady fan-out)",
+                format!("{} ({:.0}/s)", self.deliveries, self.deliveries_per_sec),
+            ),
             (
                 "lost / duplicated / reordered",
                 format!("{} / {} / {}", self.lost, self.duplicated, self.reordered),
@@ -446,47 +563,163 @@ impl RunReport {
         for (k, v) in rows.into_iter().chain(wave) {
             let _ = write!(h, "<tr><td>{k}</td><td>{v}</td></tr>");
         }
-        h.push_str("</table><h2>Latency percentiles (ms)</h2><table><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>");
+        h.push_str("</table>");
+        h.push_str(&self.ramp_html());
+        h.push_str("<h2>Latency percentiles (ms)</h2><table><tr><th></th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>");
+        let phases =
+            self.phase_latency.iter().map(|p| (format!("publish → deliver: {}", p.phase), &p.latency_ms));
         for (name, p) in [
-            ("upgrade", &self.upgrade_ms),
-            ("connect reply", &self.connect_ms),
-            ("publish → deliver", &self.latency_ms),
-        ] {
+            ("upgrade".to_owned(), &self.upgrade_ms),
+            ("connect reply".to_owned(), &self.connect_ms),
+            ("publish → deliver (whole run)".to_owned(), &self.latency_ms),
+        ]
+        .into_iter()
+        .chain(phases)
+        {
             let _ = write!(
                 h,
-                "<tr><td>{name}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
-                p.p50, p.p90, p.p99, p.p999, p.max
+                "<tr><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+                html_escape(&name),
+                p.p50,
+                p.p90,
+                p.p99,
+                p.p999,
+                p.max
             );
         }
         h.push_str("</table>");
-        h.push_str(&bars(
-            "publish → deliver latency (ms)",
-            &[
-                ("p50", self.latency_ms.p50),
-                ("p90", self.latency_ms.p90),
-                ("p99", self.latency_ms.p99),
-                ("p99.9", self.latency_ms.p999),
-                ("max", self.latency_ms.max),
-            ],
-        ));
-        h.push_str(&line_chart("connections over time", &self.timeline, |s| s.connected as f64));
-        let rates: Vec<Sample> = self
-            .timeline
-            .windows(2)
-            .map(|w| Sample {
-                t: w[1].t,
-                deliveries: ((w[1].deliveries.saturating_sub(w[0].deliveries)) as f64
-                    / (w[1].t - w[0].t).max(1e-3)) as u64,
-                ..w[1].clone()
-            })
-            .collect();
-        h.push_str(&line_chart("deliveries per second", &rates, |s| s.deliveries as f64));
-        let lat: Vec<Sample> = self.timeline.iter().filter(|s| s.p99_ms > 0.0).cloned().collect();
-        h.push_str(&line_chart("publish → deliver p50 over time (ms)", &lat, |s| s.p50_ms));
-        h.push_str(&line_chart("publish → deliver p99 over time (ms)", &lat, |s| s.p99_ms));
+        h.push_str(&self.charts());
         h.push_str("</body></html>");
         h
     }
+}
+
+impl RunReport {
+    /// The ramp's step table and its asked-vs-delivered chart (empty
+    /// without a ramp).
+    fn ramp_html(&self) -> String {
+        if self.ramp.is_empty() {
+            return String::new();
+        }
+        let mut h = format!(
+            "<h2>Capacity ramp</h2><p>Each step publishes for a few seconds at its rate, then waits for its \
+             deliveries; the first step the box does not keep up with (delivered below {:.0} % of asked, or a p99 \
+             blow-up) ends the ramp. The steady fan-out runs at {:.0} % of the highest step kept up with.</p>\
+             <table><tr><th>step (publications/s)</th><th>publications</th><th>asked deliveries/s</th>\
+             <th>delivered deliveries/s</th><th>drain (s)</th><th>p50 (ms)</th><th>p99 (ms)</th><th></th></tr>",
+            crate::ramp::KEEP_UP * 100.0,
+            STEADY_FRACTION * 100.0
+        );
+        for st in &self.ramp {
+            let m = &st.measure;
+            let _ = write!(
+                h,
+                "<tr{}><td>{:.1}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.2}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td></tr>",
+                if st.kept_up { "" } else { " class=bad" },
+                m.rate,
+                m.publications,
+                st.asked_per_sec,
+                st.delivered_per_sec,
+                m.drain_secs,
+                m.p50_ms,
+                m.p99_ms,
+                html_escape(st.reason.as_deref().unwrap_or("kept up"))
+            );
+        }
+        h.push_str("</table>");
+        if let Some(c) = &self.capacity {
+            let _ = write!(h, "<p><b>Capacity: {}</b></p>", html_escape(&capacity_text(c)));
+        }
+        h.push_str(
+            &Chart {
+                title: "ramp: deliveries asked and delivered per step",
+                x_label: "ramp step (publications/s)",
+                y_label: "deliveries/s",
+                series: vec![
+                    Series {
+                        name: "asked".into(),
+                        color: "#888",
+                        points: self.ramp.iter().map(|s| (s.measure.rate, s.asked_per_sec)).collect(),
+                    },
+                    Series {
+                        name: "delivered".into(),
+                        color: "#36c",
+                        points: self.ramp.iter().map(|s| (s.measure.rate, s.delivered_per_sec)).collect(),
+                    },
+                ],
+                bands: &[],
+            }
+            .svg(),
+        );
+        h
+    }
+
+    /// Connections, deliveries/s and latency over time, the phases marked.
+    fn charts(&self) -> String {
+        let end = self.timeline.last().map_or(0.0, |s| s.t);
+        let bands = bands(&self.phases, end);
+        let x_label = "time since start (s)";
+        let line = |name: &str, color, points| Series { name: name.into(), color, points };
+        let mut h = Chart {
+            title: "connections over time",
+            x_label,
+            y_label: "connections",
+            series: vec![line(
+                "online",
+                "#2a6",
+                self.timeline.iter().map(|s| (s.t, s.connected as f64)).collect(),
+            )],
+            bands: &bands,
+        }
+        .svg();
+        let rates = self
+            .timeline
+            .windows(2)
+            .map(|w| {
+                (w[1].t, w[1].deliveries.saturating_sub(w[0].deliveries) as f64 / (w[1].t - w[0].t).max(1e-3))
+            })
+            .collect();
+        h.push_str(
+            &Chart {
+                title: "deliveries per second",
+                x_label,
+                y_label: "deliveries/s",
+                series: vec![line("delivered", "#36c", rates)],
+                bands: &bands,
+            }
+            .svg(),
+        );
+        // Windows without deliveries have no latency: left out, not zero.
+        let lat: Vec<&Sample> = self.timeline.iter().filter(|s| s.p99_ms > 0.0).collect();
+        h.push_str(
+            &Chart {
+                title: "publish → deliver latency over time, per phase (each point: the deliveries of a 250 ms window)",
+                x_label,
+                y_label: "latency (ms)",
+                series: vec![
+                    line("p50", "#2a6", lat.iter().map(|s| (s.t, s.p50_ms)).collect()),
+                    line("p99", "#c33", lat.iter().map(|s| (s.t, s.p99_ms)).collect()),
+                ],
+                bands: &bands,
+            }
+            .svg(),
+        );
+        h
+    }
+}
+
+/// "20.3 publications/s = 162,000 deliveries/s (…why that is the limit)".
+fn capacity_text(c: &Capacity) -> String {
+    format!(
+        "{:.1} publications/s = {:.0} deliveries/s ({})",
+        c.publications_per_sec,
+        c.deliveries_per_sec,
+        if c.bounded {
+            "the highest ramp step the box kept up with; the next fell behind"
+        } else {
+            "every ramp step kept up: at least this"
+        }
+    )
 }
 
 /// Whether a run passed, and why not.
@@ -513,44 +746,18 @@ fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
-fn line_chart(title: &str, data: &[Sample], y: impl Fn(&Sample) -> f64) -> String {
-    let (w, hgt) = (900.0, 220.0);
-    let tmax = data.last().map(|s| s.t).unwrap_or(1.0).max(1e-3);
-    let ymax = data.iter().map(&y).fold(1.0_f64, f64::max);
-    let pts: Vec<String> = data
+/// The phases as bands: each from its start to the next one's (the last
+/// to the timeline's end).
+fn bands(phases: &[(String, f64)], end: f64) -> Vec<Band> {
+    phases
         .iter()
-        .map(|s| {
-            format!("{:.1},{:.1}", 40.0 + s.t / tmax * (w - 60.0), hgt - 20.0 - y(s) / ymax * (hgt - 40.0))
+        .enumerate()
+        .map(|(i, (name, start))| Band {
+            name: name.clone(),
+            start: *start,
+            end: phases.get(i + 1).map_or(end.max(*start), |next| next.1),
         })
-        .collect();
-    format!(
-        "<h2>{title}</h2><svg width={w} height={hgt}><text x=5 y=15>{ymax:.0}</text><text x=5 y={}>0</text><text x={} y={}>{tmax:.1} s</text><polyline fill=none stroke=#2a6 stroke-width=2 points='{}'/></svg>",
-        hgt - 20.0,
-        w - 60.0,
-        hgt - 5.0,
-        pts.join(" ")
-    )
-}
-
-fn bars(title: &str, data: &[(&str, f64)]) -> String {
-    let (w, hgt) = (600.0, 200.0);
-    let max = data.iter().map(|d| d.1).fold(1e-3_f64, f64::max);
-    let bw = (w - 40.0) / data.len().max(1) as f64;
-    let mut s = format!("<h2>{title}</h2><svg width={w} height={hgt}>");
-    for (i, (name, v)) in data.iter().enumerate() {
-        let bh = v / max * (hgt - 50.0);
-        let x = 20.0 + i as f64 * bw;
-        let _ = write!(
-            s,
-            "<rect x={x:.0} y={:.0} width={:.0} height={bh:.0} fill=#36c /><text x={x:.0} y={:.0}>{name}</text><text x={x:.0} y={:.0}>{v:.2}</text>",
-            hgt - 25.0 - bh,
-            bw - 10.0,
-            hgt - 8.0,
-            hgt - 30.0 - bh
-        );
-    }
-    s.push_str("</svg>");
-    s
+        .collect()
 }
 
 #[cfg(test)]

@@ -237,7 +237,16 @@ pub struct Summary {
     pub connect_us: String,
     /// Publish → deliver latency (µs).
     pub latency_us: String,
+    /// Publish→deliver latency (µs) per phase tag: publications whose
+    /// payload carries `"ph": k` (k below [`MAX_PHASES`]) are recorded in
+    /// entry k as well; empty strings for tags never seen.
+    #[serde(default)]
+    pub phase_latency_us: Vec<String>,
 }
+
+/// Phase tags (`"ph"` in a publication's payload) a worker keeps a latency
+/// histogram for; a higher tag is recorded in the run's histogram only.
+pub const MAX_PHASES: usize = 16;
 
 /// Live counters shared by a worker's threads.
 #[derive(Debug, Default)]
@@ -265,6 +274,13 @@ struct Shared {
     window: Mutex<Option<Histogram<u64>>>,
     /// Clients connected right now (falls during a reconnect wave).
     online: AtomicU64,
+    /// Per phase tag: deliveries, and when the latest arrived (µs since
+    /// the Unix epoch): when a ramp step's last delivery came in.
+    phase_deliveries: [AtomicU64; MAX_PHASES],
+    phase_last_us: [AtomicU64; MAX_PHASES],
+    /// Clients subscribing to each of the spec's `channels` (not chat's):
+    /// what a publication there asks of this worker.
+    subscribers: Mutex<HashMap<String, u64>>,
     stop: AtomicBool,
     /// Final position of each channel the orchestrator published to.
     tops: Mutex<HashMap<String, (u64, String)>>,
@@ -278,12 +294,31 @@ struct Hists {
     latency: Histogram<u64>,
     /// Latency since the thread last handed its window over.
     window: Histogram<u64>,
+    /// Latency per phase tag (grown on demand, at most [`MAX_PHASES`]).
+    phases: Vec<Histogram<u64>>,
+}
+
+/// A latency histogram in µs (1 µs to an hour, 3 significant digits).
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds")
 }
 
 impl Hists {
     fn new() -> Self {
-        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("histogram bounds");
-        Hists { upgrade: h(), connect: h(), latency: h(), window: h() }
+        let h = latency_histogram;
+        Hists { upgrade: h(), connect: h(), latency: h(), window: h(), phases: Vec::new() }
+    }
+
+    fn add(&mut self, other: &Hists) {
+        self.upgrade.add(&other.upgrade).ok();
+        self.connect.add(&other.connect).ok();
+        self.latency.add(&other.latency).ok();
+        if self.phases.len() < other.phases.len() {
+            self.phases.resize_with(other.phases.len(), latency_histogram);
+        }
+        for (dst, src) in self.phases.iter_mut().zip(&other.phases) {
+            dst.add(src).ok();
+        }
     }
 }
 
@@ -375,8 +410,12 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             let s = &reporter_shared;
             let attempted = s.attempted.load(Ordering::Relaxed);
             let window = s.window.lock().expect("window").take();
-            let (p50, p99, n) =
-                window.map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.len()));
+            let (p50, p99, n) = window
+                .as_ref()
+                .map_or((0, 0, 0), |h| (h.value_at_quantile(0.5), h.value_at_quantile(0.99), h.len()));
+            // The window itself, so the orchestrator can merge workers'
+            // windows into true percentiles (a few hundred bytes).
+            let hist = window.as_ref().map_or(String::new(), encode_hist);
             println!(
                 "{}",
                 serde_json::json!({"progress": {
@@ -386,13 +425,16 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                     "deliveries": s.deliveries.load(Ordering::Relaxed),
                     "reconnects": s.reconnects.load(Ordering::Relaxed),
                     "online": s.online.load(Ordering::Relaxed),
-                    "window": {"p50_us": p50, "p99_us": p99, "count": n},
+                    "window": {"p50_us": p50, "p99_us": p99, "count": n, "hist": hist},
+                    "phase_deliveries": s.phase_deliveries.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
+                    "phase_last_us": s.phase_last_us.iter().map(|c| c.load(Ordering::Relaxed)).collect::<Vec<_>>(),
                 }})
             );
             // Ready once every client has its connect answered (or gave up).
             let settled = s.connected.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed);
             if !announced && attempted >= connections && settled >= connections {
-                println!("{}", serde_json::json!({"ready": true}));
+                let subscribers = s.subscribers.lock().expect("subscribers").clone();
+                println!("{}", serde_json::json!({"ready": true, "subscribers": subscribers}));
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(250));
@@ -402,9 +444,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     for h in handles {
         let (hs, t) = h.join().map_err(|_| anyhow::anyhow!("worker thread panicked"))?;
-        hists.upgrade.add(&hs.upgrade).ok();
-        hists.connect.add(&hs.connect).ok();
-        hists.latency.add(&hs.latency).ok();
+        hists.add(&hs);
         tally += t;
     }
     done.store(true, Ordering::Relaxed);
@@ -439,6 +479,11 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
         upgrade_us: encode_hist(&hists.upgrade),
         connect_us: encode_hist(&hists.connect),
         latency_us: encode_hist(&hists.latency),
+        phase_latency_us: hists
+            .phases
+            .iter()
+            .map(|h| if h.is_empty() { String::new() } else { encode_hist(h) })
+            .collect(),
     };
     println!("{}", serde_json::json!({ "summary": summary }));
     Ok(())
@@ -726,7 +771,12 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
                     chosen.push(c);
                 }
             }
-            chosen.iter().map(|c| ctx.spec.channels[*c].clone()).collect()
+            let names: Vec<String> = chosen.iter().map(|c| ctx.spec.channels[*c].clone()).collect();
+            let mut counts = sh.subscribers.lock().expect("subscribers");
+            for n in &names {
+                *counts.entry(n.clone()).or_default() += 1;
+            }
+            names
         }
     };
     let mut subs: Vec<Subscription> = names
@@ -1063,6 +1113,14 @@ fn received(ctx: &ThreadCtx, p: &serde_json::Value) -> Delivery {
         let mut h = ctx.hists.borrow_mut();
         h.latency.saturating_record(us);
         h.window.saturating_record(us);
+        if let Some(k) = p["data"]["ph"].as_u64().map(|k| k as usize).filter(|k| *k < MAX_PHASES) {
+            ctx.shared.phase_deliveries[k].fetch_add(1, Ordering::Relaxed);
+            ctx.shared.phase_last_us[k].fetch_max(unix_micros(), Ordering::Relaxed);
+            if h.phases.len() <= k {
+                h.phases.resize_with(k + 1, latency_histogram);
+            }
+            h.phases[k].saturating_record(us);
+        }
     }
     Delivery { offset: p["offset"].as_u64().unwrap_or(0), seq: p["data"]["seq"].as_u64() }
 }

@@ -27,6 +27,66 @@ fn demo_runs_clean_with_a_few_hundred_connections() {
     let html = std::fs::read_to_string(&report).unwrap();
     assert!(html.contains("Nothing lost"), "report verdict");
     assert!(html.contains("every client checked to the end"), "report verdict");
+    // --rate skips the ramp: the steady fan-out is the whole fan-out.
+    assert_eq!(v["ramp"].as_array().map(Vec::len), Some(0), "{v}");
+    assert_eq!(v["steady_rate"], 200.0, "{v}");
+    assert_eq!(v["steady_latency_ms"]["count"], v["latency_ms"]["count"], "{v}");
+    let _ = std::fs::remove_file(report);
+}
+
+/// Without `--rate` the demo ramps first: every step's publications are
+/// checked like the steady fan-out's, the capacity and the steady rate
+/// (70 % of it) are reported, and the HTML marks each phase.
+#[test]
+fn demo_ramps_to_a_capacity_then_runs_steady_at_a_share_of_it() {
+    let report = std::env::temp_dir().join(format!("sy-demo-ramp-{}.html", std::process::id()));
+    let out = Command::new(e2e::bin_dir().join("loadgen"))
+        .args(["demo", "--connections", "200", "--publications", "40"])
+        .args(["--ramp-first-rate", "20", "--ramp-steps", "3", "--ramp-step-secs", "0.5"])
+        .args(["--json", "--report"])
+        .arg(&report)
+        .output()
+        .expect("loadgen runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_clean(&v);
+    let steps = v["ramp"].as_array().unwrap();
+    assert!(!steps.is_empty() && steps.len() <= 3, "{v}");
+    let ramp_pubs: u64 = steps.iter().map(|s| s["publications"].as_u64().unwrap()).sum();
+    // 20/s for 0.5 s is 10 publications, 30/s 15, 45/s 22 (or 23).
+    assert_eq!(steps[0]["publications"], 10, "{v}");
+    assert_eq!(v["publications"].as_u64().unwrap(), ramp_pubs + 40, "{v}");
+    // Every publication, the ramp's too, reached its subscribers and was checked.
+    for s in steps {
+        assert_eq!(s["delivered"], s["asked"], "{s}");
+        assert!(s["asked"].as_u64().unwrap() > 0, "{s}");
+    }
+    assert_eq!(v["payload_verified"], v["deliveries"], "{v}");
+    let capacity = v["capacity"]["publications_per_sec"].as_f64().unwrap();
+    assert!(capacity > 0.0, "{v}");
+    assert!((v["steady_rate"].as_f64().unwrap() - 0.7 * capacity).abs() < 1e-9, "{v}");
+    assert!(v["steady_latency_ms"]["count"].as_u64().unwrap() > 0, "{v}");
+    let phases: Vec<&str> = v["phases"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap()).collect();
+    assert_eq!(phases[0], "storm", "{phases:?}");
+    assert_eq!(phases[1], "ramp 20.0/s", "{phases:?}");
+    assert_eq!(phases[phases.len() - 2..], ["steady fan-out", "settle"], "{phases:?}");
+    let tagged: Vec<&str> =
+        v["phase_latency"].as_array().unwrap().iter().map(|p| p["phase"].as_str().unwrap()).collect();
+    assert_eq!(tagged, phases[1..phases.len() - 1], "every ramp step and the steady fan-out: {v}");
+    let html = std::fs::read_to_string(&report).unwrap();
+    for needle in [
+        "Capacity ramp",
+        "Capacity: ",
+        "steady fan-out rate",
+        ">ramp 20.0/s</text>",
+        ">steady fan-out</text>",
+    ] {
+        assert!(html.contains(needle), "{needle} in the report");
+    }
+    for axis in ["time since start (s)", "latency (ms)", "deliveries/s", "connections"] {
+        assert!(html.contains(&format!(">{axis}</text>")), "axis {axis}");
+    }
     let _ = std::fs::remove_file(report);
 }
 
