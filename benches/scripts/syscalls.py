@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""System calls the gateway makes per session start, counted by strace.
+
+One router and one gateway (`--cores 1`); `strace -f -c` is attached to the
+whole gateway process (its core, uplink and other threads) while this
+script opens sessions one after another, then detached; the counts divided
+by the sessions are the kernel round trips each session cost the gateway
+(io_uring submissions count once per `io_uring_enter`, whatever they
+carry). Two kinds, each its own strace run against the same process:
+
+- upgrade: the WebSocket upgrade alone (accept, the request, the 101), then
+  the client closes;
+- session: the upgrade, `connect` with an HS256 JWT and two `subscribe`s in
+  one frame, the three replies, then the client closes.
+
+Sessions one at a time are the worst case (nothing shares a wake-up with
+another session); a storm batches accepts and readiness waits.
+
+    cargo build --release -p gateway -p router
+    python3 benches/scripts/syscalls.py [--sessions 500]
+"""
+import argparse, os, signal, socket, subprocess, sys, tempfile, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from proxy_bench import BIN, SECRET, free_port, session  # noqa: E402
+
+
+def upgrade_only(addr):
+    s = socket.create_connection(addr)
+    s.sendall(b"GET /connection/websocket HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        got = s.recv(4096)
+        if not got:
+            sys.exit("upgrade refused")
+        buf += got
+    if b" 101 " not in buf.split(b"\r\n")[0]:
+        sys.exit(f"upgrade refused: {buf[:60]!r}")
+    return s
+
+
+def counted(pid, run, n):
+    """Runs `run` n times under strace -f -c; {syscall: calls per session}."""
+    out = tempfile.mktemp(prefix="sy-strace-")
+    tr = subprocess.Popen(["strace", "-f", "-c", "-o", out, "-p", str(pid)], stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached to every thread
+    for i in range(n):
+        run(i).close()
+    time.sleep(1.0)  # the closes are handled
+    tr.send_signal(signal.SIGINT)
+    tr.wait(timeout=30)
+    calls = {}
+    for line in open(out):
+        parts = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+            calls[parts[-1]] = int(parts[3]) / n
+    os.unlink(out)
+    return calls
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sessions", type=int, default=500)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="sy-syscalls-")
+    certs = os.path.join(tmp, "certs")
+    subprocess.run([os.path.join(BIN, "router"), "certs", "--out", certs], check=True, stdout=subprocess.DEVNULL)
+    quic, api, radmin, ws, gadmin = free_port(socket.SOCK_DGRAM), free_port(), free_port(), free_port(), free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([os.path.join(BIN, "router"), "run", "--quic-listen", f"127.0.0.1:{quic}",
+                               "--api-listen", f"127.0.0.1:{api}", "--admin-listen", f"127.0.0.1:{radmin}",
+                               "--certs", certs, "--api-key", "k"], **quiet)]
+    time.sleep(0.5)
+    gw = subprocess.Popen([os.path.join(BIN, "gateway"), "run", "--cores", "1", "--no-pin", "--listen",
+                           f"127.0.0.1:{ws}", "--admin-listen", f"127.0.0.1:{gadmin}", "--certs", certs,
+                           "--hmac-secret", SECRET, "--router", f"127.0.0.1:{quic}"], **quiet)
+    procs.append(gw)
+    try:
+        time.sleep(1.5)
+        addr = ("127.0.0.1", ws)
+        for i in range(100):  # warm-up
+            session(addr, i, "jwt")[0].close()
+        kinds = {
+            "upgrade": counted(gw.pid, lambda i: upgrade_only(addr), a.sessions),
+            "session": counted(gw.pid, lambda i: session(addr, 1000 + i, "jwt")[0], a.sessions),
+        }
+        for kind, calls in kinds.items():
+            top = ", ".join(f"{k} {v:.2f}" for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+            print(f"| {kind} | **{sum(calls.values()):.1f} system calls** per session ({a.sessions} sessions, "
+                  f"one at a time): {top} |")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=35)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
