@@ -137,6 +137,36 @@ def session(addr, i, kind):
     return s, took
 
 
+def start_cluster(gateway_args=(), gateway_prefix=(), router_prefix=()):
+    """A router and a one-core gateway on loopback with fresh development
+    certificates, behind the given command prefixes (`taskset`); returns
+    (processes, the gateway's process, its WebSocket address)."""
+    certs = os.path.join(tempfile.mkdtemp(prefix="sy-bench-"), "certs")
+    subprocess.run([os.path.join(BIN, "router"), "certs", "--out", certs], check=True, stdout=subprocess.DEVNULL)
+    quic, api, radmin, ws, gadmin = free_port(socket.SOCK_DGRAM), free_port(), free_port(), free_port(), free_port()
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    procs = [subprocess.Popen([*router_prefix, os.path.join(BIN, "router"), "run", "--quic-listen",
+                               f"127.0.0.1:{quic}", "--api-listen", f"127.0.0.1:{api}", "--admin-listen",
+                               f"127.0.0.1:{radmin}", "--certs", certs, "--api-key", "k"], **quiet)]
+    time.sleep(0.5)
+    gw = subprocess.Popen([*gateway_prefix, os.path.join(BIN, "gateway"), "run", *gateway_args, "--cores", "1",
+                           "--no-pin", "--listen", f"127.0.0.1:{ws}", "--admin-listen", f"127.0.0.1:{gadmin}",
+                           "--certs", certs, "--hmac-secret", SECRET, "--router", f"127.0.0.1:{quic}"], **quiet)
+    procs.append(gw)
+    time.sleep(1.5)
+    return procs, gw, ("127.0.0.1", ws)
+
+
+def stop(procs):
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=35)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 def cpu_ns(pid):
     total = 0
     for t in os.listdir(f"/proc/{pid}/task"):
@@ -159,30 +189,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="batches of each kind, alternating")
     a = ap.parse_args()
     os.sched_setaffinity(0, {1})
-    tmp = tempfile.mkdtemp(prefix="sy-proxy-bench-")
-    certs = os.path.join(tmp, "certs")
-    subprocess.run([os.path.join(BIN, "router"), "certs", "--out", certs], check=True, stdout=subprocess.DEVNULL)
     backend = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=backend.serve_forever, daemon=True).start()
-    hook = f"http://127.0.0.1:{backend.server_address[1]}/connect"
-    cfg = os.path.join(tmp, "gateway.toml")
+    cfg = os.path.join(tempfile.mkdtemp(prefix="sy-proxy-bench-"), "gateway.toml")
     with open(cfg, "w") as f:
-        f.write(f"[proxy.connect]\nendpoint = \"{hook}\"\ntimeout_ms = 5000\n")
-    quic, api, radmin = free_port(socket.SOCK_DGRAM), free_port(), free_port()
-    ws, gadmin = free_port(), free_port()
-    procs = [subprocess.Popen(["taskset", "-c", "1", os.path.join(BIN, "router"), "run", "--quic-listen",
-                               f"127.0.0.1:{quic}", "--api-listen", f"127.0.0.1:{api}", "--admin-listen",
-                               f"127.0.0.1:{radmin}", "--certs", certs, "--api-key", "k"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    time.sleep(0.5)
-    gw = subprocess.Popen(["taskset", "-c", "0", os.path.join(BIN, "gateway"), "run", "--config", cfg, "--cores", "1",
-                           "--no-pin", "--listen", f"127.0.0.1:{ws}", "--admin-listen", f"127.0.0.1:{gadmin}",
-                           "--certs", certs, "--hmac-secret", SECRET, "--router", f"127.0.0.1:{quic}"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    procs.append(gw)
+        f.write(f"[proxy.connect]\nendpoint = \"http://127.0.0.1:{backend.server_address[1]}/connect\"\n"
+                "timeout_ms = 5000\n")
+    procs, gw, addr = start_cluster(["--config", cfg], ["taskset", "-c", "0"], ["taskset", "-c", "1"])
     try:
-        time.sleep(1.5)
-        addr = ("127.0.0.1", ws)
         for kind in ("jwt", "proxy"):  # warm-up: pools, caches, the hook's keep-alive connection
             for s, _ in [session(addr, i, kind) for i in range(200)]:
                 s.close()
@@ -209,13 +223,7 @@ def main():
         j, p = sorted(cost["jwt"])[len(cost["jwt"]) // 2], sorted(cost["proxy"])[len(cost["proxy"]) // 2]
         print(f"| connect hook / JWT | **{p / j:.2f}×** gateway CPU per session start (+{p - j:.1f} µs) |")
     finally:
-        for pr in procs:
-            pr.terminate()
-        for pr in procs:
-            try:
-                pr.wait(timeout=35)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        stop(procs)
         backend.shutdown()
 
 

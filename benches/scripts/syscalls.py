@@ -22,7 +22,7 @@ another session); a storm batches accepts and readiness waits.
 import argparse, os, signal, socket, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy_bench import BIN, SECRET, free_port, session  # noqa: E402
+from proxy_bench import session, start_cluster, stop  # noqa: E402
 
 
 def upgrade_only(addr):
@@ -64,22 +64,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sessions", type=int, default=500)
     a = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="sy-syscalls-")
-    certs = os.path.join(tmp, "certs")
-    subprocess.run([os.path.join(BIN, "router"), "certs", "--out", certs], check=True, stdout=subprocess.DEVNULL)
-    quic, api, radmin, ws, gadmin = free_port(socket.SOCK_DGRAM), free_port(), free_port(), free_port(), free_port()
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([os.path.join(BIN, "router"), "run", "--quic-listen", f"127.0.0.1:{quic}",
-                               "--api-listen", f"127.0.0.1:{api}", "--admin-listen", f"127.0.0.1:{radmin}",
-                               "--certs", certs, "--api-key", "k"], **quiet)]
-    time.sleep(0.5)
-    gw = subprocess.Popen([os.path.join(BIN, "gateway"), "run", "--cores", "1", "--no-pin", "--listen",
-                           f"127.0.0.1:{ws}", "--admin-listen", f"127.0.0.1:{gadmin}", "--certs", certs,
-                           "--hmac-secret", SECRET, "--router", f"127.0.0.1:{quic}"], **quiet)
-    procs.append(gw)
+    procs, gw, addr = start_cluster()
     try:
-        time.sleep(1.5)
-        addr = ("127.0.0.1", ws)
         for i in range(100):  # warm-up
             session(addr, i, "jwt")[0].close()
         kinds = {
@@ -91,13 +77,7 @@ def main():
             print(f"| {kind} | **{sum(calls.values()):.1f} system calls** per session ({a.sessions} sessions, "
                   f"one at a time): {top} |")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=35)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop(procs)
 
 
 if __name__ == "__main__":

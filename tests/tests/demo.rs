@@ -1,20 +1,34 @@
 //! The one-command demo, small: a few hundred clients, a short fan-out,
 //! nothing lost, every client connected, the report written.
 
+use std::path::PathBuf;
 use std::process::Command;
 
-#[test]
-fn demo_runs_clean_with_a_few_hundred_connections() {
-    let report = std::env::temp_dir().join(format!("sy-demo-{}.html", std::process::id()));
+/// Runs `loadgen ARGS --json` with its HTML report at a temporary path
+/// named after `name`; its JSON report and that path.
+fn run_loadgen(name: &str, args: &[&str]) -> (serde_json::Value, PathBuf) {
+    let report = std::env::temp_dir().join(format!("{name}-{}.html", std::process::id()));
     let out = Command::new(e2e::bin_dir().join("loadgen"))
-        .args(["demo", "--connections", "300", "--publications", "60", "--rate", "200", "--json", "--report"])
+        .args(args)
+        .args(["--json", "--report"])
         .arg(&report)
         .output()
         .expect("loadgen runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    (serde_json::from_str(stdout.lines().last().unwrap()).unwrap(), report)
+}
+
+/// `loadgen demo ARGS`, its report checked clean.
+fn run_demo(name: &str, args: &[&str]) -> (serde_json::Value, PathBuf) {
+    let (v, report) = run_loadgen(name, &[&["demo"][..], args].concat());
     assert_clean(&v);
+    (v, report)
+}
+
+#[test]
+fn demo_runs_clean_with_a_few_hundred_connections() {
+    let (v, report) = run_demo("sy-demo", &["--connections", "300", "--publications", "60", "--rate", "200"]);
     assert_eq!(v["connected"], 300, "{v}");
     assert!(v["deliveries"].as_u64().unwrap() >= 60, "{v}");
     assert!(v["latency_ms"]["count"].as_u64().unwrap() > 0);
@@ -39,18 +53,9 @@ fn demo_runs_clean_with_a_few_hundred_connections() {
 /// (70 % of it) are reported, and the HTML marks each phase.
 #[test]
 fn demo_ramps_to_a_capacity_then_runs_steady_at_a_share_of_it() {
-    let report = std::env::temp_dir().join(format!("sy-demo-ramp-{}.html", std::process::id()));
-    let out = Command::new(e2e::bin_dir().join("loadgen"))
-        .args(["demo", "--connections", "200", "--publications", "40"])
-        .args(["--ramp-first-rate", "20", "--ramp-steps", "3", "--ramp-step-secs", "0.5"])
-        .args(["--json", "--report"])
-        .arg(&report)
-        .output()
-        .expect("loadgen runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    assert_clean(&v);
+    let ramp = ["--ramp-first-rate", "20", "--ramp-steps", "3", "--ramp-step-secs", "0.5"];
+    let (v, report) =
+        run_demo("sy-demo-ramp", &[&["--connections", "200", "--publications", "40"][..], &ramp].concat());
     let steps = v["ramp"].as_array().unwrap();
     assert!(!steps.is_empty() && steps.len() <= 3, "{v}");
     let ramp_pubs: u64 = steps.iter().map(|s| s["publications"].as_u64().unwrap()).sum();
@@ -114,17 +119,9 @@ fn assert_clean(v: &serde_json::Value) {
 }
 
 fn loadgen_json(args: &[&str]) -> serde_json::Value {
-    let report = std::env::temp_dir().join(format!("sy-{}-{}.html", args[0], std::process::id()));
-    let out = Command::new(e2e::bin_dir().join("loadgen"))
-        .args(args)
-        .args(["--json", "--report"])
-        .arg(&report)
-        .output()
-        .expect("loadgen runs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    let (v, report) = run_loadgen(&format!("sy-{}", args[0]), args);
     let _ = std::fs::remove_file(report);
-    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+    v
 }
 
 #[test]

@@ -259,7 +259,6 @@ fn a_slow_backend_times_out_and_a_dead_one_opens_the_breaker_and_others_are_serv
 fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     let refreshes = Arc::new(AtomicU32::new(0));
     let r2 = refreshes.clone();
-    let slow_calls = AtomicU32::new(0);
     let backend = Backend::start(move |call: &Call| {
         let b = &call.body;
         let user = b["user"].as_str().unwrap_or("");
@@ -271,8 +270,9 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
                 Reply::json(json!({"disconnect": {"code": 4403, "reason": "kicked"}}))
             }
             ("/subscribe", "chat:short", _) => Reply::json(json!({"result": {"expire_at": unix() + 2}})),
-            // The first subscribe allows, late; the second refuses at once.
-            ("/subscribe", "chat:slow", _) if slow_calls.fetch_add(1, Ordering::Relaxed) == 0 => {
+            // The first subscribe (its data says which) allows, late; the
+            // second refuses at once.
+            ("/subscribe", "chat:slow", _) if b["data"]["n"] == 1 => {
                 Reply { delay: Duration::from_millis(600), ..Reply::json(json!({"result": {}})) }
             }
             ("/subscribe", "chat:slow", _) => {
@@ -339,9 +339,9 @@ fn channel_hooks_and_rpc_decide_allow_replace_refuse_and_disconnect() {
     // Subscribe, unsubscribe and subscribe again while the first call is
     // out: each answer counts for its own request only (the late "allow"
     // of the first does not subscribe the second, refused one).
-    alice.send_json(&json!({"id": 101, "subscribe": {"channel": "chat:slow"}}));
+    alice.send_json(&json!({"id": 101, "subscribe": {"channel": "chat:slow", "data": {"n": 1}}}));
     alice.send_json(&json!({"id": 102, "unsubscribe": {"channel": "chat:slow"}}));
-    alice.send_json(&json!({"id": 103, "subscribe": {"channel": "chat:slow"}}));
+    alice.send_json(&json!({"id": 103, "subscribe": {"channel": "chat:slow", "data": {"n": 2}}}));
     let end = Instant::now() + Duration::from_secs(2);
     let mut seen = Vec::new();
     while let Some(e) = alice.event_by(end, "the replies of the subscribe race") {
