@@ -28,6 +28,12 @@ use crate::checker::PublishedLog;
 use crate::orchestrate::{self, ApiClient, ServerProc, Worker, per_process};
 use crate::publisher::{ClientPublisher, Publisher};
 use crate::ramp::{self, RampPlan, STEADY_FRACTION, Step, StepMeasure};
+
+/// The highest first ramp rate taken (publications/s).
+const MAX_FIRST_RAMP_RATE: f64 = 1_000.0;
+
+/// The longest the steady fan-out after a ramp is planned to take.
+const MAX_STEADY_SECS: f64 = 120.0;
 use crate::report::{RunReport, Sample, Verdict};
 use crate::worker::{ChatSpec, MAX_PHASES, WorkerSpec, latency_histogram, unix_micros};
 use crate::zipf::Zipf;
@@ -621,15 +627,20 @@ struct Outbox<'a> {
 impl Outbox<'_> {
     /// Publishes `data` (whose `seq` is `seq`) to `ch`. A publish the API
     /// refuses or cannot take (a router wave) is counted in `api_errors`;
-    /// it is not in the final positions the checker waits for.
-    fn send(&mut self, ch: &str, data: serde_json::Value, seq: u64, report: &mut RunReport) {
+    /// it is not in the final positions the checker waits for. Returns
+    /// whether the publication went out.
+    fn send(&mut self, ch: &str, data: serde_json::Value, seq: u64, report: &mut RunReport) -> bool {
         match self.publisher.publish(ch, data) {
             Ok(Some((offset, epoch))) => {
                 self.published.record(ch, &epoch, offset, seq);
                 self.tops.insert(ch.to_owned(), (offset, epoch));
+                true
             }
-            Ok(None) => {}
-            Err(_) => report.api_errors += 1,
+            Ok(None) => true,
+            Err(_) => {
+                report.api_errors += 1;
+                false
+            }
         }
     }
 }
@@ -704,9 +715,11 @@ fn run_ramp(
                 break;
             }
             let ch = pick();
-            asked += subscribers.get(&ch).copied().unwrap_or(0);
             last_publish_us = unix_micros();
-            out.send(&ch, serde_json::json!({"ts": last_publish_us, "seq": seq, "ph": tag}), seq, report);
+            // Only a publication that went out is owed to its subscribers.
+            if out.send(&ch, serde_json::json!({"ts": last_publish_us, "seq": seq, "ph": tag}), seq, report) {
+                asked += subscribers.get(&ch).copied().unwrap_or(0);
+            }
             seq += 1;
             tick(&mut hist, report);
         }
@@ -920,12 +933,15 @@ fn scenario(
     let mut steady_tag = None;
     if kind == Scenario::Demo && publications > 0 {
         if a.rate.is_none() {
+            // Finite and bounded whatever was asked (NaN passes a clamp).
+            let finite = |v: f64, default: f64| if v.is_finite() { v } else { default };
+            let step_secs = finite(a.ramp_step_secs, 2.0);
             let plan = RampPlan {
-                first_rate: a.ramp_first_rate.max(0.1),
+                first_rate: finite(a.ramp_first_rate, 4.0).clamp(0.1, MAX_FIRST_RAMP_RATE),
                 factor: 1.5,
                 steps: a.ramp_steps.clamp(1, MAX_PHASES - 1),
-                step_secs: a.ramp_step_secs.clamp(0.1, 10.0),
-                max_drain_secs: a.ramp_step_secs.clamp(2.0, 10.0),
+                step_secs: step_secs.clamp(0.1, 10.0),
+                max_drain_secs: step_secs.clamp(2.0, 10.0),
             };
             let mut out = Outbox { publisher: &mut publisher, published: &mut published, tops: &mut tops };
             let mut pick = || pick_channel(&channels, &zipf, &mut rng).clone();
@@ -937,6 +953,18 @@ fn scenario(
                     rate = c.publications_per_sec * STEADY_FRACTION;
                     report.steady_rate_from =
                         format!("{:.0} % of the capacity the ramp found", STEADY_FRACTION * 100.0);
+                    // A ramp that found (next to) nothing — a router down,
+                    // deliveries that never came — must not make the steady
+                    // part last for hours: it runs within MAX_STEADY_SECS.
+                    let floor = publications as f64 / MAX_STEADY_SECS;
+                    if rate < floor {
+                        rate = floor;
+                        report.steady_rate_from = format!(
+                            "the ramp found {:.2} publications/s; raised to {floor:.2}/s so the {publications} \
+                             publications take at most {MAX_STEADY_SECS:.0} s",
+                            c.publications_per_sec
+                        );
+                    }
                 }
                 None => report.steady_rate_from = "no ramp step finished: the default".into(),
             }
@@ -1167,12 +1195,14 @@ fn scenario(
     if summaries.len() < procs {
         anyhow::bail!("{} of {procs} worker processes did not report", procs - summaries.len());
     }
-    // The steady fan-out's rate: the ramp's deliveries came before it.
-    report.deliveries_per_sec =
-        report.deliveries.saturating_sub(deliveries_before_steady) as f64 / report.fanout_secs.max(1e-3);
+    // The steady fan-out's rate: its own deliveries (tagged with its
+    // phase), not the ramp's backlog; without phases, those since it began.
+    let mut fanout_deliveries = report.deliveries.saturating_sub(deliveries_before_steady);
     if let Some(p) = steady_tag.and_then(|t| report.phase_latency.get(t)) {
         report.steady_latency_ms = p.latency_ms.clone();
+        fanout_deliveries = p.latency_ms.count;
     }
+    report.deliveries_per_sec = fanout_deliveries as f64 / report.fanout_secs.max(1e-3);
     let per100k = |cpu: f64| cpu / (report.deliveries.max(1) as f64 / 100_000.0);
     report.loadgen_cpu_per_100k = per100k(loadgen_cpu);
     if cluster.is_some() {

@@ -314,6 +314,10 @@ impl RunReport {
     pub fn table(&self) -> String {
         let mut s = String::new();
         let p = |x: &Percentiles| {
+            if x.count == 0 {
+                // Nothing was measured: no zeros that look like figures.
+                return "— (no samples)".to_string();
+            }
             format!(
                 "p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2} ms",
                 x.p50, x.p90, x.p99, x.p999, x.max
