@@ -356,6 +356,19 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
 
 /// `len` bytes of chat-like text (words from a small vocabulary, varied by
 /// `seed`): compresses like a real message, not like a run of one byte.
+/// A fan-out publication's data: its publish time and `seq`, chat text of
+/// `payload_bytes` (0: none), and its phase's tag when phases are told apart.
+fn publication_data(seq: u64, payload_bytes: usize, tag: Option<usize>) -> serde_json::Value {
+    let mut data = serde_json::json!({"ts": unix_micros(), "seq": seq});
+    if payload_bytes > 0 {
+        data["text"] = chat_text(payload_bytes, seq as usize).into();
+    }
+    if let Some(tag) = tag {
+        data["ph"] = tag.into();
+    }
+    data
+}
+
 fn chat_text(len: usize, seed: usize) -> String {
     const WORDS: [&str; 24] = [
         "the", "deploy", "is", "green", "again", "after", "we", "rolled", "back", "gateway", "config",
@@ -715,9 +728,10 @@ fn run_ramp(
                 break;
             }
             let ch = pick();
-            last_publish_us = unix_micros();
+            let data = publication_data(seq, plan.payload_bytes, Some(tag));
+            last_publish_us = data["ts"].as_u64().unwrap_or_default();
             // Only a publication that went out is owed to its subscribers.
-            if out.send(&ch, serde_json::json!({"ts": last_publish_us, "seq": seq, "ph": tag}), seq, report) {
+            if out.send(&ch, data, seq, report) {
                 asked += subscribers.get(&ch).copied().unwrap_or(0);
             }
             seq += 1;
@@ -942,6 +956,7 @@ fn scenario(
                 steps: a.ramp_steps.clamp(1, MAX_PHASES - 1),
                 step_secs: step_secs.clamp(0.1, 10.0),
                 max_drain_secs: step_secs.clamp(2.0, 10.0),
+                payload_bytes: a.payload_bytes,
             };
             let mut out = Outbox { publisher: &mut publisher, published: &mut published, tops: &mut tops };
             let mut pick = || pick_channel(&channels, &zipf, &mut rng).clone();
@@ -1122,13 +1137,7 @@ fn scenario(
         }
         let ch = pick_channel(&channels, &zipf, &mut rng);
         let seq = first_seq + i as u64;
-        let mut data = serde_json::json!({"ts": unix_micros(), "seq": seq});
-        if a.payload_bytes > 0 {
-            data["text"] = chat_text(a.payload_bytes, i).into();
-        }
-        if let Some(tag) = steady_tag {
-            data["ph"] = tag.into();
-        }
+        let data = publication_data(seq, a.payload_bytes, steady_tag);
         Outbox { publisher: &mut publisher, published: &mut published, tops: &mut tops }.send(
             ch,
             data,

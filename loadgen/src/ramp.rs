@@ -53,6 +53,8 @@ pub struct RampPlan {
     pub step_secs: f64,
     /// Longest wait after a step for its deliveries.
     pub max_drain_secs: f64,
+    /// Chat text per publication, as the steady fan-out's (`--payload-bytes`).
+    pub payload_bytes: usize,
 }
 
 impl RampPlan {
@@ -210,7 +212,14 @@ mod tests {
 
     #[test]
     fn rates_rise_geometrically_and_steps_are_bounded() {
-        let plan = RampPlan { first_rate: 4.0, factor: 1.5, steps: 4, step_secs: 2.5, max_drain_secs: 3.0 };
+        let plan = RampPlan {
+            first_rate: 4.0,
+            factor: 1.5,
+            steps: 4,
+            step_secs: 2.5,
+            max_drain_secs: 3.0,
+            payload_bytes: 0,
+        };
         assert_eq!(rates(&plan), [4.0, 6.0, 9.0, 13.5]);
         assert_eq!(plan.publications(4.0), 10);
         assert_eq!(plan.publications(0.01), 1);
