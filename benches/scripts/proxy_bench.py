@@ -95,11 +95,10 @@ def texts(buf):
     return out, buf
 
 
-def session(addr, i, kind):
-    """One session start; returns (socket, ms from upgrade to connect reply)."""
+def upgrade(addr):
+    """A WebSocket upgrade; returns (socket, bytes read after the 101)."""
     s = socket.create_connection(addr)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    t0 = time.perf_counter()
     key = base64.b64encode(os.urandom(16)).decode()
     s.sendall((f"GET /connection/websocket HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
@@ -112,6 +111,13 @@ def session(addr, i, kind):
     head, buf = buf.split(b"\r\n\r\n", 1)
     if b" 101 " not in head.split(b"\r\n")[0]:
         sys.exit(f"upgrade refused: {head[:80]!r}")
+    return s, buf
+
+
+def session(addr, i, kind):
+    """One session start; returns (socket, ms from upgrade to connect reply)."""
+    t0 = time.perf_counter()
+    s, buf = upgrade(addr)
     user = f"u{kind}{i}"
     connect = {"token": jwt(user)} if kind == "jwt" else {"data": {"user": user}}
     cmds = [{"id": 1, "connect": connect},

@@ -19,25 +19,10 @@ another session); a storm batches accepts and readiness waits.
     cargo build --release -p gateway -p router
     python3 benches/scripts/syscalls.py [--sessions 500]
 """
-import argparse, os, signal, socket, subprocess, sys, tempfile, time
+import argparse, os, signal, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy_bench import session, start_cluster, stop  # noqa: E402
-
-
-def upgrade_only(addr):
-    s = socket.create_connection(addr)
-    s.sendall(b"GET /connection/websocket HTTP/1.1\r\nHost: b\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        got = s.recv(4096)
-        if not got:
-            sys.exit("upgrade refused")
-        buf += got
-    if b" 101 " not in buf.split(b"\r\n")[0]:
-        sys.exit(f"upgrade refused: {buf[:60]!r}")
-    return s
+from proxy_bench import session, start_cluster, stop, upgrade  # noqa: E402
 
 
 def counted(pid, run, n):
@@ -69,7 +54,7 @@ def main():
         for i in range(100):  # warm-up
             session(addr, i, "jwt")[0].close()
         kinds = {
-            "upgrade": counted(gw.pid, lambda i: upgrade_only(addr), a.sessions),
+            "upgrade": counted(gw.pid, lambda i: upgrade(addr)[0], a.sessions),
             "session": counted(gw.pid, lambda i: session(addr, 1000 + i, "jwt")[0], a.sessions),
         }
         for kind, calls in kinds.items():

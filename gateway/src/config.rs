@@ -341,6 +341,14 @@ impl ProxyConfig {
         out
     }
 
+    /// Whether any subscribe, publish or sub_refresh hook may apply.
+    pub fn has_channel_hooks(&self) -> bool {
+        self.subscribe.is_some()
+            || self.publish.is_some()
+            || self.sub_refresh.is_some()
+            || !self.namespaces.is_empty()
+    }
+
     /// Whether any hook is on.
     pub fn enabled(&self) -> bool {
         !self.endpoints().is_empty()

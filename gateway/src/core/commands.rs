@@ -44,7 +44,8 @@ pub(super) enum Origin {
 }
 
 /// Why a command was refused.
-pub(super) enum Refusal {
+#[derive(Debug)]
+pub enum Refusal {
     /// An error reply; the connection goes on.
     Reply(ReplyError),
     /// An error reply of the app backend's (a proxy hook's); the
@@ -190,7 +191,7 @@ impl Ctx {
         let mut data = None;
         let (user, info, expires) = if let Some(answer) = answer {
             // The connect hook answered: it, not a token, says who this is.
-            let a = answer.outcome.map_err(Refusal::from)?;
+            let a = answer.outcome?;
             server_subs = a.subs;
             server_subs.sort_by(|a, b| a.0.cmp(&b.0));
             server_subs.dedup_by(|a, b| a.0 == b.0);

@@ -53,7 +53,7 @@ pub const RETRY_MS: u64 = 10_000;
 #[derive(Debug)]
 pub struct ConnectAnswer {
     /// The outcome: who the client is, or the refusal.
-    pub outcome: Result<Connected, Refused>,
+    pub outcome: Result<Connected, Refusal>,
 }
 
 /// A connect hook's `result`.
@@ -71,31 +71,6 @@ pub struct Connected {
     pub data: Option<Bytes>,
     /// Server-side subscriptions, with channel info.
     pub subs: Vec<(String, Option<Bytes>)>,
-}
-
-/// A hook's refusal, as the client gets it.
-#[derive(Debug, Clone)]
-pub enum Refused {
-    /// An error reply to the command.
-    Reply {
-        /// Code.
-        code: u32,
-        /// Message.
-        message: String,
-        /// Whether the client should retry.
-        temporary: bool,
-    },
-    /// The connection ends.
-    Close(Disconnect),
-}
-
-impl From<Refused> for Refusal {
-    fn from(r: Refused) -> Refusal {
-        match r {
-            Refused::Reply { code, message, temporary } => Refusal::Custom { code, message, temporary },
-            Refused::Close(d) => Refusal::Close(d),
-        }
-    }
 }
 
 /// One call in flight.
@@ -139,28 +114,23 @@ fn read<T: serde::de::DeserializeOwned>(
     hook: Hook,
     outcome: Result<Bytes, Failure>,
     cx: &Ctx,
-) -> Result<T, Refused> {
-    let body = outcome.map_err(|_| internal())?;
+) -> Result<T, Refusal> {
+    let body = outcome.map_err(|_| Refusal::Reply(ReplyError::INTERNAL))?;
     match Answer::<T>::parse(&body) {
         Ok(Answer::Result(r)) => Ok(r),
         Ok(Answer::Error(e)) => {
-            Err(Refused::Reply { code: e.code, message: e.message, temporary: e.temporary })
+            Err(Refusal::Custom { code: e.code, message: e.message, temporary: e.temporary })
         }
-        Ok(Answer::Disconnect(d)) => Err(Refused::Close(Disconnect {
+        Ok(Answer::Disconnect(d)) => Err(Refusal::Close(Disconnect {
             code: d.code,
             reason: super::users::close_reason(d.code, &d.reason),
         })),
         Err(why) => {
             tracing::debug!(hook = hook.name(), why, "bad proxy answer");
             cx.fx.metrics_all().proxy.failed(hook, Failure::BadAnswer);
-            Err(internal())
+            Err(Refusal::Reply(ReplyError::INTERNAL))
         }
     }
-}
-
-fn internal() -> Refused {
-    let e = ReplyError::INTERNAL;
-    Refused::Reply { code: e.code, message: e.message.into(), temporary: e.temporary }
 }
 
 /// `b` (JSON) as a raw value for a reply.
@@ -319,6 +289,9 @@ impl Ctx {
 
     /// The channel hook `hook` of `channel`, if its namespace has one.
     pub(super) fn channel_hook(&self, hook: Hook, channel: &str) -> Option<ProxyEndpoint> {
+        if !self.cfg.proxy.has_channel_hooks() {
+            return None; // every publish and subscribe asks: no parsing when off
+        }
         let name = ChannelName::parse(channel).ok()?;
         self.cfg.proxy.channel_hook(hook, name.namespace.unwrap_or("")).cloned()
     }
@@ -366,13 +339,14 @@ impl Core {
 
     /// Sends a hook's reply line (or its refusal) to a session, behind a
     /// connect reply that waits if there is one.
-    fn after_hook(&mut self, sid: Sid, id: u32, line: Result<Vec<u8>, Refused>) {
+    fn after_hook(&mut self, sid: Sid, id: u32, line: Result<Vec<u8>, Refusal>) {
         let line = match line {
             Ok(l) => l,
-            Err(Refused::Reply { code, message, temporary }) => {
+            Err(Refusal::Reply(e)) => reply::error_reply(id, e),
+            Err(Refusal::Custom { code, message, temporary }) => {
                 reply::error_reply_with(id, code, &message, temporary)
             }
-            Err(Refused::Close(d)) => return self.close(sid, d.into()),
+            Err(Refusal::Close(d)) => return self.close(sid, d.into()),
         };
         let Some(s) = self.sessions.get_mut(sid) else { return };
         match s.connecting.as_mut() {
@@ -459,8 +433,8 @@ impl Core {
                 }
                 self.server_refresh(sid, r.expired, r.expire_at, now);
             }
-            Err(Refused::Close(d)) => self.close(sid, d.into()),
-            Err(Refused::Reply { .. }) => {
+            Err(Refusal::Close(d)) => self.close(sid, d.into()),
+            Err(Refusal::Reply(_) | Refusal::Custom { .. }) => {
                 // The backend could not say: the connection stays, asked again later.
                 let Some(s) = self.sessions.get_mut(sid) else { return };
                 s.deadlines.expires_at = now + RETRY_MS;
@@ -488,7 +462,7 @@ impl Core {
         p.subscribing.swap_remove(i);
         if s.subs.contains(&channel) {
             // Subscribed server-side meanwhile.
-            return self.after_hook(sid, id, Err(refused(ReplyError::ALREADY_SUBSCRIBED)));
+            return self.after_hook(sid, id, Err(Refusal::Reply(ReplyError::ALREADY_SUBSCRIBED)));
         }
         let r = match read::<wire::SubscribeResult>(Hook::Subscribe, outcome, &self.cx) {
             Ok(r) => r,
@@ -496,7 +470,7 @@ impl Core {
         };
         let ns = match self.cx.cfg.namespaces.resolve_str(&channel) {
             Ok(ns) => ns.clone(),
-            Err(e) => return self.after_hook(sid, id, Err(refused(e))),
+            Err(e) => return self.after_hook(sid, id, Err(Refusal::Reply(e))),
         };
         let s = self.sessions.get_mut(sid).expect("looked up above");
         let info = stripped(&r.info);
@@ -526,11 +500,7 @@ impl Core {
                     self.after_hook(sid, id, Ok(line));
                 }
             }
-            Err(Refusal::Close(d)) => self.close(sid, d.into()),
-            Err(Refusal::Reply(e)) => self.after_hook(sid, id, Err(refused(e))),
-            Err(Refusal::Custom { code, message, temporary }) => {
-                self.after_hook(sid, id, Err(Refused::Reply { code, message, temporary }))
-            }
+            Err(refusal) => self.after_hook(sid, id, Err(refusal)),
         }
     }
 
@@ -565,7 +535,7 @@ impl Core {
             idempotency_key: String::new(),
         });
         if let Err(e) = sent {
-            self.after_hook(sid, id, Err(refused(e)));
+            self.after_hook(sid, id, Err(Refusal::Reply(e)));
         }
     }
 
@@ -625,9 +595,9 @@ impl Core {
             }
             Ok(r) if r.expire_at == 0 => None,
             Ok(r) => Some(self.expiry_ms(r.expire_at, now)),
-            Err(Refused::Close(d)) => return self.close(sid, d.into()),
+            Err(Refusal::Close(d)) => return self.close(sid, d.into()),
             // The backend could not say: asked again later.
-            Err(Refused::Reply { .. }) => Some(now + RETRY_MS),
+            Err(Refusal::Reply(_) | Refusal::Custom { .. }) => Some(now + RETRY_MS),
         };
         let s = self.sessions.get_mut(sid).expect("looked up above");
         let p = s.proxy.as_mut().expect("checked above");
@@ -641,8 +611,4 @@ impl Core {
         }
         self.cx.rearm(s, sid);
     }
-}
-
-fn refused(e: ReplyError) -> Refused {
-    Refused::Reply { code: e.code, message: e.message.into(), temporary: e.temporary }
 }
