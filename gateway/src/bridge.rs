@@ -127,6 +127,29 @@ pub enum Inbox {
     Adopt(Box<Handover>),
     /// The answer to one of this core's proxy calls.
     Proxy(crate::proxy::ProxyAnswer),
+    /// An emulated session's commands, from the core that read the
+    /// `POST /emulation` (its answer goes back as [`Inbox::Emulated`]).
+    Emulate(Box<Emulation>),
+    /// How an emulation request this core passed on went.
+    Emulated {
+        /// The session that read the request.
+        sid: crate::effects::Sid,
+        /// Whether the session was found (204) or not (404).
+        found: bool,
+    },
+}
+
+/// Commands for an emulated session (`POST /emulation`), on their way to
+/// the session's core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Emulation {
+    /// The session, as its connect reply named it.
+    pub session: String,
+    /// The commands (lines).
+    pub data: Bytes,
+    /// Who waits for the outcome: the core and session of the request
+    /// (`None`: nobody, it came from another gateway through a router).
+    pub from: Option<(CoreId, crate::effects::Sid)>,
 }
 
 /// A connection moving to its user's core, before anything was done for it
@@ -156,6 +179,8 @@ pub struct Moved {
     pub unsent: VecDeque<Bytes>,
     /// What permessage-deflate allows on this connection.
     pub deflate: Deflate,
+    /// WebSocket, or the HTTP fallback stream it is.
+    pub transport: proto::fallback::Transport,
     /// The proxy state: forwarded headers, and the connect hook's answer
     /// that placed the connection on its user's core.
     pub proxy: Option<Box<crate::session::SessionProxy>>,

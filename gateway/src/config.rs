@@ -409,6 +409,65 @@ impl TlsConfig {
     }
 }
 
+/// The HTTP fallback transports (for clients whose WebSocket is blocked:
+/// centrifuge-js falls back to `http_stream` and `sse`) and the
+/// unidirectional ones (`uni_http_stream`, `uni_sse`: pushes of the
+/// server-side subscriptions only, for `fetch`, `EventSource` or `curl`).
+/// Their sessions live on the same cores with the same limits, drain and
+/// shared-frame fan-out as WebSocket ones (see `proto::fallback`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FallbackConfig {
+    /// Serve them (default true). Off: their paths answer 404.
+    pub enabled: bool,
+    /// `POST` here starts an `http_stream` session (default `/connection/http_stream`).
+    pub http_stream_path: String,
+    /// `GET` (or `POST`) here starts an `sse` session (default `/connection/sse`).
+    pub sse_path: String,
+    /// `POST` here carries an emulated session's commands (default `/emulation`).
+    pub emulation_path: String,
+    /// `POST` here starts a `uni_http_stream` session (default `/connection/uni_http_stream`).
+    pub uni_http_stream_path: String,
+    /// `GET` (or `POST`) here starts a `uni_sse` session (default `/connection/uni_sse`).
+    pub uni_sse_path: String,
+    /// Largest request body (bytes, default 65,536, as Centrifugo): a
+    /// stream's first commands or an emulation request; above: 413.
+    pub max_request_bytes: usize,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        FallbackConfig {
+            enabled: true,
+            http_stream_path: "/connection/http_stream".into(),
+            sse_path: "/connection/sse".into(),
+            emulation_path: "/emulation".into(),
+            uni_http_stream_path: "/connection/uni_http_stream".into(),
+            uni_sse_path: "/connection/uni_sse".into(),
+            max_request_bytes: 65_536,
+        }
+    }
+}
+
+impl FallbackConfig {
+    /// The transport a path starts, if any.
+    pub fn transport_of(&self, path: &str) -> Option<proto::fallback::Transport> {
+        use proto::fallback::Transport;
+        if !self.enabled {
+            return None;
+        }
+        [
+            (&self.http_stream_path, Transport::HttpStream),
+            (&self.sse_path, Transport::Sse),
+            (&self.uni_http_stream_path, Transport::UniHttpStream),
+            (&self.uni_sse_path, Transport::UniSse),
+        ]
+        .into_iter()
+        .find(|(p, _)| !p.is_empty() && p.as_str() == path)
+        .map(|(_, t)| t)
+    }
+}
+
 /// Everything a gateway needs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -459,6 +518,8 @@ pub struct GatewayConfig {
     pub namespaces: Namespaces,
     /// Proxy hooks to the app backend (default: none).
     pub proxy: ProxyConfig,
+    /// HTTP fallback transports (default on).
+    pub fallback: FallbackConfig,
 }
 
 impl Default for GatewayConfig {
@@ -481,6 +542,7 @@ impl Default for GatewayConfig {
             etcd: discovery::EtcdConfig::default(),
             namespaces: Namespaces::default(),
             proxy: ProxyConfig::default(),
+            fallback: FallbackConfig::default(),
         }
     }
 }

@@ -75,6 +75,22 @@ pub enum Action {
     /// Send a call to the app backend's proxy hook (the answer comes back
     /// through the core's inbox).
     Proxy(crate::proxy::ProxyCall),
+    /// Pass an emulated session's commands to the core that holds it.
+    Emulate {
+        /// That core.
+        core: CoreId,
+        /// The commands.
+        emulation: Box<crate::bridge::Emulation>,
+    },
+    /// Tell the core that read an emulation request how it went.
+    Emulated {
+        /// That core.
+        core: CoreId,
+        /// Its session.
+        sid: Sid,
+        /// Whether the emulated session was found.
+        found: bool,
+    },
 }
 
 /// The machine's outputs of one event, drained by the shell.

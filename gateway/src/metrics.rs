@@ -43,6 +43,12 @@ pub struct CoreMetrics {
     /// Server-side subscriptions not made: the session was at its
     /// subscription limit or the channel's namespace is unknown.
     pub server_subscribes_refused: AtomicU64,
+    /// HTTP fallback streams started (http_stream, sse, uni_http_stream, uni_sse).
+    pub fallback_streams: AtomicU64,
+    /// `POST /emulation` requests handed to their session.
+    pub emulation_requests: AtomicU64,
+    /// `POST /emulation` requests whose session was not found (404).
+    pub emulation_unknown: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -57,6 +63,9 @@ pub struct Metrics {
     /// Compressed twins of frames (permessage-deflate): at most one per
     /// publication frame and core that has a compressing recipient.
     pub frames_deflated: AtomicU64,
+    /// HTTP fallback framings of publication frames: at most one per
+    /// publication frame, core and fallback transport with a recipient.
+    pub frames_reframed: AtomicU64,
     /// Channel resyncs (gaps, link loss, router back-pressure).
     pub resyncs: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
@@ -94,6 +103,7 @@ impl Metrics {
             publications_in: AtomicU64::new(0),
             frames_encoded: AtomicU64::new(0),
             frames_deflated: AtomicU64::new(0),
+            frames_reframed: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
             user_commands_dropped: AtomicU64::new(0),
@@ -112,7 +122,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 14] = [
+        let per_core: [(&str, &str, Field); 17] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -129,6 +139,9 @@ impl Metrics {
             ("switchyard_gateway_server_subscribes_refused_total", "counter", |c| {
                 &c.server_subscribes_refused
             }),
+            ("switchyard_gateway_fallback_streams_total", "counter", |c| &c.fallback_streams),
+            ("switchyard_gateway_emulation_requests_total", "counter", |c| &c.emulation_requests),
+            ("switchyard_gateway_emulation_unknown_total", "counter", |c| &c.emulation_unknown),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -140,6 +153,7 @@ impl Metrics {
             ("switchyard_gateway_publications_in_total", &self.publications_in),
             ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
             ("switchyard_gateway_frames_deflated_total", &self.frames_deflated),
+            ("switchyard_gateway_frames_reframed_total", &self.frames_reframed),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_user_commands_dropped_total", &self.user_commands_dropped),

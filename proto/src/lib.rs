@@ -18,6 +18,9 @@
 //!   publish and subscribe policies) that gateway and router both apply.
 //! - [`cluster`]: the gateway ⇄ router protocol, versioned length-delimited
 //!   binary frames whose payload fields are zero-copy slices.
+//! - [`fallback`]: the HTTP fallback transports (`http_stream`, `sse` with
+//!   `POST /emulation`, `uni_http_stream`, `uni_sse`): request heads,
+//!   framing, and the re-framing of a shared WebSocket text frame.
 //! - [`membership`]: the routers registered in etcd as a [`membership::View`]
 //!   at a store revision, ownership over it, and the lease clock behind the
 //!   fencing rule (a router acknowledges only while its lease is certainly
@@ -54,6 +57,7 @@
 pub mod backoff;
 pub mod client;
 pub mod cluster;
+pub mod fallback;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod membership;

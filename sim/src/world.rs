@@ -804,8 +804,9 @@ impl World {
 
     fn action(&mut self, g: usize, c: usize, a: Action) {
         match a {
-            // The simulated gateways have no proxy hooks configured.
-            Action::Watch { .. } | Action::Proxy(_) => {}
+            // The simulated gateways have no proxy hooks configured, and
+            // their clients speak WebSocket only (no emulation requests).
+            Action::Watch { .. } | Action::Proxy(_) | Action::Emulate { .. } | Action::Emulated { .. } => {}
             Action::Shutdown { sid } | Action::Release { sid } => {
                 let release = matches!(a, Action::Release { .. });
                 let conn = if release {

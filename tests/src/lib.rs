@@ -20,6 +20,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod backend;
+pub mod fallback;
 pub mod wan;
 
 use std::io::{ErrorKind, Read, Write};

@@ -237,6 +237,12 @@ impl Ctx {
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
         self.users.add(&user, sid);
+        let (session, node) = if s.transport.is_emulation() {
+            self.emulated.insert(client.clone().into(), sid);
+            (client.clone(), super::fallback::node_name(&self.cfg.id, self.id))
+        } else {
+            (String::new(), String::new())
+        };
         if !user.is_empty() {
             // Before anything that can fail below: the retire that follows
             // a failure sends the matching offline.
@@ -320,7 +326,10 @@ impl Ctx {
             subs: None,
             data: data.as_ref().and_then(super::proxied::raw),
             ping: lim.ping_secs,
-            pong: true,
+            // A unidirectional client cannot answer pings.
+            pong: !s.transport.is_uni(),
+            session,
+            node,
         };
         if waiting.is_empty() {
             subs_json.push(b'}');

@@ -50,7 +50,7 @@ impl Core {
             // this core after this one.
             ch.position = Some(StreamPosition { epoch: epoch.clone(), offset: last });
         }
-        let mut twin: Option<Option<Bytes>> = None;
+        let mut twin = Twins::default();
         let mut sent = 0u64;
         let mut resync: Vec<Sid> = Vec::new();
         let mut caught_up: Vec<Sid> = Vec::new();
@@ -58,8 +58,8 @@ impl Core {
             Follow::Next => {
                 for &sid in ch.followers.iter() {
                     let Some(s) = self.sessions.get_mut(sid) else { continue };
-                    let f = pick(s.deflate, &frame, &mut twin, &mut cx.deflater, &cx.fx);
-                    if s.queue(sid, f, limit, &mut cx.fx) {
+                    let Some(f) = pick(s, &frame, &mut twin, &mut cx.deflater, &cx.fx) else { continue };
+                    if s.queue_framed(sid, f, limit, &mut cx.fx) {
                         sent += 1;
                     }
                 }
@@ -75,8 +75,9 @@ impl Core {
                     Follow::Next => {
                         p.offset = last;
                         let now_follows = ch.position.as_ref() == Some(&*p);
-                        let f = pick(s.deflate, &frame, &mut twin, &mut cx.deflater, &cx.fx);
-                        if s.queue(sid, f, limit, &mut cx.fx) {
+                        if let Some(f) = pick(s, &frame, &mut twin, &mut cx.deflater, &cx.fx)
+                            && s.queue_framed(sid, f, limit, &mut cx.fx)
+                        {
                             sent += 1;
                         }
                         if now_follows {
@@ -220,28 +221,48 @@ impl Core {
     }
 }
 
-/// The frame a publication reaches a session in: the plain one, or its
-/// compressed twin, made at most once per delivery and core (`twin`
-/// caches it; `None` inside when compression does not pay).
+/// The frames of one delivery made for some sessions: the compressed
+/// twin and the HTTP transports' framings, each made at most once per
+/// delivery and core (`None` inside: not worth it, or nothing for it).
+#[derive(Default)]
+struct Twins {
+    deflated: Option<Option<Bytes>>,
+    http: [Option<Option<Bytes>>; 4],
+}
+
+/// The bytes a publication reaches a session in, in its framing: the plain
+/// frame, its compressed twin, or its HTTP transport's framing; `None`
+/// when there is nothing in it for the session's transport.
 fn pick(
-    deflate: Deflate,
+    s: &crate::session::Session,
     plain: &Bytes,
-    twin: &mut Option<Option<Bytes>>,
+    twins: &mut Twins,
     deflater: &mut proto::ws::deflate::Deflater,
     fx: &crate::effects::Effects,
-) -> Bytes {
-    match deflate {
-        Deflate::Both => twin
+) -> Option<Bytes> {
+    if let Some(i) = s.transport.http_index() {
+        return twins.http[i]
             .get_or_insert_with(|| {
-                if plain.len() < super::MIN_DEFLATE_FRAME {
-                    return None;
-                }
-                let t = proto::ws::SharedFrame::deflate_encoded(plain, deflater)?;
-                fx.gateway_metrics().frames_deflated.fetch_add(1, Ordering::Relaxed);
-                Some(t.into_bytes())
+                fx.gateway_metrics().frames_reframed.fetch_add(1, Ordering::Relaxed);
+                proto::fallback::reframe(s.transport, plain)
             })
-            .clone()
-            .unwrap_or_else(|| plain.clone()),
-        Deflate::Off | Deflate::Inbound => plain.clone(),
+            .clone();
+    }
+    match s.deflate {
+        Deflate::Both => Some(
+            twins
+                .deflated
+                .get_or_insert_with(|| {
+                    if plain.len() < super::MIN_DEFLATE_FRAME {
+                        return None;
+                    }
+                    let t = proto::ws::SharedFrame::deflate_encoded(plain, deflater)?;
+                    fx.gateway_metrics().frames_deflated.fetch_add(1, Ordering::Relaxed);
+                    Some(t.into_bytes())
+                })
+                .clone()
+                .unwrap_or_else(|| plain.clone()),
+        ),
+        Deflate::Off | Deflate::Inbound => Some(plain.clone()),
     }
 }

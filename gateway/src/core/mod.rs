@@ -19,6 +19,8 @@
 //! - [`commands`]: the client protocol's commands.
 //! - [`fanout`]: what the uplink delivers (publications, pushes, resyncs,
 //!   positions, presence rounds).
+//! - [`fallback`]: the HTTP fallback transports' requests (streams,
+//!   `POST /emulation`).
 //! - [`answers`]: the routers' answers to requests.
 //! - [`timers`]: deadlines on the timer wheel, admission control, drain.
 //! - [`requests`], [`upstream`]: requests in flight; the uplink backlog.
@@ -28,6 +30,7 @@
 pub mod answers;
 pub mod channels;
 pub mod commands;
+pub mod fallback;
 pub mod fanout;
 pub mod proxied;
 pub mod reading;
@@ -144,6 +147,11 @@ pub struct Ctx {
     users: users::UserIndex,
     proxied: proxied::Proxied,
     scratch: Vec<BytesMut>,
+    /// Emulated sessions (http_stream, sse) by the `session` their
+    /// connect reply named (the client id).
+    emulated: Map<Box<str>, Sid>,
+    /// Emulation requests read here waiting for another core's word.
+    waiting: Map<Sid, fallback::Waiting>,
 }
 
 /// A worker core's state machine.
@@ -203,6 +211,8 @@ impl Core {
                 users: users::UserIndex::new(seed ^ 0x5be0_cd19),
                 proxied: proxied::Proxied::new(seed ^ 0x1f83_d9ab),
                 scratch: Vec::new(),
+                emulated: seeded::map(seed ^ 0x6a09_e667),
+                waiting: seeded::map(seed ^ 0xbb67_ae85),
                 cfg,
             },
         }
@@ -291,6 +301,7 @@ impl Core {
         let mut s = Session::new(0);
         s.upgraded(ms + self.cx.cfg.limits.connect_timeout_secs * 1000);
         s.deflate = moved.deflate;
+        s.transport = moved.transport;
         s.proxy = moved.proxy;
         s.placed = true;
         let sid = self.sessions.insert(s);
@@ -298,7 +309,7 @@ impl Core {
         let s = self.sessions.get_mut(sid).expect("just inserted");
         s.watch(sid, &mut self.cx.fx);
         for f in moved.unsent {
-            s.queue(sid, f, usize::MAX, &mut self.cx.fx);
+            s.queue_framed(sid, f, usize::MAX, &mut self.cx.fx);
         }
         self.cx.rearm(s, sid);
         // A connection moved with the connect hook's answer resumes at the
@@ -392,6 +403,7 @@ impl Core {
     /// The session is over: out of every table, socket released.
     fn finish(&mut self, sid: Sid) {
         self.retire(sid);
+        self.cx.waiting.remove(&sid);
         let Some(mut s) = self.sessions.remove(sid) else { return };
         if s.phase() == Phase::Upgrading {
             self.cx.handshakes = self.cx.handshakes.saturating_sub(1);
@@ -408,6 +420,9 @@ impl Core {
     fn retire(&mut self, sid: Sid) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let connected = s.is_connected();
+        if connected && s.transport.is_emulation() {
+            self.cx.emulated.remove(&*s.identity.client);
+        }
         for (name, state) in s.subs.take() {
             if let SubState::Pending(p) = &state {
                 self.cx.requests.finish(p.req);

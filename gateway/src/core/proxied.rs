@@ -203,6 +203,7 @@ impl Ctx {
             version: &c.version,
             data: c.data.as_deref(),
             channels: c.subs.keys().map(String::as_str).collect(),
+            transport: s.transport.name(),
             ..Request::new(&client, "")
         }
         .to_body();

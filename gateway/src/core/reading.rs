@@ -85,6 +85,14 @@ impl Core {
                     self.peer_closed(sid);
                 }
             }
+            (_, Got::Data | Got::Closed) if s.transport.is_http() => {
+                // A stream's client has said all it says in its request:
+                // anything more is read and dropped.
+                self.cx.give_scratch(b);
+                if got == Got::Closed {
+                    self.peer_closed(sid);
+                }
+            }
             (_, Got::Data | Got::Closed) => {
                 if b.is_empty() {
                     self.cx.give_scratch(b);
@@ -120,6 +128,12 @@ impl Core {
                 return;
             }
             Err(e) => {
+                if !super::fallback::upgrade_refusal(&e) && self.cx.cfg.fallback.enabled {
+                    let path = proto::fallback::request_path(&b);
+                    if path.is_some_and(|p| self.is_fallback_path(&p)) {
+                        return self.http_request(sid, b, now);
+                    }
+                }
                 self.cx.give_scratch(b);
                 return self.refuse(sid, e.response());
             }
@@ -399,7 +413,14 @@ impl Core {
         self.cx.fx.metrics().queued_bytes.fetch_sub(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().handovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let moved = Moved { message, pending, unsent, deflate: s.deflate, proxy: s.proxy.take() };
+        let moved = Moved {
+            message,
+            pending,
+            unsent,
+            deflate: s.deflate,
+            transport: s.transport,
+            proxy: s.proxy.take(),
+        };
         self.cx.fx.act(Action::HandOver { sid, core, moved });
     }
 }

@@ -79,7 +79,7 @@ impl Core {
                 if passed(d.next_ping) {
                     let lim = &self.cx.cfg.limits;
                     s.deadlines.next_ping = now + lim.ping_secs.max(1) as u64 * 1000;
-                    if s.deadlines.pong_due == 0 {
+                    if s.deadlines.pong_due == 0 && !s.transport.is_uni() {
                         s.deadlines.pong_due = now + lim.pong_timeout_secs * 1000;
                     }
                     let (ping, limit) = (self.cx.ping.clone(), self.cx.queue_limit());

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proto::client::Disconnect;
+use proto::fallback::Transport;
 use proto::token_bucket::TokenBucket;
 use proto::ws::{Decoder, SharedFrame};
 
@@ -219,6 +220,8 @@ pub struct Session {
     phase: Phase,
     /// What permessage-deflate allows on this connection.
     pub deflate: Deflate,
+    /// WebSocket, or an HTTP fallback stream (its frames are re-framed).
+    pub transport: Transport,
     /// The echo endpoint (conformance), not the client protocol.
     pub echo: bool,
     /// Whether the session is on its user's core (adopted, or its first
@@ -266,6 +269,7 @@ impl Session {
         Session {
             phase: Phase::Upgrading,
             deflate: Deflate::Off,
+            transport: Transport::WebSocket,
             echo: false,
             placed: false,
             dirty: false,
@@ -366,7 +370,22 @@ impl Session {
     /// with 3008 "slow" (what is queued is dropped, the tail of a frame
     /// already partly written excepted); the client reconnects and
     /// recovers. Returns whether the frame was queued.
+    /// An HTTP fallback session takes the frame re-framed for its
+    /// transport (a frame with nothing for it is dropped); see
+    /// [`queue_framed`](Self::queue_framed) for bytes framed already.
     pub fn queue(&mut self, sid: Sid, frame: Bytes, limit: usize, fx: &mut Effects) -> bool {
+        if self.transport.is_http() {
+            return match proto::fallback::reframe(self.transport, &frame) {
+                Some(f) => self.queue_framed(sid, f, limit, fx),
+                None => true,
+            };
+        }
+        self.queue_framed(sid, frame, limit, fx)
+    }
+
+    /// [`queue`](Self::queue) for bytes in the session's own framing
+    /// (raw HTTP, or a twin framed once per core for its transport).
+    pub fn queue_framed(&mut self, sid: Sid, frame: Bytes, limit: usize, fx: &mut Effects) -> bool {
         if self.is_ending() || self.overflowed {
             return false;
         }
@@ -405,10 +424,22 @@ impl Session {
             let dropped = self.out.drop_unstarted();
             fx.metrics().queued_bytes.fetch_sub(dropped as u64, std::sync::atomic::Ordering::Relaxed);
         }
+        let upgrading = self.phase == Phase::Upgrading;
         self.phase = Phase::Closing(reason);
         self.decoder = None;
         self.partial = Vec::new();
-        self.push(sid, SharedFrame::close(reason.code, reason.reason).into_bytes(), fx);
+        let last = if upgrading {
+            // No upgrade yet (or a request connection between requests):
+            // an HTTP answer, not a frame.
+            Bytes::from(proto::ws::handshake::error_response(503, &[], reason.reason))
+        } else if self.transport.is_http() {
+            // A stream ends with the disconnect push and its last chunk.
+            let code = if reason.code < 3000 { Disconnect::SHUTDOWN.code } else { reason.code };
+            proto::fallback::ending(self.transport, Disconnect { code, reason: reason.reason })
+        } else {
+            SharedFrame::close(reason.code, reason.reason).into_bytes()
+        };
+        self.push(sid, last, fx);
         self.watch(sid, fx);
     }
 

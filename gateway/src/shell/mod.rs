@@ -163,6 +163,24 @@ impl Shell {
                         let _ = tx.try_send(Inbox::Adopt(Box::new(h)));
                     }
                 }
+                Action::Emulate { core, emulation } => {
+                    let from = emulation.from;
+                    let sent =
+                        self.peers.get(core).is_some_and(|tx| tx.try_send(Inbox::Emulate(emulation)).is_ok());
+                    if !sent {
+                        // A full inbox: the request is answered as not
+                        // found rather than left waiting.
+                        if let Some((_, sid)) = from {
+                            self.core.borrow_mut().emulated(sid, false, Instant::now());
+                        }
+                    }
+                }
+                Action::Emulated { core, sid, found } => {
+                    if let Some(tx) = self.peers.get(core) {
+                        // A full inbox leaves the request to its timeout.
+                        let _ = tx.try_send(Inbox::Emulated { sid, found });
+                    }
+                }
                 Action::Proxy(call) => {
                     let (id, hook) = (call.id, call.hook);
                     let sent = self.proxy.as_ref().map(|tx| tx.try_send(call));
@@ -346,6 +364,8 @@ impl Shell {
         match msg {
             Inbox::Down(m) => self.core.borrow_mut().down(m, now),
             Inbox::Proxy(a) => self.core.borrow_mut().proxy_answer(a, now),
+            Inbox::Emulate(e) => self.core.borrow_mut().emulate(*e, now),
+            Inbox::Emulated { sid, found } => self.core.borrow_mut().emulated(sid, found, now),
             Inbox::Adopt(h) => {
                 let Handover { fd, tls, moved } = *h;
                 // The socket is registered before the machine's actions for it run.

@@ -78,7 +78,7 @@ impl UplinkIo for Io {
         let Some(tx) = self.cores.get(core) else { return Err(msg) };
         tx.try_send(Inbox::Down(msg)).map_err(|e| match e.into_inner() {
             Inbox::Down(m) => m,
-            Inbox::Adopt(_) | Inbox::Proxy(_) => unreachable!("the uplink sends only its own messages"),
+            _ => unreachable!("the uplink sends only its own messages"),
         })
     }
 }

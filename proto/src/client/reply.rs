@@ -221,6 +221,12 @@ pub struct ConnectResult {
     /// Client must answer pings.
     #[serde(skip_serializing_if = "is_false")]
     pub pong: bool,
+    /// The session an emulated transport's commands name (`POST /emulation`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub session: String,
+    /// The node that holds it (ditto).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub node: String,
 }
 
 /// `refresh` result.
