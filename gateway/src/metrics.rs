@@ -49,6 +49,9 @@ pub struct CoreMetrics {
     pub emulation_requests: AtomicU64,
     /// `POST /emulation` requests whose session was not found (404).
     pub emulation_unknown: AtomicU64,
+    /// `POST /emulation` requests for another gateway process, passed to a
+    /// router to relay (202).
+    pub emulation_relayed: AtomicU64,
 }
 
 /// Gateway-wide counters.
@@ -122,7 +125,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 17] = [
+        let per_core: [(&str, &str, Field); 18] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -142,6 +145,7 @@ impl Metrics {
             ("switchyard_gateway_fallback_streams_total", "counter", |c| &c.fallback_streams),
             ("switchyard_gateway_emulation_requests_total", "counter", |c| &c.emulation_requests),
             ("switchyard_gateway_emulation_unknown_total", "counter", |c| &c.emulation_unknown),
+            ("switchyard_gateway_emulation_relayed_total", "counter", |c| &c.emulation_relayed),
         ];
         for (name, kind, get) in per_core {
             let _ = writeln!(out, "# TYPE {name} {kind}");

@@ -25,8 +25,11 @@ use crate::client::Publication;
 /// neither sends rounds). Version 4 added the user commands of the server
 /// API ([`ClusterMsg::SubscribeUser`], [`ClusterMsg::UnsubscribeUser`],
 /// [`ClusterMsg::DisconnectUser`], [`ClusterMsg::RefreshUser`]), sent only
-/// to gateways of version ≥ [`USER_COMMANDS_SINCE`].
-pub const PROTOCOL_VERSION: u16 = 4;
+/// to gateways of version ≥ [`USER_COMMANDS_SINCE`]. Version 5 added
+/// [`ClusterMsg::Emulation`] (an HTTP fallback session's commands read by
+/// another gateway process), relayed only to gateways of version ≥
+/// [`EMULATION_SINCE`].
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest version a router accepts on a link.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
@@ -56,6 +59,9 @@ pub const PRESENCE_ROUNDS_SINCE: u16 = 3;
 
 /// The first version whose gateways take the user commands.
 pub const USER_COMMANDS_SINCE: u16 = 4;
+
+/// The first version whose gateways send and take [`ClusterMsg::Emulation`].
+pub const EMULATION_SINCE: u16 = 5;
 
 /// Default bound on one frame's body (16 MiB; a replay answer is capped below it).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -327,6 +333,17 @@ pub enum ClusterMsg {
         /// New expiry (unix seconds, 0: none).
         expire_at: u64,
     },
+    /// Gateway → router → gateway: the commands of an emulated session
+    /// (`POST /emulation`) that another gateway process read; the router
+    /// relays them to the gateway `node` names.
+    Emulation {
+        /// The session's node (`<gateway id>/<core>`).
+        node: String,
+        /// The session.
+        session: String,
+        /// The commands (lines).
+        data: Bytes,
+    },
     /// Router → gateway: a client push outside the offset stream (join and
     /// leave), already serialized as one client-protocol line, delivered to
     /// the channel's local subscribers as it is.
@@ -414,6 +431,7 @@ mod tag {
     pub(super) const PRESENCE_END: u8 = 31;
     pub(super) const SUBSCRIBE_USER: u8 = 32;
     pub(super) const REFRESH_USER: u8 = 33;
+    pub(super) const EMULATION: u8 = 34;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -573,6 +591,7 @@ impl ClusterMsg {
             ClusterMsg::UnsubscribeUser { .. } => "unsubscribe_user",
             ClusterMsg::SubscribeUser { .. } => "subscribe_user",
             ClusterMsg::RefreshUser { .. } => "refresh_user",
+            ClusterMsg::Emulation { .. } => "emulation",
             ClusterMsg::Push { .. } => "push",
             ClusterMsg::Position { .. } => "position",
             ClusterMsg::PresenceBegin { .. } => "presence_begin",
@@ -826,6 +845,12 @@ impl ClusterMsg {
                 w.0.put_u8(u8::from(*expired));
                 w.0.put_u64(*expire_at);
             }
+            ClusterMsg::Emulation { node, session, data } => {
+                w.0.put_u8(tag::EMULATION);
+                w.str(node);
+                w.str(session);
+                w.bytes(data);
+            }
             ClusterMsg::Push { channel, push } => {
                 w.0.put_u8(tag::PUSH);
                 w.str(channel);
@@ -1023,6 +1048,10 @@ impl ClusterMsg {
                     expired: r.bool()?,
                     expire_at: r.u64()?,
                 }
+            }
+            tag::EMULATION => {
+                r.what = "emulation";
+                ClusterMsg::Emulation { node: r.str()?, session: r.str()?, data: r.bytes()? }
             }
             tag::PUSH => {
                 r.what = "push";
@@ -1222,6 +1251,9 @@ mod tests {
             ),
             (s(), s(), any::<bool>(), any::<u64>()).prop_map(|(user, client, expired, expire_at)| {
                 ClusterMsg::RefreshUser { user, client, expired, expire_at }
+            }),
+            (s(), s(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(node, session, data)| {
+                ClusterMsg::Emulation { node, session, data: Bytes::from(data) }
             }),
         ]
     }

@@ -307,11 +307,12 @@ pub fn stream_head(t: Transport, origin: Option<&str>) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// `204 No Content` (an emulation request handed to its session, or a
-/// preflight's answer), keeping the connection unless `close`.
-pub fn no_content(origin: Option<&str>, preflight_headers: Option<&str>, close: bool) -> Vec<u8> {
+/// An answer without a body: `204 No Content` (an emulation request
+/// handed to its session, or a preflight's answer) or `202 Accepted` (one
+/// passed on to another gateway), keeping the connection unless `close`.
+pub fn empty(status: u16, origin: Option<&str>, preflight_headers: Option<&str>, close: bool) -> Vec<u8> {
     let mut out = String::with_capacity(256);
-    out.push_str("HTTP/1.1 204 No Content\r\n");
+    out.push_str(if status == 202 { "HTTP/1.1 202 Accepted\r\n" } else { "HTTP/1.1 204 No Content\r\n" });
     cors(&mut out, origin);
     if let Some(h) = preflight_headers {
         out.push_str("Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Max-Age: 600\r\n");
@@ -323,6 +324,8 @@ pub fn no_content(origin: Option<&str>, preflight_headers: Option<&str>, close: 
     }
     if close {
         out.push_str("Connection: close\r\n");
+    } else if status == 202 {
+        out.push_str("Content-Length: 0\r\n");
     }
     out.push_str("\r\n");
     out.into_bytes()

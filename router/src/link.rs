@@ -18,6 +18,8 @@ pub enum Dispatch<L> {
     Nothing,
     /// Commands for shards: (shard index, command), in order.
     Shards(Vec<(usize, ShardCmd<L>)>),
+    /// For another gateway: relay it there (an emulated session's commands).
+    Relay(ClusterMsg),
     /// A message a gateway never sends: the link is closed.
     Unexpected(&'static str),
 }
@@ -76,6 +78,7 @@ pub fn dispatch<L>(gw: GatewayId, msg: ClusterMsg, shards: usize, namespaces: &N
             let i = shard_of(&namespaces.presence_channel(user), shards);
             Dispatch::Shards(vec![(i, ShardCmd::Request(gw, m))])
         }
+        m @ ClusterMsg::Emulation { .. } => Dispatch::Relay(m),
         other => Dispatch::Unexpected(other.name()),
     }
 }

@@ -57,6 +57,9 @@ pub struct Router {
     peers: Peers,
     /// Control queues of the connected gateways (for the drain notice).
     links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
+    /// The connected gateways by their id (config), with their link and
+    /// protocol version: where an emulated session's commands are relayed.
+    named: std::sync::Mutex<HashMap<String, (GatewayId, u16, mpsc::Sender<ClusterMsg>)>>,
     /// Turns true when the router leaves (drain): its etcd lease is revoked.
     leave: tokio::sync::watch::Sender<bool>,
     /// Its etcd lease, as the shards read it.
@@ -161,6 +164,7 @@ impl Router {
             started: std::time::Instant::now(),
             peers,
             links: std::sync::Mutex::new(HashMap::new()),
+            named: std::sync::Mutex::new(HashMap::new()),
             leave: tokio::sync::watch::Sender::new(false),
         }))
     }
@@ -248,6 +252,8 @@ impl Router {
             ("switchyard_router_gateway_queue_full_total", &m.gateway_queue_full),
             ("switchyard_router_link_errors_total", &m.link_errors),
             ("switchyard_router_gateway_evictions_total", &m.evictions),
+            ("switchyard_router_emulations_relayed_total", &m.emulations_relayed),
+            ("switchyard_router_emulations_dropped_total", &m.emulations_dropped),
             ("switchyard_router_channels_evicted_total", &m.channels_evicted),
             ("switchyard_router_user_commands_total", &m.user_commands),
             ("switchyard_router_channel_limit_refusals_total", &m.channel_limit_refusals),
@@ -419,6 +425,7 @@ impl Router {
 
         let (tx, mut rx) = mpsc::channel::<ClusterMsg>(self.cfg.gateway_queue.max(16));
         self.links.lock().expect("not poisoned").insert(gw, tx.clone());
+        self.named.lock().expect("not poisoned").insert(gateway_id.clone(), (gw, version, tx.clone()));
         for s in &self.shards {
             s.send(ShardCmd::GatewayUp { gw, tx: tx.clone(), version }).await?;
         }
@@ -506,6 +513,12 @@ impl Router {
         }
         let result = self.read_loop(gw, &tx, &mut ctl_recv, &mut decoder, &mut buf).await;
         self.links.lock().expect("not poisoned").remove(&gw);
+        {
+            let mut named = self.named.lock().expect("not poisoned");
+            if named.get(&gateway_id).is_some_and(|(id, _, _)| *id == gw) {
+                named.remove(&gateway_id);
+            }
+        }
         for s in &self.shards {
             let _ = s.send(ShardCmd::GatewayDown(gw)).await;
         }
@@ -513,6 +526,22 @@ impl Router {
         copier.abort();
         tracing::info!(gateway = %gateway_id, link = gw, "gateway disconnected");
         result
+    }
+
+    /// Relays an emulated session's commands to the gateway their node
+    /// names, if it is linked here and speaks emulation; dropped otherwise,
+    /// or when its queue is full (the client's command times out and it
+    /// reconnects), and counted.
+    fn relay(&self, msg: ClusterMsg) {
+        let ClusterMsg::Emulation { node, .. } = &msg else { return };
+        let gateway = node.rsplit_once('/').map_or(node.as_str(), |(g, _)| g);
+        let target = self.named.lock().expect("not poisoned").get(gateway).cloned();
+        let sent = match target {
+            Some((_, version, tx)) if version >= proto::cluster::EMULATION_SINCE => tx.try_send(msg).is_ok(),
+            _ => false,
+        };
+        let counter = if sent { &self.metrics.emulations_relayed } else { &self.metrics.emulations_dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     async fn read_loop(
@@ -550,6 +579,7 @@ impl Router {
                         self.shards[i].send(cmd).await?;
                     }
                 }
+                Dispatch::Relay(msg) => self.relay(msg),
                 Dispatch::Unexpected(name) => {
                     self.metrics.link_errors.fetch_add(1, Ordering::Relaxed);
                     anyhow::bail!("unexpected {name} from a gateway");

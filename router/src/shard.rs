@@ -47,6 +47,10 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Gateways evicted for silence (no message within `evict_secs`).
     pub evictions: AtomicU64,
+    /// Emulated sessions' commands relayed to the gateway that holds them.
+    pub emulations_relayed: AtomicU64,
+    /// Ditto, dropped: that gateway is not linked here, too old, or full.
+    pub emulations_dropped: AtomicU64,
     /// Channels held (every shard's).
     pub channels: AtomicU64,
     /// Idle channels dropped (no subscribers, no history, no idempotency key).

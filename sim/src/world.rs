@@ -1025,6 +1025,7 @@ impl World {
                     }
                 }
                 Dispatch::Heartbeat(_) | Dispatch::Nothing => {}
+                Dispatch::Relay(m) => panic!("seed {}: a simulated gateway sent {}", self.seed, m.name()),
                 Dispatch::Unexpected(name) => panic!("seed {}: a gateway sent {name}", self.seed),
             }
         }

@@ -19,10 +19,14 @@ fn secs(n: u64) -> Instant {
 /// Opens an emulated session (`http_stream` by POST, `sse` by GET) for
 /// `user`; returns it with its connect result.
 fn open(c: &Cluster, transport: &str, user: &str) -> (Stream, Value) {
+    open_at(c.ws_addrs[0], transport, user)
+}
+
+fn open_at(addr: std::net::SocketAddr, transport: &str, user: &str) -> (Stream, Value) {
     let connect = json!({"id": 1, "connect": {"token": token(user), "name": "e2e"}}).to_string();
     let mut st = match transport {
-        "http_stream" => Stream::post(c.ws_addrs[0], "/connection/http_stream", &connect),
-        _ => Stream::get(c.ws_addrs[0], &format!("/connection/sse?cf_connect={}", encode(&connect))),
+        "http_stream" => Stream::post(addr, "/connection/http_stream", &connect),
+        _ => Stream::get(addr, &format!("/connection/sse?cf_connect={}", encode(&connect))),
     };
     assert_eq!(st.status, 200, "{}", st.head);
     assert!(st.head.contains("Transfer-Encoding: chunked"), "{}", st.head);
@@ -112,7 +116,21 @@ fn bad_fallback_requests_get_their_status_and_other_sessions_go_on() {
     let addr = c.ws_addrs[0];
     let post = |path: &str, body: &str| http_request(addr, "POST", path, &[], body).0;
     assert_eq!(emulate(addr, "no-such-session", &node, "{\"id\":9,\"ping\":{}}"), 404, "unknown session");
-    assert_eq!(emulate(addr, &sid, "gw-elsewhere/0", "{\"id\":9,\"ping\":{}}"), 404, "unknown node");
+    // A node of another gateway process goes to a router, which has no
+    // such gateway linked: accepted here, dropped there, counted.
+    assert_eq!(
+        emulate(addr, &sid, "gw-elsewhere/0", "{\"id\":9,\"ping\":{}}"),
+        202,
+        "another gateway's node"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the router's count of relays dropped",
+        || metric(&c.router_metrics(0), "switchyard_router_emulations_dropped_total"),
+        |n| *n == 1,
+    );
+    assert_eq!(emulate(addr, &sid, "", "{\"id\":9,\"ping\":{}}"), 404, "no node");
+    assert_eq!(emulate(addr, &sid, "gw-elsewhere/x", "{}"), 404, "a node without a core");
     assert_eq!(
         emulate(addr, &sid, &format!("{}/99", node.split('/').next().unwrap()), "{}"),
         404,
@@ -161,6 +179,45 @@ fn bad_fallback_requests_get_their_status_and_other_sessions_go_on() {
     // The first session never noticed.
     assert_eq!(emulate(addr, &sid, &node, "{\"id\":5,\"ping\":{}}"), 204);
     st.until(secs(10), "the ping reply", |v| v["id"] == 5);
+}
+
+#[test]
+fn emulation_requests_reach_sessions_of_another_gateway_process_through_a_router() {
+    let mut c = Cluster::start(2, 0, &[]);
+    // Two gateway processes on one port: the kernel spreads both the
+    // streams and the emulation requests over them.
+    let ws: std::net::SocketAddr = format!("127.0.0.1:{}", e2e::free_tcp_port()).parse().unwrap();
+    c.add_gateway_at(0, ws, &[]);
+    c.add_gateway_at(1, ws, &[]);
+    c.settle();
+    let mut sessions = Vec::new();
+    for i in 0..12 {
+        let (st, r) = open_at(ws, if i % 2 == 0 { "http_stream" } else { "sse" }, &format!("multi-{i}"));
+        sessions.push((st, session(&r)));
+    }
+    let gateways: std::collections::HashSet<String> =
+        sessions.iter().map(|(_, (_, node))| node.split('/').next().unwrap().to_owned()).collect();
+    assert_eq!(gateways.len(), 2, "the streams landed on both processes: {gateways:?}");
+    let mut statuses = std::collections::HashMap::new();
+    for round in 0..3u32 {
+        for (_, (sid, node)) in sessions.iter() {
+            let data = json!({"id": 20 + round, "ping": {}}).to_string();
+            let status = emulate(ws, sid, node, &data);
+            assert!(status == 204 || status == 202, "{status}");
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    for (st, _) in sessions.iter_mut() {
+        for round in 0..3u32 {
+            st.until(secs(10), "each round's ping reply, through whichever process", |v| {
+                v["id"] == 20 + round
+            });
+        }
+    }
+    assert!(statuses.contains_key(&202) && statuses.contains_key(&204), "both paths taken: {statuses:?}");
+    let relayed: u64 =
+        (0..2).map(|r| metric(&c.router_metrics(r), "switchyard_router_emulations_relayed_total")).sum();
+    assert_eq!(relayed, statuses[&202], "every 202 was relayed");
 }
 
 #[test]

@@ -66,6 +66,11 @@ impl Answered {
 impl Core {
     /// A router answered request `msg.request_id()`.
     pub(super) fn answer(&mut self, msg: ClusterMsg, now: u64) {
+        if let ClusterMsg::Emulation { session, data, .. } = msg {
+            // Read by another gateway process, relayed by a router.
+            self.emulate_here(&session, &data, now);
+            return;
+        }
         if msg.user_target().is_some() {
             return self.user_command(msg, now);
         }

@@ -9,7 +9,9 @@
 //! later commands from `POST /emulation` requests, which any core may read:
 //! the connect reply's `node` names the gateway and core that hold the
 //! session, `session` the session there; the request is answered 204 once
-//! the session has the commands, 404 when there is no such session. A
+//! the session has the commands, 404 when there is no such session; one
+//! of another gateway process sharing the port goes there through a router
+//! (answered 202: accepted, the delivery is the router's). A
 //! request connection is kept alive between requests (until the
 //! handshake timeout) and answers them in order.
 
@@ -20,9 +22,10 @@ use std::sync::atomic::Ordering;
 
 use super::Core;
 use super::reading::Flow;
-use crate::bridge::Emulation;
+use crate::bridge::{Emulation, UpMsg};
 use crate::effects::{Action, Sid};
 use crate::session::Phase;
+use proto::cluster::ClusterMsg;
 
 /// Largest request head (bytes), as for the WebSocket upgrade.
 const MAX_HEAD: usize = 8192;
@@ -68,7 +71,8 @@ impl Core {
         let path = req.path().to_owned();
         let fb = self.cx.cfg.fallback.clone();
         if req.method == HttpMethod::Options {
-            let answer = fallback::no_content(
+            let answer = fallback::empty(
+                204,
                 origin.as_deref(),
                 Some(req.request_headers.as_deref().unwrap_or("")),
                 false,
@@ -174,13 +178,27 @@ impl Core {
             self.cx.give_scratch(rest);
             return self.refuse(sid, fallback::error(400, origin.as_deref(), "not an emulation request"));
         };
-        let core = e
-            .node
-            .rsplit_once('/')
-            .filter(|(gateway, _)| *gateway == self.cx.cfg.id)
-            .and_then(|(_, core)| core.parse::<usize>().ok())
-            .filter(|c| *c < self.cx.cores);
-        let Some(core) = core else {
+        let (gateway, core) = match e.node.rsplit_once('/') {
+            Some((g, c)) => (g, c.parse::<usize>().ok()),
+            None => (e.node.as_str(), None),
+        };
+        if gateway != self.cx.cfg.id {
+            // Another gateway process holds the session (several share the
+            // port): a router relays the commands there. Accepted, not
+            // known to be delivered: 202.
+            if gateway.is_empty() || core.is_none() || !self.cx.up.has_room() {
+                self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
+                self.cx.give_scratch(rest);
+                return self.refuse(sid, fallback::error(404, origin.as_deref(), "unknown node"));
+            }
+            let data = Bytes::from(e.data.into_bytes());
+            let msg = ClusterMsg::Emulation { node: e.node.clone(), session: e.session.clone(), data };
+            self.cx.up.push(UpMsg::Forward { key: e.session, msg });
+            self.cx.fx.metrics().emulation_relayed.fetch_add(1, Ordering::Relaxed);
+            let answer = fallback::empty(202, origin.as_deref(), None, req.close);
+            return self.answered(sid, answer, req.close, rest, now);
+        }
+        let Some(core) = core.filter(|c| *c < self.cx.cores) else {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             self.cx.give_scratch(rest);
             return self.refuse(sid, fallback::error(404, origin.as_deref(), "unknown node"));
@@ -202,7 +220,7 @@ impl Core {
 
     fn emulation_done(&mut self, sid: Sid, found: bool, w: Waiting, rest: BytesMut, now: u64) {
         if found {
-            let answer = fallback::no_content(w.origin.as_deref(), None, w.close);
+            let answer = fallback::empty(204, w.origin.as_deref(), None, w.close);
             self.answered(sid, answer, w.close, rest, now);
         } else {
             self.cx.give_scratch(rest);
@@ -211,7 +229,7 @@ impl Core {
     }
 
     /// Hands the commands to the emulated session, if this core holds it.
-    fn emulate_here(&mut self, session: &str, data: &[u8], now: u64) -> bool {
+    pub(super) fn emulate_here(&mut self, session: &str, data: &[u8], now: u64) -> bool {
         let Some(&target) = self.cx.emulated.get(session) else {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             return false;

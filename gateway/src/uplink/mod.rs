@@ -566,6 +566,20 @@ impl Uplink {
                 }
             }
             ClusterMsg::Heartbeat { .. } | ClusterMsg::Welcome { .. } => {}
+            ClusterMsg::Emulation { ref node, .. } => {
+                // Another gateway process read an emulated session's
+                // commands: to the core its node names (bounded like the
+                // user commands).
+                let core = node.rsplit_once('/').and_then(|(_, c)| c.parse::<usize>().ok());
+                match core.filter(|c| *c < self.cores) {
+                    Some(core) if self.owed[core].answers.len() < MAX_OWED_USER_COMMANDS => {
+                        self.answer(core, msg, io)
+                    }
+                    _ => {
+                        self.metrics.user_commands_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             ref m if let Some((user, _)) = m.user_target() => {
                 // The user's connected sessions live on the user's core; on
                 // its queue behind the answers owed to it.
