@@ -46,6 +46,9 @@ fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
     conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
 }
 
+/// A linked gateway as its id names it: its link, protocol version and queue.
+type NamedLink = (GatewayId, u16, mpsc::Sender<ClusterMsg>);
+
 /// A running router: the shards and the endpoint.
 pub struct Router {
     cfg: RouterConfig,
@@ -59,7 +62,7 @@ pub struct Router {
     links: std::sync::Mutex<HashMap<GatewayId, mpsc::Sender<ClusterMsg>>>,
     /// The connected gateways by their id (config), with their link and
     /// protocol version: where an emulated session's commands are relayed.
-    named: std::sync::Mutex<HashMap<String, (GatewayId, u16, mpsc::Sender<ClusterMsg>)>>,
+    named: std::sync::Mutex<HashMap<String, NamedLink>>,
     /// Turns true when the router leaves (drain): its etcd lease is revoked.
     leave: tokio::sync::watch::Sender<bool>,
     /// Its etcd lease, as the shards read it.

@@ -4,7 +4,7 @@
 // WebSocket, the events of sdk_events.js printed as JSON lines on stdout.
 // Exits 0 once `expect` publications arrived, 2 on its deadline.
 //
-// usage: node centrifuge_browser.mjs <ws_url> <token> <channel> <expect> [server]
+// usage: node centrifuge_browser.mjs <ws_url> <token> <channel> <expect> [server|http_stream|sse]
 import { fileURLToPath } from 'node:url';
 import puppeteer from 'puppeteer-core';
 
@@ -37,7 +37,14 @@ await page.evaluate(
     }
     window.runSdk(window.Centrifuge, opts, out, () => window.finished());
   },
-  { url, token, channel, expect: Number(expectArg), serverSide: mode === 'server' },
+  {
+    url,
+    token,
+    channel,
+    expect: Number(expectArg),
+    serverSide: mode === 'server',
+    fallback: ['http_stream', 'sse'].includes(mode) ? mode : undefined,
+  },
 );
 await done;
 clearTimeout(deadline);

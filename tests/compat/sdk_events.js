@@ -6,10 +6,25 @@
 //
 // serverSide: the channel is a server-side subscription from the token's
 // `channels` claim (no client-side subscription; the client's events).
+// fallback (`http_stream` or `sse`): the SDK is given WebSocket first, at a
+// path where the upgrade fails, then that HTTP transport, as a page on a
+// network that blocks WebSocket would be; its commands after the first go
+// through `POST /emulation`.
 globalThis.runSdk = function runSdk(Centrifuge, opts, out, done) {
-  const { url, token, channel, expect, serverSide, websocket } = opts;
-  const client = new Centrifuge(url, {
+  const { url, token, channel, expect, serverSide, websocket, fallback } = opts;
+  let endpoint = url;
+  let emulation = {};
+  if (fallback) {
+    const http = url.replace(/^ws/, 'http').replace(/\/connection\/websocket$/, '');
+    endpoint = [
+      { transport: 'websocket', endpoint: url.replace(/\/connection\/websocket$/, '/connection/blocked') },
+      { transport: fallback, endpoint: `${http}/connection/${fallback}` },
+    ];
+    emulation = { emulationEndpoint: `${http}/emulation` };
+  }
+  const client = new Centrifuge(endpoint, {
     ...(websocket ? { websocket } : {}),
+    ...emulation,
     token,
     name: 'compat-js',
     minReconnectDelay: 500,
@@ -17,7 +32,7 @@ globalThis.runSdk = function runSdk(Centrifuge, opts, out, done) {
     timeout: 5000,
   });
   client.on('connecting', (ctx) => out({ event: 'connecting', code: ctx.code, reason: ctx.reason }));
-  client.on('connected', (ctx) => out({ event: 'connected', client: ctx.client }));
+  client.on('connected', (ctx) => out({ event: 'connected', client: ctx.client, transport: ctx.transport }));
   client.on('disconnected', (ctx) => out({ event: 'disconnected', code: ctx.code, reason: ctx.reason }));
   client.on('error', (ctx) => out({ event: 'error', error: String(ctx.error?.message ?? ctx.error) }));
   // The same events for a client-side subscription and for the client's

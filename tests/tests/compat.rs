@@ -51,6 +51,9 @@ enum Sdk {
     JsConnectHook,
     Browser,
     BrowserServerSide,
+    /// In Chromium, with WebSocket failing: the SDK falls back to this
+    /// HTTP transport (`http_stream` or `sse`) with `POST /emulation`.
+    BrowserFallback(&'static str),
     PythonServerSide,
 }
 
@@ -81,6 +84,20 @@ fn centrifuge_js_in_chromium_server_side_subscription_recovers_after_a_gateway_d
     sdk_receives_and_recovers_after_a_gateway_drain(Sdk::BrowserServerSide);
 }
 
+/// WebSocket fails (its upgrade is refused): the SDK falls back to
+/// `http_stream`, its commands go through `POST /emulation` to whichever
+/// of the two gateway processes sharing the port holds its session.
+#[test]
+fn centrifuge_js_in_chromium_falls_back_to_http_stream_and_recovers_after_a_gateway_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::BrowserFallback("http_stream"));
+}
+
+/// The same with Server-Sent Events.
+#[test]
+fn centrifuge_js_in_chromium_falls_back_to_sse_and_recovers_after_a_gateway_drain() {
+    sdk_receives_and_recovers_after_a_gateway_drain(Sdk::BrowserFallback("sse"));
+}
+
 #[test]
 fn centrifuge_python_server_side_subscription_recovers_after_a_gateway_drain() {
     sdk_receives_and_recovers_after_a_gateway_drain(Sdk::PythonServerSide);
@@ -108,6 +125,9 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     let (channel, token) = match sdk {
         Sdk::Js => ("chat:compat-js", token("js-user")),
         Sdk::Browser => ("chat:compat-browser", token("js-user")),
+        Sdk::BrowserFallback(t) => {
+            (if t == "sse" { "chat:compat-sse" } else { "chat:compat-http-stream" }, token("js-user"))
+        }
         Sdk::JsServerSide | Sdk::BrowserServerSide => {
             let ch =
                 if sdk == Sdk::JsServerSide { "chat:compat-js-server" } else { "chat:compat-browser-server" };
@@ -126,7 +146,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
             c.arg(root().join("tests/compat/centrifuge_client.mjs"));
             c
         }
-        Sdk::Browser | Sdk::BrowserServerSide => {
+        Sdk::Browser | Sdk::BrowserServerSide | Sdk::BrowserFallback(_) => {
             let mut c = Command::new("node");
             c.arg(root().join("tests/compat/centrifuge_browser.mjs"));
             c
@@ -140,6 +160,9 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     cmd.args([url.as_str(), &token, channel, "10"]);
     if matches!(sdk, Sdk::JsServerSide | Sdk::BrowserServerSide | Sdk::JsConnectHook) {
         cmd.arg("server");
+    }
+    if let Sdk::BrowserFallback(t) = sdk {
+        cmd.arg(t);
     }
     let mut node = cmd
         .current_dir(root().join("tests/compat"))
@@ -175,9 +198,21 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     }
     wait_for(&|e| count(e, "publication") >= 5, "first five publications");
     // Drain the gateway holding the SDK's connection.
-    let holder = (0..2)
-        .find(|g| metric(&c.metrics(*g), "switchyard_gateway_connections") == 1)
-        .expect("one gateway holds the connection");
+    // (A fallback session is a stream; the SDK's emulation requests may
+    // keep connections of their own to either gateway.)
+    let holds = |g: usize| match sdk {
+        Sdk::BrowserFallback(_) => {
+            let m = c.metrics(g);
+            (0..2)
+                .map(|core| {
+                    metric(&m, &format!("switchyard_gateway_fallback_streams_total{{core=\"{core}\"}}"))
+                })
+                .sum::<u64>()
+                == 1
+        }
+        _ => metric(&c.metrics(g), "switchyard_gateway_connections") == 1,
+    };
+    let holder = (0..2).find(|g| holds(*g)).expect("one gateway holds the connection");
     c.gateways[holder].signal(15);
     // Publish while the SDK is away (it waits ≥ ½ s before reconnecting): it
     // must get these back by recovery.
@@ -219,7 +254,18 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
     assert_eq!(data, (1..=10).collect::<Vec<_>>());
     // The SDK was moved by the drain (3001 shutdown → reconnect) and resubscribed with recovery.
     assert!(events.iter().any(drained), "the drain's disconnect code reached the SDK: {events:?}");
-    if matches!(sdk, Sdk::Browser | Sdk::BrowserServerSide) {
+    if let Sdk::BrowserFallback(t) = sdk {
+        // Every connect was over the fallback transport: WebSocket failed first.
+        let connected: Vec<&Value> = events.iter().filter(|v| v["event"] == "connected").collect();
+        assert!(connected.len() >= 2 && connected.iter().all(|v| v["transport"] == t), "{events:?}");
+        assert!(
+            events.iter().any(
+                |v| v["event"] == "error" && v["error"].as_str().is_some_and(|e| e.contains("transport"))
+            ),
+            "the WebSocket attempt failed first: {events:?}"
+        );
+    }
+    if matches!(sdk, Sdk::Browser | Sdk::BrowserServerSide | Sdk::BrowserFallback(_)) {
         assert!(
             events.iter().any(|v| v["event"] == "browser"
                 && v["userAgent"].as_str().is_some_and(|ua| ua.contains("HeadlessChrome"))),

@@ -97,3 +97,65 @@ fn ten_thousand_idle_connections_stay_under_2_kib_each() {
     assert!(per_conn <= 2048.0, "{per_conn:.0} B per idle connection");
     assert_eq!(held.len(), n + 500);
 }
+
+/// Opens an idle `http_stream` session subscribed to a channel (connect
+/// and subscribe in the request's body); returns its socket.
+fn idle_stream(addr: std::net::SocketAddr, i: usize) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let body = format!(
+        "{}\n{}",
+        serde_json::json!({"id": 1, "connect": {"token": token(&format!("idle-stream{i}"))}}),
+        serde_json::json!({"id": 2, "subscribe": {"channel": format!("typing:room-{}", i % 100)}})
+    );
+    let req = format!(
+        "POST /connection/http_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut text = String::new();
+    let mut chunk = [0u8; 4096];
+    while !(text.contains("\"id\":1") && text.contains("\"id\":2")) {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed before replies: {text}");
+        text.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+    assert!(text.starts_with("HTTP/1.1 200") && !text.contains("error"), "{text}");
+    s
+}
+
+/// The same for the HTTP fallback: an idle `http_stream` session (an
+/// emulated one, in the core's table of sessions `POST /emulation` can
+/// reach) costs what a WebSocket one does, within the same bound.
+#[test]
+fn ten_thousand_idle_http_stream_sessions_stay_under_2_kib_each() {
+    let c = Cluster::start(1, 1, &[]);
+    let pid = c.gateways[0].child.id();
+    let addr = c.ws_addrs[0];
+    let mut held: Vec<TcpStream> = (0..500).map(|i| idle_stream(addr, i)).collect();
+    let settled = |n: u64| {
+        let what = format!("{n} idle streams, nothing queued");
+        let state = || {
+            let m = c.metrics(0);
+            (
+                e2e::metric(&m, "switchyard_gateway_connections"),
+                e2e::metric(&m, "switchyard_gateway_queued_bytes"),
+            )
+        };
+        e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
+    };
+    settled(500);
+    let before = rss(pid);
+    let n = 10_000;
+    for i in 500..500 + n {
+        held.push(idle_stream(addr, i));
+    }
+    settled((500 + n) as u64);
+    let after = rss(pid);
+    let per_session = (after.saturating_sub(before)) as f64 / n as f64;
+    println!(
+        "gateway RSS growth: {per_session:.0} bytes per idle subscribed http_stream session ({n} sessions)"
+    );
+    assert!(per_session <= 2048.0, "{per_session:.0} B per idle fallback session");
+    assert_eq!(held.len(), n + 500);
+}
