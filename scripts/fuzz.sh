@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../proto"
 secs="${1:-60}"
 export RUSTC_BOOTSTRAP=1
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
-for t in handshake frame_decoder client_decoder cluster_decoder; do
+for t in handshake frame_decoder client_decoder cluster_decoder http_request; do
   mkdir -p "fuzz/corpus/$t"
   # Work on a scratch copy so new corpus entries don't churn the repo.
   work=$(mktemp -d)

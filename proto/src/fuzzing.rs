@@ -104,3 +104,33 @@ pub fn cluster_decoder(data: &[u8]) {
         let _ = ClusterMsg::decode_body(again.split_off(4).freeze());
     }
 }
+
+/// The HTTP fallback's request parser and framing: never panics; a head
+/// that parses says a body length within its bound, and parses the same
+/// again from its own bytes; any bytes re-framed for any transport come out
+/// as one well-formed chunk; an emulation body decodes or is refused.
+pub fn http_request(data: &[u8]) {
+    use crate::fallback::{self, EmulationRequest, Transport};
+    match fallback::parse_request(data, 8192, 1024) {
+        Ok(Some(req)) => {
+            assert!(req.content_length <= 1024 && req.head_len <= data.len().min(8192));
+            let again = fallback::parse_request(&data[..req.head_len], 8192, 1024);
+            assert_eq!(again, Ok(Some(req.clone())));
+            let _ = req.query_param("cf_connect");
+        }
+        Ok(None) => assert!(data.len() < 8192),
+        Err(e) => assert!(matches!(e.status(), 400 | 411 | 413 | 431)),
+    }
+    let _ = fallback::request_path(data);
+    let _ = EmulationRequest::decode(data);
+    let frame = crate::ws::SharedFrame::text(data);
+    for t in [Transport::HttpStream, Transport::Sse, Transport::UniHttpStream, Transport::UniSse] {
+        if let Some(chunk) = fallback::reframe(t, frame.bytes()) {
+            let nl = chunk.windows(2).position(|w| w == b"\r\n").expect("a chunk size line");
+            let n = usize::from_str_radix(std::str::from_utf8(&chunk[..nl]).unwrap(), 16).unwrap();
+            assert_eq!(chunk.len(), nl + 2 + n + 2, "one whole chunk");
+            assert!(chunk.ends_with(b"\r\n"));
+        }
+        let _ = fallback::reframe(t, data);
+    }
+}

@@ -39,3 +39,8 @@ fn client_decoder_corpus() {
 fn cluster_decoder_corpus() {
     replay("cluster_decoder", proto::fuzzing::cluster_decoder);
 }
+
+#[test]
+fn http_request_corpus() {
+    replay("http_request", proto::fuzzing::http_request);
+}

@@ -349,3 +349,27 @@ fn a_drain_ends_emulated_streams_with_3001_and_the_last_chunk() {
         assert_eq!(last["push"]["disconnect"]["code"], 3001, "{lines:?}");
     }
 }
+
+#[test]
+fn emulated_sessions_answer_pings_through_emulation_or_close_with_3012() {
+    let p = std::env::temp_dir().join(format!("sy-fallback-ping-{}.toml", std::process::id()));
+    std::fs::write(&p, "[limits]\nping_secs = 1\npong_timeout_secs = 1\n").unwrap();
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
+    c.settle();
+    let (mut alive, r) = open(&c, "sse", "pinged-alive");
+    let (sid, node) = session(&r);
+    let (mut deaf, _) = open(&c, "http_stream", "pinged-deaf");
+    // The server's pings arrive on the stream; the pongs go back through
+    // emulation, and the session lives on.
+    for _ in 0..4 {
+        alive.until(secs(10), "a server ping", |v| *v == json!({}));
+        assert_eq!(emulate(c.ws_addrs[0], &sid, &node, "{}"), 204);
+    }
+    assert_eq!(emulate(c.ws_addrs[0], &sid, &node, "{\"id\":7,\"ping\":{}}"), 204);
+    alive.until(secs(10), "the session still answers", |v| v["id"] == 7);
+    // Without pongs: the stream ends with 3012.
+    let (clean, lines) = deaf.wait_end(secs(15));
+    assert!(clean, "{lines:?}");
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["push"]["disconnect"]["code"], 3012, "{lines:?}");
+}
