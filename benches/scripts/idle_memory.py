@@ -10,6 +10,7 @@ and prints RSS growth per connection per gateway process and for the box.
     cargo build --release -p loadgen
     python3 benches/scripts/idle_memory.py --per-process 18000 --processes 1
     python3 benches/scripts/idle_memory.py --per-process 17000 --processes 6   # 100k+
+    python3 benches/scripts/idle_memory.py --per-process 18000 --transport http_stream   # the HTTP fallback
 """
 import argparse, base64, hashlib, hmac, json, multiprocessing as mp, os, socket, struct, subprocess, sys, tempfile, time
 
@@ -57,14 +58,36 @@ def client(port, i, src, channel=None, tls=None):
     return s
 
 
-def client_proc(port, first, n, ready, done, cafile=None):
+def stream_client(port, i, src):
+    """One authenticated `http_stream` session (the HTTP fallback) subscribed
+    to one of 1,000 `typing:` rooms, connect and subscribe in the request's
+    body, left idle; returns its socket."""
+    s = socket.socket()
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    body = "\n".join([json.dumps({"id": 1, "connect": {"token": token(f"u{i}")}}),
+                      json.dumps({"id": 2, "subscribe": {"channel": f"typing:room-{i % 1000}"}})]).encode()
+    s.send(b"POST /connection/http_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    got = b""
+    deadline = time.time() + 30
+    while b'"id":2' not in got and time.time() < deadline:
+        got += s.recv(4096)
+    return s
+
+
+def client_proc(port, first, n, ready, done, cafile=None, transport="websocket"):
     import resource
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     tls = None
     if cafile:
         import ssl
         tls = ssl.create_default_context(cafile=cafile)
-    held = [client(port, i, f"127.0.{2 + (i // 250) % 200}.{2 + i % 250}", tls=tls) for i in range(first, first + n)]
+    src = lambda i: f"127.0.{2 + (i // 250) % 200}.{2 + i % 250}"
+    if transport == "http_stream":
+        held = [stream_client(port, i, src(i)) for i in range(first, first + n)]
+    else:
+        held = [client(port, i, src(i), tls=tls) for i in range(first, first + n)]
     ready.set()
     done.wait()
     del held
@@ -121,6 +144,8 @@ def main():
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--tls", action="store_true", help="wss: the gateways serve TLS, the clients verify it")
+    ap.add_argument("--transport", choices=["websocket", "http_stream"], default="websocket",
+                    help="the sessions' transport (http_stream: the HTTP fallback, an emulated session)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp()
     subprocess.run([LOADGEN, "router", "certs", "--out", tmp], check=True, stdout=subprocess.DEVNULL)
@@ -160,7 +185,8 @@ def main():
         for k, first in enumerate(range(0, total, per_client_proc)):
             ready = mp.Event()
             w = mp.Process(target=client_proc, args=(ws, first, min(per_client_proc, total - first), ready, done,
-                                                           os.path.join(tmp, "ca.pem") if a.tls else None))
+                                                           os.path.join(tmp, "ca.pem") if a.tls else None,
+                                                           a.transport))
             w.start()
             workers.append((w, ready))
         for w, ready in workers:
@@ -179,6 +205,7 @@ def main():
             "connections": sessions,
             "gateway_processes": a.processes,
             "tls": a.tls,
+            "transport": a.transport,
             "rss_before_bytes": before,
             "rss_after_bytes": after,
             "bytes_per_connection": round(growth / max(sessions, 1), 1),

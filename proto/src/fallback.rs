@@ -436,19 +436,18 @@ pub fn text_payload(frame: &[u8]) -> Option<&[u8]> {
 }
 
 /// How a stream ends: the `disconnect` push (the client's close code and
-/// reason, as a WebSocket close frame would carry them), then the last
-/// chunk.
+/// reason, as a WebSocket close frame would carry them); then, apart,
+/// [`LAST_CHUNK`].
 pub fn ending(t: Transport, d: Disconnect) -> Bytes {
     let push = disconnect_push(d);
     let mut out = BytesMut::with_capacity(push.len() + 32);
     put_chunk(&mut out, |o| {
         put_lines(o, t, &push);
     });
-    out.put_slice(b"0\r\n\r\n");
     out.freeze()
 }
 
-/// The last chunk alone (a stream that ends without a word: a lost client).
+/// The last chunk: the end of a stream's response.
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 #[cfg(test)]
@@ -513,11 +512,12 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_ends_with_the_disconnect_push_and_the_last_chunk() {
-        let e = ending(Transport::HttpStream, Disconnect::SHUTDOWN);
-        assert!(e.ends_with(b"0\r\n\r\n"));
+    fn a_stream_ends_with_the_disconnect_push_then_the_last_chunk() {
+        let mut e = ending(Transport::HttpStream, Disconnect::SHUTDOWN).to_vec();
+        e.extend_from_slice(LAST_CHUNK);
         assert_eq!(dechunk(&e), b"{\"push\":{\"disconnect\":{\"code\":3001,\"reason\":\"shutdown\"}}}\n");
-        let e = ending(Transport::UniSse, Disconnect::SHUTDOWN);
+        let mut e = ending(Transport::UniSse, Disconnect::SHUTDOWN).to_vec();
+        e.extend_from_slice(LAST_CHUNK);
         assert_eq!(dechunk(&e), b"data: {\"disconnect\":{\"code\":3001,\"reason\":\"shutdown\"}}\n\n");
     }
 

@@ -237,11 +237,13 @@ impl Ctx {
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
         self.users.add(&user, sid);
-        let (session, node) = if s.transport.is_emulation() {
-            self.emulated.insert(client.clone().into(), sid);
-            (client.clone(), super::fallback::node_name(&self.cfg.id, self.id))
-        } else {
-            (String::new(), String::new())
+        let key = s.transport.is_emulation().then(|| super::fallback::session_key(&client)).flatten();
+        let (session, node) = match key {
+            Some(key) => {
+                self.emulated.insert(key, sid);
+                (client.clone(), super::fallback::node_name(&self.cfg.id, self.id))
+            }
+            None => (String::new(), String::new()),
         };
         if !user.is_empty() {
             // Before anything that can fail below: the retire that follows

@@ -230,11 +230,12 @@ impl Core {
 
     /// Hands the commands to the emulated session, if this core holds it.
     pub(super) fn emulate_here(&mut self, session: &str, data: &[u8], now: u64) -> bool {
-        let Some(&target) = self.cx.emulated.get(session) else {
+        let target = session_key(session).and_then(|k| self.cx.emulated.get(&k).copied());
+        let Some(target) = target else {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        if !self.sessions.get(target).is_some_and(|s| s.is_connected()) {
+        if !self.sessions.get(target).is_some_and(|s| s.is_connected() && *s.identity.client == *session) {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             return false;
         }
@@ -283,6 +284,25 @@ fn uni_connect(request: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The key of an emulated session in its core's table: the 128 bits of
+/// its client id (a UUID, as the core makes them); `None`
+/// for anything else.
+pub fn session_key(session: &str) -> Option<u128> {
+    if session.len() != 36 {
+        return None;
+    }
+    let mut v: u128 = 0;
+    let mut digits = 0;
+    for c in session.chars() {
+        if c == '-' {
+            continue;
+        }
+        v = (v << 4) | c.to_digit(16)? as u128;
+        digits += 1;
+    }
+    (digits == 32).then_some(v)
+}
+
 /// The `node` an emulated session's connect reply names: gateway and core.
 pub fn node_name(gateway: &str, core: usize) -> String {
     format!("{gateway}/{core}")
@@ -291,4 +311,26 @@ pub fn node_name(gateway: &str, core: usize) -> String {
 /// Not a fallback request: the WebSocket upgrade's refusal stands.
 pub(super) fn upgrade_refusal(e: &handshake::HandshakeError) -> bool {
     !matches!(e, handshake::HandshakeError::MethodNotAllowed | handshake::HandshakeError::UpgradeRequired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_keys_are_the_uuid_bits_and_nothing_else_has_one() {
+        let k = session_key("254bfcdc-ed6f-0ac0-81b4-031944688035").unwrap();
+        assert_eq!(k, 0x254bfcdc_ed6f_0ac0_81b4_031944688035);
+        for bad in [
+            "",
+            "no-such-session",
+            "254bfcdc-ed6f-0ac0-81b4-03194468803x",
+            "254bfcdc-ed6f-0ac0-81b4-0319446880355",
+        ] {
+            assert_eq!(session_key(bad), None, "{bad}");
+        }
+        assert_eq!(node_name("gw-1", 3), "gw-1/3");
+        assert_eq!(uni_connect(b""), b"{\"id\":1,\"connect\":{}}");
+        assert_eq!(uni_connect(b"{\"token\":\n\"t\"}"), b"{\"id\":1,\"connect\":{\"token\":\"t\"}}");
+    }
 }

@@ -148,8 +148,8 @@ pub struct Ctx {
     proxied: proxied::Proxied,
     scratch: Vec<BytesMut>,
     /// Emulated sessions (http_stream, sse) by the `session` their
-    /// connect reply named (the client id).
-    emulated: Map<Box<str>, Sid>,
+    /// connect reply named (the client id, a UUID, kept as its 128 bits).
+    emulated: Map<u128, Sid>,
     /// Emulation requests read here waiting for another core's word.
     waiting: Map<Sid, fallback::Waiting>,
 }
@@ -420,8 +420,11 @@ impl Core {
     fn retire(&mut self, sid: Sid) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let connected = s.is_connected();
-        if connected && s.transport.is_emulation() {
-            self.cx.emulated.remove(&*s.identity.client);
+        if connected
+            && s.transport.is_emulation()
+            && let Some(key) = fallback::session_key(&s.identity.client)
+        {
+            self.cx.emulated.remove(&key);
         }
         for (name, state) in s.subs.take() {
             if let SubState::Pending(p) = &state {

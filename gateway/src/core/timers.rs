@@ -56,7 +56,11 @@ impl Core {
         }
         match s.phase() {
             Phase::Closing(_) => {}
-            Phase::Lingering if passed(d.linger_until) => self.finish(sid),
+            Phase::Lingering if passed(d.linger_until) => {
+                if !s.stream_tail(sid, &mut self.cx.fx) {
+                    self.finish(sid)
+                }
+            }
             Phase::Lingering => {}
             Phase::Upgrading if passed(d.connect_by) => {
                 // Slowloris: the upgrade request did not complete in time.

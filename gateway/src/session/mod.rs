@@ -42,6 +42,14 @@ pub const LINGER: Duration = Duration::from_secs(2);
 /// Most bytes a closed session reads and discards before it stops waiting.
 pub const LINGER_BYTES: usize = 256 * 1024;
 
+/// How long an HTTP stream's end (its last chunk) waits after its
+/// disconnect push. centrifuge-js's `http_stream` transport handles the end
+/// of the response at once but a push a few promise turns later, so a push
+/// and an end that arrive together lose the push (the client would see
+/// "transport closed" instead of, say, 3001): the SDK closes the stream
+/// itself on the push, and the server's end comes after only if it did not.
+pub const STREAM_TAIL_DELAY: Duration = Duration::from_millis(250);
+
 /// Why a session ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReason {
@@ -229,6 +237,9 @@ pub struct Session {
     pub placed: bool,
     /// Whether the session waits in the turn's dirty list.
     dirty: bool,
+    /// An HTTP stream whose disconnect push is out and whose last chunk
+    /// waits [`STREAM_TAIL_DELAY`] (or for the client to close first).
+    tail_pending: bool,
     /// What the socket is watched for: bit 0 read, bit 1 write.
     watched: u8,
     /// Decoder state, only while a message is in progress across reads.
@@ -273,6 +284,7 @@ impl Session {
             echo: false,
             placed: false,
             dirty: false,
+            tail_pending: false,
             watched: 0,
             decoder: None,
             partial: Vec::new(),
@@ -433,8 +445,10 @@ impl Session {
             // an HTTP answer, not a frame.
             Bytes::from(proto::ws::handshake::error_response(503, &[], reason.reason))
         } else if self.transport.is_http() {
-            // A stream ends with the disconnect push and its last chunk.
+            // A stream ends with the disconnect push, then (a moment later)
+            // its last chunk.
             let code = if reason.code < 3000 { Disconnect::SHUTDOWN.code } else { reason.code };
+            self.tail_pending = true;
             proto::fallback::ending(self.transport, Disconnect { code, reason: reason.reason })
         } else {
             SharedFrame::close(reason.code, reason.reason).into_bytes()
@@ -486,11 +500,30 @@ impl Session {
             && let Phase::Closing(_) = self.phase
         {
             self.phase = Phase::Lingering;
-            self.deadlines.linger_until = now + LINGER.as_millis() as u64;
-            fx.act(Action::Shutdown { sid });
+            if self.tail_pending {
+                // Reading on (a client that closes ends it), the last
+                // chunk after the delay ([`Session::stream_tail`]).
+                self.deadlines.linger_until = now + STREAM_TAIL_DELAY.as_millis() as u64;
+            } else {
+                self.deadlines.linger_until = now + LINGER.as_millis() as u64;
+                fx.act(Action::Shutdown { sid });
+            }
         }
         self.watch(sid, fx);
         false
+    }
+
+    /// The delay after an HTTP stream's disconnect push passed: whether the
+    /// stream had its last chunk to send (now queued; the session closes as
+    /// any other after it).
+    pub fn stream_tail(&mut self, sid: Sid, fx: &mut Effects) -> bool {
+        if !std::mem::take(&mut self.tail_pending) || self.phase != Phase::Lingering {
+            return false;
+        }
+        self.phase = Phase::Closing(CloseReason { code: 0, reason: "stream end" });
+        self.push(sid, Bytes::from_static(proto::fallback::LAST_CHUNK), fx);
+        self.watch(sid, fx);
+        true
     }
 
     /// Bytes read from a lingering session's socket; whether it is time to
