@@ -80,6 +80,8 @@ pub enum DownMsg {
         last: u64,
         /// The frame's wire bytes, shared by every recipient.
         frame: Bytes,
+        /// When the uplink handed it over (the core's inbox is a hop).
+        at: std::time::Instant,
     },
     /// A join/leave push of `channel`, framed once, for its live subscribers
     /// (outside the offset stream: no position check).

@@ -129,6 +129,11 @@ impl Effects {
         &self.metrics
     }
 
+    /// The gateway-wide counters, shared.
+    pub fn shared_metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Queues an action.
     pub fn act(&mut self, action: Action) {
         self.actions.push_back(action);

@@ -69,6 +69,15 @@ pub struct Metrics {
     /// HTTP fallback framings of publication frames: at most one per
     /// publication frame, core and fallback transport with a recipient.
     pub frames_reframed: AtomicU64,
+    /// Per-hop latency of deliveries (`switchyard_gateway_hop_seconds`):
+    /// the router's link writer → the uplink's reading (clocks of one box).
+    pub hop_link: proto::hist::Histogram,
+    /// The uplink → a core (the core's inbox, and any wait for a resync).
+    pub hop_uplink_to_core: proto::hist::Histogram,
+    /// A core's fan-out of a delivery → its first socket write.
+    pub hop_core_to_first_write: proto::hist::Histogram,
+    /// A core's fan-out of a delivery → the last socket write of that flush.
+    pub hop_core_to_last_write: proto::hist::Histogram,
     /// Channel resyncs (gaps, link loss, router back-pressure).
     pub resyncs: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
@@ -107,6 +116,10 @@ impl Metrics {
             frames_encoded: AtomicU64::new(0),
             frames_deflated: AtomicU64::new(0),
             frames_reframed: AtomicU64::new(0),
+            hop_link: Default::default(),
+            hop_uplink_to_core: Default::default(),
+            hop_core_to_first_write: Default::default(),
+            hop_core_to_last_write: Default::default(),
             resyncs: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
             user_commands_dropped: AtomicU64::new(0),
@@ -172,6 +185,12 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE {name} {kind}\n{name} {}", v.load(Ordering::Relaxed));
         }
         self.proxy.render(&mut out);
+        let hop = "switchyard_gateway_hop_seconds";
+        let _ = writeln!(out, "# TYPE {hop} histogram");
+        self.hop_link.render(&mut out, hop, "hop", "link");
+        self.hop_uplink_to_core.render(&mut out, hop, "hop", "uplink_to_core");
+        self.hop_core_to_first_write.render(&mut out, hop, "hop", "core_to_first_write");
+        self.hop_core_to_last_write.render(&mut out, hop, "hop", "core_to_last_write");
         out
     }
 }

@@ -28,7 +28,8 @@ use crate::client::Publication;
 /// to gateways of version ≥ [`USER_COMMANDS_SINCE`]. Version 5 added
 /// [`ClusterMsg::Emulation`] (an HTTP fallback session's commands read by
 /// another gateway process), relayed only to gateways of version ≥
-/// [`EMULATION_SINCE`].
+/// [`EMULATION_SINCE`], and [`ClusterMsg::Stamp`] (the router's clock ahead
+/// of a batch of deliveries, for the gateway's per-hop latency).
 pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest version a router accepts on a link.
@@ -333,6 +334,14 @@ pub enum ClusterMsg {
         /// New expiry (unix seconds, 0: none).
         expire_at: u64,
     },
+    /// Router → gateway, on a delivery stream ahead of a batch of
+    /// deliveries (version ≥ [`EMULATION_SINCE`]): when the router's link
+    /// writer wrote it (Unix microseconds). The gateway counts the time to
+    /// its reading as the link's hop (clocks of one box, or synchronized).
+    Stamp {
+        /// Unix time, microseconds.
+        unix_micros: u64,
+    },
     /// Gateway → router → gateway: the commands of an emulated session
     /// (`POST /emulation`) that another gateway process read; the router
     /// relays them to the gateway `node` names.
@@ -432,6 +441,7 @@ mod tag {
     pub(super) const SUBSCRIBE_USER: u8 = 32;
     pub(super) const REFRESH_USER: u8 = 33;
     pub(super) const EMULATION: u8 = 34;
+    pub(super) const STAMP: u8 = 35;
 }
 
 struct W<'a>(&'a mut BytesMut);
@@ -592,6 +602,7 @@ impl ClusterMsg {
             ClusterMsg::SubscribeUser { .. } => "subscribe_user",
             ClusterMsg::RefreshUser { .. } => "refresh_user",
             ClusterMsg::Emulation { .. } => "emulation",
+            ClusterMsg::Stamp { .. } => "stamp",
             ClusterMsg::Push { .. } => "push",
             ClusterMsg::Position { .. } => "position",
             ClusterMsg::PresenceBegin { .. } => "presence_begin",
@@ -845,6 +856,10 @@ impl ClusterMsg {
                 w.0.put_u8(u8::from(*expired));
                 w.0.put_u64(*expire_at);
             }
+            ClusterMsg::Stamp { unix_micros } => {
+                w.0.put_u8(tag::STAMP);
+                w.0.put_u64(*unix_micros);
+            }
             ClusterMsg::Emulation { node, session, data } => {
                 w.0.put_u8(tag::EMULATION);
                 w.str(node);
@@ -1049,6 +1064,10 @@ impl ClusterMsg {
                     expire_at: r.u64()?,
                 }
             }
+            tag::STAMP => {
+                r.what = "stamp";
+                ClusterMsg::Stamp { unix_micros: r.u64()? }
+            }
             tag::EMULATION => {
                 r.what = "emulation";
                 ClusterMsg::Emulation { node: r.str()?, session: r.str()?, data: r.bytes()? }
@@ -1252,6 +1271,7 @@ mod tests {
             (s(), s(), any::<bool>(), any::<u64>()).prop_map(|(user, client, expired, expire_at)| {
                 ClusterMsg::RefreshUser { user, client, expired, expire_at }
             }),
+            any::<u64>().prop_map(|unix_micros| ClusterMsg::Stamp { unix_micros }),
             (s(), s(), proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(node, session, data)| {
                 ClusterMsg::Emulation { node, session, data: Bytes::from(data) }
             }),

@@ -30,7 +30,7 @@
 //!   publish, sub_refresh, rpc).
 //! - [`peer`]: router names (`NAME@ADDR`) and the router ⇄ router call
 //!   protocol that carries forwarded API calls over mutual TLS.
-//! - Small shared units: [`backoff`] (exponential, full jitter),
+//! - Small shared units: [`hist`] (latency histograms for `/metrics`), [`backoff`] (exponential, full jitter),
 //!   [`token_bucket`], [`rendezvous`] (highest-random-weight hashing),
 //!   [`timer_wheel`] (coarse deadlines for every connection of a core),
 //!   [`position`] (where a subscriber stands in a channel's stream),
@@ -60,6 +60,7 @@ pub mod cluster;
 pub mod fallback;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hist;
 pub mod membership;
 pub mod mutant;
 pub mod namespace;

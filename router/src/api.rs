@@ -251,6 +251,7 @@ impl Router {
                 tags,
                 idempotency_key: key,
                 reply,
+                at: std::time::Instant::now(),
             })
             .await
             .unwrap_or(Err(ReplyError::INTERNAL));

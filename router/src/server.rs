@@ -264,6 +264,14 @@ impl Router {
         ] {
             out.push_str(&format!("# TYPE {name} counter\n{name} {}\n", v.load(Ordering::Relaxed)));
         }
+        out.push_str("# TYPE switchyard_router_hop_seconds histogram\n");
+        m.hop_api_to_shard.render(&mut out, "switchyard_router_hop_seconds", "hop", "api_to_shard");
+        m.hop_shard_to_link_write.render(
+            &mut out,
+            "switchyard_router_hop_seconds",
+            "hop",
+            "shard_to_link_write",
+        );
         out.push_str(&format!(
             "# TYPE switchyard_router_channels gauge\nswitchyard_router_channels {}\n",
             m.channels.load(Ordering::Relaxed)
@@ -428,9 +436,13 @@ impl Router {
 
         let (tx, mut rx) = mpsc::channel::<ClusterMsg>(self.cfg.gateway_queue.max(16));
         self.links.lock().expect("not poisoned").insert(gw, tx.clone());
+        // When the oldest delivery the shards queued here and the writer
+        // has not written yet was queued (the writer takes it per batch).
+        let oldest = Arc::new(std::sync::atomic::AtomicU64::new(0));
         self.named.lock().expect("not poisoned").insert(gateway_id.clone(), (gw, version, tx.clone()));
         for s in &self.shards {
-            s.send(ShardCmd::GatewayUp { gw, tx: tx.clone(), version }).await?;
+            let link = crate::shard::GatewayTx { tx: tx.clone(), oldest: oldest.clone() };
+            s.send(ShardCmd::GatewayUp { gw, tx: link, version }).await?;
         }
         let mut welcome = BytesMut::new();
         ClusterMsg::Welcome { version, router_id: self.cfg.id.clone(), instance: self.instance }
@@ -468,6 +480,10 @@ impl Router {
                 }
             }
         });
+        let metrics = self.metrics.clone();
+        // A gateway that reads stamps gets one ahead of each batch of
+        // deliveries on a stream: its per-hop latency (the link's hop).
+        let stamps = version >= proto::cluster::EMULATION_SINCE;
         let writer = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(1024);
             let mut ctl_buf = BytesMut::with_capacity(64 * 1024);
@@ -475,9 +491,15 @@ impl Router {
             let mut datagram = BytesMut::new();
             while rx.recv_many(&mut batch, 1024).await > 0 {
                 let max = copies.max_datagram_size();
+                let unix_micros = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
                 for msg in batch.drain(..) {
                     match crate::link::stream_of(&msg, k) {
                         Some(i) => {
+                            if stamps && bufs[i].is_empty() && matches!(msg, ClusterMsg::Deliver { .. }) {
+                                ClusterMsg::Stamp { unix_micros }.encode(&mut bufs[i]);
+                            }
                             let at = bufs[i].len();
                             msg.encode(&mut bufs[i]);
                             if let (Some(max), ClusterMsg::Deliver { publication, .. }) = (max, &msg)
@@ -506,6 +528,11 @@ impl Router {
                     if !b.is_empty() {
                         delivery[i].write_all(&b.split()).await?;
                     }
+                }
+                let queued = oldest.swap(0, Ordering::Relaxed);
+                if queued != 0 {
+                    let took = crate::shard::clock_nanos().saturating_sub(queued);
+                    metrics.hop_shard_to_link_write.record_us(took / 1000);
                 }
             }
             anyhow::Ok(())

@@ -47,6 +47,11 @@ pub struct Metrics {
     pub pushes: AtomicU64,
     /// Gateways evicted for silence (no message within `evict_secs`).
     pub evictions: AtomicU64,
+    /// API publish → its shard (the shard's queue).
+    pub hop_api_to_shard: proto::hist::Histogram,
+    /// A delivery queued by a shard → written to its gateway's link (the
+    /// oldest of each batch written).
+    pub hop_shard_to_link_write: proto::hist::Histogram,
     /// Emulated sessions' commands relayed to the gateway that holds them.
     pub emulations_relayed: AtomicU64,
     /// Ditto, dropped: that gateway is not linked here, too old, or full.
@@ -83,9 +88,43 @@ impl LinkTx for mpsc::Sender<ClusterMsg> {
     }
 }
 
+/// A gateway link's queue as the shards see it: the queue, and when the
+/// oldest delivery not yet written was queued (nanoseconds since
+/// [`clock_origin`], 0: none), which the link's writer takes once a batch
+/// is written (`switchyard_router_hop_seconds{hop="shard_to_link_write"}`).
+#[derive(Debug, Clone)]
+pub struct GatewayTx {
+    /// The queue.
+    pub tx: mpsc::Sender<ClusterMsg>,
+    /// The oldest unwritten delivery's queueing time.
+    pub oldest: Arc<AtomicU64>,
+}
+
+/// The process's origin for [`GatewayTx::oldest`] stamps.
+pub fn clock_origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Nanoseconds since [`clock_origin`] (never 0).
+pub fn clock_nanos() -> u64 {
+    clock_origin().elapsed().as_nanos() as u64 + 1
+}
+
+impl LinkTx for GatewayTx {
+    fn try_send(&self, msg: ClusterMsg) -> bool {
+        let deliver = matches!(msg, ClusterMsg::Deliver { .. });
+        let sent = mpsc::Sender::try_send(&self.tx, msg).is_ok();
+        if sent && deliver {
+            let _ = self.oldest.compare_exchange(0, clock_nanos(), Ordering::Relaxed, Ordering::Relaxed);
+        }
+        sent
+    }
+}
+
 /// Work for a shard.
 #[derive(Debug)]
-pub enum ShardCmd<L = mpsc::Sender<ClusterMsg>> {
+pub enum ShardCmd<L = GatewayTx> {
     /// A gateway link is up; deliveries go to `tx`.
     GatewayUp {
         /// Gateway.
@@ -191,6 +230,8 @@ pub enum ApiOp {
         idempotency_key: String,
         /// Answer.
         reply: oneshot::Sender<PublishResult>,
+        /// When the API handler sent it (the shard's queue is a hop).
+        at: Instant,
     },
     /// A server API command for a user (`subscribe`, `unsubscribe`,
     /// `disconnect`, `refresh`): sent to each gateway holding the user.
@@ -253,7 +294,7 @@ const WHEEL_SLOTS: usize = 256;
 pub const CHANNEL_LIMIT: ReplyError = ReplyError::CHANNEL_LIMIT;
 
 /// One shard's state.
-pub struct Shard<L: LinkTx = mpsc::Sender<ClusterMsg>> {
+pub struct Shard<L: LinkTx = GatewayTx> {
     namespaces: Arc<Namespaces>,
     max_recover: usize,
     channels: Map<String, ChannelState>,
@@ -689,7 +730,8 @@ impl<L: LinkTx> Shard<L> {
 
     fn api(&mut self, op: ApiOp, now: Instant) {
         match op {
-            ApiOp::Publish { channel, data, tags, idempotency_key, reply } => {
+            ApiOp::Publish { channel, data, tags, idempotency_key, reply, at } => {
+                self.metrics.hop_api_to_shard.record(now.saturating_duration_since(at));
                 let _ = reply.send(self.publish(&channel, data, None, tags, &idempotency_key, now));
             }
             ApiOp::User { msg, reply } => {

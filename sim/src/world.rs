@@ -1302,6 +1302,7 @@ impl World {
             tags: None,
             idempotency_key: String::new(),
             reply: tx,
+            at: now,
         };
         self.routers[r].shards[shard].handle(ShardCmd::Api(op), now);
         self.routers[r].shards[shard].flush_lagging();

@@ -296,3 +296,37 @@ fn later_subscribers_are_answered_from_the_position_the_gateway_follows() {
         assert_eq!(got, vec![4, 5, 6]);
     }
 }
+
+/// Where a publication's time goes, hop by hop, is in `/metrics`: every
+/// hop between the API and the last socket write counted each publication.
+#[test]
+fn every_hop_from_the_api_to_the_last_write_is_measured() {
+    let c = Cluster::start(1, 1, &[]);
+    c.settle();
+    let mut subs: Vec<e2e::Ws> = (0..4).map(|i| c.client(0, &format!("hop-{i}"))).collect();
+    for ws in subs.iter_mut() {
+        subscribe_ok(ws, "chat:hops");
+    }
+    for n in 0..10 {
+        let (st, body) = c.api(0, "publish", &json!({"channel": "chat:hops", "data": {"n": n}}));
+        assert_eq!(st, 200, "{body}");
+        for ws in subs.iter_mut() {
+            assert_eq!(ws.next_pub().unwrap()["push"]["pub"]["data"]["n"], n);
+        }
+    }
+    let count = |text: &str, name: &str, hop: &str| metric(text, &format!("{name}_count{{hop=\"{hop}\"}}"));
+    let router = c.router_metrics(0);
+    assert_eq!(count(&router, "switchyard_router_hop_seconds", "api_to_shard"), 10, "{router}");
+    let written = count(&router, "switchyard_router_hop_seconds", "shard_to_link_write");
+    assert!((1..=10).contains(&written), "one per written batch: {written}");
+    let gw = c.metrics(0);
+    let hop = "switchyard_gateway_hop_seconds";
+    // One stamp per batch the router wrote (the gateway reads them all).
+    let link = count(&gw, hop, "link");
+    assert!((1..=10).contains(&link), "{link}: {gw}");
+    // Each publication reached one or both cores (the users hash to cores).
+    let to_core = count(&gw, hop, "uplink_to_core");
+    assert!((10..=20).contains(&to_core), "{to_core}");
+    let (first, last) = (count(&gw, hop, "core_to_first_write"), count(&gw, hop, "core_to_last_write"));
+    assert!(first >= 1 && first == last && first <= to_core, "{first} {last} {to_core}");
+}

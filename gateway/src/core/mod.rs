@@ -152,6 +152,9 @@ pub struct Ctx {
     emulated: Map<u128, Sid>,
     /// Emulation requests read here waiting for another core's word.
     waiting: Map<Sid, fallback::Waiting>,
+    /// When the oldest delivery not yet flushed reached the core (the
+    /// shell's flush measures its hops to the first and last write).
+    write_probe: Option<Instant>,
 }
 
 /// A worker core's state machine.
@@ -213,6 +216,7 @@ impl Core {
                 scratch: Vec::new(),
                 emulated: seeded::map(seed ^ 0x6a09_e667),
                 waiting: seeded::map(seed ^ 0xbb67_ae85),
+                write_probe: None,
                 cfg,
             },
         }
@@ -226,6 +230,12 @@ impl Core {
     /// The effects of the events fed so far (the shell drains them).
     pub fn effects(&mut self) -> &mut Effects {
         &mut self.cx.fx
+    }
+
+    /// When the oldest delivery not yet flushed reached the core, taken
+    /// by the flush that writes it (for the per-hop latency).
+    pub fn take_write_probe(&mut self) -> Option<Instant> {
+        self.cx.write_probe.take()
     }
 
     /// Whether sessions queued frames since the shell last flushed.
@@ -364,7 +374,10 @@ impl Core {
     pub fn down(&mut self, msg: DownMsg, now: Instant) {
         let ms = self.cx.clock.ms(now);
         match msg {
-            DownMsg::Deliver { channel, epoch, first, last, frame } => {
+            DownMsg::Deliver { channel, epoch, first, last, frame, at } => {
+                self.cx.fx.gateway_metrics().hop_uplink_to_core.record(now.saturating_duration_since(at));
+                // The flush that writes it measures the hops to its writes.
+                self.cx.write_probe.get_or_insert(now);
                 self.deliver(&channel, &epoch, first, last, frame, ms)
             }
             DownMsg::Push { channel, frame } => self.push(&channel, frame),

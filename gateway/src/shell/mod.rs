@@ -342,9 +342,19 @@ impl Shell {
             })
             .await;
             std::mem::swap(&mut batch, &mut self.core.borrow_mut().effects().dirty);
+            let probe = self.core.borrow_mut().take_write_probe();
+            let metrics = probe.map(|_| self.core.borrow_mut().effects().shared_metrics());
             let now = Instant::now();
+            let mut first = true;
             for sid in batch.drain(..) {
                 self.flush(sid, now);
+                if first && let (Some(t), Some(m)) = (probe, &metrics) {
+                    first = false;
+                    m.hop_core_to_first_write.record(t.elapsed());
+                }
+            }
+            if let (Some(t), Some(m)) = (probe, &metrics) {
+                m.hop_core_to_last_write.record(t.elapsed());
             }
             self.offer_up();
             self.apply();

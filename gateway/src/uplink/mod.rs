@@ -647,6 +647,15 @@ impl Uplink {
     pub fn deliveries(&mut self, router: usize, msgs: Vec<ClusterMsg>, io: &mut impl UplinkIo) {
         let mut i = 0;
         while i < msgs.len() {
+            if let ClusterMsg::Stamp { unix_micros } = msgs[i] {
+                // The router's link writer wrote what follows at this time.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as u64);
+                self.metrics.hop_link.record_us(now.saturating_sub(unix_micros));
+                i += 1;
+                continue;
+            }
             let Some(channel) = msgs[i].channel() else {
                 i += 1;
                 continue;
@@ -882,6 +891,7 @@ impl Uplink {
                 first,
                 last,
                 frame: frame.clone(),
+                at: std::time::Instant::now(),
             };
             self.hand_or_owe(core, name, msg, io);
         }
