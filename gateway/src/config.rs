@@ -433,6 +433,13 @@ pub struct FallbackConfig {
     /// Largest request body (bytes, default 65,536, as Centrifugo): a
     /// stream's first commands or an emulation request; above: 413.
     pub max_request_bytes: usize,
+    /// Pages (`Origin`) allowed to use the fallbacks; empty (the default,
+    /// for development): any. A request from another origin: 403.
+    pub allowed_origins: Vec<String>,
+    /// Emulation requests per second per core passed to a router for a
+    /// session of another gateway process (default 2,000, burst as much);
+    /// beyond, or with the uplink's backlog half full: 503.
+    pub relay_rate: f64,
 }
 
 impl Default for FallbackConfig {
@@ -445,11 +452,23 @@ impl Default for FallbackConfig {
             uni_http_stream_path: "/connection/uni_http_stream".into(),
             uni_sse_path: "/connection/uni_sse".into(),
             max_request_bytes: 65_536,
+            allowed_origins: Vec::new(),
+            relay_rate: 2_000.0,
         }
     }
 }
 
 impl FallbackConfig {
+    /// Whether a request from `origin` (its `Origin` header) may use the
+    /// fallbacks: any when no origin is listed; a request without one (not
+    /// a browser's cross-origin request) always.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        match origin {
+            Some(o) if !self.allowed_origins.is_empty() => self.allowed_origins.iter().any(|a| a == o),
+            _ => true,
+        }
+    }
+
     /// The transport a path starts, if any.
     pub fn transport_of(&self, path: &str) -> Option<proto::fallback::Transport> {
         use proto::fallback::Transport;

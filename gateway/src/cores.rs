@@ -108,6 +108,7 @@ pub fn spawn(
                     verifier,
                     metrics,
                     seed: proto::seeded::random_seed(),
+                    secret_seed: rand::random(),
                     now: Instant::now(),
                     unix_now,
                     up_backlog: crate::core::upstream::MAX_UP_BACKLOG,

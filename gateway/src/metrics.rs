@@ -45,6 +45,11 @@ pub struct CoreMetrics {
     pub server_subscribes_refused: AtomicU64,
     /// HTTP fallback streams started (http_stream, sse, uni_http_stream, uni_sse).
     pub fallback_streams: AtomicU64,
+    /// HTTP fallback streams open.
+    pub fallback_open: AtomicU64,
+    /// Connections whose handshake (or first fallback request) is in
+    /// progress: what `admission.max_pending_handshakes` bounds.
+    pub pending_handshakes: AtomicU64,
     /// `POST /emulation` requests handed to their session.
     pub emulation_requests: AtomicU64,
     /// `POST /emulation` requests whose session was not found (404).
@@ -138,7 +143,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         type Field = fn(&CoreMetrics) -> &AtomicU64;
-        let per_core: [(&str, &str, Field); 18] = [
+        let per_core: [(&str, &str, Field); 20] = [
             ("switchyard_gateway_connections", "gauge", |c| &c.connections),
             ("switchyard_gateway_handshakes_total", "counter", |c| &c.handshakes),
             ("switchyard_gateway_rejections_total", "counter", |c| &c.rejections),
@@ -156,6 +161,8 @@ impl Metrics {
                 &c.server_subscribes_refused
             }),
             ("switchyard_gateway_fallback_streams_total", "counter", |c| &c.fallback_streams),
+            ("switchyard_gateway_fallback_streams", "gauge", |c| &c.fallback_open),
+            ("switchyard_gateway_pending_handshakes", "gauge", |c| &c.pending_handshakes),
             ("switchyard_gateway_emulation_requests_total", "counter", |c| &c.emulation_requests),
             ("switchyard_gateway_emulation_unknown_total", "counter", |c| &c.emulation_unknown),
             ("switchyard_gateway_emulation_relayed_total", "counter", |c| &c.emulation_relayed),

@@ -214,7 +214,11 @@ pub fn parse_request(buf: &[u8], max_head: usize, max_body: usize) -> Result<Opt
             std::str::from_utf8(h.value).map_err(|_| HttpError::BadRequest("non-ASCII header value"))?;
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let n: usize = value.trim().parse().map_err(|_| HttpError::BadRequest("bad Content-Length"))?;
+            let v = value.trim();
+            if v.is_empty() || !v.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(HttpError::BadRequest("bad Content-Length"));
+            }
+            let n: usize = v.parse().map_err(|_| HttpError::BadRequest("bad Content-Length"))?;
             if length_seen && n != out.content_length {
                 return Err(HttpError::BadRequest("conflicting Content-Length"));
             }
@@ -255,8 +259,11 @@ fn percent_decode(s: &str) -> Option<String> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                let hex = b.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 2;
             }
             c => out.push(c),
@@ -289,7 +296,7 @@ fn cors(out: &mut String, origin: Option<&str>) {
     if let Some(o) = origin {
         out.push_str("Access-Control-Allow-Origin: ");
         out.push_str(o);
-        out.push_str("\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n");
+        out.push_str("\r\nVary: Origin\r\n");
     }
 }
 
@@ -387,10 +394,17 @@ fn put_lines(out: &mut BytesMut, t: Transport, payload: &[u8]) -> usize {
             (&b""[..], line)
         };
         if t.is_sse() {
+            // A bare CR ends an SSE line too: in JSON it can only be
+            // whitespace outside strings (inside one it is escaped), so a
+            // space keeps the event whole and means the same.
             out.put_slice(b"data: ");
+            for part in [head, line] {
+                out.extend(part.iter().map(|&c| if c == b'\r' { b' ' } else { c }));
+            }
+        } else {
+            out.put_slice(head);
+            out.put_slice(line);
         }
-        out.put_slice(head);
-        out.put_slice(line);
         out.put_u8(b'\n');
         n += 1;
     }
@@ -498,6 +512,11 @@ mod tests {
         );
         let ping = reframe(Transport::UniSse, SharedFrame::text(b"{}").bytes()).unwrap();
         assert_eq!(dechunk(&ping), b"data: null\n\n");
+        // A bare CR (JSON whitespace) would split an SSE event: a space.
+        let cr = reframe(Transport::Sse, SharedFrame::text(b"{\"a\":\r1}").bytes()).unwrap();
+        assert_eq!(dechunk(&cr), b"data: {\"a\": 1}\n\n");
+        let cr = reframe(Transport::HttpStream, SharedFrame::text(b"{\"a\":\r1}").bytes()).unwrap();
+        assert_eq!(dechunk(&cr), b"{\"a\":\r1}\n");
     }
 
     #[test]
@@ -539,6 +558,7 @@ mod tests {
         assert_eq!(err(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), 411);
         assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n"), 400);
         assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), 400);
+        assert_eq!(err(b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"), 400);
         assert_eq!(err(b"GET / HTTP/1.0\r\n\r\n"), 400);
         assert_eq!(err(b"\x00\x01 nonsense\r\n\r\n"), 400);
         assert_eq!(err(&[b'a'; 64]), 431);
@@ -556,8 +576,9 @@ mod tests {
         assert_eq!(r.query_param("cf_connect").unwrap(), "{\"id\":1,\"connect\":{}}");
         assert_eq!(r.query_param("x").unwrap(), "a b");
         assert_eq!(r.query_param("y"), None);
-        let bad = parse_request(b"GET /s?cf_connect=%zz HTTP/1.1\r\n\r\n", 8192, 0).unwrap().unwrap();
+        let bad = parse_request(b"GET /s?cf_connect=%zz&b=%+1 HTTP/1.1\r\n\r\n", 8192, 0).unwrap().unwrap();
         assert_eq!(bad.query_param("cf_connect"), None);
+        assert_eq!(bad.query_param("b"), None);
     }
 
     #[test]

@@ -525,6 +525,7 @@ impl World {
                     now: self.instant(),
                     unix_now: 1_800_000_000 + self.now / SEC,
                     up_backlog: self.spec.up_backlog,
+                    secret_seed: self.rng.random(),
                 }),
                 inbox: Bounded::new(self.spec.core_inbox),
                 turn: false,

@@ -204,9 +204,7 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
         Sdk::BrowserFallback(_) => {
             let m = c.metrics(g);
             (0..2)
-                .map(|core| {
-                    metric(&m, &format!("switchyard_gateway_fallback_streams_total{{core=\"{core}\"}}"))
-                })
+                .map(|core| metric(&m, &format!("switchyard_gateway_fallback_streams{{core=\"{core}\"}}")))
                 .sum::<u64>()
                 == 1
         }

@@ -234,37 +234,78 @@ fn keep_alive_emulation_requests_are_answered_in_order_on_one_connection() {
         .collect();
     let mut conn = std::net::TcpStream::connect(c.ws_addrs[0]).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // Eight requests written at once (pipelined), to sessions on both cores.
-    let mut all = Vec::new();
+    // Nine requests written at once (pipelined), to sessions on both cores:
+    // two rounds of four, then one for a session that does not exist (its
+    // 404 must come ninth, after every 204, and close the connection).
+    let request = |sid: &str, node: &str, id: u32| {
+        let data = json!({"id": id, "ping": {}}).to_string();
+        let body = json!({"session": sid, "node": node, "data": data}).to_string();
+        format!("POST /emulation HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+    };
+    let mut all = String::new();
     for round in 0..2u32 {
-        for (sid, node) in sessions.iter().map(|(_, s, n)| (s.clone(), n.clone())) {
-            let data = json!({"id": 10 + round, "ping": {}}).to_string();
-            let body = json!({"session": sid, "node": node, "data": data}).to_string();
-            all.extend_from_slice(
-                format!(
-                    "POST /emulation HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
+        for (_, sid, node) in sessions.iter() {
+            all.push_str(&request(sid, node, 10 + round));
         }
     }
-    conn.write_all(&all).unwrap();
-    let mut got = Vec::new();
-    let end = secs(10);
-    let mut buf = [0u8; 4096];
-    while got.windows(12).filter(|w| *w == b"204 No Conte").count() < 8 && Instant::now() < end {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    let text = String::from_utf8_lossy(&got);
-    assert_eq!(text.matches("HTTP/1.1 204").count(), 8, "{text}");
+    all.push_str(&request(&"0".repeat(32), &sessions[0].2, 99));
+    conn.write_all(all.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    let statuses: Vec<&str> = text.match_indices("HTTP/1.1 ").map(|(i, _)| &text[i + 9..i + 12]).collect();
+    assert_eq!(statuses, ["204", "204", "204", "204", "204", "204", "204", "204", "404"], "{text}");
     for (st, _, _) in sessions.iter_mut() {
         st.until(secs(10), "round 0", |v| v["id"] == 10);
         st.until(secs(10), "round 1", |v| v["id"] == 11);
     }
+}
+
+#[test]
+fn request_connections_are_bounded_and_never_hold_a_handshake_slot() {
+    use std::io::{Read, Write};
+    let p = std::env::temp_dir().join(format!("sy-fallback-adm-{}.toml", std::process::id()));
+    std::fs::write(&p, "[admission]\nmax_pending_handshakes = 5\n").unwrap();
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
+    c.settle();
+    let addr = c.ws_addrs[0];
+    // Preflights answered and closed: none of them keeps a handshake slot.
+    for _ in 0..20 {
+        let (status, _) =
+            http_request(addr, "OPTIONS", "/emulation", &[("Origin", "http://page.example")], "");
+        assert_eq!(status, 204);
+    }
+    let pending = |c: &Cluster| {
+        let m = c.metrics(0);
+        (0..2)
+            .map(|core| metric(&m, &format!("switchyard_gateway_pending_handshakes{{core=\"{core}\"}}")))
+            .sum::<u64>()
+    };
+    wait_until(Duration::from_secs(10), "no handshake in progress", || pending(&c), |n| *n == 0);
+    // Thousands of requests in one write: 429, the connection closed, and
+    // the gateway serves on (no unbounded work, no stack to run out of).
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let flood = "OPTIONS /emulation HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000);
+    let _ = conn.write_all(flood.as_bytes());
+    let mut text = String::new();
+    let _ = conn.read_to_string(&mut text);
+    assert!(text.contains("HTTP/1.1 429"), "{}", &text[text.len().saturating_sub(300)..]);
+    assert!(text.matches("HTTP/1.1 204").count() <= 64, "at most 64 answered per read");
+    let mut ws = c.client(0, "after-the-flood");
+    let r = ws.call(json!({"id": 2, "ping": {}}));
+    assert!(r.get("error").is_none(), "{r}");
+    wait_until(Duration::from_secs(10), "no handshake in progress", || pending(&c), |n| *n == 0);
+    // A session's commands need its secret: its client id, which others
+    // see (presence, join/leave), is not enough.
+    let (mut st, r) = open(&c, "http_stream", "owner");
+    let (_, node) = session(&r);
+    let client = r["client"].as_str().unwrap();
+    assert_eq!(emulate(addr, client, &node, "{\"id\":5,\"ping\":{}}"), 404);
+    assert_eq!(emulate(addr, &client.replace('-', "")[..32], &node, "{\"id\":5,\"ping\":{}}"), 404);
+    assert!(
+        st.next_line(Instant::now() + Duration::from_millis(300)).is_none(),
+        "nothing reached the session"
+    );
 }
 
 #[test]

@@ -237,13 +237,15 @@ impl Ctx {
         let user: Arc<str> = Arc::from(user);
         s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
         self.users.add(&user, sid);
-        let key = s.transport.is_emulation().then(|| super::fallback::session_key(&client)).flatten();
-        let (session, node) = match key {
-            Some(key) => {
-                self.emulated.insert(key, sid);
-                (client.clone(), super::fallback::node_name(&self.cfg.id, self.id))
-            }
-            None => (String::new(), String::new()),
+        let (session, node) = if s.transport.is_emulation() {
+            // The right to send this session's commands: a secret of its
+            // own (the client id is seen by others: presence, join/leave).
+            let key = self.emulation_secret();
+            self.emulated.insert(key, sid);
+            self.emulation_keys.insert(sid, key);
+            (super::fallback::session_name(key), super::fallback::node_name(&self.cfg.id, self.id))
+        } else {
+            (String::new(), String::new())
         };
         if !user.is_empty() {
             // Before anything that can fail below: the retire that follows

@@ -46,64 +46,88 @@ impl Core {
                 || (!fb.emulation_path.is_empty() && path == fb.emulation_path))
     }
 
-    /// A request to a fallback path is in `b` (maybe not all of it yet).
+    /// Requests to the fallback paths are in `b` (the last maybe not all
+    /// of it yet): answered in order, in a loop (at most
+    /// [`MAX_PIPELINED`] per read: a client that writes more at once is
+    /// answered 429 and closed), each complete one before the next.
     pub(super) fn http_request(&mut self, sid: Sid, mut b: BytesMut, now: u64) {
-        if self.cx.waiting.contains_key(&sid) {
-            // The previous request's answer is not out yet: this one waits
-            // (bounded like any request).
-            return self.hold(sid, b);
+        if let Some(s) = self.sessions.get_mut(sid) {
+            // Its later requests skip the WebSocket parser.
+            s.http_conn = true;
         }
+        for _ in 0..MAX_PIPELINED {
+            if b.is_empty() {
+                return self.cx.give_scratch(b);
+            }
+            if self.cx.waiting.contains_key(&sid) {
+                // The previous request's answer is not out yet: this one
+                // waits (bounded like any request).
+                return self.hold(sid, b);
+            }
+            match self.one_request(sid, &mut b, now) {
+                Step::Next => {}
+                Step::Incomplete => return self.hold(sid, b),
+                Step::Done => return self.cx.give_scratch(b),
+            }
+        }
+        self.cx.give_scratch(b);
+        self.refuse(sid, fallback::error(429, None, "too many pipelined requests"));
+    }
+
+    /// Handles the first request in `b`, taking its bytes out of `b`.
+    fn one_request(&mut self, sid: Sid, b: &mut BytesMut, now: u64) -> Step {
         let max_body = self.cx.cfg.fallback.max_request_bytes;
-        let req = match fallback::parse_request(&b, MAX_HEAD, max_body) {
+        let req = match fallback::parse_request(b, MAX_HEAD, max_body) {
             Ok(Some(r)) => r,
-            Ok(None) => return self.hold(sid, b),
+            Ok(None) => return Step::Incomplete,
             Err(e) => {
-                self.cx.give_scratch(b);
-                return self.refuse(sid, fallback::error(e.status(), None, &e.to_string()));
+                self.refuse(sid, fallback::error(e.status(), None, &e.to_string()));
+                return Step::Done;
             }
         };
         if b.len() < req.total_len() {
-            return self.hold(sid, b);
+            return Step::Incomplete;
         }
-        let body = b[req.head_len..req.total_len()].to_vec();
-        bytes::Buf::advance(&mut b, req.total_len());
+        let head = b.split_to(req.head_len);
+        let body = b.split_to(req.content_length);
         let origin = req.origin.clone();
         let path = req.path().to_owned();
         let fb = self.cx.cfg.fallback.clone();
+        let refuse = |core: &mut Core, status: u16, why: &str| {
+            core.refuse(sid, fallback::error(status, origin.as_deref(), why));
+            Step::Done
+        };
+        if !fb.origin_allowed(origin.as_deref()) {
+            return refuse(self, 403, "origin not allowed");
+        }
         if req.method == HttpMethod::Options {
-            let answer = fallback::empty(
-                204,
-                origin.as_deref(),
-                Some(req.request_headers.as_deref().unwrap_or("")),
-                false,
-            );
-            return self.answered(sid, answer, req.close, b, now);
+            let preflight = Some(req.request_headers.as_deref().unwrap_or(""));
+            let answer = fallback::empty(204, origin.as_deref(), preflight, req.close);
+            return self.answered(sid, answer, req.close, now);
         }
         if req.binary {
-            self.cx.give_scratch(b);
-            return self.refuse(sid, fallback::error(415, origin.as_deref(), "JSON only"));
+            return refuse(self, 415, "JSON only");
         }
         if path == fb.emulation_path {
             if req.method != HttpMethod::Post {
-                self.cx.give_scratch(b);
-                return self.refuse(sid, fallback::error(405, origin.as_deref(), "POST only"));
+                return refuse(self, 405, "POST only");
             }
             return self.emulation_request(sid, &req, &body, b, now);
         }
-        self.cx.give_scratch(b);
         let Some(t) = fb.transport_of(&path) else {
-            return self.refuse(sid, fallback::error(404, origin.as_deref(), "no such endpoint"));
+            return refuse(self, 404, "no such endpoint");
         };
         let commands = match (req.method, t) {
-            (HttpMethod::Post, _) => body,
+            (HttpMethod::Post, _) => body.to_vec(),
             (HttpMethod::Get, Transport::Sse | Transport::UniSse) => match req.query_param("cf_connect") {
                 Some(c) => c.into_bytes(),
                 None if t == Transport::UniSse => Vec::new(),
-                None => return self.refuse(sid, fallback::error(400, origin.as_deref(), "no cf_connect")),
+                None => return refuse(self, 400, "no cf_connect"),
             },
-            _ => return self.refuse(sid, fallback::error(405, origin.as_deref(), "method not allowed")),
+            _ => return refuse(self, 405, "method not allowed"),
         };
-        self.start_stream(sid, t, origin.as_deref(), commands, now);
+        self.start_stream(sid, t, &head, origin.as_deref(), commands, now);
+        Step::Done
     }
 
     /// Keeps a request's bytes for the next read (bounded: a head and a body).
@@ -120,40 +144,57 @@ impl Core {
     }
 
     /// A request was answered with `answer`: the connection waits for the
-    /// next one (the bytes after this request, `rest`, may hold it), or
-    /// ends when the client asked to close.
-    fn answered(&mut self, sid: Sid, answer: Vec<u8>, close: bool, rest: BytesMut, now: u64) {
-        if close {
-            self.cx.give_scratch(rest);
-            if let Some(s) = self.sessions.get_mut(sid) {
-                s.refuse(sid, answer, &mut self.cx.fx);
-                self.cx.rearm(s, sid);
-            }
-            return;
-        }
+    /// next one, or ends when the client asked to close. The answers a
+    /// connection has not read are bounded by the session queue's bound.
+    fn answered(&mut self, sid: Sid, answer: Vec<u8>, close: bool, now: u64) -> Step {
         let idle = self.cx.cfg.limits.handshake_timeout_secs * 1000;
-        let Some(s) = self.sessions.get_mut(sid) else { return self.cx.give_scratch(rest) };
-        s.queue_framed(sid, Bytes::from(answer), usize::MAX, &mut self.cx.fx);
+        let limit = self.cx.queue_limit();
+        let Some(s) = self.sessions.get_mut(sid) else { return Step::Done };
+        // Answered: no longer a handshake in progress.
+        self.cx.handshake_done(s);
+        if close {
+            s.refuse(sid, answer, &mut self.cx.fx);
+            self.cx.rearm(s, sid);
+            return Step::Done;
+        }
+        if !s.queue_framed(sid, Bytes::from(answer), limit, &mut self.cx.fx) {
+            return Step::Done;
+        }
         s.deadlines.connect_by = now + idle;
         self.cx.rearm(s, sid);
-        if rest.is_empty() {
-            self.cx.give_scratch(rest);
-        } else {
-            self.http_request(sid, rest, now);
-        }
+        Step::Next
     }
 
     /// Starts a stream: the response head, then the request's commands
     /// (for a unidirectional stream, its `ConnectRequest`) as the
     /// session's first frame.
-    fn start_stream(&mut self, sid: Sid, t: Transport, origin: Option<&str>, commands: Vec<u8>, now: u64) {
+    fn start_stream(
+        &mut self,
+        sid: Sid,
+        t: Transport,
+        head: &[u8],
+        origin: Option<&str>,
+        commands: Vec<u8>,
+        now: u64,
+    ) {
         let connect_by = now + self.cx.cfg.limits.connect_timeout_secs * 1000;
+        let cfg = self.cx.cfg.clone();
+        let headers = &cfg.proxy.http_headers;
+        let forwarded = (!headers.is_empty() && cfg.proxy.enabled())
+            .then(|| handshake::headers_named(head, headers))
+            .filter(|h| !h.is_empty());
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        if let Some(h) = forwarded {
+            s.proxy =
+                Some(Box::new(crate::session::SessionProxy { headers: h.into(), ..Default::default() }));
+        }
         s.transport = t;
+        s.http_conn = false;
         s.placed = false;
         s.upgraded(connect_by);
-        self.cx.handshakes = self.cx.handshakes.saturating_sub(1);
+        self.cx.handshake_done(s);
         self.cx.fx.metrics().fallback_streams.fetch_add(1, Ordering::Relaxed);
+        self.cx.fx.metrics().fallback_open.fetch_add(1, Ordering::Relaxed);
         s.queue_framed(sid, Bytes::from(fallback::stream_head(t, origin)), usize::MAX, &mut self.cx.fx);
         self.cx.rearm(s, sid);
         let frame = if t.is_uni() { uni_connect(&commands) } else { commands };
@@ -170,75 +211,84 @@ impl Core {
     }
 
     /// A `POST /emulation`: its commands go to the session's core, here or
-    /// another; a session of another gateway process is not reachable
-    /// from here (404).
-    fn emulation_request(&mut self, sid: Sid, req: &HttpRequest, body: &[u8], rest: BytesMut, now: u64) {
+    /// another, or (a session of another gateway process sharing the port)
+    /// to a router that relays them there.
+    fn emulation_request(
+        &mut self,
+        sid: Sid,
+        req: &HttpRequest,
+        body: &[u8],
+        rest: &mut BytesMut,
+        now: u64,
+    ) -> Step {
         let origin = req.origin.clone();
         let Some(e) = EmulationRequest::decode(body) else {
-            self.cx.give_scratch(rest);
-            return self.refuse(sid, fallback::error(400, origin.as_deref(), "not an emulation request"));
+            self.refuse(sid, fallback::error(400, origin.as_deref(), "not an emulation request"));
+            return Step::Done;
         };
         let (gateway, core) = match e.node.rsplit_once('/') {
             Some((g, c)) => (g, c.parse::<usize>().ok()),
             None => (e.node.as_str(), None),
         };
+        let unknown = |c: &mut Core, why: &str| {
+            c.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
+            c.refuse(sid, fallback::error(404, origin.as_deref(), why));
+            Step::Done
+        };
+        let Some(key) = session_key(&e.session) else { return unknown(self, "unknown session") };
         if gateway != self.cx.cfg.id {
             // Another gateway process holds the session (several share the
             // port): a router relays the commands there. Accepted, not
-            // known to be delivered: 202.
-            if gateway.is_empty() || core.is_none() || !self.cx.up.has_room() {
-                self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
-                self.cx.give_scratch(rest);
-                return self.refuse(sid, fallback::error(404, origin.as_deref(), "unknown node"));
+            // known to be delivered: 202. Bounded: relays per second per
+            // core, and never more than half the uplink's backlog.
+            if gateway.is_empty() || core.is_none() {
+                return unknown(self, "unknown node");
+            }
+            let at = self.cx.clock.at(now);
+            if !self.cx.up.has_room_for_optional() || !self.cx.relays.try_take(1, at) {
+                self.refuse(sid, fallback::error(503, origin.as_deref(), "too many relayed requests"));
+                return Step::Done;
             }
             let data = Bytes::from(e.data.into_bytes());
             let msg = ClusterMsg::Emulation { node: e.node.clone(), session: e.session.clone(), data };
             self.cx.up.push(UpMsg::Forward { key: e.session, msg });
             self.cx.fx.metrics().emulation_relayed.fetch_add(1, Ordering::Relaxed);
             let answer = fallback::empty(202, origin.as_deref(), None, req.close);
-            return self.answered(sid, answer, req.close, rest, now);
+            return self.answered(sid, answer, req.close, now);
         }
-        let Some(core) = core.filter(|c| *c < self.cx.cores) else {
-            self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
-            self.cx.give_scratch(rest);
-            return self.refuse(sid, fallback::error(404, origin.as_deref(), "unknown node"));
-        };
+        let Some(core) = core.filter(|c| *c < self.cx.cores) else { return unknown(self, "unknown node") };
         let data = Bytes::from(e.data.into_bytes());
         if core == self.cx.id {
-            let found = self.emulate_here(&e.session, &data, now);
-            return self.emulation_done(sid, found, Waiting { origin, close: req.close }, rest, now);
+            let found = self.emulate_here(key, &data, now);
+            return self.emulation_done(sid, found, Waiting { origin, close: req.close }, now);
         }
         if let Some(s) = self.sessions.get_mut(sid) {
             // What follows this request waits for its answer.
-            s.partial = rest.to_vec();
+            s.partial = rest.split().to_vec();
         }
-        self.cx.give_scratch(rest);
         self.cx.waiting.insert(sid, Waiting { origin, close: req.close });
-        let emulation = Box::new(Emulation { session: e.session, data, from: Some((self.cx.id, sid)) });
+        let emulation = Box::new(Emulation { session: key, data, from: Some((self.cx.id, sid)) });
         self.cx.fx.act(Action::Emulate { core, emulation });
+        Step::Done
     }
 
-    fn emulation_done(&mut self, sid: Sid, found: bool, w: Waiting, rest: BytesMut, now: u64) {
+    fn emulation_done(&mut self, sid: Sid, found: bool, w: Waiting, now: u64) -> Step {
         if found {
             let answer = fallback::empty(204, w.origin.as_deref(), None, w.close);
-            self.answered(sid, answer, w.close, rest, now);
+            self.answered(sid, answer, w.close, now)
         } else {
-            self.cx.give_scratch(rest);
             self.refuse(sid, fallback::error(404, w.origin.as_deref(), "unknown session"));
+            Step::Done
         }
     }
 
     /// Hands the commands to the emulated session, if this core holds it.
-    pub(super) fn emulate_here(&mut self, session: &str, data: &[u8], now: u64) -> bool {
-        let target = session_key(session).and_then(|k| self.cx.emulated.get(&k).copied());
-        let Some(target) = target else {
+    pub(super) fn emulate_here(&mut self, session: u128, data: &[u8], now: u64) -> bool {
+        let target = self.cx.emulated.get(&session).copied();
+        let Some(target) = target.filter(|t| self.sessions.get(*t).is_some_and(|s| s.is_connected())) else {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             return false;
         };
-        if !self.sessions.get(target).is_some_and(|s| s.is_connected() && *s.identity.client == *session) {
-            self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
         self.cx.fx.metrics().emulation_requests.fetch_add(1, Ordering::Relaxed);
         if let Flow::Stop = self.handle_frame_from(target, data, 0, now)
             && self.sessions.get(target).is_some_and(|s| !s.is_ending())
@@ -251,14 +301,15 @@ impl Core {
     /// Commands for an emulated session of this core, read by another.
     pub fn emulate(&mut self, e: Emulation, now: std::time::Instant) {
         let ms = self.cx.clock.ms(now);
-        let found = self.emulate_here(&e.session, &e.data, ms);
+        let found = self.emulate_here(e.session, &e.data, ms);
         if let Some((core, sid)) = e.from {
             self.cx.fx.act(Action::Emulated { core, sid, found });
         }
         self.settle();
     }
 
-    /// Another core's word on an emulation request this core read.
+    /// Another core's word on an emulation request this core read: its
+    /// answer, then the requests that waited behind it.
     pub fn emulated(&mut self, sid: Sid, found: bool, now: std::time::Instant) {
         let ms = self.cx.clock.ms(now);
         let Some(w) = self.cx.waiting.remove(&sid) else { return };
@@ -266,12 +317,31 @@ impl Core {
         if s.phase() != Phase::Upgrading {
             return;
         }
-        let mut rest = self.cx.take_scratch();
-        rest.extend_from_slice(&std::mem::take(&mut s.partial));
-        self.emulation_done(sid, found, w, rest, ms);
+        let held = std::mem::take(&mut s.partial);
+        if let Step::Next = self.emulation_done(sid, found, w, ms)
+            && !held.is_empty()
+        {
+            let mut rest = self.cx.take_scratch();
+            rest.extend_from_slice(&held);
+            self.http_request(sid, rest, ms);
+        }
         self.settle();
     }
 }
+
+/// How a request's handling left its connection.
+enum Step {
+    /// Answered and kept: the next request may follow.
+    Next,
+    /// The request is not complete yet.
+    Incomplete,
+    /// Nothing more to parse now: a stream started, the connection is
+    /// closing, or it waits for another core's answer.
+    Done,
+}
+
+/// Requests answered from one read at most; more: 429 and closed.
+const MAX_PIPELINED: usize = 64;
 
 /// A unidirectional stream's `ConnectRequest` (empty: `{}`) as the one
 /// command of a frame.
@@ -284,23 +354,18 @@ fn uni_connect(request: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The key of an emulated session in its core's table: the 128 bits of
-/// its client id (a UUID, as the core makes them); `None`
-/// for anything else.
+/// The key of an emulated session in its core's table: the 128 bits its
+/// `session` (32 lowercase hex digits) spells; `None` for anything else.
 pub fn session_key(session: &str) -> Option<u128> {
-    if session.len() != 36 {
+    if session.len() != 32 || !session.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    let mut v: u128 = 0;
-    let mut digits = 0;
-    for c in session.chars() {
-        if c == '-' {
-            continue;
-        }
-        v = (v << 4) | c.to_digit(16)? as u128;
-        digits += 1;
-    }
-    (digits == 32).then_some(v)
+    u128::from_str_radix(session, 16).ok()
+}
+
+/// The `session` of an emulated session's key.
+pub fn session_name(key: u128) -> String {
+    format!("{key:032x}")
 }
 
 /// The `node` an emulated session's connect reply names: gateway and core.
@@ -318,14 +383,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn session_keys_are_the_uuid_bits_and_nothing_else_has_one() {
-        let k = session_key("254bfcdc-ed6f-0ac0-81b4-031944688035").unwrap();
-        assert_eq!(k, 0x254bfcdc_ed6f_0ac0_81b4_031944688035);
+    fn session_keys_are_32_hex_digits_and_nothing_else_has_one() {
+        let k = 0x254bfcdc_ed6f_0ac0_81b4_031944688035u128;
+        assert_eq!(session_key(&session_name(k)), Some(k));
+        assert_eq!(session_key(&session_name(7)), Some(7));
         for bad in [
             "",
             "no-such-session",
-            "254bfcdc-ed6f-0ac0-81b4-03194468803x",
-            "254bfcdc-ed6f-0ac0-81b4-0319446880355",
+            "254bfcdc-ed6f-0ac0-81b4-031944688035",
+            "+54bfcdced6f0ac081b4031944688035",
+            "254BFCDCED6F0AC081B4031944688035",
+            "254bfcdced6f0ac081b40319446880355",
         ] {
             assert_eq!(session_key(bad), None, "{bad}");
         }

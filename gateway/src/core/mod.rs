@@ -64,7 +64,7 @@ use crate::effects::{Action, Effects, Sid};
 use crate::metrics::Metrics;
 use crate::session::outbound::{Flushed, Written};
 use crate::session::subs::SubState;
-use crate::session::{CloseReason, Deflate, Phase, Session};
+use crate::session::{CloseReason, Deflate, Session};
 use channels::ChannelIndex;
 use requests::Requests;
 use sessions::Sessions;
@@ -147,9 +147,15 @@ pub struct Ctx {
     users: users::UserIndex,
     proxied: proxied::Proxied,
     scratch: Vec<BytesMut>,
-    /// Emulated sessions (http_stream, sse) by the `session` their
-    /// connect reply named (the client id, a UUID, kept as its 128 bits).
+    /// Emulated sessions (http_stream, sse) by the secret `session` their
+    /// connect reply named (128 random bits, never shown to anyone else),
+    /// and the other way round.
     emulated: Map<u128, Sid>,
+    emulation_keys: Map<Sid, u128>,
+    /// Where those secrets come from (ChaCha, seeded from the OS).
+    secrets: rand::rngs::StdRng,
+    /// Emulation requests relayed to other gateway processes, per second.
+    relays: TokenBucket,
     /// Emulation requests read here waiting for another core's word.
     waiting: Map<Sid, fallback::Waiting>,
     /// When the oldest delivery not yet flushed reached the core (the
@@ -184,12 +190,16 @@ pub struct CoreSpec {
     /// Messages the core holds for the uplink before it refuses new work
     /// ([`upstream::MAX_UP_BACKLOG`] in production).
     pub up_backlog: usize,
+    /// Seed of the generator of emulated sessions' secrets (from the OS in
+    /// production: a session's secret is the right to send its commands).
+    pub secret_seed: [u8; 32],
 }
 
 impl Core {
     /// A core with no sessions.
     pub fn new(spec: CoreSpec) -> Core {
-        let CoreSpec { id, cores, cfg, verifier, metrics, seed, now, unix_now, up_backlog } = spec;
+        let CoreSpec { id, cores, cfg, verifier, metrics, seed, now, unix_now, up_backlog, secret_seed } =
+            spec;
         let adm = &cfg.admission;
         Core {
             sessions: Sessions::default(),
@@ -215,6 +225,13 @@ impl Core {
                 proxied: proxied::Proxied::new(seed ^ 0x1f83_d9ab),
                 scratch: Vec::new(),
                 emulated: seeded::map(seed ^ 0x6a09_e667),
+                emulation_keys: seeded::map(seed ^ 0x3c6e_f373),
+                secrets: rand::rngs::StdRng::from_seed(secret_seed),
+                relays: TokenBucket::new(
+                    cfg.fallback.relay_rate,
+                    cfg.fallback.relay_rate.max(1.0) as u32,
+                    now,
+                ),
                 waiting: seeded::map(seed ^ 0xbb67_ae85),
                 write_probe: None,
                 cfg,
@@ -292,7 +309,11 @@ impl Core {
         let s = self.sessions.get_mut(sid).expect("just inserted");
         s.watch(sid, &mut self.cx.fx);
         match refusal {
-            None => self.cx.handshakes += 1,
+            None => {
+                self.cx.handshakes += 1;
+                s.counted = true;
+                self.cx.fx.metrics().pending_handshakes.store(self.cx.handshakes as u64, Ordering::Relaxed);
+            }
             Some(answer) => {
                 self.cx.fx.metrics().rejections.fetch_add(1, Ordering::Relaxed);
                 self.cx.fx.metrics().admission_rejections.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +333,9 @@ impl Core {
         s.upgraded(ms + self.cx.cfg.limits.connect_timeout_secs * 1000);
         s.deflate = moved.deflate;
         s.transport = moved.transport;
+        if s.transport.is_http() {
+            self.cx.fx.metrics().fallback_open.fetch_add(1, Ordering::Relaxed);
+        }
         s.proxy = moved.proxy;
         s.placed = true;
         let sid = self.sessions.insert(s);
@@ -405,9 +429,7 @@ impl Core {
     fn refuse(&mut self, sid: Sid, answer: Vec<u8>) {
         self.cx.fx.metrics().rejections.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = self.sessions.get_mut(sid) {
-            if s.phase() == Phase::Upgrading {
-                self.cx.handshakes = self.cx.handshakes.saturating_sub(1);
-            }
+            self.cx.handshake_done(s);
             s.refuse(sid, answer, &mut self.cx.fx);
             self.cx.rearm(s, sid);
         }
@@ -418,8 +440,9 @@ impl Core {
         self.retire(sid);
         self.cx.waiting.remove(&sid);
         let Some(mut s) = self.sessions.remove(sid) else { return };
-        if s.phase() == Phase::Upgrading {
-            self.cx.handshakes = self.cx.handshakes.saturating_sub(1);
+        self.cx.handshake_done(&mut s);
+        if s.transport.is_http() {
+            self.cx.fx.metrics().fallback_open.fetch_sub(1, Ordering::Relaxed);
         }
         let left = s.outbound().clear();
         self.cx.fx.metrics().queued_bytes.fetch_sub(left as u64, Ordering::Relaxed);
@@ -433,10 +456,7 @@ impl Core {
     fn retire(&mut self, sid: Sid) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let connected = s.is_connected();
-        if connected
-            && s.transport.is_emulation()
-            && let Some(key) = fallback::session_key(&s.identity.client)
-        {
+        if let Some(key) = self.cx.emulation_keys.remove(&sid) {
             self.cx.emulated.remove(&key);
         }
         for (name, state) in s.subs.take() {
@@ -491,6 +511,20 @@ impl Ctx {
         if self.scratch.len() < 64 {
             self.scratch.push(b);
         }
+    }
+
+    /// A session's handshake is over (upgraded, refused, answered or
+    /// gone): it no longer counts toward `max_pending_handshakes`. Once.
+    fn handshake_done(&mut self, s: &mut Session) {
+        if std::mem::take(&mut s.counted) {
+            self.handshakes = self.handshakes.saturating_sub(1);
+            self.fx.metrics().pending_handshakes.store(self.handshakes as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// A fresh secret for an emulated session (its `session`).
+    fn emulation_secret(&mut self) -> u128 {
+        rand::Rng::random(&mut self.secrets)
     }
 
     /// The outbound queue bound of a session.

@@ -117,6 +117,10 @@ impl Core {
     /// The upgrade request is complete in `b` (or refused): answer it, then
     /// handle whatever followed it as WebSocket frames.
     fn upgrade(&mut self, sid: Sid, mut b: BytesMut, now: u64) {
+        if self.sessions.get(sid).is_some_and(|s| s.http_conn) {
+            // A connection of the HTTP fallbacks: its next request too.
+            return self.http_request(sid, b, now);
+        }
         let limits = handshake::HandshakeLimits::default();
         let (req, consumed) = match handshake::parse_request(&b, &limits) {
             Ok(Some(r)) => r,
@@ -160,7 +164,7 @@ impl Core {
         s.echo = echo;
         s.deflate = Deflate::agreed(deflate.as_ref());
         s.upgraded(now + cfg.limits.connect_timeout_secs * 1000);
-        self.cx.handshakes = self.cx.handshakes.saturating_sub(1);
+        self.cx.handshake_done(s);
         self.cx.fx.metrics().handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         s.queue(sid, Bytes::from(response), usize::MAX, &mut self.cx.fx);
         self.cx.rearm(s, sid);
@@ -413,6 +417,9 @@ impl Core {
         self.cx.fx.metrics().queued_bytes.fetch_sub(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.cx.fx.metrics().handovers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if s.transport.is_http() {
+            self.cx.fx.metrics().fallback_open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let moved = Moved {
             message,
             pending,

@@ -44,6 +44,13 @@ impl Upstream {
         self.batch.len() < self.bound
     }
 
+    /// Whether optional work (a relayed emulation request) may add a
+    /// message: it never takes more than half the bound, so it cannot
+    /// crowd out the core's own work.
+    pub fn has_room_for_optional(&self) -> bool {
+        self.batch.len() < self.bound / 2
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.batch.len()

@@ -237,6 +237,11 @@ pub struct Session {
     pub placed: bool,
     /// Whether the session waits in the turn's dirty list.
     dirty: bool,
+    /// Whether the session counts toward the core's handshakes in progress.
+    pub counted: bool,
+    /// A connection that served an HTTP fallback request: its next
+    /// requests go to the fallback endpoints, not the WebSocket parser.
+    pub http_conn: bool,
     /// An HTTP stream whose disconnect push is out and whose last chunk
     /// waits [`STREAM_TAIL_DELAY`] (or for the client to close first).
     tail_pending: bool,
@@ -284,6 +289,8 @@ impl Session {
             echo: false,
             placed: false,
             dirty: false,
+            counted: false,
+            http_conn: false,
             tail_pending: false,
             watched: 0,
             decoder: None,

@@ -368,6 +368,14 @@ impl Uplink {
             }
             UpMsg::Forward { key, msg } => {
                 let Some(o) = self.owner(&key) else { return };
+                if matches!(msg, ClusterMsg::Emulation { .. })
+                    && self.links[o].version < proto::cluster::EMULATION_SINCE
+                {
+                    // A router that does not relay emulation would close
+                    // the link on it: dropped here (counted).
+                    self.metrics.user_commands_dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
                 self.send(o, msg, io);
             }
             UpMsg::Announced { core, round } => {
