@@ -83,6 +83,7 @@ class Server:
         self.p = subprocess.Popen(["taskset", "-c", SERVER_CPU, *cmd], stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True, cwd=ROOT, start_new_session=True)
         line = json.loads(self.p.stdout.readline())
+        self.serve_line = line
         if name == "switchyard":
             self.ws = line["ws_url"].split("//")[1].split("/")[0]
             self.api = line["api_url"].split("//")[1].split("/")[0]
