@@ -76,7 +76,10 @@ class Server:
     def __init__(self, name):
         self.name = name
         if name == "switchyard":
-            cmd = [LOADGEN, "demo", "--serve", "--gateway-cores", "1"]
+            # One gateway process on one core (the set-up: room for
+            # 15,000 connections is one process; the default 50,000 would
+            # start four, all on the server's CPU).
+            cmd = [LOADGEN, "demo", "--serve", "--gateway-cores", "1", "--connections", "15000"]
         else:
             port = 20000 + os.getpid() % 10000
             cmd = ["node", os.path.join(PEERS, "server.mjs"), name, str(port), SECRET, KEY]

@@ -145,8 +145,8 @@ pub enum Inbox {
 /// the session's core.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Emulation {
-    /// The session's key (its secret, as its connect reply named it).
-    pub session: u128,
+    /// The session, as its connect reply named it.
+    pub session: String,
     /// The commands (lines).
     pub data: Bytes,
     /// Who waits for the outcome: the core and session of the request

@@ -433,20 +433,10 @@ pub fn reframe(t: Transport, ws_frame: &[u8]) -> Option<Bytes> {
 
 /// The payload of an unmasked, unfragmented text frame.
 pub fn text_payload(frame: &[u8]) -> Option<&[u8]> {
-    let (&b0, rest) = frame.split_first()?;
-    if b0 != 0x81 {
-        return None;
+    match crate::ws::SharedFrame::data_payload(frame)? {
+        (crate::ws::OpCode::Text, payload) => Some(payload),
+        _ => None,
     }
-    let (&b1, rest) = rest.split_first()?;
-    if b1 & 0x80 != 0 {
-        return None;
-    }
-    let (len, rest) = match b1 & 0x7f {
-        126 => (u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize, &rest[2..]),
-        127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize, &rest[8..]),
-        n => (n as usize, rest),
-    };
-    (rest.len() == len).then_some(rest)
 }
 
 /// How a stream ends: the `disconnect` push (the client's close code and

@@ -68,9 +68,7 @@ impl Core {
     pub(super) fn answer(&mut self, msg: ClusterMsg, now: u64) {
         if let ClusterMsg::Emulation { session, data, .. } = msg {
             // Read by another gateway process, relayed by a router.
-            if let Some(key) = super::fallback::session_key(&session) {
-                self.emulate_here(key, &data, now);
-            }
+            self.emulate_here(&session, &data, now);
             return;
         }
         if msg.user_target().is_some() {

@@ -240,10 +240,7 @@ impl Ctx {
         let (session, node) = if s.transport.is_emulation() {
             // The right to send this session's commands: a secret of its
             // own (the client id is seen by others: presence, join/leave).
-            let key = self.emulation_secret();
-            self.emulated.insert(key, sid);
-            self.emulation_keys.insert(sid, key);
-            (super::fallback::session_name(key), super::fallback::node_name(&self.cfg.id, self.id))
+            (self.session_name(sid), super::fallback::node_name(&self.cfg.id, self.id))
         } else {
             (String::new(), String::new())
         };

@@ -178,15 +178,10 @@ impl Core {
         now: u64,
     ) {
         let connect_by = now + self.cx.cfg.limits.connect_timeout_secs * 1000;
-        let cfg = self.cx.cfg.clone();
-        let headers = &cfg.proxy.http_headers;
-        let forwarded = (!headers.is_empty() && cfg.proxy.enabled())
-            .then(|| handshake::headers_named(head, headers))
-            .filter(|h| !h.is_empty());
+        let forwarded = self.cx.forwarded(head);
         let Some(s) = self.sessions.get_mut(sid) else { return };
-        if let Some(h) = forwarded {
-            s.proxy =
-                Some(Box::new(crate::session::SessionProxy { headers: h.into(), ..Default::default() }));
+        if forwarded.is_some() {
+            s.proxy = forwarded;
         }
         s.transport = t;
         s.http_conn = false;
@@ -235,7 +230,9 @@ impl Core {
             c.refuse(sid, fallback::error(404, origin.as_deref(), why));
             Step::Done
         };
-        let Some(key) = session_key(&e.session) else { return unknown(self, "unknown session") };
+        if parse_session(&e.session).is_none() {
+            return unknown(self, "unknown session");
+        }
         if gateway != self.cx.cfg.id {
             // Another gateway process holds the session (several share the
             // port): a router relays the commands there. Accepted, not
@@ -259,7 +256,7 @@ impl Core {
         let Some(core) = core.filter(|c| *c < self.cx.cores) else { return unknown(self, "unknown node") };
         let data = Bytes::from(e.data.into_bytes());
         if core == self.cx.id {
-            let found = self.emulate_here(key, &data, now);
+            let found = self.emulate_here(&e.session, &data, now);
             return self.emulation_done(sid, found, Waiting { origin, close: req.close }, now);
         }
         if let Some(s) = self.sessions.get_mut(sid) {
@@ -267,7 +264,7 @@ impl Core {
             s.partial = rest.split().to_vec();
         }
         self.cx.waiting.insert(sid, Waiting { origin, close: req.close });
-        let emulation = Box::new(Emulation { session: key, data, from: Some((self.cx.id, sid)) });
+        let emulation = Box::new(Emulation { session: e.session, data, from: Some((self.cx.id, sid)) });
         self.cx.fx.act(Action::Emulate { core, emulation });
         Step::Done
     }
@@ -283,9 +280,10 @@ impl Core {
     }
 
     /// Hands the commands to the emulated session, if this core holds it.
-    pub(super) fn emulate_here(&mut self, session: u128, data: &[u8], now: u64) -> bool {
-        let target = self.cx.emulated.get(&session).copied();
-        let Some(target) = target.filter(|t| self.sessions.get(*t).is_some_and(|s| s.is_connected())) else {
+    pub(super) fn emulate_here(&mut self, session: &str, data: &[u8], now: u64) -> bool {
+        let target = self.cx.session_named(session);
+        let emulated = |s: &crate::session::Session| s.is_connected() && s.transport.is_emulation();
+        let Some(target) = target.filter(|t| self.sessions.get(*t).is_some_and(emulated)) else {
             self.cx.fx.metrics().emulation_unknown.fetch_add(1, Ordering::Relaxed);
             return false;
         };
@@ -301,7 +299,7 @@ impl Core {
     /// Commands for an emulated session of this core, read by another.
     pub fn emulate(&mut self, e: Emulation, now: std::time::Instant) {
         let ms = self.cx.clock.ms(now);
-        let found = self.emulate_here(e.session, &e.data, ms);
+        let found = self.emulate_here(&e.session, &e.data, ms);
         if let Some((core, sid)) = e.from {
             self.cx.fx.act(Action::Emulated { core, sid, found });
         }
@@ -354,18 +352,15 @@ fn uni_connect(request: &[u8]) -> Vec<u8> {
     out
 }
 
-/// The key of an emulated session in its core's table: the 128 bits its
-/// `session` (32 lowercase hex digits) spells; `None` for anything else.
-pub fn session_key(session: &str) -> Option<u128> {
-    if session.len() != 32 || !session.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+/// The two halves of an emulated session's name: its id and its MAC
+/// (16 + 32 lowercase hex digits); `None` for anything else.
+pub fn parse_session(session: &str) -> Option<(Sid, [u8; 16])> {
+    if session.len() != 48 || !session.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
-    u128::from_str_radix(session, 16).ok()
-}
-
-/// The `session` of an emulated session's key.
-pub fn session_name(key: u128) -> String {
-    format!("{key:032x}")
+    let sid = u64::from_str_radix(&session[..16], 16).ok()?;
+    let mac = u128::from_str_radix(&session[16..], 16).ok()?;
+    Some((Sid(sid), mac.to_be_bytes()))
 }
 
 /// The `node` an emulated session's connect reply names: gateway and core.
@@ -383,19 +378,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn session_keys_are_32_hex_digits_and_nothing_else_has_one() {
-        let k = 0x254bfcdc_ed6f_0ac0_81b4_031944688035u128;
-        assert_eq!(session_key(&session_name(k)), Some(k));
-        assert_eq!(session_key(&session_name(7)), Some(7));
+    fn session_names_are_an_id_and_a_mac_and_nothing_else_parses() {
+        let name = format!("{:016x}{:032x}", 0x0000_0002_0000_0007u64, 0xabcdu128);
+        let (sid, mac) = parse_session(&name).unwrap();
+        assert_eq!(sid, Sid(0x0000_0002_0000_0007));
+        assert_eq!(u128::from_be_bytes(mac), 0xabcd);
         for bad in [
             "",
             "no-such-session",
             "254bfcdc-ed6f-0ac0-81b4-031944688035",
-            "+54bfcdced6f0ac081b4031944688035",
-            "254BFCDCED6F0AC081B4031944688035",
-            "254bfcdced6f0ac081b40319446880355",
+            &name[1..],
+            &name.to_uppercase(),
+            &format!("+{}", &name[1..]),
         ] {
-            assert_eq!(session_key(bad), None, "{bad}");
+            assert_eq!(parse_session(bad), None, "{bad}");
         }
         assert_eq!(node_name("gw-1", 3), "gw-1/3");
         assert_eq!(uni_connect(b""), b"{\"id\":1,\"connect\":{}}");

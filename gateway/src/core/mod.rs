@@ -147,13 +147,11 @@ pub struct Ctx {
     users: users::UserIndex,
     proxied: proxied::Proxied,
     scratch: Vec<BytesMut>,
-    /// Emulated sessions (http_stream, sse) by the secret `session` their
-    /// connect reply named (128 random bits, never shown to anyone else),
-    /// and the other way round.
-    emulated: Map<u128, Sid>,
-    emulation_keys: Map<Sid, u128>,
-    /// Where those secrets come from (ChaCha, seeded from the OS).
-    secrets: rand::rngs::StdRng,
+    /// The key of the emulated sessions' secrets: a session's `session`
+    /// is its id and the 128-bit HMAC-SHA256 of it under this key (from
+    /// the OS in production), so no table is kept per session and nobody
+    /// who only saw the session's client id can name it.
+    session_mac: ring::hmac::Key,
     /// Emulation requests relayed to other gateway processes, per second.
     relays: TokenBucket,
     /// Emulation requests read here waiting for another core's word.
@@ -224,9 +222,7 @@ impl Core {
                 users: users::UserIndex::new(seed ^ 0x5be0_cd19),
                 proxied: proxied::Proxied::new(seed ^ 0x1f83_d9ab),
                 scratch: Vec::new(),
-                emulated: seeded::map(seed ^ 0x6a09_e667),
-                emulation_keys: seeded::map(seed ^ 0x3c6e_f373),
-                secrets: rand::rngs::StdRng::from_seed(secret_seed),
+                session_mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret_seed),
                 relays: TokenBucket::new(
                     cfg.fallback.relay_rate,
                     cfg.fallback.relay_rate.max(1.0) as u32,
@@ -456,9 +452,6 @@ impl Core {
     fn retire(&mut self, sid: Sid) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let connected = s.is_connected();
-        if let Some(key) = self.cx.emulation_keys.remove(&sid) {
-            self.cx.emulated.remove(&key);
-        }
         for (name, state) in s.subs.take() {
             if let SubState::Pending(p) = &state {
                 self.cx.requests.finish(p.req);
@@ -522,9 +515,41 @@ impl Ctx {
         }
     }
 
-    /// A fresh secret for an emulated session (its `session`).
-    fn emulation_secret(&mut self) -> u128 {
-        rand::Rng::random(&mut self.secrets)
+    /// The proxy state of a session whose request head is `head`, when the
+    /// proxy forwards some of its headers (configured and present).
+    fn forwarded(&self, head: &[u8]) -> Option<Box<crate::session::SessionProxy>> {
+        let headers = &self.cfg.proxy.http_headers;
+        let h = (!headers.is_empty() && self.cfg.proxy.enabled())
+            .then(|| proto::ws::handshake::headers_named(head, headers))
+            .filter(|h| !h.is_empty())?;
+        Some(Box::new(crate::session::SessionProxy { headers: h.into(), ..Default::default() }))
+    }
+
+    /// The secret half of session `sid`'s emulation name.
+    fn session_mac(&self, sid: Sid) -> [u8; 16] {
+        let tag = ring::hmac::sign(&self.session_mac, &sid.0.to_be_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&tag.as_ref()[..16]);
+        out
+    }
+
+    /// The `session` an emulated session's connect reply names.
+    fn session_name(&self, sid: Sid) -> String {
+        let mac = self.session_mac(sid);
+        let mut out = format!("{:016x}", sid.0);
+        for b in mac {
+            out.push_str(&format!("{b:02x}"));
+        }
+        out
+    }
+
+    /// The session a `session` names, if it is one of this core's names
+    /// (the MAC checked in constant time).
+    fn session_named(&self, session: &str) -> Option<Sid> {
+        let (sid, mac) = fallback::parse_session(session)?;
+        let want = self.session_mac(sid);
+        let diff = want.iter().zip(mac.iter()).fold(0u8, |d, (a, b)| d | (a ^ b));
+        (diff == 0).then_some(sid)
     }
 
     /// The outbound queue bound of a session.

@@ -152,14 +152,10 @@ impl Core {
         let deflate = if cfg.deflate { req.negotiate_deflate() } else { None };
         let protocol = req.select_protocol(&["centrifuge-json"]);
         let response = handshake::switching_protocols(&req.key, protocol, deflate.as_ref());
-        let headers = &cfg.proxy.http_headers;
-        let forwarded = (!headers.is_empty() && cfg.proxy.enabled())
-            .then(|| handshake::headers_named(&b[..consumed], headers))
-            .filter(|h| !h.is_empty());
+        let forwarded = self.cx.forwarded(&b[..consumed]);
         let Some(s) = self.sessions.get_mut(sid) else { return };
-        if let Some(h) = forwarded {
-            s.proxy =
-                Some(Box::new(crate::session::SessionProxy { headers: h.into(), ..Default::default() }));
+        if forwarded.is_some() {
+            s.proxy = forwarded;
         }
         s.echo = echo;
         s.deflate = Deflate::agreed(deflate.as_ref());

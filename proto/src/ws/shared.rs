@@ -57,6 +57,16 @@ impl SharedFrame {
     /// recipients that negotiated permessage-deflate. `None` when `frame` is
     /// not such a frame or compression would not make it smaller.
     pub fn deflate_encoded(frame: &[u8], deflater: &mut Deflater) -> Option<SharedFrame> {
+        let (opcode, rest) = Self::data_payload(frame)?;
+        let len = rest.len();
+        let compressed = deflater.compress(rest);
+        (compressed.len() < len).then(|| Self::build(opcode, true, &[&compressed]))
+    }
+
+    /// The opcode and payload of an encoded, unfragmented, uncompressed
+    /// text or binary server frame (as built by this type); `None` for
+    /// anything else.
+    pub fn data_payload(frame: &[u8]) -> Option<(OpCode, &[u8])> {
         let (&b0, rest) = frame.split_first()?;
         let opcode = match b0 {
             0x81 => OpCode::Text,
@@ -72,11 +82,7 @@ impl SharedFrame {
             127 => (u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize, &rest[8..]),
             n => (n as usize, rest),
         };
-        if rest.len() != len {
-            return None;
-        }
-        let compressed = deflater.compress(rest);
-        (compressed.len() < len).then(|| Self::build(opcode, true, &[&compressed]))
+        (rest.len() == len).then_some((opcode, rest))
     }
 
     /// A binary frame.
