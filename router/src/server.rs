@@ -439,7 +439,16 @@ impl Router {
         // When the oldest delivery the shards queued here and the writer
         // has not written yet was queued (the writer takes it per batch).
         let oldest = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        self.named.lock().expect("not poisoned").insert(gateway_id.clone(), (gw, version, tx.clone()));
+        let replaced =
+            self.named.lock().expect("not poisoned").insert(gateway_id.clone(), (gw, version, tx.clone()));
+        if let Some((other, _, old)) = replaced
+            && !old.is_closed()
+        {
+            // Two live gateways with one id: relays by id reach the newer
+            // only (each gateway's `id` must be unique; the default is
+            // `gw-<pid>`, which repeats across containers).
+            tracing::warn!(gateway = %gateway_id, link = gw, other, "a linked gateway already has this id");
+        }
         for s in &self.shards {
             let link = crate::shard::GatewayTx { tx: tx.clone(), oldest: oldest.clone() };
             s.send(ShardCmd::GatewayUp { gw, tx: link, version }).await?;
