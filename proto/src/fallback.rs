@@ -340,11 +340,8 @@ pub fn empty(status: u16, origin: Option<&str>, preflight_headers: Option<&str>,
 
 /// A closing error response with CORS (so the page's script sees the status).
 pub fn error(status: u16, origin: Option<&str>, body: &str) -> Vec<u8> {
-    let mut extra = String::new();
-    cors(&mut extra, origin);
-    let pairs: Vec<(&str, &str)> =
-        extra.split("\r\n").filter(|l| !l.is_empty()).filter_map(|l| l.split_once(": ")).collect();
-    crate::ws::handshake::error_response(status, &pairs, body)
+    let cors = origin.map(|o| [("Access-Control-Allow-Origin", o), ("Vary", "Origin")]);
+    crate::ws::handshake::error_response(status, cors.as_ref().map_or(&[][..], |c| &c[..]), body)
 }
 
 fn put_chunk(out: &mut BytesMut, body: impl FnOnce(&mut BytesMut)) {

@@ -115,7 +115,8 @@ impl LinkTx for GatewayTx {
     fn try_send(&self, msg: ClusterMsg) -> bool {
         let deliver = matches!(msg, ClusterMsg::Deliver { .. });
         let sent = mpsc::Sender::try_send(&self.tx, msg).is_ok();
-        if sent && deliver {
+        // The clock is read only for the first delivery of a batch.
+        if sent && deliver && self.oldest.load(Ordering::Relaxed) == 0 {
             let _ = self.oldest.compare_exchange(0, clock_nanos(), Ordering::Relaxed, Ordering::Relaxed);
         }
         sent

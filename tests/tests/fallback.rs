@@ -42,6 +42,15 @@ fn open_at(addr: std::net::SocketAddr, transport: &str, user: &str) -> (Stream, 
     (st, result)
 }
 
+/// A settled router and 2-core gateway, the gateway with this config file.
+fn configured(name: &str, toml: &str) -> Cluster {
+    let p = std::env::temp_dir().join(format!("sy-fallback-{name}-{}.toml", std::process::id()));
+    std::fs::write(&p, toml).unwrap();
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
+    c.settle();
+    c
+}
+
 fn session(r: &Value) -> (String, String) {
     (r["session"].as_str().unwrap().to_owned(), r["node"].as_str().unwrap().to_owned())
 }
@@ -263,10 +272,7 @@ fn keep_alive_emulation_requests_are_answered_in_order_on_one_connection() {
 #[test]
 fn request_connections_are_bounded_and_never_hold_a_handshake_slot() {
     use std::io::{Read, Write};
-    let p = std::env::temp_dir().join(format!("sy-fallback-adm-{}.toml", std::process::id()));
-    std::fs::write(&p, "[admission]\nmax_pending_handshakes = 5\n").unwrap();
-    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
-    c.settle();
+    let c = configured("adm", "[admission]\nmax_pending_handshakes = 5\n");
     let addr = c.ws_addrs[0];
     // Preflights answered and closed: none of them keeps a handshake slot.
     for _ in 0..20 {
@@ -393,10 +399,7 @@ fn a_drain_ends_emulated_streams_with_3001_and_the_last_chunk() {
 
 #[test]
 fn emulated_sessions_answer_pings_through_emulation_or_close_with_3012() {
-    let p = std::env::temp_dir().join(format!("sy-fallback-ping-{}.toml", std::process::id()));
-    std::fs::write(&p, "[limits]\nping_secs = 1\npong_timeout_secs = 1\n").unwrap();
-    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
-    c.settle();
+    let c = configured("ping", "[limits]\nping_secs = 1\npong_timeout_secs = 1\n");
     let (mut alive, r) = open(&c, "sse", "pinged-alive");
     let (sid, node) = session(&r);
     let (mut deaf, _) = open(&c, "http_stream", "pinged-deaf");

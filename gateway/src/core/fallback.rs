@@ -28,7 +28,7 @@ use crate::session::Phase;
 use proto::cluster::ClusterMsg;
 
 /// Largest request head (bytes), as for the WebSocket upgrade.
-const MAX_HEAD: usize = 8192;
+const MAX_HEAD: usize = handshake::HandshakeLimits::DEFAULT_HEADER_BYTES;
 
 /// An emulation request waiting for another core's word on its session.
 #[derive(Debug)]

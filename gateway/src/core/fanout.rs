@@ -124,9 +124,18 @@ impl Core {
         let cx = &mut self.cx;
         let limit = cx.cfg.limits.max_queue_bytes;
         let Some(ch) = cx.channels.get(channel) else { return };
+        // An HTTP transport's framing of the push, made once for all its sessions.
+        let mut twins = Twins::default();
         for sid in ch.members() {
             let Some(s) = self.sessions.get_mut(sid) else { continue };
-            if matches!(s.subs.get(&ch.name), Some(SubState::Follows | SubState::Own(_))) {
+            if !matches!(s.subs.get(&ch.name), Some(SubState::Follows | SubState::Own(_))) {
+                continue;
+            }
+            if s.transport.is_http() {
+                if let Some(f) = twins.http(s.transport, &frame, || {}) {
+                    s.queue_framed(sid, f, limit, &mut cx.fx);
+                }
+            } else {
                 s.queue(sid, frame.clone(), limit, &mut cx.fx);
             }
         }
@@ -230,6 +239,20 @@ struct Twins {
     http: [Option<Option<Bytes>>; 4],
 }
 
+impl Twins {
+    /// `plain` in HTTP transport `t`'s framing (`None`: nothing in it for
+    /// `t`), made on the first call for `t` (`made` is told).
+    fn http(&mut self, t: proto::fallback::Transport, plain: &Bytes, made: impl FnOnce()) -> Option<Bytes> {
+        let i = t.http_index()?;
+        self.http[i]
+            .get_or_insert_with(|| {
+                made();
+                proto::fallback::reframe(t, plain)
+            })
+            .clone()
+    }
+}
+
 /// The bytes a publication reaches a session in, in its framing: the plain
 /// frame, its compressed twin, or its HTTP transport's framing; `None`
 /// when there is nothing in it for the session's transport.
@@ -240,13 +263,10 @@ fn pick(
     deflater: &mut proto::ws::deflate::Deflater,
     fx: &crate::effects::Effects,
 ) -> Option<Bytes> {
-    if let Some(i) = s.transport.http_index() {
-        return twins.http[i]
-            .get_or_insert_with(|| {
-                fx.gateway_metrics().frames_reframed.fetch_add(1, Ordering::Relaxed);
-                proto::fallback::reframe(s.transport, plain)
-            })
-            .clone();
+    if s.transport.is_http() {
+        return twins.http(s.transport, plain, || {
+            fx.gateway_metrics().frames_reframed.fetch_add(1, Ordering::Relaxed);
+        });
     }
     match s.deflate {
         Deflate::Both => Some(

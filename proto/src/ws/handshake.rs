@@ -23,9 +23,15 @@ pub struct HandshakeLimits {
     pub max_headers: usize,
 }
 
+impl HandshakeLimits {
+    /// The default [`HandshakeLimits::max_header_bytes`] (8 KiB), also the
+    /// bound of the HTTP fallbacks' request heads.
+    pub const DEFAULT_HEADER_BYTES: usize = 8192;
+}
+
 impl Default for HandshakeLimits {
     fn default() -> Self {
-        HandshakeLimits { max_header_bytes: 8192, max_headers: 32 }
+        HandshakeLimits { max_header_bytes: Self::DEFAULT_HEADER_BYTES, max_headers: 32 }
     }
 }
 
