@@ -24,7 +24,7 @@ use crate::auth::TokenError;
 use crate::bridge::UpMsg;
 use crate::effects::Sid;
 use crate::session::subs::{PendingSub, SubState};
-use crate::session::{Budget, Identity, PendingConnect, Session, VERSION};
+use crate::session::{Identity, PendingConnect, Rate, Session, VERSION};
 
 /// Who asked for a subscription.
 #[derive(Debug, Clone, Copy)]
@@ -119,9 +119,8 @@ impl Core {
                 replies.push(reply::error_reply(id, e));
                 let max = self.cx.cfg.limits.max_refusals;
                 let s = self.sessions.get_mut(sid).expect("handled above");
-                let b = self.cx.budget(s, now);
-                b.refusals += 1;
-                if b.refusals > max { Err(Disconnect::TOO_MANY_REQUESTS) } else { Ok(()) }
+                s.budget.refusals += 1;
+                if s.budget.refusals > max { Err(Disconnect::TOO_MANY_REQUESTS) } else { Ok(()) }
             }
             Err(Refusal::Reply(e)) => {
                 replies.push(reply::error_reply(id, e));
@@ -137,23 +136,19 @@ impl Core {
 }
 
 impl Ctx {
-    /// The session's rate budgets (made on first use).
-    fn budget<'a>(&self, s: &'a mut Session, now: u64) -> &'a mut Budget {
-        let at = self.clock.at(now);
+    /// The session's publish and request rates.
+    fn rates(&self) -> (Rate, Rate) {
         let lim = &self.cfg.limits;
-        s.budget.get_or_insert_with(|| {
-            Box::new(Budget {
-                publish: TokenBucket::new(lim.publish_rate, lim.publish_burst, at),
-                requests: TokenBucket::new(lim.request_rate, lim.request_burst, at),
-                refusals: 0,
-            })
-        })
+        (
+            Rate { per_sec: lim.publish_rate, burst: lim.publish_burst },
+            Rate { per_sec: lim.request_rate, burst: lim.request_burst },
+        )
     }
 
     /// Takes one router-bound command from the session's budget.
     pub(super) fn charge(&self, s: &mut Session, now: u64) -> Result<(), Refusal> {
-        let at = self.clock.at(now);
-        if self.budget(s, now).requests.try_take(1, at) {
+        let (publish, requests) = self.rates();
+        if s.budget.take_request(publish, requests, now) {
             Ok(())
         } else {
             Err(ReplyError::TOO_MANY_REQUESTS.into())
@@ -234,9 +229,12 @@ impl Ctx {
         }
         let ttl = self.ttl_of(expires, now);
         let client = client.unwrap_or_else(|| self.client_id());
-        let user: Arc<str> = Arc::from(user);
-        s.connected(Identity { client: client.clone().into(), user: user.clone(), conn_info: info });
-        self.users.add(&user, sid);
+        let user = self.users.add(&user, sid);
+        s.connected(Identity {
+            client: client.clone().into(),
+            user: user.clone(),
+            conn_info: info.map(Box::new),
+        });
         let (session, node) = if s.transport.is_emulation() {
             // The right to send this session's commands: a secret of its
             // own (the client id is seen by others: presence, join/leave).
@@ -581,7 +579,8 @@ impl Ctx {
             _ => {}
         }
         let at = self.clock.at(now);
-        let allowed = self.budget(s, now).publish.try_take(1, at);
+        let (publish, requests) = self.rates();
+        let allowed = s.budget.take_publish(publish, requests, now);
         if !allowed || !self.user_may_publish(&s.identity.user, at) {
             return Err(ReplyError::TOO_MANY_REQUESTS.into());
         }
@@ -590,7 +589,7 @@ impl Ctx {
         }
         let data = strip_newlines(r.data.expect("checked above").get().as_bytes());
         let id_ = &s.identity;
-        let info = client_info(&id_.user, &id_.client, id_.conn_info.as_deref(), None);
+        let info = client_info(&id_.user, &id_.client, id_.info(), None);
         let channel = r.channel;
         self.request(s, sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
             req,

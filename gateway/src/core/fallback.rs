@@ -138,7 +138,7 @@ impl Core {
             return self.refuse(sid, fallback::error(413, None, "request too large"));
         }
         if let Some(s) = self.sessions.get_mut(sid) {
-            s.partial = b.to_vec();
+            s.partial = b[..].into();
         }
         self.cx.give_scratch(b);
     }
@@ -160,7 +160,7 @@ impl Core {
         if !s.queue_framed(sid, Bytes::from(answer), limit, &mut self.cx.fx) {
             return Step::Done;
         }
-        s.deadlines.connect_by = now + idle;
+        s.deadlines.phase_by = now + idle;
         self.cx.rearm(s, sid);
         Step::Next
     }
@@ -261,7 +261,7 @@ impl Core {
         }
         if let Some(s) = self.sessions.get_mut(sid) {
             // What follows this request waits for its answer.
-            s.partial = rest.split().to_vec();
+            s.partial = rest.split()[..].into();
         }
         self.cx.waiting.insert(sid, Waiting { origin, close: req.close });
         let emulation = Box::new(Emulation { session: e.session, data, from: Some((self.cx.id, sid)) });

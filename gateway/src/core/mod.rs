@@ -612,7 +612,7 @@ impl Ctx {
     /// the namespace keeps presence or join/leave pushes.
     fn join(&mut self, s: &Session, channel: &Arc<str>, chan_info: Option<&[u8]>) {
         let id = &s.identity;
-        let info = client_info(&id.user, &id.client, id.conn_info.as_deref(), chan_info);
+        let info = client_info(&id.user, &id.client, id.info(), chan_info);
         let msg = ClusterMsg::Join {
             channel: channel.to_string(),
             client: id.client.to_string(),

@@ -430,7 +430,7 @@ impl Core {
                 if let Some(s) = self.sessions.get_mut(sid)
                     && let Some(info) = stripped(&r.info)
                 {
-                    s.identity.conn_info = Some(info);
+                    s.identity.conn_info = Some(Box::new(info));
                 }
                 self.server_refresh(sid, r.expired, r.expire_at, now);
             }
@@ -527,7 +527,7 @@ impl Core {
         let data = stripped(&r.data).unwrap_or(data);
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let id_ = &s.identity;
-        let info = client_info(&id_.user, &id_.client, id_.conn_info.as_deref(), None);
+        let info = client_info(&id_.user, &id_.client, id_.info(), None);
         let sent = self.cx.request(s, sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
             req,
             channel,

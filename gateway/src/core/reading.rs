@@ -49,13 +49,13 @@ impl Core {
         let ms = self.cx.clock.ms(now);
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let phase = s.phase();
-        if let Phase::Closing(_) = phase {
+        if let Phase::Closing = phase {
             return;
         }
         let mut b = self.cx.take_scratch();
         if !s.partial.is_empty() {
             b.extend_from_slice(&s.partial);
-            s.partial = Vec::new();
+            s.partial = Box::default();
         }
         let got = fill(&mut b);
         match (phase, got) {
@@ -75,7 +75,7 @@ impl Core {
                 // Spurious readiness (or TLS records with no data yet): keep
                 // what was partial and wait again.
                 if !b.is_empty() {
-                    s.partial = b.to_vec();
+                    s.partial = b[..].into();
                 }
                 self.cx.give_scratch(b);
             }
@@ -126,7 +126,7 @@ impl Core {
             Ok(Some(r)) => r,
             Ok(None) => {
                 if let Some(s) = self.sessions.get_mut(sid) {
-                    s.partial = b.to_vec();
+                    s.partial = b[..].into();
                 }
                 self.cx.give_scratch(b);
                 return;
@@ -189,7 +189,7 @@ impl Core {
                 self.close(sid, Disconnect::TOO_MANY_REQUESTS.into());
                 return;
             }
-            s.partial = b.to_vec();
+            s.partial = b[..].into();
             self.cx.give_scratch(b);
             return;
         }
@@ -211,7 +211,7 @@ impl Core {
                     }
                     if !b.is_empty() && !s.is_ending() {
                         // A partial frame header or control frame: keep just those bytes.
-                        s.partial = b.to_vec();
+                        s.partial = b[..].into();
                     }
                 }
                 self.cx.give_scratch(b);

@@ -55,18 +55,18 @@ impl Core {
             return self.finish(sid);
         }
         match s.phase() {
-            Phase::Closing(_) => {}
-            Phase::Lingering if passed(d.linger_until) => {
+            Phase::Closing => {}
+            Phase::Lingering if passed(d.phase_by) => {
                 if !s.stream_tail(sid, &mut self.cx.fx) {
                     self.finish(sid)
                 }
             }
             Phase::Lingering => {}
-            Phase::Upgrading if passed(d.connect_by) => {
+            Phase::Upgrading if passed(d.phase_by) => {
                 // Slowloris: the upgrade request did not complete in time.
                 self.refuse(sid, handshake::error_response(408, &[], "upgrade timed out"));
             }
-            Phase::Open if passed(d.connect_by) => self.close(sid, Disconnect::STALE.into()),
+            Phase::Open if passed(d.phase_by) => self.close(sid, Disconnect::STALE.into()),
             Phase::Upgrading | Phase::Open | Phase::Connected if passed(d.drain_at) => {
                 self.close(sid, Disconnect::SHUTDOWN.into())
             }

@@ -27,48 +27,88 @@ use crate::session::CloseReason;
 use crate::session::subs::SubState;
 
 /// The connected sessions of each user on one core (anonymous sessions are
-/// not addressable and not indexed).
+/// not addressable and not indexed). The key is the one copy of the user's
+/// id on the core: its sessions' identities share it.
 #[derive(Debug)]
-pub struct UserIndex(Map<Arc<str>, Vec<Sid>>);
+pub struct UserIndex {
+    map: Map<Arc<str>, Sids>,
+    /// The anonymous user's id, shared by every anonymous session.
+    anonymous: Arc<str>,
+}
+
+/// A user's sessions: most users have one here, kept without an allocation.
+#[derive(Debug)]
+enum Sids {
+    One(Sid),
+    Many(Vec<Sid>),
+}
+
+impl Sids {
+    fn as_slice(&self) -> &[Sid] {
+        match self {
+            Sids::One(s) => std::slice::from_ref(s),
+            Sids::Many(v) => v,
+        }
+    }
+}
 
 impl UserIndex {
     /// An empty index.
     pub fn new(seed: u64) -> Self {
-        UserIndex(seeded::map(seed))
+        UserIndex { map: seeded::map(seed), anonymous: Arc::from("") }
     }
 
-    /// Session `sid` of `user` connected.
-    pub fn add(&mut self, user: &Arc<str>, sid: Sid) {
+    /// Session `sid` of `user` connected; returns the core's copy of the
+    /// user's id for the session's identity.
+    pub fn add(&mut self, user: &str, sid: Sid) -> Arc<str> {
         if user.is_empty() {
-            return;
+            return self.anonymous.clone();
         }
-        self.0.entry(user.clone()).or_default().push(sid);
+        if let Some(key) = self.map.get_key_value(user).map(|(k, _)| k.clone()) {
+            let sids = self.map.get_mut(user).expect("found above");
+            match sids {
+                Sids::One(first) => *sids = Sids::Many(vec![*first, sid]),
+                Sids::Many(v) => v.push(sid),
+            }
+            return key;
+        }
+        let key: Arc<str> = Arc::from(user);
+        self.map.insert(key.clone(), Sids::One(sid));
+        key
     }
 
     /// Session `sid` of `user` is gone.
     pub fn remove(&mut self, user: &str, sid: Sid) {
-        let Some(sids) = self.0.get_mut(user) else { return };
-        if let Some(i) = sids.iter().position(|s| *s == sid) {
-            sids.swap_remove(i);
-        }
-        if sids.is_empty() {
-            self.0.remove(user);
+        let Some(sids) = self.map.get_mut(user) else { return };
+        match sids {
+            Sids::One(s) if *s == sid => {
+                self.map.remove(user);
+            }
+            Sids::One(_) => {}
+            Sids::Many(v) => {
+                if let Some(i) = v.iter().position(|s| *s == sid) {
+                    v.swap_remove(i);
+                }
+                if let [last] = v[..] {
+                    *sids = Sids::One(last);
+                }
+            }
         }
     }
 
     /// The user's sessions on this core.
     pub fn sessions(&self, user: &str) -> &[Sid] {
-        self.0.get(user).map_or(&[], Vec::as_slice)
+        self.map.get(user).map_or(&[], Sids::as_slice)
     }
 
     /// Users indexed.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     /// Whether no user is indexed.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.map.is_empty()
     }
 }
 
@@ -269,14 +309,18 @@ mod tests {
     #[test]
     fn the_index_follows_sessions() {
         let mut ix = UserIndex::new(1);
-        let u: Arc<str> = Arc::from("42");
-        ix.add(&u, Sid(1));
-        ix.add(&u, Sid(2));
-        ix.add(&Arc::from(""), Sid(3));
-        assert_eq!(ix.sessions("42"), &[Sid(1), Sid(2)]);
+        let u = ix.add("42", Sid(1));
+        assert!(Arc::ptr_eq(&u, &ix.add("42", Sid(2))), "one copy of the id per core");
+        assert!(Arc::ptr_eq(&ix.add("", Sid(3)), &ix.add("", Sid(4))));
+        ix.add("42", Sid(5));
+        assert_eq!(ix.sessions("42"), &[Sid(1), Sid(2), Sid(5)]);
         assert_eq!(ix.len(), 1, "anonymous sessions are not indexed");
         ix.remove("42", Sid(1));
+        assert_eq!(ix.sessions("42"), &[Sid(5), Sid(2)]);
+        ix.remove("42", Sid(9));
         ix.remove("42", Sid(2));
+        assert_eq!(ix.sessions("42"), &[Sid(5)]);
+        ix.remove("42", Sid(5));
         assert!(ix.is_empty());
         assert_eq!(ix.sessions("42"), &[] as &[Sid]);
     }

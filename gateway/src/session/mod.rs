@@ -25,7 +25,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::client::Disconnect;
 use proto::fallback::Transport;
-use proto::token_bucket::TokenBucket;
 use proto::ws::{Decoder, SharedFrame};
 
 pub use crate::bridge::Deflate;
@@ -78,7 +77,7 @@ pub enum Phase {
     /// `connect` accepted.
     Connected,
     /// Ending: what is queued, then the close, is being written.
-    Closing(CloseReason),
+    Closing,
     /// The close is written and the write side shut down; reading and
     /// discarding until the client closes, [`LINGER`] or [`LINGER_BYTES`].
     Lingering,
@@ -91,28 +90,82 @@ pub struct Identity {
     pub client: Box<str>,
     /// User id (`""` anonymous).
     pub user: Arc<str>,
-    /// `conn_info` from the connection token.
-    pub conn_info: Option<Bytes>,
+    /// `conn_info` from the connection token (boxed: most have none).
+    pub conn_info: Option<Box<Bytes>>,
 }
 
-/// The session's rate budgets, made at its first command that costs the
-/// routers something (most idle connections never send one).
-#[derive(Debug)]
+impl Identity {
+    /// `conn_info`, if any.
+    pub fn info(&self) -> Option<&[u8]> {
+        self.conn_info.as_deref().map(Bytes::as_ref)
+    }
+}
+
+/// The session's rate budgets: the tokens left in its publish and request
+/// buckets (rates and bursts are the configuration's), refilled together.
+/// Kept inline, 24 bytes: most sessions send at least a subscribe.
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Budget {
-    /// Publishes per second.
-    pub publish: TokenBucket,
-    /// Other router-bound commands (subscribe, history, presence,
-    /// presence_stats) per second.
-    pub requests: TokenBucket,
+    publish: f32,
+    requests: f32,
+    /// When both were last refilled (core milliseconds); 0: never used,
+    /// both full.
+    at: u64,
     /// Commands refused for a rate so far; past `max_refusals`: 3013.
     pub refusals: u32,
+}
+
+/// One bucket's rate (tokens per second) and burst.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    /// Tokens per second.
+    pub per_sec: f64,
+    /// The bucket's size.
+    pub burst: u32,
+}
+
+impl Budget {
+    fn refill(&mut self, publish: Rate, requests: Rate, now: u64) {
+        if self.at == 0 {
+            (self.publish, self.requests) = (publish.burst.max(1) as f32, requests.burst.max(1) as f32);
+        } else {
+            let secs = now.saturating_sub(self.at) as f64 / 1000.0;
+            let fill = |tokens: f32, r: Rate| {
+                (tokens as f64 + secs * r.per_sec.max(0.0)).min(r.burst.max(1) as f64) as f32
+            };
+            (self.publish, self.requests) = (fill(self.publish, publish), fill(self.requests, requests));
+        }
+        self.at = self.at.max(now).max(1);
+    }
+
+    /// Takes a publish token at `now` (core ms) if there is one.
+    pub fn take_publish(&mut self, publish: Rate, requests: Rate, now: u64) -> bool {
+        self.refill(publish, requests, now);
+        take(&mut self.publish)
+    }
+
+    /// Takes a request token at `now` (core ms) if there is one.
+    pub fn take_request(&mut self, publish: Rate, requests: Rate, now: u64) -> bool {
+        self.refill(publish, requests, now);
+        take(&mut self.requests)
+    }
+}
+
+fn take(tokens: &mut f32) -> bool {
+    if *tokens >= 1.0 {
+        *tokens -= 1.0;
+        true
+    } else {
+        false
+    }
 }
 
 /// A session's deadlines, in core milliseconds (0: none).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Deadlines {
-    /// Upgrading: the upgrade deadline; open: the connect deadline.
-    pub connect_by: u64,
+    /// The deadline of the phase: upgrading, the upgrade's; open, the
+    /// connect's; lingering, when it stops waiting for its client.
+    pub phase_by: u64,
     /// When the next server ping is due.
     pub next_ping: u64,
     /// When the outstanding pong is due.
@@ -121,8 +174,6 @@ pub struct Deadlines {
     pub expires_at: u64,
     /// When a drain closes this session.
     pub drain_at: u64,
-    /// When a lingering session stops waiting for its client.
-    pub linger_until: u64,
 }
 
 /// A connect reply that waits for the token's subscriptions: sent, with
@@ -250,23 +301,24 @@ pub struct Session {
     /// Decoder state, only while a message is in progress across reads.
     pub decoder: Option<Box<Decoder>>,
     /// Bytes of an incomplete frame (or upgrade request) between reads.
-    pub partial: Vec<u8>,
+    pub partial: Box<[u8]>,
     /// Bytes read and discarded while lingering.
-    discarded: usize,
+    discarded: u32,
     /// A frame did not fit the queue bound: nothing more is queued, and the
     /// core closes the session with 3008 (see [`Effects::overflowed`]).
     overflowed: bool,
     /// Who, once connected.
     pub identity: Identity,
-    /// Rate budgets, once the session needed one.
-    pub budget: Option<Box<Budget>>,
+    /// Rate budgets.
+    pub budget: Budget,
     /// Subscriptions.
     pub subs: Subs,
     /// The channels subscribed server-side (the server API, the token's
     /// `subs`), if any: the server restores them, not the client, so one
     /// whose stream broke closes the session with 3010 (the client
     /// reconnects and recovers) instead of asking it to resubscribe.
-    server_subs: Option<Box<[Arc<str>]>>,
+    #[allow(clippy::box_collection, reason = "one pointer inline: most sessions have none")]
+    server_subs: Option<Box<Vec<Arc<str>>>>,
     /// A connect reply waiting for the routers' answers to the token's
     /// subscriptions (their results go in it).
     pub connecting: Option<Box<PendingConnect>>,
@@ -294,17 +346,17 @@ impl Session {
             tail_pending: false,
             watched: 0,
             decoder: None,
-            partial: Vec::new(),
+            partial: Box::default(),
             discarded: 0,
             overflowed: false,
             identity: Identity::default(),
-            budget: None,
+            budget: Budget::default(),
             subs: Subs::default(),
             server_subs: None,
             connecting: None,
             proxy: None,
             out: Outbound::default(),
-            deadlines: Deadlines { connect_by: upgrade_by, ..Deadlines::default() },
+            deadlines: Deadlines { phase_by: upgrade_by, ..Deadlines::default() },
             timer: 0,
         }
     }
@@ -314,9 +366,7 @@ impl Session {
         if self.is_server_sub(&channel) {
             return;
         }
-        let mut list = self.server_subs.take().map(Vec::from).unwrap_or_default();
-        list.push(channel);
-        self.server_subs = Some(list.into_boxed_slice());
+        self.server_subs.get_or_insert_default().push(channel);
     }
 
     /// `channel` is no longer subscribed server-side.
@@ -324,9 +374,12 @@ impl Session {
         if !self.is_server_sub(channel) {
             return;
         }
-        let mut list = self.server_subs.take().map(Vec::from).unwrap_or_default();
-        list.retain(|c| &**c != channel);
-        self.server_subs = (!list.is_empty()).then(|| list.into_boxed_slice());
+        if let Some(list) = self.server_subs.as_mut() {
+            list.retain(|c| &**c != channel);
+            if list.is_empty() {
+                self.server_subs = None;
+            }
+        }
     }
 
     /// Whether `channel` is subscribed server-side.
@@ -352,20 +405,20 @@ impl Session {
 
     /// Whether the session is ending (closing or lingering).
     pub fn is_ending(&self) -> bool {
-        matches!(self.phase, Phase::Closing(_) | Phase::Lingering)
+        matches!(self.phase, Phase::Closing | Phase::Lingering)
     }
 
     /// The upgrade is done: wait for `connect` until `connect_by`.
     pub fn upgraded(&mut self, connect_by: u64) {
         self.phase = Phase::Open;
-        self.deadlines.connect_by = connect_by;
+        self.deadlines.phase_by = connect_by;
     }
 
     /// `connect` succeeded.
     pub fn connected(&mut self, identity: Identity) {
         self.phase = Phase::Connected;
         self.identity = identity;
-        self.deadlines.connect_by = 0;
+        self.deadlines.phase_by = 0;
     }
 
     /// Bytes queued and not yet written.
@@ -444,9 +497,9 @@ impl Session {
             fx.metrics().queued_bytes.fetch_sub(dropped as u64, std::sync::atomic::Ordering::Relaxed);
         }
         let upgrading = self.phase == Phase::Upgrading;
-        self.phase = Phase::Closing(reason);
+        self.phase = Phase::Closing;
         self.decoder = None;
-        self.partial = Vec::new();
+        self.partial = Box::default();
         let last = if upgrading {
             // No upgrade yet (or a request connection between requests):
             // an HTTP answer, not a frame.
@@ -474,8 +527,8 @@ impl Session {
         if self.is_ending() {
             return;
         }
-        self.phase = Phase::Closing(CloseReason { code: 0, reason: "refused" });
-        self.partial = Vec::new();
+        self.phase = Phase::Closing;
+        self.partial = Box::default();
         self.push(sid, Bytes::from(answer), fx);
         self.watch(sid, fx);
     }
@@ -504,15 +557,15 @@ impl Session {
         let gone = before - self.out.bytes();
         fx.metrics().queued_bytes.fetch_sub(gone as u64, std::sync::atomic::Ordering::Relaxed);
         if result == Flushed::All
-            && let Phase::Closing(_) = self.phase
+            && let Phase::Closing = self.phase
         {
             self.phase = Phase::Lingering;
             if self.tail_pending {
                 // Reading on (a client that closes ends it), the last
                 // chunk after the delay ([`Session::stream_tail`]).
-                self.deadlines.linger_until = now + STREAM_TAIL_DELAY.as_millis() as u64;
+                self.deadlines.phase_by = now + STREAM_TAIL_DELAY.as_millis() as u64;
             } else {
-                self.deadlines.linger_until = now + LINGER.as_millis() as u64;
+                self.deadlines.phase_by = now + LINGER.as_millis() as u64;
                 fx.act(Action::Shutdown { sid });
             }
         }
@@ -527,7 +580,7 @@ impl Session {
         if !std::mem::take(&mut self.tail_pending) || self.phase != Phase::Lingering {
             return false;
         }
-        self.phase = Phase::Closing(CloseReason { code: 0, reason: "stream end" });
+        self.phase = Phase::Closing;
         self.push(sid, Bytes::from_static(proto::fallback::LAST_CHUNK), fx);
         self.watch(sid, fx);
         true
@@ -536,13 +589,13 @@ impl Session {
     /// Bytes read from a lingering session's socket; whether it is time to
     /// stop waiting (past the byte bound).
     pub fn discard(&mut self, n: usize) -> bool {
-        self.discarded += n;
-        self.discarded > LINGER_BYTES
+        self.discarded = self.discarded.saturating_add(n.try_into().unwrap_or(u32::MAX));
+        self.discarded as usize > LINGER_BYTES
     }
 
     /// Brings what the socket is watched for in line with the phase.
     pub fn watch(&mut self, sid: Sid, fx: &mut Effects) {
-        let read = !matches!(self.phase, Phase::Closing(_));
+        let read = !matches!(self.phase, Phase::Closing);
         let write = self.out.blocked();
         let want = u8::from(read) | (u8::from(write) << 1);
         if want != self.watched {
@@ -560,7 +613,7 @@ impl Session {
             [(blocked != 0).then(|| blocked + write_timeout), None, None, None, None, None, None];
         match self.phase {
             Phase::Upgrading | Phase::Open => {
-                candidates[1] = Some(d.connect_by);
+                candidates[1] = Some(d.phase_by);
                 candidates[2] = Some(d.drain_at);
             }
             Phase::Connected => {
@@ -570,9 +623,19 @@ impl Session {
                 candidates[5] = Some(d.expires_at);
                 candidates[6] = self.proxy.as_ref().and_then(|p| p.next_expiry());
             }
-            Phase::Closing(_) => {}
-            Phase::Lingering => candidates[1] = Some(d.linger_until),
+            Phase::Closing => {}
+            Phase::Lingering => candidates[1] = Some(d.phase_by),
         }
         candidates.into_iter().flatten().filter(|t| *t != 0).min()
+    }
+}
+
+#[cfg(test)]
+mod size {
+    /// Every idle connection holds one boxed session: it stays within
+    /// mimalloc's 256-byte size class (the next one is 320).
+    #[test]
+    fn a_session_fits_256_bytes() {
+        assert!(std::mem::size_of::<super::Session>() <= 256, "{}", std::mem::size_of::<super::Session>());
     }
 }

@@ -33,7 +33,8 @@ pub enum Flushed {
 #[derive(Debug, Default)]
 pub struct Outbound {
     frames: VecDeque<Bytes>,
-    bytes: usize,
+    /// Bytes queued (the queue's bound is far below 4 GiB).
+    bytes: u32,
     /// Whether the front frame is partly written (its tail must go out
     /// before anything else, or the stream's framing breaks).
     front_started: bool,
@@ -45,7 +46,7 @@ pub struct Outbound {
 impl Outbound {
     /// Bytes queued and not yet written.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes as usize
     }
 
     /// Whether nothing is queued.
@@ -65,7 +66,7 @@ impl Outbound {
 
     /// Appends a frame.
     pub fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
+        self.bytes = self.bytes.saturating_add(u32::try_from(frame.len()).unwrap_or(u32::MAX));
         self.frames.push_back(frame);
     }
 
@@ -77,15 +78,15 @@ impl Outbound {
         if let Some(f) = keep {
             self.frames.push_back(f);
         }
-        let dropped = self.bytes - kept;
-        self.bytes = kept;
+        let dropped = (self.bytes as usize).saturating_sub(kept);
+        self.bytes = kept as u32;
         dropped
     }
 
     /// Drops everything; returns the bytes dropped.
     pub fn clear(&mut self) -> usize {
         self.frames = VecDeque::new();
-        std::mem::take(&mut self.bytes)
+        std::mem::take(&mut self.bytes) as usize
     }
 
     /// Takes the whole queue (a connection moving to another core).
@@ -105,7 +106,7 @@ impl Outbound {
         if written.bytes > 0 {
             self.front_started = written.front_started;
         }
-        self.bytes = self.bytes.saturating_sub(written.bytes);
+        self.bytes = (self.bytes as usize).saturating_sub(written.bytes) as u32;
         match result {
             Flushed::All => {
                 // An idle session keeps no queue storage.
