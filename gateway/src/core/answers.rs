@@ -334,7 +334,7 @@ impl Core {
                 None => self.cx.send_line(s, sid, &line),
             }
         }
-        let client = s.is_connected().then(|| s.identity.client.clone());
+        let client = s.is_connected().then(|| s.identity.client.text());
         self.cx.unindex(&name, sid, client.as_deref());
     }
 }

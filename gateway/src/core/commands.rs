@@ -230,11 +230,7 @@ impl Ctx {
         let ttl = self.ttl_of(expires, now);
         let client = client.unwrap_or_else(|| self.client_id());
         let user = self.users.add(&user, sid);
-        s.connected(Identity {
-            client: client.clone().into(),
-            user: user.clone(),
-            conn_info: info.map(Box::new),
-        });
+        s.connected(Identity { client, user: user.clone(), conn_info: info.map(Box::new) });
         let (session, node) = if s.transport.is_emulation() {
             // The right to send this session's commands: a secret of its
             // own (the client id is seen by others: presence, join/leave).
@@ -246,7 +242,7 @@ impl Ctx {
             // Before anything that can fail below: the retire that follows
             // a failure sends the matching offline.
             let key = self.cfg.namespaces.presence_channel(&user);
-            let msg = ClusterMsg::UserOnline { user: user.to_string(), client: client.clone() };
+            let msg = ClusterMsg::UserOnline { user: user.to_string(), client: client.to_string() };
             self.up.push(UpMsg::Forward { key, msg });
         }
         let cfg = self.cfg.clone();
@@ -318,7 +314,7 @@ impl Ctx {
             }
         }
         let result = ConnectResult {
-            client: client.clone(),
+            client: client.to_string(),
             version: VERSION.to_owned(),
             expires: ttl.is_some() && !server_refresh,
             ttl: if server_refresh { 0 } else { ttl.unwrap_or(0) },
@@ -383,7 +379,7 @@ impl Ctx {
         let mut chan_info = None;
         if !r.token.is_empty() {
             let unix = self.clock.unix(now);
-            match self.verifier.subscription(&r.token, &r.channel, &user, &s.identity.client, unix) {
+            match self.verifier.subscription(&r.token, &r.channel, &user, &s.identity.client.text(), unix) {
                 Ok(c) => chan_info = c.info.map(|i| strip_newlines(i.get().as_bytes())),
                 Err(TokenError::Expired) => return Err(ReplyError::TOKEN_EXPIRED.into()),
                 Err(TokenError::Invalid) => return Err(Refusal::Close(Disconnect::INVALID_TOKEN)),
@@ -550,7 +546,7 @@ impl Ctx {
             if let SubState::Pending(p) = &state {
                 self.requests.finish(p.req);
             }
-            self.unindex(&name, sid, Some(&s.identity.client));
+            self.unindex(&name, sid, Some(&s.identity.client.text()));
         }
         // Always a success: centrifuge-js reconnects on an unsubscribe error.
         replies.push(reply::raw_reply(id, "unsubscribe", b"{}"));
@@ -589,7 +585,7 @@ impl Ctx {
         }
         let data = strip_newlines(r.data.expect("checked above").get().as_bytes());
         let id_ = &s.identity;
-        let info = client_info(&id_.user, &id_.client, id_.info(), None);
+        let info = client_info(&id_.user, &id_.client.text(), id_.info(), None);
         let channel = r.channel;
         self.request(s, sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
             req,
@@ -704,7 +700,7 @@ impl Ctx {
             &r.token,
             &r.channel,
             &s.identity.user,
-            &s.identity.client,
+            &s.identity.client.text(),
             unix,
         ) {
             Ok(c) => self.ttl_of(c.expires_at(), now),

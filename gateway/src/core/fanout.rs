@@ -216,7 +216,7 @@ impl Core {
                 if !cx.cfg.namespaces.resolve_str(channel).is_ok_and(|ns| ns.presence || ns.join_leave) {
                     continue;
                 }
-                let info = client_info(&id.user, &id.client, id.info(), None);
+                let info = client_info(&id.user, &id.client.text(), id.info(), None);
                 let msg = ClusterMsg::Join {
                     channel: channel.to_string(),
                     client: id.client.to_string(),

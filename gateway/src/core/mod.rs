@@ -62,6 +62,7 @@ use crate::bridge::{CoreId, DownMsg, Moved, UpMsg};
 use crate::config::GatewayConfig;
 use crate::effects::{Action, Effects, Sid};
 use crate::metrics::Metrics;
+use crate::session::ClientId;
 use crate::session::outbound::{Flushed, Written};
 use crate::session::subs::SubState;
 use crate::session::{CloseReason, Deflate, Session};
@@ -456,7 +457,7 @@ impl Core {
             if let SubState::Pending(p) = &state {
                 self.cx.requests.finish(p.req);
             }
-            self.cx.unindex(&name, sid, connected.then_some(&*s.identity.client));
+            self.cx.unindex(&name, sid, connected.then(|| s.identity.client.text()).as_deref());
         }
         if connected {
             let user = s.identity.user.clone();
@@ -483,7 +484,7 @@ impl Core {
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);
         }
-        let client = s.is_connected().then(|| s.identity.client.clone());
+        let client = s.is_connected().then(|| s.identity.client.text());
         let push = unsubscribe_push(channel, unsubscribe_code::INSUFFICIENT_STATE, "insufficient state");
         self.cx.send_line(s, sid, &push);
         self.cx.unindex(&name, sid, client.as_deref());
@@ -612,7 +613,7 @@ impl Ctx {
     /// the namespace keeps presence or join/leave pushes.
     fn join(&mut self, s: &Session, channel: &Arc<str>, chan_info: Option<&[u8]>) {
         let id = &s.identity;
-        let info = client_info(&id.user, &id.client, id.info(), chan_info);
+        let info = client_info(&id.user, &id.client.text(), id.info(), chan_info);
         let msg = ClusterMsg::Join {
             channel: channel.to_string(),
             client: id.client.to_string(),
@@ -665,10 +666,8 @@ impl Ctx {
         Ok(req)
     }
 
-    /// A fresh random connection id in UUID form.
-    fn client_id(&mut self) -> String {
-        let v: u128 = rand::Rng::random(&mut self.rng);
-        let h = format!("{v:032x}");
-        format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    /// A fresh random connection id.
+    fn client_id(&mut self) -> ClientId {
+        ClientId::random(&mut self.rng)
     }
 }

@@ -44,6 +44,7 @@ use super::{Core, Ctx};
 use crate::config::ProxyEndpoint;
 use crate::effects::{Action, Sid};
 use crate::proxy::{Failure, ProxyAnswer, ProxyCall};
+use crate::session::ClientId;
 use crate::session::{ConnectHook, Expiring, Session, SessionProxy};
 
 /// Milliseconds before a failed refresh or sub_refresh call is made again.
@@ -60,7 +61,7 @@ pub struct ConnectAnswer {
 #[derive(Debug)]
 pub struct Connected {
     /// The connection id the hook was told.
-    pub client: String,
+    pub client: ClientId,
     /// The user.
     pub user: String,
     /// Unix seconds of expiry (0: never).
@@ -82,7 +83,7 @@ struct Call {
 
 #[derive(Debug)]
 enum What {
-    Connect { client: String },
+    Connect { client: ClientId },
     Refresh,
     Subscribe { id: u32, channel: Arc<str>, recovery: (bool, String, u64, u64) },
     Publish { id: u32, channel: String, data: Bytes },
@@ -204,7 +205,7 @@ impl Ctx {
             data: c.data.as_deref(),
             channels: c.subs.keys().map(String::as_str).collect(),
             transport: s.transport.name(),
-            ..Request::new(&client, "")
+            ..Request::new(&client.text(), "")
         }
         .to_body();
         self.call(s, sid, Hook::Connect, endpoint, body, What::Connect { client })?;
@@ -237,9 +238,12 @@ impl Ctx {
         endpoint: &ProxyEndpoint,
     ) -> Result<(), Refusal> {
         let id_ = &s.identity;
-        let body =
-            Request { channel: &r.channel, data: r.data.as_deref(), ..Request::new(&id_.client, &id_.user) }
-                .to_body();
+        let body = Request {
+            channel: &r.channel,
+            data: r.data.as_deref(),
+            ..Request::new(&id_.client.text(), &id_.user)
+        }
+        .to_body();
         let channel: Arc<str> = Arc::from(r.channel.as_str());
         let recovery = (r.recover, r.epoch, r.offset, r.flag);
         let what = What::Subscribe { id, channel: channel.clone(), recovery };
@@ -260,8 +264,9 @@ impl Ctx {
     ) -> Result<(), Refusal> {
         let data = r.data.as_deref().ok_or(ReplyError::BAD_REQUEST)?;
         let id_ = &s.identity;
-        let body = Request { channel: &r.channel, data: Some(data), ..Request::new(&id_.client, &id_.user) }
-            .to_body();
+        let body =
+            Request { channel: &r.channel, data: Some(data), ..Request::new(&id_.client.text(), &id_.user) }
+                .to_body();
         let data = strip_newlines(data.get().as_bytes());
         self.call(s, sid, Hook::Publish, endpoint, body, What::Publish { id, channel: r.channel, data })?;
         Ok(())
@@ -281,9 +286,12 @@ impl Ctx {
         };
         self.charge(s, now)?;
         let id_ = &s.identity;
-        let body =
-            Request { method: &r.method, data: r.data.as_deref(), ..Request::new(&id_.client, &id_.user) }
-                .to_body();
+        let body = Request {
+            method: &r.method,
+            data: r.data.as_deref(),
+            ..Request::new(&id_.client.text(), &id_.user)
+        }
+        .to_body();
         self.call(s, sid, Hook::Rpc, &endpoint, body, What::Rpc { id })?;
         Ok(())
     }
@@ -356,7 +364,7 @@ impl Core {
         }
     }
 
-    fn connect_answered(&mut self, sid: Sid, client: String, outcome: Result<Bytes, Failure>, now: u64) {
+    fn connect_answered(&mut self, sid: Sid, client: ClientId, outcome: Result<Bytes, Failure>, now: u64) {
         let outcome = read::<wire::ConnectResult>(Hook::Connect, outcome, &self.cx).map(|r| {
             let mut subs: Vec<(String, Option<Bytes>)> =
                 r.subs.iter().map(|(ch, o)| (ch.clone(), stripped(&o.info))).collect();
@@ -409,7 +417,7 @@ impl Core {
         if s.proxy.as_ref().is_some_and(|p| p.refreshing != 0) {
             return; // asked already: its answer sets the next expiry
         }
-        let body = Request::new(&s.identity.client, &s.identity.user).to_body();
+        let body = Request::new(&s.identity.client.text(), &s.identity.user).to_body();
         // No deadline while the call is in flight; its answer sets the next.
         s.deadlines.expires_at = 0;
         match self.cx.call(s, sid, Hook::Refresh, &endpoint, body, What::Refresh) {
@@ -527,7 +535,7 @@ impl Core {
         let data = stripped(&r.data).unwrap_or(data);
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let id_ = &s.identity;
-        let info = client_info(&id_.user, &id_.client, id_.info(), None);
+        let info = client_info(&id_.user, &id_.client.text(), id_.info(), None);
         let sent = self.cx.request(s, sid, Kind::Publish { id }, now, |req| ClusterMsg::Publish {
             req,
             channel,
@@ -559,7 +567,7 @@ impl Core {
                 continue;
             };
             let id_ = &s.identity;
-            let body = Request { channel: &channel, ..Request::new(&id_.client, &id_.user) }.to_body();
+            let body = Request { channel: &channel, ..Request::new(&id_.client.text(), &id_.user) }.to_body();
             let what = What::SubRefresh { channel: channel.clone() };
             let called = self.cx.call(s, sid, Hook::SubRefresh, &endpoint, body, what);
             let e = s.proxy.as_mut().and_then(|p| p.expiring.iter_mut().find(|e| e.channel == channel));

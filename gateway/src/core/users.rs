@@ -156,7 +156,8 @@ impl Core {
             .iter()
             .copied()
             .filter(|sid| {
-                client.is_empty() || self.sessions.get(*sid).is_some_and(|s| &*s.identity.client == client)
+                client.is_empty()
+                    || self.sessions.get(*sid).is_some_and(|s| *s.identity.client.text() == *client)
             })
             .collect()
     }
@@ -177,7 +178,7 @@ impl Core {
                     let kept = self
                         .sessions
                         .get(sid)
-                        .is_some_and(|s| whitelist.iter().any(|c| **c == *s.identity.client));
+                        .is_some_and(|s| whitelist.iter().any(|c| **c == *s.identity.client.text()));
                     if !kept {
                         self.close(sid, CloseReason { code: *code, reason: close_reason(*code, reason) })
                     }
@@ -266,14 +267,14 @@ impl Core {
                     pc.replies.push(push);
                 }
                 if pc.waiting.is_empty() {
-                    let client = s.is_connected().then(|| s.identity.client.clone());
+                    let client = s.is_connected().then(|| s.identity.client.text());
                     self.cx.unindex(&name, sid, client.as_deref());
                     return self.finish_connect(sid, now);
                 }
             }
             None => self.cx.send_line(s, sid, &push),
         }
-        let client = s.is_connected().then(|| s.identity.client.clone());
+        let client = s.is_connected().then(|| s.identity.client.text());
         self.cx.unindex(&name, sid, client.as_deref());
     }
 

@@ -83,11 +83,56 @@ pub enum Phase {
     Lingering,
 }
 
+/// A connection's id: a random UUID (the gateway makes every one), kept as
+/// its 16 bytes and written out in its 36-character form where it is sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientId([u8; 16]);
+
+impl ClientId {
+    /// A fresh random id.
+    pub fn random(rng: &mut impl rand::Rng) -> ClientId {
+        ClientId(rng.random())
+    }
+
+    /// The id's text form (`8-4-4-4-12` lowercase hex), on the stack.
+    pub fn text(&self) -> ClientText {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [b'-'; 36];
+        let mut at = 0;
+        for (i, b) in self.0.iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                at += 1;
+            }
+            out[at] = HEX[usize::from(b >> 4)];
+            out[at + 1] = HEX[usize::from(b & 15)];
+            at += 2;
+        }
+        ClientText(out)
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+/// A [`ClientId`] written out.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientText([u8; 36]);
+
+impl std::ops::Deref for ClientText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits and dashes")
+    }
+}
+
 /// Who the connection is, once `connect` succeeded.
 #[derive(Debug, Default)]
 pub struct Identity {
     /// Connection id sent to the client.
-    pub client: Box<str>,
+    pub client: ClientId,
     /// User id (`""` anonymous).
     pub user: Arc<str>,
     /// `conn_info` from the connection token (boxed: most have none).
@@ -632,6 +677,16 @@ impl Session {
 
 #[cfg(test)]
 mod size {
+    use super::ClientId;
+
+    #[test]
+    fn client_ids_read_as_uuids() {
+        let id =
+            ClientId([0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef, 0xf0, 0x0d, 0, 0, 0, 0, 0xbe, 0xef]);
+        assert_eq!(&*id.text(), "01234567-89ab-cdef-f00d-00000000beef");
+        assert_eq!(id.to_string(), "01234567-89ab-cdef-f00d-00000000beef");
+    }
+
     /// Every idle connection holds one boxed session: it stays within
     /// mimalloc's 256-byte size class (the next one is 320).
     #[test]
