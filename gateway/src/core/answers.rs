@@ -310,7 +310,7 @@ impl Core {
         };
         let Some(s) = self.sessions.get_mut(sid) else { return };
         if let Some(state) = s.subs.get_mut(channel) {
-            *state = if follows { SubState::Follows } else { SubState::Own(own) };
+            *state = if follows { SubState::Follows } else { SubState::Own(Box::new(own)) };
         }
         if follows {
             self.cx.channels.follow(channel, sid);

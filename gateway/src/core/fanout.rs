@@ -184,7 +184,7 @@ impl Core {
         let name = ch.name.clone();
         for &sid in ch.catching.iter() {
             if let Some(SubState::Own(p)) = self.sessions.get(sid).and_then(|s| s.subs.get(&name)) {
-                if *p == new {
+                if **p == new {
                     resync.retain(|x| *x != sid);
                 } else if behind(p) {
                     resync.push(sid);

@@ -29,33 +29,21 @@ use crate::session::subs::SubState;
 /// The connected sessions of each user on one core (anonymous sessions are
 /// not addressable and not indexed). The key is the one copy of the user's
 /// id on the core: its sessions' identities share it.
+///
+/// Most users have one session here: `first` keeps it in a 24-byte entry;
+/// a user with more has all of them, in order, in `more` too.
 #[derive(Debug)]
 pub struct UserIndex {
-    map: Map<Arc<str>, Sids>,
+    first: Map<Arc<str>, Sid>,
+    more: Map<Arc<str>, Vec<Sid>>,
     /// The anonymous user's id, shared by every anonymous session.
     anonymous: Arc<str>,
-}
-
-/// A user's sessions: most users have one here, kept without an allocation.
-#[derive(Debug)]
-enum Sids {
-    One(Sid),
-    Many(Vec<Sid>),
-}
-
-impl Sids {
-    fn as_slice(&self) -> &[Sid] {
-        match self {
-            Sids::One(s) => std::slice::from_ref(s),
-            Sids::Many(v) => v,
-        }
-    }
 }
 
 impl UserIndex {
     /// An empty index.
     pub fn new(seed: u64) -> Self {
-        UserIndex { map: seeded::map(seed), anonymous: Arc::from("") }
+        UserIndex { first: seeded::map(seed), more: seeded::map(seed ^ 1), anonymous: Arc::from("") }
     }
 
     /// Session `sid` of `user` connected; returns the core's copy of the
@@ -64,51 +52,59 @@ impl UserIndex {
         if user.is_empty() {
             return self.anonymous.clone();
         }
-        if let Some(key) = self.map.get_key_value(user).map(|(k, _)| k.clone()) {
-            let sids = self.map.get_mut(user).expect("found above");
-            match sids {
-                Sids::One(first) => *sids = Sids::Many(vec![*first, sid]),
-                Sids::Many(v) => v.push(sid),
-            }
+        let Some((key, first)) = self.first.get_key_value(user) else {
+            let key: Arc<str> = Arc::from(user);
+            self.first.insert(key.clone(), sid);
             return key;
-        }
-        let key: Arc<str> = Arc::from(user);
-        self.map.insert(key.clone(), Sids::One(sid));
+        };
+        let (key, first) = (key.clone(), *first);
+        self.more.entry(key.clone()).or_insert_with(|| vec![first]).push(sid);
         key
     }
 
     /// Session `sid` of `user` is gone.
     pub fn remove(&mut self, user: &str, sid: Sid) {
-        let Some(sids) = self.map.get_mut(user) else { return };
-        match sids {
-            Sids::One(s) if *s == sid => {
-                self.map.remove(user);
+        let Some(all) = self.more.get_mut(user) else {
+            if self.first.get(user) == Some(&sid) {
+                self.first.remove(user);
             }
-            Sids::One(_) => {}
-            Sids::Many(v) => {
-                if let Some(i) = v.iter().position(|s| *s == sid) {
-                    v.swap_remove(i);
+            return;
+        };
+        if let Some(i) = all.iter().position(|s| *s == sid) {
+            all.remove(i);
+        }
+        let head = all.first().copied();
+        if all.len() <= 1 {
+            self.more.remove(user);
+        }
+        match head {
+            Some(head) => {
+                if let Some(f) = self.first.get_mut(user) {
+                    *f = head;
                 }
-                if let [last] = v[..] {
-                    *sids = Sids::One(last);
-                }
+            }
+            None => {
+                self.first.remove(user);
             }
         }
     }
 
     /// The user's sessions on this core.
     pub fn sessions(&self, user: &str) -> &[Sid] {
-        self.map.get(user).map_or(&[], Sids::as_slice)
+        match self.more.get(user) {
+            Some(all) => all,
+            None => self.first.get(user).map_or(&[], std::slice::from_ref),
+        }
     }
 
     /// Users indexed.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.first.len()
     }
 
     /// Whether no user is indexed.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.first.is_empty()
     }
 }
 
@@ -317,12 +313,17 @@ mod tests {
         assert_eq!(ix.sessions("42"), &[Sid(1), Sid(2), Sid(5)]);
         assert_eq!(ix.len(), 1, "anonymous sessions are not indexed");
         ix.remove("42", Sid(1));
-        assert_eq!(ix.sessions("42"), &[Sid(5), Sid(2)]);
+        assert_eq!(ix.sessions("42"), &[Sid(2), Sid(5)]);
         ix.remove("42", Sid(9));
         ix.remove("42", Sid(2));
         assert_eq!(ix.sessions("42"), &[Sid(5)]);
+        ix.add("42", Sid(6));
+        assert_eq!(ix.sessions("42"), &[Sid(5), Sid(6)]);
+        ix.remove("42", Sid(6));
         ix.remove("42", Sid(5));
         assert!(ix.is_empty());
+        assert_eq!(ix.sessions("42"), &[] as &[Sid]);
+        ix.remove("42", Sid(5));
         assert_eq!(ix.sessions("42"), &[] as &[Sid]);
     }
 }

@@ -18,8 +18,9 @@ use proto::position::StreamPosition;
 pub enum SubState {
     /// At the channel's position on this core: every delivery is for it.
     Follows,
-    /// At its own position, behind or beside the channel's stream.
-    Own(StreamPosition),
+    /// At its own position, behind or beside the channel's stream (boxed:
+    /// a subscription catches up soon, and every entry stays 32 bytes).
+    Own(Box<StreamPosition>),
     /// Waiting for the router's answer to its subscribe.
     Pending(Box<PendingSub>),
 }
