@@ -19,3 +19,13 @@ pub extern "C" fn tune() {
     // table; it is thread-safe and takes no pointers.
     unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) };
 }
+
+/// Returns the calling thread's freed allocator pages to the OS once they
+/// are past mimalloc's purge delay. mimalloc purges as a side effect of
+/// later allocations, so a core that went quiet after a storm would keep
+/// the pages its handshakes used; the shell calls this once a second.
+pub fn collect() {
+    // SAFETY: `mi_collect` works on the calling thread's heap only; it
+    // takes no pointers and is safe to call at any time.
+    unsafe { libmimalloc_sys::mi_collect(false) };
+}

@@ -68,6 +68,10 @@ pub struct Shell {
     proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
 }
 
+/// How often a core returns freed allocator pages to the OS (a collect
+/// took 107–149 µs with 9,500 idle sessions on the core, release build).
+const COLLECT_EVERY: Duration = Duration::from_secs(1);
+
 /// The first pause after an accept error (EMFILE…); doubled per error in a row.
 const MIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(5);
 
@@ -388,9 +392,14 @@ impl Shell {
 
     async fn timer(&self, life: Arc<Lifecycle>, window: Duration) {
         let mut deadline: Option<Instant> = None;
+        let mut collected = Instant::now();
         loop {
             monoio::time::sleep(TIMER_TICK).await;
             let now = Instant::now();
+            if now.duration_since(collected) >= COLLECT_EVERY {
+                collected = now;
+                crate::alloc::collect();
+            }
             if life.drain.load(Ordering::Relaxed) && !self.core.borrow().is_draining() {
                 tracing::info!(core = self.id(), ?window, "draining");
                 // Stop accepting: out of the readiness set, and closed so the
