@@ -119,8 +119,8 @@ impl Core {
                 replies.push(reply::error_reply(id, e));
                 let max = self.cx.cfg.limits.max_refusals;
                 let s = self.sessions.get_mut(sid).expect("handled above");
-                s.budget.refusals += 1;
-                if s.budget.refusals > max { Err(Disconnect::TOO_MANY_REQUESTS) } else { Ok(()) }
+                s.refusals += 1;
+                if s.refusals > max { Err(Disconnect::TOO_MANY_REQUESTS) } else { Ok(()) }
             }
             Err(Refusal::Reply(e)) => {
                 replies.push(reply::error_reply(id, e));

@@ -138,7 +138,7 @@ impl Core {
             return self.refuse(sid, fallback::error(413, None, "request too large"));
         }
         if let Some(s) = self.sessions.get_mut(sid) {
-            s.partial = b[..].into();
+            s.keep_partial(&b);
         }
         self.cx.give_scratch(b);
     }
@@ -261,7 +261,7 @@ impl Core {
         }
         if let Some(s) = self.sessions.get_mut(sid) {
             // What follows this request waits for its answer.
-            s.partial = rest.split()[..].into();
+            s.keep_partial(&rest.split());
         }
         self.cx.waiting.insert(sid, Waiting { origin, close: req.close });
         let emulation = Box::new(Emulation { session: e.session, data, from: Some((self.cx.id, sid)) });
@@ -315,7 +315,7 @@ impl Core {
         if s.phase() != Phase::Upgrading {
             return;
         }
-        let held = std::mem::take(&mut s.partial);
+        let held = s.take_partial();
         if let Step::Next = self.emulation_done(sid, found, w, ms)
             && !held.is_empty()
         {

@@ -388,7 +388,7 @@ impl Core {
             _ => None,
         };
         p.connect = ConnectHook::Answered { answer: Box::new(ConnectAnswer { outcome }), from };
-        let pending = std::mem::take(&mut s.partial);
+        let pending = s.take_partial();
         if let Some(core) = target {
             // The user's sessions live on its core: the connection moves
             // there with the answer and is handled there.
@@ -402,7 +402,7 @@ impl Core {
         if s.connect_waits() {
             // A later connect of the frame asked again: what the client
             // sent since still waits.
-            s.partial = pending;
+            s.keep_partial(&pending);
             return;
         }
         let mut b = self.cx.take_scratch();

@@ -53,9 +53,8 @@ impl Core {
             return;
         }
         let mut b = self.cx.take_scratch();
-        if !s.partial.is_empty() {
-            b.extend_from_slice(&s.partial);
-            s.partial = Box::default();
+        if s.has_partial() {
+            b.extend_from_slice(&s.take_partial());
         }
         let got = fill(&mut b);
         match (phase, got) {
@@ -75,7 +74,7 @@ impl Core {
                 // Spurious readiness (or TLS records with no data yet): keep
                 // what was partial and wait again.
                 if !b.is_empty() {
-                    s.partial = b[..].into();
+                    s.keep_partial(&b);
                 }
                 self.cx.give_scratch(b);
             }
@@ -126,7 +125,7 @@ impl Core {
             Ok(Some(r)) => r,
             Ok(None) => {
                 if let Some(s) = self.sessions.get_mut(sid) {
-                    s.partial = b[..].into();
+                    s.keep_partial(&b);
                 }
                 self.cx.give_scratch(b);
                 return;
@@ -189,7 +188,7 @@ impl Core {
                 self.close(sid, Disconnect::TOO_MANY_REQUESTS.into());
                 return;
             }
-            s.partial = b[..].into();
+            s.keep_partial(&b);
             self.cx.give_scratch(b);
             return;
         }
@@ -211,7 +210,7 @@ impl Core {
                     }
                     if !b.is_empty() && !s.is_ending() {
                         // A partial frame header or control frame: keep just those bytes.
-                        s.partial = b[..].into();
+                        s.keep_partial(&b);
                     }
                 }
                 self.cx.give_scratch(b);

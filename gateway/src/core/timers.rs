@@ -32,7 +32,7 @@ impl Core {
         for (key, tick) in due {
             let sid = Sid(key);
             let Some(s) = self.sessions.get_mut(sid) else { continue };
-            if s.timer != tick {
+            if u64::from(s.timer) != tick {
                 continue; // rescheduled earlier and already handled
             }
             s.timer = 0;
@@ -134,9 +134,10 @@ impl Ctx {
         let write_timeout = self.cfg.limits.write_timeout_secs.max(1) * 1000;
         let Some(at) = s.next_deadline(write_timeout) else { return };
         let at = self.clock.at(at);
-        let scheduled = s.timer;
+        let scheduled = u64::from(s.timer);
         if scheduled == 0 || self.timers.tick_for(at) < scheduled {
-            s.timer = self.timers.insert(sid.0, at);
+            // Ticks of 250 ms: u32 lasts 34 years of a core's life.
+            s.timer = u32::try_from(self.timers.insert(sid.0, at)).unwrap_or(u32::MAX);
         }
     }
 

@@ -57,9 +57,9 @@ pub struct PendingSub {
 }
 
 /// A session's subscriptions: a short list (most connections hold a few;
-/// the limit is 128), one small allocation instead of a hash table.
+/// the limit is 128), one exact-size allocation instead of a hash table.
 #[derive(Debug, Default)]
-pub struct Subs(Vec<(Arc<str>, SubState)>);
+pub struct Subs(Box<[(Arc<str>, SubState)]>);
 
 impl Subs {
     /// Where `channel` is; the core's shared channel name is found by
@@ -105,8 +105,10 @@ impl Subs {
         match self.index(&channel) {
             Some(i) => self.0[i].1 = state,
             None => {
-                self.0.reserve_exact(1);
-                self.0.push((channel, state));
+                let mut v = std::mem::take(&mut self.0).into_vec();
+                v.reserve_exact(1);
+                v.push((channel, state));
+                self.0 = v.into_boxed_slice();
             }
         }
     }
@@ -114,10 +116,9 @@ impl Subs {
     /// Removes the subscription to `channel`, with its shared name.
     pub fn remove(&mut self, channel: &str) -> Option<(Arc<str>, SubState)> {
         let i = self.index(channel)?;
-        let e = self.0.swap_remove(i);
-        if self.0.is_empty() {
-            self.0 = Vec::new();
-        }
+        let mut v = std::mem::take(&mut self.0).into_vec();
+        let e = v.swap_remove(i);
+        self.0 = v.into_boxed_slice();
         Some(e)
     }
 
@@ -128,6 +129,6 @@ impl Subs {
 
     /// Takes every subscription.
     pub fn take(&mut self) -> Vec<(Arc<str>, SubState)> {
-        std::mem::take(&mut self.0)
+        std::mem::take(&mut self.0).into_vec()
     }
 }
