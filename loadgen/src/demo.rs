@@ -890,7 +890,9 @@ fn scenario(
     report.storm_secs = start.elapsed().as_secs_f64();
     let online = totals(&workers).online;
     report.accept_rate = online as f64 / report.storm_secs.max(1e-3);
-    report.gateway_cpu_us_per_conn = (gw_cpu(&cluster) - gw_cpu0) * 1e6 / online.max(1) as f64;
+    report.storm_gateway_cpu_secs = gw_cpu(&cluster) - gw_cpu0;
+    report.storm_loadgen_cpu_secs = workers.iter().map(|w| w.cpu_secs()).sum();
+    report.gateway_cpu_us_per_conn = report.storm_gateway_cpu_secs * 1e6 / online.max(1) as f64;
     report.gateway_rss_per_conn = gw_rss(&cluster).saturating_sub(gw_rss0) as f64 / online.max(1) as f64;
 
     // Fan-out through the HTTP API, paced, timestamped.

@@ -166,6 +166,13 @@ pub struct Summary {
     pub connected: u64,
     /// 503 answers received (each retried).
     pub rejected: u64,
+    /// Upgrade attempts that timed out (no answer in time; each retried).
+    #[serde(default)]
+    pub timeouts: u64,
+    /// Upgrade attempts after a client's first, whatever ended the one
+    /// before (503, timeout, failure).
+    #[serde(default)]
+    pub retries: u64,
     /// Clients that never connected.
     pub failed: u64,
     /// Publications received.
@@ -253,6 +260,8 @@ pub const MAX_PHASES: usize = 16;
 struct Shared {
     connected: AtomicU64,
     rejected: AtomicU64,
+    timeouts: AtomicU64,
+    retries: AtomicU64,
     failed: AtomicU64,
     attempted: AtomicU64,
     deliveries: AtomicU64,
@@ -421,6 +430,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 serde_json::json!({"progress": {
                     "connected": s.connected.load(Ordering::Relaxed),
                     "rejected": s.rejected.load(Ordering::Relaxed),
+                    "timeouts": s.timeouts.load(Ordering::Relaxed),
+                    "retries": s.retries.load(Ordering::Relaxed),
                     "failed": s.failed.load(Ordering::Relaxed),
                     "deliveries": s.deliveries.load(Ordering::Relaxed),
                     "reconnects": s.reconnects.load(Ordering::Relaxed),
@@ -453,6 +464,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
     let summary = Summary {
         connected: s.connected.load(Ordering::Relaxed),
         rejected: s.rejected.load(Ordering::Relaxed),
+        timeouts: s.timeouts.load(Ordering::Relaxed),
+        retries: s.retries.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
         deliveries: s.deliveries.load(Ordering::Relaxed),
         lost: tally.lost,
@@ -704,6 +717,10 @@ enum SessionEnd {
 /// The close code of a connection that ended without a close frame.
 const ABNORMAL_CLOSE: u16 = 1006;
 
+/// How long one attempt (TCP connect + upgrade) may take before the client
+/// gives it up and retries.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Connects (TCP + upgrade), retrying 503s with full-jitter backoff that
 /// honours `Retry-After`; records the upgrade latency.
 async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<Upgraded> {
@@ -713,7 +730,13 @@ async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<U
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let attempt = monoio::time::timeout(Duration::from_secs(15), upgrade(ctx, index)).await;
+        if attempts > 1 {
+            sh.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let attempt = monoio::time::timeout(UPGRADE_TIMEOUT, upgrade(ctx, index)).await;
+        if attempt.is_err() {
+            sh.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
         match attempt.unwrap_or(Err(ConnectError::Failed)) {
             Ok(s) => {
                 ctx.hists.borrow_mut().upgrade.saturating_record(t0.elapsed().as_micros() as u64);
