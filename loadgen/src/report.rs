@@ -150,6 +150,8 @@ pub struct RunReport {
     /// Gateway CPU per connected client over the storm (µs): accept, upgrade,
     /// token check, subscriptions.
     pub gateway_cpu_us_per_conn: f64,
+    /// The gateways' admission control, when the run started them.
+    pub admission: String,
     /// CPU seconds the gateway processes used over the storm.
     pub storm_gateway_cpu_secs: f64,
     /// CPU seconds the load generator's worker processes used over the storm.
@@ -340,6 +342,9 @@ impl RunReport {
             self.connected, self.connections, self.rejected, self.failed
         );
         let _ = writeln!(s, "             {:.1} s, {:.0} connections/s", self.storm_secs, self.accept_rate);
+        if !self.admission.is_empty() {
+            let _ = writeln!(s, "admission    {}", self.admission);
+        }
         if self.timeouts > 0 || self.retries > 0 {
             let _ = writeln!(
                 s,
