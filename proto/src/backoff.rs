@@ -101,7 +101,11 @@ impl RetrySchedule {
 
     fn spacing(rate: f64, max_secs: u32) -> Duration {
         // A slot further apart than the window is as good as one per window.
-        if rate > 0.0 { Duration::from_secs_f64((1.0 / rate).min(f64::from(max_secs) + 1.0)) } else { Duration::ZERO }
+        if rate > 0.0 {
+            Duration::from_secs_f64((1.0 / rate).min(f64::from(max_secs) + 1.0))
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// The `Retry-After` (seconds) for a client refused at `now`.

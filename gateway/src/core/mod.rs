@@ -46,11 +46,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use proto::backoff::RetrySchedule;
 use proto::client::reply::{self, client_info, unsubscribe_push};
 use proto::client::{Disconnect, ReplyError, codes::unsubscribe_code};
 use proto::cluster::ClusterMsg;
 use proto::seeded::{self, Map};
-use proto::backoff::RetrySchedule;
 use proto::timer_wheel::TimerWheel;
 use proto::token_bucket::TokenBucket;
 use proto::ws::SharedFrame;
