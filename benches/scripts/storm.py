@@ -19,7 +19,7 @@ cluster, production admission defaults (the demo's gateways run them):
 Before each run it waits (at most 10 minutes) until no `rustc` runs on the
 box, so a compile elsewhere does not take the CPU the storm measures.
 """
-import argparse, json, os, subprocess, sys, tempfile, time
+import argparse, json, os, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release", "loadgen")
@@ -45,11 +45,27 @@ def storm(connections, args, gateway_config=None):
     if gateway_config:
         cmd += ["--gateway-config", gateway_config]
     print("$", " ".join(cmd), flush=True)
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
-                         timeout=1200)
-    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    # Watch for compiles that start meanwhile: they take CPU the storm measures.
+    disturbed = threading.Event()
+
+    def watch():
+        while proc.poll() is None:
+            if subprocess.run(["pgrep", "-x", "rustc"], stdout=subprocess.DEVNULL).returncode == 0:
+                disturbed.set()
+            time.sleep(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        stdout, _ = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        sys.exit(f"loadgen storm --connections {connections} did not end in 20 minutes")
+    lines = [l for l in stdout.splitlines() if l.startswith("{")]
     if not lines:
-        sys.exit(f"loadgen storm --connections {connections} failed (exit {out.returncode})")
+        sys.exit(f"loadgen storm --connections {connections} failed (exit {proc.returncode})")
+    if disturbed.is_set():
+        print("warning: rustc ran during this storm; its numbers are disturbed", flush=True)
     return json.loads(lines[-1])
 
 
