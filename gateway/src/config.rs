@@ -131,9 +131,17 @@ pub struct Admission {
     /// allows, less 256 descriptors kept for the rest (the gateway raises
     /// its soft limit to the hard one at start and logs the figure).
     pub max_connections: usize,
-    /// Range of the jittered `Retry-After` (seconds) sent with 503.
+    /// The soonest `Retry-After` (seconds) sent with 503 (default 1).
+    /// Each refused client is handed a slot of its own from then on, slots
+    /// spaced at the rate this core drained its pending handshakes over the
+    /// last second (`accept_rate` when none were queued), so a storm's
+    /// refused clients come back at the pace the core takes them, each
+    /// about once.
     pub retry_after_min_secs: u32,
-    /// Upper end of the range.
+    /// The latest `Retry-After` (default 10): once slots are handed out
+    /// that far ahead, further refusals get a uniformly jittered one in
+    /// `[min, max]`. At 20,000/s a core holds 180,000 slots; a core of a
+    /// crowded box draining 500/s holds 4,500.
     pub retry_after_max_secs: u32,
 }
 
@@ -145,7 +153,7 @@ impl Default for Admission {
             max_pending_handshakes: 4_096,
             max_connections: 0,
             retry_after_min_secs: 1,
-            retry_after_max_secs: 5,
+            retry_after_max_secs: 10,
         }
     }
 }

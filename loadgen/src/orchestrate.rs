@@ -126,6 +126,11 @@ impl Worker {
         Ok(Worker { child, stdin, state })
     }
 
+    /// CPU seconds (user + system) the worker process used so far, from /proc.
+    pub fn cpu_secs(&self) -> f64 {
+        proc_cpu_secs(self.child.id())
+    }
+
     /// Tells the worker's clients to stop publishing (chat); they keep reading.
     pub fn quiet(&mut self) {
         if let Some(stdin) = self.stdin.as_mut() {

@@ -80,6 +80,10 @@ pub struct RunReport {
     pub connected: u64,
     /// 503s answered (and retried).
     pub rejected: u64,
+    /// Upgrade attempts that timed out (and were retried).
+    pub timeouts: u64,
+    /// Upgrade attempts after each client's first (503s, timeouts, failures).
+    pub retries: u64,
     /// Clients that never connected.
     pub failed: u64,
     /// Seconds the storm took until every client was connected or given up.
@@ -146,6 +150,12 @@ pub struct RunReport {
     /// Gateway CPU per connected client over the storm (µs): accept, upgrade,
     /// token check, subscriptions.
     pub gateway_cpu_us_per_conn: f64,
+    /// The gateways' admission control, when the run started them.
+    pub admission: String,
+    /// CPU seconds the gateway processes used over the storm.
+    pub storm_gateway_cpu_secs: f64,
+    /// CPU seconds the load generator's worker processes used over the storm.
+    pub storm_loadgen_cpu_secs: f64,
     /// Gateway resident memory per connected client (bytes, all gateway processes).
     pub gateway_rss_per_conn: f64,
     /// Reconnects after the server closed connections.
@@ -224,6 +234,8 @@ impl RunReport {
             }
             self.connected += s.connected;
             self.rejected += s.rejected;
+            self.timeouts += s.timeouts;
+            self.retries += s.retries;
             self.failed += s.failed;
             self.deliveries += s.deliveries;
             self.lost += s.lost;
@@ -330,6 +342,18 @@ impl RunReport {
             self.connected, self.connections, self.rejected, self.failed
         );
         let _ = writeln!(s, "             {:.1} s, {:.0} connections/s", self.storm_secs, self.accept_rate);
+        if !self.admission.is_empty() {
+            let _ = writeln!(s, "admission    {}", self.admission);
+        }
+        if self.timeouts > 0 || self.retries > 0 {
+            let _ = writeln!(
+                s,
+                "             {} retries ({:.2} per client), {} upgrade timeouts",
+                self.retries,
+                self.retries as f64 / self.connections.max(1) as f64,
+                self.timeouts
+            );
+        }
         let _ = writeln!(s, "upgrade      {}", p(&self.upgrade_ms));
         let _ = writeln!(s, "connect      {}", p(&self.connect_ms));
         if self.client_publications > 0 {
@@ -447,7 +471,11 @@ impl RunReport {
                 self.gateway_frames_encoded, self.gateway_frames_deflated, self.publications
             );
         }
-        let _ = writeln!(s, "storm cpu    gateway {:.0} µs per connection", self.gateway_cpu_us_per_conn);
+        let _ = writeln!(
+            s,
+            "storm cpu    gateway {:.0} µs per connection; {:.1} s gateways, {:.1} s load generator",
+            self.gateway_cpu_us_per_conn, self.storm_gateway_cpu_secs, self.storm_loadgen_cpu_secs
+        );
         let _ = writeln!(s, "memory       gateway RSS {:.0} B per connection", self.gateway_rss_per_conn);
         if let Some(at) = self.wave_at_secs {
             let back =

@@ -3,7 +3,8 @@
 //!
 //! Each client connects (from one of many `127.0.0.x` source addresses, so
 //! more than one address's ephemeral ports can be used), upgrades (retrying
-//! 503s with full-jitter backoff that honours `Retry-After`), sends `connect`
+//! a 503 after its `Retry-After` plus up to a second of jitter, other
+//! failures with full-jitter backoff), sends `connect`
 //! and its subscriptions in one frame (as centrifuge-js does), then reads:
 //! every reply and `pub` goes to the subscription's [`StreamChecker`], and
 //! each publication's publish→deliver latency (the publisher's timestamp is
@@ -166,6 +167,13 @@ pub struct Summary {
     pub connected: u64,
     /// 503 answers received (each retried).
     pub rejected: u64,
+    /// Upgrade attempts that timed out (no answer in time; each retried).
+    #[serde(default)]
+    pub timeouts: u64,
+    /// Upgrade attempts after a client's first, whatever ended the one
+    /// before (503, timeout, failure).
+    #[serde(default)]
+    pub retries: u64,
     /// Clients that never connected.
     pub failed: u64,
     /// Publications received.
@@ -253,6 +261,8 @@ pub const MAX_PHASES: usize = 16;
 struct Shared {
     connected: AtomicU64,
     rejected: AtomicU64,
+    timeouts: AtomicU64,
+    retries: AtomicU64,
     failed: AtomicU64,
     attempted: AtomicU64,
     deliveries: AtomicU64,
@@ -421,6 +431,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 serde_json::json!({"progress": {
                     "connected": s.connected.load(Ordering::Relaxed),
                     "rejected": s.rejected.load(Ordering::Relaxed),
+                    "timeouts": s.timeouts.load(Ordering::Relaxed),
+                    "retries": s.retries.load(Ordering::Relaxed),
                     "failed": s.failed.load(Ordering::Relaxed),
                     "deliveries": s.deliveries.load(Ordering::Relaxed),
                     "reconnects": s.reconnects.load(Ordering::Relaxed),
@@ -453,6 +465,8 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
     let summary = Summary {
         connected: s.connected.load(Ordering::Relaxed),
         rejected: s.rejected.load(Ordering::Relaxed),
+        timeouts: s.timeouts.load(Ordering::Relaxed),
+        retries: s.retries.load(Ordering::Relaxed),
         failed: s.failed.load(Ordering::Relaxed),
         deliveries: s.deliveries.load(Ordering::Relaxed),
         lost: tally.lost,
@@ -549,7 +563,7 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
             break;
         }
         ctx.live.set(ctx.live.get() + 1);
-        monoio::spawn(client(ctx.clone(), ctx.spec.first_index + i, deadline));
+        monoio::spawn(client(ctx.clone(), ctx.spec.first_index + i, Instant::now(), deadline));
     }
     while ctx.live.get() > 0 && Instant::now() < deadline + Duration::from_secs(2) {
         monoio::time::sleep(Duration::from_millis(50)).await;
@@ -587,6 +601,24 @@ async fn connect_tcp(ctx: &ThreadCtx, index: usize) -> std::io::Result<TcpStream
     // bounded queue instead and is told so (3008, then recovers).
     sock.set_recv_buffer_size(CLIENT_RCVBUF)?;
     if ips > 1 {
+        // The port is chosen at connect, by the whole 4-tuple: a bind to
+        // port 0 would search the address's ports for one bound by nobody,
+        // which costs more with every socket bound (a 200,000-client storm
+        // spent most of its load-generator CPU there).
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt reads one int from `on` for this open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         sock.bind(&SocketAddr::new(src, 0).into())?;
     }
     sock.set_nonblocking(true)?;
@@ -701,19 +733,39 @@ enum SessionEnd {
     Closed(u16),
 }
 
+/// How long an idle client waits for input before it looks at the stop
+/// flag again. Each wake re-arms (and cancels) a readiness poll: at 200 ms,
+/// 200,000 idle clients spent more CPU on that than the gateways on the
+/// whole storm, which then starved.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
+/// The same once `stop` came (clients catching up check their positions).
+const STOP_TICK: Duration = Duration::from_millis(200);
+
 /// The close code of a connection that ended without a close frame.
 const ABNORMAL_CLOSE: u16 = 1006;
 
-/// Connects (TCP + upgrade), retrying 503s with full-jitter backoff that
-/// honours `Retry-After`; records the upgrade latency.
-async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<Upgraded> {
+/// How long one attempt (TCP connect + upgrade) may take before the client
+/// gives it up and retries.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects (TCP + upgrade), retrying a 503 after its `Retry-After` (plus
+/// jitter) and other failures with full-jitter backoff; records the
+/// upgrade latency.
+async fn establish(ctx: &ThreadCtx, index: usize, since: Instant, deadline: Instant) -> Option<Upgraded> {
     let sh = &ctx.shared;
-    let t0 = Instant::now();
+    let t0 = since;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let attempt = monoio::time::timeout(Duration::from_secs(15), upgrade(ctx, index)).await;
+        if attempts > 1 {
+            sh.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        let attempt = monoio::time::timeout(UPGRADE_TIMEOUT, upgrade(ctx, index)).await;
+        if attempt.is_err() {
+            sh.timeouts.fetch_add(1, Ordering::Relaxed);
+        }
         match attempt.unwrap_or(Err(ConnectError::Failed)) {
             Ok(s) => {
                 ctx.hists.borrow_mut().upgrade.saturating_record(t0.elapsed().as_micros() as u64);
@@ -729,10 +781,14 @@ async fn establish(ctx: &ThreadCtx, index: usize, deadline: Instant) -> Option<U
                 {
                     return None;
                 }
-                let mut wait = backoff.next_delay(&mut rand::rng());
-                if let ConnectError::Rejected(Some(secs)) = e {
-                    wait = wait.max(Duration::from_secs(secs as u64));
-                }
+                // A 503 names when to come back: then, plus up to a second
+                // of jitter (Retry-After is whole seconds), as an SDK does.
+                let wait = match e {
+                    ConnectError::Rejected(Some(secs)) => {
+                        Duration::from_secs(secs.into()) + Duration::from_millis(rand::random_range(0..1000))
+                    }
+                    _ => backoff.next_delay(&mut rand::rng()),
+                };
                 monoio::time::sleep(wait).await;
             }
         }
@@ -756,7 +812,9 @@ fn subscribe_cmd(id: usize, s: &Subscription) -> String {
     }
 }
 
-async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
+/// A client, due since `due` (its first upgrade's latency counts from
+/// then, so a load generator slow to start it does not hide the wait).
+async fn client(ctx: Rc<ThreadCtx>, index: usize, due: Instant, deadline: Instant) {
     let sh = ctx.shared.clone();
     let mut rng = rand::rng();
     let names: Vec<String> = match &ctx.spec.chat {
@@ -788,7 +846,8 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, deadline: Instant) {
     let mut last_end = None;
     let mut reconnect_backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        let upgraded = establish(&ctx, index, deadline).await;
+        let since = if first { due } else { Instant::now() };
+        let upgraded = establish(&ctx, index, since, deadline).await;
         if first {
             sh.attempted.fetch_add(1, Ordering::Relaxed);
             first = false;
@@ -1019,9 +1078,21 @@ async fn session(
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16384);
         }
+        // Wait for input or for what is due next: a chat message, a
+        // subscription retry, the deadline; at most IDLE_TICK (the stop flag
+        // is polled), STOP_TICK once stopping.
+        let now = Instant::now();
+        let mut due = now + if sh.stop.load(Ordering::Relaxed) { STOP_TICK } else { IDLE_TICK };
+        if connected && ctx.spec.chat.as_ref().is_some_and(|c| c.active(index)) {
+            due = due.min(next_msg);
+        }
+        if !retry.is_empty() {
+            due = due.min(retry_at);
+        }
+        due = due.min(deadline);
         let readable = monoio::select! {
             r = stream.readable(false) => Some(r.is_ok()),
-            _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+            _ = monoio::time::sleep(due.saturating_duration_since(now)) => None,
         };
         if readable == Some(false) {
             break SessionEnd::Closed(ABNORMAL_CLOSE); // reset (a crashed server)
@@ -1066,7 +1137,7 @@ async fn hold_upgraded(
         }
         let readable = monoio::select! {
             r = stream.readable(false) => Some(r.is_ok()),
-            _ = monoio::time::sleep(Duration::from_millis(200)) => None,
+            _ = monoio::time::sleep(IDLE_TICK) => None,
         };
         if readable.is_some() {
             // Anything from the server now is its close (the connect deadline).

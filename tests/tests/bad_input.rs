@@ -305,6 +305,40 @@ fn storm_admission_answers_503_with_retry_after_and_established_sessions_keep_re
 }
 
 #[test]
+fn refused_clients_are_told_later_and_later_seconds_at_the_admission_rate() {
+    // 2 admissions per second and core, a burst of 1: a run of refusals is
+    // handed slots half a second apart, from 1 s on, so the Retry-After
+    // values climb instead of sending everyone back at once.
+    let p = std::env::temp_dir().join(format!("sy-adm-slots-{}.toml", std::process::id()));
+    std::fs::write(
+        &p,
+        "[admission]\naccept_rate = 2.0\naccept_burst = 1\nretry_after_min_secs = 1\nretry_after_max_secs = 30\n",
+    )
+    .unwrap();
+    let c = Cluster::start(1, 1, &["--config", p.to_str().unwrap()]);
+    let mut told: Vec<u32> = Vec::new();
+    let mut admitted = Vec::new();
+    for _ in 0..24 {
+        match Ws::connect(c.ws_addrs[0], "/connection/websocket") {
+            Ok(ws) => admitted.push(ws),
+            Err(ClientHandshakeError::Rejected { status: 503, retry_after }) => {
+                told.push(retry_after.expect("Retry-After"));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(told.len() >= 16, "refused {} of 24", told.len());
+    assert!(told.iter().all(|r| (1..=30).contains(r)), "{told:?}");
+    // Two cores, two slots per second each: no second is handed to many
+    // more than four refusals (rounding moves some to the next second).
+    for second in 1..=30 {
+        let n = told.iter().filter(|r| **r == second).count();
+        assert!(n <= 8, "{n} told to come back in {second} s: {told:?}");
+    }
+    assert!(*told.iter().max().unwrap() >= 3, "{told:?}");
+}
+
+#[test]
 fn a_decompression_bomb_is_closed_with_1009_and_harms_nobody() {
     use std::io::Write;
     let c = Cluster::start(1, 1, &["--deflate"]);

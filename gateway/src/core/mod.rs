@@ -46,6 +46,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use proto::backoff::RetrySchedule;
 use proto::client::reply::{self, client_info, unsubscribe_push};
 use proto::client::{Disconnect, ReplyError, codes::unsubscribe_code};
 use proto::cluster::ClusterMsg;
@@ -139,6 +140,12 @@ pub struct Ctx {
     /// Effects for the shell.
     pub fx: Effects,
     admission: TokenBucket,
+    /// The refused clients' `Retry-After` slots: at the rate pending
+    /// handshakes drain while they queue, else at the admission rate.
+    retry_slots: RetrySchedule,
+    /// Handshakes finished since `drain_since` (their rate paces the slots).
+    drained: u32,
+    drain_since: Instant,
     handshakes: usize,
     draining: bool,
     inflater: Inflater,
@@ -214,6 +221,13 @@ impl Core {
                 timers: TimerWheel::new(now, TIMER_TICK, TIMER_SLOTS),
                 fx: Effects::new(metrics, id),
                 admission: TokenBucket::new(adm.accept_rate, adm.accept_burst, now),
+                retry_slots: RetrySchedule::new(
+                    adm.accept_rate,
+                    adm.retry_after_min_secs,
+                    adm.retry_after_max_secs,
+                ),
+                drained: 0,
+                drain_since: now,
                 handshakes: 0,
                 draining: false,
                 inflater: Inflater::new(),
@@ -512,6 +526,7 @@ impl Ctx {
     fn handshake_done(&mut self, s: &mut Session) {
         if std::mem::take(&mut s.counted) {
             self.handshakes = self.handshakes.saturating_sub(1);
+            self.drained = self.drained.saturating_add(1);
             self.fx.metrics().pending_handshakes.store(self.handshakes as u64, Ordering::Relaxed);
         }
     }

@@ -126,6 +126,13 @@ impl Core {
     }
 }
 
+/// How often the refused clients' pace is measured.
+const RETRY_PACE_WINDOW: Duration = Duration::from_secs(1);
+
+/// The slowest pace refused clients are told to come back at, per core (a
+/// core that finished no handshake in a second is not a measure of one).
+const MIN_RETRY_RATE: f64 = 50.0;
+
 impl Ctx {
     /// Puts a session on the timer wheel for its earliest deadline, unless
     /// it is already there for an earlier one. Called whenever a deadline
@@ -141,10 +148,31 @@ impl Ctx {
         }
     }
 
+    /// Once a second (while connections arrive): the rate the refused are
+    /// told to come back at. With the pending handshakes at least half of
+    /// `max_pending_handshakes`, the rate they drained at over the last
+    /// second, which is what this core takes when its CPU is short (several
+    /// gateways on few CPUs, a busy box), at most the admission rate;
+    /// otherwise the admission rate.
+    fn pace_retries(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.drain_since);
+        if elapsed < RETRY_PACE_WINDOW {
+            return;
+        }
+        let rate = self.cfg.admission.accept_rate;
+        let drained = f64::from(self.drained) / elapsed.as_secs_f64();
+        let queued = self.handshakes >= self.cfg.admission.max_pending_handshakes.div_ceil(2);
+        let paced = if queued { drained.clamp(MIN_RETRY_RATE, rate.max(MIN_RETRY_RATE)) } else { rate };
+        self.retry_slots.set_rate(paced);
+        self.drained = 0;
+        self.drain_since = now;
+    }
+
     /// Admission control: `Some(answer)` when a new connection must be refused.
     /// `held`: the sessions the core holds now (its share of
     /// `admission.max_connections` is the bound).
     pub(super) fn admit(&mut self, now: Instant, held: usize) -> Option<Vec<u8>> {
+        self.pace_retries(now);
         let adm = &self.cfg.admission;
         let share =
             if adm.max_connections == 0 { usize::MAX } else { adm.max_connections.div_ceil(self.cores) };
@@ -155,8 +183,93 @@ impl Ctx {
         if ok {
             return None;
         }
-        let secs =
-            proto::backoff::jittered_secs(adm.retry_after_min_secs, adm.retry_after_max_secs, &mut self.rng);
+        let secs = self.retry_slots.retry_after(now, &mut self.rng);
         Some(handshake::service_unavailable(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::auth::Verifier;
+    use crate::config::GatewayConfig;
+    use crate::core::{Core, CoreSpec};
+    use crate::metrics::Metrics;
+
+    fn core(cfg: GatewayConfig, now: Instant) -> Core {
+        Core::new(CoreSpec {
+            id: 0,
+            cores: 1,
+            verifier: Arc::new(Verifier::new(&cfg.auth).unwrap()),
+            cfg: Arc::new(cfg),
+            metrics: Arc::new(Metrics::new(1)),
+            seed: 1,
+            now,
+            unix_now: 0,
+            up_backlog: crate::core::upstream::MAX_UP_BACKLOG,
+            secret_seed: [0; 32],
+        })
+    }
+
+    fn retry_after(answer: &[u8]) -> u32 {
+        let text = std::str::from_utf8(answer).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+        let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("retry-after:")).unwrap();
+        line["retry-after:".len()..].trim().parse().unwrap()
+    }
+
+    #[test]
+    fn a_storm_past_the_burst_is_told_to_come_back_spread_at_the_admission_rate() {
+        let mut cfg = GatewayConfig::default();
+        cfg.admission.accept_rate = 100.0;
+        cfg.admission.accept_burst = 10;
+        cfg.admission.retry_after_min_secs = 1;
+        cfg.admission.retry_after_max_secs = 4;
+        let now = Instant::now();
+        let mut gw = core(cfg, now);
+        let mut per_sec = [0u32; 5];
+        let mut admitted = 0;
+        for _ in 0..400 {
+            match gw.cx.admit(now, 0) {
+                None => admitted += 1,
+                Some(answer) => per_sec[retry_after(&answer) as usize] += 1,
+            }
+        }
+        assert_eq!(admitted, 10, "the burst");
+        // 300 slots 10 ms apart from 1 s on fill the window to 4 s, about
+        // 100 told each of 1, 2 and 3 s; the rest land anywhere in it.
+        for (k, n) in per_sec.iter().enumerate().take(4).skip(1) {
+            assert!((60..=160).contains(n), "{k} s: {n} ({per_sec:?})");
+        }
+        assert_eq!(per_sec[0], 0);
+        // Once the burst's tokens are back, a newcomer is admitted again.
+        assert!(gw.cx.admit(now + Duration::from_secs(1), 0).is_none());
+    }
+
+    #[test]
+    fn with_handshakes_queued_the_refused_are_paced_at_the_rate_they_drain() {
+        let mut cfg = GatewayConfig::default();
+        cfg.admission.accept_rate = 10_000.0;
+        cfg.admission.max_pending_handshakes = 10;
+        let t0 = Instant::now();
+        let mut busy = core(cfg, t0);
+        // The queue is full and drained 20 handshakes in the last second.
+        busy.cx.handshakes = 10;
+        busy.cx.drained = 20;
+        let now = t0 + Duration::from_secs(1);
+        let told: Vec<u32> = (0..40).map(|_| retry_after(&busy.cx.admit(now, 0).unwrap())).collect();
+        // Slots 50 ms apart from 1 s: 1.0 … 2.95 s, about 20 told each of
+        // 1 and 2 s (3 when rounded up), none beyond.
+        assert!(told.iter().all(|r| (1..=3).contains(r)), "{told:?}");
+        let ones = told.iter().filter(|r| **r == 1).count();
+        assert!((10..=30).contains(&ones), "{told:?}");
+        assert!(told.windows(2).filter(|w| w[1] + 1 < w[0]).count() == 0, "slots only move later: {told:?}");
+        // At the admission rate instead (10,000/s), all 40 would be 1 s.
+        let mut calm = core(GatewayConfig::default(), t0);
+        calm.cx.handshakes = calm.cx.cfg.admission.max_pending_handshakes;
+        let told: Vec<u32> = (0..40).map(|_| retry_after(&calm.cx.admit(now, 0).unwrap())).collect();
+        assert!(told.iter().all(|r| *r <= 2), "{told:?}");
     }
 }

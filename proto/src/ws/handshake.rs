@@ -154,7 +154,8 @@ pub fn error_response(status: u16, headers: &[(&str, &str)], body: &str) -> Vec<
     out.into_bytes()
 }
 
-/// The 503 admission control sends in a storm; the caller jitters `retry_after_secs`.
+/// The 503 admission control sends in a storm; the caller picks `retry_after_secs`
+/// (the gateway: a slot of the refused client's own, see [`crate::backoff::RetrySchedule`]).
 pub fn service_unavailable(retry_after_secs: u32) -> Vec<u8> {
     let secs = retry_after_secs.to_string();
     error_response(503, &[("Retry-After", &secs)], "overloaded, retry later")
