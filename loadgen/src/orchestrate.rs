@@ -73,6 +73,10 @@ impl Worker {
         let mut child = Command::new(std::env::current_exe()?)
             .arg("worker")
             .arg(serde_json::to_string(spec)?)
+            // The load generator's own memory: freed pages go back to the
+            // OS at once (a storm's handshake buffers would otherwise stay
+            // resident: 7.8 vs 5.4 KB per idle client at peak).
+            .env("MIMALLOC_PURGE_DELAY", "0")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

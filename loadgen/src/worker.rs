@@ -532,11 +532,18 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
     let start = Instant::now();
     let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
     {
-        // Hands this thread's latency window to the reporter every 250 ms.
+        // Hands this thread's latency window to the reporter every 250 ms;
+        // returns the thread's freed allocator pages to the OS every second
+        // (the handshakes' buffers: 8.2 -> 5.4 KB per idle client).
         let ctx = ctx.clone();
         monoio::spawn(async move {
+            let mut ticks = 0u32;
             while Instant::now() < deadline + Duration::from_secs(2) {
                 monoio::time::sleep(Duration::from_millis(250)).await;
+                ticks = ticks.wrapping_add(1);
+                if ticks % 4 == 0 {
+                    gateway::alloc::collect();
+                }
                 let mut h = ctx.hists.borrow_mut();
                 if !h.window.is_empty() {
                     let mut w = ctx.shared.window.lock().expect("window");
@@ -1075,8 +1082,10 @@ async fn session(
         if Instant::now() > deadline {
             break SessionEnd::Done;
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16384);
+        if buf.is_empty() {
+            // An idle client pins no receive buffer (a million of them on
+            // one box: 16 KiB each would be 16 GiB).
+            buf = BytesMut::new();
         }
         // Wait for input or for what is due next: a chat message, a
         // subscription retry, the deadline; at most IDLE_TICK (the stop flag
@@ -1099,6 +1108,9 @@ async fn session(
         }
         if readable == Some(true) {
             silent_since = None;
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(16384);
+            }
             let (res, b) = read_append(&mut stream, buf).await;
             buf = b;
             match res {

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""One million authenticated, subscribed WebSocket sessions on this box, and
+one publication that reaches every one of them.
+
+Runs `loadgen fanout` with every client subscribed to one channel: P gateway
+processes (one core each) share the port with SO_REUSEPORT, since a process
+holds at most ~19,700 descriptors here; the load generator spreads its
+clients over worker processes of 15,000 and over 127.0.x.y source addresses.
+While it runs, this script samples the load generator's own memory (the sum
+of its workers' RSS) and the kernel's memory that grows with sockets (slab
+plus TCP buffer pages), and prints, with the report's own figures:
+
+- the time to open every session, and how many connected;
+- the time the one publication took to reach the last subscriber (the
+  slowest delivery's publish-to-deliver latency), deliveries, lost;
+- gateway user bytes per connection, kernel bytes per connection pair (both
+  ends are on this box), load generator bytes per connection.
+
+    cargo build --release -p loadgen
+    python3 benches/scripts/million.py                       # 1,000,000 over 60 gateway processes
+    python3 benches/scripts/million.py --connections 200000 --gateways 12
+"""
+import argparse, json, os, resource, subprocess, sys, tempfile, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
+
+
+def kernel_bytes():
+    """Slab objects plus TCP buffer pages."""
+    slab = 0
+    for line in open("/proc/meminfo"):
+        if line.startswith("Slab:"):
+            slab = int(line.split()[1]) * 1024
+    tcp_pages = 0
+    for line in open("/proc/net/sockstat"):
+        if line.startswith("TCP:"):
+            f = line.split()
+            tcp_pages = int(f[f.index("mem") + 1])
+    return slab + tcp_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker_rss():
+    """Summed RSS of the load generator's worker processes."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if len(cmd) > 1 and cmd[0].endswith(b"loadgen") and cmd[1] == b"worker":
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--connections", type=int, default=1_000_000)
+    ap.add_argument("--gateways", type=int, default=60)
+    ap.add_argument("--report", default=os.path.join(tempfile.gettempdir(), "million.html"))
+    a = ap.parse_args()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    kernel0 = kernel_bytes()
+    peak = {"kernel": kernel0, "workers": 0}
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(1.0):
+            peak["kernel"] = max(peak["kernel"], kernel_bytes())
+            peak["workers"] = max(peak["workers"], worker_rss())
+
+    threading.Thread(target=sample, daemon=True).start()
+    cmd = [LOADGEN, "fanout", "--connections", str(a.connections), "--gateways", str(a.gateways),
+           "--gateway-cores", "1", "--channels", "1", "--subs-per-conn", "1", "--publications", "1",
+           "--json", "--report", a.report]
+    print(" ".join(cmd[1:]), file=sys.stderr)
+    t0 = time.time()
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
+    done.set()
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    n = max(r["connected"], 1)
+    print(json.dumps({
+        "connections": a.connections,
+        "gateway_processes": a.gateways,
+        "connected": r["connected"],
+        "failed": r["failed"],
+        "rejected": r["rejected"],
+        "open_secs": round(r["storm_secs"], 1),
+        "deliveries": r["deliveries"],
+        "lost": r["lost"],
+        "publication_to_last_subscriber_ms": r["latency_ms"]["max"],
+        "publication_p50_ms": r["latency_ms"]["p50"],
+        "gateway_user_bytes_per_connection": round(r["gateway_rss_per_conn"], 1),
+        "kernel_bytes_per_connection_pair": round((peak["kernel"] - kernel0) / n, 1),
+        "loadgen_bytes_per_connection": round(peak["workers"] / n, 1),
+        "gateway_cpu_us_per_conn": r["gateway_cpu_us_per_conn"],
+        "wall_secs": round(time.time() - t0, 1),
+        "verdict": r["verdict"],
+        "report": a.report,
+    }, indent=1))
+    sys.exit(out.returncode)
+
+
+if __name__ == "__main__":
+    main()
