@@ -61,6 +61,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--connections", type=int, default=1_000_000)
     ap.add_argument("--gateways", type=int, default=60)
+    ap.add_argument("--storm-rate", type=float, default=8000.0,
+                    help="new sessions per second (0: all at once, which collapses here at this size)")
     ap.add_argument("--report", default=os.path.join(tempfile.gettempdir(), "million.html"))
     a = ap.parse_args()
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
@@ -75,7 +77,7 @@ def main():
 
     threading.Thread(target=sample, daemon=True).start()
     cmd = [LOADGEN, "fanout", "--connections", str(a.connections), "--gateways", str(a.gateways),
-           "--gateway-cores", "1", "--channels", "1", "--subs-per-conn", "1", "--publications", "1",
+           "--gateway-cores", "1", "--storm-rate", str(a.storm_rate), "--channels", "1", "--subs-per-conn", "1", "--publications", "1",
            "--json", "--report", a.report]
     print(" ".join(cmd[1:]), file=sys.stderr)
     t0 = time.time()
@@ -86,6 +88,7 @@ def main():
     print(json.dumps({
         "connections": a.connections,
         "gateway_processes": a.gateways,
+        "storm_rate": a.storm_rate,
         "connected": r["connected"],
         "failed": r["failed"],
         "rejected": r["rejected"],

@@ -541,7 +541,7 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
             while Instant::now() < deadline + Duration::from_secs(2) {
                 monoio::time::sleep(Duration::from_millis(250)).await;
                 ticks = ticks.wrapping_add(1);
-                if ticks % 4 == 0 {
+                if ticks.is_multiple_of(4) {
                     gateway::alloc::collect();
                 }
                 let mut h = ctx.hists.borrow_mut();
