@@ -22,22 +22,11 @@ plus TCP buffer pages), and prints, with the report's own figures:
 """
 import argparse, json, os, resource, subprocess, sys, tempfile, threading, time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from idle_memory import kernel_bytes  # noqa: E402  (slab + TCP buffer pages)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
-
-
-def kernel_bytes():
-    """Slab objects plus TCP buffer pages."""
-    slab = 0
-    for line in open("/proc/meminfo"):
-        if line.startswith("Slab:"):
-            slab = int(line.split()[1]) * 1024
-    tcp_pages = 0
-    for line in open("/proc/net/sockstat"):
-        if line.startswith("TCP:"):
-            f = line.split()
-            tcp_pages = int(f[f.index("mem") + 1])
-    return slab + tcp_pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def worker_rss():
