@@ -172,7 +172,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
     let cfg = load(args)?;
     if print {
         cfg.etcd.check(cfg!(feature = "etcd")).map_err(anyhow::Error::msg)?;
-        cfg.proxy.check().map_err(anyhow::Error::msg)?;
+        cfg.check().map_err(anyhow::Error::msg)?;
         crate::auth::Verifier::new(&cfg.auth)?;
         print!("{}", cfg.to_toml_redacted()?);
         return Ok(());
@@ -183,7 +183,7 @@ pub fn main_with(args: impl IntoIterator<Item = String>) -> anyhow::Result<()> {
 /// Runs a gateway until it has drained (SIGTERM, or SIGINT twice to exit at once).
 pub fn run(mut cfg: GatewayConfig) -> anyhow::Result<()> {
     cfg.etcd.check(cfg!(feature = "etcd")).map_err(anyhow::Error::msg)?;
-    cfg.proxy.check().map_err(anyhow::Error::msg)?;
+    cfg.check().map_err(anyhow::Error::msg)?;
     let nofile = crate::process::raise_open_files();
     if cfg.admission.max_connections == 0 {
         cfg.admission.max_connections = crate::process::connections_for(nofile) as usize;

@@ -575,6 +575,31 @@ impl Default for GatewayConfig {
 }
 
 impl GatewayConfig {
+    /// Refuses settings the gateway cannot honour: the proxy's endpoints
+    /// ([`ProxyConfig::check`]), a `Retry-After` range that is empty or
+    /// starts at 0, an admission rate that is not a positive number, a
+    /// session queue bound past what its counter holds (4 GiB).
+    pub fn check(&self) -> Result<(), String> {
+        self.proxy.check()?;
+        let adm = &self.admission;
+        if adm.retry_after_min_secs == 0 || adm.retry_after_min_secs > adm.retry_after_max_secs {
+            return Err(format!(
+                "admission.retry_after_min_secs ({}) must be at least 1 and at most retry_after_max_secs ({})",
+                adm.retry_after_min_secs, adm.retry_after_max_secs
+            ));
+        }
+        if !(adm.accept_rate.is_finite() && adm.accept_rate > 0.0) {
+            return Err(format!("admission.accept_rate ({}) must be a positive number", adm.accept_rate));
+        }
+        if self.limits.max_queue_bytes > u32::MAX as usize {
+            return Err(format!(
+                "limits.max_queue_bytes ({}) must be below 4 GiB",
+                self.limits.max_queue_bytes
+            ));
+        }
+        Ok(())
+    }
+
     /// Parses TOML; unknown keys are errors.
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
         Ok(toml::from_str(text)?)
@@ -635,6 +660,7 @@ mod tests {
         }
         let c = GatewayConfig::from_toml("[proxy.rpc]\nendpoint = \"http://b/\"\ntimeout_ms = 0\n").unwrap();
         assert!(c.proxy.check().is_err(), "a zero timeout");
+        assert!(c.check().is_err(), "the whole configuration's check includes the proxy's");
         assert!(GatewayConfig::from_toml("[proxy.connect]\nendpont = \"http://b/\"\n").is_err());
     }
 
@@ -648,5 +674,20 @@ mod tests {
         assert_eq!(c.limits.max_subscriptions, 3);
         assert!(c.auth.allow_anonymous_connect_without_token);
         assert!(GatewayConfig::from_toml("[limits]\nnope = 1\n").is_err());
+    }
+
+    #[test]
+    fn admission_and_queue_bounds_are_checked() {
+        assert!(GatewayConfig::default().check().is_ok());
+        for bad in [
+            "[admission]\nretry_after_min_secs = 0\n",
+            "[admission]\nretry_after_min_secs = 6\nretry_after_max_secs = 5\n",
+            "[admission]\naccept_rate = 0.0\n",
+            "[admission]\naccept_rate = -5.0\n",
+            "[limits]\nmax_queue_bytes = 5000000000\n",
+        ] {
+            let c = GatewayConfig::from_toml(bad).unwrap();
+            assert!(c.check().is_err(), "{bad}");
+        }
     }
 }

@@ -796,7 +796,7 @@ async fn establish(ctx: &ThreadCtx, index: usize, since: Instant, deadline: Inst
                     }
                     _ => backoff.next_delay(&mut rand::rng()),
                 };
-                monoio::time::sleep(wait).await;
+                monoio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
             }
         }
     }
@@ -1092,7 +1092,10 @@ async fn session(
         // is polled), STOP_TICK once stopping.
         let now = Instant::now();
         let mut due = now + if sh.stop.load(Ordering::Relaxed) { STOP_TICK } else { IDLE_TICK };
-        if connected && ctx.spec.chat.as_ref().is_some_and(|c| c.active(index)) {
+        if connected
+            && !sh.quiet.load(Ordering::Relaxed)
+            && ctx.spec.chat.as_ref().is_some_and(|c| c.active(index))
+        {
             due = due.min(next_msg);
         }
         if !retry.is_empty() {

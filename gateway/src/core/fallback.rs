@@ -151,7 +151,7 @@ impl Core {
         let limit = self.cx.queue_limit();
         let Some(s) = self.sessions.get_mut(sid) else { return Step::Done };
         // Answered: no longer a handshake in progress.
-        self.cx.handshake_done(s);
+        self.cx.handshake_done(s, true);
         if close {
             s.refuse(sid, answer, &mut self.cx.fx);
             self.cx.rearm(s, sid);
@@ -187,7 +187,7 @@ impl Core {
         s.http_conn = false;
         s.placed = false;
         s.upgraded(connect_by);
-        self.cx.handshake_done(s);
+        self.cx.handshake_done(s, true);
         self.cx.fx.metrics().fallback_streams.fetch_add(1, Ordering::Relaxed);
         self.cx.fx.metrics().fallback_open.fetch_add(1, Ordering::Relaxed);
         s.queue_framed(sid, Bytes::from(fallback::stream_head(t, origin)), usize::MAX, &mut self.cx.fx);

@@ -440,7 +440,7 @@ impl Core {
     fn refuse(&mut self, sid: Sid, answer: Vec<u8>) {
         self.cx.fx.metrics().rejections.fetch_add(1, Ordering::Relaxed);
         if let Some(s) = self.sessions.get_mut(sid) {
-            self.cx.handshake_done(s);
+            self.cx.handshake_done(s, false);
             s.refuse(sid, answer, &mut self.cx.fx);
             self.cx.rearm(s, sid);
         }
@@ -451,7 +451,7 @@ impl Core {
         self.retire(sid);
         self.cx.waiting.remove(&sid);
         let Some(mut s) = self.sessions.remove(sid) else { return };
-        self.cx.handshake_done(&mut s);
+        self.cx.handshake_done(&mut s, false);
         if s.transport.is_http() {
             self.cx.fx.metrics().fallback_open.fetch_sub(1, Ordering::Relaxed);
         }
@@ -523,10 +523,14 @@ impl Ctx {
 
     /// A session's handshake is over (upgraded, refused, answered or
     /// gone): it no longer counts toward `max_pending_handshakes`. Once.
-    fn handshake_done(&mut self, s: &mut Session) {
+    /// `completed`: upgraded or answered, what the pace of retries counts
+    /// (a refusal or a hang-up is not the core taking a client).
+    fn handshake_done(&mut self, s: &mut Session, completed: bool) {
         if std::mem::take(&mut s.counted) {
             self.handshakes = self.handshakes.saturating_sub(1);
-            self.drained = self.drained.saturating_add(1);
+            if completed {
+                self.drained = self.drained.saturating_add(1);
+            }
             self.fx.metrics().pending_handshakes.store(self.handshakes as u64, Ordering::Relaxed);
         }
     }

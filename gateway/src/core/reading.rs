@@ -159,7 +159,7 @@ impl Core {
         s.echo = echo;
         s.deflate = Deflate::agreed(deflate.as_ref());
         s.upgraded(now + cfg.limits.connect_timeout_secs * 1000);
-        self.cx.handshake_done(s);
+        self.cx.handshake_done(s, true);
         self.cx.fx.metrics().handshakes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         s.queue(sid, Bytes::from(response), usize::MAX, &mut self.cx.fx);
         self.cx.rearm(s, sid);

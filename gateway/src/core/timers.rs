@@ -162,7 +162,7 @@ impl Ctx {
         let rate = self.cfg.admission.accept_rate;
         let drained = f64::from(self.drained) / elapsed.as_secs_f64();
         let queued = self.handshakes >= self.cfg.admission.max_pending_handshakes.div_ceil(2);
-        let paced = if queued { drained.clamp(MIN_RETRY_RATE, rate.max(MIN_RETRY_RATE)) } else { rate };
+        let paced = if queued { drained.clamp(MIN_RETRY_RATE.min(rate), rate) } else { rate };
         self.retry_slots.set_rate(paced);
         self.drained = 0;
         self.drain_since = now;
@@ -176,11 +176,16 @@ impl Ctx {
         let adm = &self.cfg.admission;
         let share =
             if adm.max_connections == 0 { usize::MAX } else { adm.max_connections.div_ceil(self.cores) };
-        let ok = self.handshakes < adm.max_pending_handshakes
-            && held < share
-            && !self.draining
-            && self.admission.try_take(1, now);
-        if ok {
+        if held >= share || self.draining {
+            // Full or leaving: no pace to come back at, only a spread.
+            let secs = proto::backoff::jittered_secs(
+                adm.retry_after_min_secs,
+                adm.retry_after_max_secs,
+                &mut self.rng,
+            );
+            return Some(handshake::service_unavailable(secs));
+        }
+        if self.handshakes < adm.max_pending_handshakes && self.admission.try_take(1, now) {
             return None;
         }
         let secs = self.retry_slots.retry_after(now, &mut self.rng);
@@ -266,9 +271,13 @@ mod tests {
         let ones = told.iter().filter(|r| **r == 1).count();
         assert!((10..=30).contains(&ones), "{told:?}");
         assert!(told.windows(2).filter(|w| w[1] + 1 < w[0]).count() == 0, "slots only move later: {told:?}");
-        // At the admission rate instead (10,000/s), all 40 would be 1 s.
-        let mut calm = core(GatewayConfig::default(), t0);
-        calm.cx.handshakes = calm.cx.cfg.admission.max_pending_handshakes;
+        // Refused by the admission rate with no queue (10,000/s), the 40
+        // slots are 0.1 ms apart: all told 1 s (2 when rounded up).
+        let mut cfg = GatewayConfig::default();
+        cfg.admission.accept_rate = 10_000.0;
+        cfg.admission.accept_burst = 1;
+        let mut calm = core(cfg, t0);
+        assert!(calm.cx.admit(now, 0).is_none(), "the burst");
         let told: Vec<u32> = (0..40).map(|_| retry_after(&calm.cx.admit(now, 0).unwrap())).collect();
         assert!(told.iter().all(|r| *r <= 2), "{told:?}");
     }

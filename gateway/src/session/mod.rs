@@ -148,6 +148,8 @@ impl Identity {
 
 /// The session's rate budgets: the tokens left in its publish and request
 /// buckets (rates and bursts are the configuration's), refilled together.
+/// `f32` counts whole tokens exactly up to 2^24, far past any burst a
+/// session is given.
 /// Kept inline, 16 bytes: most sessions send at least a subscribe.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Budget {
