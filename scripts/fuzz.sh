@@ -17,7 +17,7 @@ for t in handshake frame_decoder client_decoder cluster_decoder http_request; do
   if ! cargo fuzz run "$t" "$work" -- -max_total_time="$secs" -rss_limit_mb=2048 >"$log" 2>&1; then
     tail -40 "$log"; echo "FUZZ FAILURE in $t"; exit 1
   fi
-  execs=$(grep -oE '#[0-9]+' "$log" | tail -1 | tr -d '#')
+  execs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#')
   echo "$t: ${execs:-0} executions in ${secs}s, no finding"
   rm -rf "$work" "$log"
 done

@@ -3,7 +3,7 @@
 //!
 //! The bound asserted here is the 2 KiB for this test (the gateway
 //! binary as the tests build it, 10,000 connections after a 500-connection
-//! warm-up). The release figure at 18,500 per process is ~0.8 KiB (see
+//! warm-up). The release figure at 19,000 per process is ~0.6 KiB (see
 //! BENCHMARKS.md and `benches/scripts/idle_memory.py`).
 
 use std::io::{Read, Write};
