@@ -69,8 +69,6 @@ pub fn jittered_secs(min: u32, max: u32, rng: &mut impl Rng) -> u32 {
 #[derive(Debug, Clone)]
 pub struct RetrySchedule {
     spacing: Duration,
-    min: Duration,
-    max: Duration,
     min_secs: u32,
     max_secs: u32,
     /// The next free slot (`None`: none handed out yet).
@@ -83,14 +81,7 @@ impl RetrySchedule {
     /// `[min_secs, max_secs]`.
     pub fn new(rate: f64, min_secs: u32, max_secs: u32) -> Self {
         let max_secs = max_secs.max(min_secs);
-        RetrySchedule {
-            spacing: Self::spacing(rate, max_secs),
-            min: Duration::from_secs(min_secs.into()),
-            max: Duration::from_secs(max_secs.into()),
-            min_secs,
-            max_secs,
-            next: None,
-        }
+        RetrySchedule { spacing: Self::spacing(rate, max_secs), min_secs, max_secs, next: None }
     }
 
     /// Changes the slots' rate (as [`new`](Self::new)); slots already
@@ -110,10 +101,10 @@ impl RetrySchedule {
 
     /// The `Retry-After` (seconds) for a client refused at `now`.
     pub fn retry_after(&mut self, now: Instant, rng: &mut impl Rng) -> u32 {
-        let earliest = now + self.min;
+        let earliest = now + Duration::from_secs(self.min_secs.into());
         let slot = self.next.map_or(earliest, |n| n.max(earliest));
         let wait = slot - now;
-        if wait > self.max {
+        if wait > Duration::from_secs(self.max_secs.into()) {
             return jittered_secs(self.min_secs, self.max_secs, rng);
         }
         self.next = Some(slot + self.spacing);
