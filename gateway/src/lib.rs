@@ -97,6 +97,7 @@ pub mod core;
 pub mod cores;
 pub mod effects;
 pub mod metrics;
+pub mod paged;
 pub mod process;
 pub mod proxy;
 pub mod session;

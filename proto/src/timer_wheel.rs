@@ -4,7 +4,9 @@
 //! scheduled.
 //!
 //! Deadlines are rounded **up** to the wheel's tick, so a key never fires
-//! early and fires at most one tick late. A deadline beyond one turn of the
+//! early and fires at most one tick late (a deadline more than
+//! [`MAX_AHEAD`] ticks away is scheduled at that distance: an entry is 12
+//! bytes). A deadline beyond one turn of the
 //! wheel waits in its slot for the turns in between. Cancelling is lazy: the
 //! owner of a key remembers the tick [`TimerWheel::insert`] returned and
 //! ignores a key that fires for another tick (it was rescheduled).
@@ -18,12 +20,22 @@ use std::time::{Duration, Instant};
 pub struct TimerWheel {
     origin: Instant,
     tick: Duration,
-    /// `slots[t % slots.len()]` holds (key, t) for every key due at tick `t`.
-    slots: Vec<Vec<(u64, u64)>>,
+    /// `slots[t % slots.len()]` holds an [`Entry`] for every key due at tick `t`.
+    slots: Vec<Vec<Entry>>,
     /// The last tick [`expire`](Self::expire) has handled.
     done: u64,
     len: usize,
 }
+
+/// A key and its tick in 12 bytes: the key's halves and the tick's low 32
+/// bits. Every entry's tick is in `done + 1 ..= done + MAX_AHEAD`, so the
+/// low bits name it.
+type Entry = [u32; 3];
+
+/// The furthest a deadline is scheduled ahead, in ticks (34 years of
+/// 250 ms ticks); one beyond it fires then, early, and its owner, who
+/// checks its own deadlines when its key fires, schedules it again.
+pub const MAX_AHEAD: u64 = u32::MAX as u64;
 
 impl TimerWheel {
     /// A wheel whose tick 0 is `origin`, with ticks of `tick` and `slots`
@@ -53,9 +65,15 @@ impl TimerWheel {
     /// Schedules `key` at `at` (at the next tick if `at` has passed);
     /// returns the tick it will fire at.
     pub fn insert(&mut self, key: u64, at: Instant) -> u64 {
-        let t = self.tick_of(at).max(self.done + 1);
+        let t = self.tick_for(at);
         let n = self.slots.len() as u64;
-        self.slots[(t % n) as usize].push((key, t));
+        let slot = &mut self.slots[(t % n) as usize];
+        if slot.len() == slot.capacity() {
+            // A quarter more, not double: a slot holding a storm's worth
+            // of deadlines keeps little spare.
+            slot.reserve_exact((slot.capacity() / 4).max(4));
+        }
+        slot.push([key as u32, (key >> 32) as u32, t as u32]);
         self.len += 1;
         t
     }
@@ -63,7 +81,7 @@ impl TimerWheel {
     /// The tick an [`insert`](Self::insert) at `at` would return, to compare
     /// with one already scheduled.
     pub fn tick_for(&self, at: Instant) -> u64 {
-        self.tick_of(at).max(self.done + 1)
+        self.tick_of(at).clamp(self.done + 1, self.done + MAX_AHEAD)
     }
 
     /// Appends to `out` every (key, tick) due by `now`, each once.
@@ -76,12 +94,15 @@ impl TimerWheel {
         let n = self.slots.len() as u64;
         // Each slot once per call, even if many turns went by.
         let last = target.min(self.done + n);
-        for t in self.done + 1..=last {
+        let done = self.done;
+        for t in done + 1..=last {
             let slot = &mut self.slots[(t % n) as usize];
             let before = out.len();
-            slot.retain(|&(key, due)| {
+            slot.retain(|&[lo, hi, low_tick]| {
+                // The one tick after `done` with these low bits.
+                let due = done + u64::from(low_tick.wrapping_sub(done as u32));
                 if due <= target {
-                    out.push((key, due));
+                    out.push((u64::from(lo) | u64::from(hi) << 32, due));
                     false
                 } else {
                     true
@@ -148,6 +169,29 @@ mod tests {
         assert_eq!(w.tick_for(t0), 9);
         w.expire(t0 + Duration::from_millis(2_250), &mut out);
         assert_eq!(out, vec![(5, 9)]);
+    }
+
+    #[test]
+    fn ticks_past_32_bits_and_full_64_bit_keys_come_back_exact() {
+        // 1 ns ticks: 2^32 ticks go by in 4.3 s of wheel time.
+        let t0 = Instant::now();
+        let ns = Duration::from_nanos;
+        let mut w = TimerWheel::new(t0, ns(1), 8);
+        let mut out = Vec::new();
+        w.expire(t0 + Duration::from_secs(5), &mut out);
+        let now = 5_000_000_000u64;
+        let key = 0xdead_beef_0000_0007u64;
+        assert_eq!(w.insert(key, t0 + ns(now + 3)), now + 3);
+        w.expire(t0 + ns(now + 2), &mut out);
+        assert!(out.is_empty(), "not early");
+        w.expire(t0 + ns(now + 3), &mut out);
+        assert_eq!(out, vec![(key, now + 3)]);
+        // Further ahead than the entries can name: scheduled at the limit,
+        // and the returned tick says so (the owner finds its deadline not
+        // yet passed when the key fires, and schedules it again).
+        let far = w.insert(1, t0 + Duration::from_secs(60));
+        assert_eq!(far, now + 3 + MAX_AHEAD);
+        assert_eq!(w.tick_for(t0 + Duration::from_secs(60)), far);
     }
 
     proptest! {

@@ -12,10 +12,12 @@
 //!
 //! [`Follows`]: crate::session::subs::SubState::Follows
 
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::HashTable;
 use proto::position::StreamPosition;
-use proto::seeded::{self, Map, Set};
+use proto::seeded::{self, Set, State};
 
 use crate::effects::Sid;
 
@@ -28,8 +30,9 @@ pub struct Channel {
     /// Subscribers at the channel's position: every delivery that
     /// continues it is queued to them without looking at them further.
     pub followers: Set<Sid>,
-    /// Subscribers with their own position (or waiting for the router).
-    pub catching: Set<Sid>,
+    /// Subscribers with their own position (or waiting for the router);
+    /// boxed, and only while there are any: most channels have none.
+    catching: Option<Box<Set<Sid>>>,
     /// Where the stream stands on this core (`None`: not known yet, or lost
     /// by a resync; unpositioned channels never have one).
     pub position: Option<StreamPosition>,
@@ -38,7 +41,22 @@ pub struct Channel {
 impl Channel {
     /// Subscribers of both kinds.
     pub fn len(&self) -> usize {
-        self.followers.len() + self.catching.len()
+        self.followers.len() + self.catching().count()
+    }
+
+    /// The subscribers with their own position.
+    pub fn catching(&self) -> impl Iterator<Item = &Sid> + '_ {
+        self.catching.iter().flat_map(|c| c.iter())
+    }
+
+    /// Removes `sid` from those catching up; whether it was there.
+    fn stop_catching(&mut self, sid: Sid) -> bool {
+        let Some(c) = self.catching.as_mut() else { return false };
+        let was = c.remove(&sid);
+        if c.is_empty() {
+            self.catching = None;
+        }
+        was
     }
 
     /// Whether nobody is subscribed.
@@ -48,21 +66,23 @@ impl Channel {
 
     /// Every subscriber.
     pub fn members(&self) -> impl Iterator<Item = Sid> + '_ {
-        self.followers.iter().chain(self.catching.iter()).copied()
+        self.followers.iter().chain(self.catching()).copied()
     }
 }
 
-/// The index.
+/// The index: its channels, found by name (the channel holds its name,
+/// so the table holds nothing else).
 #[derive(Debug)]
 pub struct ChannelIndex {
-    map: Map<Arc<str>, Channel>,
+    map: HashTable<Channel>,
+    state: State,
     seed: u64,
 }
 
 impl ChannelIndex {
     /// An empty index hashed with `seed`.
     pub fn new(seed: u64) -> ChannelIndex {
-        ChannelIndex { map: seeded::map(seed), seed }
+        ChannelIndex { map: HashTable::new(), state: seeded::state(seed), seed }
     }
 
     /// Channels with subscribers.
@@ -77,47 +97,52 @@ impl ChannelIndex {
 
     /// The shared name of `channel` if it has local subscribers, else a new one.
     pub fn name(&self, channel: &str) -> Arc<str> {
-        self.map.get(channel).map_or_else(|| Arc::from(channel), |c| c.name.clone())
+        self.get(channel).map_or_else(|| Arc::from(channel), |c| c.name.clone())
     }
 
     /// The channel, if it has local subscribers.
     pub fn get(&self, channel: &str) -> Option<&Channel> {
-        self.map.get(channel)
+        self.map.find(self.state.hash_one(channel), |c| *c.name == *channel)
     }
 
     /// The channel, mutably.
     pub fn get_mut(&mut self, channel: &str) -> Option<&mut Channel> {
-        self.map.get_mut(channel)
+        self.map.find_mut(self.state.hash_one(channel), |c| *c.name == *channel)
     }
 
     /// Where `channel`'s stream stands here, if known.
     pub fn position(&self, channel: &str) -> Option<&StreamPosition> {
-        self.map.get(channel)?.position.as_ref()
+        self.get(channel)?.position.as_ref()
     }
 
     /// Adds a subscriber (a follower or one catching up); whether it is the
     /// channel's first on this core (the uplink must hear of it).
     pub fn add(&mut self, name: &Arc<str>, sid: Sid, follows: bool) -> bool {
-        let seed = self.seed;
-        let ch = self.map.entry(name.clone()).or_insert_with(|| Channel {
-            name: name.clone(),
-            followers: seeded::set(seed),
-            catching: seeded::set(seed ^ 1),
-            position: None,
-        });
+        let (seed, state) = (self.seed, &self.state);
+        let hash = state.hash_one(&**name);
+        let ch = self
+            .map
+            .entry(hash, |c| c.name == *name, |c| state.hash_one(&*c.name))
+            .or_insert_with(|| Channel {
+                name: name.clone(),
+                followers: seeded::set(seed),
+                catching: None,
+                position: None,
+            })
+            .into_mut();
         let first = ch.is_empty();
         if follows {
             ch.followers.insert(sid);
         } else {
-            ch.catching.insert(sid);
+            ch.catching.get_or_insert_with(|| Box::new(seeded::set(seed ^ 1))).insert(sid);
         }
         first
     }
 
     /// Moves a subscriber that caught up to the followers.
     pub fn follow(&mut self, channel: &str, sid: Sid) {
-        if let Some(ch) = self.map.get_mut(channel)
-            && ch.catching.remove(&sid)
+        if let Some(ch) = self.get_mut(channel)
+            && ch.stop_catching(sid)
         {
             ch.followers.insert(sid);
         }
@@ -126,10 +151,12 @@ impl ChannelIndex {
     /// Removes a subscriber; whether it was the channel's last on this core
     /// (the channel is gone from the index, and the uplink must hear of it).
     pub fn remove(&mut self, channel: &str, sid: Sid) -> bool {
-        let Some(ch) = self.map.get_mut(channel) else { return false };
-        let was = ch.followers.remove(&sid) || ch.catching.remove(&sid);
+        let hash = self.state.hash_one(channel);
+        let Ok(mut entry) = self.map.find_entry(hash, |c| *c.name == *channel) else { return false };
+        let ch = entry.get_mut();
+        let was = ch.followers.remove(&sid) || ch.stop_catching(sid);
         if was && ch.is_empty() {
-            self.map.remove(channel);
+            entry.remove();
             return true;
         }
         false
@@ -137,7 +164,7 @@ impl ChannelIndex {
 
     /// Every channel's name (a snapshot).
     pub fn names(&self) -> Vec<Arc<str>> {
-        self.map.keys().cloned().collect()
+        self.map.iter().map(|c| c.name.clone()).collect()
     }
 }
 

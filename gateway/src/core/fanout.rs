@@ -67,7 +67,7 @@ impl Core {
             Follow::Behind => {}
             Follow::Broken => resync.extend(ch.followers.iter().copied()),
         }
-        for &sid in ch.catching.iter() {
+        for &sid in ch.catching() {
             let Some(s) = self.sessions.get_mut(sid) else { continue };
             let Some(state) = s.subs.get_mut(&ch.name) else { continue };
             match state {
@@ -182,7 +182,7 @@ impl Core {
         }
         ch.position = Some(new.clone());
         let name = ch.name.clone();
-        for &sid in ch.catching.iter() {
+        for &sid in ch.catching() {
             if let Some(SubState::Own(p)) = self.sessions.get(sid).and_then(|s| s.subs.get(&name)) {
                 if **p == new {
                     resync.retain(|x| *x != sid);

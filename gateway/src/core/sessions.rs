@@ -3,9 +3,11 @@
 //! Slots are reused; each carries a generation so an id held by a stale
 //! request or timer never reaches the session that took the slot later.
 //! Records are boxed so the slab's spare capacity costs a slot (16 bytes),
-//! not a record, per connection.
+//! not a record, per connection, and the slots are [`Paged`]: at most one
+//! page of them spare.
 
 use crate::effects::Sid;
+use crate::paged::Paged;
 use crate::session::Session;
 
 #[derive(Debug, Default)]
@@ -17,7 +19,7 @@ struct Slot {
 /// The slab.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    slots: Vec<Slot>,
+    slots: Paged<Slot>,
     free: Vec<u32>,
     len: usize,
 }
@@ -37,12 +39,9 @@ impl Sessions {
     pub fn insert(&mut self, session: Session) -> Sid {
         let index = match self.free.pop() {
             Some(i) => i as usize,
-            None => {
-                self.slots.push(Slot::default());
-                self.slots.len() - 1
-            }
+            None => self.slots.push(Slot::default()),
         };
-        let slot = &mut self.slots[index];
+        let slot = self.slots.at(index);
         slot.generation = slot.generation.wrapping_add(1).max(1);
         slot.session = Some(Box::new(session));
         self.len += 1;

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 use crate::bridge::{Handover, Inbox, UpMsg};
 use crate::core::{Core, Got, TIMER_TICK};
 use crate::effects::{Action, Sid};
+use crate::paged::Paged;
 use listener::{ACCEPTS_PER_TURN, Accepted, LISTENER};
 use poller::Poller;
 
@@ -52,7 +53,7 @@ struct Sock {
 /// One core's shell.
 pub struct Shell {
     core: RefCell<Core>,
-    socks: RefCell<Vec<Option<Sock>>>,
+    socks: RefCell<Paged<Option<Sock>>>,
     poller: Poller,
     listener: RefCell<Option<std::net::TcpListener>>,
     listening: Cell<bool>,
@@ -93,7 +94,7 @@ impl Shell {
         poller.change(listener.as_raw_fd(), LISTENER, 0, poller::READ)?;
         Ok(Rc::new(Shell {
             core: RefCell::new(core),
-            socks: RefCell::new(Vec::new()),
+            socks: RefCell::new(Paged::default()),
             poller,
             listener: RefCell::new(Some(listener)),
             listening: Cell::new(true),
@@ -221,12 +222,7 @@ impl Shell {
     }
 
     fn register(&self, sid: Sid, fd: OwnedFd, tls: Option<Box<rustls::ServerConnection>>) {
-        let mut socks = self.socks.borrow_mut();
-        let i = sid.index();
-        if socks.len() <= i {
-            socks.resize_with(i + 1, || None);
-        }
-        socks[i] = Some(Sock { sid, fd, tls, watched: 0 });
+        *self.socks.borrow_mut().at(sid.index()) = Some(Sock { sid, fd, tls, watched: 0 });
     }
 
     /// Reads the established connections whose sockets are ready, and the
@@ -503,6 +499,6 @@ impl Shell {
     }
 }
 
-fn slot(socks: &mut [Option<Sock>], sid: Sid) -> Option<&mut Sock> {
+fn slot(socks: &mut Paged<Option<Sock>>, sid: Sid) -> Option<&mut Sock> {
     socks.get_mut(sid.index())?.as_mut().filter(|s| s.sid == sid)
 }
