@@ -578,7 +578,7 @@ impl GatewayConfig {
     /// Refuses settings the gateway cannot honour: the proxy's endpoints
     /// ([`ProxyConfig::check`]), a `Retry-After` range that is empty or
     /// starts at 0, an admission rate that is not a positive number, a
-    /// session queue bound past what its counter holds (4 GiB).
+    /// session queue bound past what its counter holds (2 GiB).
     pub fn check(&self) -> Result<(), String> {
         self.proxy.check()?;
         let adm = &self.admission;
@@ -591,9 +591,9 @@ impl GatewayConfig {
         if !(adm.accept_rate.is_finite() && adm.accept_rate > 0.0) {
             return Err(format!("admission.accept_rate ({}) must be a positive number", adm.accept_rate));
         }
-        if self.limits.max_queue_bytes > u32::MAX as usize {
+        if self.limits.max_queue_bytes > crate::session::outbound::MAX_QUEUE_BYTES {
             return Err(format!(
-                "limits.max_queue_bytes ({}) must be below 4 GiB",
+                "limits.max_queue_bytes ({}) must be below 2 GiB",
                 self.limits.max_queue_bytes
             ));
         }
@@ -685,6 +685,7 @@ mod tests {
             "[admission]\naccept_rate = 0.0\n",
             "[admission]\naccept_rate = -5.0\n",
             "[limits]\nmax_queue_bytes = 5000000000\n",
+            "[limits]\nmax_queue_bytes = 2147483648\n",
         ] {
             let c = GatewayConfig::from_toml(bad).unwrap();
             assert!(c.check().is_err(), "{bad}");

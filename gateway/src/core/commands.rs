@@ -24,7 +24,7 @@ use crate::auth::TokenError;
 use crate::bridge::UpMsg;
 use crate::effects::Sid;
 use crate::session::subs::{PendingSub, SubState};
-use crate::session::{Identity, PendingConnect, Rate, Session, VERSION};
+use crate::session::{Due, Identity, PendingConnect, Rate, Session, VERSION};
 
 /// Who asked for a subscription.
 #[derive(Debug, Clone, Copy)]
@@ -103,7 +103,7 @@ impl Core {
                 Ok(())
             }
             Method::Pong => {
-                s.deadlines.pong_due = 0;
+                s.deadlines.pong_due = Due::NONE;
                 Ok(())
             }
             Method::Send(_) => Ok(()),
@@ -250,13 +250,13 @@ impl Ctx {
         // First ping after a random ½–1 interval, so pings of a storm's
         // connections spread out.
         let ping = lim.ping_secs.max(1) as u64 * 1000;
-        s.deadlines.next_ping = now + (ping as f64 * self.rng.random_range(0.5..1.0)) as u64;
+        s.deadlines.next_ping = Due::at(now + (ping as f64 * self.rng.random_range(0.5..1.0)) as u64);
         // With the refresh hook the server refreshes the connection when it
         // expires (the client is told it does not); else the client has
         // 25 s past the expiry to send a new token.
         let server_refresh = self.cfg.proxy.refresh.is_some();
         let grace = if server_refresh { 0 } else { 25 };
-        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + grace) * 1000);
+        s.deadlines.expires_at = Due::at(ttl.map_or(0, |t| now + (t as u64 + grace) * 1000));
         self.rearm(s, sid);
         // Subscribed before the reply goes out: the results known here go in
         // its `subs`; a router's answer comes later as a `subscribe` push
@@ -669,7 +669,7 @@ impl Ctx {
         // With the refresh hook the server refreshes (no grace, no expiry told).
         let server_refresh = self.cfg.proxy.refresh.is_some();
         let grace = if server_refresh { 0 } else { 25 };
-        s.deadlines.expires_at = ttl.map_or(0, |t| now + (t as u64 + grace) * 1000);
+        s.deadlines.expires_at = Due::at(ttl.map_or(0, |t| now + (t as u64 + grace) * 1000));
         self.rearm(s, sid);
         replies.push(reply::reply(
             id,

@@ -24,7 +24,7 @@ use super::Core;
 use super::reading::Flow;
 use crate::bridge::{Emulation, UpMsg};
 use crate::effects::{Action, Sid};
-use crate::session::Phase;
+use crate::session::{Due, Phase};
 use proto::cluster::ClusterMsg;
 
 /// Largest request head (bytes), as for the WebSocket upgrade.
@@ -160,7 +160,7 @@ impl Core {
         if !s.queue_framed(sid, Bytes::from(answer), limit, &mut self.cx.fx) {
             return Step::Done;
         }
-        s.deadlines.phase_by = now + idle;
+        s.deadlines.phase_by = Due::at(now + idle);
         self.cx.rearm(s, sid);
         Step::Next
     }

@@ -45,7 +45,7 @@ use crate::config::ProxyEndpoint;
 use crate::effects::{Action, Sid};
 use crate::proxy::{Failure, ProxyAnswer, ProxyCall};
 use crate::session::ClientId;
-use crate::session::{ConnectHook, Expiring, Session, SessionProxy};
+use crate::session::{ConnectHook, Due, Expiring, Session, SessionProxy};
 
 /// Milliseconds before a failed refresh or sub_refresh call is made again.
 pub const RETRY_MS: u64 = 10_000;
@@ -419,10 +419,10 @@ impl Core {
         }
         let body = Request::new(&s.identity.client.text(), &s.identity.user).to_body();
         // No deadline while the call is in flight; its answer sets the next.
-        s.deadlines.expires_at = 0;
+        s.deadlines.expires_at = Due::NONE;
         match self.cx.call(s, sid, Hook::Refresh, &endpoint, body, What::Refresh) {
             Ok(call) => self.cx.proxy_state(s).refreshing = call,
-            Err(_) => s.deadlines.expires_at = now + RETRY_MS,
+            Err(_) => s.deadlines.expires_at = Due::at(now + RETRY_MS),
         }
         self.cx.rearm(s, sid);
     }
@@ -446,7 +446,7 @@ impl Core {
             Err(Refusal::Reply(_) | Refusal::Custom { .. }) => {
                 // The backend could not say: the connection stays, asked again later.
                 let Some(s) = self.sessions.get_mut(sid) else { return };
-                s.deadlines.expires_at = now + RETRY_MS;
+                s.deadlines.expires_at = Due::at(now + RETRY_MS);
                 self.cx.rearm(s, sid);
             }
         }

@@ -192,7 +192,7 @@ impl Core {
             self.cx.give_scratch(b);
             return;
         }
-        let mut decoder = s.decoder.take().unwrap_or_else(|| {
+        let mut decoder = s.take_decoder().unwrap_or_else(|| {
             Box::new(Decoder::new(DecoderConfig {
                 max_frame: limits.max_message,
                 max_message: limits.max_message,
@@ -206,7 +206,7 @@ impl Core {
             Flow::Go => {
                 if let Some(s) = self.sessions.get_mut(sid) {
                     if !decoder.is_idle() && !s.is_ending() {
-                        s.decoder = Some(decoder);
+                        s.keep_decoder(decoder);
                     }
                     if !b.is_empty() && !s.is_ending() {
                         // A partial frame header or control frame: keep just those bytes.

@@ -13,7 +13,7 @@ use rand::Rng;
 
 use super::{Core, Ctx};
 use crate::effects::Sid;
-use crate::session::{Phase, Session};
+use crate::session::{Due, Phase, Session};
 
 impl Core {
     /// The core's coarse timer, called every [`super::TIMER_TICK`].
@@ -56,35 +56,35 @@ impl Core {
         }
         match s.phase() {
             Phase::Closing => {}
-            Phase::Lingering if passed(d.phase_by) => {
+            Phase::Lingering if passed(d.phase_by.ms()) => {
                 if !s.stream_tail(sid, &mut self.cx.fx) {
                     self.finish(sid)
                 }
             }
             Phase::Lingering => {}
-            Phase::Upgrading if passed(d.phase_by) => {
+            Phase::Upgrading if passed(d.phase_by.ms()) => {
                 // Slowloris: the upgrade request did not complete in time.
                 self.refuse(sid, handshake::error_response(408, &[], "upgrade timed out"));
             }
-            Phase::Open if passed(d.phase_by) => self.close(sid, Disconnect::STALE.into()),
-            Phase::Upgrading | Phase::Open | Phase::Connected if passed(d.drain_at) => {
+            Phase::Open if passed(d.phase_by.ms()) => self.close(sid, Disconnect::STALE.into()),
+            Phase::Upgrading | Phase::Open | Phase::Connected if passed(d.drain_at.ms()) => {
                 self.close(sid, Disconnect::SHUTDOWN.into())
             }
             Phase::Upgrading | Phase::Open => {}
-            Phase::Connected if passed(d.pong_due) => self.close(sid, Disconnect::NO_PONG.into()),
-            Phase::Connected if passed(d.expires_at) && self.cx.cfg.proxy.refresh.is_some() => {
+            Phase::Connected if passed(d.pong_due.ms()) => self.close(sid, Disconnect::NO_PONG.into()),
+            Phase::Connected if passed(d.expires_at.ms()) && self.cx.cfg.proxy.refresh.is_some() => {
                 self.refresh_hook(sid, now)
             }
-            Phase::Connected if passed(d.expires_at) => self.close(sid, Disconnect::EXPIRED.into()),
+            Phase::Connected if passed(d.expires_at.ms()) => self.close(sid, Disconnect::EXPIRED.into()),
             Phase::Connected if s.proxy.as_ref().and_then(|p| p.next_expiry()).is_some_and(passed) => {
                 self.subscriptions_expired(sid, now)
             }
             Phase::Connected => {
-                if passed(d.next_ping) {
+                if passed(d.next_ping.ms()) {
                     let lim = &self.cx.cfg.limits;
-                    s.deadlines.next_ping = now + lim.ping_secs.max(1) as u64 * 1000;
-                    if s.deadlines.pong_due == 0 && !s.transport.is_uni() {
-                        s.deadlines.pong_due = now + lim.pong_timeout_secs * 1000;
+                    s.deadlines.next_ping = Due::at(now + lim.ping_secs.max(1) as u64 * 1000);
+                    if !s.deadlines.pong_due.is_set() && !s.transport.is_uni() {
+                        s.deadlines.pong_due = Due::at(now + lim.pong_timeout_secs * 1000);
                     }
                     let (ping, limit) = (self.cx.ping.clone(), self.cx.queue_limit());
                     s.queue(sid, ping, limit, &mut self.cx.fx);
@@ -102,7 +102,7 @@ impl Core {
         for sid in self.sessions.ids() {
             let at = ms + (window.as_millis() as f64 * self.cx.rng.random_range(0.0..1.0)) as u64;
             let Some(s) = self.sessions.get_mut(sid) else { continue };
-            s.deadlines.drain_at = at.max(1);
+            s.deadlines.drain_at = Due::at(at.max(1));
             self.cx.rearm(s, sid);
         }
     }

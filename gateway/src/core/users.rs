@@ -23,8 +23,8 @@ use proto::seeded::{self, Map};
 use super::Core;
 use super::commands::Origin;
 use crate::effects::Sid;
-use crate::session::CloseReason;
 use crate::session::subs::SubState;
+use crate::session::{CloseReason, Due};
 
 /// The connected sessions of each user on one core (anonymous sessions are
 /// not addressable and not indexed). The key is the one copy of the user's
@@ -283,7 +283,7 @@ impl Core {
         }
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let ms = expire_at.saturating_sub(unix).min(u32::MAX as u64).saturating_mul(1000);
-        s.deadlines.expires_at = if expire_at == 0 { 0 } else { now.saturating_add(ms) };
+        s.deadlines.expires_at = Due::at(if expire_at == 0 { 0 } else { now.saturating_add(ms) });
         self.cx.rearm(s, sid);
     }
 }

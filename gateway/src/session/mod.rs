@@ -205,20 +205,57 @@ fn take(tokens: &mut f32) -> bool {
     }
 }
 
-/// A session's deadlines, in core milliseconds (0: none).
+/// A read's leftovers (see `Session::reading`).
+#[derive(Debug, Default)]
+struct Reading {
+    decoder: Option<Box<Decoder>>,
+    partial: Vec<u8>,
+}
+
+/// A session's deadlines.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Deadlines {
     /// The deadline of the phase: upgrading, the upgrade's; open, the
     /// connect's; lingering, when it stops waiting for its client.
-    pub phase_by: u64,
+    pub phase_by: Due,
     /// When the next server ping is due.
-    pub next_ping: u64,
+    pub next_ping: Due,
     /// When the outstanding pong is due.
-    pub pong_due: u64,
+    pub pong_due: Due,
     /// When the connection expires (token `exp`), with its grace added.
-    pub expires_at: u64,
+    pub expires_at: Due,
     /// When a drain closes this session.
-    pub drain_at: u64,
+    pub drain_at: Due,
+}
+
+/// A deadline in 4 bytes: a core-clock moment rounded **up** to the core's
+/// timer tick, the only resolution deadlines act at (the wheel fires at
+/// tick boundaries). `u32` ticks of 250 ms last 34 years of a core's life;
+/// later ones saturate.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Due(u32);
+
+/// The unit of [`Due`], in milliseconds: the core's timer tick.
+const DUE_MS: u64 = crate::core::TIMER_TICK.as_millis() as u64;
+
+impl Due {
+    /// No deadline.
+    pub const NONE: Due = Due(0);
+
+    /// The deadline at `ms` core milliseconds (0: none), rounded up to a tick.
+    pub fn at(ms: u64) -> Due {
+        Due(u32::try_from(ms.div_ceil(DUE_MS)).unwrap_or(u32::MAX))
+    }
+
+    /// In core milliseconds (0: none); never earlier than asked.
+    pub fn ms(self) -> u64 {
+        u64::from(self.0) * DUE_MS
+    }
+
+    /// Whether there is a deadline.
+    pub fn is_set(self) -> bool {
+        self.0 != 0
+    }
 }
 
 /// A connect reply that waits for the token's subscriptions: sent, with
@@ -343,11 +380,10 @@ pub struct Session {
     tail_pending: bool,
     /// What the socket is watched for: bit 0 read, bit 1 write.
     watched: u8,
-    /// Decoder state, only while a message is in progress across reads.
-    pub decoder: Option<Box<Decoder>>,
-    /// Bytes of an incomplete frame (or upgrade request) between reads.
-    #[allow(clippy::box_collection, reason = "one pointer inline: most sessions hold none")]
-    partial: Option<Box<Vec<u8>>>,
+    /// What a read left in progress for the next: decoder state while a
+    /// message spans reads, the bytes of an incomplete frame (or upgrade
+    /// request). None between messages, so an idle session holds neither.
+    reading: Option<Box<Reading>>,
     /// Bytes read and discarded while lingering.
     discarded: u32,
     /// A frame did not fit the queue bound: nothing more is queued, and the
@@ -393,8 +429,7 @@ impl Session {
             http_conn: false,
             tail_pending: false,
             watched: 0,
-            decoder: None,
-            partial: None,
+            reading: None,
             discarded: 0,
             overflowed: false,
             identity: Identity::default(),
@@ -405,25 +440,51 @@ impl Session {
             connecting: None,
             proxy: None,
             out: Outbound::default(),
-            deadlines: Deadlines { phase_by: upgrade_by, ..Deadlines::default() },
+            deadlines: Deadlines { phase_by: Due::at(upgrade_by), ..Deadlines::default() },
             timer: 0,
         }
     }
 
     /// Whether bytes of an incomplete frame (or request) wait for more.
     pub fn has_partial(&self) -> bool {
-        self.partial.is_some()
+        self.reading.as_ref().is_some_and(|r| !r.partial.is_empty())
     }
 
     /// Keeps `bytes`, an incomplete frame or request, for the next read
     /// (replacing what was kept).
     pub fn keep_partial(&mut self, bytes: &[u8]) {
-        self.partial = (!bytes.is_empty()).then(|| Box::new(bytes.to_vec()));
+        if bytes.is_empty() {
+            drop(self.take_partial());
+        } else {
+            let r = self.reading.get_or_insert_default();
+            r.partial.clear();
+            r.partial.extend_from_slice(bytes);
+        }
     }
 
     /// Takes what [`keep_partial`](Self::keep_partial) kept.
     pub fn take_partial(&mut self) -> Vec<u8> {
-        self.partial.take().map(|b| *b).unwrap_or_default()
+        let Some(r) = self.reading.as_mut() else { return Vec::new() };
+        let partial = std::mem::take(&mut r.partial);
+        if r.decoder.is_none() {
+            self.reading = None;
+        }
+        partial
+    }
+
+    /// Takes the decoder of a message in progress, if any.
+    pub fn take_decoder(&mut self) -> Option<Box<Decoder>> {
+        let r = self.reading.as_mut()?;
+        let decoder = r.decoder.take();
+        if r.partial.is_empty() {
+            self.reading = None;
+        }
+        decoder
+    }
+
+    /// Keeps the decoder of a message in progress for the next read.
+    pub fn keep_decoder(&mut self, decoder: Box<Decoder>) {
+        self.reading.get_or_insert_default().decoder = Some(decoder);
     }
 
     /// Marks `channel` as subscribed server-side.
@@ -476,14 +537,14 @@ impl Session {
     /// The upgrade is done: wait for `connect` until `connect_by`.
     pub fn upgraded(&mut self, connect_by: u64) {
         self.phase = Phase::Open;
-        self.deadlines.phase_by = connect_by;
+        self.deadlines.phase_by = Due::at(connect_by);
     }
 
     /// `connect` succeeded.
     pub fn connected(&mut self, identity: Identity) {
         self.phase = Phase::Connected;
         self.identity = identity;
-        self.deadlines.phase_by = 0;
+        self.deadlines.phase_by = Due::NONE;
     }
 
     /// Bytes queued and not yet written.
@@ -563,8 +624,7 @@ impl Session {
         }
         let upgrading = self.phase == Phase::Upgrading;
         self.phase = Phase::Closing;
-        self.decoder = None;
-        self.partial = None;
+        self.reading = None;
         let last = if upgrading {
             // No upgrade yet (or a request connection between requests):
             // an HTTP answer, not a frame.
@@ -593,7 +653,7 @@ impl Session {
             return;
         }
         self.phase = Phase::Closing;
-        self.partial = None;
+        self.reading = None;
         self.push(sid, Bytes::from(answer), fx);
         self.watch(sid, fx);
     }
@@ -628,9 +688,9 @@ impl Session {
             if self.tail_pending {
                 // Reading on (a client that closes ends it), the last
                 // chunk after the delay ([`Session::stream_tail`]).
-                self.deadlines.phase_by = now + STREAM_TAIL_DELAY.as_millis() as u64;
+                self.deadlines.phase_by = Due::at(now + STREAM_TAIL_DELAY.as_millis() as u64);
             } else {
-                self.deadlines.phase_by = now + LINGER.as_millis() as u64;
+                self.deadlines.phase_by = Due::at(now + LINGER.as_millis() as u64);
                 fx.act(Action::Shutdown { sid });
             }
         }
@@ -678,18 +738,18 @@ impl Session {
             [(blocked != 0).then(|| blocked + write_timeout), None, None, None, None, None, None];
         match self.phase {
             Phase::Upgrading | Phase::Open => {
-                candidates[1] = Some(d.phase_by);
-                candidates[2] = Some(d.drain_at);
+                candidates[1] = Some(d.phase_by.ms());
+                candidates[2] = Some(d.drain_at.ms());
             }
             Phase::Connected => {
-                candidates[2] = Some(d.drain_at);
-                candidates[3] = Some(d.next_ping);
-                candidates[4] = Some(d.pong_due);
-                candidates[5] = Some(d.expires_at);
+                candidates[2] = Some(d.drain_at.ms());
+                candidates[3] = Some(d.next_ping.ms());
+                candidates[4] = Some(d.pong_due.ms());
+                candidates[5] = Some(d.expires_at.ms());
                 candidates[6] = self.proxy.as_ref().and_then(|p| p.next_expiry());
             }
             Phase::Closing => {}
-            Phase::Lingering => candidates[1] = Some(d.phase_by),
+            Phase::Lingering => candidates[1] = Some(d.phase_by.ms()),
         }
         candidates.into_iter().flatten().filter(|t| *t != 0).min()
     }
@@ -708,9 +768,19 @@ mod size {
     }
 
     /// Every idle connection holds one boxed session: it stays within
-    /// mimalloc's 224-byte size class (the next one is 256).
+    /// mimalloc's 192-byte size class (the next one is 224).
     #[test]
-    fn a_session_fits_224_bytes() {
-        assert!(std::mem::size_of::<super::Session>() <= 224, "{}", std::mem::size_of::<super::Session>());
+    fn a_session_fits_192_bytes() {
+        assert!(std::mem::size_of::<super::Session>() <= 192, "{}", std::mem::size_of::<super::Session>());
+    }
+
+    #[test]
+    fn a_deadline_never_comes_early_and_none_stays_none() {
+        use super::Due;
+        assert!(!Due::at(0).is_set() && Due::at(0) == Due::NONE && Due::NONE.ms() == 0);
+        assert_eq!(Due::at(1).ms(), 250);
+        assert_eq!(Due::at(250).ms(), 250);
+        assert_eq!(Due::at(251).ms(), 500);
+        assert!(Due::at(u64::MAX).ms() >= u64::from(u32::MAX), "saturates, far ahead");
     }
 }

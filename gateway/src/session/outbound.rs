@@ -10,6 +10,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 
+use super::Due;
+
 /// What a flush wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Written {
@@ -29,24 +31,41 @@ pub enum Flushed {
     Blocked,
 }
 
-/// The queue.
+/// The queue, in 40 bytes.
 #[derive(Debug, Default)]
 pub struct Outbound {
     frames: VecDeque<Bytes>,
-    /// Bytes queued (the queue's bound is far below 4 GiB).
-    bytes: u32,
-    /// Whether the front frame is partly written (its tail must go out
+    /// Bytes queued, below [`MAX_QUEUE_BYTES`], and in [`FRONT_STARTED`]
+    /// whether the front frame is partly written (its tail must go out
     /// before anything else, or the stream's framing breaks).
-    front_started: bool,
-    /// Since when (core milliseconds) the socket has been full with no
-    /// progress; 0 when it is not.
-    blocked_since: u64,
+    bytes: u32,
+    /// Since when the socket has been full with no progress (none when
+    /// it is not).
+    blocked_since: Due,
 }
+
+/// The bit of `Outbound::bytes` that says the front frame is started.
+const FRONT_STARTED: u32 = 1 << 31;
+
+/// The most a queue counts (the configuration's bound is below it).
+pub const MAX_QUEUE_BYTES: usize = FRONT_STARTED as usize - 1;
 
 impl Outbound {
     /// Bytes queued and not yet written.
     pub fn bytes(&self) -> usize {
-        self.bytes as usize
+        (self.bytes & !FRONT_STARTED) as usize
+    }
+
+    fn set_bytes(&mut self, n: usize) {
+        self.bytes = (self.bytes & FRONT_STARTED) | n.min(MAX_QUEUE_BYTES) as u32;
+    }
+
+    fn front_started(&self) -> bool {
+        self.bytes & FRONT_STARTED != 0
+    }
+
+    fn set_front_started(&mut self, started: bool) {
+        self.bytes = (self.bytes & !FRONT_STARTED) | if started { FRONT_STARTED } else { 0 };
     }
 
     /// Whether nothing is queued.
@@ -56,43 +75,45 @@ impl Outbound {
 
     /// Whether the socket was full at the last flush.
     pub fn blocked(&self) -> bool {
-        self.blocked_since != 0
+        self.blocked_since.is_set()
     }
 
-    /// Since when the socket has been full with no progress (0: it is not).
+    /// Since when the socket has been full with no progress (core
+    /// milliseconds, rounded up to the core's tick; 0: it is not).
     pub fn blocked_since(&self) -> u64 {
-        self.blocked_since
+        self.blocked_since.ms()
     }
 
     /// Appends a frame.
     pub fn push(&mut self, frame: Bytes) {
-        self.bytes = self.bytes.saturating_add(u32::try_from(frame.len()).unwrap_or(u32::MAX));
+        self.set_bytes(self.bytes().saturating_add(frame.len()));
         self.frames.push_back(frame);
     }
 
     /// Drops every frame not yet started; returns the bytes dropped.
     pub fn drop_unstarted(&mut self) -> usize {
-        let keep = if self.front_started { self.frames.pop_front() } else { None };
+        let keep = if self.front_started() { self.frames.pop_front() } else { None };
         self.frames.clear();
         let kept = keep.as_ref().map_or(0, Bytes::len);
         if let Some(f) = keep {
             self.frames.push_back(f);
         }
-        let dropped = (self.bytes as usize).saturating_sub(kept);
-        self.bytes = kept as u32;
+        let dropped = self.bytes().saturating_sub(kept);
+        self.set_bytes(kept);
         dropped
     }
 
     /// Drops everything; returns the bytes dropped.
     pub fn clear(&mut self) -> usize {
         self.frames = VecDeque::new();
-        std::mem::take(&mut self.bytes) as usize
+        let dropped = self.bytes();
+        self.bytes = 0; // nothing queued, nothing started
+        dropped
     }
 
     /// Takes the whole queue (a connection moving to another core).
     pub fn take(&mut self) -> VecDeque<Bytes> {
         self.bytes = 0;
-        self.front_started = false;
         std::mem::take(&mut self.frames)
     }
 
@@ -104,20 +125,19 @@ impl Outbound {
     /// Accounts for a flush at `now` (core milliseconds).
     pub fn wrote(&mut self, written: Written, result: Flushed, now: u64) {
         if written.bytes > 0 {
-            self.front_started = written.front_started;
+            self.set_front_started(written.front_started);
         }
-        self.bytes = (self.bytes as usize).saturating_sub(written.bytes) as u32;
+        self.set_bytes(self.bytes().saturating_sub(written.bytes));
         match result {
             Flushed::All => {
                 // An idle session keeps no queue storage.
                 self.frames = VecDeque::new();
                 self.bytes = 0;
-                self.front_started = false;
-                self.blocked_since = 0;
+                self.blocked_since = Due::NONE;
             }
             Flushed::Blocked => {
-                if written.bytes > 0 || self.blocked_since == 0 {
-                    self.blocked_since = now.max(1);
+                if written.bytes > 0 || !self.blocked() {
+                    self.blocked_since = Due::at(now.max(1));
                 }
             }
         }
@@ -141,7 +161,29 @@ mod tests {
         assert_eq!(q.bytes(), 6);
         assert_eq!(&q.frames_mut()[0][..], b"456789");
         q.wrote(Written { bytes: 6, front_started: false }, Flushed::All, 8);
-        assert!(q.is_empty() && !q.blocked() && q.bytes() == 0);
+        assert!(q.is_empty() && !q.blocked() && q.bytes() == 0 && !q.front_started());
+    }
+
+    #[test]
+    fn the_started_bit_and_the_byte_count_stay_apart() {
+        let mut q = Outbound::default();
+        q.push(Bytes::from(vec![0u8; 100]));
+        q.push(Bytes::from(vec![0u8; 50]));
+        bytes::Buf::advance(q.frames_mut().front_mut().unwrap(), 30);
+        q.wrote(Written { bytes: 30, front_started: true }, Flushed::Blocked, 1);
+        assert_eq!((q.bytes(), q.front_started()), (120, true));
+        q.push(Bytes::from(vec![0u8; 5]));
+        assert_eq!((q.bytes(), q.front_started()), (125, true));
+        assert_eq!(q.drop_unstarted(), 55);
+        assert_eq!((q.bytes(), q.front_started()), (70, true));
+        assert_eq!(q.clear(), 70);
+        assert_eq!(q.bytes(), 0);
+        // The count saturates below the bit.
+        q.set_bytes(MAX_QUEUE_BYTES);
+        q.push(Bytes::from_static(b"x"));
+        assert_eq!(q.bytes(), MAX_QUEUE_BYTES);
+        assert!(!q.front_started());
+        assert_eq!(std::mem::size_of::<Outbound>(), 40);
     }
 
     #[test]
