@@ -10,40 +10,64 @@
 //! unsubscribe push 2000, a close with the given code, a new expiry.
 
 use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use hashbrown::HashTable;
 use proto::client::Disconnect;
 use proto::client::channel::ChannelName;
 use proto::client::codes::unsubscribe_code;
 use proto::client::reply::unsubscribe_push;
 use proto::cluster::ClusterMsg;
-use proto::seeded::{self, Map};
+use proto::seeded::{self, Map, State};
 
 use super::Core;
 use super::commands::Origin;
 use crate::effects::Sid;
+use crate::paged::Paged;
 use crate::session::subs::SubState;
 use crate::session::{CloseReason, Due};
 
 /// The connected sessions of each user on one core (anonymous sessions are
-/// not addressable and not indexed). The key is the one copy of the user's
-/// id on the core: its sessions' identities share it.
+/// not addressable and not indexed). The core holds one copy of each
+/// user's id: its sessions' identities share it.
 ///
-/// Most users have one session here: `first` keeps it in a 24-byte entry;
-/// a user with more has all of them, in order, in `more` too.
+/// Most users have one session here. The table holds just that session's
+/// id (9 bytes a bucket); the user's id it is found by is kept by the
+/// session's slot in `ids`, in pages that grow without slack. A user with
+/// more sessions has all of them, in order, in `more` too.
 #[derive(Debug)]
 pub struct UserIndex {
-    first: Map<Arc<str>, Sid>,
+    first: HashTable<Sid>,
+    /// The user of every indexed session, by its slot.
+    ids: Paged<Option<Arc<str>>>,
     more: Map<Arc<str>, Vec<Sid>>,
+    state: State,
     /// The anonymous user's id, shared by every anonymous session.
     anonymous: Arc<str>,
+    len: usize,
 }
 
 impl UserIndex {
     /// An empty index.
     pub fn new(seed: u64) -> Self {
-        UserIndex { first: seeded::map(seed), more: seeded::map(seed ^ 1), anonymous: Arc::from("") }
+        UserIndex {
+            first: HashTable::new(),
+            ids: Paged::default(),
+            more: seeded::map(seed ^ 1),
+            state: seeded::state(seed),
+            anonymous: Arc::from(""),
+            len: 0,
+        }
+    }
+
+    fn user_of(&self, sid: Sid) -> Option<&Arc<str>> {
+        self.ids.get(sid.index())?.as_ref()
+    }
+
+    fn is(&self, sid: Sid, user: &str) -> bool {
+        self.user_of(sid).is_some_and(|u| **u == *user)
     }
 
     /// Session `sid` of `user` connected; returns the core's copy of the
@@ -52,39 +76,53 @@ impl UserIndex {
         if user.is_empty() {
             return self.anonymous.clone();
         }
-        let Some((key, first)) = self.first.get_key_value(user) else {
+        let hash = self.state.hash_one(user);
+        let Some(&first) = self.first.find(hash, |s| self.is(*s, user)) else {
             let key: Arc<str> = Arc::from(user);
-            self.first.insert(key.clone(), sid);
+            *self.ids.at(sid.index()) = Some(key.clone());
+            let (ids, state) = (&self.ids, &self.state);
+            self.first.insert_unique(hash, sid, |s| {
+                state.hash_one(
+                    &**ids.get(s.index()).and_then(Option::as_ref).expect("indexed sessions have ids"),
+                )
+            });
+            self.len += 1;
             return key;
         };
-        let (key, first) = (key.clone(), *first);
+        let key = self.user_of(first).expect("indexed").clone();
+        *self.ids.at(sid.index()) = Some(key.clone());
         self.more.entry(key.clone()).or_insert_with(|| vec![first]).push(sid);
         key
     }
 
     /// Session `sid` of `user` is gone.
     pub fn remove(&mut self, user: &str, sid: Sid) {
+        let hash = self.state.hash_one(user);
         let Some(all) = self.more.get_mut(user) else {
-            if self.first.get(user) == Some(&sid) {
-                self.first.remove(user);
+            if let Ok(entry) = self.first.find_entry(hash, |s| *s == sid) {
+                entry.remove();
+                self.len -= 1;
+                *self.ids.at(sid.index()) = None;
             }
             return;
         };
-        if let Some(i) = all.iter().position(|s| *s == sid) {
-            all.remove(i);
-        }
+        let Some(i) = all.iter().position(|s| *s == sid) else { return };
+        all.remove(i);
+        *self.ids.at(sid.index()) = None;
         let head = all.first().copied();
         if all.len() <= 1 {
             self.more.remove(user);
         }
+        let Ok(mut entry) = self.first.find_entry(hash, |s| {
+            *s == sid || self.ids.get(s.index()).is_some_and(|u| u.as_deref() == Some(user))
+        }) else {
+            return;
+        };
         match head {
-            Some(head) => {
-                if let Some(f) = self.first.get_mut(user) {
-                    *f = head;
-                }
-            }
+            Some(head) => *entry.get_mut() = head,
             None => {
-                self.first.remove(user);
+                entry.remove();
+                self.len -= 1;
             }
         }
     }
@@ -93,18 +131,21 @@ impl UserIndex {
     pub fn sessions(&self, user: &str) -> &[Sid] {
         match self.more.get(user) {
             Some(all) => all,
-            None => self.first.get(user).map_or(&[], std::slice::from_ref),
+            None => self
+                .first
+                .find(self.state.hash_one(user), |s| self.is(*s, user))
+                .map_or(&[], std::slice::from_ref),
         }
     }
 
     /// Users indexed.
     pub fn len(&self) -> usize {
-        self.first.len()
+        self.len
     }
 
     /// Whether no user is indexed.
     pub fn is_empty(&self) -> bool {
-        self.first.is_empty()
+        self.len == 0
     }
 }
 
@@ -325,5 +366,46 @@ mod tests {
         assert_eq!(ix.sessions("42"), &[] as &[Sid]);
         ix.remove("42", Sid(5));
         assert_eq!(ix.sessions("42"), &[] as &[Sid]);
+    }
+
+    /// Against a plain list, through thousands of adds and removes (the
+    /// table rehashes many times, finding each user's id by slot).
+    #[test]
+    fn the_index_agrees_with_a_list_of_every_session() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut ix = UserIndex::new(3);
+        let mut model: Vec<(String, Sid)> = Vec::new();
+        let mut free: Vec<u64> = (0..4000).rev().collect();
+        let mut generation = 1u64;
+        for _ in 0..40_000 {
+            if !free.is_empty() && (model.len() < 100 || rng.random_bool(0.55)) {
+                let slot = free.pop().unwrap();
+                generation += 1;
+                let sid = Sid(generation << 32 | slot);
+                let user = format!("u{}", rng.random_range(0..1500));
+                let shared = ix.add(&user, sid);
+                assert_eq!(*shared, *user);
+                model.push((user, sid));
+            } else {
+                let (user, sid) = model.swap_remove(rng.random_range(0..model.len()));
+                ix.remove(&user, sid);
+                ix.remove(&user, sid); // idempotent
+                free.push(sid.index() as u64);
+            }
+            if rng.random_bool(0.01) {
+                for u in 0..1500 {
+                    let user = format!("u{u}");
+                    let want: Vec<Sid> = model.iter().filter(|(m, _)| *m == user).map(|(_, s)| *s).collect();
+                    let mut got = ix.sessions(&user).to_vec();
+                    let mut want_sorted = want.clone();
+                    got.sort_by_key(|s| s.0);
+                    want_sorted.sort_by_key(|s| s.0);
+                    assert_eq!(got, want_sorted, "{user}");
+                }
+                let users: std::collections::HashSet<&str> = model.iter().map(|(u, _)| u.as_str()).collect();
+                assert_eq!(ix.len(), users.len());
+            }
+        }
     }
 }
