@@ -114,9 +114,12 @@ def kernel_bytes():
     return slab + tcp_pages * os.sysconf("SC_PAGE_SIZE")
 
 
-def rss(pid):
+def rss(pid, field="VmRSS"):
+    """Resident bytes of `pid`: all (VmRSS), or anonymous memory (RssAnon: the
+    heap and stacks) or file pages (RssFile: the binary's code and data as
+    they are first run)."""
     for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -175,6 +178,7 @@ def main():
     time.sleep(2)
     try:
         before = [rss(p.pid) for p in gws]
+        anon_before = [rss(p.pid, "RssAnon") for p in gws]
         if os.environ.get("IDLE_SMAPS"):
             os.system(f"cat /proc/{gws[0].pid}/smaps > /tmp/smaps_before; grep -E 'Rss' /proc/{gws[0].pid}/status >&2")
         kernel_before = kernel_bytes()
@@ -193,6 +197,7 @@ def main():
             ready.wait(timeout=600)
         time.sleep(1)
         after = [rss(p.pid) for p in gws]
+        anon_after = [rss(p.pid, "RssAnon") for p in gws]
         if os.environ.get("IDLE_SMAPS"):
             os.system(f"cat /proc/{gws[0].pid}/smaps > /tmp/smaps_after; grep -E 'Rss' /proc/{gws[0].pid}/status >&2")
         kernel_after = kernel_bytes()
@@ -209,6 +214,9 @@ def main():
             "rss_before_bytes": before,
             "rss_after_bytes": after,
             "bytes_per_connection": round(growth / max(sessions, 1), 1),
+            # Of which anonymous memory (heap, stacks); the rest is the binary's
+            # pages faulted in as code paths first run (shared, file-backed).
+            "anon_bytes_per_connection": round((sum(anon_after) - sum(anon_before)) / max(sessions, 1), 1),
             # Both ends of every connection are on this box: the kernel figure
             # is (slab + TCP buffer growth) / connections, client socket included.
             "kernel_bytes_per_connection_both_ends": round((kernel_after - kernel_before) / max(sessions, 1), 1),

@@ -22,6 +22,11 @@ impl Sid {
     pub fn index(self) -> usize {
         (self.0 & 0xffff_ffff) as usize
     }
+
+    /// The slot's generation when the session took it.
+    pub fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
 }
 
 /// What a read of a session's socket gave.

@@ -41,19 +41,25 @@ pub struct Lifecycle {
     pub drain: AtomicBool,
 }
 
-/// A socket the machine has a session for.
+/// A socket the machine has a session for, in its session's slot (12
+/// bytes; a wss session's TLS state is beside it, in `Shell::tls_conns`).
 struct Sock {
-    sid: Sid,
+    /// The session's generation (the slot is its index).
+    generation: u32,
     fd: OwnedFd,
-    tls: Option<Box<rustls::ServerConnection>>,
     /// What the readiness set watches it for.
     watched: u32,
 }
+
+/// The TLS state of a wss session, by its slot: a plain ws gateway never
+/// touches these pages.
+type TlsConns = Paged<Option<Box<rustls::ServerConnection>>>;
 
 /// One core's shell.
 pub struct Shell {
     core: RefCell<Core>,
     socks: RefCell<Paged<Option<Sock>>>,
+    tls_conns: RefCell<TlsConns>,
     poller: Poller,
     listener: RefCell<Option<std::net::TcpListener>>,
     listening: Cell<bool>,
@@ -95,6 +101,7 @@ impl Shell {
         Ok(Rc::new(Shell {
             core: RefCell::new(core),
             socks: RefCell::new(Paged::default()),
+            tls_conns: RefCell::new(Paged::default()),
             poller,
             listener: RefCell::new(Some(listener)),
             listening: Cell::new(true),
@@ -146,7 +153,7 @@ impl Shell {
                 Action::Shutdown { sid } => {
                     let mut socks = self.socks.borrow_mut();
                     let Some(sock) = slot(&mut socks, sid) else { continue };
-                    if let Some(conn) = sock.tls.as_mut() {
+                    if let Some(conn) = tls_of(&mut self.tls_conns.borrow_mut(), sid) {
                         tls::close_notify(conn, sock.fd.as_raw_fd());
                     }
                     // SAFETY: plain syscall on our open socket.
@@ -160,9 +167,9 @@ impl Shell {
                     drop(self.take(sid));
                 }
                 Action::HandOver { sid, core, moved } => {
-                    let Some(sock) = self.take(sid) else { continue };
+                    let Some((sock, tls)) = self.take(sid) else { continue };
                     let _ = self.poller.change(sock.fd.as_raw_fd(), sid.0, sock.watched, 0);
-                    let h = Handover { fd: sock.fd, tls: sock.tls, moved };
+                    let h = Handover { fd: sock.fd, tls, moved };
                     // A full inbox drops the hand-over, which closes the socket
                     // (the client reconnects).
                     if let Some(tx) = self.peers.get(core) {
@@ -215,14 +222,30 @@ impl Shell {
         }
     }
 
-    fn take(&self, sid: Sid) -> Option<Sock> {
+    /// Takes a session's socket and TLS state out of its slot.
+    #[allow(clippy::type_complexity, reason = "a pair, once")]
+    fn take(&self, sid: Sid) -> Option<(Sock, Option<Box<rustls::ServerConnection>>)> {
         let mut socks = self.socks.borrow_mut();
         let s = socks.get_mut(sid.index())?;
-        if s.as_ref().is_some_and(|s| s.sid == sid) { s.take() } else { None }
+        if !s.as_ref().is_some_and(|s| s.generation == sid.generation()) {
+            return None;
+        }
+        let tls = self.tls_conns.borrow_mut().get_mut(sid.index()).and_then(Option::take);
+        Some((s.take()?, tls))
     }
 
     fn register(&self, sid: Sid, fd: OwnedFd, tls: Option<Box<rustls::ServerConnection>>) {
-        *self.socks.borrow_mut().at(sid.index()) = Some(Sock { sid, fd, tls, watched: 0 });
+        *self.socks.borrow_mut().at(sid.index()) =
+            Some(Sock { generation: sid.generation(), fd, watched: 0 });
+        let mut conns = self.tls_conns.borrow_mut();
+        match tls {
+            Some(conn) => *conns.at(sid.index()) = Some(conn),
+            None => {
+                if let Some(old) = conns.get_mut(sid.index()) {
+                    *old = None;
+                }
+            }
+        }
     }
 
     /// Reads the established connections whose sockets are ready, and the
@@ -277,10 +300,11 @@ impl Shell {
             let mut socks = self.socks.borrow_mut();
             let Some(sock) = slot(&mut socks, sid) else { return };
             let fd = sock.fd.as_raw_fd();
-            let tls = &mut sock.tls;
+            let mut conns = self.tls_conns.borrow_mut();
+            let tls = tls_of(&mut conns, sid);
             let mut core = self.core.borrow_mut();
             let mut cipher = self.cipher.borrow_mut();
-            core.read(sid, Instant::now(), |b| match tls.as_mut() {
+            core.read(sid, Instant::now(), |b| match tls {
                 None => match socket::recv_into(fd, b) {
                     Ok(0) => Got::Closed,
                     Ok(_) => Got::Data,
@@ -318,8 +342,9 @@ impl Shell {
         let mut socks = self.socks.borrow_mut();
         let Some(sock) = slot(&mut socks, sid) else { return };
         let fd = sock.fd.as_raw_fd();
-        let tls = &mut sock.tls;
-        self.core.borrow_mut().flush(sid, now, |frames| match tls.as_mut() {
+        let mut conns = self.tls_conns.borrow_mut();
+        let tls = tls_of(&mut conns, sid);
+        self.core.borrow_mut().flush(sid, now, |frames| match tls {
             Some(conn) => tls::flush(conn, fd, frames),
             None => socket::flush_queue(fd, frames),
         });
@@ -500,5 +525,21 @@ impl Shell {
 }
 
 fn slot(socks: &mut Paged<Option<Sock>>, sid: Sid) -> Option<&mut Sock> {
-    socks.get_mut(sid.index())?.as_mut().filter(|s| s.sid == sid)
+    socks.get_mut(sid.index())?.as_mut().filter(|s| s.generation == sid.generation())
+}
+
+/// The TLS state of a session whose socket is in its slot (callers found
+/// it with [`slot`] first).
+fn tls_of(conns: &mut TlsConns, sid: Sid) -> Option<&mut rustls::ServerConnection> {
+    conns.get_mut(sid.index())?.as_deref_mut()
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every connection's socket slot: 12 bytes, the fd's niche marking a
+    /// free slot.
+    #[test]
+    fn a_socket_slot_is_12_bytes() {
+        assert_eq!(std::mem::size_of::<Option<super::Sock>>(), 12);
+    }
 }
