@@ -1,27 +1,23 @@
 //! A core's sessions: a slab of boxed records addressed by [`Sid`].
 //!
-//! Slots are reused; each carries a generation so an id held by a stale
-//! request or timer never reaches the session that took the slot later.
-//! Records are boxed so the slab's spare capacity costs a slot (16 bytes),
-//! not a record, per connection, and the slots are [`Paged`]: at most one
-//! page of them spare.
+//! Slots are reused; each session carries the generation it took its slot
+//! with (one counter per core), so an id held by a stale request or timer
+//! never reaches the session that took the slot later. Records are boxed so
+//! the slab's spare capacity costs a slot (8 bytes), not a record, per
+//! connection, and the slots are [`Paged`]: at most one page of them spare.
 
 use crate::effects::Sid;
 use crate::paged::Paged;
 use crate::session::Session;
 
-#[derive(Debug, Default)]
-struct Slot {
-    generation: u32,
-    session: Option<Box<Session>>,
-}
-
 /// The slab.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    slots: Paged<Slot>,
+    slots: Paged<Option<Box<Session>>>,
     free: Vec<u32>,
     len: usize,
+    /// The last generation given (0 is never given).
+    generation: u32,
 }
 
 impl Sessions {
@@ -39,34 +35,33 @@ impl Sessions {
     pub fn insert(&mut self, session: Session) -> Sid {
         let index = match self.free.pop() {
             Some(i) => i as usize,
-            None => self.slots.push(Slot::default()),
+            None => self.slots.push(None),
         };
-        let slot = self.slots.at(index);
-        slot.generation = slot.generation.wrapping_add(1).max(1);
-        slot.session = Some(Box::new(session));
+        self.generation = self.generation.wrapping_add(1).max(1);
+        let mut session = Box::new(session);
+        session.generation = self.generation;
+        *self.slots.at(index) = Some(session);
         self.len += 1;
-        Sid(((slot.generation as u64) << 32) | index as u64)
-    }
-
-    fn slot(&self, sid: Sid) -> Option<&Slot> {
-        self.slots.get(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)
+        Sid((u64::from(self.generation) << 32) | index as u64)
     }
 
     /// The session `sid`, if it still exists.
     pub fn get(&self, sid: Sid) -> Option<&Session> {
-        self.slot(sid)?.session.as_deref()
+        self.slots.get(sid.index())?.as_deref().filter(|s| s.generation == sid.generation())
     }
 
     /// The session `sid`, mutably.
     pub fn get_mut(&mut self, sid: Sid) -> Option<&mut Session> {
-        let slot = self.slots.get_mut(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)?;
-        slot.session.as_deref_mut()
+        self.slots.get_mut(sid.index())?.as_deref_mut().filter(|s| s.generation == sid.generation())
     }
 
     /// Takes the session out; its slot is free again.
     pub fn remove(&mut self, sid: Sid) -> Option<Box<Session>> {
-        let slot = self.slots.get_mut(sid.index()).filter(|s| s.generation as u64 == sid.0 >> 32)?;
-        let s = slot.session.take()?;
+        let slot = self.slots.get_mut(sid.index())?;
+        if !slot.as_ref().is_some_and(|s| s.generation == sid.generation()) {
+            return None;
+        }
+        let s = slot.take()?;
         self.free.push(sid.index() as u32);
         self.len -= 1;
         Some(s)
@@ -78,8 +73,7 @@ impl Sessions {
         self.slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.session.is_some())
-            .map(|(i, s)| Sid(((s.generation as u64) << 32) | i as u64))
+            .filter_map(|(i, s)| Some(Sid((u64::from(s.as_ref()?.generation) << 32) | i as u64)))
             .collect()
     }
 }

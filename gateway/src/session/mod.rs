@@ -413,6 +413,9 @@ pub struct Session {
     pub deadlines: Deadlines,
     /// The timer-wheel tick the session is scheduled at (0: none).
     pub timer: u32,
+    /// The generation its slot in the core's slab was given with (its
+    /// [`Sid`] carries it too).
+    pub generation: u32,
 }
 
 impl Session {
@@ -442,6 +445,7 @@ impl Session {
             out: Outbound::default(),
             deadlines: Deadlines { phase_by: Due::at(upgrade_by), ..Deadlines::default() },
             timer: 0,
+            generation: 0,
         }
     }
 
