@@ -68,22 +68,24 @@
 //!   close code.
 //!
 //! ## Memory budget
-//! Target ≤ 1 KiB of user space per idle, authenticated, subscribed
+//! Target ≤ 512 B of user space per idle, authenticated, subscribed
 //! connection. There is no task, future or buffer per connection: each core
 //! keeps its established sockets in one epoll set ([`shell::poller`]) that
 //! its reactor task waits on, reads a ready socket synchronously into the
 //! core's scratch buffer, and its flusher writes the sessions that queued
-//! frames in the turn ([`shell::socket`]). A session is a boxed record in
-//! the core's slab: identity, a short subscription list, an empty queue, a
-//! decoder only while a message is in progress; the shell keeps the socket
-//! and TLS state beside it. The allocator commits memory on demand ([`alloc`]).
-//! Measured (release, 2 cores, `benches/scripts/idle_memory.py`): ~827 B of
-//! RSS growth per open session at 19,000 in one process, ~846 B at 102,000
-//! over six processes and ~849 B at 204,000 over twelve (BENCHMARKS.md);
-//! `tests/tests/memory.rs`
-//! asserts ≤ 2 KiB at 10,000 in the test build. With TLS (wss) a session
-//! also holds rustls' connection state: ~8.7 KB per idle connection at
-//! 10,000.
+//! frames in the turn ([`shell::socket`]). A session is a boxed 192-byte
+//! record in the core's slab (identity, a short subscription list, an empty
+//! queue, deadlines in timer ticks, nothing of a read in progress); the
+//! slab's slot is 8 bytes and the shell's socket slot 12, both in pages
+//! that grow without slack ([`paged`]); the user index, the channel index
+//! and the timer wheel hold a few bytes more each. The allocator commits
+//! memory on demand and returns what a storm freed once a core settles
+//! ([`alloc`]). Measured (release, 2 cores,
+//! `benches/scripts/idle_memory.py --per-process 19000`): ~495 B of RSS
+//! growth per open session, ~475 B of it anonymous memory (BENCHMARKS.md);
+//! `tests/tests/memory.rs` asserts ≤ 2 KiB at 10,000 in the test build. With
+//! TLS (wss) a session also holds rustls' connection state: ~8.7 KB per
+//! idle connection at 10,000.
 
 #![warn(missing_docs, unreachable_pub)]
 

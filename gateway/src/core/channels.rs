@@ -41,7 +41,7 @@ pub struct Channel {
 impl Channel {
     /// Subscribers of both kinds.
     pub fn len(&self) -> usize {
-        self.followers.len() + self.catching().count()
+        self.followers.len() + self.catching.as_ref().map_or(0, |c| c.len())
     }
 
     /// The subscribers with their own position.
@@ -61,7 +61,8 @@ impl Channel {
 
     /// Whether nobody is subscribed.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        // The catching set is dropped when it empties (`stop_catching`).
+        self.followers.is_empty() && self.catching.is_none()
     }
 
     /// Every subscriber.

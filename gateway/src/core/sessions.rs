@@ -1,8 +1,10 @@
 //! A core's sessions: a slab of boxed records addressed by [`Sid`].
 //!
 //! Slots are reused; each session carries the generation it took its slot
-//! with (one counter per core), so an id held by a stale request or timer
-//! never reaches the session that took the slot later. Records are boxed so
+//! with, and a free slot's last generation waits with it in the free list,
+//! so an id held by a stale request, timer or client (an emulation
+//! session's signed name) never reaches the session that took the slot
+//! later, until that one slot has been reused 2^32 times. Records are boxed so
 //! the slab's spare capacity costs a slot (8 bytes), not a record, per
 //! connection, and the slots are [`Paged`]: at most one page of them spare.
 
@@ -14,10 +16,9 @@ use crate::session::Session;
 #[derive(Debug, Default)]
 pub struct Sessions {
     slots: Paged<Option<Box<Session>>>,
-    free: Vec<u32>,
+    /// Free slots, each with the generation its last session had.
+    free: Vec<(u32, u32)>,
     len: usize,
-    /// The last generation given (0 is never given).
-    generation: u32,
 }
 
 impl Sessions {
@@ -33,16 +34,16 @@ impl Sessions {
 
     /// Stores a session; its id.
     pub fn insert(&mut self, session: Session) -> Sid {
-        let index = match self.free.pop() {
-            Some(i) => i as usize,
-            None => self.slots.push(None),
+        let (index, generation) = match self.free.pop() {
+            // 0 is never given.
+            Some((i, last)) => (i as usize, last.wrapping_add(1).max(1)),
+            None => (self.slots.push(None), 1),
         };
-        self.generation = self.generation.wrapping_add(1).max(1);
         let mut session = Box::new(session);
-        session.generation = self.generation;
+        session.generation = generation;
         *self.slots.at(index) = Some(session);
         self.len += 1;
-        Sid((u64::from(self.generation) << 32) | index as u64)
+        Sid((u64::from(generation) << 32) | index as u64)
     }
 
     /// The session `sid`, if it still exists.
@@ -62,7 +63,7 @@ impl Sessions {
             return None;
         }
         let s = slot.take()?;
-        self.free.push(sid.index() as u32);
+        self.free.push((sid.index() as u32, s.generation));
         self.len -= 1;
         Some(s)
     }
