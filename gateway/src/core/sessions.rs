@@ -59,7 +59,7 @@ impl Sessions {
     /// Takes the session out; its slot is free again.
     pub fn remove(&mut self, sid: Sid) -> Option<Box<Session>> {
         let slot = self.slots.get_mut(sid.index())?;
-        if !slot.as_ref().is_some_and(|s| s.generation == sid.generation()) {
+        if slot.as_ref().is_none_or(|s| s.generation != sid.generation()) {
             return None;
         }
         let s = slot.take()?;

@@ -227,7 +227,7 @@ impl Shell {
     fn take(&self, sid: Sid) -> Option<(Sock, Option<Box<rustls::ServerConnection>>)> {
         let mut socks = self.socks.borrow_mut();
         let s = socks.get_mut(sid.index())?;
-        if !s.as_ref().is_some_and(|s| s.generation == sid.generation()) {
+        if s.as_ref().is_none_or(|s| s.generation != sid.generation()) {
             return None;
         }
         let tls = self.tls_conns.borrow_mut().get_mut(sid.index()).and_then(Option::take);
