@@ -83,7 +83,7 @@
 //! ([`alloc`]). Measured (release, 2 cores,
 //! `benches/scripts/idle_memory.py --per-process 19000`): ~495 B of RSS
 //! growth per open session, ~475 B of it anonymous memory (BENCHMARKS.md);
-//! `tests/tests/memory.rs` asserts ≤ 2 KiB at 10,000 in the test build. With
+//! `tests/tests/memory.rs` asserts ≤ 600 B at 10,000 in the test build. With
 //! TLS (wss) a session also holds rustls' connection state: ~8.7 KB per
 //! idle connection at 10,000.
 

@@ -1,10 +1,12 @@
 //! Idle is cheap: 10,000 real, authenticated, subscribed, idle WebSocket
 //! connections, measured as gateway RSS growth / N.
 //!
-//! The bound asserted here is the 2 KiB for this test (the gateway
-//! binary as the tests build it, 10,000 connections after a 500-connection
-//! warm-up). The release figure at 19,000 per process is ~0.6 KiB (see
-//! BENCHMARKS.md and `benches/scripts/idle_memory.py`).
+//! The bound asserted here is 600 B (the gateway binary as the tests build
+//! it, 10,000 connections after a 500-connection warm-up: 418–420 B
+//! measured on 2026-12-05; an earlier version of this test printed 838 and
+//! 886 B, which this bound fails). The release figure at 19,000 per process,
+//! without a warm-up, is ~495 B (see BENCHMARKS.md and
+//! `benches/scripts/idle_memory.py`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -96,11 +98,14 @@ fn rss_per_idle_session(open: fn(std::net::SocketAddr, usize) -> TcpStream) -> f
     (after.saturating_sub(before)) as f64 / n as f64
 }
 
+/// RSS growth allowed per idle, subscribed session in this test.
+const MAX_BYTES_PER_SESSION: f64 = 600.0;
+
 #[test]
-fn ten_thousand_idle_connections_stay_under_2_kib_each() {
+fn ten_thousand_idle_connections_stay_under_600_bytes_each() {
     let per_conn = rss_per_idle_session(idle_client);
     println!("gateway RSS growth: {per_conn:.0} bytes per idle subscribed connection (10000 connections)");
-    assert!(per_conn <= 2048.0, "{per_conn:.0} B per idle connection");
+    assert!(per_conn <= MAX_BYTES_PER_SESSION, "{per_conn:.0} B per idle connection");
 }
 
 /// Opens an idle `http_stream` session subscribed to a channel (connect
@@ -133,10 +138,10 @@ fn idle_stream(addr: std::net::SocketAddr, i: usize) -> TcpStream {
 /// emulated one, in the core's table of sessions `POST /emulation` can
 /// reach) costs what a WebSocket one does, within the same bound.
 #[test]
-fn ten_thousand_idle_http_stream_sessions_stay_under_2_kib_each() {
+fn ten_thousand_idle_http_stream_sessions_stay_under_600_bytes_each() {
     let per_session = rss_per_idle_session(idle_stream);
     println!(
         "gateway RSS growth: {per_session:.0} bytes per idle subscribed http_stream session (10000 sessions)"
     );
-    assert!(per_session <= 2048.0, "{per_session:.0} B per idle fallback session");
+    assert!(per_session <= MAX_BYTES_PER_SESSION, "{per_session:.0} B per idle fallback session");
 }
