@@ -339,7 +339,16 @@ fn cent_python_client_drives_the_http_api() {
         assert_eq!(p["push"]["pub"]["offset"], offset, "{p}");
         assert_eq!(p["push"]["pub"]["data"], json!({"from": "cent", "i": i}));
     }
-    assert_eq!(pushes.len(), 2, "{pushes:?}");
-    assert!(pushes[0]["push"]["subscribe"].is_object(), "{pushes:?}");
-    assert_eq!(pushes[1]["push"]["unsubscribe"]["code"], 2000, "{pushes:?}");
+    // cent sends the unsubscribe right after the subscribe: when it reaches
+    // the gateway before the router has answered the subscription, the
+    // subscription ends while pending and only the unsubscribe push goes
+    // out (seen once in a fresh-clone CI run on a busy box). Either way the
+    // unsubscribe push is last and there is no publication of `-srv`.
+    let last = pushes.last().unwrap_or_else(|| panic!("no push for {srv}"));
+    assert_eq!(last["push"]["unsubscribe"]["code"], 2000, "{pushes:?}");
+    match pushes.len() {
+        1 => {}
+        2 => assert!(pushes[0]["push"]["subscribe"].is_object(), "{pushes:?}"),
+        _ => panic!("{pushes:?}"),
+    }
 }
