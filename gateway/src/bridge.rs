@@ -163,7 +163,7 @@ pub struct Handover {
     /// The socket, out of the old core's readiness set.
     pub fd: OwnedFd,
     /// The TLS session (wss), which travels with its socket.
-    pub tls: Option<Box<rustls::ServerConnection>>,
+    pub tls: Option<crate::shell::tls::Tls>,
     /// The hand-over as the state machines see it.
     pub moved: Moved,
 }

@@ -53,7 +53,7 @@ struct Sock {
 
 /// The TLS state of a wss session, by its slot: a plain ws gateway never
 /// touches these pages.
-type TlsConns = Paged<Option<Box<rustls::ServerConnection>>>;
+type TlsConns = Paged<Option<tls::Tls>>;
 
 /// One core's shell.
 pub struct Shell {
@@ -71,6 +71,8 @@ pub struct Shell {
     flush_waker: Cell<Option<std::task::Waker>>,
     /// The core's buffer for TLS records read (one per core, not per connection).
     cipher: RefCell<bytes::BytesMut>,
+    /// The core's buffer for TLS records sealed in a flush.
+    sealed: RefCell<Vec<u8>>,
     /// Toward the proxy thread, when a proxy hook is on.
     proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
 }
@@ -111,6 +113,7 @@ impl Shell {
             peers,
             flush_waker: Cell::new(None),
             cipher: RefCell::new(bytes::BytesMut::with_capacity(32 * 1024)),
+            sealed: RefCell::new(Vec::new()),
             proxy,
         }))
     }
@@ -154,7 +157,7 @@ impl Shell {
                     let mut socks = self.socks.borrow_mut();
                     let Some(sock) = slot(&mut socks, sid) else { continue };
                     if let Some(conn) = tls_of(&mut self.tls_conns.borrow_mut(), sid) {
-                        tls::close_notify(conn, sock.fd.as_raw_fd());
+                        conn.close_notify(sock.fd.as_raw_fd());
                     }
                     // SAFETY: plain syscall on our open socket.
                     unsafe { libc::shutdown(sock.fd.as_raw_fd(), libc::SHUT_WR) };
@@ -224,7 +227,7 @@ impl Shell {
 
     /// Takes a session's socket and TLS state out of its slot.
     #[allow(clippy::type_complexity, reason = "a pair, once")]
-    fn take(&self, sid: Sid) -> Option<(Sock, Option<Box<rustls::ServerConnection>>)> {
+    fn take(&self, sid: Sid) -> Option<(Sock, Option<tls::Tls>)> {
         let mut socks = self.socks.borrow_mut();
         let s = socks.get_mut(sid.index())?;
         if s.as_ref().is_none_or(|s| s.generation != sid.generation()) {
@@ -234,7 +237,7 @@ impl Shell {
         Some((s.take()?, tls))
     }
 
-    fn register(&self, sid: Sid, fd: OwnedFd, tls: Option<Box<rustls::ServerConnection>>) {
+    fn register(&self, sid: Sid, fd: OwnedFd, tls: Option<tls::Tls>) {
         *self.socks.borrow_mut().at(sid.index()) =
             Some(Sock { generation: sid.generation(), fd, watched: 0 });
         let mut conns = self.tls_conns.borrow_mut();
@@ -312,16 +315,13 @@ impl Shell {
                     Err(_) => Got::Failed,
                 },
                 Some(conn) => {
-                    if cipher.capacity() < 16 * 1024 + 512 {
-                        cipher.reserve(16 * 1024 + 512);
-                    }
-                    let got = match tls::read(conn, fd, &mut cipher, b) {
+                    let got = match conn.read(fd, &mut cipher, b) {
                         Ok(tls::ReadTls::Data) => Got::Data,
                         Ok(tls::ReadTls::Closed) => Got::Closed,
                         Ok(tls::ReadTls::WouldBlock) => Got::Nothing,
                         Err(_) => {
-                            // Send rustls' alert, best effort.
-                            let _ = tls::flush(conn, fd, &mut Default::default());
+                            // Send the alert, best effort.
+                            conn.flush_alert(fd);
                             Got::Failed
                         }
                     };
@@ -344,8 +344,9 @@ impl Shell {
         let fd = sock.fd.as_raw_fd();
         let mut conns = self.tls_conns.borrow_mut();
         let tls = tls_of(&mut conns, sid);
+        let mut sealed = self.sealed.borrow_mut();
         self.core.borrow_mut().flush(sid, now, |frames| match tls {
-            Some(conn) => tls::flush(conn, fd, frames),
+            Some(conn) => conn.flush(fd, frames, &mut sealed),
             None => socket::flush_queue(fd, frames),
         });
     }
@@ -462,8 +463,8 @@ impl Shell {
             match accepted {
                 Accepted::Socket(fd) => {
                     let tls = match &self.tls {
-                        Some(cfg) => match rustls::ServerConnection::new(cfg.clone()) {
-                            Ok(c) => Some(Box::new(c)),
+                        Some(cfg) => match tls::Tls::new(cfg.clone()) {
+                            Ok(c) => Some(c),
                             Err(e) => {
                                 tracing::warn!(core = self.id(), error = %e, "cannot start a TLS session");
                                 continue;
@@ -530,8 +531,8 @@ fn slot(socks: &mut Paged<Option<Sock>>, sid: Sid) -> Option<&mut Sock> {
 
 /// The TLS state of a session whose socket is in its slot (callers found
 /// it with [`slot`] first).
-fn tls_of(conns: &mut TlsConns, sid: Sid) -> Option<&mut rustls::ServerConnection> {
-    conns.get_mut(sid.index())?.as_deref_mut()
+fn tls_of(conns: &mut TlsConns, sid: Sid) -> Option<&mut tls::Tls> {
+    conns.get_mut(sid.index())?.as_mut()
 }
 
 #[cfg(test)]

@@ -1,20 +1,32 @@
-//! TLS (wss) on the client listener, with rustls driven by hand: the core
-//! reads ciphertext with the same non-blocking `recv` into its scratch buffer
-//! as for plain sockets, rustls decrypts into a second scratch buffer, and the
-//! flusher moves queued frames through rustls and writes its records with
-//! non-blocking sends. No task or buffer of the gateway's own is added per
-//! connection; rustls keeps its connection state (and its buffers, bounded by
-//! its 64 KiB default limit, empty when idle).
+//! TLS (wss) on the client listener. rustls runs the handshake through its
+//! unbuffered API, fed from the core's scratch buffer; once the handshake is
+//! done, rustls hands over the traffic secrets and keeps only what a key
+//! update needs ([`KernelConnection`]), and the record layer is the
+//! gateway's own: TLS 1.3 records sealed and opened with ring's AEADs,
+//! straight between the core's scratch buffers and the socket.
+//!
+//! That is what keeps an idle wss session small: no rustls buffers, no
+//! expanded AEAD keys (a key is expanded per read or flush, ~0.2 µs), only
+//! the key material, the sequence numbers and rustls' key schedule (~1 KB
+//! in all; `benches/scripts/idle_memory.py --tls`). A partly received
+//! record or a partly sent flush is kept per connection only while it
+//! lasts.
+//!
+//! Only TLS 1.3 is offered (the record layer is 1.3's: RFC 8446 §5).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use anyhow::Context;
 use bytes::{Buf, Bytes, BytesMut};
-use rustls::ServerConnection;
+use ring::aead;
+use rustls::kernel::KernelConnection;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError};
+use rustls::{ConnectionTrafficSecrets, Error as TlsError};
 
 use super::socket::{Flushed, Written, recv_into};
 use crate::config::TlsConfig;
@@ -34,29 +46,162 @@ pub fn server_config(cfg: &TlsConfig) -> anyhow::Result<Option<Arc<rustls::Serve
     let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("reading {}", key.display()))?;
     let mut config =
         rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
+            .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(chain, key)
             .context("the TLS certificate and key do not match")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // The record layer after the handshake is ours (module docs).
+    config.enable_secret_extraction = true;
     Ok(Some(Arc::new(config)))
 }
 
-/// A socket as `Write` for rustls: non-blocking, no SIGPIPE.
-struct Fd(RawFd);
+/// A record's header: type, legacy version, length.
+const HEADER: usize = 5;
+/// The most plaintext a record carries (RFC 8446 §5.1).
+const MAX_PLAIN: usize = 16 * 1024;
+/// The longest record payload a peer may send (RFC 8446 §5.2).
+const MAX_CIPHERTEXT: usize = MAX_PLAIN + 256;
+/// The most handshake bytes held while waiting for the rest of a message
+/// (rustls' own bound on a handshake message is 64 KiB).
+const MAX_HANDSHAKE_BUFFER: usize = 64 * 1024 + HEADER;
+/// Plaintext sealed per flush round: the bound on what one connection keeps
+/// sealed but unsent (rustls' buffered API kept up to 64 KiB too).
+const FLUSH_BUDGET: usize = 64 * 1024;
+/// The spare room a read needs: one whole record.
+pub const READ_ROOM: usize = HEADER + MAX_CIPHERTEXT;
 
-impl Write for Fd {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `send` reads at most `buf.len()` bytes from `buf`.
-        let n = unsafe {
-            libc::send(self.0, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+const APPLICATION_DATA: u8 = 23;
+const ALERT: u8 = 21;
+const HANDSHAKE: u8 = 22;
+const KEY_UPDATE: u8 = 24;
+
+/// Alert descriptions sent on errors (RFC 8446 §6).
+mod alert {
+    pub(super) const CLOSE_NOTIFY: u8 = 0;
+    pub(super) const UNEXPECTED_MESSAGE: u8 = 10;
+    pub(super) const BAD_RECORD_MAC: u8 = 20;
+    pub(super) const RECORD_OVERFLOW: u8 = 22;
+    pub(super) const ILLEGAL_PARAMETER: u8 = 47;
+    pub(super) const DECODE_ERROR: u8 = 50;
+}
+
+/// A wss session's TLS state: 16 bytes in its slot, the rest boxed.
+pub enum Tls {
+    /// rustls drives the handshake.
+    Handshaking(Box<Handshake>),
+    /// The record layer is ours.
+    Open(Box<Open>),
+    /// Failed, or the handshake's hand-over failed: nothing more goes in or out.
+    Dead,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tls::Handshaking(_) => "Tls::Handshaking",
+            Tls::Open(_) => "Tls::Open",
+            Tls::Dead => "Tls::Dead",
+        })
+    }
+}
+
+/// A connection in its handshake.
+pub struct Handshake {
+    conn: UnbufferedServerConnection,
+    /// Records received but not yet complete.
+    incoming: Vec<u8>,
+    /// Handshake records not yet sent.
+    outgoing: Vec<u8>,
+    /// Frames queued before the handshake finished (a refusal), sealed
+    /// once it has.
+    early: VecDeque<Bytes>,
+}
+
+/// An established connection: rustls' key schedule, and our record layer.
+pub struct Open {
+    kernel: KernelConnection<ServerConnectionData>,
+    tx: Keys,
+    rx: Keys,
+    /// A record received in part.
+    incoming: Vec<u8>,
+    /// Sealed records not yet sent (at most one flush round's).
+    outgoing: Vec<u8>,
+    /// Sealed records before this many need a key update (the suite's
+    /// confidentiality limit).
+    tx_limit: u64,
+}
+
+/// One direction's traffic keys and its record sequence number.
+struct Keys {
+    alg: &'static aead::Algorithm,
+    key: [u8; 32],
+    iv: [u8; aead::NONCE_LEN],
+    seq: u64,
+}
+
+impl Drop for Keys {
+    fn drop(&mut self) {
+        // Key material does not outlive the connection in freed memory.
+        for b in self.key.iter_mut().chain(self.iv.iter_mut()) {
+            // SAFETY: a valid, aligned, exclusive reference to a byte.
+            unsafe { std::ptr::write_volatile(b, 0) };
+        }
+    }
+}
+
+impl Keys {
+    fn new(seq: u64, secrets: ConnectionTrafficSecrets) -> Result<Keys, TlsError> {
+        let (alg, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&aead::AES_128_GCM, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&aead::AES_256_GCM, key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&aead::CHACHA20_POLY1305, key, iv),
+            _ => return Err(TlsError::General("a cipher suite the record layer does not know".into())),
         };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        let (k, i) = (key.as_ref(), iv.as_ref());
+        if k.len() != alg.key_len() || i.len() != aead::NONCE_LEN {
+            return Err(TlsError::General("traffic secrets of the wrong length".into()));
+        }
+        let mut keys = Keys { alg, key: [0; 32], iv: [0; aead::NONCE_LEN], seq };
+        keys.key[..k.len()].copy_from_slice(k);
+        keys.iv.copy_from_slice(i);
+        Ok(keys)
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    /// The expanded key, for one read or flush.
+    fn expand(&self) -> aead::LessSafeKey {
+        let key = aead::UnboundKey::new(self.alg, &self.key[..self.alg.key_len()])
+            .expect("the key length was checked in Keys::new");
+        aead::LessSafeKey::new(key)
     }
+
+    /// The per-record nonce: the IV with the sequence number XORed into
+    /// its last 8 bytes (RFC 8446 §5.3).
+    fn nonce(&self) -> aead::Nonce {
+        let mut n = self.iv;
+        for (b, s) in n[aead::NONCE_LEN - 8..].iter_mut().zip(self.seq.to_be_bytes()) {
+            *b ^= s;
+        }
+        aead::Nonce::assume_unique_for_key(n)
+    }
+}
+
+/// Seals one record of `typ` with `body` onto `out`.
+fn seal(keys: &mut Keys, key: &aead::LessSafeKey, typ: u8, body: &[&[u8]], out: &mut Vec<u8>) {
+    let start = out.len();
+    let len: usize = body.iter().map(|b| b.len()).sum::<usize>() + 1 + keys.alg.tag_len();
+    let header = [APPLICATION_DATA, 3, 3, (len >> 8) as u8, len as u8];
+    out.extend_from_slice(&header);
+    for b in body {
+        out.extend_from_slice(b);
+    }
+    out.push(typ);
+    let nonce = keys.nonce();
+    keys.seq += 1;
+    let tag = key
+        .seal_in_place_separate_tag(nonce, aead::Aad::from(header), &mut out[start + HEADER..])
+        .expect("a record within the AEAD's length limits");
+    out.extend_from_slice(tag.as_ref());
 }
 
 /// What one read of a TLS socket gave.
@@ -70,125 +215,473 @@ pub enum ReadTls {
     WouldBlock,
 }
 
-/// Reads what the socket has (one `recv` of up to `cipher`'s spare
-/// capacity), decrypts it, and appends the plaintext to `plain`. A protocol
-/// error is returned after rustls queued its alert (flush to send it).
-pub fn read(
-    conn: &mut ServerConnection,
-    fd: RawFd,
-    cipher: &mut BytesMut,
-    plain: &mut BytesMut,
-) -> io::Result<ReadTls> {
-    cipher.clear();
-    match recv_into(fd, cipher) {
-        Ok(0) => return Ok(ReadTls::Closed),
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadTls::WouldBlock),
-        Err(e) => return Err(e),
-    }
-    let mut input: &[u8] = cipher;
-    let mut closed = false;
-    while !input.is_empty() {
-        if conn.read_tls(&mut input)? == 0 {
-            break;
-        }
-        let state = conn.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        closed |= state.peer_has_closed();
-        drain_plaintext(conn, plain)?;
-    }
-    Ok(if closed { ReadTls::Closed } else { ReadTls::Data })
-}
+/// Why a connection's TLS failed (its alert, if any, is queued).
+#[derive(Debug)]
+pub struct Failed(pub String);
 
-fn drain_plaintext(conn: &mut ServerConnection, plain: &mut BytesMut) -> io::Result<()> {
-    loop {
-        if plain.capacity() - plain.len() < 4096 {
-            plain.reserve(16 * 1024);
+impl Tls {
+    /// A connection whose handshake starts now.
+    pub fn new(config: Arc<rustls::ServerConfig>) -> Result<Tls, TlsError> {
+        Ok(Tls::Handshaking(Box::new(Handshake {
+            conn: UnbufferedServerConnection::new(config)?,
+            incoming: Vec::new(),
+            outgoing: Vec::new(),
+            early: VecDeque::new(),
+        })))
+    }
+
+    /// Whether the connection has records to send besides its queue.
+    pub fn wants_write(&self) -> bool {
+        match self {
+            Tls::Handshaking(h) => !h.outgoing.is_empty(),
+            Tls::Open(o) => !o.outgoing.is_empty(),
+            Tls::Dead => false,
         }
-        let spare = plain.spare_capacity_mut();
-        // SAFETY: a `MaybeUninit<u8>` slice viewed as bytes for `read` to
-        // fill; only the `n` bytes it reports written are then marked
-        // initialized. rustls' reader only writes into the slice.
-        let dst = unsafe { std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<u8>(), spare.len()) };
-        match conn.reader().read(dst) {
-            Ok(0) => return Ok(()),
-            // SAFETY: `read` initialized `n` bytes after the current length.
-            Ok(n) => unsafe { plain.set_len(plain.len() + n) },
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+    }
+
+    /// Whether the handshake is done.
+    pub fn is_open(&self) -> bool {
+        matches!(self, Tls::Open(_))
+    }
+
+    /// Reads what the socket has (one `recv` into `cipher`, after the part
+    /// of a record kept from before), decrypts it and appends the plaintext
+    /// to `plain`. On an error, the alert is queued: flush to send it.
+    pub fn read(&mut self, fd: RawFd, cipher: &mut BytesMut, plain: &mut BytesMut) -> io::Result<ReadTls> {
+        cipher.clear();
+        let kept = match self {
+            Tls::Handshaking(h) => &h.incoming,
+            Tls::Open(o) => &o.incoming,
+            Tls::Dead => return Ok(ReadTls::Closed),
+        };
+        cipher.reserve(kept.len() + READ_ROOM);
+        cipher.extend_from_slice(kept);
+        match recv_into(fd, cipher) {
+            Ok(0) => return Ok(ReadTls::Closed),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadTls::WouldBlock),
             Err(e) => return Err(e),
         }
+        self.receive(cipher, plain).map_err(|Failed(why)| io::Error::new(io::ErrorKind::InvalidData, why))
+    }
+
+    /// Processes the records in `buf` (all the connection has received
+    /// and not processed), keeping an incomplete record's bytes.
+    fn receive(&mut self, buf: &mut [u8], plain: &mut BytesMut) -> Result<ReadTls, Failed> {
+        let mut at = 0;
+        if let Tls::Handshaking(h) = self {
+            match h.advance(buf, plain)? {
+                Advanced::Blocked(used) => {
+                    let rest = &buf[used..];
+                    if rest.len() > MAX_HANDSHAKE_BUFFER {
+                        return Err(Failed("handshake message too long".into()));
+                    }
+                    h.incoming = rest.to_vec();
+                    return Ok(ReadTls::Data);
+                }
+                Advanced::Closed => {
+                    *self = Tls::Dead;
+                    return Ok(ReadTls::Closed);
+                }
+                Advanced::Done(used) => {
+                    at = used;
+                    self.open()?;
+                }
+            }
+        }
+        let Tls::Open(o) = self else { return Ok(ReadTls::Closed) };
+        let (used, closed) = o.receive(&mut buf[at..], plain)?;
+        let rest = &buf[at + used..];
+        o.incoming = if closed || rest.is_empty() { Vec::new() } else { rest.to_vec() };
+        Ok(if closed { ReadTls::Closed } else { ReadTls::Data })
+    }
+
+    /// The handshake is done: rustls hands over the secrets.
+    fn open(&mut self) -> Result<(), Failed> {
+        let Tls::Handshaking(h) = std::mem::replace(self, Tls::Dead) else { return Ok(()) };
+        let Handshake { conn, outgoing, early, .. } = *h;
+        let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|e| Failed(e.to_string()))?;
+        let Some(suite) = kernel.negotiated_cipher_suite().tls13() else {
+            return Err(Failed("a TLS 1.2 connection on a TLS 1.3 listener".into()));
+        };
+        let tx_limit = suite.common.confidentiality_limit;
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let tx = Keys::new(tx_seq, tx).map_err(|e| Failed(e.to_string()))?;
+        let rx = Keys::new(rx_seq, rx).map_err(|e| Failed(e.to_string()))?;
+        let mut open = Box::new(Open { kernel, tx, rx, incoming: Vec::new(), outgoing, tx_limit });
+        if !early.is_empty() {
+            let key = open.tx.expand();
+            for frame in &early {
+                for chunk in frame.chunks(MAX_PLAIN) {
+                    open.seal_data(&key, &[chunk]);
+                }
+            }
+        }
+        *self = Tls::Open(open);
+        Ok(())
+    }
+
+    /// Writes the connection's own records, then moves queued frames
+    /// through the record layer and writes them, without blocking. Bytes
+    /// count as written once sealed (at most one round's are kept); the
+    /// result is `All` only when nothing sealed is left either.
+    pub fn flush(&mut self, fd: RawFd, queue: &mut VecDeque<Bytes>, scratch: &mut Vec<u8>) -> (io::Result<Flushed>, Written) {
+        let mut written = Written::default();
+        match self {
+            Tls::Dead => (Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS failed")), written),
+            Tls::Handshaking(h) => {
+                // Only a refusal is queued before the upgrade: it is sealed
+                // once the handshake is done.
+                while let Some(f) = queue.pop_front() {
+                    written.bytes += f.len();
+                    h.early.push_back(f);
+                }
+                (send_kept(fd, &mut h.outgoing), written)
+            }
+            Tls::Open(o) => {
+                match send_kept(fd, &mut o.outgoing) {
+                    Ok(Flushed::All) => {}
+                    other => return (other, written),
+                }
+                loop {
+                    if queue.is_empty() {
+                        return (Ok(Flushed::All), written);
+                    }
+                    scratch.clear();
+                    let mut key = o.tx.expand();
+                    let mut round = 0;
+                    while round < FLUSH_BUDGET && !queue.is_empty() {
+                        if o.rekey_if_due(&key, scratch) {
+                            key = o.tx.expand();
+                        }
+                        let (took, front_started) = o.seal_queue(&key, queue, scratch, FLUSH_BUDGET - round);
+                        round += took;
+                        written.bytes += took;
+                        written.front_started = front_started;
+                    }
+                    match send(fd, scratch) {
+                        Ok(n) if n == scratch.len() => {}
+                        Ok(n) => {
+                            o.outgoing = scratch[n..].to_vec();
+                            return (Ok(Flushed::Blocked), written);
+                        }
+                        Err(e) => return (Err(e), written),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends what the connection itself has to send (an alert after an
+    /// error), best effort.
+    pub fn flush_alert(&mut self, fd: RawFd) {
+        let out = match self {
+            Tls::Handshaking(h) => &mut h.outgoing,
+            Tls::Open(o) => &mut o.outgoing,
+            Tls::Dead => return,
+        };
+        let _ = send_kept(fd, out);
+    }
+
+    /// Seals close_notify and writes what the connection holds, best effort.
+    pub fn close_notify(&mut self, fd: RawFd) {
+        if let Tls::Open(o) = self {
+            o.alert(alert::CLOSE_NOTIFY);
+            let _ = send_kept(fd, &mut o.outgoing);
+        }
     }
 }
 
-/// Moves queued frames through rustls and writes its records without
-/// blocking. Bytes count as written once rustls took them (its own buffer
-/// is bounded); the result is `All` only when rustls has nothing left either.
-pub fn flush(
-    conn: &mut ServerConnection,
-    fd: RawFd,
-    queue: &mut VecDeque<Bytes>,
-) -> (io::Result<Flushed>, Written) {
-    let mut written = Written::default();
-    loop {
-        while conn.wants_write() {
-            match conn.write_tls(&mut Fd(fd)) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Ok(Flushed::Blocked), written),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return (Err(e), written),
-            }
-        }
-        if queue.is_empty() {
-            return (Ok(Flushed::All), written);
-        }
-        let mut took_any = false;
-        while let Some(front) = queue.front_mut() {
-            let n = match conn.writer().write(front) {
-                Ok(n) => n,
-                Err(e) => return (Err(e), written),
+/// How far a handshake got with the bytes it was given.
+enum Advanced {
+    /// It needs more; the first `usize` bytes were used.
+    Blocked(usize),
+    /// Done; the first `usize` bytes were used, the rest are records for
+    /// the record layer.
+    Done(usize),
+    /// The peer closed.
+    Closed,
+}
+
+impl Handshake {
+    fn advance(&mut self, buf: &mut [u8], plain: &mut BytesMut) -> Result<Advanced, Failed> {
+        let mut at = 0;
+        loop {
+            let status = self.conn.process_tls_records(&mut buf[at..]);
+            let discard = status.discard;
+            let state = match status.state {
+                Ok(s) => s,
+                Err(e) => {
+                    self.queue_alert(buf, at + discard);
+                    return Err(Failed(e.to_string()));
+                }
             };
-            if n == 0 {
+            let mut done = false;
+            match state {
+                ConnectionState::EncodeTlsData(mut enc) => {
+                    let start = self.outgoing.len();
+                    let mut room = 2048;
+                    loop {
+                        self.outgoing.resize(start + room, 0);
+                        match enc.encode(&mut self.outgoing[start..]) {
+                            Ok(n) => {
+                                self.outgoing.truncate(start + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
+                            Err(e) => {
+                                self.outgoing.truncate(start);
+                                return Err(Failed(e.to_string()));
+                            }
+                        }
+                    }
+                }
+                // The records are ours to send with the next flush.
+                ConnectionState::TransmitTlsData(t) => t.done(),
+                ConnectionState::BlockedHandshake => return Ok(Advanced::Blocked(at + discard)),
+                ConnectionState::ReadTraffic(mut r) => {
+                    // Application data sealed under the handshake's last keys,
+                    // read by rustls.
+                    while let Some(rec) = r.next_record() {
+                        let rec = rec.map_err(|e| Failed(e.to_string()))?;
+                        plain.extend_from_slice(rec.payload);
+                    }
+                }
+                ConnectionState::WriteTraffic(_) => done = true,
+                ConnectionState::PeerClosed | ConnectionState::Closed => return Ok(Advanced::Closed),
+                other => return Err(Failed(format!("unexpected TLS state {other:?}"))),
+            }
+            at += discard;
+            if done {
+                return Ok(Advanced::Done(at));
+            }
+        }
+    }
+
+    /// After rustls failed the handshake: its alert, if it has one.
+    fn queue_alert(&mut self, buf: &mut [u8], at: usize) {
+        let at = at.min(buf.len());
+        let status = self.conn.process_tls_records(&mut buf[at..]);
+        if let Ok(ConnectionState::EncodeTlsData(mut enc)) = status.state {
+            let start = self.outgoing.len();
+            self.outgoing.resize(start + 64, 0);
+            let n = enc.encode(&mut self.outgoing[start..]).unwrap_or(0);
+            self.outgoing.truncate(start + n);
+        }
+    }
+}
+
+impl Open {
+    /// Opens the whole records at the front of `buf`, appending application
+    /// data to `plain`: the bytes used, and whether the peer closed.
+    fn receive(&mut self, buf: &mut [u8], plain: &mut BytesMut) -> Result<(usize, bool), Failed> {
+        let mut at = 0;
+        let mut key: Option<aead::LessSafeKey> = None;
+        while buf.len() - at >= HEADER {
+            let header: [u8; HEADER] = buf[at..at + HEADER].try_into().expect("HEADER bytes");
+            let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+            if header[0] != APPLICATION_DATA {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record in the clear after the handshake"));
+            }
+            if len > MAX_CIPHERTEXT {
+                return Err(self.fail(alert::RECORD_OVERFLOW, "a record longer than 2^14 + 256"));
+            }
+            if buf.len() - at - HEADER < len {
                 break;
             }
-            took_any = true;
-            written.bytes += n;
-            if n == front.len() {
+            let body = &mut buf[at + HEADER..at + HEADER + len];
+            at += HEADER + len;
+            let k = key.get_or_insert_with(|| self.rx.expand());
+            let nonce = self.rx.nonce();
+            let Ok(inner) = k.open_in_place(nonce, aead::Aad::from(header), body) else {
+                return Err(self.fail(alert::BAD_RECORD_MAC, "a record that does not decrypt"));
+            };
+            self.rx.seq += 1;
+            // The content type is the last non-zero byte (RFC 8446 §5.4).
+            let Some(end) = inner.iter().rposition(|&b| b != 0) else {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record without a content type"));
+            };
+            let (content, typ) = (&inner[..end], inner[end]);
+            if content.len() > MAX_PLAIN {
+                return Err(self.fail(alert::RECORD_OVERFLOW, "a record with more than 2^14 bytes"));
+            }
+            match typ {
+                APPLICATION_DATA => plain.extend_from_slice(content),
+                ALERT => {
+                    if content == [1, alert::CLOSE_NOTIFY] || content == [2, alert::CLOSE_NOTIFY] {
+                        return Ok((at, true));
+                    }
+                    // Any other alert ends the connection (RFC 8446 §6.2).
+                    return Err(Failed(format!("the peer sent alert {content:?}")));
+                }
+                HANDSHAKE => {
+                    if self.post_handshake(content)? {
+                        key = None;
+                    }
+                }
+                _ => return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record of an unknown content type")),
+            }
+        }
+        Ok((at, false))
+    }
+
+    /// Handles the handshake messages of one record after the handshake:
+    /// only KeyUpdate is allowed from a client. Whether the receive keys
+    /// changed.
+    fn post_handshake(&mut self, mut messages: &[u8]) -> Result<bool, Failed> {
+        let mut rekeyed = false;
+        while !messages.is_empty() {
+            let &[typ, a, b, c, ref rest @ ..] = messages else {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a handshake message split across records"));
+            };
+            let len = u32::from_be_bytes([0, a, b, c]) as usize;
+            if rest.len() < len {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a handshake message split across records"));
+            }
+            let (body, after) = rest.split_at(len);
+            messages = after;
+            if typ != KEY_UPDATE {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a handshake message other than KeyUpdate"));
+            }
+            let requested = match body {
+                [0] => false,
+                [1] => true,
+                [_] => return Err(self.fail(alert::ILLEGAL_PARAMETER, "a KeyUpdate with an unknown request")),
+                _ => return Err(self.fail(alert::DECODE_ERROR, "a KeyUpdate of the wrong length")),
+            };
+            if !messages.is_empty() {
+                // A key change must end its record (RFC 8446 §5.1).
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "data after a KeyUpdate in its record"));
+            }
+            let (seq, secrets) = self.kernel.update_rx_secret().map_err(|e| Failed(e.to_string()))?;
+            self.rx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
+            rekeyed = true;
+            if requested {
+                self.update_tx()?;
+            }
+        }
+        Ok(rekeyed)
+    }
+
+    /// Sends KeyUpdate (update_not_requested) under the current keys and
+    /// moves to the next ones.
+    fn update_tx(&mut self) -> Result<(), Failed> {
+        let key = self.tx.expand();
+        seal(&mut self.tx, &key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], &mut self.outgoing);
+        let (seq, secrets) = self.kernel.update_tx_secret().map_err(|e| Failed(e.to_string()))?;
+        self.tx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Seals application data onto `outgoing` (a refusal queued during the
+    /// handshake).
+    fn seal_data(&mut self, key: &aead::LessSafeKey, body: &[&[u8]]) {
+        seal(&mut self.tx, key, APPLICATION_DATA, body, &mut self.outgoing);
+    }
+
+    /// Seals frames from the front of `queue` into one record of at most
+    /// `budget` (and 2^14) bytes on `out`: the bytes taken, and whether the
+    /// front frame is now partly taken.
+    fn seal_queue(
+        &mut self,
+        key: &aead::LessSafeKey,
+        queue: &mut VecDeque<Bytes>,
+        out: &mut Vec<u8>,
+        budget: usize,
+    ) -> (usize, bool) {
+        let room = budget.min(MAX_PLAIN);
+        let mut parts: [&[u8]; 16] = [&[]; 16];
+        let (mut n, mut took) = (0, 0);
+        for f in queue.iter() {
+            if n == parts.len() || took == room {
+                break;
+            }
+            let take = f.len().min(room - took);
+            parts[n] = &f[..take];
+            n += 1;
+            took += take;
+        }
+        seal(&mut self.tx, key, APPLICATION_DATA, &parts[..n], out);
+        let mut left = took;
+        let mut front_started = false;
+        while left > 0 {
+            let front = queue.front_mut().expect("sealed bytes come from queued frames");
+            if left >= front.len() {
+                left -= front.len();
                 queue.pop_front();
-                written.front_started = false;
             } else {
-                front.advance(n);
-                written.front_started = true;
-                break;
+                front.advance(left);
+                left = 0;
+                front_started = true;
             }
         }
-        if !took_any && !conn.wants_write() {
-            // rustls takes nothing and has nothing to send: it cannot make
-            // progress (should not happen); report it as blocked.
-            return (Ok(Flushed::Blocked), written);
+        (took, front_started)
+    }
+
+    /// At the suite's confidentiality limit (one record short of it): a key
+    /// update sealed onto `out` under the spent keys, and the next keys in
+    /// place. Whether the keys changed.
+    fn rekey_if_due(&mut self, key: &aead::LessSafeKey, out: &mut Vec<u8>) -> bool {
+        if self.tx.seq.saturating_add(1) < self.tx_limit {
+            return false;
         }
+        seal(&mut self.tx, key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], out);
+        let next = self
+            .kernel
+            .update_tx_secret()
+            .map_err(|e| e.to_string())
+            .and_then(|(seq, s)| Keys::new(seq, s).map_err(|e| e.to_string()));
+        match next {
+            Ok(keys) => self.tx = keys,
+            // Only TLS 1.3 is offered, where key updates always work.
+            Err(e) => tracing::error!(error = %e, "TLS key update failed"),
+        }
+        true
+    }
+
+    /// Seals an alert onto `outgoing` (a fatal one for errors).
+    fn alert(&mut self, description: u8) {
+        let level = if description == alert::CLOSE_NOTIFY { 1 } else { 2 };
+        let key = self.tx.expand();
+        seal(&mut self.tx, &key, ALERT, &[&[level, description]], &mut self.outgoing);
+    }
+
+    fn fail(&mut self, description: u8, why: &str) -> Failed {
+        self.alert(description);
+        Failed(why.into())
     }
 }
 
-/// Queues close_notify and writes what rustls holds, best effort.
-pub fn close_notify(conn: &mut ServerConnection, fd: RawFd) {
-    conn.send_close_notify();
-    while conn.wants_write() {
-        if conn.write_tls(&mut Fd(fd)).is_err() {
-            break;
-        }
+/// Sends `out` without blocking, keeping what the socket did not take.
+fn send_kept(fd: RawFd, out: &mut Vec<u8>) -> io::Result<Flushed> {
+    if out.is_empty() {
+        return Ok(Flushed::All);
+    }
+    let n = send(fd, out)?;
+    if n == out.len() {
+        *out = Vec::new();
+        Ok(Flushed::All)
+    } else {
+        out.drain(..n);
+        Ok(Flushed::Blocked)
     }
 }
 
-/// Encrypts a final answer (an HTTP refusal) and close_notify into bytes
-/// to write in the clear.
-pub fn seal_final(conn: &mut ServerConnection, answer: &[u8]) -> Vec<u8> {
-    let _ = conn.writer().write_all(answer);
-    conn.send_close_notify();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        if conn.write_tls(&mut out).is_err() {
-            break;
+/// One non-blocking send (no SIGPIPE): the bytes taken, 0 when the socket
+/// is full.
+fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `send` reads at most `buf.len()` bytes from `buf`.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(e),
         }
     }
-    out
 }
