@@ -326,7 +326,12 @@ impl Tls {
     /// through the record layer and writes them, without blocking. Bytes
     /// count as written once sealed (at most one round's are kept); the
     /// result is `All` only when nothing sealed is left either.
-    pub fn flush(&mut self, fd: RawFd, queue: &mut VecDeque<Bytes>, scratch: &mut Vec<u8>) -> (io::Result<Flushed>, Written) {
+    pub fn flush(
+        &mut self,
+        fd: RawFd,
+        queue: &mut VecDeque<Bytes>,
+        scratch: &mut Vec<u8>,
+    ) -> (io::Result<Flushed>, Written) {
         let mut written = Written::default();
         match self {
             Tls::Dead => (Err(io::Error::new(io::ErrorKind::BrokenPipe, "TLS failed")), written),
@@ -673,7 +678,9 @@ fn send_kept(fd: RawFd, out: &mut Vec<u8>) -> io::Result<Flushed> {
 fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `send` reads at most `buf.len()` bytes from `buf`.
-        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let n = unsafe {
+            libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -683,5 +690,330 @@ fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
             io::ErrorKind::WouldBlock => return Ok(0),
             _ => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+
+    use bytes::{Bytes, BytesMut};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+    use super::{Flushed, ReadTls, Tls};
+
+    fn configs() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = CertificateDer::from(ck.cert.der().to_vec());
+        let key = PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .unwrap();
+        server.enable_secret_extraction = true;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    /// Our server end and a rustls client, over a socket pair.
+    struct Pair {
+        server: Tls,
+        sfd: UnixStream,
+        client: rustls::ClientConnection,
+        cfd: UnixStream,
+        cipher: BytesMut,
+        scratch: Vec<u8>,
+    }
+
+    impl Pair {
+        fn new() -> Pair {
+            let (server, client) = configs();
+            let (sfd, cfd) = UnixStream::pair().unwrap();
+            sfd.set_nonblocking(true).unwrap();
+            cfd.set_nonblocking(true).unwrap();
+            Pair {
+                server: Tls::new(server).unwrap(),
+                sfd,
+                client: rustls::ClientConnection::new(client, ServerName::try_from("localhost").unwrap())
+                    .unwrap(),
+                cfd,
+                cipher: BytesMut::with_capacity(32 * 1024),
+                scratch: Vec::new(),
+            }
+        }
+
+        fn open() -> Pair {
+            let mut p = Pair::new();
+            p.handshake();
+            p
+        }
+
+        fn client_send(&mut self) {
+            while self.client.wants_write() {
+                self.client.write_tls(&mut self.cfd).unwrap();
+            }
+        }
+
+        /// Reads until the socket is empty: the plaintext and the last result.
+        fn server_read(&mut self) -> (std::io::Result<ReadTls>, Vec<u8>) {
+            let mut plain = BytesMut::new();
+            loop {
+                match self.server.read(self.sfd.as_raw_fd(), &mut self.cipher, &mut plain) {
+                    Ok(ReadTls::Data) => continue,
+                    other => return (other, plain.to_vec()),
+                }
+            }
+        }
+
+        fn server_flush(&mut self, queue: &mut VecDeque<Bytes>) -> (Flushed, usize) {
+            let (r, w) = self.server.flush(self.sfd.as_raw_fd(), queue, &mut self.scratch);
+            (r.unwrap(), w.bytes)
+        }
+
+        /// Reads what the client has; `Err` for a TLS error (an alert).
+        fn client_read(&mut self) -> Result<Vec<u8>, rustls::Error> {
+            let mut out = Vec::new();
+            loop {
+                let more = match self.client.read_tls(&mut self.cfd) {
+                    Ok(0) => false,
+                    Ok(_) => {
+                        self.client.process_new_packets()?;
+                        true
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+                    Err(e) if e.kind() == std::io::ErrorKind::Other => {
+                        // rustls' plaintext buffer is full: drain it first.
+                        true
+                    }
+                    Err(e) => panic!("{e}"),
+                };
+                match self.client.reader().read_to_end(&mut out) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                    Err(e) => panic!("{e}"),
+                }
+                if !more {
+                    return Ok(out);
+                }
+            }
+        }
+
+        /// Runs the handshake: the application data the client got with it.
+        fn handshake(&mut self) -> Vec<u8> {
+            let mut got = Vec::new();
+            for _ in 0..10 {
+                self.client_send();
+                let (r, plain) = self.server_read();
+                assert_eq!(r.unwrap(), ReadTls::WouldBlock);
+                assert!(plain.is_empty());
+                self.server_flush(&mut VecDeque::new());
+                got.extend(self.client_read().unwrap());
+                if self.server.is_open() && !self.client.is_handshaking() {
+                    return got;
+                }
+            }
+            panic!("the handshake did not finish");
+        }
+
+        fn open_state(&mut self) -> &mut super::Open {
+            match &mut self.server {
+                Tls::Open(o) => o,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn data_goes_both_ways_through_our_record_layer() {
+        let mut p = Pair::open();
+        p.client.writer().write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        p.client_send();
+        let (r, plain) = p.server_read();
+        assert_eq!(r.unwrap(), ReadTls::WouldBlock);
+        assert_eq!(plain, b"GET / HTTP/1.1\r\n\r\n");
+        let big: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        let mut queue: VecDeque<Bytes> =
+            [Bytes::from_static(b"abc"), Bytes::from(big.clone()), Bytes::from_static(b"z")].into();
+        let (flushed, n) = p.server_flush(&mut queue);
+        assert_eq!((flushed, n), (Flushed::All, 40_004));
+        assert!(queue.is_empty());
+        let got = p.client_read().unwrap();
+        assert_eq!(got.len(), 40_004);
+        assert_eq!(&got[..3], b"abc");
+        assert_eq!(&got[3..40_003], &big[..]);
+        assert_eq!(got[40_003], b'z');
+    }
+
+    #[test]
+    fn records_split_anywhere_are_put_back_together() {
+        let mut p = Pair::open();
+        p.client.writer().write_all(&[7u8; 20_000]).unwrap();
+        p.client.writer().write_all(b"tail").unwrap();
+        let mut wire = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut wire).unwrap();
+        }
+        let mut got = Vec::new();
+        for chunk in wire.chunks(7) {
+            (&p.sfd).flush().unwrap();
+            (&p.cfd).write_all(chunk).unwrap();
+            let (r, plain) = p.server_read();
+            assert_eq!(r.unwrap(), ReadTls::WouldBlock);
+            got.extend(plain);
+        }
+        assert_eq!(got.len(), 20_004);
+        assert!(got[..20_000].iter().all(|&b| b == 7));
+        assert_eq!(&got[20_000..], b"tail");
+        assert!(p.open_state().incoming.is_empty(), "no partial record is kept once it is complete");
+    }
+
+    #[test]
+    fn a_client_key_update_is_answered_and_both_directions_take_the_new_keys() {
+        let mut p = Pair::open();
+        let rx_before = p.open_state().rx.key;
+        let tx_before = p.open_state().tx.key;
+        // rustls asks for the peer's update too (update_requested).
+        p.client.refresh_traffic_keys().unwrap();
+        p.client.writer().write_all(b"after").unwrap();
+        p.client_send();
+        let (r, plain) = p.server_read();
+        assert_eq!(r.unwrap(), ReadTls::WouldBlock);
+        assert_eq!(plain, b"after");
+        assert_ne!(p.open_state().rx.key, rx_before);
+        assert_ne!(p.open_state().tx.key, tx_before);
+        let mut queue: VecDeque<Bytes> = [Bytes::from_static(b"reply")].into();
+        assert_eq!(p.server_flush(&mut queue).0, Flushed::All);
+        assert_eq!(p.client_read().unwrap(), b"reply");
+    }
+
+    #[test]
+    fn the_server_updates_its_keys_before_the_confidentiality_limit() {
+        let mut p = Pair::open();
+        let o = p.open_state();
+        o.tx_limit = o.tx.seq + 3;
+        let before = o.tx.key;
+        let mut expected = Vec::new();
+        for i in 0..10u8 {
+            let mut queue: VecDeque<Bytes> = [Bytes::from(vec![i; 100])].into();
+            expected.extend(vec![i; 100]);
+            assert_eq!(p.server_flush(&mut queue).0, Flushed::All);
+        }
+        let o = p.open_state();
+        assert_ne!(o.tx.key, before, "the keys were updated");
+        assert!(o.tx.seq < 3, "no key sealed past its limit: seq {}", o.tx.seq);
+        assert_eq!(p.client_read().unwrap(), expected);
+    }
+
+    #[test]
+    fn a_tampered_record_fails_with_bad_record_mac() {
+        let mut p = Pair::open();
+        p.client.writer().write_all(b"hello").unwrap();
+        let mut wire = Vec::new();
+        while p.client.wants_write() {
+            p.client.write_tls(&mut wire).unwrap();
+        }
+        let last = wire.len() - 3;
+        wire[last] ^= 1;
+        (&p.cfd).write_all(&wire).unwrap();
+        let (r, plain) = p.server_read();
+        assert!(r.is_err());
+        assert!(plain.is_empty());
+        p.server.flush_alert(p.sfd.as_raw_fd());
+        let err = p.client_read().unwrap_err();
+        assert_eq!(err, rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac));
+    }
+
+    #[test]
+    fn a_record_in_the_clear_after_the_handshake_is_an_unexpected_message() {
+        let mut p = Pair::open();
+        (&p.cfd).write_all(&[21, 3, 3, 0, 2, 1, 0]).unwrap();
+        let (r, _) = p.server_read();
+        assert!(r.is_err());
+        p.server.flush_alert(p.sfd.as_raw_fd());
+        let err = p.client_read().unwrap_err();
+        assert_eq!(err, rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage));
+    }
+
+    #[test]
+    fn an_oversized_record_is_a_record_overflow() {
+        let mut p = Pair::open();
+        (&p.cfd).write_all(&[23, 3, 3, 0x41, 0x01]).unwrap();
+        let (r, _) = p.server_read();
+        assert!(r.is_err());
+        p.server.flush_alert(p.sfd.as_raw_fd());
+        let err = p.client_read().unwrap_err();
+        assert_eq!(err, rustls::Error::AlertReceived(rustls::AlertDescription::RecordOverflow));
+    }
+
+    #[test]
+    fn close_notify_from_the_client_reads_as_closed_and_ours_reaches_it() {
+        let mut p = Pair::open();
+        p.client.writer().write_all(b"last").unwrap();
+        p.client.send_close_notify();
+        p.client_send();
+        let (r, plain) = p.server_read();
+        assert_eq!(r.unwrap(), ReadTls::Closed);
+        assert_eq!(plain, b"last");
+        p.server.close_notify(p.sfd.as_raw_fd());
+        p.client_read().unwrap();
+        assert!(p.client.process_new_packets().unwrap().peer_has_closed());
+    }
+
+    #[test]
+    fn an_answer_queued_before_the_handshake_goes_out_after_it() {
+        let mut p = Pair::new();
+        let answer = b"HTTP/1.1 503 Service Unavailable\r\n\r\n";
+        let mut queue: VecDeque<Bytes> = [Bytes::from_static(answer)].into();
+        let (_, n) = p.server_flush(&mut queue);
+        assert_eq!(n, answer.len());
+        let mut got = p.handshake();
+        assert_eq!(p.server_flush(&mut VecDeque::new()).0, Flushed::All);
+        got.extend(p.client_read().unwrap());
+        assert_eq!(got, answer);
+    }
+
+    #[test]
+    fn a_full_socket_keeps_one_round_sealed_and_the_rest_queued() {
+        let mut p = Pair::open();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut queue: VecDeque<Bytes> = [Bytes::from(big.clone())].into();
+        let mut got = Vec::new();
+        let mut total = 0;
+        for _ in 0..1000 {
+            let (flushed, n) = p.server_flush(&mut queue);
+            total += n;
+            let kept = p.open_state().outgoing.len();
+            assert!(kept <= super::FLUSH_BUDGET + 4 * 64, "sealed but unsent: {kept}");
+            got.extend(p.client_read().unwrap());
+            if flushed == Flushed::All {
+                break;
+            }
+        }
+        got.extend(p.client_read().unwrap());
+        assert_eq!(total, big.len());
+        assert_eq!(got, big);
+    }
+
+    #[test]
+    fn an_idle_wss_connection_keeps_under_a_kilobyte_of_tls_state() {
+        let mut p = Pair::open();
+        assert_eq!(std::mem::size_of::<Option<Tls>>(), 16);
+        let o = p.open_state();
+        assert!(o.incoming.capacity() == 0 && o.outgoing.capacity() == 0);
+        assert!(std::mem::size_of::<super::Open>() <= 768, "{}", std::mem::size_of::<super::Open>());
     }
 }
