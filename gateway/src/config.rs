@@ -531,9 +531,10 @@ pub struct GatewayConfig {
     pub admission: Admission,
     /// Routers.
     pub uplink: UplinkConfig,
-    /// TLS on the client listener (default off). A TLS session costs
-    /// rustls' connection state on top of the plain session (measured in
-    /// BENCHMARKS.md); its buffers are bounded by rustls' 64 KiB limit.
+    /// TLS on the client listener (default off; TLS 1.3 only). A TLS
+    /// session costs ~1 KB on top of the plain session while idle
+    /// (measured in BENCHMARKS.md); what it holds sealed but unsent is
+    /// bounded by one 64 KiB flush round.
     pub tls: TlsConfig,
     /// Routers from etcd (`[etcd]`, the routers' own section: endpoints and
     /// prefix; default off). The uplink watches the prefix, links to every
