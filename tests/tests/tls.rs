@@ -144,3 +144,51 @@ fn an_unfinished_tls_handshake_is_cut_at_the_handshake_deadline() {
     let m = c.metrics(0);
     assert!(metric(&m, "switchyard_gateway_rejections_total") >= 1, "{m}");
 }
+
+#[test]
+fn a_wss_client_refused_by_admission_gets_its_503_over_tls() {
+    let cfg = std::env::temp_dir().join(format!("sy-tls-admission-{}.toml", std::process::id()));
+    // One handshake per core, then refusals for a long while.
+    std::fs::write(&cfg, "[admission]\naccept_rate = 0.001\naccept_burst = 1\n").unwrap();
+    let mut c = Cluster::start(1, 0, &[]);
+    let (cert, key) = (c.certs.join("router.pem"), c.certs.join("router.key"));
+    c.add_gateway(
+        0,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    let ca = c.certs.join("ca.pem");
+    let upgrade = b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let mut refused = 0;
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let mut s = e2e::tls_stream(c.ws_addrs[0], &ca);
+        s.write_all(upgrade).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            match s.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                other => panic!("the answer ended early ({other:?}): {}", String::from_utf8_lossy(&head)),
+            }
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        if text.starts_with("http/1.1 503") {
+            assert!(text.contains("retry-after:"), "{text}");
+            refused += 1;
+        } else {
+            assert!(text.starts_with("http/1.1 101"), "{text}");
+            held.push(s);
+        }
+    }
+    assert!(held.len() <= 2, "one admitted per core at most");
+    assert_eq!(refused + held.len(), 6);
+    let m = c.metrics(0);
+    assert!(metric(&m, "switchyard_gateway_admission_rejections_total") >= refused as u64, "{m}");
+}

@@ -156,11 +156,14 @@ impl Shell {
                 Action::Shutdown { sid } => {
                     let mut socks = self.socks.borrow_mut();
                     let Some(sock) = slot(&mut socks, sid) else { continue };
-                    if let Some(conn) = tls_of(&mut self.tls_conns.borrow_mut(), sid) {
-                        conn.close_notify(sock.fd.as_raw_fd());
+                    let now = match tls_of(&mut self.tls_conns.borrow_mut(), sid) {
+                        Some(conn) => conn.close_notify(sock.fd.as_raw_fd()),
+                        None => true,
+                    };
+                    if now {
+                        // SAFETY: plain syscall on our open socket.
+                        unsafe { libc::shutdown(sock.fd.as_raw_fd(), libc::SHUT_WR) };
                     }
-                    // SAFETY: plain syscall on our open socket.
-                    unsafe { libc::shutdown(sock.fd.as_raw_fd(), libc::SHUT_WR) };
                 }
                 Action::Release { sid } => {
                     // Closing the socket takes it out of the readiness set

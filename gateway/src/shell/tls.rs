@@ -116,6 +116,8 @@ pub struct Handshake {
     /// Frames queued before the handshake finished (a refusal), sealed
     /// once it has.
     early: VecDeque<Bytes>,
+    /// The session ended before the handshake did: close once `early` is out.
+    shutdown: bool,
 }
 
 /// An established connection: rustls' key schedule, and our record layer.
@@ -130,6 +132,9 @@ pub struct Open {
     /// Sealed records before this many need a key update (the suite's
     /// confidentiality limit).
     tx_limit: u64,
+    /// close_notify and the write side's shutdown are due once everything
+    /// queued is out (the session ended during the handshake).
+    shutdown: bool,
 }
 
 /// One direction's traffic keys and its record sequence number.
@@ -227,6 +232,7 @@ impl Tls {
             incoming: Vec::new(),
             outgoing: Vec::new(),
             early: VecDeque::new(),
+            shutdown: false,
         })))
     }
 
@@ -299,7 +305,7 @@ impl Tls {
     /// The handshake is done: rustls hands over the secrets.
     fn open(&mut self) -> Result<(), Failed> {
         let Tls::Handshaking(h) = std::mem::replace(self, Tls::Dead) else { return Ok(()) };
-        let Handshake { conn, outgoing, early, .. } = *h;
+        let Handshake { conn, outgoing, early, shutdown, .. } = *h;
         let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(|e| Failed(e.to_string()))?;
         let Some(suite) = kernel.negotiated_cipher_suite().tls13() else {
             return Err(Failed("a TLS 1.2 connection on a TLS 1.3 listener".into()));
@@ -309,7 +315,7 @@ impl Tls {
         let (rx_seq, rx) = secrets.rx;
         let tx = Keys::new(tx_seq, tx).map_err(|e| Failed(e.to_string()))?;
         let rx = Keys::new(rx_seq, rx).map_err(|e| Failed(e.to_string()))?;
-        let mut open = Box::new(Open { kernel, tx, rx, incoming: Vec::new(), outgoing, tx_limit });
+        let mut open = Box::new(Open { kernel, tx, rx, incoming: Vec::new(), outgoing, tx_limit, shutdown });
         if !early.is_empty() {
             let key = open.tx.expand();
             for frame in &early {
@@ -351,6 +357,14 @@ impl Tls {
                 }
                 loop {
                     if queue.is_empty() {
+                        if std::mem::take(&mut o.shutdown) {
+                            // The end the session asked for during the handshake.
+                            o.alert(alert::CLOSE_NOTIFY);
+                            let sent = send_kept(fd, &mut o.outgoing);
+                            // SAFETY: plain syscall on the session's open socket.
+                            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                            return (sent, written);
+                        }
                         return (Ok(Flushed::All), written);
                     }
                     scratch.clear();
@@ -389,11 +403,23 @@ impl Tls {
         let _ = send_kept(fd, out);
     }
 
-    /// Seals close_notify and writes what the connection holds, best effort.
-    pub fn close_notify(&mut self, fd: RawFd) {
-        if let Tls::Open(o) = self {
-            o.alert(alert::CLOSE_NOTIFY);
-            let _ = send_kept(fd, &mut o.outgoing);
+    /// The session ends its write side: seals close_notify and writes what
+    /// the connection holds, best effort. Whether the socket's write side
+    /// may be shut now: not during the handshake, where what was queued (a
+    /// refusal) goes out once it is done, then close_notify and the
+    /// shutdown (with the session's linger as the bound).
+    pub fn close_notify(&mut self, fd: RawFd) -> bool {
+        match self {
+            Tls::Open(o) => {
+                o.alert(alert::CLOSE_NOTIFY);
+                let _ = send_kept(fd, &mut o.outgoing);
+                true
+            }
+            Tls::Handshaking(h) => {
+                h.shutdown = true;
+                false
+            }
+            Tls::Dead => true,
         }
     }
 }
@@ -980,10 +1006,13 @@ mod tests {
         let mut queue: VecDeque<Bytes> = [Bytes::from_static(answer)].into();
         let (_, n) = p.server_flush(&mut queue);
         assert_eq!(n, answer.len());
+        // The session ends (a refusal lingers): not before the answer is out.
+        assert!(!p.server.close_notify(p.sfd.as_raw_fd()));
         let mut got = p.handshake();
         assert_eq!(p.server_flush(&mut VecDeque::new()).0, Flushed::All);
         got.extend(p.client_read().unwrap());
         assert_eq!(got, answer);
+        assert!(p.client.process_new_packets().unwrap().peer_has_closed(), "close_notify after the answer");
     }
 
     #[test]
