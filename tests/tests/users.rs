@@ -379,3 +379,70 @@ fn the_connect_reply_comes_first_when_it_waits_for_token_channels() {
         assert_eq!(v["push"]["pub"]["data"], json!({"to": ch}), "{v}");
     }
 }
+
+/// A user-wide unsubscribe that overtakes its subscribe (the gateway still
+/// waits for the router's answer to the subscription): the client, which
+/// never heard of the channel, gets no push for it. Otherwise it gets the
+/// subscribe push, then the unsubscribe push. Never an unsubscribe alone.
+#[test]
+fn an_unsubscribe_that_overtakes_its_subscribe_sends_no_push_alone() {
+    let c = Cluster::start(1, 1, &[]);
+    c.settle();
+    let mut ws = c.client(0, "racer");
+    let n = 40;
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let c = &c;
+            let channel = format!("chat:race-{i}");
+            s.spawn(move || {
+                let body = json!({"user": "racer", "channel": channel});
+                let sub = std::thread::scope(|t| {
+                    let sub = t.spawn(|| c.api(0, "subscribe", &body));
+                    let unsub = c.api(0, "unsubscribe", &body);
+                    assert_eq!(unsub.0, 200, "{}", unsub.1);
+                    sub.join().unwrap()
+                });
+                assert_eq!(sub.0, 200, "{}", sub.1);
+            });
+        }
+    });
+    // Whatever the order, each channel ends unsubscribed: the final
+    // unsubscribe of every channel, once more, settles it.
+    for i in 0..n {
+        api_ok(&c, 0, "unsubscribe", json!({"user": "racer", "channel": format!("chat:race-{i}")}));
+    }
+    // A marker: every push before it has arrived.
+    api_ok(&c, 0, "subscribe", json!({"user": "racer", "channel": "chat:race-end"}));
+    let mut seen: std::collections::HashMap<String, Vec<&'static str>> = Default::default();
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        match ws.event_by(end, "the marker's subscribe push") {
+            Some(Event::Json(v)) => {
+                let Some(channel) = v["push"]["channel"].as_str() else { continue };
+                if channel == "chat:race-end" {
+                    break;
+                }
+                let kind = if v["push"]["subscribe"].is_object() {
+                    "subscribe"
+                } else if v["push"]["unsubscribe"].is_object() {
+                    "unsubscribe"
+                } else {
+                    "other"
+                };
+                seen.entry(channel.to_owned()).or_default().push(kind);
+            }
+            Some(other) => panic!("{other:?}"),
+            None => panic!("no marker push"),
+        }
+    }
+    let mut raced = 0;
+    for i in 0..n {
+        let kinds = seen.remove(&format!("chat:race-{i}")).unwrap_or_default();
+        match kinds.as_slice() {
+            [] => raced += 1,
+            ["subscribe", "unsubscribe"] => {}
+            other => panic!("chat:race-{i}: {other:?}"),
+        }
+    }
+    println!("{raced} of {n} unsubscribes overtook their subscribe");
+}

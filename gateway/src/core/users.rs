@@ -289,6 +289,10 @@ impl Core {
         }
         s.unmark_server_sub(channel);
         let Some((name, state)) = s.subs.remove(channel) else { return };
+        // A server-side subscription the router has not answered yet: its
+        // subscribe push has not gone out, so no unsubscribe push either
+        // (the client never heard of the channel).
+        let unheard = matches!(&state, SubState::Pending(p) if p.server);
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);
         }
@@ -309,6 +313,7 @@ impl Core {
                     return self.finish_connect(sid, now);
                 }
             }
+            None if unheard => {}
             None => self.cx.send_line(s, sid, &push),
         }
         let client = s.is_connected().then(|| s.identity.client.text());
