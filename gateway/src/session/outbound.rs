@@ -20,6 +20,9 @@ pub struct Written {
     /// Whether the queue's front frame is now partly written (meaningful
     /// when `bytes > 0`; otherwise the front is as before).
     pub front_started: bool,
+    /// Whether the socket took bytes that are not counted in `bytes`
+    /// (TLS records sealed in an earlier flush): progress all the same.
+    pub sent: bool,
 }
 
 /// What a flush achieved.
@@ -136,7 +139,7 @@ impl Outbound {
                 self.blocked_since = Due::NONE;
             }
             Flushed::Blocked => {
-                if written.bytes > 0 || !self.blocked() {
+                if written.bytes > 0 || written.sent || !self.blocked() {
                     self.blocked_since = Due::at(now.max(1));
                 }
             }
@@ -154,13 +157,13 @@ mod tests {
         q.push(Bytes::from_static(b"0123456789"));
         q.push(Bytes::from_static(b"abc"));
         bytes::Buf::advance(q.frames_mut().front_mut().unwrap(), 4);
-        q.wrote(Written { bytes: 4, front_started: true }, Flushed::Blocked, 7);
+        q.wrote(Written { bytes: 4, front_started: true, sent: false }, Flushed::Blocked, 7);
         assert_eq!(q.bytes(), 9);
         assert!(q.blocked());
         assert_eq!(q.drop_unstarted(), 3);
         assert_eq!(q.bytes(), 6);
         assert_eq!(&q.frames_mut()[0][..], b"456789");
-        q.wrote(Written { bytes: 6, front_started: false }, Flushed::All, 8);
+        q.wrote(Written { bytes: 6, front_started: false, sent: false }, Flushed::All, 8);
         assert!(q.is_empty() && !q.blocked() && q.bytes() == 0 && !q.front_started());
     }
 
@@ -170,7 +173,7 @@ mod tests {
         q.push(Bytes::from(vec![0u8; 100]));
         q.push(Bytes::from(vec![0u8; 50]));
         bytes::Buf::advance(q.frames_mut().front_mut().unwrap(), 30);
-        q.wrote(Written { bytes: 30, front_started: true }, Flushed::Blocked, 1);
+        q.wrote(Written { bytes: 30, front_started: true, sent: false }, Flushed::Blocked, 1);
         assert_eq!((q.bytes(), q.front_started()), (120, true));
         q.push(Bytes::from(vec![0u8; 5]));
         assert_eq!((q.bytes(), q.front_started()), (125, true));

@@ -43,6 +43,10 @@ pub const MAX_IOVECS: usize = 64;
 pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushed>, Written) {
     let mut written = Written::default();
     loop {
+        // An empty frame carries nothing (a send of nothing is no progress).
+        while queue.front().is_some_and(|f| f.is_empty()) {
+            queue.pop_front();
+        }
         if queue.is_empty() {
             return (Ok(Flushed::All), written);
         }
@@ -136,6 +140,18 @@ mod tests {
             }
         }
         assert_eq!(drained, 2 << 20);
+    }
+
+    #[test]
+    fn empty_frames_are_dropped_and_never_spin() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut q: VecDeque<Bytes> = [Bytes::new(), Bytes::from_static(b"x"), Bytes::new()].into();
+        let (r, w) = flush_queue(a.as_raw_fd(), &mut q);
+        assert_eq!((r.unwrap(), w.bytes), (Flushed::All, 1));
+        assert!(q.is_empty());
+        let mut got = [0u8; 1];
+        b.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"x");
     }
 
     #[test]

@@ -135,7 +135,18 @@ pub struct Open {
     /// close_notify and the write side's shutdown are due once everything
     /// queued is out (the session ended during the handshake).
     shutdown: bool,
+    /// The peer asked for our key update: sealed at the next flush, ahead
+    /// of any application data (one answer however often it asks).
+    tx_update_due: bool,
+    /// KeyUpdates received since the last application data (bounded, as
+    /// rustls bounds them).
+    key_updates: u8,
+    /// Our close_notify is sealed: nothing more is.
+    closed: bool,
 }
+
+/// The most KeyUpdates in a row without application data between them.
+const MAX_KEY_UPDATES_IN_A_ROW: u8 = 32;
 
 /// One direction's traffic keys and its record sequence number.
 struct Keys {
@@ -240,7 +251,7 @@ impl Tls {
     pub fn wants_write(&self) -> bool {
         match self {
             Tls::Handshaking(h) => !h.outgoing.is_empty(),
-            Tls::Open(o) => !o.outgoing.is_empty(),
+            Tls::Open(o) => !o.outgoing.is_empty() || o.tx_update_due,
             Tls::Dead => false,
         }
     }
@@ -315,7 +326,18 @@ impl Tls {
         let (rx_seq, rx) = secrets.rx;
         let tx = Keys::new(tx_seq, tx).map_err(|e| Failed(e.to_string()))?;
         let rx = Keys::new(rx_seq, rx).map_err(|e| Failed(e.to_string()))?;
-        let mut open = Box::new(Open { kernel, tx, rx, incoming: Vec::new(), outgoing, tx_limit, shutdown });
+        let mut open = Box::new(Open {
+            kernel,
+            tx,
+            rx,
+            incoming: Vec::new(),
+            outgoing,
+            tx_limit,
+            shutdown,
+            tx_update_due: false,
+            key_updates: 0,
+            closed: false,
+        });
         if !early.is_empty() {
             let key = open.tx.expand();
             for frame in &early {
@@ -351,18 +373,36 @@ impl Tls {
                 (send_kept(fd, &mut h.outgoing), written)
             }
             Tls::Open(o) => {
-                match send_kept(fd, &mut o.outgoing) {
+                if std::mem::take(&mut o.tx_update_due)
+                    && let Err(Failed(why)) = o.update_tx()
+                {
+                    return (Err(io::Error::other(why)), written);
+                }
+                let before = o.outgoing.len();
+                let kept = send_kept(fd, &mut o.outgoing);
+                written.sent = o.outgoing.len() < before;
+                match kept {
                     Ok(Flushed::All) => {}
                     other => return (other, written),
                 }
                 loop {
+                    while queue.front().is_some_and(|f| f.is_empty()) {
+                        queue.pop_front();
+                    }
                     if queue.is_empty() {
-                        if std::mem::take(&mut o.shutdown) {
-                            // The end the session asked for during the handshake.
-                            o.alert(alert::CLOSE_NOTIFY);
+                        if o.shutdown {
+                            // The end the session asked for during the
+                            // handshake: close_notify, then the write side
+                            // once it is out.
+                            if !o.closed {
+                                o.alert(alert::CLOSE_NOTIFY);
+                            }
                             let sent = send_kept(fd, &mut o.outgoing);
-                            // SAFETY: plain syscall on the session's open socket.
-                            unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                            if matches!(sent, Ok(Flushed::All)) {
+                                o.shutdown = false;
+                                // SAFETY: plain syscall on the session's open socket.
+                                unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+                            }
                             return (sent, written);
                         }
                         return (Ok(Flushed::All), written);
@@ -371,8 +411,10 @@ impl Tls {
                     let mut key = o.tx.expand();
                     let mut round = 0;
                     while round < FLUSH_BUDGET && !queue.is_empty() {
-                        if o.rekey_if_due(&key, scratch) {
-                            key = o.tx.expand();
+                        match o.rekey_if_due(&key, scratch) {
+                            Ok(false) => {}
+                            Ok(true) => key = o.tx.expand(),
+                            Err(Failed(why)) => return (Err(io::Error::other(why)), written),
                         }
                         let (took, front_started) = o.seal_queue(&key, queue, scratch, FLUSH_BUDGET - round);
                         round += took;
@@ -439,7 +481,14 @@ impl Handshake {
     fn advance(&mut self, buf: &mut [u8], plain: &mut BytesMut) -> Result<Advanced, Failed> {
         let mut at = 0;
         loop {
-            let status = self.conn.process_tls_records(&mut buf[at..]);
+            // Once the client's Finished is in, rustls gets no more records:
+            // what follows it (application data, a KeyUpdate) is for our
+            // record layer. rustls would act on a KeyUpdate itself and keep
+            // its answer where the hand-over does not look. It still emits
+            // its session tickets, then `WriteTraffic`.
+            let mut none: [u8; 0] = [];
+            let input: &mut [u8] = if self.conn.is_handshaking() { &mut buf[at..] } else { &mut none };
+            let status = self.conn.process_tls_records(input);
             let discard = status.discard;
             let state = match status.state {
                 Ok(s) => s,
@@ -449,6 +498,7 @@ impl Handshake {
                 }
             };
             let mut done = false;
+            let mut extra = 0;
             match state {
                 ConnectionState::EncodeTlsData(mut enc) => {
                     let start = self.outgoing.len();
@@ -477,13 +527,16 @@ impl Handshake {
                     while let Some(rec) = r.next_record() {
                         let rec = rec.map_err(|e| Failed(e.to_string()))?;
                         plain.extend_from_slice(rec.payload);
+                        extra += rec.discard;
                     }
                 }
+                // The handshake is complete (the server's half-RTT data is
+                // off, rustls' default: `WriteTraffic` comes only then).
                 ConnectionState::WriteTraffic(_) => done = true,
                 ConnectionState::PeerClosed | ConnectionState::Closed => return Ok(Advanced::Closed),
                 other => return Err(Failed(format!("unexpected TLS state {other:?}"))),
             }
-            at += discard;
+            at += discard + extra;
             if done {
                 return Ok(Advanced::Done(at));
             }
@@ -533,14 +586,20 @@ impl Open {
             let Some(end) = inner.iter().rposition(|&b| b != 0) else {
                 return Err(self.fail(alert::UNEXPECTED_MESSAGE, "a record without a content type"));
             };
-            let (content, typ) = (&inner[..end], inner[end]);
-            if content.len() > MAX_PLAIN {
+            if inner.len() > MAX_PLAIN + 1 {
                 return Err(self.fail(alert::RECORD_OVERFLOW, "a record with more than 2^14 bytes"));
             }
+            let (content, typ) = (&inner[..end], inner[end]);
             match typ {
-                APPLICATION_DATA => plain.extend_from_slice(content),
+                APPLICATION_DATA => {
+                    self.key_updates = 0;
+                    plain.extend_from_slice(content);
+                }
                 ALERT => {
-                    if content == [1, alert::CLOSE_NOTIFY] || content == [2, alert::CLOSE_NOTIFY] {
+                    if content.len() != 2 {
+                        return Err(self.fail(alert::DECODE_ERROR, "an alert that is not two bytes"));
+                    }
+                    if content[1] == alert::CLOSE_NOTIFY {
                         return Ok((at, true));
                     }
                     // Any other alert ends the connection (RFC 8446 §6.2).
@@ -561,6 +620,9 @@ impl Open {
     /// only KeyUpdate is allowed from a client. Whether the receive keys
     /// changed.
     fn post_handshake(&mut self, mut messages: &[u8]) -> Result<bool, Failed> {
+        if messages.is_empty() {
+            return Err(self.fail(alert::UNEXPECTED_MESSAGE, "an empty handshake record"));
+        }
         let mut rekeyed = false;
         while !messages.is_empty() {
             let &[typ, a, b, c, ref rest @ ..] = messages else {
@@ -585,12 +647,15 @@ impl Open {
                 // A key change must end its record (RFC 8446 §5.1).
                 return Err(self.fail(alert::UNEXPECTED_MESSAGE, "data after a KeyUpdate in its record"));
             }
+            self.key_updates += 1;
+            if self.key_updates > MAX_KEY_UPDATES_IN_A_ROW {
+                return Err(self.fail(alert::UNEXPECTED_MESSAGE, "too many KeyUpdates without data"));
+            }
             let (seq, secrets) = self.kernel.update_rx_secret().map_err(|e| Failed(e.to_string()))?;
             self.rx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
             rekeyed = true;
-            if requested {
-                self.update_tx()?;
-            }
+            // Answered at the next flush, once however often asked.
+            self.tx_update_due |= requested && !self.closed;
         }
         Ok(rekeyed)
     }
@@ -598,6 +663,9 @@ impl Open {
     /// Sends KeyUpdate (update_not_requested) under the current keys and
     /// moves to the next ones.
     fn update_tx(&mut self) -> Result<(), Failed> {
+        if self.closed {
+            return Ok(());
+        }
         let key = self.tx.expand();
         seal(&mut self.tx, &key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], &mut self.outgoing);
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(|e| Failed(e.to_string()))?;
@@ -647,35 +715,38 @@ impl Open {
                 front_started = true;
             }
         }
+        // Empty frames carry nothing: they go, so every call makes progress.
+        while queue.front().is_some_and(|f| f.is_empty()) {
+            queue.pop_front();
+        }
         (took, front_started)
     }
 
     /// At the suite's confidentiality limit (one record short of it): a key
     /// update sealed onto `out` under the spent keys, and the next keys in
-    /// place. Whether the keys changed.
-    fn rekey_if_due(&mut self, key: &aead::LessSafeKey, out: &mut Vec<u8>) -> bool {
+    /// place. Whether the keys changed; an error (only TLS 1.3 is offered,
+    /// where key updates always work) fails the connection rather than
+    /// seal past the limit.
+    fn rekey_if_due(&mut self, key: &aead::LessSafeKey, out: &mut Vec<u8>) -> Result<bool, Failed> {
         if self.tx.seq.saturating_add(1) < self.tx_limit {
-            return false;
+            return Ok(false);
         }
         seal(&mut self.tx, key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], out);
-        let next = self
-            .kernel
-            .update_tx_secret()
-            .map_err(|e| e.to_string())
-            .and_then(|(seq, s)| Keys::new(seq, s).map_err(|e| e.to_string()));
-        match next {
-            Ok(keys) => self.tx = keys,
-            // Only TLS 1.3 is offered, where key updates always work.
-            Err(e) => tracing::error!(error = %e, "TLS key update failed"),
-        }
-        true
+        let (seq, secrets) = self.kernel.update_tx_secret().map_err(|e| Failed(e.to_string()))?;
+        self.tx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
+        Ok(true)
     }
 
     /// Seals an alert onto `outgoing` (a fatal one for errors).
     fn alert(&mut self, description: u8) {
+        if self.closed {
+            return;
+        }
         let level = if description == alert::CLOSE_NOTIFY { 1 } else { 2 };
         let key = self.tx.expand();
         seal(&mut self.tx, &key, ALERT, &[&[level, description]], &mut self.outgoing);
+        // After close_notify or a fatal alert nothing more is sealed.
+        self.closed = true;
     }
 
     fn fail(&mut self, description: u8, why: &str) -> Failed {
@@ -809,6 +880,11 @@ mod tests {
             (r.unwrap(), w.bytes)
         }
 
+        fn server_flush_written(&mut self, queue: &mut VecDeque<Bytes>) -> (Flushed, super::Written) {
+            let (r, w) = self.server.flush(self.sfd.as_raw_fd(), queue, &mut self.scratch);
+            (r.unwrap(), w)
+        }
+
         /// Reads what the client has; `Err` for a TLS error (an alert).
         fn client_read(&mut self) -> Result<Vec<u8>, rustls::Error> {
             let mut out = Vec::new();
@@ -836,6 +912,20 @@ mod tests {
                     return Ok(out);
                 }
             }
+        }
+
+        /// Reads at most `limit` bytes of records, and what they decrypt to.
+        fn client_read_some(&mut self, limit: u64) -> Vec<u8> {
+            let mut raw = Read::take(&self.cfd, limit);
+            match self.client.read_tls(&mut raw) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            self.client.process_new_packets().unwrap();
+            let mut out = Vec::new();
+            let _ = self.client.reader().read_to_end(&mut out);
+            out
         }
 
         /// Runs the handshake: the application data the client got with it.
@@ -920,9 +1010,11 @@ mod tests {
         assert_eq!(r.unwrap(), ReadTls::WouldBlock);
         assert_eq!(plain, b"after");
         assert_ne!(p.open_state().rx.key, rx_before);
-        assert_ne!(p.open_state().tx.key, tx_before);
+        // Our answer goes at the next flush, ahead of the data.
+        assert!(p.server.wants_write());
         let mut queue: VecDeque<Bytes> = [Bytes::from_static(b"reply")].into();
         assert_eq!(p.server_flush(&mut queue).0, Flushed::All);
+        assert_ne!(p.open_state().tx.key, tx_before);
         assert_eq!(p.client_read().unwrap(), b"reply");
     }
 
@@ -1022,12 +1114,22 @@ mod tests {
         let mut queue: VecDeque<Bytes> = [Bytes::from(big.clone())].into();
         let mut got = Vec::new();
         let mut total = 0;
+        let mut progress_without_bytes = 0;
         for _ in 0..1000 {
-            let (flushed, n) = p.server_flush(&mut queue);
+            let before = p.open_state().outgoing.len();
+            let (flushed, w) = p.server_flush_written(&mut queue);
+            let n = w.bytes;
             total += n;
             let kept = p.open_state().outgoing.len();
+            if n == 0 && kept < before {
+                // Records of an earlier round went out: progress, for the
+                // write timeout, though no queued byte was taken.
+                assert!(w.sent, "progress is reported");
+                progress_without_bytes += 1;
+            }
             assert!(kept <= super::FLUSH_BUDGET + 4 * 64, "sealed but unsent: {kept}");
-            got.extend(p.client_read().unwrap());
+            // A slow reader: a few KB at a time.
+            got.extend(p.client_read_some(5000));
             if flushed == Flushed::All {
                 break;
             }
@@ -1035,6 +1137,63 @@ mod tests {
         got.extend(p.client_read().unwrap());
         assert_eq!(total, big.len());
         assert_eq!(got, big);
+        assert!(progress_without_bytes > 0, "the socket filled up at least once");
+    }
+
+    #[test]
+    fn a_key_update_in_the_flight_of_the_clients_finished_is_ours_to_answer() {
+        let mut p = Pair::new();
+        for _ in 0..10 {
+            if !p.client.is_handshaking() {
+                break;
+            }
+            p.client_send();
+            let _ = p.server_read();
+            p.server_flush(&mut VecDeque::new());
+            p.client_read().unwrap();
+        }
+        assert!(!p.client.is_handshaking() && !p.server.is_open());
+        // Finished, KeyUpdate (update_requested) and data in one flight.
+        p.client.refresh_traffic_keys().unwrap();
+        p.client.writer().write_all(b"hi").unwrap();
+        p.client_send();
+        let (r, plain) = p.server_read();
+        assert_eq!(r.unwrap(), ReadTls::WouldBlock);
+        assert_eq!(plain, b"hi");
+        let mut queue: VecDeque<Bytes> = [Bytes::from_static(b"reply")].into();
+        assert_eq!(p.server_flush(&mut queue).0, Flushed::All);
+        assert_eq!(p.client_read().unwrap(), b"reply");
+    }
+
+    #[test]
+    fn key_updates_without_data_are_answered_once_and_cut_after_32() {
+        let mut p = Pair::open();
+        let mut failed = None;
+        for i in 0..100 {
+            p.client.refresh_traffic_keys().unwrap();
+            p.client_send();
+            let (r, _) = p.server_read();
+            let o = p.open_state();
+            assert!(o.outgoing.len() < 64, "answers do not pile up: {}", o.outgoing.len());
+            if r.is_err() {
+                failed = Some(i);
+                break;
+            }
+            assert!(o.tx_update_due);
+        }
+        assert_eq!(failed, Some(32), "the 33rd KeyUpdate in a row fails the connection");
+        p.server.flush_alert(p.sfd.as_raw_fd());
+        let err = p.client_read().unwrap_err();
+        assert_eq!(err, rustls::Error::AlertReceived(rustls::AlertDescription::UnexpectedMessage));
+    }
+
+    #[test]
+    fn empty_frames_in_the_queue_are_dropped_not_sealed_forever() {
+        let mut p = Pair::open();
+        let mut queue: VecDeque<Bytes> = [Bytes::new(), Bytes::from_static(b"x"), Bytes::new()].into();
+        assert_eq!(p.server_flush(&mut queue), (Flushed::All, 1));
+        assert!(queue.is_empty());
+        assert_eq!(p.client_read().unwrap(), b"x");
     }
 
     #[test]
