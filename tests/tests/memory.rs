@@ -7,6 +7,10 @@
 //! 886 B, which this bound fails). The release figure at 19,000 per process,
 //! without a warm-up, is ~495 B (see BENCHMARKS.md and
 //! `benches/scripts/idle_memory.py`).
+//!
+//! wss: 3,000 idle sessions over TLS 1.3 stay under 2 KiB each (1,442 B
+//! measured in the test build on 2026-12-05; the rustls `ServerConnection`
+//! kept per session before took ~8.3 KB in the release build).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -144,4 +148,49 @@ fn ten_thousand_idle_http_stream_sessions_stay_under_600_bytes_each() {
         "gateway RSS growth: {per_session:.0} bytes per idle subscribed http_stream session (10000 sessions)"
     );
     assert!(per_session <= MAX_BYTES_PER_SESSION, "{per_session:.0} B per idle fallback session");
+}
+
+/// RSS growth allowed per idle, subscribed wss session (#16's goal; the
+/// rustls `ServerConnection` the gateway kept before took ~8.3 KB).
+const MAX_BYTES_PER_WSS_SESSION: f64 = 2048.0;
+
+#[test]
+fn three_thousand_idle_wss_connections_stay_under_2_kib_each() {
+    let mut c = Cluster::start(1, 0, &[]);
+    let (cert, key) = (c.certs.join("router.pem"), c.certs.join("router.key"));
+    c.add_gateway(0, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let pid = c.gateways[0].child.id();
+    let addr = c.ws_addrs[0];
+    let ca = c.certs.join("ca.pem");
+    let open = |i: usize| {
+        let mut ws = e2e::Ws::connect_tls(addr, "/connection/websocket", &ca).expect("wss upgrade");
+        let r = ws.call(serde_json::json!({"connect": {"token": token(&format!("idle{i}"))}}));
+        assert!(r["connect"]["client"].is_string(), "{r}");
+        let r = ws.call(serde_json::json!({"subscribe": {"channel": format!("typing:room-{}", i % 100)}}));
+        assert!(r.get("error").is_none(), "{r}");
+        ws
+    };
+    let settled = |n: u64| {
+        let what = format!("{n} idle sessions, nothing queued");
+        let state = || {
+            let m = c.metrics(0);
+            (
+                e2e::metric(&m, "switchyard_gateway_connections"),
+                e2e::metric(&m, "switchyard_gateway_queued_bytes"),
+            )
+        };
+        e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
+    };
+    let mut held: Vec<e2e::Ws> = (0..300).map(open).collect();
+    settled(300);
+    let before = rss(pid);
+    let n = 3_000;
+    for i in 300..300 + n {
+        held.push(open(i));
+    }
+    settled((300 + n) as u64);
+    let per_conn = rss(pid).saturating_sub(before) as f64 / n as f64;
+    println!("gateway RSS growth: {per_conn:.0} bytes per idle subscribed wss connection ({n} connections)");
+    assert!(per_conn <= MAX_BYTES_PER_WSS_SESSION, "{per_conn:.0} B per idle wss connection");
+    assert_eq!(held.len(), n + 300);
 }
