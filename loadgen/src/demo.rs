@@ -895,7 +895,9 @@ fn scenario(
     }
     report.phases.push(("storm".into(), 0.0));
     let pb = bar(a.connections as u64, "connecting", a.json);
-    let storm_deadline = Instant::now() + Duration::from_secs(300);
+    // 300 s, or what a paced storm asks for plus two minutes of slack.
+    let paced_secs = if a.storm_rate > 0.0 { a.connections as f64 / a.storm_rate + 120.0 } else { 0.0 };
+    let storm_deadline = Instant::now() + Duration::from_secs_f64(paced_secs.clamp(300.0, 3600.0));
     let mut last_line = Instant::now();
     loop {
         let t = totals(&workers);
