@@ -14,11 +14,11 @@ so a noisy box disturbs both; medians over the rounds.
     cargo build --release -p loadgen
     python3 benches/scripts/wss_cpu.py [--baseline /path/to/other/loadgen] [--rounds 3]
 """
-import argparse, json, os, selectors, socket, ssl, statistics, struct, subprocess, sys, tempfile, time
+import argparse, json, os, selectors, ssl, statistics, struct, subprocess, sys, tempfile, time
 import http.client
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import idle_memory as im  # noqa: E402  (token, frame, free_port, stop_all)
+import idle_memory as im  # noqa: E402  (client, free_port, stop_all)
 
 API_KEY = "wss-cpu-key"
 CHANNEL = "typing:wss-cpu"
@@ -27,28 +27,6 @@ CHANNEL = "typing:wss-cpu"
 def cpu_secs(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def connect(port, i, tls):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if tls is not None:
-        s = tls.wrap_socket(s, server_hostname="localhost")
-    s.sendall(b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    got = b""
-    while b"\r\n\r\n" not in got:
-        got += s.recv(4096)
-    cmds = [json.dumps({"id": 1, "connect": {"token": im.token(f"cpu{i}")}}),
-            json.dumps({"id": 2, "subscribe": {"channel": CHANNEL}})]
-    s.sendall(im.frame("\n".join(cmds).encode()))
-    got = got.split(b"\r\n\r\n", 1)[1]
-    end = time.time() + 30
-    while b'"id":2' not in got:
-        if time.time() > end:
-            raise RuntimeError("no subscribe reply")
-        got += s.recv(4096)
-    return s
 
 
 class Reader:
@@ -102,7 +80,7 @@ def run(loadgen, tls_on, subscribers, publications, rate):
     try:
         tls = ssl.create_default_context(cafile=os.path.join(tmp, "ca.pem")) if tls_on else None
         c0 = cpu_secs(gw.pid)
-        socks = [connect(ws, i, tls) for i in range(subscribers)]
+        socks = [im.client(ws, i, "127.0.0.1", channel=CHANNEL, tls=tls) for i in range(subscribers)]
         c1 = cpu_secs(gw.pid)
         readers = [Reader(s) for s in socks]
         sel = selectors.DefaultSelector()

@@ -70,6 +70,20 @@ fn idle_client(addr: std::net::SocketAddr, i: usize) -> TcpStream {
     s
 }
 
+/// Waits until the gateway counts `n` sessions and has nothing left to
+/// write (each had its replies).
+fn settled(c: &Cluster, n: u64) {
+    let what = format!("{n} idle sessions, nothing queued");
+    let state = || {
+        let m = c.metrics(0);
+        (
+            e2e::metric(&m, "switchyard_gateway_connections"),
+            e2e::metric(&m, "switchyard_gateway_queued_bytes"),
+        )
+    };
+    e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
+}
+
 /// Gateway RSS growth per idle session for 10,000 sessions that `open`
 /// makes (after a 500-session warm-up: per-core scratch buffers, allocator
 /// arenas, channel entries), measured once the gateway counts every
@@ -79,17 +93,7 @@ fn rss_per_idle_session(open: fn(std::net::SocketAddr, usize) -> TcpStream) -> f
     let pid = c.gateways[0].child.id();
     let addr = c.ws_addrs[0];
     let mut held: Vec<TcpStream> = (0..500).map(|i| open(addr, i)).collect();
-    let settled = |n: u64| {
-        let what = format!("{n} idle sessions, nothing queued");
-        let state = || {
-            let m = c.metrics(0);
-            (
-                e2e::metric(&m, "switchyard_gateway_connections"),
-                e2e::metric(&m, "switchyard_gateway_queued_bytes"),
-            )
-        };
-        e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
-    };
+    let settled = |n: u64| settled(&c, n);
     settled(500);
     let before = rss(pid);
     let n = 10_000;
@@ -170,17 +174,7 @@ fn three_thousand_idle_wss_connections_stay_under_2_kib_each() {
         assert!(r.get("error").is_none(), "{r}");
         ws
     };
-    let settled = |n: u64| {
-        let what = format!("{n} idle sessions, nothing queued");
-        let state = || {
-            let m = c.metrics(0);
-            (
-                e2e::metric(&m, "switchyard_gateway_connections"),
-                e2e::metric(&m, "switchyard_gateway_queued_bytes"),
-            )
-        };
-        e2e::wait_until(Duration::from_secs(30), &what, state, |s| *s == (n, 0));
-    };
+    let settled = |n: u64| settled(&c, n);
     let mut held: Vec<e2e::Ws> = (0..300).map(open).collect();
     settled(300);
     let before = rss(pid);

@@ -12,10 +12,29 @@ use e2e::{Cluster, Ws, metric, token};
 use serde_json::{Value, json};
 
 fn tls_cluster() -> Cluster {
+    tls_cluster_with("")
+}
+
+/// A cluster whose gateway serves TLS with `config` (TOML; "" for none).
+fn tls_cluster_with(config: &str) -> Cluster {
     let mut c = Cluster::start(1, 0, &[]);
     let cert = c.certs.join("router.pem");
     let key = c.certs.join("router.key");
-    c.add_gateway(0, &["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    let mut args = vec![
+        "--tls-cert".to_owned(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    if !config.is_empty() {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("sy-tls-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        args.extend(["--config".to_owned(), path.display().to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.add_gateway(0, &args);
     c
 }
 
@@ -119,21 +138,7 @@ fn plain_http_and_garbage_records_on_the_tls_port_close_only_their_connection() 
 
 #[test]
 fn an_unfinished_tls_handshake_is_cut_at_the_handshake_deadline() {
-    let cfg = std::env::temp_dir().join(format!("sy-tls-slow-{}.toml", std::process::id()));
-    std::fs::write(&cfg, "[limits]\nhandshake_timeout_secs = 1\n").unwrap();
-    let mut c = Cluster::start(1, 0, &[]);
-    let (cert, key) = (c.certs.join("router.pem"), c.certs.join("router.key"));
-    c.add_gateway(
-        0,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-    );
+    let c = tls_cluster_with("[limits]\nhandshake_timeout_secs = 1\n");
     // Half a ClientHello, then silence.
     let mut s = TcpStream::connect(c.ws_addrs[0]).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
@@ -147,22 +152,8 @@ fn an_unfinished_tls_handshake_is_cut_at_the_handshake_deadline() {
 
 #[test]
 fn a_wss_client_refused_by_admission_gets_its_503_over_tls() {
-    let cfg = std::env::temp_dir().join(format!("sy-tls-admission-{}.toml", std::process::id()));
     // One handshake per core, then refusals for a long while.
-    std::fs::write(&cfg, "[admission]\naccept_rate = 0.001\naccept_burst = 1\n").unwrap();
-    let mut c = Cluster::start(1, 0, &[]);
-    let (cert, key) = (c.certs.join("router.pem"), c.certs.join("router.key"));
-    c.add_gateway(
-        0,
-        &[
-            "--tls-cert",
-            cert.to_str().unwrap(),
-            "--tls-key",
-            key.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-    );
+    let c = tls_cluster_with("[admission]\naccept_rate = 0.001\naccept_burst = 1\n");
     let ca = c.certs.join("ca.pem");
     let upgrade = b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
     let mut refused = 0;
