@@ -257,7 +257,8 @@ impl Tls {
     }
 
     /// Whether the handshake is done.
-    pub fn is_open(&self) -> bool {
+    #[cfg(test)]
+    fn is_open(&self) -> bool {
         matches!(self, Tls::Open(_))
     }
 
@@ -667,7 +668,16 @@ impl Open {
             return Ok(());
         }
         let key = self.tx.expand();
-        seal(&mut self.tx, &key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], &mut self.outgoing);
+        let mut out = std::mem::take(&mut self.outgoing);
+        let updated = self.key_update(&key, &mut out);
+        self.outgoing = out;
+        updated
+    }
+
+    /// Seals KeyUpdate (update_not_requested) onto `out` under the current
+    /// keys (`key` is their expansion) and moves to the next ones.
+    fn key_update(&mut self, key: &aead::LessSafeKey, out: &mut Vec<u8>) -> Result<(), Failed> {
+        seal(&mut self.tx, key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], out);
         let (seq, secrets) = self.kernel.update_tx_secret().map_err(|e| Failed(e.to_string()))?;
         self.tx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
         Ok(())
@@ -731,9 +741,7 @@ impl Open {
         if self.tx.seq.saturating_add(1) < self.tx_limit {
             return Ok(false);
         }
-        seal(&mut self.tx, key, HANDSHAKE, &[&[KEY_UPDATE, 0, 0, 1, 0]], out);
-        let (seq, secrets) = self.kernel.update_tx_secret().map_err(|e| Failed(e.to_string()))?;
-        self.tx = Keys::new(seq, secrets).map_err(|e| Failed(e.to_string()))?;
+        self.key_update(key, out)?;
         Ok(true)
     }
 
