@@ -516,6 +516,11 @@ fn wait_for_ctrl_c() {
     }
 }
 
+/// After the last publication, how long the deliveries must stay unchanged
+/// before the clients are told to stop, and the most that wait may take.
+const SETTLE_QUIET: Duration = Duration::from_secs(1);
+const SETTLE_MAX: Duration = Duration::from_secs(60);
+
 /// What the orchestrator samples of the workers.
 struct Totals {
     /// Clients connected or given up.
@@ -1195,6 +1200,23 @@ fn scenario(
         sample(&workers, &mut report, &mut wave, &cluster);
     }
     report.phases.push(("settle".into(), start.elapsed().as_secs_f64()));
+    // The last publications reach their subscribers before the clients are
+    // told to stop (a client told while one is still on its way has to wake
+    // to be told, and every wake of a few hundred thousand clients competes
+    // with the delivery): wait, bounded, until the deliveries stop growing.
+    let settle_by = Instant::now() + SETTLE_MAX;
+    let (mut seen, mut since) = (totals(&workers).deliveries, Instant::now());
+    while Instant::now() < settle_by && since.elapsed() < SETTLE_QUIET {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = totals(&workers).deliveries;
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+        if last_sample.elapsed() >= Duration::from_millis(250) {
+            last_sample = Instant::now();
+            sample(&workers, &mut report, &mut wave, &cluster);
+        }
+    }
     for w in workers.iter_mut().chain(stormers.iter_mut()) {
         w.stop(&tops, &published);
     }

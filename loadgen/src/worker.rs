@@ -513,6 +513,9 @@ struct ThreadCtx {
     inflater: RefCell<Inflater>,
     /// The finished streams of this thread's clients, added up.
     tally: RefCell<Tally>,
+    /// Wakes every waiting client of the thread once `shared.stop` is set
+    /// (a `Notified` made before the flag is read cannot miss it).
+    stopping: tokio::sync::Notify,
 }
 
 async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Shared>) -> (Hists, Tally) {
@@ -528,18 +531,25 @@ async fn thread_main(spec: WorkerSpec, t: usize, threads: usize, shared: Arc<Sha
         live: Cell::new(0),
         inflater: RefCell::new(Inflater::new()),
         tally: RefCell::new(Tally::default()),
+        stopping: tokio::sync::Notify::new(),
     });
     let start = Instant::now();
     let deadline = start + Duration::from_secs(ctx.spec.deadline_secs.max(1));
     {
         // Hands this thread's latency window to the reporter every 250 ms;
         // returns the thread's freed allocator pages to the OS every second
-        // (the handshakes' buffers: 8.2 -> 5.4 KB per idle client).
+        // (the handshakes' buffers: 8.2 -> 5.4 KB per idle client); wakes
+        // the thread's clients once `stop` came.
         let ctx = ctx.clone();
         monoio::spawn(async move {
             let mut ticks = 0u32;
+            let mut told_stop = false;
             while Instant::now() < deadline + Duration::from_secs(2) {
                 monoio::time::sleep(Duration::from_millis(250)).await;
+                if !told_stop && ctx.shared.stop.load(Ordering::Relaxed) {
+                    told_stop = true;
+                    ctx.stopping.notify_waiters();
+                }
                 ticks = ticks.wrapping_add(1);
                 if ticks.is_multiple_of(4) {
                     gateway::alloc::collect();
@@ -740,14 +750,9 @@ enum SessionEnd {
     Closed(u16),
 }
 
-/// How long an idle client waits for input before it looks at the stop
-/// flag again. Each wake re-arms (and cancels) a readiness poll: at 200 ms,
-/// 200,000 idle clients spent more CPU on that than the gateways on the
-/// whole storm, which then starved.
-const IDLE_TICK: Duration = Duration::from_secs(1);
-
-/// The same once `stop` came (clients catching up check their positions).
-const STOP_TICK: Duration = Duration::from_millis(200);
+/// How long a client that is behind after `stop` waits in silence before
+/// it gives up (what it misses is then counted as lost).
+const CATCH_UP_SILENCE: Duration = Duration::from_secs(15);
 
 /// The close code of a connection that ended without a close frame.
 const ABNORMAL_CLOSE: u16 = 1006;
@@ -945,12 +950,14 @@ async fn session(
     }
     let mut decoder = Decoder::new(DecoderConfig { deflate, ..DecoderConfig::client() });
     let mut connected = false;
-    // Since when the socket has had nothing to read, as observed by reads
-    // that waited (a client starved of CPU is not idle: its data waits in
-    // the socket). After `stop`, a client still catching up keeps reading;
-    // one whose socket stays silent for a while is behind for good, and what
-    // it misses is counted as lost.
-    let mut silent_since: Option<Instant> = None;
+    // When the socket last had something to read (a client starved of CPU
+    // is not idle: its data waits in the socket, and its next wait ends at
+    // once). After `stop`, a client still catching up keeps reading; one
+    // whose socket stays silent for CATCH_UP_SILENCE since the later of its
+    // last input and the stop is behind for good, and what it misses is
+    // counted as lost.
+    let mut last_input = Instant::now();
+    let mut stopped_at: Option<Instant> = None;
     let mut resubscribe: Vec<usize> = Vec::new();
     let mut retry: Vec<usize> = Vec::new();
     let mut retry_at = Instant::now();
@@ -1072,10 +1079,11 @@ async fn session(
             }
         }
         if sh.stop.load(Ordering::Relaxed) {
+            let stopped = *stopped_at.get_or_insert_with(Instant::now);
             if !behind(sh, subs) || Instant::now() > deadline {
                 break SessionEnd::Done;
             }
-            if silent_since.is_some_and(|t| t.elapsed() > Duration::from_secs(15)) {
+            if last_input.max(stopped).elapsed() > CATCH_UP_SILENCE {
                 break SessionEnd::Done;
             }
         }
@@ -1088,10 +1096,19 @@ async fn session(
             buf = BytesMut::new();
         }
         // Wait for input or for what is due next: a chat message, a
-        // subscription retry, the deadline; at most IDLE_TICK (the stop flag
-        // is polled), STOP_TICK once stopping.
+        // subscription retry, the deadline, the thread's stop signal; once
+        // stopping and behind, the end of the catch-up silence (being behind
+        // changes only with input). An idle client does not wake otherwise:
+        // each wake cancels and re-arms its readiness poll, which for
+        // hundreds of thousands of idle clients on two CPUs was most of the
+        // box.
+        let stop_signal = ctx.stopping.notified();
         let now = Instant::now();
-        let mut due = now + if sh.stop.load(Ordering::Relaxed) { STOP_TICK } else { IDLE_TICK };
+        let mut due = deadline;
+        if sh.stop.load(Ordering::Relaxed) {
+            let since = last_input.max(stopped_at.unwrap_or(now));
+            due = due.min(since + CATCH_UP_SILENCE);
+        }
         if connected
             && !sh.quiet.load(Ordering::Relaxed)
             && ctx.spec.chat.as_ref().is_some_and(|c| c.active(index))
@@ -1101,16 +1118,16 @@ async fn session(
         if !retry.is_empty() {
             due = due.min(retry_at);
         }
-        due = due.min(deadline);
         let readable = monoio::select! {
             r = stream.readable(false) => Some(r.is_ok()),
             _ = monoio::time::sleep(due.saturating_duration_since(now)) => None,
+            _ = stop_signal => None,
         };
         if readable == Some(false) {
             break SessionEnd::Closed(ABNORMAL_CLOSE); // reset (a crashed server)
         }
         if readable == Some(true) {
-            silent_since = None;
+            last_input = Instant::now();
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(16384);
             }
@@ -1120,8 +1137,6 @@ async fn session(
                 Ok(0) | Err(_) => break SessionEnd::Closed(ABNORMAL_CLOSE),
                 Ok(_) => {}
             }
-        } else {
-            silent_since.get_or_insert_with(Instant::now);
         }
     };
     if end == SessionEnd::Done {
@@ -1147,12 +1162,14 @@ async fn hold_upgraded(
     }
     sh.online.fetch_add(1, Ordering::Relaxed);
     let end = loop {
+        let stop_signal = ctx.stopping.notified();
         if sh.stop.load(Ordering::Relaxed) || Instant::now() > deadline {
             break SessionEnd::Done;
         }
         let readable = monoio::select! {
             r = stream.readable(false) => Some(r.is_ok()),
-            _ = monoio::time::sleep(IDLE_TICK) => None,
+            _ = monoio::time::sleep(deadline.saturating_duration_since(Instant::now())) => None,
+            _ = stop_signal => None,
         };
         if readable.is_some() {
             // Anything from the server now is its close (the connect deadline).
