@@ -12,8 +12,8 @@ Measured per server, each on a freshly started one:
    faster than they can be delivered: deliveries/s (0 lost is checked);
 2. publish→deliver latency, p50/p99, at 100 publications/s × 1,000
    subscribers and at 10/s × 10,000;
-3. server CPU (user + system of the server's processes, from /proc) per
-   connection of a storm, for the bare WebSocket upgrade
+3. server CPU (user + system of the server's processes, from /proc, and
+   the system share of it) per connection of a storm, for the bare WebSocket upgrade
    (`--upgrade-only`) and for the whole session start (upgrade, JWT
    `connect`, one subscribe), the connection's close included. The peers
    have no admission control; Switchyard's production defaults refuse part
@@ -21,7 +21,10 @@ Measured per server, each on a freshly started one:
    which would charge those refusals and the retries to the connections
    that stayed. So Switchyard's serve tree runs with a gateway config whose
    admission limits no storm here reaches (`NO_ADMISSION`), and each storm's
-   refusals are printed (0 expected for every server).
+   refusals are printed (0 expected for every server);
+4. the system calls each server makes per connection of the same storms,
+   counted by perf's syscall tracepoints in storms of their own (tracing
+   costs CPU, so the CPU storms run untraced; `--no-syscalls` skips them).
 
 Ratios are Switchyard / peer (for latency and CPU, lower is better).
 
@@ -68,17 +71,57 @@ def tree(pid):
     return out
 
 
-def cpu_secs(pid):
+def cpu_split(pid):
+    """(user, system) CPU seconds of pid and its descendants."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+    user = system = 0
     for p in tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except (OSError, IndexError, ValueError):
             pass
-    return total / tick
+    return user / tick, system / tick
+
+
+def cpu_secs(pid):
+    return sum(cpu_split(pid))
+
+
+# The system calls counted per connection (perf's syscall tracepoints).
+SYSCALLS = ("accept4", "recvfrom", "read", "sendmsg", "sendto", "write", "writev", "close", "shutdown",
+            "epoll_ctl", "epoll_wait", "epoll_pwait", "io_uring_enter", "setsockopt", "futex",
+            "recvmmsg", "sendmmsg")
+
+
+def syscalls_per_conn(s, extra, n):
+    """System calls of the server's processes per connection of a storm of n
+    (a storm of its own: tracing is not free, so the CPU storms run untraced).
+    {"all": total, name: count} per connection, or None without perf."""
+    out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"peers-perf-{os.getpid()}.csv")
+    events = ["raw_syscalls:sys_enter"] + [f"syscalls:sys_enter_{c}" for c in SYSCALLS]
+    pids = ",".join(str(p) for p in tree(s.p.pid))
+    try:
+        perf = subprocess.Popen(["perf", "stat", "-x", ",", "-o", out, "-e", ",".join(events), "-p", pids],
+                                stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+    time.sleep(0.5)
+    v = s.loadgen("storm", "--connections", str(n), "--channels", "1", *extra)
+    time.sleep(1)  # closes handled
+    perf.send_signal(signal.SIGINT)
+    perf.wait()
+    counts = {}
+    with open(out) as f:
+        for line in f:
+            parts = line.strip().split(",")
+            if len(parts) > 2 and parts[0].isdigit() and int(parts[0]) > 0:
+                name = parts[2].split(":")[-1].replace("sys_enter_", "").replace("sys_enter", "all")
+                counts[name] = round(int(parts[0]) / max(v["connected"], 1), 2)
+    os.unlink(out)
+    return counts
 
 
 class Server:
@@ -144,12 +187,17 @@ def measure(name, a):
         r[f"latency_{label}"] = {"p50": v["latency_ms"]["p50"], "p99": v["latency_ms"]["p99"]}
     for label, extra in (("upgrade", ["--upgrade-only"]), ("session", ["--subs-per-conn", "1"])):
         def storm(s):
-            before = cpu_secs(s.p.pid)
+            u0, s0 = cpu_split(s.p.pid)
             v = s.loadgen("storm", "--connections", str(a.storm), "--channels", "1", *extra)
             time.sleep(1)  # closes handled
             r[f"refused_{label}"] = v.get("rejected", 0)
-            return (cpu_secs(s.p.pid) - before) / max(v["connected"], 1) * 1e6
+            u1, s1 = cpu_split(s.p.pid)
+            n = max(v["connected"], 1)
+            r[f"system_share_{label}"] = round((s1 - s0) / max(u1 - u0 + s1 - s0, 1e-9), 3)
+            return (u1 - u0 + s1 - s0) / n * 1e6
         r[f"cpu_us_per_{label}"] = fresh(name, storm)
+        if a.syscalls:
+            r[f"syscalls_per_{label}"] = fresh(name, lambda s: syscalls_per_conn(s, extra, a.storm))
     return r
 
 
@@ -161,6 +209,8 @@ def main():
     ap.add_argument("--storm", type=int, default=5000)
     ap.add_argument("--peers", default="uws,ws")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-syscalls", dest="syscalls", action="store_false",
+                    help="skip the traced storms that count system calls per connection")
     a = ap.parse_args()
     install()
     names = ["switchyard", *a.peers.split(",")]
@@ -193,6 +243,15 @@ def main():
         cells = "  ".join(f"{n} {m[n]:,.1f}" for n in names)
         ratios = "  ".join(f"/{n} {m['switchyard'] / m[n]:.2f}" for n in names[1:] if m[n])
         print(f"  {label:55} {cells}   ratio {ratios}")
+    for label in ("upgrade", "session"):
+        shares = "  ".join(f"{n} {med(n, f'system_share_{label}'):.0%}" for n in names)
+        print(f"  kernel share of the CPU per {label:8}                         {shares}")
+        if a.syscalls:
+            for n in names:
+                last = runs[n][-1].get(f"syscalls_per_{label}")
+                if last:
+                    rest = ", ".join(f"{k} {v}" for k, v in sorted(last.items(), key=lambda kv: -kv[1]) if k != "all")
+                    print(f"    {n} system calls per {label}: {last.get('all', 0)} ({rest})")
 
 
 if __name__ == "__main__":
