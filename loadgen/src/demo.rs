@@ -1204,9 +1204,18 @@ fn scenario(
     // told to stop (a client told while one is still on its way has to wake
     // to be told, and every wake of a few hundred thousand clients competes
     // with the delivery): wait, bounded, until the deliveries stop growing.
+    // The fan-out ends with its last delivery: when the deliveries last grew
+    // (as the workers report them, every 250 ms), not when the wait for
+    // quiet or the workers' summaries end.
     let settle_by = Instant::now() + SETTLE_MAX;
     let (mut seen, mut since) = (totals(&workers).deliveries, Instant::now());
-    while Instant::now() < settle_by && since.elapsed() < SETTLE_QUIET {
+    let fan_end = loop {
+        if since.elapsed() >= SETTLE_QUIET {
+            break since;
+        }
+        if Instant::now() >= settle_by {
+            break Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(100));
         let now = totals(&workers).deliveries;
         if now != seen {
@@ -1216,7 +1225,7 @@ fn scenario(
             last_sample = Instant::now();
             sample(&workers, &mut report, &mut wave, &cluster);
         }
-    }
+    };
     for w in workers.iter_mut().chain(stormers.iter_mut()) {
         w.stop(&tops, &published);
     }
@@ -1243,7 +1252,7 @@ fn scenario(
             summaries.push(s);
         }
     }
-    report.fanout_secs = fan_start.elapsed().as_secs_f64();
+    report.fanout_secs = fan_end.saturating_duration_since(fan_start).as_secs_f64();
     let loadgen_cpu: f64 = summaries.iter().map(|s| s.cpu_secs).sum();
     report.add_summaries(&summaries);
     report.timeline.push(Sample {
