@@ -1106,8 +1106,12 @@ async fn session(
         let now = Instant::now();
         let mut due = deadline;
         if sh.stop.load(Ordering::Relaxed) {
-            let since = last_input.max(stopped_at.unwrap_or(now));
-            due = due.min(since + CATCH_UP_SILENCE);
+            due = match stopped_at {
+                Some(stopped) => due.min(last_input.max(stopped) + CATCH_UP_SILENCE),
+                // `stop` came after the check above, maybe before the
+                // signal was made (then it will not fire): go round now.
+                None => now,
+            };
         }
         if connected
             && !sh.quiet.load(Ordering::Relaxed)
