@@ -53,20 +53,24 @@ LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 
 
 def worker_rss():
-    """Summed RSS of the load generator's worker processes."""
-    total = 0
+    """Summed RSS of the load generator's worker processes, and how many
+    gateway processes run (the demo starts one per 15,000 connections at
+    least, whatever `--gateways` asked)."""
+    total = gateways = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if len(cmd) > 1 and cmd[0].endswith(b"loadgen") and cmd[1] == b"gateway":
+                gateways += 1
             if len(cmd) > 1 and cmd[0].endswith(b"loadgen") and cmd[1] == b"worker":
                 for line in open(f"/proc/{pid}/status"):
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return total, gateways
 
 
 def prioritise(a, done):
@@ -154,13 +158,15 @@ def main():
 def run(a):
     resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
     kernel0 = kernel_bytes()
-    peak = {"kernel": kernel0, "workers": 0}
+    peak = {"kernel": kernel0, "workers": 0, "gateways": 0}
     done = threading.Event()
 
     def sample():
         while not done.wait(1.0):
             peak["kernel"] = max(peak["kernel"], kernel_bytes())
-            peak["workers"] = max(peak["workers"], worker_rss())
+            rss, gateways = worker_rss()
+            peak["workers"] = max(peak["workers"], rss)
+            peak["gateways"] = max(peak["gateways"], gateways)
 
     threading.Thread(target=sample, daemon=True).start()
     if a.router_nice or a.worker_nice:
@@ -181,7 +187,7 @@ def run(a):
     n = max(r["connected"], 1)
     print(json.dumps({
         "connections": a.connections,
-        "gateway_processes": a.gateways,
+        "gateway_processes": peak["gateways"],
         "storm_rate": a.storm_rate,
         "ping_secs": a.ping_secs or 25,
         "router_nice": a.router_nice,
