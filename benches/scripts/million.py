@@ -52,24 +52,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LOADGEN = os.path.join(ROOT, "target", "release", "loadgen")
 
 
-def worker_rss():
-    """Summed RSS of the load generator's worker processes, and how many
-    gateway processes run (the demo starts one per 15,000 connections at
-    least, whatever `--gateways` asked)."""
-    total = gateways = 0
+def loadgen_procs():
+    """(pid, role) of every process of the load generator's binary
+    (role: `worker`, `gateway`, `router`, ...)."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-            if len(cmd) > 1 and cmd[0].endswith(b"loadgen") and cmd[1] == b"gateway":
-                gateways += 1
-            if len(cmd) > 1 and cmd[0].endswith(b"loadgen") and cmd[1] == b"worker":
+        except OSError:
+            continue
+        if len(cmd) > 1 and cmd[0].endswith(b"loadgen"):
+            yield pid, cmd[1].decode(errors="replace")
+
+
+def worker_rss():
+    """Summed RSS of the load generator's worker processes, and how many
+    gateway processes run (the demo starts one per 15,000 connections at
+    least, whatever `--gateways` asked)."""
+    total = gateways = 0
+    for pid, role in loadgen_procs():
+        if role == "gateway":
+            gateways += 1
+        elif role == "worker":
+            try:
                 for line in open(f"/proc/{pid}/status"):
                     if line.startswith("VmRSS:"):
                         total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+            except OSError:
+                pass
     return total, gateways
 
 
@@ -79,22 +90,34 @@ def prioritise(a, done):
     `--worker-nice`, as they come, until the run is over."""
     seen = set()
     while not done.wait(0.5):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+        for pid, role in loadgen_procs():
+            nice = {"router": a.router_nice, "worker": a.worker_nice}.get(role)
+            if not nice:
                 continue
             try:
-                cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-                if len(cmd) < 2 or not cmd[0].endswith(b"loadgen"):
-                    continue
-                nice = {b"router": a.router_nice, b"worker": a.worker_nice}.get(cmd[1])
-                if not nice:
-                    continue
                 for tid in os.listdir(f"/proc/{pid}/task"):
                     if int(tid) not in seen:
                         os.setpriority(os.PRIO_PROCESS, int(tid), nice)
                         seen.add(int(tid))
             except OSError:
                 pass
+
+
+def raise_for_run(path, raised):
+    """Writes `raised(old)` into the kernel setting at `path` for the run;
+    returns the old text to put back, or None when nothing was changed."""
+    try:
+        old = open(path).read().strip()
+        new = raised(old)
+        if new == old:
+            return None
+        with open(path, "w") as f:
+            f.write(new)
+    except OSError as e:
+        print(f"cannot raise {path} ({e}); running with it as it is", file=sys.stderr)
+        return None
+    print(f"{path} {old} -> {new} for the run", file=sys.stderr)
+    return old
 
 
 def main():
@@ -115,44 +138,27 @@ def main():
     ap.add_argument("--tcp-mem-pages", type=int, default=4_000_000,
                     help="net.ipv4.tcp_mem's hard limit for the run (pages; 0: unchanged)")
     a = ap.parse_args()
-    old_tcp_mem = None
+    restore = {}
+
+    def tcp_mem(old):
+        low, pressure, high = (int(x) for x in old.split())
+        return f"{low} {max(pressure, a.tcp_mem_pages * 3 // 4)} {max(high, a.tcp_mem_pages)}"
+
     if a.tcp_mem_pages:
-        path = "/proc/sys/net/ipv4/tcp_mem"
-        old_tcp_mem = open(path).read().split()
-        low, pressure, high = (int(x) for x in old_tcp_mem)
-        new = (low, max(pressure, a.tcp_mem_pages * 3 // 4), max(high, a.tcp_mem_pages))
-        try:
-            with open(path, "w") as f:
-                f.write(" ".join(map(str, new)))
-            print(f"net.ipv4.tcp_mem {' '.join(old_tcp_mem)} -> {' '.join(map(str, new))} for the run", file=sys.stderr)
-        except OSError as e:
-            print(f"cannot raise net.ipv4.tcp_mem ({e}); running with {' '.join(old_tcp_mem)}", file=sys.stderr)
-            old_tcp_mem = None
+        restore["/proc/sys/net/ipv4/tcp_mem"] = raise_for_run("/proc/sys/net/ipv4/tcp_mem", tcp_mem)
     # Both ends of a million sessions are two million open files on this
     # box, near the system-wide limit (fs.file-max, ~2.47 M here): a storm's
     # retries would pass it. Raised for the run like tcp_mem.
-    old_file_max = None
     if a.file_max:
-        try:
-            old_file_max = open("/proc/sys/fs/file-max").read().strip()
-            if int(old_file_max) < a.file_max:
-                with open("/proc/sys/fs/file-max", "w") as f:
-                    f.write(str(a.file_max))
-                print(f"fs.file-max {old_file_max} -> {a.file_max} for the run", file=sys.stderr)
-            else:
-                old_file_max = None
-        except OSError as e:
-            print(f"cannot raise fs.file-max ({e})", file=sys.stderr)
-            old_file_max = None
+        restore["/proc/sys/fs/file-max"] = raise_for_run(
+            "/proc/sys/fs/file-max", lambda old: str(max(int(old), a.file_max)))
     try:
         run(a)
     finally:
-        if old_tcp_mem:
-            with open("/proc/sys/net/ipv4/tcp_mem", "w") as f:
-                f.write(" ".join(old_tcp_mem))
-        if old_file_max:
-            with open("/proc/sys/fs/file-max", "w") as f:
-                f.write(old_file_max)
+        for path, old in restore.items():
+            if old is not None:
+                with open(path, "w") as f:
+                    f.write(old)
 
 
 def run(a):

@@ -86,10 +86,6 @@ def cpu_split(pid):
     return user / tick, system / tick
 
 
-def cpu_secs(pid):
-    return sum(cpu_split(pid))
-
-
 # The system calls counted per connection (perf's syscall tracepoints).
 SYSCALLS = ("accept4", "recvfrom", "read", "sendmsg", "sendto", "write", "writev", "close", "shutdown",
             "epoll_ctl", "epoll_wait", "epoll_pwait", "io_uring_enter", "setsockopt", "futex",

@@ -1204,6 +1204,7 @@ fn scenario(
     // told to stop (a client told while one is still on its way has to wake
     // to be told, and every wake of a few hundred thousand clients competes
     // with the delivery): wait, bounded, until the deliveries stop growing.
+    //
     // The fan-out ends with its last delivery: when the deliveries last grew
     // (as the workers report them, every 250 ms), not when the wait for
     // quiet or the workers' summaries end.
