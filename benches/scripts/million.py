@@ -189,7 +189,10 @@ def run(a):
     t0 = time.time()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=dict(os.environ, RUST_LOG="error"))
     done.set()
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    if not lines:
+        sys.exit(f"the load generator printed no report (exit {out.returncode})")
+    r = json.loads(lines[-1])
     n = max(r["connected"], 1)
     print(json.dumps({
         "connections": a.connections,
@@ -201,6 +204,7 @@ def run(a):
         "connected": r["connected"],
         "failed": r["failed"],
         "rejected": r["rejected"],
+        "unreported": r.get("unreported", 0),
         "open_secs": round(r["storm_secs"], 1),
         "deliveries": r["deliveries"],
         "lost": r["lost"],

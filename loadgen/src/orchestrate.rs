@@ -59,8 +59,15 @@ pub struct WorkerState {
     pub summary: Option<Summary>,
 }
 
+/// How long the orchestrator waits, after `stop`, for the workers'
+/// summaries (all of them together); a worker that has not reported by then
+/// is killed and its clients are counted as unreported.
+pub const SUMMARY_WAIT: Duration = Duration::from_secs(60);
+
 /// A running worker process.
 pub struct Worker {
+    /// Clients it runs.
+    pub connections: usize,
     child: Child,
     stdin: Option<ChildStdin>,
     /// Its live state.
@@ -127,7 +134,7 @@ impl Worker {
                 }
             }
         });
-        Ok(Worker { child, stdin, state })
+        Ok(Worker { connections: spec.connections, child, stdin, state })
     }
 
     /// CPU seconds (user + system) the worker process used so far, from /proc.
@@ -154,10 +161,9 @@ impl Worker {
         }
     }
 
-    /// Waits (bounded) for the worker's summary.
-    pub fn finish(mut self, timeout: Duration) -> Option<Summary> {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
+    /// Waits until `by` at most for the worker's summary.
+    pub fn finish(mut self, by: Instant) -> Option<Summary> {
+        while Instant::now() < by {
             if let Ok(Some(_)) = self.child.try_wait() {
                 break;
             }

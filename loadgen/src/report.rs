@@ -176,6 +176,10 @@ pub struct RunReport {
     /// Storm-during clients that never connected or gave up (the run fails
     /// when non-zero).
     pub storm_during_failed: u64,
+    /// Clients of worker processes that sent no summary within
+    /// [`crate::orchestrate::SUMMARY_WAIT`] of `stop` (killed then): nothing
+    /// of theirs is counted (the run fails when non-zero).
+    pub unreported: u64,
     /// Publishes the HTTP API refused or could not take (a router wave).
     pub api_errors: u64,
     /// Messages clients published (chat), and how many were refused.
@@ -305,7 +309,12 @@ impl RunReport {
             &format!("of {of} clients never connected"),
         );
         red(
-            of.saturating_sub(self.connected + self.failed),
+            self.unreported,
+            "client in a worker that did not report",
+            "clients in workers that did not report",
+        );
+        red(
+            of.saturating_sub(self.connected + self.failed + self.unreported),
             &format!("of {of} clients never started"),
             &format!("of {of} clients never started"),
         );
@@ -451,13 +460,14 @@ impl RunReport {
         );
         let _ = writeln!(
             s,
-            "checked      {} subscriptions ({} without offsets, {} never positioned, {} refused), {} payloads against the publisher's log; {} clients gave up",
+            "checked      {} subscriptions ({} without offsets, {} never positioned, {} refused), {} payloads against the publisher's log; {} clients gave up; {} unreported",
             self.streams,
             self.unchecked,
             self.unpositioned,
             self.failed_subscriptions,
             self.payload_verified,
-            self.gave_up
+            self.gave_up,
+            self.unreported
         );
         if self.publications > 0 {
             let _ = writeln!(
@@ -559,7 +569,10 @@ impl RunReport {
                     self.streams, self.unchecked, self.unpositioned, self.failed_subscriptions
                 ),
             ),
-            ("clients failed / gave up", format!("{} / {}", self.failed, self.gave_up)),
+            (
+                "clients failed / gave up / unreported",
+                format!("{} / {} / {}", self.failed, self.gave_up, self.unreported),
+            ),
             ("API publishes failed", self.api_errors.to_string()),
             ("loadgen CPU per 100k deliveries", format!("{:.2} s", self.loadgen_cpu_per_100k)),
             ("gateway CPU per 100k deliveries", format!("{:.2} s", self.gateway_cpu_per_100k)),
@@ -840,7 +853,7 @@ mod tests {
     #[test]
     fn every_failure_is_red_and_named() {
         type BreakIt = fn(&mut RunReport);
-        let cases: [(BreakIt, &str); 14] = [
+        let cases: [(BreakIt, &str); 15] = [
             (|r| r.lost = 3, "3 publications lost"),
             (|r| r.duplicated = 1, "1 publication duplicated"),
             (|r| r.reordered = 2, "2 publications reordered"),
@@ -854,6 +867,13 @@ mod tests {
             (|r| r.api_errors = 2, "2 API publishes failed"),
             (|r| r.publish_errors = 1, "1 client publish refused"),
             (|r| r.storm_during_failed = 3, "3 storm-during clients failed or gave up"),
+            (
+                |r| {
+                    r.connected -= 15;
+                    r.unreported = 15;
+                },
+                "15 clients in workers that did not report",
+            ),
             (
                 |r| {
                     r.lost = 1;

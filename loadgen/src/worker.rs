@@ -21,7 +21,7 @@ use std::io::BufRead;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -292,6 +292,8 @@ struct Shared {
     /// what a publication there asks of this worker.
     subscribers: Mutex<HashMap<String, u64>>,
     stop: AtomicBool,
+    /// When `stop` came (set once, with `stop`).
+    stopped_at: OnceLock<Instant>,
     /// Final position of each channel the orchestrator published to.
     tops: Mutex<HashMap<String, (u64, String)>>,
     /// What the orchestrator published (with `stop`), when it kept a log.
@@ -392,6 +394,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
                 {
                     *stdin_shared.published_log.lock().expect("published lock") = Some(Arc::new(log.index()));
                 }
+                stdin_shared.stopped_at.get_or_init(Instant::now);
                 stdin_shared.stop.store(true, Ordering::SeqCst);
             } else if line.contains("\"quiet\"") {
                 // Stop publishing (chat), keep receiving.
@@ -399,6 +402,7 @@ pub fn run(spec: WorkerSpec) -> anyhow::Result<()> {
             }
         }
         // The orchestrator went away: stop too.
+        stdin_shared.stopped_at.get_or_init(Instant::now);
         stdin_shared.stop.store(true, Ordering::SeqCst);
     });
     let threads = spec.threads.max(1);
@@ -754,6 +758,19 @@ enum SessionEnd {
 /// it gives up (what it misses is then counted as lost).
 const CATCH_UP_SILENCE: Duration = Duration::from_secs(15);
 
+/// How long after `stop` a client behind may go on catching up, reading
+/// and reconnecting to recover, however much input it still gets: then it
+/// ends and what it has not read is counted as lost. The worker's summary
+/// comes within this (plus an attempt's end) of `stop`, well inside the
+/// orchestrator's wait for it ([`crate::orchestrate::SUMMARY_WAIT`]).
+pub const CATCH_UP_MAX: Duration = Duration::from_secs(30);
+
+/// When the client must be done: the worker's deadline, or [`CATCH_UP_MAX`]
+/// after `stop`.
+fn end_by(sh: &Shared, deadline: Instant) -> Instant {
+    sh.stopped_at.get().map_or(deadline, |s| deadline.min(*s + CATCH_UP_MAX))
+}
+
 /// The close code of a connection that ended without a close frame.
 const ABNORMAL_CLOSE: u16 = 1006;
 
@@ -774,7 +791,8 @@ async fn establish(ctx: &ThreadCtx, index: usize, since: Instant, deadline: Inst
         if attempts > 1 {
             sh.retries.fetch_add(1, Ordering::Relaxed);
         }
-        let attempt = monoio::time::timeout(UPGRADE_TIMEOUT, upgrade(ctx, index)).await;
+        let limit = UPGRADE_TIMEOUT.min(end_by(sh, deadline).saturating_duration_since(Instant::now()));
+        let attempt = monoio::time::timeout(limit, upgrade(ctx, index)).await;
         if attempt.is_err() {
             sh.timeouts.fetch_add(1, Ordering::Relaxed);
         }
@@ -788,7 +806,7 @@ async fn establish(ctx: &ThreadCtx, index: usize, since: Instant, deadline: Inst
                     sh.rejected.fetch_add(1, Ordering::Relaxed);
                 }
                 if attempts >= ctx.spec.max_attempts
-                    || Instant::now() > deadline
+                    || Instant::now() > end_by(sh, deadline)
                     || sh.stop.load(Ordering::Relaxed)
                 {
                     return None;
@@ -880,7 +898,7 @@ async fn client(ctx: Rc<ThreadCtx>, index: usize, due: Instant, deadline: Instan
         // is checked rather than counted as lost.
         let again = ctx.spec.reconnect
             && (!sh.stop.load(Ordering::Relaxed) || behind(&sh, &subs))
-            && Instant::now() < deadline;
+            && Instant::now() < end_by(&sh, deadline);
         if !again {
             break;
         }
@@ -1080,7 +1098,7 @@ async fn session(
         }
         if sh.stop.load(Ordering::Relaxed) {
             let stopped = *stopped_at.get_or_insert_with(Instant::now);
-            if !behind(sh, subs) || Instant::now() > deadline {
+            if !behind(sh, subs) || Instant::now() > end_by(sh, deadline) {
                 break SessionEnd::Done;
             }
             if last_input.max(stopped).elapsed() > CATCH_UP_SILENCE {
@@ -1107,7 +1125,9 @@ async fn session(
         let mut due = deadline;
         if sh.stop.load(Ordering::Relaxed) {
             due = match stopped_at {
-                Some(stopped) => due.min(last_input.max(stopped) + CATCH_UP_SILENCE),
+                Some(stopped) => {
+                    due.min(last_input.max(stopped) + CATCH_UP_SILENCE).min(end_by(sh, deadline))
+                }
                 // `stop` came after the check above, maybe before the
                 // signal was made (then it will not fire): go round now.
                 None => now,
