@@ -51,6 +51,9 @@ pub struct RunArgs {
     /// Do not pin cores.
     #[arg(long)]
     pub no_pin: bool,
+    /// Overrides `first_cpu`.
+    #[arg(long)]
+    pub first_cpu: Option<usize>,
     /// Router as `NAME@QUIC_ADDR` (its certificate must be valid for NAME),
     /// or `QUIC_ADDR` for the development certificate (repeat for several;
     /// overrides `uplink.routers`).
@@ -119,6 +122,9 @@ pub fn load(a: RunArgs) -> anyhow::Result<GatewayConfig> {
     }
     if a.no_pin {
         cfg.pin_cores = false;
+    }
+    if let Some(v) = a.first_cpu {
+        cfg.first_cpu = v;
     }
     if !a.routers.is_empty() {
         cfg.uplink.routers = a.routers;

@@ -509,6 +509,11 @@ pub struct GatewayConfig {
     pub cores: usize,
     /// Pin each worker to its core.
     pub pin_cores: bool,
+    /// With `pin_cores`: core `i` is pinned to the process's allowed CPU
+    /// number `(first_cpu + i) mod allowed` (default 0). Several gateway
+    /// processes on one machine give each its own `first_cpu`, so their
+    /// cores spread over the CPUs rather than all landing on the first.
+    pub first_cpu: usize,
     /// WebSocket path (default `/connection/websocket`; any path is accepted
     /// when empty).
     pub path: String,
@@ -558,6 +563,7 @@ impl Default for GatewayConfig {
             admin_listen: "127.0.0.1:9090".parse().expect("static address"),
             cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             pin_cores: true,
+            first_cpu: 0,
             path: "/connection/websocket".into(),
             echo_path: String::new(),
             deflate: false,

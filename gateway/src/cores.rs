@@ -61,6 +61,19 @@ pub struct Wiring {
     pub proxy: Option<flume::Sender<crate::proxy::ProxyCall>>,
 }
 
+/// The CPUs this process may run on (its affinity mask, as `taskset` set
+/// it), in order; empty when it cannot be read.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is this thread; the size and pointer are of `set`.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: CPU_ISSET reads the set we own, with an index below CPU_SETSIZE.
+    (0..libc::CPU_SETSIZE as usize).filter(|c| unsafe { libc::CPU_ISSET(*c, &set) }).collect()
+}
+
 /// Spawns `cfg.cores` worker threads; each returns when it has drained.
 pub fn spawn(
     cfg: Arc<GatewayConfig>,
@@ -73,7 +86,7 @@ pub fn spawn(
     let Wiring { up, inboxes, peers, proxy } = wiring;
     tracing::info!(cores = cfg.cores, driver = driver_name(), listen = %cfg.listen, "starting cores");
     let mut handles = Vec::new();
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = allowed_cpus();
     for (id, inbox) in inboxes.into_iter().enumerate() {
         let (cfg, verifier, up, metrics, life, peers, tls, proxy) = (
             cfg.clone(),
@@ -85,9 +98,10 @@ pub fn spawn(
             tls.clone(),
             proxy.clone(),
         );
+        let pin = (cfg.pin_cores && !cpus.is_empty()).then(|| cpus[(cfg.first_cpu + id) % cpus.len()]);
         let h = std::thread::Builder::new().name(format!("core-{id}")).spawn(move || {
-            if cfg.pin_cores {
-                let _ = monoio::utils::bind_to_cpu_set([id % ncpu]);
+            if let Some(cpu) = pin {
+                let _ = monoio::utils::bind_to_cpu_set([cpu]);
             }
             block_on(async move {
                 let listener = match crate::shell::listener::bind(cfg.listen, cfg.limits.send_buffer_bytes) {
@@ -126,4 +140,17 @@ pub fn spawn(
         handles.push(h);
     }
     Ok(handles)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_allowed_cpus_are_the_affinity_mask() {
+        let cpus = super::allowed_cpus();
+        assert!(!cpus.is_empty());
+        assert!(cpus.windows(2).all(|w| w[0] < w[1]));
+        // SAFETY: sched_getcpu has no arguments and no preconditions.
+        let now = unsafe { libc::sched_getcpu() };
+        assert!(now < 0 || cpus.contains(&(now as usize)), "running on CPU {now}, allowed {cpus:?}");
+    }
 }

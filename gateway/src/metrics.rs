@@ -57,6 +57,25 @@ pub struct CoreMetrics {
     /// `POST /emulation` requests for another gateway process, passed to a
     /// router to relay (202).
     pub emulation_relayed: AtomicU64,
+    /// Sessions this core closed, by close code ([`CLOSE_CODES`]; the last
+    /// slot counts any other code): why clients went away (3012 no pong,
+    /// 3008 slow, 3001 shutdown, ...).
+    pub closes: [AtomicU64; CLOSE_CODES.len() + 1],
+}
+
+/// The close codes counted one by one in `switchyard_gateway_closes_total`:
+/// the WebSocket protocol's and the client protocol's (Centrifugo's).
+pub const CLOSE_CODES: [u16; 31] = [
+    1000, 1001, 1002, 1003, 1007, 1008, 1009, 1011, 3000, 3001, 3002, 3003, 3004, 3005, 3006, 3008, 3009,
+    3010, 3011, 3012, 3013, 3500, 3501, 3502, 3503, 3504, 3505, 3506, 3507, 3508, 3509,
+];
+
+impl CoreMetrics {
+    /// Counts a session closed with `code`.
+    pub fn closed(&self, code: u16) {
+        let i = CLOSE_CODES.iter().position(|c| *c == code).unwrap_or(CLOSE_CODES.len());
+        self.closes[i].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Gateway-wide counters.
@@ -173,6 +192,17 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", get(c).load(Ordering::Relaxed));
             }
         }
+        let closes = "switchyard_gateway_closes_total";
+        let _ = writeln!(out, "# TYPE {closes} counter");
+        for (i, c) in self.cores.iter().enumerate() {
+            for (k, n) in c.closes.iter().enumerate() {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let code = CLOSE_CODES.get(k).map_or_else(|| "other".to_owned(), u16::to_string);
+                    let _ = writeln!(out, "{closes}{{core=\"{i}\",code=\"{code}\"}} {n}");
+                }
+            }
+        }
         for (name, v) in [
             ("switchyard_gateway_publications_in_total", &self.publications_in),
             ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
@@ -199,5 +229,24 @@ impl Metrics {
         self.hop_core_to_first_write.render(&mut out, hop, "hop", "core_to_first_write");
         self.hop_core_to_last_write.render(&mut out, hop, "hop", "core_to_last_write");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn closes_are_counted_by_code_and_other_codes_together() {
+        let m = Metrics::new(2);
+        m.cores[1].closed(3012);
+        m.cores[1].closed(3012);
+        m.cores[0].closed(1000);
+        m.cores[0].closed(4242);
+        let text = m.render();
+        assert!(text.contains("switchyard_gateway_closes_total{core=\"1\",code=\"3012\"} 2"), "{text}");
+        assert!(text.contains("switchyard_gateway_closes_total{core=\"0\",code=\"1000\"} 1"));
+        assert!(text.contains("switchyard_gateway_closes_total{core=\"0\",code=\"other\"} 1"));
+        assert!(!text.contains("code=\"3008\""), "codes never used are not rendered");
     }
 }

@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
 
 use crate::checker::PublishedLog;
-use crate::orchestrate::{self, ApiClient, ServerProc, Worker, per_process};
+use crate::orchestrate::{self, ApiClient, ServerLog, ServerProc, Worker, per_process};
 use crate::publisher::{ClientPublisher, Publisher};
 use crate::ramp::{self, RampPlan, STEADY_FRACTION, Step, StepMeasure};
 
@@ -112,6 +112,11 @@ pub struct DemoArgs {
     /// Without it they run the gateway's defaults.
     #[arg(long)]
     pub gateway_config: Option<PathBuf>,
+    /// Keep the started router's and gateways' logs (at `info`) in this
+    /// directory, one file each (`router.log`, `gateway-0.log`, ...);
+    /// without it they log only with `--serve`, to the terminal.
+    #[arg(long)]
+    pub server_logs: Option<PathBuf>,
     /// Cores per gateway process.
     #[arg(long, default_value_t = 2)]
     pub gateway_cores: usize,
@@ -263,6 +268,8 @@ struct Cluster {
     router: ServerProc,
     /// The router's command line (a router wave restarts it).
     router_args: Vec<String>,
+    /// Where the servers log (a restarted router too).
+    log: ServerLog,
     gateways: Vec<ServerProc>,
     ws_addr: SocketAddr,
     api_addr: SocketAddr,
@@ -279,7 +286,7 @@ impl Drop for TempDir {
     }
 }
 
-fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cluster> {
+fn start_cluster(a: &DemoArgs, log: &ServerLog, kind: Scenario) -> anyhow::Result<Cluster> {
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     router::certs::generate(&dir, &[])?;
     let dir = TempDir(dir);
@@ -305,7 +312,7 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
     ]
     .map(String::from)
     .to_vec();
-    let router = ServerProc::spawn("router", &router_args, quiet)?;
+    let router = ServerProc::spawn("router", &router_args, log)?;
     let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
     let least = if kind == Scenario::ReconnectWave { 2 } else { 1 };
     let n = a.connections.div_ceil(per_process()).max(a.gateways).max(least);
@@ -330,6 +337,12 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
             DEMO_SECRET,
             "--drain-secs",
             "2",
+            // Every process pins its cores from the first CPU on: sixty
+            // one-core gateways share CPU 0 and leave the others to the
+            // load generator on this box. Spread over both CPUs
+            // (`--first-cpu i`), they took the load generator's CPU at its
+            // nice 10, its clients stalled mid-handshake and a million-
+            // session storm fell apart at 726,000 (BENCHMARKS.md).
             "--cores",
             &a.gateway_cores.to_string(),
         ]
@@ -344,13 +357,30 @@ fn start_cluster(a: &DemoArgs, quiet: bool, kind: Scenario) -> anyhow::Result<Cl
         if a.deflate {
             args.push("--deflate".to_owned());
         }
-        gateways.push(ServerProc::spawn(&format!("gateway-{i}"), &args, quiet)?);
+        gateways.push(ServerProc::spawn(&format!("gateway-{i}"), &args, log)?);
         admin_addrs.push(admin);
     }
     for admin in &admin_addrs {
         orchestrate::wait_ready(*admin, Duration::from_secs(60))?;
     }
-    Ok(Cluster { _dir: dir, router, router_args, gateways, ws_addr, api_addr, router_admin, admin_addrs })
+    // Ready answers may come from another process on a reused port: every
+    // server started must still be running.
+    for p in std::iter::once(&router).chain(&gateways) {
+        if p.exited() {
+            anyhow::bail!("{} exited at start (its log says why: --server-logs)", p.name);
+        }
+    }
+    Ok(Cluster {
+        _dir: dir,
+        router,
+        router_args,
+        log: log.clone(),
+        gateways,
+        ws_addr,
+        api_addr,
+        router_admin,
+        admin_addrs,
+    })
 }
 
 /// The admission the local cluster runs: the gateway's defaults, per core,
@@ -438,10 +468,17 @@ pub fn run_scenario(kind: Scenario, a: DemoArgs) -> anyhow::Result<Verdict> {
     if a.ws.is_some() && (a.serve || kind == Scenario::ReconnectWave) {
         anyhow::bail!("--serve and reconnect-wave start (and signal) their own cluster: drop --ws/--api");
     }
-    let quiet = !a.serve;
+    let log = match (&a.server_logs, a.serve) {
+        (Some(dir), _) => {
+            std::fs::create_dir_all(dir)?;
+            ServerLog::Dir(dir.clone())
+        }
+        (None, true) => ServerLog::Inherit,
+        (None, false) => ServerLog::Quiet,
+    };
     let mut cluster = match a.ws {
         Some(_) => None,
-        None => Some(start_cluster(&a, quiet, kind)?),
+        None => Some(start_cluster(&a, &log, kind)?),
     };
     let target = match (&cluster, a.ws, a.api) {
         (Some(c), _, _) => Target {
@@ -1149,7 +1186,7 @@ fn scenario(
                 report.phases.push((format!("router {verb}"), t));
                 c.router.signal(sig);
                 c.router.wait(Duration::from_secs(30));
-                c.router = ServerProc::spawn("router", &c.router_args, true)?;
+                c.router = ServerProc::spawn("router", &c.router_args, &c.log)?;
                 report.phases.push(("router restarted".into(), start.elapsed().as_secs_f64()));
                 // Back when every gateway is linked to the new router.
                 let back_by = Instant::now() + Duration::from_secs(60);

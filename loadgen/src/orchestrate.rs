@@ -1,7 +1,7 @@
 //! The orchestrator side: worker processes, the HTTP publisher, and the
 //! processes the demo starts (router, gateways), all from this one binary.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -176,6 +176,18 @@ impl Worker {
     }
 }
 
+/// Where a started server's log goes.
+#[derive(Debug, Clone)]
+pub enum ServerLog {
+    /// Nowhere (warnings and errors included): the report is the output.
+    Quiet,
+    /// This process's stderr, at `info`.
+    Inherit,
+    /// `<dir>/<name>.log`, at `info` (appended: a restarted router's
+    /// lines follow its first life's).
+    Dir(std::path::PathBuf),
+}
+
 /// A server process started by the demo, terminated on drop.
 pub struct ServerProc {
     /// The process.
@@ -185,13 +197,27 @@ pub struct ServerProc {
 }
 
 impl ServerProc {
-    /// Starts `loadgen <args>` (the embedded router or gateway).
-    pub fn spawn(name: &str, args: &[String], quiet: bool) -> anyhow::Result<ServerProc> {
+    /// Starts `loadgen <args>` (the embedded router or gateway), its log
+    /// going where `log` says.
+    pub fn spawn(name: &str, args: &[String], log: &ServerLog) -> anyhow::Result<ServerProc> {
+        let (level, stderr) = match log {
+            ServerLog::Quiet => ("warn", Stdio::null()),
+            ServerLog::Inherit => ("info", Stdio::inherit()),
+            ServerLog::Dir(dir) => {
+                let path = dir.join(format!("{name}.log"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+                ("info", Stdio::from(file))
+            }
+        };
         let child = Command::new(std::env::current_exe()?)
             .args(args)
-            .env("RUST_LOG", if quiet { "warn" } else { "info" })
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
-            .stderr(if quiet { Stdio::null() } else { Stdio::inherit() })
+            .stderr(stderr)
             .spawn()?;
         Ok(ServerProc { child, name: name.to_owned() })
     }
@@ -382,12 +408,18 @@ pub fn wait_ready(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     anyhow::bail!("{addr} never became ready")
 }
 
-/// A port that is free now on 127.0.0.1 (TCP and UDP).
+/// A port that is free now on 127.0.0.1 (TCP and UDP), and not handed out
+/// before by this process: the kernel may give a released port again at the
+/// next bind to port 0, and two gateways told the same admin port leave one
+/// of them dead at start while the other answers both readiness checks.
 pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     loop {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let p = l.local_addr().expect("addr").port();
-        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+        if std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+            && GIVEN.lock().expect("ports given").get_or_insert_with(HashSet::new).insert(p)
+        {
             return p;
         }
     }

@@ -18,7 +18,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::seeded::Map;
+use proto::seeded::{Map, Set};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,6 +53,10 @@ impl UserState {
 pub struct UserPresence {
     grace: Duration,
     users: Map<String, UserState>,
+    /// The users with a connection on each gateway link: what a lost link
+    /// or the end of its presence round looks at (a router of a million
+    /// users must not walk them all for each of its gateways).
+    on_gateway: Map<u32, Set<String>>,
     /// Grace deadlines in time order (deadline, user); stale entries are skipped.
     deadlines: BTreeMap<(Instant, u64), String>,
     seq: u64,
@@ -61,7 +65,13 @@ pub struct UserPresence {
 impl UserPresence {
     /// Presence with the given grace period.
     pub fn new(grace: Duration) -> Self {
-        UserPresence { grace, users: Map::default(), deadlines: BTreeMap::new(), seq: 0 }
+        UserPresence {
+            grace,
+            users: Map::default(),
+            on_gateway: Map::default(),
+            deadlines: BTreeMap::new(),
+            seq: 0,
+        }
     }
 
     /// Users known (online or in grace).
@@ -102,16 +112,20 @@ impl UserPresence {
         let was_known = state.total() > 0 || state.grace_until.is_some();
         state.grace_until = None;
         state.per_gateway.entry(gateway).or_default().insert(client.to_owned(), round);
+        let users = self.on_gateway.entry(gateway).or_default();
+        if !users.contains(user) {
+            users.insert(user.to_owned());
+        }
         (!was_known).then(|| PresenceChange::Online(user.to_owned()))
     }
 
     /// `gateway` ended presence round `round`: its connections not
     /// confirmed in it are gone (their users may enter the grace period).
     pub fn sweep(&mut self, gateway: u32, round: u64, now: Instant) {
-        let stale: Vec<(String, String)> = self
-            .users
+        let Some(users) = self.on_gateway.get(&gateway) else { return };
+        let stale: Vec<(String, String)> = users
             .iter()
-            .filter_map(|(u, s)| Some((u, s.per_gateway.get(&gateway)?)))
+            .filter_map(|u| Some((u, self.users.get(u)?.per_gateway.get(&gateway)?)))
             .flat_map(|(u, clients)| {
                 clients.iter().filter(|(_, r)| **r < round).map(move |(c, _)| (u.clone(), c.clone()))
             })
@@ -128,6 +142,12 @@ impl UserPresence {
             clients.remove(client);
             if clients.is_empty() {
                 state.per_gateway.remove(&gateway);
+                if let Some(users) = self.on_gateway.get_mut(&gateway) {
+                    users.remove(user);
+                    if users.is_empty() {
+                        self.on_gateway.remove(&gateway);
+                    }
+                }
             }
         }
         if state.total() == 0 && state.grace_until.is_none() {
@@ -141,12 +161,8 @@ impl UserPresence {
     /// A gateway link was lost (evicted or drained): all its connections are
     /// gone, and their users enter the grace period.
     pub fn gateway_lost(&mut self, gateway: u32, now: Instant) {
-        let users: Vec<String> = self
-            .users
-            .iter()
-            .filter(|(_, s)| s.per_gateway.contains_key(&gateway))
-            .map(|(u, _)| u.clone())
-            .collect();
+        let users: Vec<String> =
+            self.on_gateway.get(&gateway).map(|s| s.iter().cloned().collect()).unwrap_or_default();
         for user in users {
             let clients: Vec<String> = self.users[&user].per_gateway[&gateway].keys().cloned().collect();
             for client in clients {
@@ -319,5 +335,31 @@ mod tests {
         c.join("a", "1", Bytes::from_static(b"{}"), 7, 1);
         assert_eq!(c.sweep(7, 1).len(), 1);
         assert_eq!(c.stats(), (1, 1));
+    }
+
+    #[test]
+    fn a_lost_gateway_takes_only_its_own_users_and_leaves_no_index_behind() {
+        let t = Instant::now();
+        let mut p = UserPresence::new(GRACE);
+        for u in 0..100 {
+            p.connect(&u.to_string(), &format!("c{u}"), u % 3, 0);
+        }
+        // User 0 also has a connection on gateway 1.
+        p.connect("0", "x", 1, 0);
+        p.gateway_lost(0, t);
+        // Gateway 0 had users 0, 3, ..., 99 (34); all but user 0 are in grace.
+        let away = p.expire(t + GRACE);
+        assert_eq!(away.len(), 33);
+        assert!(!away.contains(&PresenceChange::Away("0".into())));
+        assert!(
+            away.iter().all(|c| matches!(c, PresenceChange::Away(u) if u.parse::<u32>().unwrap() % 3 == 0))
+        );
+        assert!(!p.on_gateway.contains_key(&0));
+        // A round on gateway 1 that confirms nobody sweeps exactly its users.
+        p.sweep(1, 1, t);
+        assert!(!p.on_gateway.contains_key(&1));
+        assert_eq!(p.expire(t + GRACE).len(), 34, "gateway 1's 33 users and user 0");
+        assert_eq!(p.on_gateway.len(), 1);
+        assert_eq!(p.len(), 33, "gateway 2's users");
     }
 }

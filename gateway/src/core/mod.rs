@@ -430,6 +430,9 @@ impl Core {
     fn close(&mut self, sid: Sid, reason: CloseReason) {
         self.retire(sid);
         if let Some(s) = self.sessions.get_mut(sid) {
+            if !s.is_ending() {
+                self.cx.fx.metrics().closed(reason.code);
+            }
             s.close(sid, reason, &mut self.cx.fx);
             self.cx.rearm(s, sid);
         }

@@ -364,7 +364,7 @@ async fn router_link(
                 metrics.router_link_refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(%router, error = %e, "router link refused in the TLS handshake");
             }
-            Err(e) => tracing::debug!(%router, error = %e, "router link failed"),
+            Err(e) => tracing::info!(%router, error = %e, "router link failed"),
         }
         if events.send(Event::Down(idx, generation)).await.is_err() {
             return;
