@@ -198,6 +198,13 @@ def run(a):
            "--json", "--report", a.report]
     if a.server_logs:
         cmd += ["--server-logs", a.server_logs]
+    # Every online user has a presence channel at the router (`presence:u…`):
+    # a million users and the one channel pass the router's default bound of
+    # 1,000,000 channels, past which presence publications are refused.
+    rcfg = os.path.join(tempfile.gettempdir(), f"million-router-{os.getpid()}.toml")
+    with open(rcfg, "w") as f:
+        f.write(f"max_channels = {a.connections * 5 // 4 + 1000}\n")
+    cmd += ["--router-config", rcfg]
     if a.ping_secs:
         cfg = os.path.join(tempfile.gettempdir(), f"million-gateway-{os.getpid()}.toml")
         with open(cfg, "w") as f:

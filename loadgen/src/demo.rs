@@ -112,6 +112,11 @@ pub struct DemoArgs {
     /// Without it they run the gateway's defaults.
     #[arg(long)]
     pub gateway_config: Option<PathBuf>,
+    /// A router config file (TOML) for the local cluster's router, e.g. a
+    /// larger `max_channels` (every online user has a presence channel);
+    /// without it the router runs its defaults.
+    #[arg(long)]
+    pub router_config: Option<PathBuf>,
     /// Keep the started router's and gateways' logs (at `info`) in this
     /// directory, one file each (`router.log`, `gateway-0.log`, ...);
     /// without it they log only with `--serve`, to the terminal.
@@ -312,6 +317,10 @@ fn start_cluster(a: &DemoArgs, log: &ServerLog, kind: Scenario) -> anyhow::Resul
     ]
     .map(String::from)
     .to_vec();
+    let mut router_args = router_args;
+    if let Some(cfg) = &a.router_config {
+        router_args.extend(["--config".to_owned(), cfg.to_string_lossy().into_owned()]);
+    }
     let router = ServerProc::spawn("router", &router_args, log)?;
     let ws_addr = SocketAddr::from(([127, 0, 0, 1], a.ws_port.unwrap_or_else(orchestrate::free_port)));
     let least = if kind == Scenario::ReconnectWave { 2 } else { 1 };
