@@ -37,6 +37,16 @@ pub const COPY_QUEUE: usize = 4096;
 /// ALPN of the cluster protocol.
 pub const ALPN: &[u8] = b"switchyard-cluster/1";
 
+/// Commands one gateway link holds for the shards at most (~150 B each:
+/// ~1.2 MB a link). The link's reader answers heartbeats as it reads, and
+/// hands everything else to the shards through this queue, so a shard busy
+/// for seconds (a table of half a million users growing, on a loaded box)
+/// does not leave the gateways without answers: at a few hundred commands
+/// a second a link, the queue lasts far longer than that. Full, the reader
+/// waits (QUIC flow control holds the gateway back) and heartbeats wait
+/// with it.
+pub const LINK_INBOUND: usize = 8192;
+
 /// QUIC application close code for a peer call from a certificate that is
 /// not a configured peer's.
 pub const NOT_A_PEER: u32 = 0x5045;
@@ -138,7 +148,7 @@ impl Router {
             claim_delay: proto::membership::claim_delay(cfg.etcd.ttl(), cfg.etcd.fence_margin()),
         });
         let shards = (0..cfg.shards.max(1))
-            .map(|_| {
+            .map(|i| {
                 let (tx, rx) = mpsc::channel(16_384);
                 let shard = Shard::new(ShardSpec {
                     namespaces: namespaces.clone(),
@@ -150,10 +160,27 @@ impl Router {
                     now: std::time::Instant::now(),
                     fence: fence.clone(),
                 });
-                tokio::spawn(run_shard(shard, rx));
-                tx
+                // Each shard on a thread of its own: a long step (a table
+                // of half a million users growing, a million members
+                // leaving at once) must not hold up the links' tasks, which
+                // answer the gateways' heartbeats. On the links' runtime,
+                // two shards busy for seconds held both of its workers and
+                // every gateway found the router silent (BENCHMARKS.md,
+                // one million sessions).
+                std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        // As the links' workers do: memory the shard freed
+                        // goes back to the OS when it idles.
+                        // SAFETY: mi_collect only walks the calling thread's heap.
+                        .on_thread_park(|| unsafe { libmimalloc_sys::mi_collect(false) })
+                        .build()
+                        .expect("a shard's runtime");
+                    rt.block_on(run_shard(shard, rx));
+                })?;
+                Ok(tx)
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let tls = PeerTls { ca_cert: &cfg.tls.ca_cert, cert: &cfg.tls.cert, key: &cfg.tls.key };
         let etcd = cfg.etcd.enabled().then(|| (cfg.name.clone(), lease.clone()));
         let peers = Peers::new(cfg.me_quic(), cfg.quic_listen, cfg.peers.clone(), Some(tls), etcd)?;
@@ -550,7 +577,21 @@ impl Router {
         if self.peers.draining() {
             let _ = tx.send(ClusterMsg::Drain).await;
         }
-        let result = self.read_loop(gw, &tx, &mut ctl_recv, &mut decoder, &mut buf).await;
+        // The link's commands go to the shards in order from a task of
+        // their own, behind a bounded queue (see LINK_INBOUND).
+        let (inbound, mut queued) = mpsc::channel::<(usize, ShardCmd)>(LINK_INBOUND);
+        let shards = self.shards.clone();
+        let dispatcher = tokio::spawn(async move {
+            while let Some((i, cmd)) = queued.recv().await {
+                if shards[i].send(cmd).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = self.read_loop(gw, &tx, &inbound, &mut ctl_recv, &mut decoder, &mut buf).await;
+        // Everything the link sent reaches its shard before the link's end.
+        drop(inbound);
+        let _ = dispatcher.await;
         self.links.lock().expect("not poisoned").remove(&gw);
         {
             let mut named = self.named.lock().expect("not poisoned");
@@ -587,6 +628,7 @@ impl Router {
         &self,
         gw: GatewayId,
         tx: &mpsc::Sender<ClusterMsg>,
+        inbound: &mpsc::Sender<(usize, ShardCmd)>,
         recv: &mut quinn::RecvStream,
         decoder: &mut ClusterDecoder,
         buf: &mut BytesMut,
@@ -615,7 +657,7 @@ impl Router {
                 Dispatch::Nothing => {}
                 Dispatch::Shards(cmds) => {
                     for (i, cmd) in cmds {
-                        self.shards[i].send(cmd).await?;
+                        inbound.send((i, cmd)).await?;
                     }
                 }
                 Dispatch::Relay(msg) => self.relay(msg),
