@@ -571,6 +571,8 @@ const SETTLE_MAX: Duration = Duration::from_secs(60);
 struct Totals {
     /// Clients connected or given up.
     settled: u64,
+    /// Clients that connected (once at least).
+    connected: u64,
     deliveries: u64,
     online: u64,
     /// Every worker attempted every client.
@@ -578,10 +580,11 @@ struct Totals {
 }
 
 fn totals(ws: &[Worker]) -> Totals {
-    let mut t = Totals { settled: 0, deliveries: 0, online: 0, ready: true };
+    let mut t = Totals { settled: 0, connected: 0, deliveries: 0, online: 0, ready: true };
     for w in ws {
         let s = w.state.lock().expect("state");
         t.settled += s.connected + s.failed;
+        t.connected += s.connected;
         t.deliveries += s.deliveries;
         t.online += s.online;
         t.ready &= s.ready;
@@ -1257,7 +1260,11 @@ fn scenario(
     let settle_by = Instant::now() + SETTLE_MAX;
     let (mut seen, mut since) = (totals(&workers).deliveries, Instant::now());
     let fan_end = loop {
-        if since.elapsed() >= SETTLE_QUIET {
+        // Quiet, and nobody away: a client the server closed (a pong too
+        // late on a loaded box) comes back and recovers what it missed,
+        // after a backoff that can outlast a quiet second.
+        let t = totals(&workers);
+        if since.elapsed() >= SETTLE_QUIET && t.online >= t.connected {
             break since;
         }
         if Instant::now() >= settle_by {

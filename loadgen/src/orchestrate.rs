@@ -62,7 +62,7 @@ pub struct WorkerState {
 /// How long the orchestrator waits, after `stop`, for the workers'
 /// summaries (all of them together); a worker that has not reported by then
 /// is killed and its clients are counted as unreported.
-pub const SUMMARY_WAIT: Duration = Duration::from_secs(60);
+pub const SUMMARY_WAIT: Duration = Duration::from_secs(90);
 
 /// A running worker process.
 pub struct Worker {

@@ -763,7 +763,7 @@ const CATCH_UP_SILENCE: Duration = Duration::from_secs(15);
 /// ends and what it has not read is counted as lost. The worker's summary
 /// comes within this (plus an attempt's end) of `stop`, well inside the
 /// orchestrator's wait for it ([`crate::orchestrate::SUMMARY_WAIT`]).
-pub const CATCH_UP_MAX: Duration = Duration::from_secs(30);
+pub const CATCH_UP_MAX: Duration = Duration::from_secs(60);
 
 /// When the client must be done: the worker's deadline, or [`CATCH_UP_MAX`]
 /// after `stop`.

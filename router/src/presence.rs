@@ -208,38 +208,58 @@ struct Member {
 #[derive(Debug, Default)]
 pub struct ChannelPresence {
     members: Map<String, Member>,
+    /// The members each gateway link holds: what a lost link or the end of
+    /// its presence round looks at (one channel of a million members must
+    /// not be walked whole for each of its gateways).
+    on_gateway: Map<u32, Set<String>>,
 }
 
 impl ChannelPresence {
     /// A client joined (or was confirmed in presence round `round`);
     /// whether it is new.
     pub fn join(&mut self, client: &str, user: &str, info: Bytes, gateway: u32, round: u64) -> bool {
-        self.members
-            .insert(client.to_owned(), Member { user: user.to_owned(), info, gateway, round })
-            .is_none()
+        let old = self.members.insert(client.to_owned(), Member { user: user.to_owned(), info, gateway, round });
+        match &old {
+            Some(o) if o.gateway == gateway => {}
+            _ => {
+                if let Some(o) = &old {
+                    self.unindex(o.gateway, client);
+                }
+                self.on_gateway.entry(gateway).or_default().insert(client.to_owned());
+            }
+        }
+        old.is_none()
+    }
+
+    fn unindex(&mut self, gateway: u32, client: &str) {
+        if let Some(clients) = self.on_gateway.get_mut(&gateway) {
+            clients.remove(client);
+            if clients.is_empty() {
+                self.on_gateway.remove(&gateway);
+            }
+        }
     }
 
     /// `gateway` ended presence round `round`: its members not confirmed in
     /// it leave; returns their infos.
     pub fn sweep(&mut self, gateway: u32, round: u64) -> Vec<Bytes> {
-        let gone: Vec<String> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.gateway == gateway && m.round < round)
-            .map(|(c, _)| c.clone())
-            .collect();
+        let Some(clients) = self.on_gateway.get(&gateway) else { return Vec::new() };
+        let gone: Vec<String> =
+            clients.iter().filter(|c| self.members.get(*c).is_some_and(|m| m.round < round)).cloned().collect();
         gone.into_iter().filter_map(|c| self.leave(&c)).collect()
     }
 
     /// A client left; returns its `ClientInfo` for a leave push.
     pub fn leave(&mut self, client: &str) -> Option<Bytes> {
-        self.members.remove(client).map(|m| m.info)
+        let m = self.members.remove(client)?;
+        self.unindex(m.gateway, client);
+        Some(m.info)
     }
 
     /// Removes every client of a lost gateway; returns their infos.
     pub fn gateway_lost(&mut self, gateway: u32) -> Vec<Bytes> {
         let gone: Vec<String> =
-            self.members.iter().filter(|(_, m)| m.gateway == gateway).map(|(c, _)| c.clone()).collect();
+            self.on_gateway.get(&gateway).map(|s| s.iter().cloned().collect()).unwrap_or_default();
         gone.into_iter().filter_map(|c| self.leave(&c)).collect()
     }
 
@@ -361,5 +381,28 @@ mod tests {
         assert_eq!(p.expire(t + GRACE).len(), 34, "gateway 1's 33 users and user 0");
         assert_eq!(p.on_gateway.len(), 1);
         assert_eq!(p.len(), 33, "gateway 2's users");
+    }
+
+    #[test]
+    fn a_channel_finds_a_gateway_s_members_through_its_index() {
+        let info = || Bytes::from_static(b"{}");
+        let mut c = ChannelPresence::default();
+        for k in 0..30 {
+            c.join(&format!("c{k}"), "", info(), k % 3, 0);
+        }
+        // c0 moves to gateway 1 (a reconnect there), c3 is confirmed again on 0.
+        assert!(!c.join("c0", "", info(), 1, 1));
+        assert!(!c.join("c3", "", info(), 0, 1));
+        assert_eq!(c.gateway_lost(0).len(), 9, "gateway 0's ten, less c0 which moved");
+        assert!(c.members.contains_key("c0"));
+        // Gateway 1 ends round 1 having confirmed only c0: its other ten leave.
+        assert_eq!(c.sweep(1, 1).len(), 10);
+        assert_eq!(c.stats().0, 11, "c0 and gateway 2's ten");
+        assert!(!c.on_gateway.contains_key(&0));
+        assert_eq!(c.on_gateway[&1].len(), 1);
+        for k in 0..30 {
+            c.leave(&format!("c{k}"));
+        }
+        assert!(c.is_empty() && c.on_gateway.is_empty());
     }
 }
