@@ -218,7 +218,8 @@ impl ChannelPresence {
     /// A client joined (or was confirmed in presence round `round`);
     /// whether it is new.
     pub fn join(&mut self, client: &str, user: &str, info: Bytes, gateway: u32, round: u64) -> bool {
-        let old = self.members.insert(client.to_owned(), Member { user: user.to_owned(), info, gateway, round });
+        let old =
+            self.members.insert(client.to_owned(), Member { user: user.to_owned(), info, gateway, round });
         match &old {
             Some(o) if o.gateway == gateway => {}
             _ => {
@@ -244,8 +245,11 @@ impl ChannelPresence {
     /// it leave; returns their infos.
     pub fn sweep(&mut self, gateway: u32, round: u64) -> Vec<Bytes> {
         let Some(clients) = self.on_gateway.get(&gateway) else { return Vec::new() };
-        let gone: Vec<String> =
-            clients.iter().filter(|c| self.members.get(*c).is_some_and(|m| m.round < round)).cloned().collect();
+        let gone: Vec<String> = clients
+            .iter()
+            .filter(|c| self.members.get(*c).is_some_and(|m| m.round < round))
+            .cloned()
+            .collect();
         gone.into_iter().filter_map(|c| self.leave(&c)).collect()
     }
 
