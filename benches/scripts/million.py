@@ -41,8 +41,9 @@ threads to -10 and the load generator's workers to +10 (`--router-nice`,
 
 Socket lookup: every TCP segment looks its socket up in the established
 hash, sized at boot for this box's memory (262,144 buckets here). Two
-million sockets make its chains ~8 long, and a profile of the publication
-put `__inet_lookup_established` first of all symbols, at 11 % of both CPUs.
+million sockets make its chains ~8 long, and a whole-box profile near the
+storm's end of a million-session run put `__inet_lookup_established` first
+of all symbols, at 11 % of both CPUs.
 The script runs the load generator, router and gateways in a network
 namespace of their own (`unshare --net`, loopback up) whose established
 hash has `--ehash` buckets (`net.ipv4.tcp_child_ehash_entries`, set for
