@@ -596,6 +596,18 @@ fn totals(ws: &[Worker]) -> Totals {
     t
 }
 
+/// Subscribers of each channel, all workers together (as they counted them
+/// when ready): what a publication there owes.
+fn subscribers_by_channel(ws: &[Worker]) -> HashMap<String, u64> {
+    let mut subscribers: HashMap<String, u64> = HashMap::new();
+    for w in ws {
+        for (ch, n) in &w.state.lock().expect("state").subscribers {
+            *subscribers.entry(ch.clone()).or_default() += n;
+        }
+    }
+    subscribers
+}
+
 /// The publish→deliver latency (µs) of every delivery the workers reported
 /// since the last call, all workers merged (`None`: no deliveries).
 fn take_window(ws: &[Worker]) -> Option<Histogram<u64>> {
@@ -756,12 +768,7 @@ fn run_ramp(
     json: bool,
     sample: &mut Sampler<'_>,
 ) -> u64 {
-    let mut subscribers: HashMap<String, u64> = HashMap::new();
-    for w in workers {
-        for (ch, n) in &w.state.lock().expect("state").subscribers {
-            *subscribers.entry(ch.clone()).or_default() += n;
-        }
-    }
+    let subscribers = subscribers_by_channel(workers);
     let ramp_start = Instant::now();
     let mut seq = 0u64;
     let mut steps: Vec<Step> = Vec::new();
@@ -1085,12 +1092,7 @@ fn scenario(
     let deliveries_before_steady = totals(&workers).deliveries;
     // What the fan-out owes: each publication that went out, once to each
     // subscriber of its channel (as the workers counted them when ready).
-    let mut subscribers: HashMap<String, u64> = HashMap::new();
-    for w in &workers {
-        for (ch, n) in &w.state.lock().expect("state").subscribers {
-            *subscribers.entry(ch.clone()).or_default() += n;
-        }
-    }
+    let subscribers = subscribers_by_channel(&workers);
     let mut owed = 0u64;
     report.publications += first_seq;
     let pb = bar(publications as u64, "publishing", a.json);

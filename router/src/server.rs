@@ -162,11 +162,9 @@ impl Router {
                 });
                 // Each shard on a thread of its own: a long step (a table
                 // of half a million users growing, a million members
-                // leaving at once) must not hold up the links' tasks, which
-                // answer the gateways' heartbeats. On the links' runtime,
-                // two shards busy for seconds held both of its workers and
-                // every gateway found the router silent (BENCHMARKS.md,
-                // one million sessions).
+                // leaving at once) must not take the links' runtime, whose
+                // tasks answer the gateways' heartbeats (with LINK_INBOUND;
+                // BENCHMARKS.md, one million sessions).
                 std::thread::Builder::new().name(format!("shard-{i}")).spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_time()
