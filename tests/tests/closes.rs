@@ -195,12 +195,29 @@ fn a_slow_reader_that_keeps_sending_sees_3008_every_time() {
         let mut raw = Raw::connect(&c, Some(4096));
         let channel = format!("chat:slow{run}");
         raw.start(&format!("slow{run}"), &channel);
-        let before = metric(&c.metrics(0), "switchyard_gateway_slow_disconnects_total");
-        // Publications the client does not read, until the gateway cuts it off.
+        let m = c.metrics(0);
+        let before = metric(&m, "switchyard_gateway_slow_disconnects_total");
+        let delivered = metric(&m, "switchyard_gateway_deliveries_total");
+        let resyncs = metric(&m, "switchyard_gateway_resyncs_total");
+        // Publications the client does not read, until the gateway cuts it
+        // off. Each batch waits until the core has taken the last one (its
+        // delivery counted, or the cut-off): a publisher far ahead of a
+        // loaded gateway would overflow the uplink's queue to the core, and
+        // the resync that makes up for it (correctly) unsubscribes the
+        // session with "insufficient state", so it would never fill.
         let end = Instant::now() + Duration::from_secs(60);
         let mut sent = 0;
-        while metric(&c.metrics(0), "switchyard_gateway_slow_disconnects_total") == before {
-            assert!(Instant::now() < end, "run {run}: never cut off after {sent} publications");
+        loop {
+            let m = c.metrics(0);
+            if metric(&m, "switchyard_gateway_slow_disconnects_total") != before {
+                break;
+            }
+            assert_eq!(metric(&m, "switchyard_gateway_resyncs_total"), resyncs, "run {run}: resynced\n{m}");
+            assert!(Instant::now() < end, "run {run}: never cut off after {sent} publications\n{m}");
+            if metric(&m, "switchyard_gateway_deliveries_total") - delivered < sent {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
             for _ in 0..8 {
                 let (st, body) = c.api(0, "publish", &json!({"channel": channel, "data": {"blob": blob}}));
                 assert_eq!(st, 200, "{body}");
