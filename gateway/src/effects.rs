@@ -66,6 +66,9 @@ pub enum Action {
     Release {
         /// Session.
         sid: Sid,
+        /// The write side is open and the close handshake complete: a wss
+        /// session sends its close_notify first.
+        notify: bool,
     },
     /// The connection belongs to its user's core: take the socket (and TLS
     /// session) out of this core, without closing it, and send it there.

@@ -808,7 +808,7 @@ impl World {
             // The simulated gateways have no proxy hooks configured, and
             // their clients speak WebSocket only (no emulation requests).
             Action::Watch { .. } | Action::Proxy(_) | Action::Emulate { .. } | Action::Emulated { .. } => {}
-            Action::Shutdown { sid } | Action::Release { sid } => {
+            Action::Shutdown { sid } | Action::Release { sid, .. } => {
                 let release = matches!(a, Action::Release { .. });
                 let conn = if release {
                     self.gateways[g].cores[c].conns.remove(&sid)

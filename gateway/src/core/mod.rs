@@ -390,8 +390,11 @@ impl Core {
         let ms = self.cx.clock.ms(now);
         let Some(s) = self.sessions.get_mut(sid) else { return };
         let (result, written) = write(s.outbound().frames_mut());
+        let failed = result.is_err();
         if s.flushed(sid, result, written, ms, &mut self.cx.fx) {
-            self.finish(sid);
+            // Over: the socket failed, or the close handshake completed
+            // (then a wss session's close_notify goes first).
+            self.finish_with(sid, !failed);
             return;
         }
         self.cx.rearm(s, sid);
@@ -451,6 +454,13 @@ impl Core {
 
     /// The session is over: out of every table, socket released.
     fn finish(&mut self, sid: Sid) {
+        self.finish_with(sid, false);
+    }
+
+    /// [`finish`](Self::finish); `notify`: the close handshake completed
+    /// and the write side is still open (a wss session's close_notify is
+    /// due before the socket closes).
+    fn finish_with(&mut self, sid: Sid, notify: bool) {
         self.retire(sid);
         self.cx.waiting.remove(&sid);
         let Some(mut s) = self.sessions.remove(sid) else { return };
@@ -461,7 +471,7 @@ impl Core {
         let left = s.outbound().clear();
         self.cx.fx.metrics().queued_bytes.fetch_sub(left as u64, Ordering::Relaxed);
         self.cx.fx.metrics().connections.fetch_sub(1, Ordering::Relaxed);
-        self.cx.fx.act(Action::Release { sid });
+        self.cx.fx.act(Action::Release { sid, notify });
     }
 
     /// Withdraws what a session holds in the core's tables and the

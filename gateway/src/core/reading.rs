@@ -216,6 +216,12 @@ impl Core {
                 self.cx.give_scratch(b);
             }
             Flow::Stop => {
+                if !b.is_empty()
+                    && let Some(s) = self.sessions.get_mut(sid)
+                {
+                    // Bytes after the client's close frame: the lingering close.
+                    s.peer_closed(false);
+                }
                 self.cx.give_scratch(b);
                 if self.sessions.get(sid).is_some_and(|s| !s.is_ending()) {
                     self.finish(sid);
@@ -300,6 +306,9 @@ impl Core {
                     Some(c) if c.code != 1005 => c.code,
                     _ => 1000,
                 };
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    s.peer_closed(true);
+                }
                 self.close(sid, CloseReason { code, reason: "" });
                 (Flow::Stop, None)
             }

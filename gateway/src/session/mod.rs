@@ -389,6 +389,11 @@ pub struct Session {
     /// A frame did not fit the queue bound: nothing more is queued, and the
     /// core closes the session with 3008 (see [`Effects::overflowed`]).
     overflowed: bool,
+    /// The client's close frame was read with nothing after it: the client
+    /// has said all it will, so once the answering close is written the
+    /// socket is closed at once, with nothing unread to reset it (no
+    /// shutdown, no lingering, no change to the readiness set).
+    peer_close: bool,
     /// Who, once connected.
     pub identity: Identity,
     /// Rate budgets.
@@ -435,6 +440,7 @@ impl Session {
             reading: None,
             discarded: 0,
             overflowed: false,
+            peer_close: false,
             identity: Identity::default(),
             budget: Budget::default(),
             refusals: 0,
@@ -646,6 +652,12 @@ impl Session {
         self.watch(sid, fx);
     }
 
+    /// The client's close frame was read, and nothing after it (`clean`);
+    /// see the field. Bytes after it take the lingering close.
+    pub fn peer_closed(&mut self, clean: bool) {
+        self.peer_close = clean;
+    }
+
     /// Whether a frame did not fit (the session is to close with 3008).
     pub fn overflowed(&self) -> bool {
         self.overflowed
@@ -688,6 +700,10 @@ impl Session {
         if result == Flushed::All
             && let Phase::Closing = self.phase
         {
+            if self.peer_close {
+                // The close handshake is complete and nothing is unread.
+                return true;
+            }
             self.phase = Phase::Lingering;
             if self.tail_pending {
                 // Reading on (a client that closes ends it), the last
@@ -724,8 +740,12 @@ impl Session {
 
     /// Brings what the socket is watched for in line with the phase.
     pub fn watch(&mut self, sid: Sid, fx: &mut Effects) {
-        let read = !matches!(self.phase, Phase::Closing);
         let write = self.out.blocked();
+        // A client that closed first sends nothing more: its socket stays
+        // in the set while the answer is written (in the same turn, as a
+        // rule, and then it is closed), and leaves it only if the answer
+        // has to wait for room.
+        let read = !matches!(self.phase, Phase::Closing) || (self.peer_close && !write);
         let want = u8::from(read) | (u8::from(write) << 1);
         if want != self.watched {
             self.watched = want;

@@ -165,12 +165,15 @@ impl Shell {
                         unsafe { libc::shutdown(sock.fd.as_raw_fd(), libc::SHUT_WR) };
                     }
                 }
-                Action::Release { sid } => {
+                Action::Release { sid, notify } => {
                     // Closing the socket takes it out of the readiness set
                     // (this descriptor is the only one of its open file): no
                     // EPOLL_CTL_DEL first, one system call less per session
                     // (`benches/scripts/syscalls.py`).
-                    drop(self.take(sid));
+                    let taken = self.take(sid);
+                    if notify && let Some((sock, Some(mut conn))) = taken {
+                        conn.close_notify(sock.fd.as_raw_fd());
+                    }
                 }
                 Action::HandOver { sid, core, moved } => {
                     let Some((sock, tls)) = self.take(sid) else { continue };
