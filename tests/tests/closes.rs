@@ -231,3 +231,74 @@ fn a_slow_reader_that_keeps_sending_sees_3008_every_time() {
     }
     let _ = std::fs::remove_file(&cfg);
 }
+
+/// A close frame from the client, masked.
+fn close_frame(out: &mut Vec<u8>, code: u16) {
+    encode_frame(out, true, OpCode::Close, &code.to_be_bytes(), Some(rand::random()));
+}
+
+#[test]
+fn a_client_that_closes_first_gets_the_answer_and_then_the_socket_is_gone() {
+    let c = Cluster::start(1, 1, &[]);
+    for run in 0..10 {
+        let mut raw = Raw::connect(&c, None);
+        raw.start(&format!("closer{run}"), &format!("chat:closer{run}"));
+        let mut out = Vec::new();
+        close_frame(&mut out, 1000);
+        raw.send(&out);
+        // The answer, then the end of the stream …
+        assert_eq!(raw.close_code(), Some(1000), "run {run}");
+        let mut chunk = [0u8; 64];
+        assert_eq!(raw.sock.read(&mut chunk).unwrap(), 0, "run {run}: the stream ends after the close");
+        // … and the gateway's socket is closed, not lingering: what the
+        // client sends now (nothing a conforming client does after its
+        // close frame) is answered with a reset, and the next write fails
+        // (on loopback the reset is back within the write that earned it).
+        // A lingering socket would read and drop it for LINGER (2 s).
+        let mut failed = None;
+        for _ in 0..50 {
+            if let Err(e) = raw.sock.write_all(b"x") {
+                failed = Some(e.kind());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            matches!(failed, Some(std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset)),
+            "run {run}: {failed:?}"
+        );
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while metric(&c.metrics(0), "switchyard_gateway_connections") > 0 {
+        assert!(Instant::now() < end, "sessions left: {}", c.metrics(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bytes_after_a_clients_close_frame_take_the_lingering_close_and_the_answer_arrives() {
+    let c = Cluster::start(1, 1, &[]);
+    for run in 0..20 {
+        // A small receive buffer and answers backed up in front of the
+        // close answer: it is still in the gateway's send queue when the
+        // gateway has handed it to the kernel.
+        let mut raw = Raw::connect(&c, Some(2048));
+        raw.start(&format!("late{run}"), &format!("chat:late{run}"));
+        let mut bytes = flood(200, |i| json!({"id": 10 + i, "ping": {}}).to_string());
+        close_frame(&mut bytes, 1000);
+        // Against the protocol: ~200 KB of frames after the close frame,
+        // more than one read takes. The gateway sees bytes behind the close
+        // and lingers, reading them; closing at once would leave the rest
+        // unread, and the reset that earns would take the queued answer.
+        bytes.extend(flood(6000, |i| json!({"send": {"data": {"x": i}}}).to_string()));
+        assert!(bytes.len() > 150_000 && bytes.len() < 250_000, "{}", bytes.len());
+        // Written beside the reading (the gateway stops reading while its
+        // answers wait for room).
+        let mut w = raw.sock.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&bytes);
+        });
+        assert_eq!(raw.close_code(), Some(1000), "run {run}");
+        writer.join().unwrap();
+    }
+}
