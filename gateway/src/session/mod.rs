@@ -11,7 +11,9 @@
 //! socket with unread input makes the kernel answer with a reset, and a
 //! reset makes the client's kernel throw away the close frame it had not
 //! read yet: the lingering close is what lets a flooding client see 3013
-//! rather than a broken pipe.
+//! rather than a broken pipe. A client that closed first (its close frame
+//! read with nothing after it) has nothing left to send: once the answer
+//! is written its socket is closed at once, without the lingering.
 //!
 //! - [`subs`]: the session's subscriptions and where each stands.
 //! - [`outbound`]: the bounded queue of shared frames.
