@@ -95,6 +95,30 @@ impl Raw {
         None
     }
 
+    /// The text lines the gateway sent that are still unread (reading for
+    /// at most 500 ms).
+    fn read_lines(&mut self) -> Vec<String> {
+        self.sock.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        let mut chunk = vec![0u8; 65536];
+        let end = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < end {
+            match self.sock.read(&mut chunk) {
+                Ok(n) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => break,
+            }
+        }
+        self.sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut lines = Vec::new();
+        while let Ok(Some(m)) = self.dec.decode(&mut self.buf) {
+            if let Message::Text(t) = m {
+                lines.extend(t.split(|b| *b == b'\n').map(|l| String::from_utf8_lossy(l).into_owned()));
+            }
+        }
+        // What the client read is out of the way; big publications are
+        // shown by their size only.
+        lines.into_iter().map(|l| if l.len() > 300 { format!("<{} bytes>", l.len()) } else { l }).collect()
+    }
+
     /// `connect` and a subscribe, as one frame, and their replies.
     fn start(&mut self, user: &str, channel: &str) {
         let mut out = Vec::new();
@@ -157,10 +181,15 @@ fn a_publish_flood_sees_3013_every_time() {
     }
     // Every flooder's session ends (its socket closed after the lingering
     // close saw the client go).
+    no_sessions_left(&c);
+}
+
+/// Waits (at most 10 s) until the gateway holds no session.
+fn no_sessions_left(c: &Cluster) {
     let end = Instant::now() + Duration::from_secs(10);
     while metric(&c.metrics(0), "switchyard_gateway_connections") > 0 {
         assert!(Instant::now() < end, "sessions left: {}", c.metrics(0));
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -206,7 +235,7 @@ fn a_slow_reader_that_keeps_sending_sees_3008_every_time() {
         // the resync that makes up for it (correctly) unsubscribes the
         // session with "insufficient state", so it would never fill.
         let end = Instant::now() + Duration::from_secs(60);
-        let mut sent = 0;
+        let (mut sent, mut delivered, mut batch_at, mut resubscribed) = (0, delivered, Instant::now(), 0);
         loop {
             let m = c.metrics(0);
             if metric(&m, "switchyard_gateway_slow_disconnects_total") != before {
@@ -215,14 +244,38 @@ fn a_slow_reader_that_keeps_sending_sees_3008_every_time() {
             assert_eq!(metric(&m, "switchyard_gateway_resyncs_total"), resyncs, "run {run}: resynced\n{m}");
             assert!(Instant::now() < end, "run {run}: never cut off after {sent} publications\n{m}");
             if metric(&m, "switchyard_gateway_deliveries_total") - delivered < sent {
-                std::thread::sleep(Duration::from_millis(2));
-                continue;
+                if batch_at.elapsed() < Duration::from_secs(3) {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                // Fewer deliveries counted than publications, and no
+                // cut-off: the client reads what came. Publications packed
+                // into fewer frames (the uplink packs a run of them) are
+                // there; otherwise the client must have been told why (an
+                // unsubscribe push, a refused subscription), and it
+                // resubscribes as a client does. Nothing said is a loss.
+                let lines = raw.read_lines();
+                let told = lines.iter().any(|l| l.contains("\"unsubscribe\"") || l.contains("\"error\""));
+                let packed = lines.iter().any(|l| l.contains("\"pub\"") || l.starts_with('<'));
+                assert!(told || packed, "run {run}: {sent} publications lost without a word: {lines:?}\n{m}");
+                eprintln!("run {run}: {sent} publications, deliveries behind; the client read {lines:?}");
+                if told {
+                    assert!(resubscribed < 3, "run {run}: resubscribed {resubscribed} times: {lines:?}\n{m}");
+                    resubscribed += 1;
+                    let mut out = Vec::new();
+                    let sub = json!({"id": 100 + resubscribed, "subscribe": {"channel": channel}});
+                    Raw::frame(&mut out, &sub.to_string());
+                    raw.send(&out);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                (delivered, sent) = (metric(&c.metrics(0), "switchyard_gateway_deliveries_total"), 0);
             }
             for _ in 0..8 {
                 let (st, body) = c.api(0, "publish", &json!({"channel": channel, "data": {"blob": blob}}));
                 assert_eq!(st, 200, "{body}");
                 sent += 1;
             }
+            batch_at = Instant::now();
         }
         // Now closing, the gateway does not read: the client keeps sending …
         raw.send(&flood(2000, |_| json!({"send": {"data": {"x": 1}}}).to_string()));
@@ -268,11 +321,7 @@ fn a_client_that_closes_first_gets_the_answer_and_then_the_socket_is_gone() {
             "run {run}: {failed:?}"
         );
     }
-    let end = Instant::now() + Duration::from_secs(10);
-    while metric(&c.metrics(0), "switchyard_gateway_connections") > 0 {
-        assert!(Instant::now() < end, "sessions left: {}", c.metrics(0));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    no_sessions_left(&c);
 }
 
 #[test]
