@@ -93,6 +93,9 @@ pub struct Metrics {
     /// HTTP fallback framings of publication frames: at most one per
     /// publication frame, core and fallback transport with a recipient.
     pub frames_reframed: AtomicU64,
+    /// Frames of a packed run's tail: made for subscribers whose position
+    /// falls inside the run (answered between two of its publications).
+    pub frames_cut: AtomicU64,
     /// Per-hop latency of deliveries (`switchyard_gateway_hop_seconds`):
     /// the router's link writer → the uplink's reading (clocks of one box).
     pub hop_link: proto::hist::Histogram,
@@ -140,6 +143,7 @@ impl Metrics {
             frames_encoded: AtomicU64::new(0),
             frames_deflated: AtomicU64::new(0),
             frames_reframed: AtomicU64::new(0),
+            frames_cut: AtomicU64::new(0),
             hop_link: Default::default(),
             hop_uplink_to_core: Default::default(),
             hop_core_to_first_write: Default::default(),
@@ -208,6 +212,7 @@ impl Metrics {
             ("switchyard_gateway_frames_encoded_total", &self.frames_encoded),
             ("switchyard_gateway_frames_deflated_total", &self.frames_deflated),
             ("switchyard_gateway_frames_reframed_total", &self.frames_reframed),
+            ("switchyard_gateway_frames_cut_total", &self.frames_cut),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_user_commands_dropped_total", &self.user_commands_dropped),

@@ -40,8 +40,12 @@ pub enum Follow {
     Next,
     /// Everything in it is at or before the position: already had.
     Behind,
-    /// Something between the position and `first` is missing, it straddles
-    /// the position, or it is another epoch: the position cannot go on.
+    /// It straddles the position: its publications after the position (the
+    /// last `last - offset` of the run) continue it, the others were had.
+    /// A packed frame of the run is re-framed with those alone.
+    Overlaps,
+    /// Something between the position and `first` is missing, or it is
+    /// another epoch: the position cannot go on.
     Broken,
 }
 
@@ -59,6 +63,8 @@ impl StreamPosition {
             Follow::Behind
         } else if first == self.offset + 1 {
             Follow::Next
+        } else if first <= self.offset {
+            Follow::Overlaps
         } else {
             Follow::Broken
         }
@@ -89,7 +95,8 @@ mod tests {
         assert_eq!(p.follow("e", 5, 5), Follow::Behind);
         assert_eq!(p.follow("e", 3, 5), Follow::Behind);
         assert_eq!(p.follow("e", 7, 7), Follow::Broken, "a hole");
-        assert_eq!(p.follow("e", 4, 6), Follow::Broken, "straddles: a shared frame cannot be split");
+        assert_eq!(p.follow("e", 4, 6), Follow::Overlaps, "straddles: 6 continues, 4 and 5 were had");
+        assert_eq!(p.follow("e", 1, 9), Follow::Overlaps);
         assert_eq!(p.follow("f", 6, 6), Follow::Broken, "another stream");
         assert!(p.is("e", 5) && p.is("", 5) && !p.is("e", 4) && !p.is("f", 5));
     }

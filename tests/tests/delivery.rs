@@ -330,3 +330,75 @@ fn every_hop_from_the_api_to_the_last_write_is_measured() {
     let (first, last) = (count(&gw, hop, "core_to_first_write"), count(&gw, hop, "core_to_last_write"));
     assert!(first >= 1 && first == last && first <= to_core, "{first} {last} {to_core}");
 }
+
+/// The first subscriber of a busy channel on a gateway is answered at a
+/// position its gateway's stream continues: the gateway registers its
+/// interest with the router before it asks for the answer, so the
+/// publications between the two reach it and none is missing behind the
+/// answer. (Asked the other way round, a publication landing between the
+/// answer and the registration left a hole: the subscriber was told to
+/// resubscribe with an unsubscribe push 2500 right after it subscribed.)
+#[test]
+fn the_first_subscriber_of_a_busy_channel_is_not_sent_back_to_resubscribe() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let c = Cluster::start(1, 1, &[]);
+    c.settle();
+    const CHANNELS: usize = 40;
+    // Four publishers hammer the channel being subscribed (bounded: 50,000
+    // publications each or 120 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let target = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, target, api) = (stop.clone(), target.clone(), c.api_addrs[0]);
+            std::thread::spawn(move || {
+                let mut conn = e2e::ApiConn::connect(api);
+                let mut n = 0u64;
+                let end = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && n < 50_000 && Instant::now() < end {
+                    let ch = format!("chat:busy{}", target.load(Ordering::Relaxed));
+                    let (st, v) = conn.call("publish", &json!({"channel": ch, "data": {"n": n}}));
+                    assert_eq!(st, 200, "{v}");
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sent_back = Vec::new();
+    for k in 0..CHANNELS {
+        let ch = format!("chat:busy{k}");
+        target.store(k, Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        let mut ws = c.client(0, &format!("busy{k}"));
+        let r = subscribe_ok(&mut ws, &ch);
+        let mut offset = r["subscribe"]["offset"].as_u64().unwrap();
+        // Its next publications follow the answer without a hole.
+        let mut got = 0;
+        let end = Instant::now() + Duration::from_secs(10);
+        while got < 5 {
+            let Some(e) = ws.event_by(end, "publications") else { panic!("{ch}: no publication") };
+            let e2e::Event::Json(v) = e else { continue };
+            let push = &v["push"];
+            if push.get("unsubscribe").is_some() {
+                sent_back.push(format!("{ch} after offset {offset}: {v}"));
+                break;
+            }
+            if let Some(o) = push["pub"]["offset"].as_u64() {
+                assert_eq!(o, offset + 1, "{ch}: {v}");
+                offset = o;
+                got += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let published: u64 = publishers.into_iter().map(|p| p.join().unwrap()).sum();
+    assert!(
+        sent_back.is_empty(),
+        "{} of {CHANNELS} first subscribers sent back ({published} published): {sent_back:#?}",
+        sent_back.len()
+    );
+}

@@ -274,13 +274,22 @@ impl Core {
             self.cx.channels.follow(channel, sid);
             return;
         }
-        // Merge what arrived while waiting: skip what the reply covered;
-        // anything that would leave a gap or a duplicate resyncs.
+        // Merge what arrived while waiting: skip what the reply covered
+        // (of a run it straddles, the part after it is taken); anything that
+        // would leave a gap resyncs.
         let mut own = StreamPosition::new(epoch, top);
         let limit = self.cx.queue_limit();
         for (e, first, last, frame) in held {
-            match own.follow(&e, first, last) {
-                Follow::Next => {
+            let verdict = own.follow(&e, first, last);
+            let frame = match verdict {
+                Follow::Overlaps => match super::fanout::tail(&frame, last - own.offset, &self.cx.fx) {
+                    Some(t) => t,
+                    None => return self.resync_session(sid, channel),
+                },
+                _ => frame,
+            };
+            match verdict {
+                Follow::Next | Follow::Overlaps => {
                     own.offset = last;
                     let frame = match s.deflate {
                         crate::session::Deflate::Both => self.cx.deflate_twin(&frame).unwrap_or(frame),

@@ -485,6 +485,12 @@ impl Ctx {
             Origin::Server | Origin::Connect { .. } => lim.max_requests_in_flight + lim.max_subscriptions,
         };
         let kind = Kind::Subscribe { channel: channel.clone() };
+        // Indexed first: a channel's first subscriber on this core registers
+        // the gateway's interest ahead of its request, on the same link, so
+        // the router answers from a position its deliveries here continue.
+        // (Asked first, a publication between the answer and the interest
+        // would reach no one here, and the subscriber would be sent back.)
+        self.index(&channel, sid, false);
         let req = self.request_within(sid, kind, now, limit, |req| ClusterMsg::Recover {
             req,
             channel: ch,
@@ -496,6 +502,7 @@ impl Ctx {
             Ok(req) => req,
             Err(e) => {
                 s.unmark_server_sub(&channel);
+                self.unindex(&channel, sid, None);
                 return Err(e.into());
             }
         };
@@ -517,7 +524,6 @@ impl Ctx {
             retries: 0,
         };
         s.subs.insert(channel.clone(), SubState::Pending(Box::new(pending)));
-        self.index(&channel, sid, false);
         if presence {
             self.join(s, &channel, chan_info);
         }

@@ -45,6 +45,13 @@ impl Core {
                 None => Follow::Broken,
             }
         };
+        // What the followers take: the run, or the part of it after their
+        // position when it straddles it (framed anew, once for all of them).
+        let for_followers = match followers {
+            Follow::Next => Some(frame.clone()),
+            Follow::Overlaps => ch.position.as_ref().and_then(|p| tail(&frame, last - p.offset, &cx.fx)),
+            Follow::Behind | Follow::Broken => None,
+        };
         if first != 0 && followers != Follow::Behind {
             // Whatever came before, every publication after `last` reaches
             // this core after this one.
@@ -54,28 +61,42 @@ impl Core {
         let mut sent = 0u64;
         let mut resync: Vec<Sid> = Vec::new();
         let mut caught_up: Vec<Sid> = Vec::new();
-        match followers {
-            Follow::Next => {
+        match for_followers {
+            Some(run) => {
+                // The whole run's twins are shared with the catching; a tail has its own.
+                let mut tail_twin = Twins::default();
+                let twins = if followers == Follow::Next { &mut twin } else { &mut tail_twin };
                 for &sid in ch.followers.iter() {
                     let Some(s) = self.sessions.get_mut(sid) else { continue };
-                    let Some(f) = pick(s, &frame, &mut twin, &mut cx.deflater, &cx.fx) else { continue };
+                    let Some(f) = pick(s, &run, twins, &mut cx.deflater, &cx.fx) else { continue };
                     if s.queue_framed(sid, f, limit, &mut cx.fx) {
                         sent += 1;
                     }
                 }
             }
-            Follow::Behind => {}
-            Follow::Broken => resync.extend(ch.followers.iter().copied()),
+            None if followers == Follow::Behind => {}
+            None => resync.extend(ch.followers.iter().copied()),
         }
         for &sid in ch.catching() {
             let Some(s) = self.sessions.get_mut(sid) else { continue };
             let Some(state) = s.subs.get_mut(&ch.name) else { continue };
             match state {
                 SubState::Own(p) => match p.follow(epoch, first, last) {
-                    Follow::Next => {
+                    verdict @ (Follow::Next | Follow::Overlaps) => {
+                        let run = match verdict {
+                            Follow::Next => Some(frame.clone()),
+                            _ => tail(&frame, last - p.offset, &cx.fx),
+                        };
+                        let Some(run) = run else {
+                            resync.push(sid);
+                            continue;
+                        };
                         p.offset = last;
                         let now_follows = ch.position.as_ref() == Some(&*p);
-                        if let Some(f) = pick(s, &frame, &mut twin, &mut cx.deflater, &cx.fx)
+                        // The whole run's twins serve it; a tail has its own.
+                        let mut own_twin = Twins::default();
+                        let twins = if verdict == Follow::Next { &mut twin } else { &mut own_twin };
+                        if let Some(f) = pick(s, &run, twins, &mut cx.deflater, &cx.fx)
                             && s.queue_framed(sid, f, limit, &mut cx.fx)
                         {
                             sent += 1;
@@ -251,6 +272,15 @@ impl Twins {
             })
             .clone()
     }
+}
+
+/// The frame of a run's last `n` publications (counted in `frames_cut`):
+/// what subscribers whose position falls inside the run
+/// still need. `None` when the frame is not a packed run of lines.
+pub(super) fn tail(run: &Bytes, n: u64, fx: &crate::effects::Effects) -> Option<Bytes> {
+    let t = proto::ws::SharedFrame::last_lines(run, n)?;
+    fx.gateway_metrics().frames_cut.fetch_add(1, Ordering::Relaxed);
+    Some(t.into_bytes())
 }
 
 /// The bytes a publication reaches a session in, in its framing: the plain

@@ -63,6 +63,37 @@ impl SharedFrame {
         (compressed.len() < len).then(|| Self::build(opcode, true, &[&compressed]))
     }
 
+    /// The frame of the last `n` lines of an encoded, unfragmented,
+    /// uncompressed text frame of newline-separated lines (as
+    /// [`text_lines`](Self::text_lines) builds a packed run): what a
+    /// subscriber whose position falls inside the run still needs. `None`
+    /// when `frame` is not such a frame, `n` is 0 or it has fewer than `n`
+    /// lines.
+    pub fn last_lines(frame: &[u8], n: u64) -> Option<SharedFrame> {
+        let (OpCode::Text, payload) = Self::data_payload(frame)? else { return None };
+        if n == 0 {
+            return None;
+        }
+        let mut seen = 0u64;
+        let mut start = None;
+        for (i, b) in payload.iter().enumerate().rev() {
+            if *b == b'\n' {
+                seen += 1;
+                if seen == n {
+                    start = Some(i + 1);
+                    break;
+                }
+            }
+        }
+        let start = match start {
+            Some(s) => s,
+            // Exactly `n` lines: the whole payload.
+            None if seen + 1 == n => 0,
+            None => return None,
+        };
+        Some(Self::build(OpCode::Text, false, &[&payload[start..]]))
+    }
+
     /// The opcode and payload of an encoded, unfragmented, uncompressed
     /// text or binary server frame (as built by this type); `None` for
     /// anything else.
@@ -154,6 +185,29 @@ mod tests {
         let f = SharedFrame::text(&[b'x'; 4096]);
         let g = f.clone();
         assert_eq!(f.bytes().as_ptr(), g.bytes().as_ptr());
+    }
+
+    #[test]
+    fn the_last_lines_of_a_packed_run_are_a_frame_of_their_own() {
+        let lines: Vec<Vec<u8>> = (1..=4).map(|i| format!("{{\"offset\":{i}}}").into_bytes()).collect();
+        let run = SharedFrame::text_lines(lines.iter().map(|l| l.as_slice()));
+        let tail = |n| SharedFrame::last_lines(run.bytes(), n).map(|f| decode_one(&f));
+        assert_eq!(tail(1), Some(Message::Text(Bytes::from_static(b"{\"offset\":4}"))));
+        assert_eq!(
+            tail(3),
+            Some(Message::Text(Bytes::from_static(b"{\"offset\":2}\n{\"offset\":3}\n{\"offset\":4}")))
+        );
+        assert_eq!(tail(4), Some(decode_one(&run)), "all of it");
+        assert_eq!(tail(5), None, "more lines than the run has");
+        assert_eq!(tail(0), None);
+        // Long enough for a 16-bit length: the header is read, not assumed.
+        let big: Vec<Vec<u8>> = (0..3).map(|i| vec![b'a' + i; 300]).collect();
+        let run = SharedFrame::text_lines(big.iter().map(|l| l.as_slice()));
+        let f = SharedFrame::last_lines(run.bytes(), 2).unwrap();
+        assert_eq!(decode_one(&f), Message::Text(Bytes::from([&big[1][..], b"\n", &big[2][..]].concat())));
+        // Not a plain text frame: nothing to cut.
+        assert!(SharedFrame::last_lines(SharedFrame::binary(b"a\nb").bytes(), 1).is_none());
+        assert!(SharedFrame::last_lines(SharedFrame::ping(b"a\nb").bytes(), 1).is_none());
     }
 
     #[test]
