@@ -107,6 +107,10 @@ pub struct Metrics {
     pub hop_core_to_last_write: proto::hist::Histogram,
     /// Channel resyncs (gaps, link loss, router back-pressure).
     pub resyncs: AtomicU64,
+    /// Subscriptions sent back to resubscribe (unsubscribe push 2500, or
+    /// close 3010 for a server-side one), for any reason: a channel resync,
+    /// or a position one subscriber alone could not continue.
+    pub subscriptions_resynced: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
     pub core_queue_full: AtomicU64,
     /// Server API user commands dropped: the user's core was owed
@@ -149,6 +153,7 @@ impl Metrics {
             hop_core_to_first_write: Default::default(),
             hop_core_to_last_write: Default::default(),
             resyncs: AtomicU64::new(0),
+            subscriptions_resynced: AtomicU64::new(0),
             core_queue_full: AtomicU64::new(0),
             user_commands_dropped: AtomicU64::new(0),
             routers_up: AtomicU64::new(0),
@@ -214,6 +219,7 @@ impl Metrics {
             ("switchyard_gateway_frames_reframed_total", &self.frames_reframed),
             ("switchyard_gateway_frames_cut_total", &self.frames_cut),
             ("switchyard_gateway_resyncs_total", &self.resyncs),
+            ("switchyard_gateway_subscriptions_resynced_total", &self.subscriptions_resynced),
             ("switchyard_gateway_core_queue_full_total", &self.core_queue_full),
             ("switchyard_gateway_user_commands_dropped_total", &self.user_commands_dropped),
             ("switchyard_gateway_routers_up", &self.routers_up),

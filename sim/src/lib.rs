@@ -35,6 +35,8 @@ pub struct Outcome {
     pub steps: u64,
     /// Publications made.
     pub publications: usize,
+    /// Packed runs cut for subscribers answered inside them.
+    pub runs_cut: u64,
     /// The world's shape.
     pub spec: world::Spec,
 }
@@ -44,5 +46,5 @@ pub fn run(seed: u64) -> Outcome {
     let w = world::World::new(seed);
     let spec = w.spec.clone();
     let (verdict, w) = w.run();
-    Outcome { seed, verdict, steps: w.steps, publications: w.log.len(), spec }
+    Outcome { seed, verdict, steps: w.steps, publications: w.log.len(), runs_cut: w.runs_cut(), spec }
 }

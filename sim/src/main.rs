@@ -59,12 +59,13 @@ fn main() -> anyhow::Result<()> {
     let bad = Arc::new(Mutex::new(Vec::<(u64, usize, String)>::new()));
     let done = Arc::new(AtomicUsize::new(0));
     let checked = Arc::new(AtomicU64::new(0));
+    let cut = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t0 = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|_| {
-            let (next, bad, done, checked, stop) =
-                (next.clone(), bad.clone(), done.clone(), checked.clone(), stop.clone());
+            let (next, bad, done, checked, cut, stop) =
+                (next.clone(), bad.clone(), done.clone(), checked.clone(), cut.clone(), stop.clone());
             let stop_at_first = a.stop_at_first;
             std::thread::spawn(move || {
                 loop {
@@ -74,6 +75,7 @@ fn main() -> anyhow::Result<()> {
                     }
                     let o = sim::run(seed);
                     checked.fetch_add(o.verdict.checked, Ordering::Relaxed);
+                    cut.fetch_add(o.runs_cut, Ordering::Relaxed);
                     if let Some(first) = o.verdict.violations.first() {
                         bad.lock().expect("not poisoned").push((
                             seed,
@@ -104,10 +106,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "{n} seeds, {violations} violations, {:.1} seeds/s ({} failing seeds, {} publications checked, {threads} threads, {secs:.1} s)",
+        "{n} seeds, {violations} violations, {:.1} seeds/s ({} failing seeds, {} publications checked, {} packed runs cut, {threads} threads, {secs:.1} s)",
         n as f64 / secs,
         bad.len(),
-        checked.load(Ordering::Relaxed)
+        checked.load(Ordering::Relaxed),
+        cut.load(Ordering::Relaxed)
     );
     std::process::exit(if violations == 0 { 0 } else { 1 });
 }

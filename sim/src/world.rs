@@ -330,6 +330,8 @@ pub struct World {
     verifier: Arc<Verifier>,
     namespaces: Arc<Namespaces>,
     router_metrics: Arc<RouterMetrics>,
+    /// Every gateway incarnation's counters.
+    gateway_metrics: Vec<Arc<GatewayMetrics>>,
     /// What was published.
     pub log: Log,
     next_seq: u64,
@@ -338,6 +340,15 @@ pub struct World {
     pub steps: u64,
     /// Print what happens (`SIM_TRACE=1`).
     trace: bool,
+}
+
+impl World {
+    /// Packed runs the gateways cut for subscribers answered inside them
+    /// (every incarnation's `frames_cut`): the oracle checked what those
+    /// subscribers got from the cut frames.
+    pub fn runs_cut(&self) -> u64 {
+        self.gateway_metrics.iter().map(|m| m.frames_cut.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
 }
 
 const MS: u64 = 1_000;
@@ -407,6 +418,7 @@ impl World {
             verifier,
             namespaces: Arc::new(namespaces),
             router_metrics: Arc::new(RouterMetrics::default()),
+            gateway_metrics: Vec::new(),
             log: Log::default(),
             next_seq: 1,
             settling: false,
@@ -510,6 +522,7 @@ impl World {
     fn new_gateway(&mut self, inc: u64) -> GatewayNode {
         let cores = self.spec.cores;
         let metrics = Arc::new(GatewayMetrics::new(cores));
+        self.gateway_metrics.push(metrics.clone());
         let names = (0..self.spec.routers).map(|r| format!("router-{r}")).collect();
         let uplink =
             Uplink::with_bound(cores, names, metrics.clone(), self.rng.random(), self.spec.uplink_held);

@@ -504,10 +504,13 @@ impl Core {
     /// closes with 3010 (the client reconnects and recovers).
     fn resync_session(&mut self, sid: Sid, channel: &str) {
         let Some(s) = self.sessions.get_mut(sid) else { return };
+        let resynced = &self.cx.fx.gateway_metrics().subscriptions_resynced;
         if s.is_server_sub(channel) {
+            resynced.fetch_add(1, Ordering::Relaxed);
             return self.close(sid, Disconnect::INSUFFICIENT_STATE.into());
         }
         let Some((name, state)) = s.subs.remove(channel) else { return };
+        resynced.fetch_add(1, Ordering::Relaxed);
         if let SubState::Pending(p) = &state {
             self.cx.requests.finish(p.req);
         }
