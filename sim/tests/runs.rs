@@ -40,7 +40,13 @@ struct Bench {
 
 impl Bench {
     fn new() -> Bench {
+        Bench::with(|_| {})
+    }
+
+    /// A bench whose gateway config `tune` changed.
+    fn with(tune: impl FnOnce(&mut GatewayConfig)) -> Bench {
         let mut cfg = GatewayConfig { cores: 1, ..GatewayConfig::default() };
+        tune(&mut cfg);
         cfg.auth = AuthConfig { hmac_secret: SECRET.into(), ..AuthConfig::default() };
         let metrics = Arc::new(Metrics::new(1));
         let mut core = Core::new(CoreSpec {
@@ -236,4 +242,23 @@ fn a_subscriber_ahead_of_its_core_takes_the_cut_run_and_then_follows() {
     assert_eq!((b.cut(), b.resynced()), (1, 0));
     let followers = b.core.channels().get(CHANNEL).map(|c| c.followers.len());
     assert_eq!(followers, Some(1), "caught up: it follows the channel's stream");
+}
+
+#[test]
+fn a_subscribe_that_cannot_be_asked_registers_no_interest() {
+    // No request may be in flight: the subscribe is refused (111), and the
+    // router hears nothing of the channel either.
+    let b = Bench::with(|cfg| cfg.limits.max_requests_in_flight = 0);
+    let asked = |m: &UpMsg| match m {
+        UpMsg::Interest { channel, .. } => &**channel == CHANNEL,
+        UpMsg::Request(ClusterMsg::Recover { channel, .. }) => channel == CHANNEL,
+        _ => false,
+    };
+    assert!(!b.up.iter().any(asked), "{:?}", b.up);
+    assert!(b.core.channels().get(CHANNEL).is_none());
+    assert!(
+        b.client.subs[0].obs.iter().any(|o| matches!(o, Obs::Refused { code: 111, .. })),
+        "{:?}",
+        b.client.subs[0].obs
+    );
 }

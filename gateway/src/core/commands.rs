@@ -485,6 +485,11 @@ impl Ctx {
             Origin::Server | Origin::Connect { .. } => lim.max_requests_in_flight + lim.max_subscriptions,
         };
         let kind = Kind::Subscribe { channel: channel.clone() };
+        // A request that cannot be made registers nothing either.
+        if let Err(e) = self.request_room(sid, limit) {
+            s.unmark_server_sub(&channel);
+            return Err(e.into());
+        }
         // Indexed first: a channel's first subscriber on this core registers
         // the gateway's interest ahead of its request, on the same link, so
         // the router answers from a position its deliveries here continue.

@@ -689,6 +689,16 @@ impl Ctx {
         limit: usize,
         msg_for: impl FnOnce(u64) -> ClusterMsg,
     ) -> Result<u64, ReplyError> {
+        self.request_room(sid, limit)?;
+        let req = self.requests.start(sid, kind, now);
+        self.up.push(UpMsg::Request(msg_for(req)));
+        Ok(req)
+    }
+
+    /// Whether a router request for `sid` can be made now: error 100 while
+    /// the uplink backlog is full (counted), 111 with `limit` requests of
+    /// the session in flight.
+    fn request_room(&mut self, sid: Sid, limit: usize) -> Result<(), ReplyError> {
         if !self.up.has_room() {
             self.fx.metrics().uplink_dropped.fetch_add(1, Ordering::Relaxed);
             return Err(ReplyError::INTERNAL);
@@ -696,9 +706,7 @@ impl Ctx {
         if self.requests.of(sid) as usize >= limit {
             return Err(ReplyError::TOO_MANY_REQUESTS);
         }
-        let req = self.requests.start(sid, kind, now);
-        self.up.push(UpMsg::Request(msg_for(req)));
-        Ok(req)
+        Ok(())
     }
 
     /// A fresh random connection id.
