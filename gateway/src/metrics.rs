@@ -107,9 +107,10 @@ pub struct Metrics {
     pub hop_core_to_last_write: proto::hist::Histogram,
     /// Channel resyncs (gaps, link loss, router back-pressure).
     pub resyncs: AtomicU64,
-    /// Subscriptions sent back to resubscribe (unsubscribe push 2500, or
-    /// close 3010 for a server-side one), for any reason: a channel resync,
-    /// or a position one subscriber alone could not continue.
+    /// Subscriptions sent back to resubscribe (unsubscribe push 2500), for
+    /// any reason: a channel resync, or a position one subscriber alone
+    /// could not continue. A server-side one closes its session with 3010
+    /// instead: counted once per session closed.
     pub subscriptions_resynced: AtomicU64,
     /// Messages dropped because a core's inbox was full (its sessions resync).
     pub core_queue_full: AtomicU64,

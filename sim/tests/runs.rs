@@ -45,6 +45,11 @@ impl Bench {
 
     /// A bench whose gateway config `tune` changed.
     fn with(tune: impl FnOnce(&mut GatewayConfig)) -> Bench {
+        Bench::build(tune, 4096)
+    }
+
+    /// A bench whose core's uplink backlog holds `up_backlog` messages.
+    fn build(tune: impl FnOnce(&mut GatewayConfig), up_backlog: usize) -> Bench {
         let mut cfg = GatewayConfig { cores: 1, ..GatewayConfig::default() };
         tune(&mut cfg);
         cfg.auth = AuthConfig { hmac_secret: SECRET.into(), ..AuthConfig::default() };
@@ -58,7 +63,7 @@ impl Bench {
             seed: 7,
             now: Instant::now(),
             unix_now: 1_800_000_000,
-            up_backlog: 4096,
+            up_backlog,
             secret_seed: [7; 32],
         });
         let token = jsonwebtoken::encode(
@@ -261,4 +266,17 @@ fn a_subscribe_that_cannot_be_asked_registers_no_interest() {
         "{:?}",
         b.client.subs[0].obs
     );
+}
+
+#[test]
+fn the_interest_may_take_the_backlogs_last_slot_and_the_request_still_goes() {
+    // A backlog of 2: the connect's presence message takes one slot, the
+    // subscribe's interest the other; the request found room before the
+    // interest took it, and goes behind it.
+    let mut b = Bench::build(|_| {}, 2);
+    let (req, interest_first) = b.request();
+    assert!(interest_first, "{:?}", b.up);
+    b.answer(req, 5);
+    b.run(6, 6);
+    assert_eq!(b.seen(), (Some(5), pubs(6, 6)));
 }

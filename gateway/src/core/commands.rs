@@ -495,22 +495,16 @@ impl Ctx {
         // the router answers from a position its deliveries here continue.
         // (Asked first, a publication between the answer and the interest
         // would reach no one here, and the subscriber would be sent back.)
+        // The interest may take the backlog's last slot: the request, found
+        // room for above, goes all the same (a must-send, like the interest).
         self.index(&channel, sid, false);
-        let req = self.request_within(sid, kind, now, limit, |req| ClusterMsg::Recover {
+        let req = self.start_request(sid, kind, now, |req| ClusterMsg::Recover {
             req,
             channel: ch,
             recover,
             epoch: ep,
             offset,
         });
-        let req = match req {
-            Ok(req) => req,
-            Err(e) => {
-                s.unmark_server_sub(&channel);
-                self.unindex(&channel, sid, None);
-                return Err(e.into());
-            }
-        };
         let pending = PendingSub {
             req,
             id: match origin {

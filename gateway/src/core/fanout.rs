@@ -49,6 +49,7 @@ impl Core {
         // position when it straddles it (framed anew, once for all of them).
         let for_followers = match followers {
             Follow::Next => Some(frame.clone()),
+            Follow::Overlaps if ch.followers.is_empty() => None,
             Follow::Overlaps => ch.position.as_ref().and_then(|p| tail(&frame, last - p.offset, &cx.fx)),
             Follow::Behind | Follow::Broken => None,
         };

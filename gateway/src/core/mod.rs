@@ -690,9 +690,21 @@ impl Ctx {
         msg_for: impl FnOnce(u64) -> ClusterMsg,
     ) -> Result<u64, ReplyError> {
         self.request_room(sid, limit)?;
+        Ok(self.start_request(sid, kind, now, msg_for))
+    }
+
+    /// Makes a router request for `sid` that [`request_room`](Self::request_room)
+    /// found room for; its id.
+    fn start_request(
+        &mut self,
+        sid: Sid,
+        kind: requests::Kind,
+        now: u64,
+        msg_for: impl FnOnce(u64) -> ClusterMsg,
+    ) -> u64 {
         let req = self.requests.start(sid, kind, now);
         self.up.push(UpMsg::Request(msg_for(req)));
-        Ok(req)
+        req
     }
 
     /// Whether a router request for `sid` can be made now: error 100 while
