@@ -114,13 +114,29 @@ pub fn clock_nanos() -> u64 {
 impl LinkTx for GatewayTx {
     fn try_send(&self, msg: ClusterMsg) -> bool {
         let deliver = matches!(msg, ClusterMsg::Deliver { .. });
-        let sent = mpsc::Sender::try_send(&self.tx, msg).is_ok();
-        // The clock is read only for the first delivery of a batch.
-        if sent && deliver && self.oldest.load(Ordering::Relaxed) == 0 {
-            let _ = self.oldest.compare_exchange(0, clock_nanos(), Ordering::Relaxed, Ordering::Relaxed);
-        }
-        sent
+        stamped(&self.oldest, deliver, || mpsc::Sender::try_send(&self.tx, msg).is_ok())
     }
+}
+
+/// Queues with `send` and keeps [`GatewayTx::oldest`] true: the first
+/// delivery of a batch is stamped *before* the writer can see it, so a
+/// writer that drains and takes the stamp between the send and the stamp
+/// cannot leave a stamp behind for a delivery already written (it would
+/// charge the next batch with the idle time in between); a stamp whose
+/// send failed is taken back. The clock is read only for the first
+/// delivery of a batch.
+fn stamped(oldest: &AtomicU64, deliver: bool, send: impl FnOnce() -> bool) -> bool {
+    let stamp = if deliver && oldest.load(Ordering::Relaxed) == 0 {
+        let now = clock_nanos();
+        oldest.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).ok().map(|_| now)
+    } else {
+        None
+    };
+    let sent = send();
+    if let (false, Some(now)) = (sent, stamp) {
+        let _ = oldest.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    sent
 }
 
 /// Work for a shard.
@@ -1039,6 +1055,46 @@ mod tests {
         fn try_send(&self, _msg: ClusterMsg) -> bool {
             true
         }
+    }
+
+    /// The link's writer, run at the worst moment: right after the send,
+    /// it drains the queue and takes the stamp, as `server.rs`'s writer does
+    /// once a batch is written.
+    fn send_and_write(oldest: &AtomicU64, queue: &mut Vec<u64>, taken: &mut Vec<u64>, msg: u64) -> bool {
+        stamped(oldest, true, || {
+            queue.push(msg);
+            queue.clear();
+            taken.push(oldest.swap(0, Ordering::Relaxed));
+            true
+        })
+    }
+
+    #[test]
+    fn a_delivery_written_before_it_was_stamped_leaves_no_stamp_behind() {
+        let oldest = AtomicU64::new(0);
+        let (mut queue, mut taken) = (Vec::new(), Vec::new());
+        assert!(send_and_write(&oldest, &mut queue, &mut taken, 1));
+        // Stamped after the send, the stamp would outlive its delivery and
+        // the next batch, however quick, would be charged with the idle time.
+        assert_eq!(oldest.load(Ordering::Relaxed), 0, "a stamp outlived the delivery it was for");
+        assert_ne!(taken[0], 0, "the writer found the batch's stamp");
+        assert!(send_and_write(&oldest, &mut queue, &mut taken, 2));
+        assert!(taken[1] > taken[0], "the second batch carries its own stamp");
+    }
+
+    #[test]
+    fn a_delivery_not_queued_takes_its_stamp_back() {
+        let oldest = AtomicU64::new(0);
+        assert!(!stamped(&oldest, true, || false));
+        assert_eq!(oldest.load(Ordering::Relaxed), 0);
+        // An older stamp of a queued delivery stays.
+        oldest.store(7, Ordering::Relaxed);
+        assert!(!stamped(&oldest, true, || false));
+        assert_eq!(oldest.load(Ordering::Relaxed), 7);
+        // Only deliveries are stamped.
+        oldest.store(0, Ordering::Relaxed);
+        assert!(stamped(&oldest, false, || true));
+        assert_eq!(oldest.load(Ordering::Relaxed), 0);
     }
 
     fn shard(max_channels: usize, t0: Instant) -> Shard<Sink> {
