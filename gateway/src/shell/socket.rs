@@ -1,6 +1,7 @@
 //! The syscalls of a session's socket: one non-blocking `recv` into the
 //! core's scratch buffer, and the write path — a session's queue of shared
-//! frames flushed with one vectored, non-blocking `sendmsg` per batch.
+//! frames flushed with one non-blocking `send` (one frame) or vectored
+//! `sendmsg` (several) per batch.
 //!
 //! A publication reaches a session as a clone of the uplink's `Bytes` (a
 //! reference count); the queue never copies it. Queueing only marks the
@@ -50,21 +51,17 @@ pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushe
         if queue.is_empty() {
             return (Ok(Flushed::All), written);
         }
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
-        let mut n = 0;
-        let mut want = 0;
-        for f in queue.iter().take(MAX_IOVECS) {
-            iov[n] = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
-            want += f.len();
-            n += 1;
-        }
-        // SAFETY: a zeroed msghdr is valid (no name, no control data).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = n as _;
-        // SAFETY: every iovec points into a `Bytes` held by `queue`, which is
-        // not touched until the call returns; the kernel only reads them.
-        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        let (r, want) = if queue.len() == 1 {
+            // The common case of a delivery: one frame, one plain `send`
+            // (no message header or vector for the kernel to copy in).
+            let f = &queue[0];
+            // SAFETY: `f` is a `Bytes` held by `queue`, not touched until the
+            // call returns; the kernel only reads its `f.len()` bytes.
+            let r = unsafe { libc::send(fd, f.as_ptr().cast(), f.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            (r, f.len())
+        } else {
+            send_vectored(fd, queue)
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.kind() {
@@ -91,6 +88,27 @@ pub fn flush_queue(fd: RawFd, queue: &mut VecDeque<Bytes>) -> (io::Result<Flushe
             return (Ok(Flushed::Blocked), written);
         }
     }
+}
+
+/// One `sendmsg` of the first [`MAX_IOVECS`] frames of `queue`: what it
+/// returned, and the bytes it was given.
+fn send_vectored(fd: RawFd, queue: &VecDeque<Bytes>) -> (isize, usize) {
+    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOVECS];
+    let mut n = 0;
+    let mut want = 0;
+    for f in queue.iter().take(MAX_IOVECS) {
+        iov[n] = libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() };
+        want += f.len();
+        n += 1;
+    }
+    // SAFETY: a zeroed msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n as _;
+    // SAFETY: every iovec points into a `Bytes` held by `queue`, which is
+    // not touched until the call returns; the kernel only reads them.
+    let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    (r, want)
 }
 
 #[cfg(test)]
@@ -140,6 +158,26 @@ mod tests {
             }
         }
         assert_eq!(drained, 2 << 20);
+    }
+
+    #[test]
+    fn a_lone_frame_larger_than_the_socket_takes_keeps_its_tail() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut q: VecDeque<Bytes> = [Bytes::from(vec![3u8; 1 << 20])].into_iter().collect();
+        let (r, w) = flush_queue(a.as_raw_fd(), &mut q);
+        assert_eq!(r.unwrap(), Flushed::Blocked);
+        assert!(w.front_started && w.bytes > 0);
+        assert_eq!(w.bytes + q[0].len(), 1 << 20, "nothing lost or doubled");
+        b.set_nonblocking(true).unwrap();
+        let (mut drained, mut total, mut sink) = (0, w.bytes, vec![0u8; 1 << 16]);
+        while !q.is_empty() || drained < total {
+            while let Ok(k) = b.read(&mut sink) {
+                assert!(sink[..k].iter().all(|&x| x == 3));
+                drained += k;
+            }
+            total += flush_queue(a.as_raw_fd(), &mut q).1.bytes;
+        }
+        assert_eq!(drained, 1 << 20);
     }
 
     #[test]
