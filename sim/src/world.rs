@@ -862,12 +862,12 @@ impl World {
         let core = &mut self.gateways[g].cores[c].core;
         match k {
             None => {
-                core.flush(sid, now, |_| (Err(std::io::ErrorKind::BrokenPipe.into()), Written::default()))
+                core.flush(sid, now, |_, _| (Err(std::io::ErrorKind::BrokenPipe.into()), Written::default()))
             }
             Some(k) => {
                 let cap = self.spec.sock_buf;
                 let before = k.to_client.len();
-                core.flush(sid, now, |frames| {
+                core.flush(sid, now, |frames, _| {
                     let mut written = Written::default();
                     while let Some(f) = frames.front_mut() {
                         let room = cap.saturating_sub(k.to_client.len());

@@ -36,6 +36,8 @@ struct Bench {
     sid: gateway::effects::Sid,
     rng: SmallRng,
     up: Vec<UpMsg>,
+    /// Per flush, whether the core said the write side ends after it.
+    ends: Vec<bool>,
 }
 
 impl Bench {
@@ -76,7 +78,7 @@ impl Bench {
         let mut client = Client::new(0, "u1".into(), token, vec![CHANNEL.into()]);
         let sid = core.accept(Instant::now());
         client.start(&mut rng);
-        let mut b = Bench { core, metrics, client, sid, rng, up: Vec::new() };
+        let mut b = Bench { core, metrics, client, sid, rng, up: Vec::new(), ends: Vec::new() };
         b.pump();
         b
     }
@@ -95,7 +97,9 @@ impl Bench {
             let dirty = std::mem::take(&mut self.core.effects().dirty);
             let mut wire = Vec::new();
             for sid in dirty {
-                self.core.flush(sid, Instant::now(), |frames| {
+                let log = &mut self.ends;
+                self.core.flush(sid, Instant::now(), |frames, ends| {
+                    log.push(ends);
                     let mut written = Written::default();
                     while let Some(f) = frames.pop_front() {
                         wire.extend_from_slice(&f);
@@ -279,4 +283,25 @@ fn the_interest_may_take_the_backlogs_last_slot_and_the_request_still_goes() {
     b.answer(req, 5);
     b.run(6, 6);
     assert_eq!(b.seen(), (Some(5), pubs(6, 6)));
+}
+
+#[test]
+fn only_the_flush_that_ends_the_write_side_may_hold_its_bytes_for_the_fin() {
+    let mut b = Bench::new();
+    let (req, _) = b.request();
+    b.answer(req, 0);
+    b.run(1, 2);
+    assert_eq!(b.seen().1, pubs(1, 2));
+    assert!(
+        !b.ends.is_empty() && b.ends.iter().all(|e| !e),
+        "a live session's bytes leave at once: {:?}",
+        b.ends
+    );
+    b.ends.clear();
+    b.client.leave(&mut b.rng);
+    b.pump();
+    // The close reply is the last thing the session writes, and the socket
+    // is closed right after: its bytes may wait for the FIN.
+    assert_eq!(b.ends, [true], "the close reply's flush ends the write side");
+    assert_eq!(b.client.last_close, 1000);
 }

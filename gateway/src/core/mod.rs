@@ -380,16 +380,19 @@ impl Core {
     }
 
     /// Writes the session's queue: `write` is the shell's non-blocking
-    /// write (it pops what it wrote and says whether the socket took all).
+    /// write (it pops what it wrote and says whether the socket took all);
+    /// its flag says the write side ends once all is written
+    /// ([`Session::ends_after_flush`]).
     pub fn flush(
         &mut self,
         sid: Sid,
         now: Instant,
-        write: impl FnOnce(&mut VecDeque<Bytes>) -> (std::io::Result<Flushed>, Written),
+        write: impl FnOnce(&mut VecDeque<Bytes>, bool) -> (std::io::Result<Flushed>, Written),
     ) {
         let ms = self.cx.clock.ms(now);
         let Some(s) = self.sessions.get_mut(sid) else { return };
-        let (result, written) = write(s.outbound().frames_mut());
+        let ends = s.ends_after_flush();
+        let (result, written) = write(s.outbound().frames_mut(), ends);
         let failed = result.is_err();
         if s.flushed(sid, result, written, ms, &mut self.cx.fx) {
             // Over: the socket failed, or the close handshake completed

@@ -676,6 +676,14 @@ impl Session {
         self.watch(sid, fx);
     }
 
+    /// Whether the write side ends once the queue is written (the close
+    /// frame is last in it, and the socket is closed or shut down right
+    /// after): the shell lets the last bytes wait for the FIN to leave with
+    /// them, one segment (and one wake-up of the client) less per close.
+    pub fn ends_after_flush(&self) -> bool {
+        self.phase == Phase::Closing && !self.tail_pending
+    }
+
     /// Accounts for a flush at `now`; returns whether the session is now
     /// over (the socket failed, or it lingered long enough).
     pub fn flushed(

@@ -345,16 +345,27 @@ impl Shell {
 
     /// Writes one session's queue (and its TLS records).
     fn flush(&self, sid: Sid, now: Instant) {
-        let mut socks = self.socks.borrow_mut();
-        let Some(sock) = slot(&mut socks, sid) else { return };
-        let fd = sock.fd.as_raw_fd();
-        let mut conns = self.tls_conns.borrow_mut();
-        let tls = tls_of(&mut conns, sid);
-        let mut sealed = self.sealed.borrow_mut();
-        self.core.borrow_mut().flush(sid, now, |frames| match tls {
-            Some(conn) => conn.flush(fd, frames, &mut sealed),
-            None => socket::flush_queue(fd, frames),
-        });
+        let mut held = false;
+        {
+            let mut socks = self.socks.borrow_mut();
+            let Some(sock) = slot(&mut socks, sid) else { return };
+            let fd = sock.fd.as_raw_fd();
+            let mut conns = self.tls_conns.borrow_mut();
+            let tls = tls_of(&mut conns, sid);
+            let mut sealed = self.sealed.borrow_mut();
+            self.core.borrow_mut().flush(sid, now, |frames, ends| match tls {
+                Some(conn) => conn.flush(fd, frames, &mut sealed),
+                None => {
+                    held = ends;
+                    socket::flush_queue(fd, frames, ends)
+                }
+            });
+        }
+        if held {
+            // The close frame waits in the socket for the FIN: the machine's
+            // close or shutdown goes now, not after the turn's other writes.
+            self.apply();
+        }
     }
 
     /// Writes the sessions that queued frames, once per turn: it runs after
