@@ -12,6 +12,7 @@
 //!
 //! [`Follows`]: crate::session::subs::SubState::Follows
 
+use std::collections::BTreeSet;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -29,13 +30,55 @@ pub struct Channel {
     pub name: Arc<str>,
     /// Subscribers at the channel's position: every delivery that
     /// continues it is queued to them without looking at them further.
-    pub followers: Set<Sid>,
+    pub followers: Followers,
     /// Subscribers with their own position (or waiting for the router);
     /// boxed, and only while there are any: most channels have none.
     catching: Option<Box<Set<Sid>>>,
     /// Where the stream stands on this core (`None`: not known yet, or lost
     /// by a resync; unpositioned channels never have one).
     pub position: Option<StreamPosition>,
+}
+
+/// A channel's followers, walked in the order of their sessions' slots:
+/// a delivery to thousands of them then reads the session table (and the
+/// kernel's sockets, made in the same order) front to back instead of at
+/// random. Measured beside a hash set's order (`BENCHMARKS.md`, "Where a
+/// publication's time goes"), 4 interleaved runs each of 10 publications/s
+/// to 10,000 subscribers on one core: the serve tree's CPU 5.09 -> 4.02 s
+/// (user 0.82 -> 0.38 s), publish->deliver p99 94 -> 75 ms.
+#[derive(Debug, Default)]
+pub struct Followers(BTreeSet<u64>);
+
+impl Followers {
+    /// The slot index first, then the generation.
+    fn key(sid: Sid) -> u64 {
+        sid.0.rotate_left(32)
+    }
+
+    /// Adds `sid`; whether it was not there.
+    pub fn insert(&mut self, sid: Sid) -> bool {
+        self.0.insert(Followers::key(sid))
+    }
+
+    /// Removes `sid`; whether it was there.
+    pub fn remove(&mut self, sid: Sid) -> bool {
+        self.0.remove(&Followers::key(sid))
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Every follower, in slot order.
+    pub fn iter(&self) -> impl Iterator<Item = Sid> + '_ {
+        self.0.iter().map(|k| Sid(k.rotate_right(32)))
+    }
 }
 
 impl Channel {
@@ -67,7 +110,7 @@ impl Channel {
 
     /// Every subscriber.
     pub fn members(&self) -> impl Iterator<Item = Sid> + '_ {
-        self.followers.iter().chain(self.catching()).copied()
+        self.followers.iter().chain(self.catching().copied())
     }
 }
 
@@ -126,7 +169,7 @@ impl ChannelIndex {
             .entry(hash, |c| c.name == *name, |c| state.hash_one(&*c.name))
             .or_insert_with(|| Channel {
                 name: name.clone(),
-                followers: seeded::set(seed),
+                followers: Followers::default(),
                 catching: None,
                 position: None,
             })
@@ -155,7 +198,7 @@ impl ChannelIndex {
         let hash = self.state.hash_one(channel);
         let Ok(mut entry) = self.map.find_entry(hash, |c| *c.name == *channel) else { return false };
         let ch = entry.get_mut();
-        let was = ch.followers.remove(&sid) || ch.stop_catching(sid);
+        let was = ch.followers.remove(sid) || ch.stop_catching(sid);
         if was && ch.is_empty() {
             entry.remove();
             return true;
@@ -186,5 +229,20 @@ mod tests {
         assert!(!idx.remove("chat:1", Sid(9)), "not a member: nothing changes");
         assert!(idx.remove("chat:1", Sid(2)));
         assert!(idx.is_empty());
+    }
+
+    #[test]
+    fn followers_are_walked_in_slot_order_whatever_their_generation() {
+        let mut f = Followers::default();
+        let sid = |index: u64, generation: u64| Sid(generation << 32 | index);
+        for s in [sid(7, 0), sid(3, 9), sid(5, 1), sid(1, 4), sid(6, 0)] {
+            assert!(f.insert(s));
+        }
+        assert!(!f.insert(sid(5, 1)), "already there");
+        let order: Vec<usize> = f.iter().map(Sid::index).collect();
+        assert_eq!(order, [1, 3, 5, 6, 7]);
+        assert_eq!(f.iter().find(|s| s.index() == 3), Some(sid(3, 9)), "ids come back whole");
+        assert!(f.remove(sid(3, 9)) && !f.remove(sid(3, 8)), "an old id of the slot is not a member");
+        assert_eq!(f.len(), 4);
     }
 }

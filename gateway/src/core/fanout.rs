@@ -67,7 +67,7 @@ impl Core {
                 // The whole run's twins are shared with the catching; a tail has its own.
                 let mut tail_twin = Twins::default();
                 let twins = if followers == Follow::Next { &mut twin } else { &mut tail_twin };
-                for &sid in ch.followers.iter() {
+                for sid in ch.followers.iter() {
                     let Some(s) = self.sessions.get_mut(sid) else { continue };
                     let Some(f) = pick(s, &run, twins, &mut cx.deflater, &cx.fx) else { continue };
                     if s.queue_framed(sid, f, limit, &mut cx.fx) {
@@ -76,7 +76,7 @@ impl Core {
                 }
             }
             None if followers == Follow::Behind => {}
-            None => resync.extend(ch.followers.iter().copied()),
+            None => resync.extend(ch.followers.iter()),
         }
         for &sid in ch.catching() {
             let Some(s) = self.sessions.get_mut(sid) else { continue };
@@ -199,7 +199,7 @@ impl Core {
         let mut resync: Vec<Sid> = Vec::new();
         match &ch.position {
             Some(p) if !behind(p) => return,
-            Some(_) => resync.extend(ch.followers.iter().copied()),
+            Some(_) => resync.extend(ch.followers.iter()),
             None => {}
         }
         ch.position = Some(new.clone());
