@@ -524,6 +524,9 @@ impl Router {
             let mut bufs: Vec<BytesMut> = (0..k).map(|_| BytesMut::with_capacity(64 * 1024)).collect();
             let mut datagram = BytesMut::new();
             while rx.recv_many(&mut batch, 1024).await > 0 {
+                // The batch's stamp, taken as it is drained: deliveries
+                // queued while it is written stamp the next one.
+                let queued = oldest.swap(0, Ordering::Relaxed);
                 let max = copies.max_datagram_size();
                 let unix_micros = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -563,7 +566,6 @@ impl Router {
                         delivery[i].write_all(&b.split()).await?;
                     }
                 }
-                let queued = oldest.swap(0, Ordering::Relaxed);
                 if queued != 0 {
                     let took = crate::shard::clock_nanos().saturating_sub(queued);
                     metrics.hop_shard_to_link_write.record_us(took / 1000);

@@ -122,21 +122,16 @@ impl LinkTx for GatewayTx {
 /// delivery of a batch is stamped *before* the writer can see it, so a
 /// writer that drains and takes the stamp between the send and the stamp
 /// cannot leave a stamp behind for a delivery already written (it would
-/// charge the next batch with the idle time in between); a stamp whose
-/// send failed is taken back. The clock is read only for the first
+/// charge the next batch with the idle time in between). A send that fails
+/// leaves its stamp: the queue is full of older deliveries (or the link is
+/// gone, and its stamp with it), and other shards may have queued behind
+/// the stamp without stamping. The clock is read only for the first
 /// delivery of a batch.
 fn stamped(oldest: &AtomicU64, deliver: bool, send: impl FnOnce() -> bool) -> bool {
-    let stamp = if deliver && oldest.load(Ordering::Relaxed) == 0 {
-        let now = clock_nanos();
-        oldest.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).ok().map(|_| now)
-    } else {
-        None
-    };
-    let sent = send();
-    if let (false, Some(now)) = (sent, stamp) {
-        let _ = oldest.compare_exchange(now, 0, Ordering::Relaxed, Ordering::Relaxed);
+    if deliver && oldest.load(Ordering::Relaxed) == 0 {
+        let _ = oldest.compare_exchange(0, clock_nanos(), Ordering::Relaxed, Ordering::Relaxed);
     }
-    sent
+    send()
 }
 
 /// Work for a shard.
@@ -1083,18 +1078,18 @@ mod tests {
     }
 
     #[test]
-    fn a_delivery_not_queued_takes_its_stamp_back() {
+    fn only_the_first_delivery_of_a_batch_is_stamped_and_the_stamp_stays() {
         let oldest = AtomicU64::new(0);
-        assert!(!stamped(&oldest, true, || false));
-        assert_eq!(oldest.load(Ordering::Relaxed), 0);
-        // An older stamp of a queued delivery stays.
-        oldest.store(7, Ordering::Relaxed);
-        assert!(!stamped(&oldest, true, || false));
-        assert_eq!(oldest.load(Ordering::Relaxed), 7);
         // Only deliveries are stamped.
-        oldest.store(0, Ordering::Relaxed);
         assert!(stamped(&oldest, false, || true));
         assert_eq!(oldest.load(Ordering::Relaxed), 0);
+        // An older stamp stays, whether the send goes or the queue is full
+        // (of older deliveries, which other shards may have queued behind
+        // the stamp without stamping).
+        oldest.store(7, Ordering::Relaxed);
+        assert!(stamped(&oldest, true, || true));
+        assert!(!stamped(&oldest, true, || false));
+        assert_eq!(oldest.load(Ordering::Relaxed), 7);
     }
 
     fn shard(max_channels: usize, t0: Instant) -> Shard<Sink> {

@@ -221,6 +221,9 @@ fn sdk_receives_and_recovers_after_a_gateway_drain(sdk: Sdk) {
         while total(&c) != 1 && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(20));
         }
+        let each: Vec<u64> =
+            (0..2).map(|g| metric(&c.metrics(g), "switchyard_gateway_connections")).collect();
+        assert_eq!(each.iter().sum::<u64>(), 1, "only the SDK's connection is left, per gateway: {each:?}");
     }
     let holder = (0..2).find(|g| holds(*g)).expect("one gateway holds the connection");
     c.gateways[holder].signal(15);
